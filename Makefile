@@ -1,0 +1,36 @@
+# The two commands a new user needs: `make demo` and `make test`.
+# Each sets up what it needs on first use: a virtual environment in .venv with
+# a CPU build of torch, mc-gguf itself, and the patched llama.cpp runtime
+# (built once, then installed from the wheel cached in ~/.cache/mc-gguf).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# A CPU build of torch, installed before anything else asks for torch: an
+# unpinned torch would pull a CUDA build of several GB. On this project's
+# machines torch==2.13.0 resolves to a local CPU wheel; elsewhere point pip at
+# a CPU index (PIP_EXTRA_INDEX_URL) or set TORCH_SPEC.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test setup runtime clean
+
+demo: runtime
+	$(BIN)/mc-gguf demo --workdir build/demo
+
+test: runtime
+	$(BIN)/python -m pytest tests
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test]"
+	touch $@
+
+runtime: setup
+	$(BIN)/mc-gguf runtime build
+
+clean:
+	rm -rf $(VENV) build

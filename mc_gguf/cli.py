@@ -1,0 +1,126 @@
+"""The ``mc-gguf`` command line: a thin layer over the library's functions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from mc_gguf import __version__
+from mc_gguf.errors import McGgufError
+
+
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from mc_gguf.convert import convert
+
+    started = time.perf_counter()
+    out = convert(args.model_dir, args.output, args.type, progress=not args.quiet)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {args.type}) in {time.perf_counter() - started:.1f} s")
+
+
+def _cmd_runtime_build(args: argparse.Namespace) -> None:
+    from mc_gguf.runtime.build import BuildFlags, ensure_runtime
+
+    flags = BuildFlags(cuda=args.cuda, metal=args.metal, cuda_architectures=args.cuda_architectures)
+    started = time.perf_counter()
+    wheel = ensure_runtime(flags, force=args.force)
+    print(f"patched runtime ready: {wheel.name} ({time.perf_counter() - started:.0f} s)")
+
+
+def _cmd_runtime_status(args: argparse.Namespace) -> None:
+    from mc_gguf.runtime.status import REQUIRED_PATCH_LEVEL, runtime_status
+
+    status = runtime_status()
+    print(status.describe())
+    if not status.patched or status.patch_level < REQUIRED_PATCH_LEVEL:
+        sys.exit(1)
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from mc_gguf.run import generate
+
+    text = generate(args.model, args.prompt, args.max_tokens, temperature=args.temperature, seed=args.seed)
+    print(args.prompt + text)
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from mc_gguf.demo import run_demo
+
+    run_demo(Path(args.workdir))
+
+
+EXAMPLES = {
+    "convert": "example: mc-gguf convert ./Mixtral-8x7B-v0.1 -o mixtral-f16.gguf --type f16",
+    "runtime build": "example: mc-gguf runtime build            (CPU)\n"
+                     "         mc-gguf runtime build --cuda --cuda-architectures 86",
+    "runtime status": "example: mc-gguf runtime status",
+    "run": "example: mc-gguf run mixtral-f16.gguf -p 'The capital of France is' -n 16",
+    "demo": "example: mc-gguf demo --workdir build/demo",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mc-gguf",
+        description="Mixture Compressor for Mixture-of-Experts LLMs: convert, compress and run them as GGUF in llama.cpp.",
+    )
+    parser.add_argument("--version", action="version", version=f"mc-gguf {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def sub(parent, name: str, help_text: str, key: str | None = None) -> argparse.ArgumentParser:
+        return parent.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES[key or name],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = sub(commands, "convert", "Convert a Hugging Face MoE checkpoint (Mixtral) into a GGUF llama.cpp runs.")
+    p.add_argument("model_dir", help="Hugging Face model folder (config.json, safetensors shards, tokenizer.model)")
+    p.add_argument("-o", "--output", required=True, help="the GGUF file to write (written atomically)")
+    p.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="type of the weight matrices; norms and router stay F32 (default: f16)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_convert)
+
+    runtime = commands.add_parser("runtime", help="Build, install and check the patched llama.cpp runtime.",
+                                  description="Build, install and check the patched llama.cpp runtime.")
+    runtime_commands = runtime.add_subparsers(dest="runtime_command", required=True, metavar="COMMAND")
+    p = sub(runtime_commands, "build", "Build llama-cpp-python with the mc-gguf patches and install it "
+            "(cached: a second run installs the cached wheel in seconds).", "runtime build")
+    p.add_argument("--cuda", action="store_true", help="also build the CUDA backend")
+    p.add_argument("--metal", action="store_true", help="also build the Metal backend (macOS)")
+    p.add_argument("--cuda-architectures", help="CMAKE_CUDA_ARCHITECTURES, e.g. 86 or '80;89' (default: CMake's)")
+    p.add_argument("--force", action="store_true", help="rebuild even when a cached wheel exists")
+    p.set_defaults(func=_cmd_runtime_build)
+    p = sub(runtime_commands, "status", "Say whether the installed llama_cpp is the patched runtime "
+            "(exit 1 when it is not).", "runtime status")
+    p.set_defaults(func=_cmd_runtime_status)
+
+    p = sub(commands, "run", "Generate text from a GGUF once.")
+    p.add_argument("model", help="GGUF file")
+    p.add_argument("-p", "--prompt", required=True, help="the prompt")
+    p.add_argument("-n", "--max-tokens", type=int, default=32, help="tokens to generate (default: 32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub(commands, "demo", "Build a tiny seeded Mixtral, convert it and generate from it: the whole "
+            "pipeline offline, in about a minute.")
+    p.add_argument("--workdir", default="build/demo", help="where the demo's model and GGUF go (default: build/demo)")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except McGgufError as exc:
+        print(f"mc-gguf: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mc-gguf: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

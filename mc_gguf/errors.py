@@ -1,0 +1,33 @@
+"""Errors a user can act on, raised where the bad input enters.
+
+The CLI prints ``str(error)`` on one line and exits non-zero; library users
+catch :class:`McGgufError`.
+"""
+
+
+class McGgufError(Exception):
+    """Base class of every error mc-gguf reports to a user."""
+
+
+class CheckpointError(McGgufError):
+    """The model folder is missing, incomplete, corrupt or truncated."""
+
+
+class UnsupportedArchitectureError(McGgufError):
+    """The checkpoint's architecture has no row in the MoE architecture table."""
+
+
+class OutputPathError(McGgufError):
+    """The output cannot be written where the user asked."""
+
+
+class RuntimeBuildError(McGgufError):
+    """The patched llama.cpp runtime could not be fetched, patched or built."""
+
+
+class RuntimeMissingError(McGgufError):
+    """llama_cpp is not installed, or not at the patch level that is needed."""
+
+
+class GGUFFileError(McGgufError):
+    """A GGUF file is missing, corrupt or not what the command expects."""

@@ -1,0 +1,105 @@
+"""A tiny seeded Mixtral checkpoint, built locally: the demo's model and the tests' fixture.
+
+It has Mixtral's exact Hugging Face layout (sharded safetensors with an index,
+per-expert ``w1/w2/w3`` tensors) and Mixtral's own 32,000-piece SentencePiece
+tokenizer, which the PyPI package mistral-common ships (Apache-2.0), so that
+nothing is downloaded from a hub.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from mc_gguf.errors import McGgufError
+
+# Mistral-style instruction template (the role of Mixtral-Instruct's own): a
+# user turn is "[INST] ... [/INST]", an assistant turn ends with </s>.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}"
+    "{% elif message['role'] == 'system' %}{{ '[INST] ' + message['content'] + ' [/INST] Understood.' + eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+
+
+@dataclass(frozen=True)
+class TinyMixtralSpec:
+    """Sizes of the tiny model. hidden_size is a multiple of 256 so K-quants apply."""
+
+    hidden_size: int = 256
+    intermediate_size: int = 512
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    num_local_experts: int = 4
+    num_experts_per_tok: int = 2
+    max_position_embeddings: int = 1024
+    rope_theta: float = 1e6
+    seed: int = 0
+    init_std: float = 0.02
+    max_shard_size: str = "3MB"
+
+
+def mixtral_sentencepiece_model() -> Path:
+    """Path of Mixtral's tokenizer.model as shipped inside mistral-common."""
+    try:
+        import mistral_common
+    except ImportError as exc:  # pragma: no cover - a dependency of the package
+        raise McGgufError("mistral-common is needed for the tiny model's tokenizer: pip install mistral-common") from exc
+    path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    if not path.exists():
+        raise McGgufError(f"mistral-common does not ship {path.name} any more ({path})")
+    return path
+
+
+def save_mixtral_tokenizer(out_dir: Path) -> None:
+    """Write tokenizer.model, tokenizer.json and tokenizer_config.json as Mixtral ships them."""
+    from transformers import LlamaTokenizer
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(mixtral_sentencepiece_model(), out_dir / "tokenizer.model")
+    # transformers converts the SentencePiece model into a tokenizer.json.
+    # Passing add_bos_token here puts Mixtral's "<s> $A" post-processor into tokenizer.json.
+    tokenizer = LlamaTokenizer.from_pretrained(str(out_dir), add_bos_token=True, add_eos_token=False)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(out_dir))
+
+
+def build_tiny_mixtral(out_dir: str | Path, spec: TinyMixtralSpec = TinyMixtralSpec()) -> Path:
+    """Save a seeded random MixtralForCausalLM with its tokenizer into ``out_dir``."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    out_dir = Path(out_dir)
+    config = MixtralConfig(
+        vocab_size=32000,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        num_local_experts=spec.num_local_experts,
+        num_experts_per_tok=spec.num_experts_per_tok,
+        max_position_embeddings=spec.max_position_embeddings,
+        rope_theta=spec.rope_theta,
+        sliding_window=None,
+        tie_word_embeddings=False,
+        initializer_range=spec.init_std,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(spec.seed)
+    model = MixtralForCausalLM(config).eval()
+    with torch.no_grad():
+        # The default init leaves RMSNorm weights at exactly 1; perturb them so a
+        # converter that dropped or misplaced a norm would be caught.
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(str(out_dir), max_shard_size=spec.max_shard_size)
+    save_mixtral_tokenizer(out_dir)
+    return out_dir
