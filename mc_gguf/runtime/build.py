@@ -279,6 +279,30 @@ def install_wheel(wheel: Path) -> None:
          "installing the wheel's dependencies")
 
 
+def patched_source(flags: BuildFlags = BuildFlags()) -> Path:
+    """The patched llama.cpp tree (``vendor/llama.cpp``) of the current series, prepared if absent.
+
+    Tests compile programs against the installed runtime with its headers.
+    """
+    cache = cache_root()
+    with _CacheLock(cache):
+        stable = cache / "src" / f"{SDIST_FILE.removesuffix('.tar.gz')}-{flags.label()}"
+        info = stable / "llama_cpp" / BUILD_INFO_FILE
+        if not info.exists() or json.loads(info.read_text()).get("build_key") != build_key(flags):
+            stable = prepare_source(cache, fetch_sdist(cache), flags)
+    return stable / VENDOR_DIR
+
+
+def installed_library_dir() -> Path | None:
+    """``llama_cpp/lib`` of the installed runtime (libllama, libggml*), or None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent / "lib"
+
+
 def installed_build_info() -> dict | None:
     """The build info of the installed llama_cpp, or None when it is not ours (or absent)."""
     import importlib.util
