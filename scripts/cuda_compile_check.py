@@ -7,6 +7,13 @@ of the .cu files the patches change. Prints one JSON object (per-file status
 and seconds); exits non-zero if any file fails to compile.
 
     python scripts/cuda_compile_check.py [--arch 86] [--files mmid.cu,mmvq.cu]
+        [--cublas-include DIR]
+
+Only object files are built, so cuBLAS is needed for its headers alone: when
+the CUDA toolkit has none, point --cublas-include at the include/ folder of
+the PyPI package nvidia-cublas (``pip download --no-deps nvidia-cublas`` and
+unzip it); empty CUDA::cublas (and CUDA::cuda_driver) targets then stand in for the
+libraries, which linking would need but compiling does not.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="86", help="CMAKE_CUDA_ARCHITECTURES (default: 86)")
     parser.add_argument("--files", help="comma-separated .cu files (default: those the patches touch)")
+    parser.add_argument("--cublas-include", help="cuBLAS headers, when the CUDA toolkit lacks them")
     args = parser.parse_args()
 
     if shutil.which("nvcc") is None:
@@ -45,10 +53,23 @@ def main() -> int:
     build = cache_root() / "build" / f"cuda-check-sm{args.arch}"
     files = args.files.split(",") if args.files else touched_cuda_files()
 
+    extra = []
+    if args.cublas_include:
+        build.mkdir(parents=True, exist_ok=True)
+        stand_in = build / "cublas-stand-in.cmake"
+        # Defined before find_package(CUDAToolkit), so it keeps these names for the stand-ins.
+        stand_in.write_text(
+            "foreach(t cublas cublasLt cublas_static cublasLt_static cuda_driver)\n"
+            "  if(NOT TARGET CUDA::${t})\n    add_library(CUDA::${t} INTERFACE IMPORTED)\n"
+            f"    target_include_directories(CUDA::${{t}} INTERFACE \"{Path(args.cublas_include).resolve()}\")\n"
+            "  endif()\nendforeach()\n"
+        )
+        extra.append(f"-DCMAKE_PROJECT_INCLUDE={stand_in}")
     configure = subprocess.run(
         ["cmake", "-S", str(llama_cpp_tree), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
          "-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={args.arch}", "-DLLAMA_BUILD_TESTS=OFF",
-         "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF"],
+         "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF",
+         *extra],
         capture_output=True, text=True,
     )
     if configure.returncode != 0:
