@@ -37,11 +37,60 @@ def _cmd_runtime_status(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+def _print_expert_stats(counts) -> None:
+    total = sum(counts.computed) + sum(counts.skipped)
+    if total:
+        print(f"[expert slots: {sum(counts.computed)} computed, {sum(counts.skipped)} skipped "
+              f"({100 * counts.skipped_share:.1f}%)]", file=sys.stderr)
+
+
 def _cmd_run(args: argparse.Namespace) -> None:
     from mc_gguf.run import generate
 
-    text = generate(args.model, args.prompt, args.max_tokens, temperature=args.temperature, seed=args.seed)
+    text, counts = generate(args.model, args.prompt, args.max_tokens, temperature=args.temperature,
+                            seed=args.seed, odp=not args.no_odp, mu=args.mu)
     print(args.prompt + text)
+    _print_expert_stats(counts)
+
+
+def _cmd_chat(args: argparse.Namespace) -> None:
+    from mc_gguf.run import load
+
+    llm = load(args.model, odp=not args.no_odp, mu=args.mu, n_ctx=args.ctx)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("mc-gguf chat: an empty line or Ctrl-D ends the chat.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        reply = []
+        for chunk in llm.create_chat_completion(messages, max_tokens=args.max_tokens,
+                                                temperature=args.temperature, stream=True):
+            piece = chunk["choices"][0]["delta"].get("content") or ""
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+    _print_expert_stats(llm.expert_stats())
+
+
+def _cmd_odp_calibrate(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from mc_gguf.odp import thresholds_for_skip_share
+    from mc_gguf.odp_calibrate import router_top2_ratios, write_odp_metadata
+
+    text = Path(args.text).read_text(encoding="utf-8")
+    ratios = router_top2_ratios(args.model_dir, text, n_tokens=args.tokens, seq_len=args.seq_len)
+    mu = thresholds_for_skip_share(ratios, args.skip)
+    out = write_odp_metadata(args.gguf, args.output or args.gguf, mu, args.protect_ratio)
+    for il, (m, r) in enumerate(zip(mu, ratios)):
+        print(f"layer {il:3d}: mu = {m:.4f}  (median w1/w0 {np.median(r):.3f}, skips {np.mean(r < m):.1%} of tokens)")
+    print(f"wrote mc.odp.mu to {out}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -57,7 +106,16 @@ EXAMPLES = {
     "runtime status": "example: mc-gguf runtime status",
     "run": "example: mc-gguf run mixtral-f16.gguf -p 'The capital of France is' -n 16",
     "demo": "example: mc-gguf demo --workdir build/demo",
+    "chat": "example: mc-gguf chat mixtral-q4.gguf            (ODP as the file says)\n"
+            "         mc-gguf chat mixtral-q4.gguf --mu 0.4   (one threshold for every layer)",
+    "odp-calibrate": "example: mc-gguf odp-calibrate ./Mixtral-8x7B-v0.1 mixtral-q4.gguf --text calib.txt --skip 0.15",
 }
+
+
+def _add_odp_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-odp", action="store_true", help="turn Online Dynamic Pruning off")
+    p.add_argument("--mu", type=float, help="one pruning threshold for every layer, in [0, 1] "
+                   "(default: the file's mc.odp.mu)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +158,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--max-tokens", type=int, default=32, help="tokens to generate (default: 32)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    _add_odp_flags(p)
     p.set_defaults(func=_cmd_run)
+
+    p = sub(commands, "chat", "Chat with a GGUF using its chat template; prints the pruned share of "
+            "expert slots at the end.")
+    p.add_argument("model", help="GGUF file")
+    p.add_argument("--system", help="a system message")
+    p.add_argument("-n", "--max-tokens", type=int, default=256, help="tokens per reply (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default: 0.7)")
+    p.add_argument("--ctx", type=int, default=4096, help="context length (default: 4096)")
+    _add_odp_flags(p)
+    p.set_defaults(func=_cmd_chat)
+
+    p = sub(commands, "odp-calibrate", "Choose per-layer Online Dynamic Pruning thresholds on calibration "
+            "text (quantiles of w1/w0 that skip the asked share of expert slots) and write them into a GGUF.")
+    p.add_argument("model_dir", help="the Hugging Face model folder the GGUF was made from")
+    p.add_argument("gguf", help="the GGUF to annotate")
+    p.add_argument("--text", required=True, help="calibration text file (UTF-8)")
+    p.add_argument("--skip", type=float, default=0.15, help="share of expert slots to skip (default: 0.15)")
+    p.add_argument("--tokens", type=int, default=8192, help="calibration tokens (default: 8192)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default: 512)")
+    p.add_argument("--protect-ratio", type=float, default=0.02,
+                   help="share of prompt tokens that keep all experts (default: 0.02)")
+    p.add_argument("-o", "--output", help="write a copy here instead of updating GGUF in place")
+    p.set_defaults(func=_cmd_odp_calibrate)
 
     p = sub(commands, "demo", "Build a tiny seeded Mixtral, convert it and generate from it: the whole "
             "pipeline offline, in about a minute.")

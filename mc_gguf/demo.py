@@ -1,4 +1,4 @@
-"""The embedded default job: a tiny seeded Mixtral, built, converted and run, offline."""
+"""The embedded default job: a tiny seeded Mixtral, built, converted, given pruning thresholds and run, offline."""
 
 from __future__ import annotations
 
@@ -6,11 +6,23 @@ import time
 from pathlib import Path
 
 from mc_gguf.convert import convert
+from mc_gguf.odp import thresholds_for_skip_share
+from mc_gguf.odp_calibrate import router_top2_ratios, write_odp_metadata
 from mc_gguf.run import load
 from mc_gguf.runtime.status import require_patched_runtime
 from mc_gguf.tiny import TinyMixtralSpec, build_tiny_mixtral
 
 PROMPT = "The quick brown fox"
+
+# A little calibration text for the demo's pruning thresholds (the real job uses a file).
+CALIBRATION_TEXT = (
+    "Mixture-of-Experts language models route every token to a few of many feed-forward experts. "
+    "A router scores the experts, the best two are run, and their outputs are mixed by the router's "
+    "weights. When the second expert's weight is small next to the first, running it changes little, "
+    "so it can be skipped: that is online dynamic pruning. Experts that are rarely chosen, or chosen "
+    "with small weights, can also be stored with fewer bits than the ones the model relies on. "
+    "Together the two ideas let a large model run on a laptop with most of its quality."
+)
 
 
 def run_demo(workdir: Path) -> None:
@@ -27,11 +39,21 @@ def run_demo(workdir: Path) -> None:
               f"({time.perf_counter() - started:.1f} s)")
     else:
         print(f"using the tiny Mixtral in {model_dir}")
-    for out_type in ("f16", "q8_0"):
-        out = workdir / f"tiny-mixtral-{out_type}.gguf"
-        started = time.perf_counter()
-        convert(model_dir, out, out_type, progress=False)
-        print(f"converted to {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s")
-        llm = load(out, n_ctx=256)
+
+    out = workdir / "tiny-mixtral-q8_0.gguf"
+    started = time.perf_counter()
+    convert(model_dir, out, "q8_0", progress=False)
+    print(f"converted to {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s")
+
+    ratios = router_top2_ratios(model_dir, CALIBRATION_TEXT, n_tokens=64, seq_len=64, progress=False)
+    mu = thresholds_for_skip_share(ratios, 0.25)
+    pruned = write_odp_metadata(out, workdir / "tiny-mixtral-q8_0-odp.gguf", mu)
+    print(f"pruning thresholds for a 25% skip share, per layer: {', '.join(f'{m:.3f}' for m in mu)} -> {pruned}")
+
+    for path, label in ((out, "no pruning"), (pruned, "online dynamic pruning")):
+        llm = load(path, n_ctx=256)
         text = llm.create_completion(PROMPT, max_tokens=16, temperature=0.0)["choices"][0]["text"]
-        print(f"  llama.cpp greedy continuation of {PROMPT!r} ({out_type}, random weights): {text!r}")
+        stats = llm.expert_stats()
+        print(f"  {label}: {PROMPT!r} -> {text!r}")
+        print(f"    expert slots computed {sum(stats.computed)}, skipped {sum(stats.skipped)} "
+              f"({100 * stats.skipped_share:.1f}%)  [random weights: the text is noise]")

@@ -1,30 +1,105 @@
-"""Load a GGUF in llama-cpp-python and generate text."""
+"""Load a GGUF in llama-cpp-python on the patched runtime, with Online Dynamic Pruning, and generate."""
 
 from __future__ import annotations
 
+import ctypes
+import math
+from functools import cache
 from pathlib import Path
 
+from mc_gguf import odp as pruning
 from mc_gguf.errors import GGUFFileError, RuntimeMissingError
+from mc_gguf.gguf_edit import field_value, open_gguf
+
+# llama_mc_expert_stats and the mc.odp.* keys arrive with patch level 2.
+ODP_PATCH_LEVEL = 2
 
 
-def load(path: str | Path, **llama_kwargs):
-    """A ``llama_cpp.Llama`` for ``path``, with a clear error for a missing file or runtime."""
-    path = Path(path)
-    if not path.is_file():
-        raise GGUFFileError(f"{path}: no such file")
+def read_odp_metadata(path: str | Path) -> pruning.OdpParams | None:
+    """The file's ODP parameters (validated as the runtime will), or None when it has none."""
+    reader = open_gguf(path)
+    arch = field_value(reader, "general.architecture")
+    n_layers = field_value(reader, f"{arch}.block_count")
+    field = reader.get_field(pruning.KEY_MU)
+    if field is None:
+        return None
+    import gguf
+
+    if field.types != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.FLOAT32]:
+        raise GGUFFileError(f"{path}: {pruning.KEY_MU} must be an array of float32")
+    mu = [float(v) for v in field.contents()]
+    rho = field_value(reader, pruning.KEY_PROTECT_RATIO)
+    rho = pruning.DEFAULT_PROTECT_RATIO if rho is None else float(rho)
     try:
-        from llama_cpp import Llama
-    except ImportError:
-        raise RuntimeMissingError("llama_cpp is not installed; run `mc-gguf runtime build`") from None
+        pruning.validate_params(mu, rho, n_layers)
+    except GGUFFileError as exc:
+        raise GGUFFileError(f"{path}: {exc}") from None
+    return pruning.OdpParams(mu, rho)
+
+
+@cache
+def _moe_llama_class():
+    from llama_cpp import Llama
+    import llama_cpp.llama_cpp as bindings
+
+    stats = bindings._lib.llama_mc_expert_stats
+    stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64), ctypes.c_int32]
+    stats.restype = ctypes.c_int32
+    reset = bindings._lib.llama_mc_expert_stats_reset
+    reset.argtypes = [ctypes.c_void_p]
+    reset.restype = None
+
+    class MoELlama(Llama):
+        """A ``llama_cpp.Llama`` that reports how many expert slots ran and how many were pruned."""
+
+        def expert_stats(self) -> pruning.SlotCounts:
+            n_layer = stats(self.ctx, None, None, 0)
+            computed = (ctypes.c_int64 * n_layer)()
+            skipped = (ctypes.c_int64 * n_layer)()
+            stats(self.ctx, computed, skipped, n_layer)
+            return pruning.SlotCounts(list(computed), list(skipped))
+
+        def reset_expert_stats(self) -> None:
+            reset(self.ctx)
+
+    return MoELlama
+
+
+def load(path: str | Path, *, odp: bool = True, mu: float | None = None,
+         protect_ratio: float | None = None, **llama_kwargs):
+    """A llama_cpp ``Llama`` (with ``expert_stats()``) for ``path`` on the patched runtime.
+
+    ODP follows the file's ``mc.odp.*`` metadata; ``mu`` sets one threshold for every
+    layer, ``protect_ratio`` the share of prompt tokens that keep all experts, and
+    ``odp=False`` turns pruning off. A stock GGUF runs unpruned.
+    """
+    from mc_gguf.runtime.status import require_patched_runtime
+
+    path = Path(path)
+    read_odp_metadata(path)  # clear errors for malformed mc.odp.* before llama.cpp sees them
+    require_patched_runtime(ODP_PATCH_LEVEL)
+    overrides = dict(llama_kwargs.pop("kv_overrides", None) or {})
+    if not odp:
+        overrides[pruning.KEY_ENABLED] = False
+    if mu is not None:
+        if not (math.isfinite(mu) and 0.0 <= mu <= 1.0):
+            raise ValueError(f"mu = {mu} is not in [0, 1]")
+        overrides[pruning.KEY_MU_ALL] = float(mu)
+    if protect_ratio is not None:
+        if not (math.isfinite(protect_ratio) and 0.0 <= protect_ratio <= 1.0):
+            raise ValueError(f"protect_ratio = {protect_ratio} is not in [0, 1]")
+        overrides[pruning.KEY_PROTECT_RATIO] = float(protect_ratio)
     llama_kwargs.setdefault("verbose", False)
     llama_kwargs.setdefault("n_ctx", 2048)
     try:
-        return Llama(model_path=str(path), **llama_kwargs)
+        return _moe_llama_class()(model_path=str(path), kv_overrides=overrides or None, **llama_kwargs)
     except ValueError as exc:  # llama-cpp-python raises ValueError when llama.cpp refuses the file
         raise GGUFFileError(f"{path}: llama.cpp could not load it ({exc})") from None
 
 
-def generate(path: str | Path, prompt: str, max_tokens: int = 32, *, temperature: float = 0.0, seed: int = 0, **llama_kwargs) -> str:
-    llm = load(path, seed=seed, **llama_kwargs)
+def generate(path: str | Path, prompt: str, max_tokens: int = 32, *, temperature: float = 0.0, seed: int = 0,
+             odp: bool = True, mu: float | None = None, **llama_kwargs) -> tuple[str, pruning.SlotCounts]:
+    """Generate a continuation of ``prompt``; return it with the expert slot counts."""
+    llm = load(path, odp=odp, mu=mu, seed=seed, **llama_kwargs)
     out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed)
-    return out["choices"][0]["text"]
+    return out["choices"][0]["text"], llm.expert_stats()

@@ -6,7 +6,7 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import PROMPT, llama_cpp_logits, transformers_logits
+from helpers import PROMPT, llama_cpp_logits, transformers_logits
 
 # Max |llama.cpp - transformers| over all positions and the whole vocabulary,
 # relative to the largest |logit|. F32: both engines compute in float32 with

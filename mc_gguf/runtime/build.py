@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,11 +51,19 @@ BASE_CMAKE_ARGS = (
 
 @dataclass(frozen=True)
 class BuildFlags:
-    """Which ggml backends to build besides the CPU."""
+    """Which ggml backends to build besides the CPU, and whether to apply the patch series.
+
+    ``stock=True`` builds llama.cpp as the sdist ships it: the reference that
+    tests compare the patched runtime with. It is never installed.
+    """
 
     cuda: bool = False
     metal: bool = False
     cuda_architectures: str | None = None
+    stock: bool = False
+
+    def patches(self) -> list[Path]:
+        return [] if self.stock else patch_series()
 
     def cmake_args(self) -> list[str]:
         args = list(BASE_CMAKE_ARGS)
@@ -68,7 +77,7 @@ class BuildFlags:
 
     def label(self) -> str:
         parts = ["cpu"] + (["cuda"] if self.cuda else []) + (["metal"] if self.metal else [])
-        return "+".join(parts)
+        return "+".join(parts) + ("-stock" if self.stock else "")
 
 
 def cache_root() -> Path:
@@ -115,7 +124,7 @@ def build_key(flags: BuildFlags) -> str:
     """Identifies a build: the sdist, every patch's bytes, the CMake flags and the CPU."""
     digest = hashlib.sha256()
     digest.update(SDIST_SHA256.encode())
-    for patch in patch_series():
+    for patch in flags.patches():
         digest.update(patch.name.encode())
         digest.update(patch.read_bytes())
     digest.update(" ".join(flags.cmake_args()).encode())
@@ -129,7 +138,7 @@ def build_info(flags: BuildFlags) -> dict:
         "build_key": build_key(flags),
         "sdist": SDIST_FILE,
         "sdist_sha256": SDIST_SHA256,
-        "patches": [p.name for p in patch_series()],
+        "patches": [p.name for p in flags.patches()],
         "backends": flags.label(),
         "cmake_args": flags.cmake_args(),
     }
@@ -222,7 +231,7 @@ def prepare_source(cache: Path, sdist: Path, flags: BuildFlags) -> Path:
         with tarfile.open(sdist) as archive:
             archive.extractall(tmp, filter="tar")
         fresh = Path(tmp) / SDIST_FILE.removesuffix(".tar.gz")
-        apply_patches(fresh, patch_series())
+        apply_patches(fresh, flags.patches())
         (fresh / "llama_cpp" / BUILD_INFO_FILE).write_text(json.dumps(build_info(flags), indent=2) + "\n")
         stable.mkdir(parents=True, exist_ok=True)
         _sync_tree(fresh, stable)
@@ -332,29 +341,56 @@ class _CacheLock:
         self._file.close()
 
 
+def _cached_or_built_wheel(cache: Path, flags: BuildFlags, force: bool) -> Path:
+    """The wheel for ``flags`` from the cache, built first when absent (call under the cache lock)."""
+    wheel_dir = cache / "wheels" / build_key(flags)
+    cached = sorted(wheel_dir.glob("llama_cpp_python-*.whl"))
+    if cached and not force:
+        return cached[-1]
+    source = prepare_source(cache, fetch_sdist(cache), flags)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        wheel = build_wheel(cache, source, flags, Path(tmp))
+        wheel_dir.mkdir(parents=True, exist_ok=True)
+        final = wheel_dir / wheel.name
+        os.replace(wheel, final)
+    return final
+
+
 def ensure_runtime(flags: BuildFlags = BuildFlags(), force: bool = False) -> Path:
     """Install the patched runtime for ``flags``, building it only when no cached wheel exists.
 
     Returns the wheel that is installed.
     """
+    if flags.stock:
+        raise RuntimeBuildError("the stock build is a test reference and is not installed")
     cache = cache_root()
     key = build_key(flags)
-    wheel_dir = cache / "wheels" / key
     with _CacheLock(cache):
-        cached = sorted(wheel_dir.glob("llama_cpp_python-*.whl"))
         installed = installed_build_info()
-        if cached and not force:
-            if installed and installed.get("build_key") == key:
-                print(f"patched runtime {key} ({flags.label()}) is installed", flush=True)
-                return cached[-1]
-            install_wheel(cached[-1])
-            return cached[-1]
-        sdist = fetch_sdist(cache)
-        source = prepare_source(cache, sdist, flags)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            wheel = build_wheel(cache, source, flags, Path(tmp))
-            wheel_dir.mkdir(parents=True, exist_ok=True)
-            final = wheel_dir / wheel.name
-            os.replace(wheel, final)
-        install_wheel(final)
-        return final
+        if not force and installed and installed.get("build_key") == key and (cache / "wheels" / key).is_dir():
+            print(f"patched runtime {key} ({flags.label()}) is installed", flush=True)
+            return sorted((cache / "wheels" / key).glob("llama_cpp_python-*.whl"))[-1]
+        wheel = _cached_or_built_wheel(cache, flags, force)
+        install_wheel(wheel)
+        return wheel
+
+
+def stock_library_dir() -> Path:
+    """``llama_cpp/lib`` of an unpatched CPU build of the pinned sdist, built once and cached.
+
+    Point ``LLAMA_CPP_LIB_PATH`` at it to run llama_cpp on stock llama.cpp.
+    """
+    flags = BuildFlags(stock=True)
+    cache = cache_root()
+    target = cache / "stock-lib" / build_key(flags)
+    with _CacheLock(cache):
+        if not (target / "libllama.so").exists():
+            wheel = _cached_or_built_wheel(cache, flags, force=False)
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                with zipfile.ZipFile(wheel) as archive:
+                    members = [m for m in archive.namelist() if m.startswith("llama_cpp/lib/")]
+                    archive.extractall(tmp, members)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(Path(tmp) / "llama_cpp" / "lib", target)
+    return target

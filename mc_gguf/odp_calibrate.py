@@ -1,0 +1,53 @@
+"""Choose per-layer ODP thresholds on calibration text and write them into a GGUF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from mc_gguf import odp as pruning
+from mc_gguf.errors import CheckpointError
+from mc_gguf.gguf_edit import float_array, float_value, rewrite_metadata
+
+
+def router_top2_ratios(model_dir: str | Path, text: str, *, n_tokens: int = 8192, seq_len: int = 512,
+                       progress: bool = True) -> list[np.ndarray]:
+    """w_1 / w_0 of every calibration token in every layer, from transformers' router logits.
+
+    The text is tokenized once and cut into sequences of ``seq_len`` tokens (each
+    starting with BOS), as many as ``n_tokens`` allows.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mc_gguf.checkpoint import open_checkpoint
+
+    open_checkpoint(model_dir)  # clear errors for a bad folder before transformers reads it
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    body = seq_len - 1
+    n_seq = min(len(ids) // body, max(1, n_tokens // seq_len))
+    if n_seq == 0:
+        raise CheckpointError(f"the calibration text has {len(ids)} tokens, fewer than one sequence of {seq_len}")
+    per_layer: list[list[np.ndarray]] = [[] for _ in model.model.layers]
+    with torch.no_grad():
+        for s in tqdm(range(n_seq), desc="router statistics", unit="seq", disable=not progress):
+            chunk = [tokenizer.bos_token_id] + ids[s * body:(s + 1) * body]
+            out = model(torch.tensor([chunk]), output_router_logits=True)
+            for il, logits in enumerate(out.router_logits):
+                probs = torch.softmax(logits.float(), dim=-1).numpy()
+                per_layer[il].append(pruning.top2_ratios(probs))
+    return [np.concatenate(r) for r in per_layer]
+
+
+def write_odp_metadata(gguf_in: str | Path, gguf_out: str | Path, mu: list[float],
+                       protect_ratio: float = pruning.DEFAULT_PROTECT_RATIO) -> Path:
+    """Set mc.odp.mu and mc.odp.protect_ratio (tensors are copied unchanged)."""
+    pruning.validate_params(mu, protect_ratio)
+    return rewrite_metadata(gguf_in, gguf_out, {
+        pruning.KEY_MU: float_array(mu),
+        pruning.KEY_PROTECT_RATIO: float_value(protect_ratio),
+    })

@@ -1,0 +1,47 @@
+"""Logits from both engines, importable by tests and runnable as a script in a subprocess.
+
+As a script it lets a test run llama_cpp on another library build
+(LLAMA_CPP_LIB_PATH must be set before llama_cpp is imported):
+
+    python helpers.py MODEL.gguf IDS_JSON OUT.npy
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+# Long enough to cross several rope periods; mixes words, digits, punctuation, unicode.
+PROMPT = (
+    "In 1879, the quick brown fox (aged 12) jumped over 3 lazy dogs; "
+    "then it said: «Ça va?» and ran 42 km north-west, past the café."
+)
+
+
+def transformers_logits(model, token_ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([token_ids])).logits[0].float().numpy()
+
+
+def llama_cpp_logits(gguf_path: Path, token_ids: list[int], **kwargs) -> np.ndarray:
+    """Next-token logits at every position from llama.cpp, with an F32 KV cache.
+
+    The default F16 KV cache rounds K and V to 11 bits, which alone moves the
+    logits by ~1e-3; an F32 cache leaves only float32 summation-order noise.
+    """
+    from llama_cpp import GGML_TYPE_F32, Llama
+
+    llm = Llama(model_path=str(gguf_path), n_ctx=512, n_batch=512, logits_all=True, verbose=False,
+                type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=False, seed=0, **kwargs)
+    llm.eval(token_ids)
+    return np.array(llm.scores[: len(token_ids)], dtype=np.float32)
+
+
+if __name__ == "__main__":
+    model, ids_json, out = sys.argv[1:4]
+    np.save(out, llama_cpp_logits(Path(model), json.loads(ids_json)))
