@@ -166,3 +166,35 @@ def test_runtime_itself_refuses_malformed_odp_metadata(converted, tmp_path, upda
     path = rewrite_metadata(converted("f16"), tmp_path / "bad.gguf", updates)
     with pytest.raises(ValueError):
         Llama(model_path=str(path), verbose=False)
+
+
+def test_thresholds_reach_the_target_skip_share():
+    rng = np.random.default_rng(0)
+    ratios = [rng.uniform(0, 1, 10_000) ** p for p in (0.5, 1.0, 2.0)]
+    from mc_gguf.odp import thresholds_for_skip_share
+
+    mu = thresholds_for_skip_share(ratios, 0.2)
+    for m, r in zip(mu, ratios):
+        assert abs(np.mean(r < m) - 0.4) < 0.001  # 40% of tokens drop slot 1 = 20% of top-2 slots
+    with pytest.raises(ValueError, match="not reachable"):
+        thresholds_for_skip_share(ratios, 0.6)
+
+
+def test_odp_calibrate_command_writes_the_median_thresholds(converted, tiny_model_dir, hf_model, hf_tokenizer,
+                                                            tmp_path, capsys):
+    from mc_gguf.cli import main
+    from mc_gguf.run import read_odp_metadata
+
+    text_file = tmp_path / "calib.txt"
+    text_file.write_text(PROMPT * 4)
+    out = tmp_path / "calibrated.gguf"
+    code = main(["odp-calibrate", str(tiny_model_dir), str(converted("f16")), "--text", str(text_file),
+                 "--skip", "0.25", "--seq-len", "32", "--tokens", "64", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    # independent: router probabilities of the same two sequences, straight from transformers
+    ids = hf_tokenizer(PROMPT * 4, add_special_tokens=False).input_ids
+    seqs = [[hf_tokenizer.bos_token_id] + ids[s * 31:(s + 1) * 31] for s in range(2)]
+    per_layer = [np.concatenate(r) for r in zip(*(router_ratios(hf_model, s) for s in seqs))]
+    params = read_odp_metadata(out)
+    np.testing.assert_allclose(params.mu, [np.median(r) for r in per_layer], rtol=1e-6)
+    assert params.protect_ratio == pytest.approx(0.02)
