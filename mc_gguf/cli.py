@@ -112,7 +112,12 @@ EXAMPLES = {
 }
 
 
-def _add_odp_flags(p: argparse.ArgumentParser) -> None:
+def _add_generation_flags(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
+    """The model, length, sampling and pruning flags that run and chat share."""
+    p.add_argument("model", help="GGUF file")
+    p.add_argument("-n", "--max-tokens", type=int, default=max_tokens, help=f"tokens to generate (default: {max_tokens})")
+    p.add_argument("--temperature", type=float, default=temperature,
+                   help=f"sampling temperature; 0 is greedy (default: {temperature})")
     p.add_argument("--no-odp", action="store_true", help="turn Online Dynamic Pruning off")
     p.add_argument("--mu", type=float, help="one pruning threshold for every layer, in [0, 1] "
                    "(default: the file's mc.odp.mu)")
@@ -153,22 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_runtime_status)
 
     p = sub(commands, "run", "Generate text from a GGUF once.")
-    p.add_argument("model", help="GGUF file")
+    _add_generation_flags(p, max_tokens=32, temperature=0.0)
     p.add_argument("-p", "--prompt", required=True, help="the prompt")
-    p.add_argument("-n", "--max-tokens", type=int, default=32, help="tokens to generate (default: 32)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    _add_odp_flags(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub(commands, "chat", "Chat with a GGUF using its chat template; prints the pruned share of "
             "expert slots at the end.")
-    p.add_argument("model", help="GGUF file")
+    _add_generation_flags(p, max_tokens=256, temperature=0.7)
     p.add_argument("--system", help="a system message")
-    p.add_argument("-n", "--max-tokens", type=int, default=256, help="tokens per reply (default: 256)")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default: 0.7)")
-    p.add_argument("--ctx", type=int, default=4096, help="context length (default: 4096)")
-    _add_odp_flags(p)
+    p.add_argument("--ctx", type=int, help="context length (default: the model's, at most 4096)")
     p.set_defaults(func=_cmd_chat)
 
     p = sub(commands, "odp-calibrate", "Choose per-layer Online Dynamic Pruning thresholds on calibration "

@@ -15,6 +15,17 @@ from mc_gguf.gguf_edit import field_value, open_gguf
 ODP_PATCH_LEVEL = 2
 
 
+DEFAULT_MAX_CONTEXT = 4096
+
+
+def context_length(path: str | Path) -> int | None:
+    """The context length the model was trained with, from the GGUF metadata."""
+    reader = open_gguf(path)
+    arch = field_value(reader, "general.architecture")
+    value = field_value(reader, f"{arch}.context_length")
+    return int(value) if value is not None else None
+
+
 def read_odp_metadata(path: str | Path) -> pruning.OdpParams | None:
     """The file's ODP parameters (validated as the runtime will), or None when it has none."""
     reader = open_gguf(path)
@@ -90,7 +101,9 @@ def load(path: str | Path, *, odp: bool = True, mu: float | None = None,
             raise ValueError(f"protect_ratio = {protect_ratio} is not in [0, 1]")
         overrides[pruning.KEY_PROTECT_RATIO] = float(protect_ratio)
     llama_kwargs.setdefault("verbose", False)
-    llama_kwargs.setdefault("n_ctx", 2048)
+    if llama_kwargs.get("n_ctx") is None:
+        # the model's own context, capped: a 32k-token KV cache is rarely wanted on a laptop
+        llama_kwargs["n_ctx"] = min(DEFAULT_MAX_CONTEXT, context_length(path) or DEFAULT_MAX_CONTEXT)
     try:
         return _moe_llama_class()(model_path=str(path), kv_overrides=overrides or None, **llama_kwargs)
     except ValueError as exc:  # llama-cpp-python raises ValueError when llama.cpp refuses the file
