@@ -83,8 +83,7 @@ class SlotCounts:
 class TransformersOdp:
     """ODP applied to a transformers Mixtral model by replacing each layer's router forward.
 
-    Used as a context manager; counts slots per layer like the runtime does. The
-    model's own experts skip an index equal to num_experts, which marks a pruned slot.
+    Used as a context manager; counts slots per layer like the runtime does.
     """
 
     def __init__(self, model, mu: Sequence[float], protect_ratio: float = DEFAULT_PROTECT_RATIO):
@@ -122,9 +121,11 @@ class TransformersOdp:
                                                   hidden.detach().float().numpy(), self.protect_ratio))
             else:
                 keep = torch.ones_like(top_values, dtype=torch.bool)
+            # A pruned slot keeps its expert index with weight 0: its output is multiplied
+            # by exactly 0. (An out-of-range "skip" index is not safe: transformers' grouped
+            # expert kernels leave such rows uninitialised.)
             top_values = top_values * keep
             top_values = top_values / top_values.sum(dim=-1, keepdim=True)
-            top_indices = torch.where(keep, top_indices, torch.full_like(top_indices, router.num_experts))
             kept = int(keep.sum())
             self.counts.computed[il] += kept
             self.counts.skipped[il] += keep.numel() - kept
