@@ -1,0 +1,91 @@
+"""ggml's own quantizers, called through ctypes from the libggml-base the runtime installs.
+
+K-quants and i-quants are never re-implemented in Python: ``quantize`` calls
+``ggml_quantize_chunk`` (ggml.c) and ``dequantize_with_ggml`` calls the type's
+``to_float`` from ``ggml_get_type_traits``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import cache
+
+import gguf
+import numpy as np
+
+from mc_gguf.errors import RuntimeMissingError
+
+
+class _TypeTraits(ctypes.Structure):
+    # struct ggml_type_traits in ggml.h
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)),
+        ("from_float_ref", ctypes.c_void_p),
+    ]
+
+
+@cache
+def _lib() -> ctypes.CDLL:
+    from mc_gguf.runtime.build import installed_library_dir
+
+    lib_dir = installed_library_dir()
+    path = lib_dir / "libggml-base.so" if lib_dir else None
+    if path is None or not path.exists():
+        raise RuntimeMissingError("libggml-base from llama_cpp is needed to quantize; run `mc-gguf runtime build`")
+    lib = ctypes.CDLL(str(path))
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.ggml_row_size.restype = ctypes.c_size_t
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    return lib
+
+
+def requires_imatrix(qtype: gguf.GGMLQuantizationType) -> bool:
+    return bool(_lib().ggml_quantize_requires_imatrix(int(qtype)))
+
+
+def quantize(weights: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """Rows of float32 weights [rows, n_per_row] -> ggml's bytes [rows, row_bytes] (uint8).
+
+    ``imatrix`` [n_per_row] weights the rounding error of each column (llama.cpp's
+    importance matrix: the mean of x^2 over the inputs the rows see).
+    """
+    data = np.ascontiguousarray(weights, dtype=np.float32)
+    if data.ndim != 2:
+        raise ValueError(f"expected a 2-D array of rows, got shape {data.shape}")
+    rows, n_per_row = data.shape
+    lib = _lib()
+    if imatrix is None and lib.ggml_quantize_requires_imatrix(int(qtype)):
+        raise ValueError(f"{qtype.name} needs an importance matrix")
+    imat = None
+    if imatrix is not None:
+        imat = np.ascontiguousarray(imatrix, dtype=np.float32)
+        if imat.shape != (n_per_row,):
+            raise ValueError(f"imatrix has shape {imat.shape}, expected ({n_per_row},)")
+    row_bytes = lib.ggml_row_size(int(qtype), n_per_row)
+    out = np.empty((rows, row_bytes), dtype=np.uint8)
+    written = lib.ggml_quantize_chunk(int(qtype), data.ctypes.data, out.ctypes.data, 0, rows, n_per_row,
+                                      imat.ctypes.data if imat is not None else None)
+    if written != out.nbytes:
+        raise AssertionError(f"ggml wrote {written} bytes for {qtype.name}, expected {out.nbytes}")
+    return out
+
+
+def dequantize_with_ggml(data: np.ndarray, qtype: gguf.GGMLQuantizationType, n_per_row: int) -> np.ndarray:
+    """ggml's own to_float for the type (an independent check of gguf-py's dequantization)."""
+    traits = _lib().ggml_get_type_traits(int(qtype)).contents
+    data = np.ascontiguousarray(data, dtype=np.uint8)
+    rows = data.size // _lib().ggml_row_size(int(qtype), n_per_row)
+    out = np.empty((rows, n_per_row), dtype=np.float32)
+    traits.to_float(data.ctypes.data, out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), rows * n_per_row)
+    return out
