@@ -6,7 +6,8 @@ w1/w0 (so about half the tokens drop their second expert: a 25% skip share with
 top-2), and evaluates perplexity on the evaluation text the llama-perplexity way
 (windows of --ctx tokens, second half scored), without pruning (the baseline,
 measured in the same run) and with it, plus the KL divergence of the pruned
-model from the unpruned one. Prints one JSON object.
+model from the unpruned one, and greedy decoding speed of both (medians of
+5 runs on this machine, same run). Prints one JSON object.
 
     python scripts/bench_odp.py [--model ../shared/bench/model] [--calib ...calib.txt] [--eval ...eval.txt]
 """
@@ -30,6 +31,20 @@ from mc_gguf.run import load
 BENCH = Path(__file__).resolve().parent.parent.parent / "shared" / "bench"
 
 
+def decode_tokens_per_second(path: Path, prompt: list[int], n_tokens: int, repeats: int = 5) -> dict:
+    """Greedy decoding speed (tokens/s after the prompt), median of several runs on one context."""
+    llm = load(path, n_ctx=512, n_batch=64)
+    speeds = []
+    for _ in range(repeats):
+        llm.reset()
+        llm.eval(prompt)
+        started = time.perf_counter()
+        for _, token in zip(range(n_tokens), llm.generate([], temp=0.0, reset=False)):
+            pass
+        speeds.append(n_tokens / (time.perf_counter() - started))
+    return {"median": float(np.median(speeds)), "runs": [round(v, 1) for v in speeds], "tokens": n_tokens}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(BENCH / "model"), help="Hugging Face model folder")
@@ -39,6 +54,7 @@ def main() -> int:
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows (default: 16)")
     parser.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default: 16384)")
     parser.add_argument("--skip", type=float, default=0.25, help="target skip share of slots (default: 0.25)")
+    parser.add_argument("--decode-tokens", type=int, default=128, help="tokens per decode timing (default: 128)")
     parser.add_argument("--workdir", default="build/bench-odp", help="where the GGUF files go")
     args = parser.parse_args()
 
@@ -67,6 +83,9 @@ def main() -> int:
     *_, odp = score(odp_llm, token_windows, reference=base_llm)
     base_stats, odp_stats = base_llm.expert_stats(), odp_llm.expert_stats()
 
+    decode = {label: decode_tokens_per_second(path, token_windows[0][:64], args.decode_tokens)
+              for label, path in (("baseline", plain), ("odp", pruned))}
+
     base_summary, odp_summary = base.summary(), odp.summary()
     result = {
         "model": str(args.model),
@@ -80,6 +99,8 @@ def main() -> int:
                 "skipped_share_per_layer": [round(s / (s + c), 4) if s + c else 0.0
                                             for s, c in zip(odp_stats.skipped, odp_stats.computed)]},
         "ppl_ratio_odp_over_baseline": odp_summary["ppl"] / base_summary["ppl"],
+        "decode_tokens_per_second": decode,
+        "decode_speed_ratio_odp_over_baseline": decode["odp"]["median"] / decode["baseline"]["median"],
     }
     json.dump(result, sys.stdout, indent=2)
     print()
