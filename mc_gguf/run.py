@@ -7,6 +7,8 @@ import math
 from functools import cache
 from pathlib import Path
 
+import gguf
+
 from mc_gguf import odp as pruning
 from mc_gguf.errors import GGUFFileError, RuntimeMissingError
 from mc_gguf.gguf_edit import field_value, open_gguf
@@ -14,38 +16,38 @@ from mc_gguf.gguf_edit import field_value, open_gguf
 # llama_mc_expert_stats and the mc.odp.* keys arrive with patch level 2.
 ODP_PATCH_LEVEL = 2
 
-
+# the KV cache default: the model's own context, capped (a 32k-token cache is rarely wanted on a laptop)
 DEFAULT_MAX_CONTEXT = 4096
 
 
-def context_length(path: str | Path) -> int | None:
+def context_length(reader: gguf.GGUFReader) -> int | None:
     """The context length the model was trained with, from the GGUF metadata."""
-    reader = open_gguf(path)
     arch = field_value(reader, "general.architecture")
     value = field_value(reader, f"{arch}.context_length")
     return int(value) if value is not None else None
 
 
-def read_odp_metadata(path: str | Path) -> pruning.OdpParams | None:
+def odp_metadata(reader: gguf.GGUFReader) -> pruning.OdpParams | None:
     """The file's ODP parameters (validated as the runtime will), or None when it has none."""
-    reader = open_gguf(path)
     arch = field_value(reader, "general.architecture")
     n_layers = field_value(reader, f"{arch}.block_count")
     field = reader.get_field(pruning.KEY_MU)
     if field is None:
         return None
-    import gguf
-
     if field.types != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.FLOAT32]:
-        raise GGUFFileError(f"{path}: {pruning.KEY_MU} must be an array of float32")
+        raise GGUFFileError(f"{pruning.KEY_MU} must be an array of float32")
     mu = [float(v) for v in field.contents()]
     rho = field_value(reader, pruning.KEY_PROTECT_RATIO)
     rho = pruning.DEFAULT_PROTECT_RATIO if rho is None else float(rho)
+    pruning.validate_params(mu, rho, n_layers)
+    return pruning.OdpParams(mu, rho)
+
+
+def read_odp_metadata(path: str | Path) -> pruning.OdpParams | None:
     try:
-        pruning.validate_params(mu, rho, n_layers)
+        return odp_metadata(open_gguf(path))
     except GGUFFileError as exc:
         raise GGUFFileError(f"{path}: {exc}") from None
-    return pruning.OdpParams(mu, rho)
 
 
 @cache
@@ -87,7 +89,11 @@ def load(path: str | Path, *, odp: bool = True, mu: float | None = None,
     from mc_gguf.runtime.status import require_patched_runtime
 
     path = Path(path)
-    read_odp_metadata(path)  # clear errors for malformed mc.odp.* before llama.cpp sees them
+    reader = open_gguf(path)
+    try:
+        odp_metadata(reader)  # clear errors for malformed mc.odp.* before llama.cpp sees them
+    except GGUFFileError as exc:
+        raise GGUFFileError(f"{path}: {exc}") from None
     require_patched_runtime(ODP_PATCH_LEVEL)
     overrides = dict(llama_kwargs.pop("kv_overrides", None) or {})
     if not odp:
@@ -102,8 +108,8 @@ def load(path: str | Path, *, odp: bool = True, mu: float | None = None,
         overrides[pruning.KEY_PROTECT_RATIO] = float(protect_ratio)
     llama_kwargs.setdefault("verbose", False)
     if llama_kwargs.get("n_ctx") is None:
-        # the model's own context, capped: a 32k-token KV cache is rarely wanted on a laptop
-        llama_kwargs["n_ctx"] = min(DEFAULT_MAX_CONTEXT, context_length(path) or DEFAULT_MAX_CONTEXT)
+        llama_kwargs["n_ctx"] = min(DEFAULT_MAX_CONTEXT, context_length(reader) or DEFAULT_MAX_CONTEXT)
+    del reader  # release the memory map before llama.cpp maps the file
     try:
         return _moe_llama_class()(model_path=str(path), kv_overrides=overrides or None, **llama_kwargs)
     except ValueError as exc:  # llama-cpp-python raises ValueError when llama.cpp refuses the file
