@@ -81,13 +81,12 @@ def _cmd_chat(args: argparse.Namespace) -> None:
 def _cmd_odp_calibrate(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from mc_gguf.odp import thresholds_for_skip_share
-    from mc_gguf.odp_calibrate import router_top2_ratios, write_odp_metadata
+    from mc_gguf.odp_calibrate import calibrate_odp
 
     text = Path(args.text).read_text(encoding="utf-8")
-    ratios = router_top2_ratios(args.model_dir, text, n_tokens=args.tokens, seq_len=args.seq_len)
-    mu = thresholds_for_skip_share(ratios, args.skip)
-    out = write_odp_metadata(args.gguf, args.output or args.gguf, mu, args.protect_ratio)
+    out = args.output or args.gguf
+    mu, ratios = calibrate_odp(args.model_dir, text, args.gguf, out, args.skip, n_tokens=args.tokens,
+                               seq_len=args.seq_len, protect_ratio=args.protect_ratio)
     for il, (m, r) in enumerate(zip(mu, ratios)):
         print(f"layer {il:3d}: mu = {m:.4f}  (median w1/w0 {np.median(r):.3f}, skips {np.mean(r < m):.1%} of tokens)")
     print(f"wrote mc.odp.mu to {out}")

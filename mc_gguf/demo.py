@@ -6,8 +6,7 @@ import time
 from pathlib import Path
 
 from mc_gguf.convert import convert
-from mc_gguf.odp import thresholds_for_skip_share
-from mc_gguf.odp_calibrate import router_top2_ratios, write_odp_metadata
+from mc_gguf.odp_calibrate import calibrate_odp
 from mc_gguf.run import load
 from mc_gguf.runtime.status import require_patched_runtime
 from mc_gguf.tiny import TinyMixtralSpec, build_tiny_mixtral
@@ -45,9 +44,8 @@ def run_demo(workdir: Path) -> None:
     convert(model_dir, out, "q8_0", progress=False)
     print(f"converted to {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s")
 
-    ratios = router_top2_ratios(model_dir, CALIBRATION_TEXT, n_tokens=64, seq_len=64, progress=False)
-    mu = thresholds_for_skip_share(ratios, 0.25)
-    pruned = write_odp_metadata(out, workdir / "tiny-mixtral-q8_0-odp.gguf", mu)
+    pruned = workdir / "tiny-mixtral-q8_0-odp.gguf"
+    mu, _ = calibrate_odp(model_dir, CALIBRATION_TEXT, out, pruned, 0.25, n_tokens=64, seq_len=64, progress=False)
     print(f"pruning thresholds for a 25% skip share, per layer: {', '.join(f'{m:.3f}' for m in mu)} -> {pruned}")
 
     for path, label in ((out, "no pruning"), (pruned, "online dynamic pruning")):

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import log_softmax
 
 
 def windows(token_ids: Sequence[int], n_ctx: int, bos_id: int, max_windows: int | None = None) -> list[list[int]]:
@@ -37,11 +38,6 @@ def scored_positions(n_ctx: int) -> slice:
     return slice(n_ctx // 2, n_ctx - 1)
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
 def window_log_probs(llm, window: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Log-probabilities at the scored positions [n, vocab] and the tokens they predict [n]."""
     llm.reset()
@@ -49,7 +45,7 @@ def window_log_probs(llm, window: list[int]) -> tuple[np.ndarray, np.ndarray]:
     pos = scored_positions(len(window))
     logits = np.asarray(llm.scores[pos], dtype=np.float64)
     targets = np.asarray(window[pos.start + 1:pos.stop + 1])
-    return log_softmax(logits), targets
+    return log_softmax(logits, axis=-1), targets
 
 
 @dataclass

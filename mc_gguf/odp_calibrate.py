@@ -51,3 +51,17 @@ def write_odp_metadata(gguf_in: str | Path, gguf_out: str | Path, mu: list[float
         pruning.KEY_MU: float_array(mu),
         pruning.KEY_PROTECT_RATIO: float_value(protect_ratio),
     })
+
+
+def calibrate_odp(model_dir: str | Path, text: str, gguf_in: str | Path, gguf_out: str | Path, skip_share: float, *,
+                  n_tokens: int = 8192, seq_len: int = 512,
+                  protect_ratio: float = pruning.DEFAULT_PROTECT_RATIO,
+                  progress: bool = True) -> tuple[list[float], list[np.ndarray]]:
+    """Per-layer mu for ``skip_share`` of the slots on ``text``, written into ``gguf_out``.
+
+    Returns the thresholds and the per-layer w1/w0 ratios they came from.
+    """
+    ratios = router_top2_ratios(model_dir, text, n_tokens=n_tokens, seq_len=seq_len, progress=progress)
+    mu = pruning.thresholds_for_skip_share(ratios, skip_share)
+    write_odp_metadata(gguf_in, gguf_out, mu, protect_ratio)
+    return mu, ratios

@@ -10,11 +10,8 @@ from pathlib import Path
 import gguf
 
 from mc_gguf import odp as pruning
-from mc_gguf.errors import GGUFFileError, RuntimeMissingError
+from mc_gguf.errors import GGUFFileError
 from mc_gguf.gguf_edit import field_value, open_gguf
-
-# llama_mc_expert_stats and the mc.odp.* keys arrive with patch level 2.
-ODP_PATCH_LEVEL = 2
 
 # the KV cache default: the model's own context, capped (a 32k-token cache is rarely wanted on a laptop)
 DEFAULT_MAX_CONTEXT = 4096
@@ -43,9 +40,10 @@ def odp_metadata(reader: gguf.GGUFReader) -> pruning.OdpParams | None:
     return pruning.OdpParams(mu, rho)
 
 
-def read_odp_metadata(path: str | Path) -> pruning.OdpParams | None:
+def read_odp_metadata(path: str | Path, reader: gguf.GGUFReader | None = None) -> pruning.OdpParams | None:
+    """``odp_metadata`` of the file at ``path`` (read unless ``reader`` is given); errors name the file."""
     try:
-        return odp_metadata(open_gguf(path))
+        return odp_metadata(reader if reader is not None else open_gguf(path))
     except GGUFFileError as exc:
         raise GGUFFileError(f"{path}: {exc}") from None
 
@@ -90,11 +88,8 @@ def load(path: str | Path, *, odp: bool = True, mu: float | None = None,
 
     path = Path(path)
     reader = open_gguf(path)
-    try:
-        odp_metadata(reader)  # clear errors for malformed mc.odp.* before llama.cpp sees them
-    except GGUFFileError as exc:
-        raise GGUFFileError(f"{path}: {exc}") from None
-    require_patched_runtime(ODP_PATCH_LEVEL)
+    read_odp_metadata(path, reader)  # clear errors for malformed mc.odp.* before llama.cpp sees them
+    require_patched_runtime()
     overrides = dict(llama_kwargs.pop("kv_overrides", None) or {})
     if not odp:
         overrides[pruning.KEY_ENABLED] = False

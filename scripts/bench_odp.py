@@ -24,8 +24,7 @@ import numpy as np
 
 from mc_gguf.convert import convert
 from mc_gguf.evaluate import score, windows
-from mc_gguf.odp import thresholds_for_skip_share
-from mc_gguf.odp_calibrate import router_top2_ratios, write_odp_metadata
+from mc_gguf.odp_calibrate import calibrate_odp
 from mc_gguf.run import load
 
 BENCH = Path(__file__).resolve().parent.parent.parent / "shared" / "bench"
@@ -65,11 +64,10 @@ def main() -> int:
     plain = convert(args.model, workdir / "model-f16.gguf", "f16", progress=False)
 
     started = time.perf_counter()
-    ratios = router_top2_ratios(args.model, Path(args.calib).read_text(encoding="utf-8"),
-                                n_tokens=args.calib_tokens, seq_len=args.ctx)
-    mu = thresholds_for_skip_share(ratios, args.skip)
+    pruned = workdir / "model-f16-odp.gguf"
+    mu, ratios = calibrate_odp(args.model, Path(args.calib).read_text(encoding="utf-8"), plain, pruned, args.skip,
+                               n_tokens=args.calib_tokens, seq_len=args.ctx)
     calib_seconds = time.perf_counter() - started
-    pruned = write_odp_metadata(plain, workdir / "model-f16-odp.gguf", mu)
 
     # the same token ids for both engines (see ../shared/bench/README.md on the tokenizer quirk)
     tokenizer = AutoTokenizer.from_pretrained(args.model)

@@ -224,9 +224,14 @@ def _sync_tree(fresh: Path, stable: Path) -> int:
     return written
 
 
+def _source_dir(cache: Path, flags: BuildFlags) -> Path:
+    """The stable path of the patched sdist tree for ``flags`` (kept between builds)."""
+    return cache / "src" / f"{SDIST_FILE.removesuffix('.tar.gz')}-{flags.label()}"
+
+
 def prepare_source(cache: Path, sdist: Path, flags: BuildFlags) -> Path:
     """The patched sdist tree at a stable path, with the build info written into the package."""
-    stable = cache / "src" / f"{SDIST_FILE.removesuffix('.tar.gz')}-{flags.label()}"
+    stable = _source_dir(cache, flags)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         with tarfile.open(sdist) as archive:
             archive.extractall(tmp, filter="tar")
@@ -295,32 +300,34 @@ def patched_source(flags: BuildFlags = BuildFlags()) -> Path:
     """
     cache = cache_root()
     with _CacheLock(cache):
-        stable = cache / "src" / f"{SDIST_FILE.removesuffix('.tar.gz')}-{flags.label()}"
+        stable = _source_dir(cache, flags)
         info = stable / "llama_cpp" / BUILD_INFO_FILE
         if not info.exists() or json.loads(info.read_text()).get("build_key") != build_key(flags):
             stable = prepare_source(cache, fetch_sdist(cache), flags)
     return stable / VENDOR_DIR
 
 
-def installed_library_dir() -> Path | None:
-    """``llama_cpp/lib`` of the installed runtime (libllama, libggml*), or None."""
+def _installed_package_dir() -> Path | None:
+    """The installed ``llama_cpp`` package folder, found without importing it (or None)."""
     import importlib.util
 
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or spec.origin is None:
         return None
-    return Path(spec.origin).parent / "lib"
+    return Path(spec.origin).parent
+
+
+def installed_library_dir() -> Path | None:
+    """``llama_cpp/lib`` of the installed runtime (libllama, libggml*), or None."""
+    package = _installed_package_dir()
+    return package / "lib" if package else None
 
 
 def installed_build_info() -> dict | None:
     """The build info of the installed llama_cpp, or None when it is not ours (or absent)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or spec.origin is None:
-        return None
-    info = Path(spec.origin).parent / BUILD_INFO_FILE
-    if not info.exists():
+    package = _installed_package_dir()
+    info = package / BUILD_INFO_FILE if package else None
+    if info is None or not info.exists():
         return None
     return json.loads(info.read_text())
 
