@@ -36,6 +36,11 @@ class MoEArchitecture:
     # HF stores Q/K for rotate-half rope; llama.cpp's "llama" arch rotates
     # adjacent pairs, so Q and K rows are permuted on conversion.
     permute_qk: bool
+    # transformers' module names inside a decoder layer, for streaming calibration:
+    # the MoE block, and the norm whose output is the MoE block's input.
+    hf_moe_module: str = "mlp"
+    moe_input_norm: str = "post_attention_layernorm"
+    embed_tokens: str = "model.embed_tokens.weight"
 
     def expert_tensor(self, bid: int, xid: int, projection: str) -> str:
         """HF name of one expert's projection weight, e.g. ``...experts.3.w1.weight``."""
@@ -45,6 +50,10 @@ class MoEArchitecture:
     def stacked_expert_name(self, bid: int, projection: str) -> str:
         """The key TensorNameMap resolves to ``blk.N.ffn_{projection}_exps``."""
         return self.stacked_expert.format(bid=bid, proj=dict(self.expert_projections)[projection])
+
+    def checkpoint_moe_module(self, bid: int) -> str:
+        """The MoE block's name in the checkpoint, e.g. ``model.layers.3.block_sparse_moe``."""
+        return self.router.format(bid=bid).rsplit(".", 1)[0]
 
 
 MIXTRAL = MoEArchitecture(

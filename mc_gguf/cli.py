@@ -92,6 +92,62 @@ def _cmd_odp_calibrate(args: argparse.Namespace) -> None:
     print(f"wrote mc.odp.mu to {out}")
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> None:
+    from mc_gguf.calib_text import read_text
+    from mc_gguf.calibrate import CalibrationSettings, calibrate
+    from mc_gguf.quant_types import quant_type
+
+    settings = CalibrationSettings(n_tokens=args.tokens, seq_len=args.seq_len, seed=args.seed,
+                                   eps_tokens=args.eps_tokens, hessian=args.hessian,
+                                   types=tuple(quant_type(t).name for t in args.types))
+    started = time.perf_counter()
+    stats = calibrate(args.model_dir, args.output, read_text(args.text), settings, progress=not args.quiet)
+    print(f"wrote {args.output}: {stats.info['n_tokens']} tokens ({stats.info['n_sequences']} x "
+          f"{stats.info['seq_len']}) of {stats.info['text']}, {len(stats.types)} candidate types, "
+          f"in {time.perf_counter() - started:.0f} s")
+
+
+def _parse_non_expert(items: list[str]) -> dict[str, str]:
+    from mc_gguf.plan import NON_EXPERT_CLASSES
+
+    parsed = {}
+    for item in items:
+        cls, sep, name = item.partition("=")
+        if not sep or cls not in NON_EXPERT_CLASSES:
+            raise McGgufError(f"--tensor-type {item!r}: expected CLASS=TYPE with CLASS one of "
+                              f"{', '.join(NON_EXPERT_CLASSES)}")
+        parsed[cls] = name.upper()
+    return parsed
+
+
+def _cmd_allocate(args: argparse.Namespace) -> None:
+    from mc_gguf.plan import make_plan, validate_plan
+    from mc_gguf.plan_show import describe_plan
+    from mc_gguf.stats import load_stats
+
+    stats = load_stats(args.stats)
+    started = time.perf_counter()
+    plan = make_plan(stats, args.bits, model_dir=args.model, layout=args.layout, scope=args.scope,
+                     per_layer=args.per_layer, per_projection=args.per_projection, types=args.types,
+                     alpha=args.alpha, beta=args.beta, gamma=args.gamma,
+                     non_expert=_parse_non_expert(args.tensor_type), stats_path=str(Path(args.stats).resolve()))
+    validate_plan(plan)
+    plan.save(args.output)
+    print(describe_plan(plan))
+    print(f"wrote {args.output} (solved in {time.perf_counter() - started:.1f} s)")
+
+
+def _cmd_plan_show(args: argparse.Namespace) -> None:
+    from mc_gguf.plan import load_plan
+    from mc_gguf.plan_show import describe_plan, plot_plan
+
+    plan = load_plan(args.plan)
+    print(describe_plan(plan))
+    if args.plot:
+        plot_plan(plan, args.plot, title=Path(args.plan).name)
+        print(f"wrote {args.plot}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from mc_gguf.demo import run_demo
 
@@ -107,6 +163,12 @@ EXAMPLES = {
     "demo": "example: mc-gguf demo --workdir build/demo",
     "chat": "example: mc-gguf chat mixtral-q4.gguf            (ODP as the file says)\n"
             "         mc-gguf chat mixtral-q4.gguf --mu 0.4   (one threshold for every layer)",
+    "calibrate": "example: mc-gguf calibrate ./Mixtral-8x7B-v0.1 --text calib.txt -o mixtral.stats\n"
+                 "         mc-gguf calibrate ./Mixtral-8x7B-v0.1 -o mixtral.stats   (default text: Python's docs)",
+    "allocate": "example: mc-gguf allocate mixtral.stats --bits 2.5 -o plan.json\n"
+                "         mc-gguf allocate mixtral.stats --bits 3 --layout stock -o plan-stock.json\n"
+                "         mc-gguf allocate mixtral.stats --bits 2.5 --per-layer --types IQ2_XXS Q2_K IQ3_XXS -o paper.json",
+    "plan-show": "example: mc-gguf plan-show plan.json --plot allocation.png",
     "odp-calibrate": "example: mc-gguf odp-calibrate ./Mixtral-8x7B-v0.1 mixtral-q4.gguf --text calib.txt --skip 0.15",
 }
 
@@ -181,6 +243,67 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of prompt tokens that keep all experts (default: 0.02)")
     p.add_argument("-o", "--output", help="write a copy here instead of updating GGUF in place")
     p.set_defaults(func=_cmd_odp_calibrate)
+
+    from mc_gguf.calibrate import CalibrationSettings
+    from mc_gguf.plan import LAYOUTS, NON_EXPERT_DEFAULTS, SCOPES
+    from mc_gguf.quant_types import CANDIDATES
+
+    defaults = CalibrationSettings()
+    p = sub(commands, "calibrate", "Run a Hugging Face MoE checkpoint on calibration text, one decoder layer in "
+            "memory at a time, and measure per-expert statistics: activation frequency, routing weight, w1/w0 "
+            "ratios, importance matrices, and the output error of every expert at every candidate GGUF type. "
+            "Resumable: an interrupted run continues from its last finished layer.")
+    p.add_argument("model_dir", help="Hugging Face model folder")
+    p.add_argument("-o", "--output", required=True, help="statistics file to write (safetensors + JSON header)")
+    p.add_argument("--text", help="calibration text, UTF-8 (default: the Python documentation shipped with "
+                   "CPython, generic English prose with code; text from your domain calibrates better)")
+    p.add_argument("--tokens", type=int, default=defaults.n_tokens,
+                   help=f"calibration tokens (default: {defaults.n_tokens}; the paper used 262144)")
+    p.add_argument("--seq-len", type=int, default=defaults.seq_len,
+                   help=f"tokens per sequence, at most the model's context (default: {defaults.seq_len})")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="which windows of the text are used (default: 0)")
+    p.add_argument("--eps-tokens", type=int, default=defaults.eps_tokens,
+                   help=f"sampled tokens on which quantization errors are measured (default: {defaults.eps_tokens})")
+    p.add_argument("--types", nargs="+", default=list(CANDIDATES), metavar="TYPE",
+                   help=f"candidate GGUF types (default: all of {' '.join(CANDIDATES)})")
+    p.add_argument("--hessian", action="store_true",
+                   help="also keep each expert's full input Hessian X^T X for GPTQ: E*(H^2+F^2)*4 bytes per layer, "
+                        "e.g. 7.1 GB per layer (227 GB in all) for Mixtral 8x7B, 63 MB for a 6-layer model of "
+                        "hidden 256 and 8 experts of 512")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_calibrate)
+
+    p = sub(commands, "allocate", "Choose a GGUF type for every expert under a bits-per-weight budget: an integer "
+            "program (HiGHS) minimising the summed cost phi^alpha * w^beta * eps^gamma of the choices.")
+    p.add_argument("stats", help="statistics from `mc-gguf calibrate`")
+    p.add_argument("--bits", type=float, required=True, help="average bits per weight over the scope, "
+                   "counted in real bytes (scales included)")
+    p.add_argument("-o", "--output", required=True, help="plan file to write (JSON)")
+    p.add_argument("--scope", choices=SCOPES, default="experts",
+                   help="what the budget averages over: the expert tensors, or every tensor of the file (default: experts)")
+    p.add_argument("--layout", choices=LAYOUTS, default="per-expert",
+                   help="per-expert: a type per expert (needs the mc-gguf runtime); stock: one type per layer and "
+                        "projection, loads in unmodified llama.cpp (default: per-expert)")
+    p.add_argument("--types", nargs="+", metavar="TYPE", help="candidate types (default: all in the statistics)")
+    p.add_argument("--per-layer", action="store_true", help="the paper's form: the budget holds in every layer, "
+                   "with at least one expert below and one at or above it")
+    p.add_argument("--per-projection", action="store_true",
+                   help="a type for gate+up and another for down (errors treated as additive)")
+    p.add_argument("--alpha", type=float, default=1.0, help="exponent of the activation frequency (default: 1)")
+    p.add_argument("--beta", type=float, default=1.5, help="exponent of the routing weight (default: 1.5)")
+    p.add_argument("--gamma", type=float, default=1.0, help="exponent of the quantization error (default: 1, "
+                   "as the authors' code; the paper writes 2)")
+    p.add_argument("--tensor-type", action="append", default=[], metavar="CLASS=TYPE",
+                   help="type of a non-expert class: token_embd, output or attn (defaults: "
+                        + ", ".join(f"{k}={v}" for k, v in NON_EXPERT_DEFAULTS.items()) + "); norms and router stay F32")
+    p.add_argument("--model", help="the model folder, if it moved since calibration")
+    p.set_defaults(func=_cmd_allocate)
+
+    p = sub(commands, "plan-show", "Show a plan: types per layer, bits per weight, predicted size; "
+            "optionally a heat map of the bits of every expert.")
+    p.add_argument("plan", help="plan file from `mc-gguf allocate`")
+    p.add_argument("--plot", help="write a heat map (layers x experts) to this PNG")
+    p.set_defaults(func=_cmd_plan_show)
 
     p = sub(commands, "demo", "Build a tiny seeded Mixtral, convert it and generate from it: the whole "
             "pipeline offline, in about a minute.")

@@ -52,14 +52,29 @@ def permute_rope_rows(weights: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
+# Types gguf-py quantizes itself; K- and i-quants go through ggml's own quantizers.
+GGUF_PY_TYPES = (T.F16, T.BF16, T.Q8_0)
+
+# Chooses a tensor's type from its kind, GGUF name and shape.
+TypeChooser = Callable[[gguf.MODEL_TENSOR, str, tuple[int, ...]], gguf.GGMLQuantizationType]
+
+
 def encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
-    """float32 -> the bytes of ``qtype`` (the types gguf-py quantizes itself)."""
+    """float32 -> the bytes of ``qtype``."""
+    data = np.ascontiguousarray(data, dtype=np.float32)
     if qtype == T.F32:
-        return np.ascontiguousarray(data, dtype=np.float32)
-    return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
+        return data
+    if qtype in GGUF_PY_TYPES:
+        return gguf.quants.quantize(data, qtype)
+    from mc_gguf import ggml_quant
+
+    return ggml_quant.quantize(data.reshape(-1, data.shape[-1]), qtype).reshape(
+        *data.shape[:-1], -1)
 
 
-def _choose_type(tensor_kind: gguf.MODEL_TENSOR, shape: tuple[int, ...], wanted: gguf.GGMLQuantizationType):
+def fit_type(tensor_kind: gguf.MODEL_TENSOR, shape: tuple[int, ...],
+             wanted: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    """``wanted``, unless the tensor must stay F32 (norms, router) or its rows are not whole blocks."""
     if len(shape) == 1 or tensor_kind in F32_ONLY:
         return T.F32
     block_size, _ = gguf.GGML_QUANT_SIZES[wanted]
@@ -68,7 +83,11 @@ def _choose_type(tensor_kind: gguf.MODEL_TENSOR, shape: tuple[int, ...], wanted:
     return wanted
 
 
-def plan_tensors(ckpt: Checkpoint, wanted: gguf.GGMLQuantizationType) -> list[OutputTensor]:
+def uniform_type(wanted: gguf.GGMLQuantizationType) -> TypeChooser:
+    return lambda kind, _name, shape: fit_type(kind, shape, wanted)
+
+
+def plan_tensors(ckpt: Checkpoint, type_for: TypeChooser) -> list[OutputTensor]:
     """Every GGUF tensor of the output, in llama.cpp's usual order, with how to produce it."""
     arch = ckpt.arch
     config = ckpt.config
@@ -93,7 +112,7 @@ def plan_tensors(ckpt: Checkpoint, wanted: gguf.GGMLQuantizationType) -> list[Ou
         if found is None:
             raise CheckpointError(f"{ckpt.path}: tensor {hf_key} has no GGUF name for {arch.hf_architecture}")
         kind, gguf_name = found  # the suffix (.weight/.bias) is carried over by TensorNameMap
-        qtype = _choose_type(kind, shape, wanted)
+        qtype = type_for(kind, gguf_name, shape)
         planned[gguf_name] = OutputTensor(gguf_name, shape, qtype, lambda: encode(produce_f32(), qtype))
 
     for name in ckpt.tensors:
@@ -137,11 +156,16 @@ def convert(model_dir: str | Path, out_path: str | Path, out_type: str = "f16", 
     check_output_path(out_path)
     ckpt = open_checkpoint(model_dir)
     qtype, file_type = OUTPUT_TYPES[out_type]
-    tensors = plan_tensors(ckpt, qtype)
+    tensors = plan_tensors(ckpt, uniform_type(qtype))
+    return write_gguf(out_path, gguf.MODEL_ARCH_NAMES[ckpt.arch.gguf_arch], model_metadata(ckpt, file_type),
+                      tensors, progress=progress)
 
+
+def model_metadata(ckpt: Checkpoint, file_type: gguf.LlamaFileType) -> Callable[[gguf.GGUFWriter], None]:
+    """What every GGUF of this checkpoint carries: general info, hyperparameters, vocabulary."""
     def add_metadata(writer: gguf.GGUFWriter) -> None:
         add_general(writer, ckpt, file_type)
         add_hparams(writer, ckpt)
         add_sentencepiece_vocab(writer, ckpt.path, int(ckpt.config["vocab_size"]))
 
-    return write_gguf(out_path, gguf.MODEL_ARCH_NAMES[ckpt.arch.gguf_arch], add_metadata, tensors, progress=progress)
+    return add_metadata

@@ -8,12 +8,16 @@ K-quants and i-quants are never re-implemented in Python: ``quantize`` calls
 from __future__ import annotations
 
 import ctypes
+import os
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
 import gguf
 import numpy as np
 
 from mc_gguf.errors import RuntimeMissingError
+
+_MIN_WEIGHTS_PER_THREAD = 1 << 16
 
 
 class _TypeTraits(ctypes.Structure):
@@ -74,8 +78,21 @@ def quantize(weights: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.
             raise ValueError(f"imatrix has shape {imat.shape}, expected ({n_per_row},)")
     row_bytes = lib.ggml_row_size(int(qtype), n_per_row)
     out = np.empty((rows, row_bytes), dtype=np.uint8)
-    written = lib.ggml_quantize_chunk(int(qtype), data.ctypes.data, out.ctypes.data, 0, rows, n_per_row,
-                                      imat.ctypes.data if imat is not None else None)
+    imat_ptr = imat.ctypes.data if imat is not None else None
+
+    def quantize_rows(first: int, count: int) -> int:
+        return lib.ggml_quantize_chunk(int(qtype), data[first:].ctypes.data, out[first:].ctypes.data, 0, count,
+                                       n_per_row, imat_ptr)
+
+    # ggml_quantize_chunk is single-threaded; ctypes releases the GIL, so rows
+    # are split over threads as llama-quantize does with its worker threads.
+    n_threads = min(os.cpu_count() or 1, max(1, rows * n_per_row // _MIN_WEIGHTS_PER_THREAD))
+    bounds = np.linspace(0, rows, n_threads + 1).astype(int)
+    if n_threads == 1:
+        written = quantize_rows(0, rows)
+    else:
+        with ThreadPoolExecutor(n_threads) as pool:
+            written = sum(pool.map(quantize_rows, bounds[:-1], np.diff(bounds)))
     if written != out.nbytes:
         raise AssertionError(f"ggml wrote {written} bytes for {qtype.name}, expected {out.nbytes}")
     return out

@@ -41,6 +41,35 @@ def tensor_nbytes(shape: Sequence[int], qtype: gguf.GGMLQuantizationType) -> int
     return int(np.prod(shape[:-1], dtype=np.int64)) * (n_per_row // block_size) * type_size
 
 
+def _start_writer(path: Path, arch_name: str, add_metadata: Callable[[gguf.GGUFWriter], None],
+                  tensors: Sequence[OutputTensor]) -> gguf.GGUFWriter:
+    """A writer that has written the header, metadata and tensor table to ``path``."""
+    writer = gguf.GGUFWriter(path, arch_name)
+    add_metadata(writer)
+    for tensor in tensors:
+        # The dtype argument only matters for byte-shaped uint8 input; the
+        # logical shape and raw_dtype describe the tensor fully.
+        writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(np.float32), tensor.nbytes, raw_dtype=tensor.qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    return writer
+
+
+def predict_file_bytes(arch_name: str, add_metadata: Callable[[gguf.GGUFWriter], None],
+                       tensors: Sequence[OutputTensor]) -> int:
+    """The exact size of the file write_gguf would write: its header is written to a scratch
+    file and measured, and every tensor's data is padded to the alignment as GGUFWriter pads it."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        writer = _start_writer(Path(scratch) / "header.gguf", arch_name, add_metadata, tensors)
+        writer.close()
+        header = (Path(scratch) / "header.gguf").stat().st_size
+    align = writer.data_alignment
+    return gguf.GGUFWriter.ggml_pad(header, align) + sum(gguf.GGUFWriter.ggml_pad(t.nbytes, align) for t in tensors)
+
+
 def write_gguf(
     path: str | Path,
     arch_name: str,
@@ -51,15 +80,7 @@ def write_gguf(
 ) -> Path:
     """Write ``tensors`` and metadata to ``path`` atomically; return the path."""
     with atomic_output(path) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch_name)
-        add_metadata(writer)
-        for tensor in tensors:
-            # The dtype argument only matters for byte-shaped uint8 input; the
-            # logical shape and raw_dtype describe the tensor fully.
-            writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(np.float32), tensor.nbytes, raw_dtype=tensor.qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
+        writer = _start_writer(tmp, arch_name, add_metadata, tensors)
         total = sum(t.nbytes for t in tensors)
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {Path(path).name}",
                   disable=not progress, dynamic_ncols=True) as bar:

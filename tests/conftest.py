@@ -42,3 +42,29 @@ def hf_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+# A few candidate types keep calibration quick; one needs an imatrix, one is a K-quant.
+TEST_TYPES = ("IQ2_XS", "Q2_K", "Q4_K", "Q8_0")
+CALIBRATION_TEXT = "The quick brown fox jumps over the lazy dog. " * 10 + (
+    "Experts in a mixture are chosen per token by a router; the chosen ones run, the others rest. ") * 30
+
+
+@pytest.fixture(scope="session")
+def calibration_settings():
+    from mc_gguf.calibrate import CalibrationSettings
+
+    # eps measured on every token (eps_tokens >= tokens), so tests can recompute it exactly
+    return CalibrationSettings(n_tokens=1024, seq_len=128, seed=3, eps_tokens=4096, hessian=True, types=TEST_TYPES)
+
+
+@pytest.fixture(scope="session")
+def calibration(tiny_model_dir, tmp_path_factory, calibration_settings):
+    """(stats path, stats) of the tiny model calibrated on CALIBRATION_TEXT."""
+    from mc_gguf.calib_text import CalibrationText
+    from mc_gguf.calibrate import calibrate
+
+    path = tmp_path_factory.mktemp("stats") / "tiny.stats"
+    stats = calibrate(tiny_model_dir, path, CalibrationText("test text", CALIBRATION_TEXT), calibration_settings,
+                      progress=False)
+    return path, stats
