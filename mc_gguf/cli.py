@@ -148,6 +148,49 @@ def _cmd_plan_show(args: argparse.Namespace) -> None:
         print(f"wrote {args.plot}")
 
 
+def _cmd_quantize(args: argparse.Namespace) -> None:
+    from mc_gguf.plan import load_plan
+    from mc_gguf.quantize import quantize_model
+    from mc_gguf.stats import load_stats
+
+    stats = load_stats(args.stats) if args.stats else None
+    started = time.perf_counter()
+    out = quantize_model(args.model_dir, load_plan(args.plan), args.output, stats=stats, gptq=args.gptq,
+                         progress=not args.quiet)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) in {time.perf_counter() - started:.0f} s")
+
+
+def _cmd_compress(args: argparse.Namespace) -> None:
+    from mc_gguf.calib_text import read_text
+    from mc_gguf.calibrate import CalibrationSettings
+    from mc_gguf.compress import compress, summary
+
+    settings = CalibrationSettings(n_tokens=args.tokens, seq_len=args.seq_len, hessian=args.gptq)
+    started = time.perf_counter()
+    result = compress(args.model_dir, args.output, args.bits, read_text(args.calib), settings=settings,
+                      layout=args.layout, odp_skip=args.odp_skip or None, gptq=args.gptq,
+                      keep_artifacts=args.keep_artifacts, progress=not args.quiet,
+                      allocate_options={"types": args.types} if args.types else None)
+    print(summary(result))
+    print(f"done in {time.perf_counter() - started:.0f} s")
+
+
+def _cmd_inspect(args: argparse.Namespace) -> None:
+    import json
+
+    from mc_gguf.inspect_gguf import describe, inspect_gguf, plan_of
+
+    info = inspect_gguf(args.gguf)
+    print(json.dumps(info, indent=1) if args.json else describe(info))
+    if args.plot:
+        if not info["experts"]:
+            raise McGgufError(f"{args.gguf} has no experts to plot")
+        from mc_gguf.plan_show import plot_plan
+
+        plot_plan(plan_of(info), args.plot, title=Path(args.gguf).name)
+        print(f"wrote {args.plot}", file=sys.stderr)
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from mc_gguf.demo import run_demo
 
@@ -168,6 +211,11 @@ EXAMPLES = {
     "allocate": "example: mc-gguf allocate mixtral.stats --bits 2.5 -o plan.json\n"
                 "         mc-gguf allocate mixtral.stats --bits 3 --layout stock -o plan-stock.json\n"
                 "         mc-gguf allocate mixtral.stats --bits 2.5 --per-layer --types IQ2_XXS Q2_K IQ3_XXS -o paper.json",
+    "quantize": "example: mc-gguf quantize ./Mixtral-8x7B-v0.1 --plan plan.json --stats mixtral.stats -o mixtral-mc.gguf",
+    "compress": "example: mc-gguf compress ./Mixtral-8x7B-v0.1 --bits 2.5 --calib calib.txt -o mixtral-mc2.5.gguf\n"
+                "         mc-gguf compress ./model --bits 3 --layout stock --odp-skip 0.25 -o model-stock.gguf",
+    "inspect": "example: mc-gguf inspect mixtral-mc2.5.gguf\n"
+               "         mc-gguf inspect any-model.gguf --json > info.json",
     "plan-show": "example: mc-gguf plan-show plan.json --plot allocation.png",
     "odp-calibrate": "example: mc-gguf odp-calibrate ./Mixtral-8x7B-v0.1 mixtral-q4.gguf --text calib.txt --skip 0.15",
 }
@@ -298,6 +346,45 @@ def build_parser() -> argparse.ArgumentParser:
                         + ", ".join(f"{k}={v}" for k, v in NON_EXPERT_DEFAULTS.items()) + "); norms and router stay F32")
     p.add_argument("--model", help="the model folder, if it moved since calibration")
     p.set_defaults(func=_cmd_allocate)
+
+    p = sub(commands, "quantize", "Quantize a Hugging Face checkpoint to a plan with ggml's quantizers and write "
+            "the GGUF (one expert in memory at a time; written atomically).")
+    p.add_argument("model_dir", help="Hugging Face model folder")
+    p.add_argument("--plan", required=True, help="plan from `mc-gguf allocate`")
+    p.add_argument("--stats", help="calibration statistics: importance matrices (needed by IQ1/IQ2 types) and "
+                   "Hessians for GPTQ")
+    p.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ error compensation with ggml's quantizer (default: on when the statistics hold Hessians)")
+    p.add_argument("-o", "--output", required=True, help="the GGUF file to write")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_quantize)
+
+    p = sub(commands, "compress", "The whole Mixture Compressor pipeline: calibrate, allocate bits per expert, "
+            "quantize with ggml, write the GGUF, and optionally set Online Dynamic Pruning thresholds.")
+    p.add_argument("model_dir", help="Hugging Face model folder")
+    p.add_argument("--bits", type=float, required=True, help="average bits per expert weight, scales included")
+    p.add_argument("-o", "--output", required=True, help="the GGUF file to write")
+    p.add_argument("--calib", help="calibration text (default: the Python documentation shipped with CPython)")
+    p.add_argument("--layout", choices=LAYOUTS, default="per-expert",
+                   help="per-expert (needs the mc-gguf runtime) or stock (any llama.cpp) (default: per-expert)")
+    p.add_argument("--odp-skip", type=float, default=0.0,
+                   help="share of expert slots Online Dynamic Pruning should skip, e.g. 0.25 (default: 0, off)")
+    p.add_argument("--gptq", action="store_true", help="GPTQ error compensation (keeps full Hessians during "
+                   "calibration; see `mc-gguf calibrate --help` for their size)")
+    p.add_argument("--types", nargs="+", metavar="TYPE", help="candidate types (default: all)")
+    p.add_argument("--tokens", type=int, default=defaults.n_tokens,
+                   help=f"calibration tokens (default: {defaults.n_tokens})")
+    p.add_argument("--seq-len", type=int, default=defaults.seq_len,
+                   help=f"tokens per calibration sequence (default: {defaults.seq_len})")
+    p.add_argument("--keep-artifacts", metavar="DIR", help="keep the statistics and the plan in DIR")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_compress)
+
+    p = sub(commands, "inspect", "Show the tensor types of any GGUF, expert by expert, and its mc.* metadata.")
+    p.add_argument("gguf", help="a GGUF file")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", help="write a heat map of the experts' bits per weight to this PNG")
+    p.set_defaults(func=_cmd_inspect)
 
     p = sub(commands, "plan-show", "Show a plan: types per layer, bits per weight, predicted size; "
             "optionally a heat map of the bits of every expert.")

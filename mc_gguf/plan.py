@@ -18,6 +18,7 @@ Granularity of the choice:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from mc_gguf.atomic import atomic_output
 from mc_gguf.checkpoint import Checkpoint, open_checkpoint
 from mc_gguf.convert import fit_type, model_metadata, plan_tensors
 from mc_gguf.errors import McGgufError
-from mc_gguf.expert_layout import PROJECTIONS, expert_groups, tensor_names
+from mc_gguf.expert_layout import PROJECTIONS, ExpertGroup, expert_groups, tensor_names
 from mc_gguf.quant_types import quant_type
 from mc_gguf.stats import EPS_DOWN, EPS_EXPERT, EPS_GATE_UP, CalibrationStats
 from mc_gguf.write import OutputTensor, predict_file_bytes
@@ -145,14 +146,18 @@ def plan_type_chooser(plan: Plan):
     return type_for
 
 
-def layout_tensors(ckpt: Checkpoint, plan: Plan) -> list[OutputTensor]:
+# Produces the bytes of one expert group: (layer, projection, group) -> uint8 [n_experts, rows, row_bytes].
+GroupProducer = Callable[[int, str, ExpertGroup], np.ndarray]
+
+
+def layout_tensors(ckpt: Checkpoint, plan: Plan, produce_group: GroupProducer | None = None) -> list[OutputTensor]:
     """Every tensor of the file the plan describes, expert groups split as expert_layout.py names them.
 
-    Expert tensors are returned without data (``produce`` raises); quantize.py
-    supplies it.
+    Without ``produce_group`` the expert tensors are described only (their
+    ``produce`` raises); quantize.py supplies it.
     """
     def no_data() -> np.ndarray:
-        raise AssertionError("layout_tensors describes tensors; quantize.py produces them")
+        raise AssertionError("this tensor list only describes the expert tensors")
 
     tensors = []
     for tensor in plan_tensors(ckpt, plan_type_chooser(plan)):
@@ -165,7 +170,9 @@ def layout_tensors(ckpt: Checkpoint, plan: Plan) -> list[OutputTensor]:
         groups = expert_groups(plan.projection_types(bid, projection))
         for group, name in zip(groups, tensor_names(bid, projection, groups)):
             shape = (len(group.experts), *tensor.shape[1:])
-            tensors.append(OutputTensor(name, shape, quant_type(group.type_name).qtype, no_data))
+            produce = no_data if produce_group is None else (
+                lambda bid=bid, projection=projection, group=group: produce_group(bid, projection, group))
+            tensors.append(OutputTensor(name, shape, quant_type(group.type_name).qtype, produce))
     return tensors
 
 

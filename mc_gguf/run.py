@@ -49,6 +49,21 @@ def read_odp_metadata(path: str | Path, reader: gguf.GGUFReader | None = None) -
 
 
 @cache
+def check_expert_groups(path: str | Path, reader: gguf.GGUFReader) -> None:
+    """The per-expert layout's rules (docs/FORMAT.md), checked before llama.cpp loads the file."""
+    from mc_gguf.expert_layout import group_map_problem
+
+    group_map = field_value(reader, "mc.experts.groups")
+    if group_map is None:
+        return
+    arch = field_value(reader, "general.architecture")
+    counts = {t.name: int(t.shape[-1]) for t in reader.tensors if "_exps" in t.name}
+    problem = group_map_problem(group_map, counts, int(field_value(reader, f"{arch}.block_count")),
+                                int(field_value(reader, f"{arch}.expert_count") or 0))
+    if problem:
+        raise GGUFFileError(f"{path}: {problem}")
+
+
 def _moe_llama_class():
     from llama_cpp import Llama
     import llama_cpp.llama_cpp as bindings
@@ -89,6 +104,7 @@ def load(path: str | Path, *, odp: bool = True, mu: float | None = None,
     path = Path(path)
     reader = open_gguf(path)
     read_odp_metadata(path, reader)  # clear errors for malformed mc.odp.* before llama.cpp sees them
+    check_expert_groups(path, reader)
     require_patched_runtime()
     overrides = dict(llama_kwargs.pop("kv_overrides", None) or {})
     if not odp:

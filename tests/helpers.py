@@ -36,8 +36,9 @@ def llama_cpp_logits(gguf_path: Path, token_ids: list[int], **kwargs) -> np.ndar
     """
     from llama_cpp import GGML_TYPE_F32, Llama
 
-    llm = Llama(model_path=str(gguf_path), n_ctx=512, n_batch=512, logits_all=True, verbose=False,
-                type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=False, seed=0, **kwargs)
+    settings = {"n_ctx": 512, "n_batch": 512, **kwargs}
+    llm = Llama(model_path=str(gguf_path), logits_all=True, verbose=False,
+                type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=False, seed=0, **settings)
     llm.eval(token_ids)
     return np.array(llm.scores[: len(token_ids)], dtype=np.float32)
 

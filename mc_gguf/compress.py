@@ -1,0 +1,71 @@
+"""The whole pipeline in one call: calibrate -> allocate -> quantize -> write, ODP thresholds included."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from mc_gguf import odp as pruning
+from mc_gguf.atomic import check_output_path
+from mc_gguf.calib_text import CalibrationText
+from mc_gguf.calibrate import CalibrationSettings, calibrate
+from mc_gguf.plan import Plan, make_plan
+from mc_gguf.quantize import quantize_model
+from mc_gguf.stats import CalibrationStats
+
+
+@dataclass
+class CompressResult:
+    path: Path
+    plan: Plan
+    stats: CalibrationStats
+    odp: pruning.OdpParams | None
+
+
+def odp_from_stats(stats: CalibrationStats, skip_share: float,
+                   protect_ratio: float = pruning.DEFAULT_PROTECT_RATIO) -> pruning.OdpParams:
+    """Per-layer mu that skip ``skip_share`` of the expert slots on the calibration tokens."""
+    ratios = [layer.top_ratio[:, 0] for layer in stats.layers]
+    mu = pruning.thresholds_for_skip_share(ratios, skip_share, n_used=int(stats.info["n_expert_used"]))
+    return pruning.OdpParams(mu, protect_ratio)
+
+
+def compress(model_dir: str | Path, out: str | Path, bits: float, text: CalibrationText, *,
+             settings: CalibrationSettings = CalibrationSettings(), layout: str = "per-expert",
+             odp_skip: float | None = None, gptq: bool = False, keep_artifacts: str | Path | None = None,
+             allocate_options: dict | None = None, progress: bool = True) -> CompressResult:
+    out = check_output_path(out)
+    if gptq and not settings.hessian:
+        settings = CalibrationSettings(**{**settings.__dict__, "hessian": True})
+    with tempfile.TemporaryDirectory(prefix=".mc-gguf-", dir=out.parent) as scratch:
+        artifacts = Path(keep_artifacts) if keep_artifacts else Path(scratch)
+        artifacts.mkdir(parents=True, exist_ok=True)
+        stats_path = artifacts / "stats.safetensors"
+        stats = calibrate(model_dir, stats_path, text, settings, progress=progress)
+        plan = make_plan(stats, bits, model_dir=model_dir, layout=layout, stats_path=str(stats_path),
+                         **(allocate_options or {}))
+        plan.save(artifacts / "plan.json")
+        odp = odp_from_stats(stats, odp_skip) if odp_skip else None
+        path = quantize_model(model_dir, plan, out, stats=stats, gptq=gptq, odp=odp, progress=progress)
+    return CompressResult(path, plan, stats, odp)
+
+
+def summary(result: CompressResult) -> str:
+    p = result.plan.predicted
+    lines = [f"{result.path}: {p['file_bytes'] / 1e6:.2f} MB, layout {result.plan.layout}",
+             f"  experts {p['expert_bpw']:.3f} bits per weight, all tensors {p['model_bpw']:.3f}",
+             f"  {'layer':>5} {'bpw':>6} {'mu':>6} {'skips':>6}"]
+    for bid, layer_bits in enumerate(p["layer_expert_bpw"]):
+        if result.odp is not None:
+            mu = result.odp.mu[bid]
+            skipped = float((result.stats.layers[bid].top_ratio[:, 0] < mu).mean()) / int(
+                result.stats.info["n_expert_used"])
+            lines.append(f"  {bid:>5} {layer_bits:6.2f} {mu:6.3f} {skipped:6.1%}")
+        else:
+            lines.append(f"  {bid:>5} {layer_bits:6.2f} {'-':>6} {'-':>6}")
+    if result.odp is not None:
+        total = sum(float((layer.top_ratio[:, 0] < m).mean()) for layer, m in zip(result.stats.layers, result.odp.mu))
+        lines.append(f"  expected share of expert slots skipped: "
+                     f"{total / len(result.odp.mu) / int(result.stats.info['n_expert_used']):.1%}")
+    return "\n".join(lines)
