@@ -49,12 +49,6 @@ class CalibrationSettings:
     types: tuple[str, ...] = tuple(CANDIDATES)
 
 
-def hessian_bytes(ckpt: Checkpoint) -> int:
-    """Disk and memory the full Hessians take: E * (H^2 + F^2) float32 per layer."""
-    hidden, ff = _expert_dims(ckpt)
-    return ckpt.n_layers * ckpt.n_experts * (hidden * hidden + ff * ff) * 4
-
-
 def calibrate(model_dir: str | Path, out: str | Path, text: CalibrationText,
               settings: CalibrationSettings = CalibrationSettings(), *, progress: bool = True) -> CalibrationStats:
     """Measure the statistics of ``model_dir`` on ``text`` and save them to ``out``."""
@@ -93,11 +87,6 @@ def calibrate(model_dir: str | Path, out: str | Path, text: CalibrationText,
     return stats
 
 
-def _expert_dims(ckpt: Checkpoint) -> tuple[int, int]:
-    ff, hidden = ckpt.shape(ckpt.arch.expert_tensor(0, 0, "gate"))
-    return hidden, ff
-
-
 def _tokenize(ckpt: Checkpoint, text: CalibrationText, n_tokens: int, seq_len: int, seed: int) -> np.ndarray:
     from transformers import AutoTokenizer
 
@@ -107,7 +96,7 @@ def _tokenize(ckpt: Checkpoint, text: CalibrationText, n_tokens: int, seq_len: i
 
 
 def _provenance(ckpt: Checkpoint, text: CalibrationText, settings: CalibrationSettings, sequences: np.ndarray) -> dict:
-    hidden, ff = _expert_dims(ckpt)
+    hidden, ff = ckpt.expert_dims
     return {
         "model": str(ckpt.path.resolve()),
         "model_name": ckpt.config.get("_name_or_path") or ckpt.path.resolve().name,
@@ -192,7 +181,7 @@ def _calibrate_layer(model, ckpt: Checkpoint, bid: int, hidden_in: np.ndarray, h
     act = ACT2FN[ckpt.config.get("hidden_act", "silu")]
     n_seq, length, hidden = hidden_in.shape
     n_expert, k = ckpt.n_experts, ckpt.n_experts_used
-    _, ff = _expert_dims(ckpt)
+    _, ff = ckpt.expert_dims
     router = torch.from_numpy(ckpt.load(arch.router.format(bid=bid) + ".weight"))
     experts = [ExpertWeights(*(torch.from_numpy(ckpt.load(arch.expert_tensor(bid, x, p))) for p in ("gate", "up", "down")))
                for x in range(n_expert)]

@@ -48,6 +48,12 @@ class Checkpoint:
     def n_experts_used(self) -> int:
         return int(self.config[self.arch.n_expert_used_key])
 
+    @property
+    def expert_dims(self) -> tuple[int, int]:
+        """(hidden size, expert intermediate size), from the first expert's gate projection [F, H]."""
+        ff, hidden = self.shape(self.arch.expert_tensor(0, 0, "gate"))
+        return hidden, ff
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name).shape
 

@@ -81,9 +81,10 @@ def _cmd_chat(args: argparse.Namespace) -> None:
 def _cmd_odp_calibrate(args: argparse.Namespace) -> None:
     import numpy as np
 
+    from mc_gguf.calib_text import read_text
     from mc_gguf.odp_calibrate import calibrate_odp
 
-    text = Path(args.text).read_text(encoding="utf-8")
+    text = read_text(args.text).text
     out = args.output or args.gguf
     mu, ratios = calibrate_odp(args.model_dir, text, args.gguf, out, args.skip, n_tokens=args.tokens,
                                seq_len=args.seq_len, protect_ratio=args.protect_ratio)

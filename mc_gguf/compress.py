@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mc_gguf import odp as pruning
@@ -37,7 +37,7 @@ def compress(model_dir: str | Path, out: str | Path, bits: float, text: Calibrat
              allocate_options: dict | None = None, progress: bool = True) -> CompressResult:
     out = check_output_path(out)
     if gptq and not settings.hessian:
-        settings = CalibrationSettings(**{**settings.__dict__, "hessian": True})
+        settings = replace(settings, hessian=True)
     with tempfile.TemporaryDirectory(prefix=".mc-gguf-", dir=out.parent) as scratch:
         artifacts = Path(keep_artifacts) if keep_artifacts else Path(scratch)
         artifacts.mkdir(parents=True, exist_ok=True)
@@ -53,19 +53,18 @@ def compress(model_dir: str | Path, out: str | Path, bits: float, text: Calibrat
 
 def summary(result: CompressResult) -> str:
     p = result.plan.predicted
+    n_used = int(result.stats.info["n_expert_used"])
     lines = [f"{result.path}: {p['file_bytes'] / 1e6:.2f} MB, layout {result.plan.layout}",
              f"  experts {p['expert_bpw']:.3f} bits per weight, all tensors {p['model_bpw']:.3f}",
              f"  {'layer':>5} {'bpw':>6} {'mu':>6} {'skips':>6}"]
+    skipped = []  # share of the layer's slots the thresholds skip on the calibration tokens
     for bid, layer_bits in enumerate(p["layer_expert_bpw"]):
-        if result.odp is not None:
-            mu = result.odp.mu[bid]
-            skipped = float((result.stats.layers[bid].top_ratio[:, 0] < mu).mean()) / int(
-                result.stats.info["n_expert_used"])
-            lines.append(f"  {bid:>5} {layer_bits:6.2f} {mu:6.3f} {skipped:6.1%}")
-        else:
+        if result.odp is None:
             lines.append(f"  {bid:>5} {layer_bits:6.2f} {'-':>6} {'-':>6}")
-    if result.odp is not None:
-        total = sum(float((layer.top_ratio[:, 0] < m).mean()) for layer, m in zip(result.stats.layers, result.odp.mu))
-        lines.append(f"  expected share of expert slots skipped: "
-                     f"{total / len(result.odp.mu) / int(result.stats.info['n_expert_used']):.1%}")
+            continue
+        mu = result.odp.mu[bid]
+        skipped.append(float((result.stats.layers[bid].top_ratio[:, 0] < mu).mean()) / n_used)
+        lines.append(f"  {bid:>5} {layer_bits:6.2f} {mu:6.3f} {skipped[-1]:6.1%}")
+    if skipped:
+        lines.append(f"  expected share of expert slots skipped: {sum(skipped) / len(skipped):.1%}")
     return "\n".join(lines)

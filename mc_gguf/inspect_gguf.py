@@ -50,13 +50,9 @@ def inspect_gguf(path: str | Path) -> dict:
         "tensors": [{"name": t.name, "type": t.tensor_type.name, "shape": [int(d) for d in reversed(t.shape)]}
                     for t in reader.tensors],
         "experts": experts,
-        "mc": {name: _plain(field_value(reader, name)) for name in reader.fields if name.startswith("mc.")
+        "mc": {name: field_value(reader, name) for name in reader.fields if name.startswith("mc.")
                and name not in ("mc.plan.types", KEY_GROUPS)},
     }
-
-
-def _plain(value):
-    return [_plain(v) for v in value] if isinstance(value, list) else value
 
 
 def describe(info: dict) -> str:

@@ -176,26 +176,30 @@ def layout_tensors(ckpt: Checkpoint, plan: Plan, produce_group: GroupProducer | 
     return tensors
 
 
-def predict(ckpt: Checkpoint, plan: Plan) -> dict:
-    """Bytes and bits per weight of the file the plan describes (header included, counted exactly)."""
-    tensors = layout_tensors(ckpt, plan)
+def tensor_totals(tensors: list[OutputTensor]) -> dict:
+    """Bytes, weights and bits per weight of a tensor list, experts and all."""
     expert = [t for t in tensors if "_exps." in t.name]
     n_expert = sum(int(np.prod(t.shape)) for t in expert)
     n_all = sum(int(np.prod(t.shape)) for t in tensors)
     expert_bytes = sum(t.nbytes for t in expert)
     tensor_bytes = sum(t.nbytes for t in tensors)
-    file_bytes = predict_file_bytes(gguf.MODEL_ARCH_NAMES[ckpt.arch.gguf_arch],
-                                    model_metadata(ckpt, gguf.LlamaFileType.GUESSED), tensors)
     return {
         "expert_bpw": 8 * expert_bytes / n_expert,
         "model_bpw": 8 * tensor_bytes / n_all,
         "expert_bytes": expert_bytes,
         "tensor_bytes": tensor_bytes,
-        "file_bytes": file_bytes,
         "n_expert_weights": n_expert,
         "n_weights": n_all,
-        "layer_expert_bpw": [float(b) for b in plan.expert_bits().mean(axis=1)],
     }
+
+
+def predict(ckpt: Checkpoint, plan: Plan) -> dict:
+    """Bytes and bits per weight of the file the plan describes (header included, counted exactly)."""
+    tensors = layout_tensors(ckpt, plan)
+    file_bytes = predict_file_bytes(gguf.MODEL_ARCH_NAMES[ckpt.arch.gguf_arch],
+                                    model_metadata(ckpt, gguf.LlamaFileType.GUESSED), tensors)
+    return {**tensor_totals(tensors), "file_bytes": file_bytes,
+            "layer_expert_bpw": [float(b) for b in plan.expert_bits().mean(axis=1)]}
 
 
 @dataclass(frozen=True)
@@ -231,7 +235,7 @@ def make_plan(stats: CalibrationStats, bits: float, *, model_dir: str | Path | N
                           f"were measured on {len(stats.layers)} layers of {stats.layers[0].count.shape[0]}")
     non_expert = {**NON_EXPERT_DEFAULTS, **{k: v.upper() for k, v in (non_expert or {}).items()}}
 
-    ff, hidden = ckpt.shape(ckpt.arch.expert_tensor(0, 0, "gate"))
+    hidden, ff = ckpt.expert_dims
     parts = ([(EPS_GATE_UP, ("gate", "up")), (EPS_DOWN, ("down",))] if per_projection
              else [(EPS_EXPERT, PROJECTIONS)])
     units, costs, sizes = [], [], []

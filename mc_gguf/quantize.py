@@ -24,7 +24,7 @@ from mc_gguf.convert import model_metadata
 from mc_gguf.errors import McGgufError
 from mc_gguf.expert_layout import PROJECTIONS, ExpertGroup, expert_groups
 from mc_gguf.gptq import gptq_quantize
-from mc_gguf.plan import Plan, layout_tensors, predict, validate_plan
+from mc_gguf.plan import Plan, layout_tensors, tensor_totals, validate_plan
 from mc_gguf.quant_types import quant_type
 from mc_gguf.stats import CalibrationStats
 from mc_gguf.write import write_gguf
@@ -63,7 +63,7 @@ def quantize_model(model_dir: str | Path, plan: Plan, out: str | Path, *, stats:
                          for xid in group.experts])
 
     tensors = layout_tensors(ckpt, plan, produce_group)
-    measured = predict(ckpt, plan)
+    measured = tensor_totals(tensors)
 
     def add_metadata(writer: gguf.GGUFWriter) -> None:
         model_metadata(ckpt, gguf.LlamaFileType.GUESSED)(writer)
