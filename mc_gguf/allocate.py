@@ -48,18 +48,24 @@ def significance_cost(phi: np.ndarray, w: np.ndarray, eps: np.ndarray,
     return (phi ** alpha * w ** beta)[:, None] * eps ** gamma
 
 
+def check_budget(budget_bpw: float, bits_per_weight: Sequence[float]) -> tuple[float, float]:
+    """The feasible range (smallest, largest type), or InfeasibleBudgetError when the budget is outside it."""
+    lo, hi = float(np.min(bits_per_weight)), float(np.max(bits_per_weight))
+    if not lo <= budget_bpw <= hi:
+        where = "below the smallest" if budget_bpw < lo else "above the largest"
+        raise InfeasibleBudgetError(
+            f"a budget of {budget_bpw:.3f} bits per weight is {where} candidate type; "
+            f"feasible budgets are {lo:.3f} to {hi:.3f}")
+    return lo, hi
+
+
 def allocate(problem: AllocationProblem, budget_bpw: float, per_layer: bool = False) -> np.ndarray:
     """The optimal type index of every expert [E] (int), or InfeasibleBudgetError naming the feasible range."""
     cost = np.asarray(problem.cost, dtype=np.float64)
     n_experts, n_types = cost.shape
     bpw = np.asarray(problem.bits_per_weight, dtype=np.float64)
     n_weights = np.asarray(problem.n_weights, dtype=np.float64)
-    lo, hi = float(bpw.min()), float(bpw.max())
-    if not lo <= budget_bpw <= hi:
-        where = "below the smallest" if budget_bpw < lo else "above the largest"
-        raise InfeasibleBudgetError(
-            f"a budget of {budget_bpw:.3f} bits per weight is {where} candidate type; "
-            f"feasible budgets are {lo:.3f} to {hi:.3f}")
+    lo, hi = check_budget(budget_bpw, bpw)
 
     # x is [E, T] flattened row-major; one type per expert
     one_type = LinearConstraint(np.kron(np.eye(n_experts), np.ones(n_types)), 1, 1)

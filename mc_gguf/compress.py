@@ -7,10 +7,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mc_gguf import odp as pruning
+from mc_gguf.allocate import check_budget
 from mc_gguf.atomic import check_output_path
 from mc_gguf.calib_text import CalibrationText
 from mc_gguf.calibrate import CalibrationSettings, calibrate
 from mc_gguf.plan import Plan, make_plan
+from mc_gguf.quant_types import quant_type
 from mc_gguf.quantize import quantize_model
 from mc_gguf.stats import CalibrationStats
 
@@ -36,6 +38,9 @@ def compress(model_dir: str | Path, out: str | Path, bits: float, text: Calibrat
              odp_skip: float | None = None, gptq: bool = False, keep_artifacts: str | Path | None = None,
              allocate_options: dict | None = None, progress: bool = True) -> CompressResult:
     out = check_output_path(out)
+    # an impossible expert budget fails now, not after calibration
+    types = (allocate_options or {}).get("types") or settings.types
+    check_budget(bits, [quant_type(t).bits_per_weight for t in types])
     if gptq and not settings.hessian:
         settings = replace(settings, hessian=True)
     with tempfile.TemporaryDirectory(prefix=".mc-gguf-", dir=out.parent) as scratch:

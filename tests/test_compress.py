@@ -42,3 +42,17 @@ def test_inspect_reads_a_stock_gguf(converted, capsys):
     assert main(["inspect", str(converted("q8_0"))]) == 0
     out = capsys.readouterr().out
     assert "Q8_0 (all)" in out and "blk.1 down" in out
+
+
+def test_infeasible_budget_fails_before_calibrating_and_writes_nothing(tiny_model_dir, tmp_path, capsys,
+                                                                        monkeypatch):
+    import mc_gguf.compress as compress_module
+
+    def must_not_calibrate(*args, **kwargs):
+        raise AssertionError("calibration ran for an infeasible budget")
+
+    monkeypatch.setattr(compress_module, "calibrate", must_not_calibrate)
+    out = tmp_path / "out.gguf"
+    assert main(["compress", str(tiny_model_dir), "--bits", "1.2", "-q", "-o", str(out)]) == 1
+    assert "feasible budgets are 1.562 to 8.500" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
