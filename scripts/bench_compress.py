@@ -9,7 +9,9 @@ and varies only the experts:
   matrix, i.e. what `llama-quantize --imatrix ... --tensor-type
   "ffn_.*_exps=TYPE"` with the other tensors at q8_0 writes;
 - mc-gguf at each --bits budget, per-expert and stock layouts, plain
-  (imatrix) and GPTQ-compensated quantization.
+  (imatrix) and GPTQ-compensated quantization, with the authors' cost
+  exponents (alpha, beta, gamma = 1, 1.5, 1: `mc-gguf allocate`'s default) and
+  with `mc-gguf compress`'s (0, 0, 2: the summed squared block-output error).
 Each is scored like `llama-perplexity --kl-divergence` (windows of --ctx
 tokens, second half scored): perplexity, mean KL divergence from the F16
 file, top-1 agreement; plus greedy decoding speed of the per-expert file
@@ -41,6 +43,8 @@ from mc_gguf.stats import load_stats
 
 UNIFORM = ("IQ2_XXS", "IQ2_XS", "Q2_K", "IQ3_XXS", "Q3_K", "Q4_K")
 Q8_NON_EXPERT = {"token_embd": "Q8_0", "output": "Q8_0", "attn": "Q8_0"}
+# cost exponents (alpha, beta, gamma): allocate's default, compress's default
+COSTS = {"authors": (1.0, 1.5, 1.0), "sq-error": (0.0, 0.0, 2.0)}
 
 
 def main() -> int:
@@ -83,10 +87,11 @@ def main() -> int:
         configs.append((f"uniform {name}", uniform_plan(ckpt, name, Q8_NON_EXPERT), False))
     for bits in args.bits:
         for layout in ("per-expert", "stock"):
-            plan = make_plan(stats, bits, model_dir=args.model, layout=layout, types=args.types,
-                             non_expert=Q8_NON_EXPERT)
-            configs.append((f"mc {layout} {bits}", plan, False))
-            configs.append((f"mc {layout} {bits} gptq", plan, True))
+            for cost_name, (alpha, beta, gamma) in COSTS.items():
+                plan = make_plan(stats, bits, model_dir=args.model, layout=layout, types=args.types,
+                                 alpha=alpha, beta=beta, gamma=gamma, non_expert=Q8_NON_EXPERT)
+                configs.append((f"mc {layout} {bits} {cost_name}", plan, False))
+                configs.append((f"mc {layout} {bits} {cost_name} gptq", plan, True))
 
     rows = []
     for name, plan, gptq in configs:
@@ -105,8 +110,9 @@ def main() -> int:
     speed = {}
     prompt = token_windows[0][:64]
     for bits in args.bits:
-        per_expert = work / f"mc-per-expert-{bits}.gguf"
-        stock = work / f"mc-stock-{bits}.gguf"
+        # the files compress writes by default (its cost exponents, no GPTQ), per-expert against stock
+        per_expert = work / f"mc-per-expert-{bits}-sq-error.gguf"
+        stock = work / f"mc-stock-{bits}-sq-error.gguf"
         a = decode_tokens_per_second(per_expert, prompt, args.decode_tokens)
         b = decode_tokens_per_second(stock, prompt, args.decode_tokens)
         speed[str(bits)] = {"per_expert": a, "stock": b, "ratio": a["median"] / b["median"]}
