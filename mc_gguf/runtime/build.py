@@ -39,7 +39,7 @@ VENDOR_DIR = "vendor/llama.cpp"
 BUILD_INFO_FILE = "mc_gguf_build.json"
 
 # What the wheel needs and nothing more: no multimodal library, no tools,
-# examples or tests (those are built separately by build_tools()).
+# examples or tests (stock_tools_dir() builds the few tools benchmarks use).
 BASE_CMAKE_ARGS = (
     "-DLLAVA_BUILD=OFF",
     "-DLLAMA_BUILD_TESTS=OFF",
@@ -400,4 +400,56 @@ def stock_library_dir() -> Path:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.rmtree(target, ignore_errors=True)
                 os.replace(Path(tmp) / "llama_cpp" / "lib", target)
+    return target
+
+
+# llama.cpp's own command-line tools that the quality benchmark runs
+# (its quantization recipes and importance matrix); built from the stock tree.
+STOCK_TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
+
+
+def stock_tools_dir(tools: tuple[str, ...] = STOCK_TOOLS) -> Path:
+    """A folder with llama.cpp's ``tools`` built from the unpatched pinned sdist, built once and cached.
+
+    Only the named CMake targets are built (CPU, static libraries, so the
+    binaries run on their own); ccache is used when installed.
+    """
+    flags = BuildFlags(stock=True)
+    cache = cache_root()
+    target = cache / "tools" / build_key(flags)
+    if all((target / name).exists() for name in tools):
+        return target
+    with _CacheLock(cache):
+        source = _source_dir(cache, flags)
+        info = source / "llama_cpp" / BUILD_INFO_FILE
+        if not info.exists() or json.loads(info.read_text()).get("build_key") != build_key(flags):
+            source = prepare_source(cache, fetch_sdist(cache), flags)
+        build_dir = cache / "build" / "tools-stock"
+        log_path = cache / "logs" / "build-tools-stock.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        configure = ["cmake", "-S", str(source / VENDOR_DIR), "-B", str(build_dir), "-G", "Ninja",
+                     "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TOOLS=ON",
+                     "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+                     "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF"]
+        if shutil.which("ccache"):
+            configure += ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"]
+        if not shutil.which("ninja"):
+            configure.remove("-G")
+            configure.remove("Ninja")
+        with open(log_path, "w") as log:
+            for cmd, what in ((configure, "configuring llama.cpp's tools"),
+                              (["cmake", "--build", str(build_dir), "--parallel", str(os.cpu_count() or 1),
+                                "--target", *tools], "building llama.cpp's tools")):
+                print(f"{what} (log: {log_path}) ...", flush=True)
+                result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+                if result.returncode != 0:
+                    tail = log_path.read_text().splitlines()[-20:]
+                    raise RuntimeBuildError(f"{what} failed (full log: {log_path}):\n" + "\n".join(tail))
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            for name in tools:
+                shutil.copy2(build_dir / "bin" / name, Path(tmp) / name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+            Path(tmp).mkdir()  # TemporaryDirectory removes it on exit
     return target
