@@ -388,12 +388,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gptq", action="store_true", help="GPTQ error compensation (keeps full Hessians during "
                    "calibration; see `mc-gguf calibrate --help` for their size)")
     p.add_argument("--types", nargs="+", metavar="TYPE", help="candidate types (default: all)")
-    # The block-output errors of different experts add up as squares; phi and w are already inside eps.
-    # On the bench model at 2.5 bits (GPTQ) this cost gave a mean KLD of 0.0030 where the authors'
-    # exponents (1, 1.5, 1; `mc-gguf allocate`'s defaults) gave 0.0066.
-    p.add_argument("--alpha", type=float, default=0.0, help="exponent of the activation frequency (default: 0)")
-    p.add_argument("--beta", type=float, default=0.0, help="exponent of the routing weight (default: 0)")
-    p.add_argument("--gamma", type=float, default=2.0, help="exponent of the quantization error (default: 2: "
+    from mc_gguf.compress import DEFAULT_COST
+
+    p.add_argument("--alpha", type=float, default=DEFAULT_COST["alpha"],
+                   help=f"exponent of the activation frequency (default: {DEFAULT_COST['alpha']:g})")
+    p.add_argument("--beta", type=float, default=DEFAULT_COST["beta"],
+                   help=f"exponent of the routing weight (default: {DEFAULT_COST['beta']:g})")
+    p.add_argument("--gamma", type=float, default=DEFAULT_COST["gamma"],
+                   help=f"exponent of the quantization error (default: {DEFAULT_COST['gamma']:g}: "
                    "the summed squared MoE-block output error; `allocate` keeps the authors' 1, 1.5, 1)")
     p.add_argument("--tokens", type=int, default=defaults.n_tokens,
                    help=f"calibration tokens (default: {defaults.n_tokens})")

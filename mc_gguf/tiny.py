@@ -41,6 +41,7 @@ class TinyMixtralSpec:
     seed: int = 0
     init_std: float = 0.02
     max_shard_size: str = "3MB"
+    dtype: str = "float32"   # of the saved weights: bfloat16 halves a large synthetic model on disk
 
 
 def mixtral_sentencepiece_model() -> Path:
@@ -100,6 +101,6 @@ def build_tiny_mixtral(out_dir: str | Path, spec: TinyMixtralSpec = TinyMixtralS
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.add_(0.1 * torch.randn_like(param))
-    model.save_pretrained(str(out_dir), max_shard_size=spec.max_shard_size)
+    model.to(getattr(torch, spec.dtype)).save_pretrained(str(out_dir), max_shard_size=spec.max_shard_size)
     save_mixtral_tokenizer(out_dir)
     return out_dir

@@ -34,6 +34,7 @@ from bench_odp import BENCH, decode_tokens_per_second
 from mc_gguf.calib_text import read_text
 from mc_gguf.calibrate import CalibrationSettings, calibrate
 from mc_gguf.checkpoint import open_checkpoint
+from mc_gguf.compress import DEFAULT_COST
 from mc_gguf.convert import convert
 from mc_gguf.evaluate import score, windows
 from mc_gguf.plan import make_plan, uniform_plan
@@ -44,7 +45,7 @@ from mc_gguf.stats import load_stats
 UNIFORM = ("IQ2_XXS", "IQ2_XS", "Q2_K", "IQ3_XXS", "Q3_K", "Q4_K")
 Q8_NON_EXPERT = {"token_embd": "Q8_0", "output": "Q8_0", "attn": "Q8_0"}
 # cost exponents (alpha, beta, gamma): allocate's default, compress's default
-COSTS = {"authors": (1.0, 1.5, 1.0), "sq-error": (0.0, 0.0, 2.0)}
+COSTS = {"authors": (1.0, 1.5, 1.0), "sq-error": tuple(DEFAULT_COST[k] for k in ("alpha", "beta", "gamma"))}
 
 
 def main() -> int:

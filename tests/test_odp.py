@@ -198,3 +198,28 @@ def test_odp_calibrate_command_writes_the_median_thresholds(converted, tiny_mode
     params = read_odp_metadata(out)
     np.testing.assert_allclose(params.mu, [np.median(r) for r in per_layer], rtol=1e-6)
     assert params.protect_ratio == pytest.approx(0.02)
+
+
+def test_a_deep_model_has_graph_room_for_pruning(tmp_path):
+    """ODP adds graph nodes no model tensor accounts for; llama.cpp's node budget must include them.
+
+    64 layers is deep enough that the stock budget (8 nodes per model tensor) runs out, which
+    aborts the process: the model runs in a child process.
+    """
+    import subprocess
+    import sys
+
+    from mc_gguf.convert import convert
+    from mc_gguf.tiny import TinyMixtralSpec, build_tiny_mixtral
+
+    model = build_tiny_mixtral(tmp_path / "deep", TinyMixtralSpec(hidden_size=64, intermediate_size=128,
+                                                                   num_hidden_layers=64, max_shard_size="50MB"))
+    path = convert(model, tmp_path / "deep.gguf", "f32", progress=False)
+    child = ("import sys; from mc_gguf.run import load\n"
+             "llm = load(sys.argv[1], mu=1.0, n_ctx=64)\n"
+             "llm.eval(list(range(3, 40)))\n"        # prefill: pruning and protection
+             "llm.eval([41])\n"                       # decode
+             "print(llm.expert_stats().skipped_share)")
+    result = subprocess.run([sys.executable, "-c", child, str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.strip()) > 0

@@ -1,0 +1,274 @@
+#!/usr/bin/env python3
+"""Quality per byte: mc-gguf against llama.cpp's own quantizations of the same model.
+
+On a model folder (default ../shared/bench/model) with a calibration and an
+evaluation text:
+- the F16 GGUF (mc-gguf's converter) is the reference every file is scored against;
+- llama.cpp's whole-file recipes (Q2_K, Q3_K_S, Q4_K_M, IQ2_XXS, IQ2_XS,
+  IQ3_XXS) made by its own llama-quantize with an importance matrix from its
+  own llama-imatrix on the calibration text, both built from the same
+  llama-cpp-python sdist as the runtime (unpatched);
+- llama.cpp's "expert frontier": the same tools, every non-expert tensor at
+  Q8_0 and the experts at one type (`--token-embedding-type q8_0
+  --output-tensor-type q8_0 --tensor-type attn_.*=q8_0 --tensor-type
+  ffn_.*_exps=TYPE`);
+- mc-gguf at each --bits budget, per-expert and stock layouts, non-expert
+  tensors at Q8_0 (which is also mc-gguf's default), as `mc-gguf compress`
+  makes them (its cost exponents, imatrix quantization), the per-expert
+  files also with GPTQ, and the first budget's per-expert file with Online
+  Dynamic Pruning thresholds for 15% and 25% of the expert slots.
+Every file is evaluated the same way (`mc-gguf eval`'s protocol: windows of
+--ctx tokens, second half scored): perplexity, mean KL divergence from F16,
+top-1 agreement, skipped share of expert slots. The answer to "at equal size,
+how much better than llama.cpp's best?" is each mc-gguf row's KLD over the
+KLD of llama.cpp's Pareto front interpolated at the same file size.
+Prints one JSON object; --json and --png write it and the Pareto plots.
+
+    python scripts/bench_quality.py [--stats STATS] [--workdir build/bench-quality] [--json q.json] [--png q.png]
+    python scripts/bench_quality.py --quick   (a tiny model built here, a few configurations: checks the script works)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+BENCH = Path(__file__).resolve().parent.parent.parent / "shared" / "bench"
+RECIPES = ("Q2_K", "Q3_K_S", "Q4_K_M", "IQ2_XXS", "IQ2_XS", "IQ3_XXS")
+EXPERT_TYPES = ("IQ2_XXS", "IQ2_XS", "Q2_K", "IQ3_XXS", "Q3_K", "Q4_K")
+Q8_NON_EXPERT = {"token_embd": "Q8_0", "output": "Q8_0", "attn": "Q8_0"}
+ODP_SKIPS = (0.15, 0.25)
+LLAMA_FAMILIES = ("llama.cpp recipe", "llama.cpp experts")
+
+
+def run_tool(path: Path, args: list[str], log: Path) -> None:
+    with open(log, "a") as out:
+        out.write(f"$ {path.name} {' '.join(args)}\n")
+        out.flush()
+        result = subprocess.run([str(path), *args], stdout=out, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        tail = log.read_text().splitlines()[-15:]
+        raise RuntimeError(f"{path.name} failed (log: {log}):\n" + "\n".join(tail))
+
+
+def produce(path: Path, make) -> Path:
+    """``make(tmp)`` writes the file under a temporary name, renamed when done; kept files are reused."""
+    if not path.exists():
+        tmp = path.with_name(path.name + ".tmp")
+        make(tmp)
+        os.replace(tmp, path)
+    return path
+
+
+def expert_bpw(path: Path) -> float:
+    from gguf import GGUFReader
+
+    tensors = [t for t in GGUFReader(path).tensors if "_exps" in t.name]
+    return 8 * sum(int(t.n_bytes) for t in tensors) / sum(int(t.n_elements) for t in tensors)
+
+
+def llama_cpp_files(tools: Path, f16: Path, calib: Path, work: Path, args) -> list[dict]:
+    """llama.cpp's recipes and uniform expert types, made by its own tools."""
+    log = work / "llama-tools.log"
+    threads = str(os.cpu_count() or 1)
+    imatrix = produce(work / "imatrix.gguf", lambda tmp: run_tool(
+        tools / "llama-imatrix", ["-m", str(f16), "-f", str(calib), "-o", str(tmp), "--output-format", "gguf",
+                                  "-c", str(args.ctx), "--chunks", str(args.imatrix_chunks), "-t", threads], log))
+    configs = []
+    for recipe in args.recipes:
+        path = produce(work / f"llama-{recipe}.gguf", lambda tmp, r=recipe: run_tool(
+            tools / "llama-quantize", ["--imatrix", str(imatrix), str(f16), str(tmp), r, threads], log))
+        configs.append({"name": f"llama.cpp {recipe}", "family": LLAMA_FAMILIES[0], "path": path})
+    for expert_type in args.expert_types:
+        flags = ["--imatrix", str(imatrix), "--token-embedding-type", "q8_0", "--output-tensor-type", "q8_0",
+                 "--tensor-type", "attn_.*=q8_0", "--tensor-type", f"ffn_.*_exps={expert_type.lower()}"]
+        path = produce(work / f"llama-experts-{expert_type}.gguf", lambda tmp, t=expert_type, f=flags: run_tool(
+            tools / "llama-quantize", [*f, str(f16), str(tmp), t, threads], log))
+        configs.append({"name": f"llama.cpp experts {expert_type}", "family": LLAMA_FAMILIES[1], "path": path})
+    return configs
+
+
+def mc_gguf_files(model: str, stats, work: Path, args) -> list[dict]:
+    """mc-gguf's files: compress's plans at each budget and layout, GPTQ, and ODP thresholds."""
+    from mc_gguf.compress import DEFAULT_COST, odp_from_stats
+    from mc_gguf.plan import make_plan
+    from mc_gguf.quantize import quantize_model
+
+    configs = []
+    for bits in args.bits:
+        for layout in ("per-expert", "stock"):
+            plan = make_plan(stats, bits, model_dir=model, layout=layout, non_expert=Q8_NON_EXPERT, **DEFAULT_COST)
+            variants = [("", False, None)]
+            if layout == "per-expert" and stats.has_hessian:
+                variants.append((" gptq", True, None))
+            if layout == "per-expert" and bits == args.bits[0]:
+                variants += [(f" odp {skip:.0%}", False, skip) for skip in ODP_SKIPS]
+            for suffix, gptq, skip in variants:
+                name = f"mc-gguf {layout} {bits}{suffix}"
+                odp = odp_from_stats(stats, skip) if skip else None
+                path = produce(work / (name.replace(" ", "-").replace("%", "") + ".gguf"),
+                               lambda tmp, p=plan, g=gptq, o=odp: quantize_model(
+                                   model, p, tmp, stats=stats, gptq=g, odp=o, progress=False))
+                configs.append({"name": name, "family": "mc-gguf", "path": path, "bits": bits, "layout": layout,
+                                "gptq": gptq, "odp_target_skip": skip})
+    return configs
+
+
+def pareto_front(rows: list[dict], x: str, y: str) -> list[dict]:
+    """Rows no other row beats on both ``x`` and ``y`` (smaller is better), sorted by ``x``."""
+    front, best = [], float("inf")
+    for row in sorted(rows, key=lambda r: (r[x], r[y])):
+        if row[y] < best:
+            front.append(row)
+            best = row[y]
+    return front
+
+
+def kld_of_llama_cpp_at(rows: list[dict], file_mb: float) -> float | None:
+    """llama.cpp's best KLD at ``file_mb``: its Pareto front, log KLD interpolated in size (None outside it)."""
+    front = pareto_front([r for r in rows if r["family"] in LLAMA_FAMILIES], "file_mb", "kld_mean")
+    sizes = [r["file_mb"] for r in front]
+    if len(front) < 2 or not sizes[0] <= file_mb <= sizes[-1]:
+        return None
+    return float(np.exp(np.interp(file_mb, sizes, [np.log(r["kld_mean"]) for r in front])))
+
+
+def plot(rows: list[dict], png: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = {"llama.cpp recipe": ("tab:gray", "s"), "llama.cpp experts": ("tab:blue", "o"),
+              "mc-gguf": ("tab:red", "^")}
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    for (i, x), (j, y) in [((i, x), (j, y)) for i, x in enumerate(("expert_bpw", "file_mb"))
+                           for j, y in enumerate(("kld_mean", "ppl"))]:
+        ax = axes[j][i]
+        for family, (color, marker) in styles.items():
+            members = [r for r in rows if r["family"] == family]
+            ax.scatter([r[x] for r in members], [r[y] for r in members], color=color, marker=marker, label=family)
+            front = pareto_front(members, x, y)
+            ax.plot([r[x] for r in front], [r[y] for r in front], color=color, alpha=0.5)
+        for r in rows:
+            ax.annotate(r["name"].replace("llama.cpp ", "").replace("mc-gguf ", ""), (r[x], r[y]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+        if y == "kld_mean":
+            ax.set_yscale("log")
+        ax.set_xlabel({"expert_bpw": "expert bits per weight", "file_mb": "file size (MB)"}[x])
+        ax.set_ylabel({"kld_mean": "mean KL divergence from F16", "ppl": "perplexity"}[y])
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def quick_inputs(work: Path) -> tuple[str, Path, Path]:
+    """A tiny seeded model and two halves of mc-gguf's default calibration text."""
+    from mc_gguf.calib_text import default_text
+    from mc_gguf.tiny import build_tiny_mixtral
+
+    model = work / "tiny-model"
+    if not (model / "config.json").exists():
+        build_tiny_mixtral(model)
+    text = default_text().text
+    (work / "calib.txt").write_text(text[:len(text) // 2], encoding="utf-8")
+    (work / "eval.txt").write_text(text[len(text) // 2:], encoding="utf-8")
+    return str(model), work / "calib.txt", work / "eval.txt"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(BENCH / "model"), help="Hugging Face model folder")
+    parser.add_argument("--calib", default=str(BENCH / "calib.txt"), help="calibration text")
+    parser.add_argument("--eval", default=str(BENCH / "eval.txt"), help="evaluation text")
+    parser.add_argument("--stats", help="mc-gguf statistics (`mc-gguf calibrate --hessian`; default: calibrate here)")
+    parser.add_argument("--bits", type=float, nargs="+", default=[2.5, 2.25, 3.0],
+                        help="mc-gguf budgets; ODP variants use the first (default: 2.5 2.25 3.0)")
+    parser.add_argument("--ctx", type=int, default=512, help="window length (default: 512)")
+    parser.add_argument("--windows", type=int, default=16, help="evaluation windows (default: 16)")
+    parser.add_argument("--imatrix-chunks", type=int, default=128,
+                        help="llama-imatrix chunks of --ctx tokens (default: 128, i.e. 65,536 tokens as mc-gguf)")
+    parser.add_argument("--workdir", default="build/bench-quality", help="where the GGUF files go (reused)")
+    parser.add_argument("--quick", action="store_true", help="tiny model, two of each kind: checks the script")
+    parser.add_argument("--json", help="also write the JSON here")
+    parser.add_argument("--png", help="write the Pareto plots here")
+    args = parser.parse_args()
+    args.recipes, args.expert_types = RECIPES, EXPERT_TYPES
+
+    from mc_gguf.calib_text import read_text
+    from mc_gguf.calibrate import CalibrationSettings, calibrate
+    from mc_gguf.convert import convert
+    from mc_gguf.evaluate import EvalSettings, evaluate_gguf
+    from mc_gguf.runtime.build import stock_tools_dir
+    from mc_gguf.stats import load_stats
+
+    started = time.perf_counter()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    settings = CalibrationSettings(hessian=True)
+    if args.quick:
+        args.model, args.calib, args.eval = quick_inputs(work)
+        args.ctx, args.windows, args.imatrix_chunks, args.bits = 64, 2, 8, [2.5]
+        args.recipes, args.expert_types = ("Q2_K",), ("IQ2_XS",)
+        settings = CalibrationSettings(n_tokens=2048, seq_len=128, eps_tokens=1024, hessian=True,
+                                       types=("IQ2_XS", "Q2_K", "Q3_K", "Q4_K"))
+    tools = stock_tools_dir()
+    f16 = produce(work / "f16.gguf", lambda tmp: convert(args.model, tmp, "f16", progress=False))
+    if args.stats:
+        stats = load_stats(args.stats)
+    else:
+        stats_path = work / "stats.safetensors"
+        stats = load_stats(stats_path) if stats_path.exists() else calibrate(
+            args.model, stats_path, read_text(args.calib), settings)
+
+    configs = [{"name": "F16", "family": "reference", "path": f16}]
+    configs += llama_cpp_files(tools, f16, Path(args.calib), work, args)
+    configs += mc_gguf_files(args.model, stats, work, args)
+
+    text = read_text(args.eval).text
+    eval_settings = EvalSettings(n_ctx=args.ctx, max_windows=args.windows)
+    rows = []
+    for config in configs:
+        report = evaluate_gguf(config["path"], text, ref=f16, settings=eval_settings, progress=False)
+        path = config.pop("path")
+        row = {**config, "file": path.name, "file_mb": path.stat().st_size / 1e6, "expert_bpw": expert_bpw(path),
+               **{k: report[k] for k in ("ppl", "ppl_stderr", "kld_mean", "kld_stderr", "kld_p99", "same_top_token")},
+               "skipped_share": report["expert_slots"]["skipped_share"]}
+        rows.append(row)
+        print(f"{row['name']:34s} {row['file_mb']:7.2f} MB  expert bpw {row['expert_bpw']:.3f}  PPL {row['ppl']:8.2f}"
+              f"  KLD {row['kld_mean']:.5f}  top-1 {row['same_top_token']:.1%}  skipped {row['skipped_share']:.0%}",
+              file=sys.stderr, flush=True)
+
+    compared = [r for r in rows if r["family"] != "reference"]
+    for row in compared:
+        if row["family"] == "mc-gguf":
+            best = kld_of_llama_cpp_at(compared, row["file_mb"])
+            row["llama_cpp_kld_at_same_size"] = best
+            row["kld_over_llama_cpp_at_same_size"] = row["kld_mean"] / best if best else None
+    report = {"model": args.model, "calib": str(args.calib), "eval": str(args.eval), "ctx": args.ctx,
+              "windows": args.windows, "imatrix_chunks": args.imatrix_chunks,
+              "stats": {k: stats.info.get(k) for k in ("text", "n_tokens", "seq_len")},
+              "rows": rows,
+              "llama_cpp_front": [r["name"] for r in pareto_front(
+                  [r for r in compared if r["family"] in LLAMA_FAMILIES], "file_mb", "kld_mean")],
+              "seconds": round(time.perf_counter() - started, 1)}
+    out = json.dumps(report, indent=1)
+    print(out)
+    if args.json:
+        Path(args.json).write_text(out + "\n", encoding="utf-8")
+    if args.png:
+        plot(compared, Path(args.png), f"{Path(args.model).name}: {args.windows} windows of {args.ctx}, KLD vs F16")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+#!/usr/bin/env python3
+"""Prefill and decode speed of uniform, per-expert and pruned files, against the memory-bandwidth limit.
+
+Builds a synthetic Mixtral-shaped model (seeded random weights: speed does
+not depend on what the weights say) large enough that decoding is bound by
+memory bandwidth here: by default hidden 1024, 8 experts of 3584, 16 layers,
+about 0.9 GB with the experts at Q4_K and everything else at Q8_0. Then, in
+separate processes, each on all cores, medians of --repeats runs:
+- uniform Q4_K experts, on stock llama.cpp (the unpatched build of the same
+  sdist) and on the patched runtime;
+- a per-expert file of the same size: in every layer 3 experts Q3_K,
+  2 Q4_K, 3 Q5_K (4.48 bits per weight against 4.5), three expert groups
+  per projection;
+- the uniform file with Online Dynamic Pruning at skip shares of 15, 25 and
+  40% of the expert slots (one threshold for every layer, found by bisection
+  on the runtime's own slot counters during decoding).
+Decoding feeds a fixed seeded token stream one token per call, so every case
+routes the same tokens. The machine's read bandwidth is measured in the same
+run (a streaming sum over a large array, one thread per core); a decoded token
+must read every non-expert matrix but the embedding table, and the chosen
+experts' matrices: bytes / bandwidth is the limit, achieved / limit the ratio.
+Prints one JSON object; --json and --png write it and a bar chart.
+
+    python scripts/bench_speed.py [--workdir build/bench-speed] [--json speed.json] [--png speed.png]
+    python scripts/bench_speed.py --quick     (a tiny model, one run each: checks the script works)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+N_THREADS = os.cpu_count() or 1
+MIXED_TYPES = ("Q3_K", "Q3_K", "Q3_K", "Q4_K", "Q4_K", "Q5_K", "Q5_K", "Q5_K")
+UNIFORM_TYPE = "Q4_K"
+Q8_NON_EXPERT = {"token_embd": "Q8_0", "output": "Q8_0", "attn": "Q8_0"}
+SKIP_SHARES = (0.15, 0.25, 0.40)
+
+
+def model_spec(quick: bool):
+    from mc_gguf.tiny import TinyMixtralSpec
+
+    if quick:
+        return TinyMixtralSpec(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_local_experts=8,
+                               max_shard_size="1GB", dtype="bfloat16")
+    return TinyMixtralSpec(hidden_size=1024, intermediate_size=3584, num_hidden_layers=16, num_attention_heads=8,
+                           num_key_value_heads=2, num_local_experts=8, max_shard_size="2GB", dtype="bfloat16")
+
+
+def mixed_plan(ckpt, seed: int = 0):
+    """Per-expert layout: every layer's experts at MIXED_TYPES in a seeded order, one type per expert."""
+    from mc_gguf.plan import Plan, predict
+    from mc_gguf.quant_types import quant_type
+
+    rng = np.random.default_rng(seed)
+    experts = [[dict.fromkeys(("gate", "up", "down"), MIXED_TYPES[i % len(MIXED_TYPES)])
+                for i in rng.permutation(ckpt.n_experts)] for _ in range(ckpt.n_layers)]
+    bits = float(np.mean([quant_type(t).bits_per_weight for t in MIXED_TYPES]))
+    plan = Plan("per-expert", experts, dict(Q8_NON_EXPERT), {"bits": bits, "scope": "experts", "mixed": MIXED_TYPES})
+    plan.predicted = predict(ckpt, plan)
+    return plan
+
+
+def build_files(work: Path, quick: bool) -> dict[str, Path]:
+    """The synthetic checkpoint and its two GGUF files, reused when already in ``work``."""
+    from mc_gguf.checkpoint import open_checkpoint
+    from mc_gguf.plan import uniform_plan
+    from mc_gguf.quantize import quantize_model
+    from mc_gguf.tiny import build_tiny_mixtral
+
+    spec = model_spec(quick)
+    model_dir = work / f"model-{spec.hidden_size}x{spec.intermediate_size}x{spec.num_hidden_layers}"
+    if not (model_dir / "config.json").exists():
+        print(f"building the synthetic model in {model_dir} ...", file=sys.stderr, flush=True)
+        build_tiny_mixtral(model_dir, spec)
+    ckpt = open_checkpoint(model_dir)
+    files = {"uniform": model_dir.with_name(model_dir.name + f"-{UNIFORM_TYPE}.gguf"),
+             "per_expert": model_dir.with_name(model_dir.name + "-mixed.gguf")}
+    plans = {"uniform": uniform_plan(ckpt, UNIFORM_TYPE, Q8_NON_EXPERT), "per_expert": mixed_plan(ckpt)}
+    for name, path in files.items():
+        if not path.exists():
+            print(f"quantizing {path.name} ...", file=sys.stderr, flush=True)
+            quantize_model(model_dir, plans[name], path, progress=not quick)
+    return files
+
+
+def bytes_per_token(path: Path) -> dict:
+    """Bytes a decoded token reads: all matrices but the embedding table, and the mean of n_used experts."""
+    from gguf import GGUFReader
+
+    from mc_gguf.gguf_edit import field_value
+
+    reader = GGUFReader(path)
+    arch = field_value(reader, "general.architecture")
+    n_used = int(field_value(reader, f"{arch}.expert_used_count"))
+    n_expert = int(field_value(reader, f"{arch}.expert_count"))
+    n_layers = int(field_value(reader, f"{arch}.block_count"))
+    dense = experts = 0
+    for tensor in reader.tensors:
+        if "_exps" in tensor.name:
+            experts += int(tensor.n_bytes)
+        elif tensor.name != "token_embd.weight":
+            dense += int(tensor.n_bytes)
+    # random routing is close to uniform, so a slot reads the mean expert
+    return {"dense": dense, "per_slot": experts / n_layers / n_expert, "n_used": n_used, "n_layers": n_layers}
+
+
+def read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> dict:
+    """Read bandwidth in bytes/s: a streaming float32 sum, one thread per core (numpy releases the GIL)."""
+    data = np.ones(n_bytes // 4, dtype=np.float32)
+    chunks = np.array_split(data, N_THREADS)
+    best = {}
+    for threads, parts in (("single_thread", [data]), ("all_threads", chunks)):
+        times = []
+        with ThreadPoolExecutor(len(parts)) as pool:
+            for _ in range(repeats):
+                started = time.perf_counter()
+                list(pool.map(np.add.reduce, parts))
+                times.append(time.perf_counter() - started)
+        best[threads] = data.nbytes / min(times)
+    return best
+
+
+def measure(path: Path, *, odp: bool, mu: float | None, stock: bool, prompt: list[int], decode: list[int],
+            repeats: int) -> dict:
+    """Prefill and decode tokens/s (medians) in this process; slot counts from the patched runtime."""
+    kwargs = dict(n_ctx=len(prompt) + len(decode) + 8, n_batch=len(prompt), n_threads=N_THREADS,
+                  n_threads_batch=N_THREADS, verbose=False)
+    if stock:
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=str(path), **kwargs)
+    else:
+        from mc_gguf.run import load
+
+        llm = load(path, odp=odp, mu=mu, **kwargs)
+    prefill, decoding = [], []
+    for _ in range(repeats + 1):  # the first run warms the page cache and is not counted
+        llm.reset()
+        if not stock:
+            llm.reset_expert_stats()
+        started = time.perf_counter()
+        llm.eval(prompt)
+        middle = time.perf_counter()
+        if not stock:
+            after_prompt = llm.expert_stats()
+        for token in decode:
+            llm.eval([token])
+        ended = time.perf_counter()
+        prefill.append(len(prompt) / (middle - started))
+        decoding.append(len(decode) / (ended - middle))
+    out = {"prefill_tok_s": float(np.median(prefill[1:] or prefill)),
+           "decode_tok_s": float(np.median(decoding[1:] or decoding)),
+           "decode_runs": [round(v, 2) for v in decoding[1:] or decoding]}
+    if not stock:
+        total = llm.expert_stats()
+        computed = sum(total.computed) - sum(after_prompt.computed)
+        skipped = sum(total.skipped) - sum(after_prompt.skipped)
+        out["decode_skip_share"] = skipped / (computed + skipped) if computed + skipped else 0.0
+        out["decode_slots_per_token"] = computed / len(decode) / len(total.computed)
+    return out
+
+
+def find_mu(path: Path, target: float, decode: list[int], iterations: int) -> float:
+    """The threshold (every layer) whose decode skip share is closest to ``target``: bisection."""
+    low, high = 0.0, 1.0
+    best = (1.0, 0.0)
+    for _ in range(iterations):
+        mu = (low + high) / 2
+        share = measure(path, odp=True, mu=mu, stock=False, prompt=decode[:8], decode=decode, repeats=0)[
+            "decode_skip_share"]
+        best = min(best, (abs(share - target), mu))
+        low, high = (mu, high) if share < target else (low, mu)
+    return best[1]
+
+
+def run_case(args_json: str) -> int:
+    """Worker: measure one case in a fresh process, print its JSON."""
+    case = json.loads(args_json)
+    case["path"] = Path(case["path"])
+    print(json.dumps(measure(**case)))
+    return 0
+
+
+def in_subprocess(case: dict, stock: bool) -> dict:
+    env = dict(os.environ)
+    if stock:
+        from mc_gguf.runtime.build import stock_library_dir
+
+        env["LLAMA_CPP_LIB_PATH"] = str(stock_library_dir())
+    case = {**case, "path": str(case["path"]), "stock": stock}
+    result = subprocess.run([sys.executable, __file__, "--worker", json.dumps(case)], env=env,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"measuring {case['path']} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def plot(report: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = report["cases"]
+    names = [c["name"] for c in cases]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    axes[0].barh(names, [c["decode_tok_s"] for c in cases], color="tab:blue", label="achieved")
+    axes[0].scatter([c["limit_tok_s"] for c in cases], names, color="black", marker="|", s=300,
+                    label="bandwidth limit")
+    axes[0].set_xlabel("decode tokens/s")
+    axes[0].legend(loc="lower right")
+    axes[1].barh(names, [c["prefill_tok_s"] for c in cases], color="tab:orange")
+    axes[1].set_xlabel("prefill tokens/s")
+    for ax in axes:
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"{report['model']['file_mb']:.0f} MB synthetic Mixtral, {report['threads']} threads, "
+                 f"read bandwidth {report['bandwidth_gb_s']:.1f} GB/s")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model, one run each, no stock build")
+    parser.add_argument("--workdir", default="build/bench-speed", help="where the model and GGUF files go")
+    parser.add_argument("--prompt-tokens", type=int, default=256, help="prefill length (default: 256)")
+    parser.add_argument("--decode-tokens", type=int, default=64, help="decoded tokens per run (default: 64)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per case, median reported (default: 5)")
+    parser.add_argument("--no-stock", action="store_true", help="skip the unpatched llama.cpp baseline")
+    parser.add_argument("--json", help="also write the JSON here")
+    parser.add_argument("--png", help="write a bar chart here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return run_case(args.worker)
+    if args.quick:
+        args.prompt_tokens, args.decode_tokens, args.repeats, args.no_stock = 32, 16, 1, True
+
+    started = time.perf_counter()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    files = build_files(work, args.quick)
+    rng = np.random.default_rng(0)
+    # ids from 3 upward: random text tokens, never BOS/EOS/UNK
+    prompt = rng.integers(3, 32000, args.prompt_tokens).tolist()
+    decode = rng.integers(3, 32000, args.decode_tokens).tolist()
+    common = dict(prompt=prompt, decode=decode, repeats=args.repeats)
+
+    bandwidth = read_bandwidth(1 << 26 if args.quick else 1 << 30)
+    cases = []
+
+    def add(name: str, path: Path, *, stock: bool = False, odp: bool = False, mu: float | None = None,
+            target_skip: float | None = None) -> None:
+        result = in_subprocess({"path": path, "odp": odp, "mu": mu, **common}, stock)
+        need = bytes_per_token(path)
+        slots = result.get("decode_slots_per_token", need["n_used"])  # per layer, after pruning
+        token_bytes = need["dense"] + slots * need["per_slot"] * need["n_layers"]
+        limit = bandwidth["all_threads"] / token_bytes
+        case = {"name": name, "file": path.name, "file_mb": path.stat().st_size / 1e6, "stock_runtime": stock,
+                "mu": mu, "target_skip": target_skip, **result, "bytes_per_token": token_bytes,
+                "limit_tok_s": limit, "achieved_over_limit": result["decode_tok_s"] / limit}
+        cases.append(case)
+        print(f"{name:34s} prefill {case['prefill_tok_s']:8.1f} tok/s  decode {case['decode_tok_s']:7.2f} tok/s  "
+              f"limit {limit:7.2f}  ({case['achieved_over_limit']:.0%})", file=sys.stderr, flush=True)
+
+    if not args.no_stock:
+        add(f"uniform {UNIFORM_TYPE}, stock llama.cpp", files["uniform"], stock=True)
+    add(f"uniform {UNIFORM_TYPE}", files["uniform"])
+    add("per-expert Q3_K/Q4_K/Q5_K", files["per_expert"])
+    for target in SKIP_SHARES:
+        mu = find_mu(files["uniform"], target, decode, iterations=3 if args.quick else 6)
+        add(f"uniform {UNIFORM_TYPE}, ODP {target:.0%} skip", files["uniform"], odp=True, mu=mu, target_skip=target)
+
+    by_name = {c["name"]: c for c in cases}
+    base = by_name[f"uniform {UNIFORM_TYPE}"]
+    report = {
+        "model": {**asdict(model_spec(args.quick)), "file_mb": files["uniform"].stat().st_size / 1e6,
+                  "per_expert_file_mb": files["per_expert"].stat().st_size / 1e6},
+        "threads": N_THREADS, "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens,
+        "repeats": args.repeats,
+        "bandwidth_gb_s": bandwidth["all_threads"] / 1e9, "bandwidth_single_thread_gb_s": bandwidth["single_thread"] / 1e9,
+        "cases": cases,
+        "ratios_vs_uniform": {c["name"]: {"decode": c["decode_tok_s"] / base["decode_tok_s"],
+                                          "prefill": c["prefill_tok_s"] / base["prefill_tok_s"]} for c in cases},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n", encoding="utf-8")
+    if args.png:
+        plot(report, Path(args.png))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
