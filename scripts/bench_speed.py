@@ -5,12 +5,18 @@ Builds a synthetic Mixtral-shaped model (seeded random weights: speed does
 not depend on what the weights say) large enough that decoding is bound by
 memory bandwidth here: by default hidden 1024, 8 experts of 3584, 16 layers,
 about 0.9 GB with the experts at Q4_K and everything else at Q8_0. Then, in
-separate processes, each on all cores, medians of --repeats runs:
+separate processes, each on all cores, in --repeats rounds that run every
+case once (so the machine's drift lands on all alike), medians over rounds:
 - uniform Q4_K experts, on stock llama.cpp (the unpatched build of the same
   sdist) and on the patched runtime;
+- the same experts in the per-expert layout (one Q4_K group per
+  projection: what the layout itself costs);
 - a per-expert file of the same size: in every layer 3 experts Q3_K,
   2 Q4_K, 3 Q5_K (4.48 bits per weight against 4.5), three expert groups
-  per projection;
+  per projection (the layout and the types' own kernel speeds);
+- uniform Q3_K and Q5_K files: the mixed file's types on their own (ggml's
+  CPU kernels differ in speed per type; the mixed file's expected speed is
+  the slot-weighted mean of its types' times per token);
 - the uniform file with Online Dynamic Pruning at skip shares of 15, 25 and
   40% of the expert slots (one threshold for every layer, found by bisection
   on the runtime's own slot counters during decoding).
@@ -34,7 +40,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +50,9 @@ MIXED_TYPES = ("Q3_K", "Q3_K", "Q3_K", "Q4_K", "Q4_K", "Q5_K", "Q5_K", "Q5_K")
 UNIFORM_TYPE = "Q4_K"
 Q8_NON_EXPERT = {"token_embd": "Q8_0", "output": "Q8_0", "attn": "Q8_0"}
 SKIP_SHARES = (0.15, 0.25, 0.40)
+# the mixed file's other types, also measured uniform: ggml's CPU kernels differ in speed per
+# type, and the mixed file's expected speed follows from its types' own speeds
+OTHER_MIXED_TYPES = sorted(set(MIXED_TYPES) - {UNIFORM_TYPE})
 
 
 def model_spec(quick: bool):
@@ -84,8 +93,13 @@ def build_files(work: Path, quick: bool) -> dict[str, Path]:
         build_tiny_mixtral(model_dir, spec)
     ckpt = open_checkpoint(model_dir)
     files = {"uniform": model_dir.with_name(model_dir.name + f"-{UNIFORM_TYPE}.gguf"),
+             **{f"uniform {t}": model_dir.with_name(model_dir.name + f"-{t}.gguf") for t in OTHER_MIXED_TYPES},
+             "one_group": model_dir.with_name(model_dir.name + f"-{UNIFORM_TYPE}-per-expert.gguf"),
              "per_expert": model_dir.with_name(model_dir.name + "-mixed.gguf")}
-    plans = {"uniform": uniform_plan(ckpt, UNIFORM_TYPE, Q8_NON_EXPERT), "per_expert": mixed_plan(ckpt)}
+    one_group = replace(uniform_plan(ckpt, UNIFORM_TYPE, Q8_NON_EXPERT), layout="per-expert")
+    plans = {"uniform": uniform_plan(ckpt, UNIFORM_TYPE, Q8_NON_EXPERT), "one_group": one_group,
+             **{f"uniform {t}": uniform_plan(ckpt, t, Q8_NON_EXPERT) for t in OTHER_MIXED_TYPES},
+             "per_expert": mixed_plan(ckpt)}
     for name, path in files.items():
         if not path.exists():
             print(f"quantizing {path.name} ...", file=sys.stderr, flush=True)
@@ -236,7 +250,7 @@ def main() -> int:
     parser.add_argument("--workdir", default="build/bench-speed", help="where the model and GGUF files go")
     parser.add_argument("--prompt-tokens", type=int, default=256, help="prefill length (default: 256)")
     parser.add_argument("--decode-tokens", type=int, default=64, help="decoded tokens per run (default: 64)")
-    parser.add_argument("--repeats", type=int, default=5, help="runs per case, median reported (default: 5)")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds, median reported (default: 5)")
     parser.add_argument("--no-stock", action="store_true", help="skip the unpatched llama.cpp baseline")
     parser.add_argument("--json", help="also write the JSON here")
     parser.add_argument("--png", help="write a bar chart here")
@@ -255,35 +269,53 @@ def main() -> int:
     # ids from 3 upward: random text tokens, never BOS/EOS/UNK
     prompt = rng.integers(3, 32000, args.prompt_tokens).tolist()
     decode = rng.integers(3, 32000, args.decode_tokens).tolist()
-    common = dict(prompt=prompt, decode=decode, repeats=args.repeats)
+    # the cases: (name, file, stock runtime, odp, mu, target skip share)
+    specs = []
+    if not args.no_stock:
+        specs.append((f"uniform {UNIFORM_TYPE}, stock llama.cpp", files["uniform"], True, False, None, None))
+    specs += [(f"uniform {UNIFORM_TYPE}", files["uniform"], False, False, None, None),
+              (f"per-expert layout, one {UNIFORM_TYPE} group", files["one_group"], False, False, None, None),
+              ("per-expert Q3_K/Q4_K/Q5_K", files["per_expert"], False, False, None, None)]
+    specs += [(f"uniform {t}", files[f"uniform {t}"], False, False, None, None) for t in OTHER_MIXED_TYPES]
+    for target in SKIP_SHARES:
+        mu = find_mu(files["uniform"], target, decode, iterations=3 if args.quick else 6)
+        specs.append((f"uniform {UNIFORM_TYPE}, ODP {target:.0%} skip", files["uniform"], False, True, mu, target))
 
-    bandwidth = read_bandwidth(1 << 26 if args.quick else 1 << 30)
+    # rounds over all cases, one run of each per round in a fresh process: the machine's drift
+    # (other tenants, frequency) lands on every case alike; medians over the rounds
+    bandwidths = []
+    runs: dict[str, list[dict]] = {spec[0]: [] for spec in specs}
+    for round_ in range(args.repeats):
+        bandwidths.append(read_bandwidth(1 << 26 if args.quick else 1 << 30, repeats=3))
+        for name, path, stock, odp, mu, _ in specs:
+            runs[name].append(in_subprocess({"path": path, "odp": odp, "mu": mu, "prompt": prompt, "decode": decode,
+                                             "repeats": 1}, stock))
+        print(f"round {round_ + 1}/{args.repeats}: " + ", ".join(
+            f"{name} {r[-1]['decode_tok_s']:.1f}" for name, r in runs.items()), file=sys.stderr, flush=True)
+    bandwidth = {k: float(np.median([b[k] for b in bandwidths])) for k in bandwidths[0]}
+
     cases = []
-
-    def add(name: str, path: Path, *, stock: bool = False, odp: bool = False, mu: float | None = None,
-            target_skip: float | None = None) -> None:
-        result = in_subprocess({"path": path, "odp": odp, "mu": mu, **common}, stock)
+    for name, path, stock, odp, mu, target in specs:
+        measured = runs[name]
+        result = {key: float(np.median([r[key] for r in measured]))
+                  for key in measured[0] if key != "decode_runs"}
+        result["decode_runs"] = [round(r["decode_tok_s"], 2) for r in measured]
         need = bytes_per_token(path)
         slots = result.get("decode_slots_per_token", need["n_used"])  # per layer, after pruning
         token_bytes = need["dense"] + slots * need["per_slot"] * need["n_layers"]
         limit = bandwidth["all_threads"] / token_bytes
         case = {"name": name, "file": path.name, "file_mb": path.stat().st_size / 1e6, "stock_runtime": stock,
-                "mu": mu, "target_skip": target_skip, **result, "bytes_per_token": token_bytes,
+                "mu": mu, "target_skip": target, **result, "bytes_per_token": token_bytes,
                 "limit_tok_s": limit, "achieved_over_limit": result["decode_tok_s"] / limit}
         cases.append(case)
-        print(f"{name:34s} prefill {case['prefill_tok_s']:8.1f} tok/s  decode {case['decode_tok_s']:7.2f} tok/s  "
+        print(f"{name:36s} prefill {case['prefill_tok_s']:8.1f} tok/s  decode {case['decode_tok_s']:7.2f} tok/s  "
               f"limit {limit:7.2f}  ({case['achieved_over_limit']:.0%})", file=sys.stderr, flush=True)
-
-    if not args.no_stock:
-        add(f"uniform {UNIFORM_TYPE}, stock llama.cpp", files["uniform"], stock=True)
-    add(f"uniform {UNIFORM_TYPE}", files["uniform"])
-    add("per-expert Q3_K/Q4_K/Q5_K", files["per_expert"])
-    for target in SKIP_SHARES:
-        mu = find_mu(files["uniform"], target, decode, iterations=3 if args.quick else 6)
-        add(f"uniform {UNIFORM_TYPE}, ODP {target:.0%} skip", files["uniform"], odp=True, mu=mu, target_skip=target)
 
     by_name = {c["name"]: c for c in cases}
     base = by_name[f"uniform {UNIFORM_TYPE}"]
+    # a decoded token's time if each slot took the time its expert's type takes in a uniform file
+    seconds_per_token = {t: 1 / by_name[f"uniform {t}"]["decode_tok_s"] for t in set(MIXED_TYPES)}
+    type_weighted = 1 / float(np.mean([seconds_per_token[t] for t in MIXED_TYPES]))
     report = {
         "model": {**asdict(model_spec(args.quick)), "file_mb": files["uniform"].stat().st_size / 1e6,
                   "per_expert_file_mb": files["per_expert"].stat().st_size / 1e6},
@@ -291,6 +323,8 @@ def main() -> int:
         "repeats": args.repeats,
         "bandwidth_gb_s": bandwidth["all_threads"] / 1e9, "bandwidth_single_thread_gb_s": bandwidth["single_thread"] / 1e9,
         "cases": cases,
+        "mixed_decode_expected_from_its_types_tok_s": type_weighted,
+        "mixed_over_expected": by_name["per-expert Q3_K/Q4_K/Q5_K"]["decode_tok_s"] / type_weighted,
         "ratios_vs_uniform": {c["name"]: {"decode": c["decode_tok_s"] / base["decode_tok_s"],
                                           "prefill": c["prefill_tok_s"] / base["prefill_tok_s"]} for c in cases},
         "seconds": round(time.perf_counter() - started, 1),
