@@ -266,7 +266,7 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(out + "\n", encoding="utf-8")
     if args.png:
-        plot(compared, Path(args.png), f"{Path(args.model).name}: {args.windows} windows of {args.ctx}, KLD vs F16")
+        plot(compared, Path(args.png), f"{args.model}: {args.windows} windows of {args.ctx} tokens of {args.eval}, KLD vs F16")
     return 0
 
 
