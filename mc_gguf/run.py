@@ -48,7 +48,6 @@ def read_odp_metadata(path: str | Path, reader: gguf.GGUFReader | None = None) -
         raise GGUFFileError(f"{path}: {exc}") from None
 
 
-@cache
 def check_expert_groups(path: str | Path, reader: gguf.GGUFReader) -> None:
     """The per-expert layout's rules (docs/FORMAT.md), checked before llama.cpp loads the file."""
     from mc_gguf.expert_layout import group_map_problem
@@ -64,6 +63,7 @@ def check_expert_groups(path: str | Path, reader: gguf.GGUFReader) -> None:
         raise GGUFFileError(f"{path}: {problem}")
 
 
+@cache
 def _moe_llama_class():
     from llama_cpp import Llama
     import llama_cpp.llama_cpp as bindings
