@@ -300,11 +300,17 @@ def patched_source(flags: BuildFlags = BuildFlags()) -> Path:
     """
     cache = cache_root()
     with _CacheLock(cache):
-        stable = _source_dir(cache, flags)
-        info = stable / "llama_cpp" / BUILD_INFO_FILE
-        if not info.exists() or json.loads(info.read_text()).get("build_key") != build_key(flags):
-            stable = prepare_source(cache, fetch_sdist(cache), flags)
-    return stable / VENDOR_DIR
+        return _current_source(cache, flags) / VENDOR_DIR
+
+
+def _current_source(cache: Path, flags: BuildFlags) -> Path:
+    """The sdist tree for ``flags`` at its stable path, prepared again when its build key is stale
+    (call under the cache lock)."""
+    stable = _source_dir(cache, flags)
+    info = stable / "llama_cpp" / BUILD_INFO_FILE
+    if not info.exists() or json.loads(info.read_text()).get("build_key") != build_key(flags):
+        stable = prepare_source(cache, fetch_sdist(cache), flags)
+    return stable
 
 
 def _installed_package_dir() -> Path | None:
@@ -420,10 +426,7 @@ def stock_tools_dir(tools: tuple[str, ...] = STOCK_TOOLS) -> Path:
     if all((target / name).exists() for name in tools):
         return target
     with _CacheLock(cache):
-        source = _source_dir(cache, flags)
-        info = source / "llama_cpp" / BUILD_INFO_FILE
-        if not info.exists() or json.loads(info.read_text()).get("build_key") != build_key(flags):
-            source = prepare_source(cache, fetch_sdist(cache), flags)
+        source = _current_source(cache, flags)
         build_dir = cache / "build" / "tools-stock"
         log_path = cache / "logs" / "build-tools-stock.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -446,10 +449,11 @@ def stock_tools_dir(tools: tuple[str, ...] = STOCK_TOOLS) -> Path:
                     tail = log_path.read_text().splitlines()[-20:]
                     raise RuntimeBuildError(f"{what} failed (full log: {log_path}):\n" + "\n".join(tail))
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            staged = Path(tmp) / "tools"
+            staged.mkdir()
             for name in tools:
-                shutil.copy2(build_dir / "bin" / name, Path(tmp) / name)
+                shutil.copy2(build_dir / "bin" / name, staged / name)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
-            Path(tmp).mkdir()  # TemporaryDirectory removes it on exit
+            os.replace(staged, target)
     return target
