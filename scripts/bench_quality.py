@@ -36,11 +36,12 @@ import os
 import subprocess
 import sys
 import time
+from itertools import product
 from pathlib import Path
 
 import numpy as np
+from bench_odp import BENCH
 
-BENCH = Path(__file__).resolve().parent.parent.parent / "shared" / "bench"
 RECIPES = ("Q2_K", "Q3_K_S", "Q4_K_M", "IQ2_XXS", "IQ2_XS", "IQ3_XXS")
 EXPERT_TYPES = ("IQ2_XXS", "IQ2_XS", "Q2_K", "IQ3_XXS", "Q3_K", "Q4_K")
 Q8_NON_EXPERT = {"token_embd": "Q8_0", "output": "Q8_0", "attn": "Q8_0"}
@@ -65,13 +66,6 @@ def produce(path: Path, make) -> Path:
         make(tmp)
         os.replace(tmp, path)
     return path
-
-
-def expert_bpw(path: Path) -> float:
-    from gguf import GGUFReader
-
-    tensors = [t for t in GGUFReader(path).tensors if "_exps" in t.name]
-    return 8 * sum(int(t.n_bytes) for t in tensors) / sum(int(t.n_elements) for t in tensors)
 
 
 def llama_cpp_files(tools: Path, f16: Path, calib: Path, work: Path, args) -> list[dict]:
@@ -149,8 +143,7 @@ def plot(rows: list[dict], png: Path, title: str) -> None:
     styles = {"llama.cpp recipe": ("tab:gray", "s"), "llama.cpp experts": ("tab:blue", "o"),
               "mc-gguf": ("tab:red", "^")}
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
-    for (i, x), (j, y) in [((i, x), (j, y)) for i, x in enumerate(("expert_bpw", "file_mb"))
-                           for j, y in enumerate(("kld_mean", "ppl"))]:
+    for (i, x), (j, y) in product(enumerate(("expert_bpw", "file_mb")), enumerate(("kld_mean", "ppl"))):
         ax = axes[j][i]
         for family, (color, marker) in styles.items():
             members = [r for r in rows if r["family"] == family]
@@ -208,6 +201,7 @@ def main() -> int:
     from mc_gguf.calibrate import CalibrationSettings, calibrate
     from mc_gguf.convert import convert
     from mc_gguf.evaluate import EvalSettings, evaluate_gguf
+    from mc_gguf.inspect_gguf import inspect_gguf
     from mc_gguf.runtime.build import stock_tools_dir
     from mc_gguf.stats import load_stats
 
@@ -240,7 +234,8 @@ def main() -> int:
     for config in configs:
         report = evaluate_gguf(config["path"], text, ref=f16, settings=eval_settings, progress=False)
         path = config.pop("path")
-        row = {**config, "file": path.name, "file_mb": path.stat().st_size / 1e6, "expert_bpw": expert_bpw(path),
+        row = {**config, "file": path.name, "file_mb": path.stat().st_size / 1e6,
+               "expert_bpw": inspect_gguf(path)["expert_bpw"],
                **{k: report[k] for k in ("ppl", "ppl_stderr", "kld_mean", "kld_stderr", "kld_p99", "same_top_token")},
                "skipped_share": report["expert_slots"]["skipped_share"]}
         rows.append(row)
