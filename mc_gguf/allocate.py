@@ -42,8 +42,13 @@ class AllocationProblem:
     layer_of: np.ndarray         # [E] layer index of each expert
 
 
+# The MC authors' exponents (their code; the paper writes gamma = 2): `mc-gguf allocate`'s default.
+AUTHORS_COST = {"alpha": 1.0, "beta": 1.5, "gamma": 1.0}
+
+
 def significance_cost(phi: np.ndarray, w: np.ndarray, eps: np.ndarray,
-                      alpha: float = 1.0, beta: float = 1.5, gamma: float = 1.0) -> np.ndarray:
+                      alpha: float = AUTHORS_COST["alpha"], beta: float = AUTHORS_COST["beta"],
+                      gamma: float = AUTHORS_COST["gamma"]) -> np.ndarray:
     """c(e, b) = phi_e^alpha * w_e^beta * eps(e, b)^gamma, for phi, w [E] and eps [E, T]."""
     return (phi ** alpha * w ** beta)[:, None] * eps ** gamma
 

@@ -45,9 +45,9 @@ def read_text(path: str | Path | None) -> CalibrationText:
     try:
         return CalibrationText(str(path), path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise McGgufError(f"calibration text {path} does not exist") from None
+        raise McGgufError(f"text file {path} does not exist") from None
     except UnicodeDecodeError as exc:
-        raise McGgufError(f"calibration text {path} is not UTF-8 ({exc})") from None
+        raise McGgufError(f"text file {path} is not UTF-8 ({exc})") from None
 
 
 def pack_sequences(token_ids: list[int], bos_id: int | None, n_tokens: int, seq_len: int, seed: int) -> np.ndarray:

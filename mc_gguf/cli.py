@@ -308,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write a copy here instead of updating GGUF in place")
     p.set_defaults(func=_cmd_odp_calibrate)
 
+    from mc_gguf.allocate import AUTHORS_COST
     from mc_gguf.calibrate import CalibrationSettings
     from mc_gguf.plan import LAYOUTS, NON_EXPERT_DEFAULTS, SCOPES
     from mc_gguf.quant_types import CANDIDATES
@@ -353,9 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "with at least one expert below and one at or above it")
     p.add_argument("--per-projection", action="store_true",
                    help="a type for gate+up and another for down (errors treated as additive)")
-    p.add_argument("--alpha", type=float, default=1.0, help="exponent of the activation frequency (default: 1)")
-    p.add_argument("--beta", type=float, default=1.5, help="exponent of the routing weight (default: 1.5)")
-    p.add_argument("--gamma", type=float, default=1.0, help="exponent of the quantization error (default: 1, "
+    p.add_argument("--alpha", type=float, default=AUTHORS_COST["alpha"],
+                   help=f"exponent of the activation frequency (default: {AUTHORS_COST['alpha']:g})")
+    p.add_argument("--beta", type=float, default=AUTHORS_COST["beta"],
+                   help=f"exponent of the routing weight (default: {AUTHORS_COST['beta']:g})")
+    p.add_argument("--gamma", type=float, default=AUTHORS_COST["gamma"],
+                   help=f"exponent of the quantization error (default: {AUTHORS_COST['gamma']:g}, "
                    "as the authors' code; the paper writes 2)")
     p.add_argument("--tensor-type", action="append", default=[], metavar="CLASS=TYPE",
                    help="type of a non-expert class: token_embd, output or attn (defaults: "

@@ -26,7 +26,7 @@ import gguf
 import numpy as np
 
 from mc_gguf import __version__
-from mc_gguf.allocate import AllocationProblem, InfeasibleBudgetError, allocate, significance_cost
+from mc_gguf.allocate import AUTHORS_COST, AllocationProblem, InfeasibleBudgetError, allocate, significance_cost
 from mc_gguf.atomic import atomic_output
 from mc_gguf.checkpoint import Checkpoint, open_checkpoint
 from mc_gguf.convert import fit_type, model_metadata, plan_tensors
@@ -212,8 +212,9 @@ class _Unit:
 
 def make_plan(stats: CalibrationStats, bits: float, *, model_dir: str | Path | None = None,
               layout: str = "per-expert", scope: str = "experts", per_layer: bool = False,
-              per_projection: bool = False, types: list[str] | None = None, alpha: float = 1.0,
-              beta: float = 1.5, gamma: float = 1.0, non_expert: dict[str, str] | None = None,
+              per_projection: bool = False, types: list[str] | None = None,
+              alpha: float = AUTHORS_COST["alpha"], beta: float = AUTHORS_COST["beta"],
+              gamma: float = AUTHORS_COST["gamma"], non_expert: dict[str, str] | None = None,
               stats_path: str | None = None) -> Plan:
     """Choose every expert's type for an average of ``bits`` bits per weight over ``scope``."""
     if layout not in LAYOUTS:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from bench_odp import BENCH, decode_tokens_per_second
 
+from mc_gguf.allocate import AUTHORS_COST
 from mc_gguf.calib_text import read_text
 from mc_gguf.calibrate import CalibrationSettings, calibrate
 from mc_gguf.checkpoint import open_checkpoint
@@ -45,7 +46,7 @@ from mc_gguf.stats import load_stats
 UNIFORM = ("IQ2_XXS", "IQ2_XS", "Q2_K", "IQ3_XXS", "Q3_K", "Q4_K")
 Q8_NON_EXPERT = {"token_embd": "Q8_0", "output": "Q8_0", "attn": "Q8_0"}
 # cost exponents (alpha, beta, gamma): allocate's default, compress's default
-COSTS = {"authors": (1.0, 1.5, 1.0), "sq-error": tuple(DEFAULT_COST[k] for k in ("alpha", "beta", "gamma"))}
+COSTS = {"authors": AUTHORS_COST, "sq-error": DEFAULT_COST}
 
 
 def main() -> int:
@@ -88,9 +89,9 @@ def main() -> int:
         configs.append((f"uniform {name}", uniform_plan(ckpt, name, Q8_NON_EXPERT), False))
     for bits in args.bits:
         for layout in ("per-expert", "stock"):
-            for cost_name, (alpha, beta, gamma) in COSTS.items():
+            for cost_name, cost in COSTS.items():
                 plan = make_plan(stats, bits, model_dir=args.model, layout=layout, types=args.types,
-                                 alpha=alpha, beta=beta, gamma=gamma, non_expert=Q8_NON_EXPERT)
+                                 non_expert=Q8_NON_EXPERT, **cost)
                 configs.append((f"mc {layout} {bits} {cost_name}", plan, False))
                 configs.append((f"mc {layout} {bits} {cost_name} gptq", plan, True))
 
