@@ -21,7 +21,11 @@ case once (so the machine's drift lands on all alike), medians over rounds:
   40% of the expert slots (one threshold for every layer, found by bisection
   on the runtime's own slot counters during decoding).
 Decoding feeds a fixed seeded token stream one token per call, so every case
-routes the same tokens. The machine's read bandwidth is measured in the same
+routes the same tokens. Separate processes drift apart by several percent, so
+the layout comparison is also made in one process: the uniform, per-expert and
+uniform Q3_K/Q5_K files loaded side by side decode the same stream in turns of
+--paired-block tokens, and each file's speed is reported relative to the
+uniform Q4_K file's in the same turns ("paired_decode"). The machine's read bandwidth is measured in the same
 run (a streaming sum over a large array, one thread per core); a decoded token
 must read every non-expert matrix but the embedding table, and the chosen
 experts' matrices: bytes / bandwidth is the limit, achieved / limit the ratio.
@@ -184,6 +188,41 @@ def measure(path: Path, *, odp: bool, mu: float | None, stock: bool, prompt: lis
     return out
 
 
+def paired_decode(paths: dict[str, str], prompt: list[int], decode: list[int], block: int) -> dict:
+    """Decode speed of several files in one process, in alternating blocks of ``block`` tokens.
+
+    Every file decodes the same token stream at the same positions; block i of every file
+    runs before block i + 1 of any, so drift slower than a few blocks (other tenants, clock
+    changes) lands on all files alike. Per file: tokens/s over all blocks, and each block's
+    time over the first file's time in the same block, whose median and quartiles say how
+    tight the comparison is.
+    """
+    from mc_gguf.run import load
+
+    kwargs = dict(n_ctx=len(prompt) + len(decode) + 8, n_batch=len(prompt), n_threads=N_THREADS,
+                  n_threads_batch=N_THREADS, verbose=False)
+    models = {name: load(path, odp=False, **kwargs) for name, path in paths.items()}
+    for llm in models.values():
+        llm.eval(prompt)
+        llm.eval(decode[:1])  # warm: page cache, graph
+    seconds = {name: [] for name in models}
+    for start in range(1, len(decode), block):
+        for name, llm in models.items():
+            started = time.perf_counter()
+            for token in decode[start:start + block]:
+                llm.eval([token])
+            seconds[name].append(time.perf_counter() - started)
+    first = seconds[next(iter(models))]
+    n_tokens = len(decode) - 1
+    out = {}
+    for name, times in seconds.items():
+        ratios = np.array(first) / np.array(times)  # > 1: faster than the first file
+        out[name] = {"decode_tok_s": n_tokens / sum(times),
+                     "speed_ratio": sum(first) / sum(times),
+                     "block_ratio_quartiles": [float(q) for q in np.quantile(ratios, [0.25, 0.5, 0.75])]}
+    return out
+
+
 def find_mu(path: Path, target: float, decode: list[int], iterations: int) -> float:
     """The threshold (every layer) whose decode skip share is closest to ``target``: bisection."""
     low, high = 0.0, 1.0
@@ -198,8 +237,11 @@ def find_mu(path: Path, target: float, decode: list[int], iterations: int) -> fl
 
 
 def run_case(args_json: str) -> int:
-    """Worker: measure one case in a fresh process, print its JSON."""
+    """Worker: measure one case (or one paired set) in a fresh process, print its JSON."""
     case = json.loads(args_json)
+    if "paths" in case:
+        print(json.dumps(paired_decode(**case)))
+        return 0
     case["path"] = Path(case["path"])
     print(json.dumps(measure(**case)))
     return 0
@@ -211,11 +253,13 @@ def in_subprocess(case: dict, stock: bool) -> dict:
         from mc_gguf.runtime.build import stock_library_dir
 
         env["LLAMA_CPP_LIB_PATH"] = str(stock_library_dir())
-    case = {**case, "path": str(case["path"]), "stock": stock}
+    if "path" in case:
+        case = {**case, "path": str(case["path"]), "stock": stock}
     result = subprocess.run([sys.executable, __file__, "--worker", json.dumps(case)], env=env,
                             capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"measuring {case['path']} failed:\n{result.stderr[-3000:]}")
+        raise RuntimeError(f"measuring {case.get('path') or list(case['paths'].values())} failed:\n"
+                           f"{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -251,6 +295,10 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=256, help="prefill length (default: 256)")
     parser.add_argument("--decode-tokens", type=int, default=64, help="decoded tokens per run (default: 64)")
     parser.add_argument("--repeats", type=int, default=5, help="rounds, median reported (default: 5)")
+    parser.add_argument("--paired-tokens", type=int, default=512,
+                        help="tokens each file decodes in the paired comparison (default: 512)")
+    parser.add_argument("--paired-block", type=int, default=8,
+                        help="tokens per turn in the paired comparison (default: 8)")
     parser.add_argument("--no-stock", action="store_true", help="skip the unpatched llama.cpp baseline")
     parser.add_argument("--json", help="also write the JSON here")
     parser.add_argument("--png", help="write a bar chart here")
@@ -260,6 +308,7 @@ def main() -> int:
         return run_case(args.worker)
     if args.quick:
         args.prompt_tokens, args.decode_tokens, args.repeats, args.no_stock = 32, 16, 1, True
+        args.paired_tokens, args.paired_block = 16, 4
 
     started = time.perf_counter()
     work = Path(args.workdir)
@@ -294,6 +343,17 @@ def main() -> int:
             f"{name} {r[-1]['decode_tok_s']:.1f}" for name, r in runs.items()), file=sys.stderr, flush=True)
     bandwidth = {k: float(np.median([b[k] for b in bandwidths])) for k in bandwidths[0]}
 
+    # the layouts and types side by side in one process, alternating blocks of tokens: a much
+    # tighter comparison than separate processes, whose speeds drift apart by several percent
+    paired_names = {f"uniform {UNIFORM_TYPE}": "uniform", f"per-expert layout, one {UNIFORM_TYPE} group": "one_group",
+                    "per-expert Q3_K/Q4_K/Q5_K": "per_expert",
+                    **{f"uniform {t}": f"uniform {t}" for t in OTHER_MIXED_TYPES}}
+    paired_stream = rng.integers(3, 32000, args.paired_tokens + 1).tolist()
+    paired = in_subprocess({"paths": {name: str(files[key]) for name, key in paired_names.items()},
+                            "prompt": prompt[:16], "decode": paired_stream, "block": args.paired_block}, False)
+    print("paired decode: " + ", ".join(f"{name} {r['speed_ratio']:.3f}x" for name, r in paired.items()),
+          file=sys.stderr, flush=True)
+
     cases = []
     for name, path, stock, odp, mu, target in specs:
         measured = runs[name]
@@ -316,6 +376,7 @@ def main() -> int:
     # a decoded token's time if each slot took the time its expert's type takes in a uniform file
     seconds_per_token = {t: 1 / by_name[f"uniform {t}"]["decode_tok_s"] for t in set(MIXED_TYPES)}
     type_weighted = 1 / float(np.mean([seconds_per_token[t] for t in MIXED_TYPES]))
+    paired_expected = 1 / float(np.mean([1 / paired[f"uniform {t}"]["speed_ratio"] for t in MIXED_TYPES]))
     report = {
         "model": {**asdict(model_spec(args.quick)), "file_mb": files["uniform"].stat().st_size / 1e6,
                   "per_expert_file_mb": files["per_expert"].stat().st_size / 1e6},
@@ -325,6 +386,9 @@ def main() -> int:
         "cases": cases,
         "mixed_decode_expected_from_its_types_tok_s": type_weighted,
         "mixed_over_expected": by_name["per-expert Q3_K/Q4_K/Q5_K"]["decode_tok_s"] / type_weighted,
+        "paired_decode": {"tokens": args.paired_tokens, "block": args.paired_block, "files": paired,
+                          "mixed_expected_ratio_from_its_types": paired_expected,
+                          "mixed_over_expected": paired["per-expert Q3_K/Q4_K/Q5_K"]["speed_ratio"] / paired_expected},
         "ratios_vs_uniform": {c["name"]: {"decode": c["decode_tok_s"] / base["decode_tok_s"],
                                           "prefill": c["prefill_tok_s"] / base["prefill_tok_s"]} for c in cases},
         "seconds": round(time.perf_counter() - started, 1),

@@ -145,15 +145,21 @@ def test_uniform_plan_without_statistics_needs_no_imatrix_for_k_quants(tiny_mode
     assert not (tmp_path / "iq2.gguf").exists()
 
 
-def regrouped_copy(stock_path, out_path, tiny_model_dir, partition: dict[int, list[int]]):
+def regrouped_copy(stock_path, out_path, tiny_model_dir, partition: dict[int, list[int]],
+                   down_partition: dict[int, list[int]] | None = None):
     """A per-expert file holding exactly the stock file's expert bytes, split into groups by ``partition``
-    (group of each expert, the same for every layer and projection)."""
+    (group -> its experts, the same for every layer; for gate and up, and for down unless
+    ``down_partition`` is given)."""
     from mc_gguf.convert import model_metadata
     from mc_gguf.write import OutputTensor, write_gguf
 
     ckpt = open_checkpoint(tiny_model_dir)
     reader = gguf.GGUFReader(stock_path)
-    group_of = [g for x in range(ckpt.n_experts) for g, members in partition.items() if x in members]
+    partitions = {"gate": partition, "up": partition, "down": down_partition or partition}
+
+    def group_of(projection: str) -> list[int]:
+        return [g for x in range(ckpt.n_experts) for g, members in partitions[projection].items() if x in members]
+
     tensors = []
     for t in reader.tensors:
         shape = tuple(int(d) for d in reversed(t.shape))
@@ -161,31 +167,68 @@ def regrouped_copy(stock_path, out_path, tiny_model_dir, partition: dict[int, li
         if "_exps" not in t.name:
             tensors.append(OutputTensor(t.name, shape, t.tensor_type, lambda data=data: data))
             continue
-        for g, members in sorted(partition.items()):
+        projection = t.name.split(".")[2][len("ffn_"):-len("_exps")]
+        for g, members in sorted(partitions[projection].items()):
             name = t.name.replace(".weight", f".g{g}.weight")
             tensors.append(OutputTensor(name, (len(members), *shape[1:]), t.tensor_type,
                                         lambda data=data, members=members: data[members]))
 
     def add_metadata(writer):
         model_metadata(ckpt, gguf.LlamaFileType.GUESSED)(writer)
-        writer.add_array(KEY_GROUPS, group_of * (3 * ckpt.n_layers))
+        writer.add_array(KEY_GROUPS, [g for projection in PROJECTIONS for g in group_of(projection)] * ckpt.n_layers)
 
     return write_gguf(out_path, "llama", add_metadata, tensors, progress=False)
 
 
-def test_experts_split_into_groups_give_the_stock_files_logits_exactly(calibration, tiny_model_dir, tmp_path,
-                                                                       prompt_ids):
-    """The runtime's group mechanics alone: same bytes, regrouped, must compute the same numbers."""
+# gate/up and down grouped alike (down runs on each group's own activation), and differently
+# (the activations are summed over the groups first)
+REGROUPINGS = {
+    "down grouped alike": ({0: [1, 3], 1: [0], 2: [2]}, None),
+    "down grouped apart": ({0: [1, 3], 1: [0], 2: [2]}, {0: [0, 1], 1: [2, 3]}),
+}
+
+
+@pytest.fixture(scope="module")
+def stock_q4(calibration, tiny_model_dir, tmp_path_factory):
     _, stats = calibration
     ckpt = open_checkpoint(tiny_model_dir)
-    stock = quantize_model(tiny_model_dir, uniform_plan(ckpt, "Q4_K"), tmp_path / "stock.gguf", stats=stats,
-                           progress=False)
-    grouped = regrouped_copy(stock, tmp_path / "grouped.gguf", tiny_model_dir, {0: [1, 3], 1: [0], 2: [2]})
-    expected = llama_cpp_logits(stock, prompt_ids)
+    return quantize_model(tiny_model_dir, uniform_plan(ckpt, "Q4_K"), tmp_path_factory.mktemp("q4") / "stock.gguf",
+                          stats=stats, progress=False)
+
+
+@pytest.mark.parametrize("regrouping", REGROUPINGS)
+def test_experts_split_into_groups_give_the_stock_files_logits_exactly(stock_q4, tiny_model_dir, tmp_path,
+                                                                       prompt_ids, regrouping):
+    """The runtime's group mechanics alone: same bytes, regrouped, must compute the same numbers."""
+    grouped = regrouped_copy(stock_q4, tmp_path / "grouped.gguf", tiny_model_dir, *REGROUPINGS[regrouping])
+    expected = llama_cpp_logits(stock_q4, prompt_ids)
     np.testing.assert_array_equal(llama_cpp_logits(grouped, prompt_ids), expected)
     # single tokens (decode) as well as a prompt batch
     np.testing.assert_array_equal(llama_cpp_logits(grouped, prompt_ids, n_batch=1)[-1],
-                                  llama_cpp_logits(stock, prompt_ids, n_batch=1)[-1])
+                                  llama_cpp_logits(stock_q4, prompt_ids, n_batch=1)[-1])
+
+
+@pytest.mark.parametrize("regrouping", REGROUPINGS)
+def test_pruned_slots_are_skipped_alike_in_groups(stock_q4, tiny_model_dir, tmp_path, prompt_ids, regrouping):
+    """ODP on a per-expert file: the same slots skipped, the same numbers as on the stock file."""
+    from llama_cpp import GGML_TYPE_F32
+
+    from mc_gguf.run import load
+
+    grouped = regrouped_copy(stock_q4, tmp_path / "grouped.gguf", tiny_model_dir, *REGROUPINGS[regrouping])
+    settings = dict(n_ctx=512, logits_all=True, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=False,
+                    mu=0.97, protect_ratio=0.1)
+    for n_batch in (512, 1):
+        runs = []
+        for path in (stock_q4, grouped):
+            llm = load(path, n_batch=n_batch, **settings)
+            llm.eval(prompt_ids)
+            runs.append((np.array(llm.scores[: len(prompt_ids)], dtype=np.float32), llm.expert_stats()))
+        (expected, expected_counts), (got, got_counts) = runs
+        # some slots skipped, some second slots kept
+        assert 0 < sum(expected_counts.skipped) < len(prompt_ids) * len(expected_counts.skipped)
+        assert got_counts == expected_counts
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_corrupted_group_map_fails_to_load_cleanly(calibration, tiny_model_dir, tmp_path):
