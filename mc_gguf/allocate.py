@@ -15,6 +15,12 @@ type's bits per weight include its scales):
     per layer (the paper's form): the same inequality within every layer, and
         in every layer at least one expert at a type below B and one at or above it,
         where both kinds of type exist.
+
+Optionally, at most K distinct types among the experts stored in one tensor
+(a layer and projection): binary z(s, b) >= x(e, b) for the experts e of
+tensor s, and sum_b z(s, b) <= K. In the per-expert layout each distinct type
+is a group the runtime computes with graph nodes of its own, so fewer types
+decode faster; K = 1 is llama.cpp's one type per tensor.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from mc_gguf.errors import McGgufError
@@ -40,6 +47,7 @@ class AllocationProblem:
     bits_per_weight: np.ndarray  # [T]
     n_weights: np.ndarray        # [E] weights of each expert (all its projections)
     layer_of: np.ndarray         # [E] layer index of each expert
+    tensor_of: np.ndarray | None = None  # [E] the tensor (layer, projections) each choice is stored in
 
 
 # The MC authors' exponents (their code; the paper writes gamma = 2): `mc-gguf allocate`'s default.
@@ -64,40 +72,68 @@ def check_budget(budget_bpw: float, bits_per_weight: Sequence[float]) -> tuple[f
     return lo, hi
 
 
-def allocate(problem: AllocationProblem, budget_bpw: float, per_layer: bool = False) -> np.ndarray:
-    """The optimal type index of every expert [E] (int), or InfeasibleBudgetError naming the feasible range."""
+def allocate(problem: AllocationProblem, budget_bpw: float, per_layer: bool = False,
+             max_types: int | None = None) -> np.ndarray:
+    """The optimal type index of every expert [E] (int), or InfeasibleBudgetError naming the feasible range.
+
+    ``max_types`` bounds the distinct types per tensor (``problem.tensor_of``).
+    """
     cost = np.asarray(problem.cost, dtype=np.float64)
     n_experts, n_types = cost.shape
     bpw = np.asarray(problem.bits_per_weight, dtype=np.float64)
     n_weights = np.asarray(problem.n_weights, dtype=np.float64)
     lo, hi = check_budget(budget_bpw, bpw)
+    if max_types is not None and max_types < 1:
+        raise McGgufError(f"at most {max_types} types per tensor: the bound must be at least 1")
+    limit_types = max_types is not None and max_types < n_types
+    if limit_types and problem.tensor_of is None:
+        raise McGgufError("bounding the types per tensor needs the tensor of every expert (tensor_of)")
+    tensors = np.unique(problem.tensor_of) if limit_types else np.array([], dtype=int)
 
-    # x is [E, T] flattened row-major; one type per expert
-    one_type = LinearConstraint(np.kron(np.eye(n_experts), np.ones(n_types)), 1, 1)
-    constraints = [one_type]
+    # variables: x [E, T] (expert e at type b), then z [S, T] (type b used in tensor s), row-major;
+    # sparse, since a model of many experts and types has a large but thin system
+    n_x, n_z = n_experts * n_types, len(tensors) * n_types
+
+    def rows(x_part, z_part=None) -> sparse.csr_array:
+        x_part = sparse.csr_array(x_part)
+        z_part = sparse.csr_array((x_part.shape[0], n_z)) if z_part is None else z_part
+        return sparse.hstack([x_part, z_part], format="csr")
+
+    one_type = sparse.kron(sparse.eye_array(n_experts), np.ones((1, n_types)))
+    constraints = [LinearConstraint(rows(one_type), 1, 1)]
     groups = [np.flatnonzero(problem.layer_of == layer) for layer in np.unique(problem.layer_of)] \
         if per_layer else [np.arange(n_experts)]
     for members in groups:
         row = np.zeros((n_experts, n_types))
         row[members] = n_weights[members, None] * bpw[None, :]
-        constraints.append(LinearConstraint(row.ravel(), -np.inf, budget_bpw * n_weights[members].sum()))
+        constraints.append(LinearConstraint(rows(row.reshape(1, -1)), -np.inf, budget_bpw * n_weights[members].sum()))
         if per_layer:
             for side in (bpw < budget_bpw, bpw >= budget_bpw):
                 if side.any() and (~side).any():
                     at_least = np.zeros((n_experts, n_types))
                     at_least[np.ix_(members, np.flatnonzero(side))] = 1.0
-                    constraints.append(LinearConstraint(at_least.ravel(), 1, np.inf))
+                    constraints.append(LinearConstraint(rows(at_least.reshape(1, -1)), 1, np.inf))
+    if limit_types:
+        # x(e, b) - z(s(e), b) <= 0: an expert's type is one its tensor uses
+        slot = np.searchsorted(tensors, problem.tensor_of)
+        z_column = (slot[:, None] * n_types + np.arange(n_types)[None, :]).ravel()
+        z_link = sparse.csr_array((-np.ones(n_x), (np.arange(n_x), z_column)), shape=(n_x, n_z))
+        constraints.append(LinearConstraint(rows(sparse.eye_array(n_x, format="csr"), z_link), -np.inf, 0))
+        per_tensor = sparse.kron(sparse.eye_array(len(tensors)), np.ones((1, n_types)), format="csr")
+        constraints.append(LinearConstraint(rows(sparse.csr_array((len(tensors), n_x)), per_tensor), 0, max_types))
 
-    result = milp(c=cost.ravel(), constraints=constraints, integrality=np.ones(cost.size),
-                  bounds=Bounds(0, 1))
+    result = milp(c=np.concatenate([cost.ravel(), np.zeros(n_z)]), constraints=constraints,
+                  integrality=np.ones(n_x + n_z), bounds=Bounds(0, 1))
     if result.status == 2 or result.x is None:
         raise InfeasibleBudgetError(
             f"no assignment meets {budget_bpw:.3f} bits per weight"
             + (" in every layer with one expert below and one at or above the budget" if per_layer else "")
-            + f"; feasible budgets are {lo:.3f} to {hi:.3f}")
+            + (f" with at most {max_types} type{'s' if max_types > 1 else ''} per tensor" if limit_types else "")
+            + f"; feasible budgets are {lo:.3f} to {hi:.3f}"
+            + (" without that bound" if limit_types else ""))
     if not result.success:
         raise McGgufError(f"the integer program did not solve: {result.message}")
-    return np.round(result.x).reshape(n_experts, n_types).argmax(axis=1)
+    return np.round(result.x[:n_x]).reshape(n_experts, n_types).argmax(axis=1)
 
 
 def average_bits(problem: AllocationProblem, choice: Sequence[int]) -> float:

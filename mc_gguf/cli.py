@@ -121,6 +121,11 @@ def _parse_non_expert(items: list[str]) -> dict[str, str]:
     return parsed
 
 
+MAX_TYPES_HELP = ("at most N types (expert groups of the per-expert layout) in every layer and projection: "
+                  "each group costs graph nodes of its own on every decoded token, so fewer groups decode "
+                  "faster at some cost in quality (default: no bound)")
+
+
 def _cmd_allocate(args: argparse.Namespace) -> None:
     from mc_gguf.plan import make_plan, validate_plan
     from mc_gguf.plan_show import describe_plan
@@ -131,7 +136,8 @@ def _cmd_allocate(args: argparse.Namespace) -> None:
     plan = make_plan(stats, args.bits, model_dir=args.model, layout=args.layout, scope=args.scope,
                      per_layer=args.per_layer, per_projection=args.per_projection, types=args.types,
                      alpha=args.alpha, beta=args.beta, gamma=args.gamma,
-                     non_expert=_parse_non_expert(args.tensor_type), stats_path=str(Path(args.stats).resolve()))
+                     non_expert=_parse_non_expert(args.tensor_type), stats_path=str(Path(args.stats).resolve()),
+                     max_types=args.max_types)
     validate_plan(plan)
     plan.save(args.output)
     print(describe_plan(plan))
@@ -172,7 +178,7 @@ def _cmd_compress(args: argparse.Namespace) -> None:
                       layout=args.layout, odp_skip=args.odp_skip or None, gptq=args.gptq,
                       keep_artifacts=args.keep_artifacts, progress=not args.quiet,
                       allocate_options={"types": args.types, "alpha": args.alpha, "beta": args.beta,
-                                        "gamma": args.gamma})
+                                        "gamma": args.gamma, "max_types": args.max_types})
     print(summary(result))
     print(f"done in {time.perf_counter() - started:.0f} s")
 
@@ -354,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "with at least one expert below and one at or above it")
     p.add_argument("--per-projection", action="store_true",
                    help="a type for gate+up and another for down (errors treated as additive)")
+    p.add_argument("--max-types", type=int, metavar="N", help=MAX_TYPES_HELP)
     p.add_argument("--alpha", type=float, default=AUTHORS_COST["alpha"],
                    help=f"exponent of the activation frequency (default: {AUTHORS_COST['alpha']:g})")
     p.add_argument("--beta", type=float, default=AUTHORS_COST["beta"],
@@ -392,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gptq", action="store_true", help="GPTQ error compensation (keeps full Hessians during "
                    "calibration; see `mc-gguf calibrate --help` for their size)")
     p.add_argument("--types", nargs="+", metavar="TYPE", help="candidate types (default: all)")
+    p.add_argument("--max-types", type=int, metavar="N", help=MAX_TYPES_HELP)
     from mc_gguf.compress import DEFAULT_COST
 
     p.add_argument("--alpha", type=float, default=DEFAULT_COST["alpha"],

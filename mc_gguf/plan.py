@@ -215,8 +215,12 @@ def make_plan(stats: CalibrationStats, bits: float, *, model_dir: str | Path | N
               per_projection: bool = False, types: list[str] | None = None,
               alpha: float = AUTHORS_COST["alpha"], beta: float = AUTHORS_COST["beta"],
               gamma: float = AUTHORS_COST["gamma"], non_expert: dict[str, str] | None = None,
-              stats_path: str | None = None) -> Plan:
-    """Choose every expert's type for an average of ``bits`` bits per weight over ``scope``."""
+              stats_path: str | None = None, max_types: int | None = None) -> Plan:
+    """Choose every expert's type for an average of ``bits`` bits per weight over ``scope``.
+
+    ``max_types`` bounds the distinct types (expert groups of the per-expert layout) in
+    every layer and projection.
+    """
     if layout not in LAYOUTS:
         raise McGgufError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     if scope not in SCOPES:
@@ -239,23 +243,26 @@ def make_plan(stats: CalibrationStats, bits: float, *, model_dir: str | Path | N
     hidden, ff = ckpt.expert_dims
     parts = ([(EPS_GATE_UP, ("gate", "up")), (EPS_DOWN, ("down",))] if per_projection
              else [(EPS_EXPERT, PROJECTIONS)])
-    units, costs, sizes = [], [], []
+    units, costs, sizes, tensor_of = [], [], [], []
     for bid, layer in enumerate(stats.layers):
-        for row, projections in parts:
+        for part, (row, projections) in enumerate(parts):
+            tensor = bid * len(parts) + part
             cost = significance_cost(layer.phi, layer.w, layer.eps[row][:, columns], alpha, beta, gamma)
             n = len(projections) * ff * hidden
             if layout == "stock":
                 units.append(_Unit(bid, tuple(range(ckpt.n_experts)), projections))
                 costs.append(cost.sum(axis=0))
                 sizes.append(n * ckpt.n_experts)
+                tensor_of.append(tensor)
             else:
                 for xid in range(ckpt.n_experts):
                     units.append(_Unit(bid, (xid,), projections))
                     costs.append(cost[xid])
                     sizes.append(n)
+                    tensor_of.append(tensor)
     bpw = np.array([quant_type(t).bits_per_weight for t in types])
     problem = AllocationProblem(cost=np.array(costs), bits_per_weight=bpw, n_weights=np.array(sizes),
-                                layer_of=np.array([u.bid for u in units]))
+                                layer_of=np.array([u.bid for u in units]), tensor_of=np.array(tensor_of))
 
     expert_budget = bits
     if scope == "model":
@@ -271,7 +278,7 @@ def make_plan(stats: CalibrationStats, bits: float, *, model_dir: str | Path | N
             raise InfeasibleBudgetError(
                 f"a budget of {bits:.3f} bits per weight over the whole model is infeasible with these types and "
                 f"non-expert tensors at {non_expert}; feasible budgets are {lo:.3f} to {hi:.3f}")
-    choice = allocate(problem, expert_budget, per_layer=per_layer)
+    choice = allocate(problem, expert_budget, per_layer=per_layer, max_types=max_types)
 
     experts: list[list[dict[str, str]]] = [[{} for _ in range(ckpt.n_experts)] for _ in range(ckpt.n_layers)]
     for unit, t in zip(units, choice):
@@ -280,7 +287,8 @@ def make_plan(stats: CalibrationStats, bits: float, *, model_dir: str | Path | N
                 experts[unit.bid][xid][projection] = types[t]
     plan = Plan(
         layout=layout, experts=experts, non_expert=non_expert,
-        budget={"bits": bits, "scope": scope, "per_layer": per_layer, "per_projection": per_projection},
+        budget={"bits": bits, "scope": scope, "per_layer": per_layer, "per_projection": per_projection,
+                "max_types": max_types},
         inputs={
             "stats": stats_path, "model": str(ckpt.path.resolve()), "text": stats.info.get("text"),
             "text_sha256": stats.info.get("text_sha256"), "n_tokens": stats.info.get("n_tokens"),

@@ -14,6 +14,8 @@ case once (so the machine's drift lands on all alike), medians over rounds:
 - a per-expert file of the same size: in every layer 3 experts Q3_K,
   2 Q4_K, 3 Q5_K (4.48 bits per weight against 4.5), three expert groups
   per projection (the layout and the types' own kernel speeds);
+- the uniform file's own bytes split into those three groups (paired
+  comparison only): the groups' cost alone, with no type changed;
 - uniform Q3_K and Q5_K files: the mixed file's types on their own (ggml's
   CPU kernels differ in speed per type; the mixed file's expected speed is
   the slot-weighted mean of its types' times per token);
@@ -88,6 +90,7 @@ def build_files(work: Path, quick: bool) -> dict[str, Path]:
     from mc_gguf.checkpoint import open_checkpoint
     from mc_gguf.plan import uniform_plan
     from mc_gguf.quantize import quantize_model
+    from mc_gguf.regroup import regroup_experts
     from mc_gguf.tiny import build_tiny_mixtral
 
     spec = model_spec(quick)
@@ -108,6 +111,12 @@ def build_files(work: Path, quick: bool) -> dict[str, Path]:
         if not path.exists():
             print(f"quantizing {path.name} ...", file=sys.stderr, flush=True)
             quantize_model(model_dir, plans[name], path, progress=not quick)
+    # the uniform file's very bytes in the mixed file's groups: what the groups alone cost
+    files["q4_groups"] = model_dir.with_name(model_dir.name + f"-{UNIFORM_TYPE}-groups.gguf")
+    if not files["q4_groups"].exists():
+        types = mixed_plan(ckpt).projection_types(0, "gate")
+        partition = {g: [x for x, t in enumerate(types) if t == name] for g, name in enumerate(sorted(set(types)))}
+        regroup_experts(files["uniform"], files["q4_groups"], model_dir, partition)
     return files
 
 
@@ -192,8 +201,8 @@ def paired_decode(paths: dict[str, str], prompt: list[int], decode: list[int], b
     """Decode speed of several files in one process, in alternating blocks of ``block`` tokens.
 
     Every file decodes the same token stream at the same positions; block i of every file
-    runs before block i + 1 of any, so drift slower than a few blocks (other tenants, clock
-    changes) lands on all files alike. Per file: tokens/s over all blocks, and each block's
+    runs before block i + 1 of any (every other turn in reverse order), so drift slower than
+    a few blocks (other tenants, clock changes) lands on all files alike. Per file: tokens/s over all blocks, and each block's
     time over the first file's time in the same block, whose median and quartiles say how
     tight the comparison is.
     """
@@ -206,8 +215,9 @@ def paired_decode(paths: dict[str, str], prompt: list[int], decode: list[int], b
         llm.eval(prompt)
         llm.eval(decode[:1])  # warm: page cache, graph
     seconds = {name: [] for name in models}
-    for start in range(1, len(decode), block):
-        for name, llm in models.items():
+    for turn, start in enumerate(range(1, len(decode), block)):
+        # every other turn in reverse order, so that no file always follows the same one
+        for name, llm in (list(models.items()) if turn % 2 == 0 else list(models.items())[::-1]):
             started = time.perf_counter()
             for token in decode[start:start + block]:
                 llm.eval([token])
@@ -295,10 +305,10 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=256, help="prefill length (default: 256)")
     parser.add_argument("--decode-tokens", type=int, default=64, help="decoded tokens per run (default: 64)")
     parser.add_argument("--repeats", type=int, default=5, help="rounds, median reported (default: 5)")
-    parser.add_argument("--paired-tokens", type=int, default=512,
-                        help="tokens each file decodes in the paired comparison (default: 512)")
-    parser.add_argument("--paired-block", type=int, default=8,
-                        help="tokens per turn in the paired comparison (default: 8)")
+    parser.add_argument("--paired-tokens", type=int, default=768,
+                        help="tokens each file decodes in the paired comparison (default: 768)")
+    parser.add_argument("--paired-block", type=int, default=2,
+                        help="tokens per turn in the paired comparison (default: 2)")
     parser.add_argument("--no-stock", action="store_true", help="skip the unpatched llama.cpp baseline")
     parser.add_argument("--json", help="also write the JSON here")
     parser.add_argument("--png", help="write a bar chart here")
@@ -347,6 +357,7 @@ def main() -> int:
     # tighter comparison than separate processes, whose speeds drift apart by several percent
     paired_names = {f"uniform {UNIFORM_TYPE}": "uniform", f"per-expert layout, one {UNIFORM_TYPE} group": "one_group",
                     "per-expert Q3_K/Q4_K/Q5_K": "per_expert",
+                    f"per-expert layout, three {UNIFORM_TYPE} groups": "q4_groups",
                     **{f"uniform {t}": f"uniform {t}" for t in OTHER_MIXED_TYPES}}
     paired_stream = rng.integers(3, 32000, args.paired_tokens + 1).tolist()
     paired = in_subprocess({"paths": {name: str(files[key]) for name, key in paired_names.items()},

@@ -22,14 +22,15 @@ def random_problem(seed: int, n_layers: int = 2, n_experts: int = 4) -> Allocati
                              n_weights=rng.choice([1000, 2000], total), layer_of=np.repeat(np.arange(n_layers), n_experts))
 
 
-def brute_force(problem: AllocationProblem, budget: float, per_layer: bool) -> float:
+def brute_force(problem: AllocationProblem, budget: float, per_layer: bool, max_types: int | None = None) -> float:
     best = np.inf
     n_experts = len(problem.n_weights)
     for choice in itertools.product(range(len(BPW)), repeat=n_experts):
         choice = np.array(choice)
         groups = [problem.layer_of == layer for layer in np.unique(problem.layer_of)] if per_layer \
             else [np.ones(n_experts, bool)]
-        ok = True
+        ok = max_types is None or all(len(set(choice[problem.tensor_of == s])) <= max_types
+                                      for s in np.unique(problem.tensor_of))
         for g in groups:
             n = problem.n_weights[g]
             if (n * BPW[choice[g]]).sum() > budget * n.sum() + 1e-9:
@@ -61,3 +62,40 @@ def test_budget_outside_the_types_names_the_feasible_range(budget, where):
 def test_budget_at_the_largest_type_gives_every_expert_the_largest():
     choice = allocate(random_problem(1), float(BPW.max()))
     assert (choice == len(BPW) - 1).all()
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("max_types", [1, 2])
+def test_bounded_types_per_tensor_match_brute_force(seed, max_types):
+    # two tensors per layer of two experts each (as gate+up and down would be with --per-projection)
+    problem = random_problem(seed)
+    problem.tensor_of = np.repeat(np.arange(4), 2)
+    budget = 2.6
+    choice = allocate(problem, budget, max_types=max_types)
+    for tensor in range(4):
+        assert len(set(choice[problem.tensor_of == tensor])) <= max_types
+    got = problem.cost[np.arange(len(choice)), choice].sum()
+    assert got == pytest.approx(brute_force(problem, budget, False, max_types), rel=1e-9)
+    assert average_bits(problem, choice) <= budget + 1e-9
+
+
+def test_the_bound_binds():
+    """Where the free optimum mixes three types in a tensor, the bound of two must cost something."""
+    for seed in range(50):
+        problem = random_problem(seed, n_layers=1, n_experts=6)
+        problem.tensor_of = np.zeros(6, dtype=int)
+        free = allocate(problem, 2.6)
+        if len(set(free)) == 3:
+            break
+    else:
+        pytest.fail("no seed gives a free optimum of three types")
+    bounded = allocate(problem, 2.6, max_types=2)
+    assert len(set(bounded)) <= 2
+    assert problem.cost[np.arange(6), bounded].sum() > problem.cost[np.arange(6), free].sum()
+
+
+def test_bounded_types_conflicting_with_per_layer_is_infeasible():
+    problem = random_problem(0)
+    problem.tensor_of = problem.layer_of
+    with pytest.raises(InfeasibleBudgetError, match="with at most 1 type per tensor"):
+        allocate(problem, 2.5, per_layer=True, max_types=1)

@@ -40,7 +40,7 @@ def test_bench_speed_quick(tmp_path):
     # the paired comparison: every layout and type against the uniform file, itself at exactly 1
     paired = report["paired_decode"]["files"]
     assert set(paired) == {"uniform Q4_K", "per-expert layout, one Q4_K group", "per-expert Q3_K/Q4_K/Q5_K",
-                           "uniform Q3_K", "uniform Q5_K"}
+                           "per-expert layout, three Q4_K groups", "uniform Q3_K", "uniform Q5_K"}
     assert paired["uniform Q4_K"]["speed_ratio"] == 1.0
     assert all(r["speed_ratio"] > 0 and r["decode_tok_s"] > 0 for r in paired.values())
 

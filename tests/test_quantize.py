@@ -13,6 +13,7 @@ from mc_gguf.checkpoint import open_checkpoint
 from mc_gguf.expert_layout import PROJECTIONS
 from mc_gguf.plan import Plan, make_plan, uniform_plan
 from mc_gguf.quantize import KEY_GROUPS, quantize_model
+from mc_gguf.regroup import regroup_experts
 
 from helpers import PROMPT, llama_cpp_logits, transformers_logits
 
@@ -145,41 +146,6 @@ def test_uniform_plan_without_statistics_needs_no_imatrix_for_k_quants(tiny_mode
     assert not (tmp_path / "iq2.gguf").exists()
 
 
-def regrouped_copy(stock_path, out_path, tiny_model_dir, partition: dict[int, list[int]],
-                   down_partition: dict[int, list[int]] | None = None):
-    """A per-expert file holding exactly the stock file's expert bytes, split into groups by ``partition``
-    (group -> its experts, the same for every layer; for gate and up, and for down unless
-    ``down_partition`` is given)."""
-    from mc_gguf.convert import model_metadata
-    from mc_gguf.write import OutputTensor, write_gguf
-
-    ckpt = open_checkpoint(tiny_model_dir)
-    reader = gguf.GGUFReader(stock_path)
-    partitions = {"gate": partition, "up": partition, "down": down_partition or partition}
-
-    def group_of(projection: str) -> list[int]:
-        return [g for x in range(ckpt.n_experts) for g, members in partitions[projection].items() if x in members]
-
-    tensors = []
-    for t in reader.tensors:
-        shape = tuple(int(d) for d in reversed(t.shape))
-        data = np.array(t.data)
-        if "_exps" not in t.name:
-            tensors.append(OutputTensor(t.name, shape, t.tensor_type, lambda data=data: data))
-            continue
-        projection = t.name.split(".")[2][len("ffn_"):-len("_exps")]
-        for g, members in sorted(partitions[projection].items()):
-            name = t.name.replace(".weight", f".g{g}.weight")
-            tensors.append(OutputTensor(name, (len(members), *shape[1:]), t.tensor_type,
-                                        lambda data=data, members=members: data[members]))
-
-    def add_metadata(writer):
-        model_metadata(ckpt, gguf.LlamaFileType.GUESSED)(writer)
-        writer.add_array(KEY_GROUPS, [g for projection in PROJECTIONS for g in group_of(projection)] * ckpt.n_layers)
-
-    return write_gguf(out_path, "llama", add_metadata, tensors, progress=False)
-
-
 # gate/up and down grouped alike (down runs on each group's own activation), and differently
 # (the activations are summed over the groups first)
 REGROUPINGS = {
@@ -200,7 +166,7 @@ def stock_q4(calibration, tiny_model_dir, tmp_path_factory):
 def test_experts_split_into_groups_give_the_stock_files_logits_exactly(stock_q4, tiny_model_dir, tmp_path,
                                                                        prompt_ids, regrouping):
     """The runtime's group mechanics alone: same bytes, regrouped, must compute the same numbers."""
-    grouped = regrouped_copy(stock_q4, tmp_path / "grouped.gguf", tiny_model_dir, *REGROUPINGS[regrouping])
+    grouped = regroup_experts(stock_q4, tmp_path / "grouped.gguf", tiny_model_dir, *REGROUPINGS[regrouping])
     expected = llama_cpp_logits(stock_q4, prompt_ids)
     np.testing.assert_array_equal(llama_cpp_logits(grouped, prompt_ids), expected)
     # single tokens (decode) as well as a prompt batch
@@ -215,7 +181,7 @@ def test_pruned_slots_are_skipped_alike_in_groups(stock_q4, tiny_model_dir, tmp_
 
     from mc_gguf.run import load
 
-    grouped = regrouped_copy(stock_q4, tmp_path / "grouped.gguf", tiny_model_dir, *REGROUPINGS[regrouping])
+    grouped = regroup_experts(stock_q4, tmp_path / "grouped.gguf", tiny_model_dir, *REGROUPINGS[regrouping])
     settings = dict(n_ctx=512, logits_all=True, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=False,
                     mu=0.97, protect_ratio=0.1)
     for n_batch in (512, 1):
@@ -231,18 +197,14 @@ def test_pruned_slots_are_skipped_alike_in_groups(stock_q4, tiny_model_dir, tmp_
         np.testing.assert_array_equal(got, expected)
 
 
-def test_corrupted_group_map_fails_to_load_cleanly(calibration, tiny_model_dir, tmp_path):
+def test_corrupted_group_map_fails_to_load_cleanly(stock_q4, tiny_model_dir, tmp_path):
     from llama_cpp import Llama
 
     from mc_gguf.errors import GGUFFileError
     from mc_gguf.gguf_edit import MetadataDetails, rewrite_metadata
     from mc_gguf.run import load
 
-    _, stats = calibration
-    ckpt = open_checkpoint(tiny_model_dir)
-    stock = quantize_model(tiny_model_dir, uniform_plan(ckpt, "Q4_K"), tmp_path / "stock.gguf", stats=stats,
-                           progress=False)
-    grouped = regrouped_copy(stock, tmp_path / "grouped.gguf", tiny_model_dir, {0: [0, 1], 1: [2, 3]})
+    grouped = regroup_experts(stock_q4, tmp_path / "grouped.gguf", tiny_model_dir, {0: [0, 1], 1: [2, 3]})
     good = gguf.GGUFReader(grouped).fields[KEY_GROUPS].contents()
     corruptions = {
         "moved": (good[:1] + [1] + good[2:], "holds 2 experts, the map puts"),      # counts no longer match
