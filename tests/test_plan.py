@@ -125,6 +125,25 @@ def test_plan_file_round_trip_and_bad_plans(calibration, tiny_model_dir, tmp_pat
         load_plan(tmp_path / "torn.json")
 
 
+@pytest.mark.parametrize("per_projection", [False, True])
+def test_max_types_bounds_the_groups_of_every_layer_and_projection(calibration, tiny_model_dir, tmp_path,
+                                                                   per_projection):
+    path, stats = calibration
+    free = make_plan(stats, 3.0, model_dir=tiny_model_dir, per_projection=per_projection)
+    out = tmp_path / "plan.json"
+    args = ["allocate", str(path), "--bits", "3.0", "--max-types", "1", "--model", str(tiny_model_dir), "-o", str(out)]
+    assert main(args + (["--per-projection"] if per_projection else [])) == 0
+    bounded = load_plan(out)
+    assert bounded.budget["max_types"] == 1 and bounded.predicted["expert_bpw"] <= 3.0 + 1e-9
+    for layer in bounded.experts:
+        for projection in PROJECTIONS:
+            assert len({expert[projection] for expert in layer}) == 1
+    # one type per tensor is what the stock layout allocates: the same optimum
+    stock = make_plan(stats, 3.0, model_dir=tiny_model_dir, layout="stock", per_projection=per_projection)
+    assert bounded.inputs["cost"] == pytest.approx(stock.inputs["cost"])
+    assert bounded.inputs["cost"] >= free.inputs["cost"] - 1e-12
+
+
 def test_allocate_and_plan_show_commands(calibration, tiny_model_dir, tmp_path, capsys):
     path, _ = calibration
     out, png = tmp_path / "plan.json", tmp_path / "plan.png"
