@@ -126,6 +126,16 @@ MAX_TYPES_HELP = ("at most N types (expert groups of the per-expert layout) in e
                   "faster at some cost in quality (default: no bound)")
 
 
+def _add_cost_arguments(p: argparse.ArgumentParser, defaults: dict[str, float], gamma_note: str) -> None:
+    """--alpha/--beta/--gamma, the exponents of the significance cost phi^alpha * w^beta * eps^gamma."""
+    p.add_argument("--alpha", type=float, default=defaults["alpha"],
+                   help=f"exponent of the activation frequency (default: {defaults['alpha']:g})")
+    p.add_argument("--beta", type=float, default=defaults["beta"],
+                   help=f"exponent of the routing weight (default: {defaults['beta']:g})")
+    p.add_argument("--gamma", type=float, default=defaults["gamma"],
+                   help=f"exponent of the quantization error (default: {defaults['gamma']:g}, {gamma_note})")
+
+
 def _cmd_allocate(args: argparse.Namespace) -> None:
     from mc_gguf.plan import make_plan, validate_plan
     from mc_gguf.plan_show import describe_plan
@@ -361,13 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-projection", action="store_true",
                    help="a type for gate+up and another for down (errors treated as additive)")
     p.add_argument("--max-types", type=int, metavar="N", help=MAX_TYPES_HELP)
-    p.add_argument("--alpha", type=float, default=AUTHORS_COST["alpha"],
-                   help=f"exponent of the activation frequency (default: {AUTHORS_COST['alpha']:g})")
-    p.add_argument("--beta", type=float, default=AUTHORS_COST["beta"],
-                   help=f"exponent of the routing weight (default: {AUTHORS_COST['beta']:g})")
-    p.add_argument("--gamma", type=float, default=AUTHORS_COST["gamma"],
-                   help=f"exponent of the quantization error (default: {AUTHORS_COST['gamma']:g}, "
-                   "as the authors' code; the paper writes 2)")
+    _add_cost_arguments(p, AUTHORS_COST, "as the authors' code; the paper writes 2")
     p.add_argument("--tensor-type", action="append", default=[], metavar="CLASS=TYPE",
                    help="type of a non-expert class: token_embd, output or attn (defaults: "
                         + ", ".join(f"{k}={v}" for k, v in NON_EXPERT_DEFAULTS.items()) + "); norms and router stay F32")
@@ -402,13 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-types", type=int, metavar="N", help=MAX_TYPES_HELP)
     from mc_gguf.compress import DEFAULT_COST
 
-    p.add_argument("--alpha", type=float, default=DEFAULT_COST["alpha"],
-                   help=f"exponent of the activation frequency (default: {DEFAULT_COST['alpha']:g})")
-    p.add_argument("--beta", type=float, default=DEFAULT_COST["beta"],
-                   help=f"exponent of the routing weight (default: {DEFAULT_COST['beta']:g})")
-    p.add_argument("--gamma", type=float, default=DEFAULT_COST["gamma"],
-                   help=f"exponent of the quantization error (default: {DEFAULT_COST['gamma']:g}: "
-                   "the summed squared MoE-block output error; `allocate` keeps the authors' 1, 1.5, 1)")
+    _add_cost_arguments(p, DEFAULT_COST, "the summed squared MoE-block output error; `allocate` keeps the "
+                        "authors' 1, 1.5, 1")
     p.add_argument("--tokens", type=int, default=defaults.n_tokens,
                    help=f"calibration tokens (default: {defaults.n_tokens})")
     p.add_argument("--seq-len", type=int, default=defaults.seq_len,

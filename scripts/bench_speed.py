@@ -9,8 +9,9 @@ separate processes, each on all cores, in --repeats rounds that run every
 case once (so the machine's drift lands on all alike), medians over rounds:
 - uniform Q4_K experts, on stock llama.cpp (the unpatched build of the same
   sdist) and on the patched runtime;
-- the same experts in the per-expert layout (one Q4_K group per
-  projection: what the layout itself costs);
+- the same experts in the per-expert layout: one type per projection keeps
+  the stock tensor, so this runs the stock graph (the comparison's noise
+  floor);
 - a per-expert file of the same size: in every layer 3 experts Q3_K,
   2 Q4_K, 3 Q5_K (4.48 bits per weight against 4.5), three expert groups
   per projection (the layout and the types' own kernel speeds);
@@ -24,11 +25,12 @@ case once (so the machine's drift lands on all alike), medians over rounds:
   on the runtime's own slot counters during decoding).
 Decoding feeds a fixed seeded token stream one token per call, so every case
 routes the same tokens. Separate processes drift apart by several percent, so
-the layout comparison is also made in one process: the uniform, per-expert and
-uniform Q3_K/Q5_K files loaded side by side decode the same stream in turns of
+the layouts and types are also compared in one process: all files but the
+pruned ones, loaded side by side, decode the same stream in turns of
 --paired-block tokens, and each file's speed is reported relative to the
-uniform Q4_K file's in the same turns ("paired_decode"). The machine's read bandwidth is measured in the same
-run (a streaming sum over a large array, one thread per core); a decoded token
+uniform Q4_K file's in the same turns ("paired_decode"). The machine's read
+bandwidth is measured in the same run (a streaming sum over a large array, one
+thread per core); a decoded token
 must read every non-expert matrix but the embedding table, and the chosen
 experts' matrices: bytes / bandwidth is the limit, achieved / limit the ratio.
 Prints one JSON object; --json and --png write it and a bar chart.
@@ -114,7 +116,7 @@ def build_files(work: Path, quick: bool) -> dict[str, Path]:
     # the uniform file's very bytes in the mixed file's groups: what the groups alone cost
     files["q4_groups"] = model_dir.with_name(model_dir.name + f"-{UNIFORM_TYPE}-groups.gguf")
     if not files["q4_groups"].exists():
-        types = mixed_plan(ckpt).projection_types(0, "gate")
+        types = plans["per_expert"].projection_types(0, "gate")
         partition = {g: [x for x, t in enumerate(types) if t == name] for g, name in enumerate(sorted(set(types)))}
         regroup_experts(files["uniform"], files["q4_groups"], model_dir, partition)
     return files
@@ -202,9 +204,9 @@ def paired_decode(paths: dict[str, str], prompt: list[int], decode: list[int], b
 
     Every file decodes the same token stream at the same positions; block i of every file
     runs before block i + 1 of any (every other turn in reverse order), so drift slower than
-    a few blocks (other tenants, clock changes) lands on all files alike. Per file: tokens/s over all blocks, and each block's
-    time over the first file's time in the same block, whose median and quartiles say how
-    tight the comparison is.
+    a few blocks (other tenants, clock changes) lands on all files alike. Per file: tokens/s
+    over all blocks, and each block's time over the first file's time in the same block,
+    whose quartiles say how tight the comparison is.
     """
     from mc_gguf.run import load
 
