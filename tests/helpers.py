@@ -1,9 +1,10 @@
 """Logits from both engines, importable by tests and runnable as a script in a subprocess.
 
 As a script it lets a test run llama_cpp on another library build
-(LLAMA_CPP_LIB_PATH must be set before llama_cpp is imported):
+(LLAMA_CPP_LIB_PATH must be set before llama_cpp is imported) or with another
+environment (LLAMA_MC_EXPERT_GROUPS_SPLIT is read once per process):
 
-    python helpers.py MODEL.gguf IDS_JSON OUT.npy
+    python helpers.py MODEL.gguf IDS_JSON OUT.npy [LLAMA_KWARGS_JSON]
 """
 
 from __future__ import annotations
@@ -36,13 +37,19 @@ def llama_cpp_logits(gguf_path: Path, token_ids: list[int], **kwargs) -> np.ndar
     """
     from llama_cpp import GGML_TYPE_F32, Llama
 
-    settings = {"n_ctx": 512, "n_batch": 512, **kwargs}
-    llm = Llama(model_path=str(gguf_path), logits_all=True, verbose=False,
-                type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=False, seed=0, **settings)
+    settings = {"n_ctx": 512, "n_batch": 512, "logits_all": True, "verbose": False, "type_k": GGML_TYPE_F32,
+                "type_v": GGML_TYPE_F32, "flash_attn": False, "seed": 0, **kwargs}
+    if "mu" in settings or "protect_ratio" in settings:
+        from mc_gguf.run import load  # ODP settings: the patched runtime's loader
+
+        llm = load(gguf_path, **settings)
+    else:
+        llm = Llama(model_path=str(gguf_path), **settings)
     llm.eval(token_ids)
     return np.array(llm.scores[: len(token_ids)], dtype=np.float32)
 
 
 if __name__ == "__main__":
     model, ids_json, out = sys.argv[1:4]
-    np.save(out, llama_cpp_logits(Path(model), json.loads(ids_json)))
+    kwargs = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
+    np.save(out, llama_cpp_logits(Path(model), json.loads(ids_json), **kwargs))

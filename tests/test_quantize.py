@@ -197,6 +197,28 @@ def test_pruned_slots_are_skipped_alike_in_groups(stock_q4, tiny_model_dir, tmp_
         np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("regrouping", REGROUPINGS)
+def test_group_by_group_graph_gives_the_same_logits(stock_q4, tiny_model_dir, tmp_path, prompt_ids, regrouping):
+    """The graph backends without MUL_MAT_ID_GROUPS run (one MUL_MAT_ID per group, their outputs
+    summed), forced on the CPU: the stock file's numbers, with and without pruned slots."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    grouped = regroup_experts(stock_q4, tmp_path / "grouped.gguf", tiny_model_dir, *REGROUPINGS[regrouping])
+    env = {**os.environ, "LLAMA_MC_EXPERT_GROUPS_SPLIT": "1"}
+    helpers = Path(__file__).parent / "helpers.py"
+    for kwargs in ({"n_batch": 512}, {"n_batch": 1}, {"n_batch": 512, "mu": 0.97, "protect_ratio": 0.1},
+                   {"n_batch": 1, "mu": 0.97, "protect_ratio": 0.1}):
+        out = tmp_path / "split.npy"
+        subprocess.run([sys.executable, str(helpers), str(grouped), json.dumps(prompt_ids), str(out),
+                        json.dumps(kwargs)], env=env, check=True, capture_output=True)
+        np.testing.assert_array_equal(np.load(out), llama_cpp_logits(stock_q4, prompt_ids, **kwargs),
+                                      err_msg=str(kwargs))
+
+
 def test_corrupted_group_map_fails_to_load_cleanly(stock_q4, tiny_model_dir, tmp_path):
     from llama_cpp import Llama
 

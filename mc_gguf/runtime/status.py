@@ -11,7 +11,7 @@ from mc_gguf.errors import RuntimeMissingError
 from mc_gguf.runtime.build import BuildFlags, build_key, installed_build_info
 
 # The LLAMA_MC_PATCH_LEVEL that this version of the bindings needs.
-REQUIRED_PATCH_LEVEL = 4
+REQUIRED_PATCH_LEVEL = 5
 
 
 @dataclass
