@@ -19,8 +19,9 @@ type's bits per weight include its scales):
 Optionally, at most K distinct types among the experts stored in one tensor
 (a layer and projection): binary z(s, b) >= x(e, b) for the experts e of
 tensor s, and sum_b z(s, b) <= K. In the per-expert layout each distinct type
-is a group the runtime computes with graph nodes of its own, so fewer types
-decode faster; K = 1 is llama.cpp's one type per tensor.
+is a group: on the CPU one op computes all groups of a projection, but GPU
+backends run each group as its own ops, so fewer types decode faster there;
+K = 1 is llama.cpp's one type per tensor.
 """
 
 from __future__ import annotations

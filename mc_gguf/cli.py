@@ -122,8 +122,8 @@ def _parse_non_expert(items: list[str]) -> dict[str, str]:
 
 
 MAX_TYPES_HELP = ("at most N types (expert groups of the per-expert layout) in every layer and projection: "
-                  "each group costs graph nodes of its own on every decoded token, so fewer groups decode "
-                  "faster at some cost in quality (default: no bound)")
+                  "GPU backends run each group as ops of its own on every decoded token (the CPU runs them "
+                  "in one), so fewer groups decode faster there, at some cost in quality (default: no bound)")
 
 
 def _add_cost_arguments(p: argparse.ArgumentParser, defaults: dict[str, float], gamma_note: str) -> None:

@@ -20,8 +20,8 @@ from mc_gguf.runtime.build import installed_library_dir, patched_source
 
 
 def _run_ggml_test(name: str, tmp_path) -> tuple[int, str]:
-    """Compile tests/NAME.cpp of the patched tree against the installed libggml, run it,
-    and return its number of passed cases (after checking that none failed)."""
+    """Compile tests/NAME.cpp of the patched tree against the installed libggml, run it, check
+    that no case failed, and return its number of passed cases and its output."""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         pytest.fail(f"a C++ compiler is needed to build {name}")
