@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from mc_gguf.convert import convert
-from mc_gguf.odp_calibrate import calibrate_odp
-from mc_gguf.run import load
+from mc_gguf.evaluate.run import load
+from mc_gguf.gguf_io.convert import convert
+from mc_gguf.hf.tiny import TinyMixtralSpec, build_tiny_mixtral
+from mc_gguf.prune.calibration import calibrate_odp
 from mc_gguf.runtime.status import require_patched_runtime
-from mc_gguf.tiny import TinyMixtralSpec, build_tiny_mixtral
 
 PROMPT = "The quick brown fox"
 

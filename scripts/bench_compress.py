@@ -31,22 +31,21 @@ from pathlib import Path
 
 from bench_odp import BENCH, decode_tokens_per_second
 
-from mc_gguf.allocate import AUTHORS_COST
-from mc_gguf.calib_text import read_text
-from mc_gguf.calibrate import CalibrationSettings, calibrate
-from mc_gguf.checkpoint import open_checkpoint
-from mc_gguf.compress import DEFAULT_COST
-from mc_gguf.convert import convert
-from mc_gguf.evaluate import score, windows
-from mc_gguf.plan import make_plan, uniform_plan
-from mc_gguf.quantize import quantize_model
-from mc_gguf.run import load
-from mc_gguf.stats import load_stats
+from mc_gguf.allocate.allocation import allocate, uniform_plan
+from mc_gguf.allocate.cost import AUTHORS_COST, COMPRESS_COST
+from mc_gguf.calibrate.calibration import CalibrationSettings, calibrate
+from mc_gguf.calibrate.stats import load_stats
+from mc_gguf.calibrate.text import read_text
+from mc_gguf.evaluate.perplexity import score, windows
+from mc_gguf.evaluate.run import load
+from mc_gguf.gguf_io.convert import convert
+from mc_gguf.hf.checkpoint import open_checkpoint
+from mc_gguf.quantize.quantization import quantize
 
 UNIFORM = ("IQ2_XXS", "IQ2_XS", "Q2_K", "IQ3_XXS", "Q3_K", "Q4_K")
 Q8_NON_EXPERT = {"token_embd": "Q8_0", "output": "Q8_0", "attn": "Q8_0"}
 # cost exponents (alpha, beta, gamma): allocate's default, compress's default
-COSTS = {"authors": AUTHORS_COST, "sq-error": DEFAULT_COST}
+COSTS = {"authors": AUTHORS_COST, "sq-error": COMPRESS_COST}
 
 
 def main() -> int:
@@ -90,7 +89,7 @@ def main() -> int:
     for bits in args.bits:
         for layout in ("per-expert", "stock"):
             for cost_name, cost in COSTS.items():
-                plan = make_plan(stats, bits, model_dir=args.model, layout=layout, types=args.types,
+                plan = allocate(stats, bits, model_dir=args.model, layout=layout, types=args.types,
                                  non_expert=Q8_NON_EXPERT, **cost)
                 configs.append((f"mc {layout} {bits} {cost_name}", plan, False))
                 configs.append((f"mc {layout} {bits} {cost_name} gptq", plan, True))
@@ -98,7 +97,7 @@ def main() -> int:
     rows = []
     for name, plan, gptq in configs:
         path = work / (name.replace(" ", "-") + ".gguf")
-        quantize_model(args.model, plan, path, stats=stats, gptq=gptq, progress=False)
+        quantize(args.model, plan, path, stats=stats, gptq=gptq, progress=False)
         llm = load(path, odp=False, n_ctx=args.ctx, n_batch=args.ctx, logits_all=True)
         for result in score(llm, token_windows, reference):
             pass

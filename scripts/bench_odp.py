@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mc_gguf.convert import convert
-from mc_gguf.evaluate import score, windows
-from mc_gguf.odp_calibrate import calibrate_odp
-from mc_gguf.run import load
+from mc_gguf.evaluate.perplexity import score, windows
+from mc_gguf.evaluate.run import load
+from mc_gguf.gguf_io.convert import convert
+from mc_gguf.prune.calibration import calibrate_odp
 
 BENCH = Path(__file__).resolve().parent.parent.parent / "shared" / "bench"
 

@@ -91,14 +91,15 @@ def llama_cpp_files(tools: Path, f16: Path, calib: Path, work: Path, args) -> li
 
 def mc_gguf_files(model: str, stats, work: Path, args) -> list[dict]:
     """mc-gguf's files: compress's plans at each budget and layout, GPTQ, and ODP thresholds."""
-    from mc_gguf.compress import DEFAULT_COST, odp_from_stats
-    from mc_gguf.plan import make_plan
-    from mc_gguf.quantize import quantize_model
+    from mc_gguf.allocate.allocation import allocate
+    from mc_gguf.allocate.cost import COMPRESS_COST
+    from mc_gguf.prune.calibration import odp_from_stats
+    from mc_gguf.quantize.quantization import quantize
 
     configs = []
     for bits in args.bits:
         for layout in ("per-expert", "stock"):
-            plan = make_plan(stats, bits, model_dir=model, layout=layout, non_expert=Q8_NON_EXPERT, **DEFAULT_COST)
+            plan = allocate(stats, bits, model_dir=model, layout=layout, non_expert=Q8_NON_EXPERT, **COMPRESS_COST)
             variants = [("", False, None)]
             if layout == "per-expert" and stats.has_hessian:
                 variants.append((" gptq", True, None))
@@ -108,7 +109,7 @@ def mc_gguf_files(model: str, stats, work: Path, args) -> list[dict]:
                 name = f"mc-gguf {layout} {bits}{suffix}"
                 odp = odp_from_stats(stats, skip) if skip else None
                 path = produce(work / (name.replace(" ", "-").replace("%", "") + ".gguf"),
-                               lambda tmp, p=plan, g=gptq, o=odp: quantize_model(
+                               lambda tmp, p=plan, g=gptq, o=odp: quantize(
                                    model, p, tmp, stats=stats, gptq=g, odp=o, progress=False))
                 configs.append({"name": name, "family": "mc-gguf", "path": path, "bits": bits, "layout": layout,
                                 "gptq": gptq, "odp_target_skip": skip})
@@ -166,8 +167,8 @@ def plot(rows: list[dict], png: Path, title: str) -> None:
 
 def quick_inputs(work: Path) -> tuple[str, Path, Path]:
     """A tiny seeded model and two halves of mc-gguf's default calibration text."""
-    from mc_gguf.calib_text import default_text
-    from mc_gguf.tiny import build_tiny_mixtral
+    from mc_gguf.calibrate.text import default_text
+    from mc_gguf.hf.tiny import build_tiny_mixtral
 
     model = work / "tiny-model"
     if not (model / "config.json").exists():
@@ -197,13 +198,13 @@ def main() -> int:
     args = parser.parse_args()
     args.recipes, args.expert_types = RECIPES, EXPERT_TYPES
 
-    from mc_gguf.calib_text import read_text
-    from mc_gguf.calibrate import CalibrationSettings, calibrate
-    from mc_gguf.convert import convert
-    from mc_gguf.evaluate import EvalSettings, evaluate_gguf
-    from mc_gguf.inspect_gguf import inspect_gguf
-    from mc_gguf.runtime.build import stock_tools_dir
-    from mc_gguf.stats import load_stats
+    from mc_gguf.calibrate.calibration import CalibrationSettings, calibrate
+    from mc_gguf.calibrate.stats import load_stats
+    from mc_gguf.calibrate.text import read_text
+    from mc_gguf.evaluate.perplexity import EvalSettings, evaluate_gguf
+    from mc_gguf.gguf_io.convert import convert
+    from mc_gguf.gguf_io.inspect import inspect_gguf
+    from mc_gguf.runtime.stock import stock_tools_dir
 
     started = time.perf_counter()
     work = Path(args.workdir)

@@ -64,7 +64,7 @@ OTHER_MIXED_TYPES = sorted(set(MIXED_TYPES) - {UNIFORM_TYPE})
 
 
 def model_spec(quick: bool):
-    from mc_gguf.tiny import TinyMixtralSpec
+    from mc_gguf.hf.tiny import TinyMixtralSpec
 
     if quick:
         return TinyMixtralSpec(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_local_experts=8,
@@ -75,8 +75,9 @@ def model_spec(quick: bool):
 
 def mixed_plan(ckpt, seed: int = 0):
     """Per-expert layout: every layer's experts at MIXED_TYPES in a seeded order, one type per expert."""
-    from mc_gguf.plan import Plan, predict
-    from mc_gguf.quant_types import quant_type
+    from mc_gguf.allocate.plan import Plan
+    from mc_gguf.allocate.size import predict
+    from mc_gguf.ggml.types import quant_type
 
     rng = np.random.default_rng(seed)
     experts = [[dict.fromkeys(("gate", "up", "down"), MIXED_TYPES[i % len(MIXED_TYPES)])
@@ -89,11 +90,11 @@ def mixed_plan(ckpt, seed: int = 0):
 
 def build_files(work: Path, quick: bool) -> dict[str, Path]:
     """The synthetic checkpoint and its two GGUF files, reused when already in ``work``."""
-    from mc_gguf.checkpoint import open_checkpoint
-    from mc_gguf.plan import uniform_plan
-    from mc_gguf.quantize import quantize_model
-    from mc_gguf.regroup import regroup_experts
-    from mc_gguf.tiny import build_tiny_mixtral
+    from mc_gguf.allocate.allocation import uniform_plan
+    from mc_gguf.gguf_io.regroup import regroup_experts
+    from mc_gguf.hf.checkpoint import open_checkpoint
+    from mc_gguf.hf.tiny import build_tiny_mixtral
+    from mc_gguf.quantize.quantization import quantize
 
     spec = model_spec(quick)
     model_dir = work / f"model-{spec.hidden_size}x{spec.intermediate_size}x{spec.num_hidden_layers}"
@@ -112,7 +113,7 @@ def build_files(work: Path, quick: bool) -> dict[str, Path]:
     for name, path in files.items():
         if not path.exists():
             print(f"quantizing {path.name} ...", file=sys.stderr, flush=True)
-            quantize_model(model_dir, plans[name], path, progress=not quick)
+            quantize(model_dir, plans[name], path, progress=not quick)
     # the uniform file's very bytes in the mixed file's groups: what the groups alone cost
     files["q4_groups"] = model_dir.with_name(model_dir.name + f"-{UNIFORM_TYPE}-groups.gguf")
     if not files["q4_groups"].exists():
@@ -126,7 +127,7 @@ def bytes_per_token(path: Path) -> dict:
     """Bytes a decoded token reads: all matrices but the embedding table, and the mean of n_used experts."""
     from gguf import GGUFReader
 
-    from mc_gguf.gguf_edit import field_value
+    from mc_gguf.gguf_io.edit import field_value
 
     reader = GGUFReader(path)
     arch = field_value(reader, "general.architecture")
@@ -169,7 +170,7 @@ def measure(path: Path, *, odp: bool, mu: float | None, stock: bool, prompt: lis
 
         llm = Llama(model_path=str(path), **kwargs)
     else:
-        from mc_gguf.run import load
+        from mc_gguf.evaluate.run import load
 
         llm = load(path, odp=odp, mu=mu, **kwargs)
     prefill, decoding = [], []
@@ -208,7 +209,7 @@ def paired_decode(paths: dict[str, str], prompt: list[int], decode: list[int], b
     over all blocks, and each block's time over the first file's time in the same block,
     whose quartiles say how tight the comparison is.
     """
-    from mc_gguf.run import load
+    from mc_gguf.evaluate.run import load
 
     kwargs = dict(n_ctx=len(prompt) + len(decode) + 8, n_batch=len(prompt), n_threads=N_THREADS,
                   n_threads_batch=N_THREADS, verbose=False)
@@ -262,7 +263,7 @@ def run_case(args_json: str) -> int:
 def in_subprocess(case: dict, stock: bool) -> dict:
     env = dict(os.environ)
     if stock:
-        from mc_gguf.runtime.build import stock_library_dir
+        from mc_gguf.runtime.stock import stock_library_dir
 
         env["LLAMA_CPP_LIB_PATH"] = str(stock_library_dir())
     if "path" in case:

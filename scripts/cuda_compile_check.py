@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from mc_gguf.runtime.build import cache_root, patch_series, patched_source
+from mc_gguf.runtime.source import cache_root, patch_series, patched_source
 
 
 def touched_cuda_files() -> list[str]:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mc_gguf.convert import convert
-from mc_gguf.tiny import TinyMixtralSpec, build_tiny_mixtral
+from mc_gguf.gguf_io.convert import convert
+from mc_gguf.hf.tiny import TinyMixtralSpec, build_tiny_mixtral
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +52,7 @@ CALIBRATION_TEXT = "The quick brown fox jumps over the lazy dog. " * 10 + (
 
 @pytest.fixture(scope="session")
 def calibration_settings():
-    from mc_gguf.calibrate import CalibrationSettings
+    from mc_gguf.calibrate.calibration import CalibrationSettings
 
     # eps measured on every token (eps_tokens >= tokens), so tests can recompute it exactly
     return CalibrationSettings(n_tokens=1024, seq_len=128, seed=3, eps_tokens=4096, hessian=True, types=TEST_TYPES)
@@ -61,8 +61,8 @@ def calibration_settings():
 @pytest.fixture(scope="session")
 def calibration(tiny_model_dir, tmp_path_factory, calibration_settings):
     """(stats path, stats) of the tiny model calibrated on CALIBRATION_TEXT."""
-    from mc_gguf.calib_text import CalibrationText
-    from mc_gguf.calibrate import calibrate
+    from mc_gguf.calibrate.calibration import calibrate
+    from mc_gguf.calibrate.text import CalibrationText
 
     path = tmp_path_factory.mktemp("stats") / "tiny.stats"
     stats = calibrate(tiny_model_dir, path, CalibrationText("test text", CALIBRATION_TEXT), calibration_settings,

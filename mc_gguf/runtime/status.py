@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mc_gguf.errors import RuntimeMissingError
-from mc_gguf.runtime.build import BuildFlags, build_key, installed_build_info
+from mc_gguf.runtime.build import installed_build_info
+from mc_gguf.runtime.source import BuildFlags, build_key
 
 # The LLAMA_MC_PATCH_LEVEL that this version of the bindings needs.
 REQUIRED_PATCH_LEVEL = 5

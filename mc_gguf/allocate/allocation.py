@@ -1,0 +1,150 @@
+"""allocate(stats, bits) -> Plan: the integer program of program.py built from calibration statistics, and its answer.
+
+Steps, each a function below:
+1. ``_choices``: one choice per expert (or per expert and projection group,
+   or per layer and projection for the stock layout), each with its cost
+   c = phi^alpha * w^beta * eps^gamma at every candidate type and its weights;
+2. ``_expert_budget``: the budget in expert bits per weight (a whole-model
+   budget has the non-expert tensors' fixed bytes taken off first);
+3. ``program.solve``: the optimal type of every choice;
+4. ``_plan``: the choices written out expert by expert, with the predicted
+   file size (size.py) and where the inputs came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mc_gguf import __version__
+from mc_gguf.allocate.cost import AUTHORS_COST, significance_cost
+from mc_gguf.allocate.plan import LAYOUTS, NON_EXPERT_DEFAULTS, SCOPES, Plan
+from mc_gguf.allocate.program import AllocationProblem, InfeasibleBudgetError, solve
+from mc_gguf.allocate.size import predict
+from mc_gguf.calibrate.stats import EPS_DOWN, EPS_EXPERT, EPS_GATE_UP, CalibrationStats
+from mc_gguf.errors import McGgufError
+from mc_gguf.ggml.types import quant_type
+from mc_gguf.gguf_io.layout import PROJECTIONS
+from mc_gguf.hf.checkpoint import Checkpoint, open_checkpoint
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One choice of the integer program: some projections of some experts of one layer."""
+    bid: int
+    experts: tuple[int, ...]
+    projections: tuple[str, ...]
+
+
+def allocate(stats: CalibrationStats, bits: float, *, model_dir: str | Path | None = None,
+             layout: str = "per-expert", scope: str = "experts", per_layer: bool = False,
+             per_projection: bool = False, types: list[str] | None = None,
+             alpha: float = AUTHORS_COST["alpha"], beta: float = AUTHORS_COST["beta"],
+             gamma: float = AUTHORS_COST["gamma"], non_expert: dict[str, str] | None = None,
+             stats_path: str | None = None, max_types: int | None = None) -> Plan:
+    """Choose every expert's type for an average of ``bits`` bits per weight over ``scope``.
+
+    ``max_types`` bounds the distinct types (expert groups of the per-expert layout) in
+    every layer and projection.
+    """
+    if layout not in LAYOUTS:
+        raise McGgufError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    if scope not in SCOPES:
+        raise McGgufError(f"scope {scope!r} is not one of {', '.join(SCOPES)}")
+    if per_layer and (layout == "stock" or scope == "model"):
+        raise McGgufError("--per-layer reproduces the paper's per-layer expert budget: it needs the per-expert "
+                          "layout and the experts scope")
+    types = [quant_type(t).name for t in (types or stats.types)]
+    unknown = [t for t in types if t not in stats.types]
+    if unknown:
+        raise McGgufError(f"the statistics have no errors for {', '.join(unknown)}; "
+                          f"they were measured for {', '.join(stats.types)}")
+    ckpt = open_checkpoint(model_dir or stats.info["model"])
+    if ckpt.n_layers != len(stats.layers) or ckpt.n_experts != stats.layers[0].count.shape[0]:
+        raise McGgufError(f"{ckpt.path} has {ckpt.n_layers} layers of {ckpt.n_experts} experts; the statistics "
+                          f"were measured on {len(stats.layers)} layers of {stats.layers[0].count.shape[0]}")
+    non_expert = {**NON_EXPERT_DEFAULTS, **{k: v.upper() for k, v in (non_expert or {}).items()}}
+    exponents = {"alpha": alpha, "beta": beta, "gamma": gamma}
+
+    units, problem = _choices(stats, ckpt, types, layout, per_projection, exponents)
+    budget = _expert_budget(ckpt, bits, scope, layout, types, non_expert, problem.bits_per_weight)
+    choice = solve(problem, budget, per_layer=per_layer, max_types=max_types)
+    inputs = {"stats": stats_path, "model": str(ckpt.path.resolve()), "text": stats.info.get("text"),
+              "text_sha256": stats.info.get("text_sha256"), "n_tokens": stats.info.get("n_tokens"),
+              "types": types, **exponents,
+              "cost": float(problem.cost[np.arange(len(choice)), choice].sum()), "mc_gguf_version": __version__}
+    budget_info = {"bits": bits, "scope": scope, "per_layer": per_layer, "per_projection": per_projection,
+                   "max_types": max_types}
+    return _plan(ckpt, layout, units, choice, types, non_expert, budget_info, inputs)
+
+
+def _choices(stats: CalibrationStats, ckpt: Checkpoint, types: list[str], layout: str, per_projection: bool,
+             exponents: dict[str, float]) -> tuple[list[_Unit], AllocationProblem]:
+    """The program's choices and their costs and sizes at every type."""
+    columns = [stats.types.index(t) for t in types]
+    hidden, ff = ckpt.expert_dims
+    parts = ([(EPS_GATE_UP, ("gate", "up")), (EPS_DOWN, ("down",))] if per_projection
+             else [(EPS_EXPERT, PROJECTIONS)])
+    units, costs, sizes, tensor_of = [], [], [], []
+    for bid, layer in enumerate(stats.layers):
+        for part, (row, projections) in enumerate(parts):
+            tensor = bid * len(parts) + part
+            cost = significance_cost(layer.phi, layer.w, layer.eps[row][:, columns], **exponents)
+            n = len(projections) * ff * hidden
+            if layout == "stock":
+                units.append(_Unit(bid, tuple(range(ckpt.n_experts)), projections))
+                costs.append(cost.sum(axis=0))
+                sizes.append(n * ckpt.n_experts)
+                tensor_of.append(tensor)
+            else:
+                for xid in range(ckpt.n_experts):
+                    units.append(_Unit(bid, (xid,), projections))
+                    costs.append(cost[xid])
+                    sizes.append(n)
+                    tensor_of.append(tensor)
+    bpw = np.array([quant_type(t).bits_per_weight for t in types])
+    return units, AllocationProblem(cost=np.array(costs), bits_per_weight=bpw, n_weights=np.array(sizes),
+                                    layer_of=np.array([u.bid for u in units]), tensor_of=np.array(tensor_of))
+
+
+def _expert_budget(ckpt: Checkpoint, bits: float, scope: str, layout: str, types: list[str],
+                   non_expert: dict[str, str], bpw: np.ndarray) -> float:
+    """Bits per expert weight: ``bits`` itself, or for a whole-model budget what is left of
+    bits * (all weights) once the non-expert tensors' fixed bytes are paid."""
+    if scope != "model":
+        return bits
+    draft = Plan(layout, [[dict.fromkeys(PROJECTIONS, types[0])] * ckpt.n_experts] * ckpt.n_layers, non_expert, {})
+    fixed = predict(ckpt, draft)
+    n_all, n_exp = fixed["n_weights"], fixed["n_expert_weights"]
+    fixed_bits = 8 * (fixed["tensor_bytes"] - fixed["expert_bytes"])
+    lo, hi = ((b * n_exp + fixed_bits) / n_all for b in (bpw.min(), bpw.max()))
+    if not lo <= bits <= hi:
+        raise InfeasibleBudgetError(
+            f"a budget of {bits:.3f} bits per weight over the whole model is infeasible with these types and "
+            f"non-expert tensors at {non_expert}; feasible budgets are {lo:.3f} to {hi:.3f}")
+    return (bits * n_all - fixed_bits) / n_exp
+
+
+def _plan(ckpt: Checkpoint, layout: str, units: list[_Unit], choice: np.ndarray, types: list[str],
+          non_expert: dict[str, str], budget: dict, inputs: dict) -> Plan:
+    experts: list[list[dict[str, str]]] = [[{} for _ in range(ckpt.n_experts)] for _ in range(ckpt.n_layers)]
+    for unit, t in zip(units, choice):
+        for xid in unit.experts:
+            for projection in unit.projections:
+                experts[unit.bid][xid][projection] = types[t]
+    plan = Plan(layout=layout, experts=experts, non_expert=non_expert, budget=budget, inputs=inputs)
+    plan.predicted = predict(ckpt, plan)
+    return plan
+
+
+def uniform_plan(ckpt: Checkpoint, type_name: str, non_expert: dict[str, str] | None = None) -> Plan:
+    """Every expert at one type (llama.cpp's recipe, for comparison and for tests)."""
+    name = quant_type(type_name).name
+    plan = Plan("stock", [[dict.fromkeys(PROJECTIONS, name) for _ in range(ckpt.n_experts)]
+                          for _ in range(ckpt.n_layers)],
+                {**NON_EXPERT_DEFAULTS, **(non_expert or {})}, {"bits": quant_type(name).bits_per_weight,
+                                                               "scope": "experts", "uniform": name})
+    plan.predicted = predict(ckpt, plan)
+    return plan

@@ -1,0 +1,111 @@
+"""The plan: the GGUF type of every expert projection and of every other tensor, as a JSON file a person can edit.
+
+``allocate`` (allocation.py) writes it from calibration statistics; ``quantize``
+reads it. This module holds the model, its file and its validation only, and
+imports nothing heavy (the command line reads the layouts and defaults here).
+
+Granularity of the choice:
+- layout ``per-expert`` (default): one type per expert (or, with
+  ``per_projection``, one for its gate+up and one for its down projection);
+  the file needs the patched runtime when a layer's experts differ.
+- layout ``stock``: one type per (layer, projection) tensor, so the file loads
+  in unmodified llama.cpp.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mc_gguf.atomic import atomic_output
+from mc_gguf.errors import McGgufError
+from mc_gguf.ggml.types import quant_type
+from mc_gguf.gguf_io.layout import PROJECTIONS
+
+LAYOUTS = ("per-expert", "stock")
+SCOPES = ("experts", "model")
+FORMAT_VERSION = 1
+
+# Non-expert tensors by class. Defaults keep them at high precision: in
+# Mixtral they are a few percent of the weights (attention 1.3 B of 47 B) and
+# every token uses all of them. Norms and the router always stay F32.
+NON_EXPERT_CLASSES = ("token_embd", "output", "attn")
+NON_EXPERT_DEFAULTS = {"token_embd": "Q8_0", "output": "Q8_0", "attn": "Q8_0"}
+NON_EXPERT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q4_K")
+
+
+
+class PlanFileError(McGgufError):
+    """A plan file is missing, corrupt or does not fit the model."""
+
+
+@dataclass
+class Plan:
+    layout: str
+    experts: list[list[dict[str, str]]]   # [layer][expert] -> {"gate": type, "up": type, "down": type}
+    non_expert: dict[str, str]            # class (token_embd, output, attn) -> type
+    budget: dict                          # bits, scope, per_layer, per_projection
+    predicted: dict = field(default_factory=dict)
+    inputs: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.experts)
+
+    def projection_types(self, bid: int, projection: str) -> list[str]:
+        return [expert[projection] for expert in self.experts[bid]]
+
+    def expert_bits(self):
+        """Average bits per weight of every expert, numpy [layers, experts] (for tables and heat maps)."""
+        import numpy as np
+
+        shares = {"gate": 1 / 3, "up": 1 / 3, "down": 1 / 3}
+        return np.array([[sum(shares[p] * quant_type(e[p]).bits_per_weight for p in PROJECTIONS) for e in layer]
+                         for layer in self.experts])
+
+    def save(self, path: str | Path) -> Path:
+        with atomic_output(path) as tmp:
+            tmp.write_text(json.dumps({"format": FORMAT_VERSION, **asdict(self)}, indent=1) + "\n", encoding="utf-8")
+        return Path(path)
+
+
+def load_plan(path: str | Path) -> Plan:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PlanFileError(f"plan {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PlanFileError(f"{path} is not a plan (not JSON: {exc})") from None
+    if not isinstance(data, dict) or data.pop("format", None) != FORMAT_VERSION:
+        raise PlanFileError(f"{path} is not an mc-gguf plan of format {FORMAT_VERSION}")
+    try:
+        plan = Plan(**data)
+    except TypeError as exc:
+        raise PlanFileError(f"{path}: {exc}") from None
+    validate_plan(plan, path)
+    return plan
+
+
+def validate_plan(plan: Plan, where: str | Path = "plan") -> None:
+    if plan.layout not in LAYOUTS:
+        raise PlanFileError(f"{where}: layout {plan.layout!r} is not one of {', '.join(LAYOUTS)}")
+    for bid, layer in enumerate(plan.experts):
+        for xid, expert in enumerate(layer):
+            if set(expert) != set(PROJECTIONS):
+                raise PlanFileError(f"{where}: layer {bid} expert {xid} needs types for {', '.join(PROJECTIONS)}")
+            for name in expert.values():
+                try:
+                    quant_type(name)
+                except ValueError as exc:
+                    raise PlanFileError(f"{where}: layer {bid} expert {xid}: {exc}") from None
+        if plan.layout == "stock":
+            for projection in PROJECTIONS:
+                if len(set(plan.projection_types(bid, projection))) > 1:
+                    raise PlanFileError(f"{where}: a stock plan gives one type per layer and projection; "
+                                        f"layer {bid} {projection} has several")
+    for cls, name in plan.non_expert.items():
+        if cls not in NON_EXPERT_CLASSES or name.upper() not in NON_EXPERT_TYPES:
+            raise PlanFileError(f"{where}: non-expert type {cls}={name} is not supported "
+                                f"(classes {', '.join(NON_EXPERT_CLASSES)}; types {', '.join(NON_EXPERT_TYPES)})")

@@ -1,0 +1,103 @@
+"""The file a plan describes: every tensor with its type (expert groups split by the layout), and its exact size.
+
+``quantize`` writes this tensor list with the bytes filled in; ``allocate``
+uses it without them to predict the file's size in bytes, header included,
+before anything is quantized.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import gguf
+import numpy as np
+
+from mc_gguf.allocate.plan import NON_EXPERT_DEFAULTS, Plan
+from mc_gguf.ggml.types import quant_type
+from mc_gguf.gguf_io.convert import fit_type, model_metadata, plan_tensors
+from mc_gguf.gguf_io.layout import ExpertGroup, expert_groups, tensor_names
+from mc_gguf.gguf_io.write import OutputTensor, predict_file_bytes
+from mc_gguf.hf.checkpoint import Checkpoint
+
+T = gguf.GGMLQuantizationType
+EXPERT_KINDS = {gguf.MODEL_TENSOR.FFN_GATE_EXP: "gate", gguf.MODEL_TENSOR.FFN_UP_EXP: "up",
+                gguf.MODEL_TENSOR.FFN_DOWN_EXP: "down"}
+
+
+
+def non_expert_class(gguf_name: str) -> str:
+    if gguf_name.startswith("token_embd"):
+        return "token_embd"
+    if gguf_name.startswith("output"):
+        return "output"
+    return "attn"
+
+
+def plan_type_chooser(plan: Plan):
+    """convert.TypeChooser for a plan: the stacked expert tensors get their layer's single type
+    (stock layout), every other tensor its class's type."""
+    def type_for(kind: gguf.MODEL_TENSOR, name: str, shape: tuple[int, ...]) -> gguf.GGMLQuantizationType:
+        if kind in EXPERT_KINDS:
+            bid = int(name.split(".")[1])
+            types = set(plan.projection_types(bid, EXPERT_KINDS[kind]))
+            return quant_type(types.pop()).qtype if len(types) == 1 else T.F32
+        wanted = plan.non_expert.get(non_expert_class(name), NON_EXPERT_DEFAULTS[non_expert_class(name)])
+        return fit_type(kind, shape, T[wanted.upper()])
+    return type_for
+
+
+# Produces the bytes of one expert group: (layer, projection, group) -> uint8 [n_experts, rows, row_bytes].
+GroupProducer = Callable[[int, str, ExpertGroup], np.ndarray]
+
+
+def layout_tensors(ckpt: Checkpoint, plan: Plan, produce_group: GroupProducer | None = None) -> list[OutputTensor]:
+    """Every tensor of the file the plan describes, expert groups split as gguf_io/layout.py names them.
+
+    Without ``produce_group`` the expert tensors are described only (their
+    ``produce`` raises); quantize supplies it.
+    """
+    def no_data() -> np.ndarray:
+        raise AssertionError("this tensor list only describes the expert tensors")
+
+    tensors = []
+    for tensor in plan_tensors(ckpt, plan_type_chooser(plan)):
+        parts = tensor.name.split(".")
+        projection = parts[2][len("ffn_"):-len("_exps")] if len(parts) == 4 and parts[2].endswith("_exps") else None
+        if projection is None:
+            tensors.append(tensor)
+            continue
+        bid = int(parts[1])
+        groups = expert_groups(plan.projection_types(bid, projection))
+        for group, name in zip(groups, tensor_names(bid, projection, groups)):
+            shape = (len(group.experts), *tensor.shape[1:])
+            produce = no_data if produce_group is None else (
+                lambda bid=bid, projection=projection, group=group: produce_group(bid, projection, group))
+            tensors.append(OutputTensor(name, shape, quant_type(group.type_name).qtype, produce))
+    return tensors
+
+
+def tensor_totals(tensors: list[OutputTensor]) -> dict:
+    """Bytes, weights and bits per weight of a tensor list, experts and all."""
+    expert = [t for t in tensors if "_exps." in t.name]
+    n_expert = sum(int(np.prod(t.shape)) for t in expert)
+    n_all = sum(int(np.prod(t.shape)) for t in tensors)
+    expert_bytes = sum(t.nbytes for t in expert)
+    tensor_bytes = sum(t.nbytes for t in tensors)
+    return {
+        "expert_bpw": 8 * expert_bytes / n_expert,
+        "model_bpw": 8 * tensor_bytes / n_all,
+        "expert_bytes": expert_bytes,
+        "tensor_bytes": tensor_bytes,
+        "n_expert_weights": n_expert,
+        "n_weights": n_all,
+    }
+
+
+def predict(ckpt: Checkpoint, plan: Plan) -> dict:
+    """Bytes and bits per weight of the file the plan describes (header included, counted exactly)."""
+    tensors = layout_tensors(ckpt, plan)
+    file_bytes = predict_file_bytes(gguf.MODEL_ARCH_NAMES[ckpt.arch.gguf_arch],
+                                    model_metadata(ckpt, gguf.LlamaFileType.GUESSED), tensors)
+    return {**tensor_totals(tensors), "file_bytes": file_bytes,
+            "layer_expert_bpw": [float(b) for b in plan.expert_bits().mean(axis=1)]}
+

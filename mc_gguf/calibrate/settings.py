@@ -1,0 +1,17 @@
+"""What a calibration run measures, and on how much text: the settings, free of heavy imports (the CLI reads them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mc_gguf.ggml.types import CANDIDATES
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    n_tokens: int = 65536         # calibration tokens (the paper: 128 x 2048 = 262,144)
+    seq_len: int = 2048           # tokens per sequence, BOS included (capped by the model's context)
+    seed: int = 0                 # which windows of the text, and which tokens measure eps
+    eps_tokens: int = 8192        # tokens whose MoE inputs measure eps (a seeded sample)
+    hessian: bool = False         # also store full X^T X per expert (for GPTQ)
+    types: tuple[str, ...] = tuple(CANDIDATES)

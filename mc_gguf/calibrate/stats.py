@@ -1,0 +1,146 @@
+"""Calibration statistics: what `mc-gguf calibrate` measures, as one file a person can open.
+
+The file is safetensors (arrays, readable with ``safetensors.numpy.load_file``)
+whose header metadata holds one JSON object, ``mc_gguf.calibrate.stats``, with the
+provenance (model, text hash, token count, seed, candidate types).
+
+Arrays, per layer N (E experts, H hidden size, F expert intermediate size,
+T candidate types, k experts per token):
+
+    blk.N.count          [E]       (token, slot) pairs routed to each expert
+    blk.N.weight_sum     [E]       sum of the expert's softmax probability (over all
+                                   experts, before top-k renormalisation) over those tokens
+    blk.N.top_ratio      [tokens, k-1]  w_i / w_0 of every calibration token
+    blk.N.imatrix_in     [E, H]    sum of x^2 over the expert's tokens (gate/up input)
+    blk.N.imatrix_mid    [E, F]    sum of z^2, z = act(gate x) * (up x) (down input)
+    blk.N.eps            [3, E, T] output error with only this expert at type t:
+                                   [0] all projections, [1] gate+up only, [2] down only
+    blk.N.hessian_in     [E, H, H] sum of x x^T (only with --hessian)
+    blk.N.hessian_mid    [E, F, F] sum of z z^T (only with --hessian)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from mc_gguf.atomic import atomic_output
+from mc_gguf.errors import McGgufError
+
+METADATA_KEY = "mc_gguf.stats"
+FORMAT_VERSION = 1
+
+# eps rows: which projections of the expert were quantized
+EPS_EXPERT, EPS_GATE_UP, EPS_DOWN = 0, 1, 2
+
+
+class StatsFileError(McGgufError):
+    """A calibration statistics file is missing, corrupt or of another kind."""
+
+
+@dataclass
+class LayerStats:
+    count: np.ndarray
+    weight_sum: np.ndarray
+    top_ratio: np.ndarray
+    imatrix_in: np.ndarray
+    imatrix_mid: np.ndarray
+    eps: np.ndarray
+    hessian_in: np.ndarray | None = None
+    hessian_mid: np.ndarray | None = None
+
+    @property
+    def phi(self) -> np.ndarray:
+        """Access frequency, normalised so the layer's experts sum to 1 (METHOD.md)."""
+        return _normalised(self.count)
+
+    @property
+    def w(self) -> np.ndarray:
+        """Activation weight, normalised so the layer's experts sum to 1 (METHOD.md)."""
+        return _normalised(self.weight_sum)
+
+    def imatrix(self, which: str) -> np.ndarray:
+        """Per-expert importance [E, n]: the mean of x^2 over the expert's tokens, as llama-imatrix
+        stores it; an expert no token reached gets ones (no preference)."""
+        sums = self.imatrix_in if which == "in" else self.imatrix_mid
+        counts = self.count.astype(np.float64)[:, None]
+        return np.where(counts > 0, sums / np.maximum(counts, 1), 1.0).astype(np.float32)
+
+
+def _normalised(values: np.ndarray) -> np.ndarray:
+    values = values.astype(np.float64)
+    total = values.sum()
+    return values / total if total > 0 else np.full_like(values, 1.0 / len(values))
+
+
+@dataclass
+class CalibrationStats:
+    info: dict                       # provenance: model, text, tokens, seed, ...
+    types: list[str]                 # candidate types, the columns of every eps
+    layers: list[LayerStats] = field(default_factory=list)
+
+    @property
+    def has_hessian(self) -> bool:
+        return bool(self.layers) and self.layers[0].hessian_in is not None
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.numpy import save_file
+
+        with atomic_output(path) as tmp:
+            save_file(layer_arrays(self.layers), str(tmp), metadata={METADATA_KEY: json.dumps(self.header())})
+        return Path(path)
+
+    def header(self) -> dict:
+        return {"format": FORMAT_VERSION, "types": self.types, **self.info}
+
+
+def layer_arrays(layers: list[LayerStats], first: int = 0) -> dict[str, np.ndarray]:
+    arrays = {}
+    for il, layer in enumerate(layers, start=first):
+        for f in fields(LayerStats):
+            value = getattr(layer, f.name)
+            if value is not None:
+                arrays[f"blk.{il}.{f.name}"] = np.ascontiguousarray(value)
+    return arrays
+
+
+def read_layers(arrays: dict[str, np.ndarray], n_layers: int, first: int = 0) -> list[LayerStats]:
+    optional = {"hessian_in", "hessian_mid"}
+    layers = []
+    for il in range(first, first + n_layers):
+        values = {f.name: arrays.get(f"blk.{il}.{f.name}") for f in fields(LayerStats)}
+        missing = [name for name, value in values.items() if value is None and name not in optional]
+        if missing:
+            raise StatsFileError(f"layer {il} has no {', '.join(missing)} in the statistics")
+        layers.append(LayerStats(**values))
+    return layers
+
+
+def load_stats(path: str | Path) -> CalibrationStats:
+    """Read a file written by :meth:`CalibrationStats.save`, with clear errors for anything else."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise StatsFileError(f"statistics file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            if METADATA_KEY not in metadata:
+                raise StatsFileError(f"{path} is a safetensors file but not mc-gguf calibration statistics")
+            header = json.loads(metadata[METADATA_KEY])
+            arrays = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise StatsFileError(f"{path} is not a readable statistics file ({exc})") from None
+    if header.get("format") != FORMAT_VERSION:
+        raise StatsFileError(f"{path} has statistics format {header.get('format')}; this mc-gguf reads {FORMAT_VERSION}")
+    types = header.pop("types")
+    header.pop("format")
+    layers = read_layers(arrays, int(header["n_layer"]))
+    for il, layer in enumerate(layers):
+        if layer.eps.shape[-1] != len(types):
+            raise StatsFileError(f"{path}: layer {il} has errors for {layer.eps.shape[-1]} types, header names {len(types)}")
+    return CalibrationStats(info=header, types=types, layers=layers)

@@ -1,0 +1,5 @@
+import sys
+
+from mc_gguf.cli import main
+
+sys.exit(main())

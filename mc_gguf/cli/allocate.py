@@ -1,0 +1,93 @@
+"""mc-gguf allocate | plan-show: a plan from calibration statistics, and a plan shown to a person."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from mc_gguf.allocate.cost import AUTHORS_COST
+from mc_gguf.allocate.plan import LAYOUTS, NON_EXPERT_CLASSES, NON_EXPERT_DEFAULTS, SCOPES
+from mc_gguf.cli.common import MAX_TYPES_HELP, add_command, add_cost_arguments
+from mc_gguf.errors import McGgufError
+
+EXAMPLE = ("example: mc-gguf allocate mixtral.stats --bits 2.5 -o plan.json\n"
+           "         mc-gguf allocate mixtral.stats --bits 3 --layout stock -o plan-stock.json\n"
+           "         mc-gguf allocate mixtral.stats --bits 2.5 --per-layer --types IQ2_XXS Q2_K IQ3_XXS -o paper.json")
+
+
+def add_parsers(commands) -> None:
+    p = add_command(commands, "allocate", "Choose a GGUF type for every expert under a bits-per-weight budget: an "
+                    "integer program (HiGHS) minimising the summed cost phi^alpha * w^beta * eps^gamma of the "
+                    "choices.", EXAMPLE)
+    p.add_argument("stats", help="statistics from `mc-gguf calibrate`")
+    p.add_argument("--bits", type=float, required=True, help="average bits per weight over the scope, "
+                   "counted in real bytes (scales included)")
+    p.add_argument("-o", "--output", required=True, help="plan file to write (JSON)")
+    p.add_argument("--scope", choices=SCOPES, default="experts",
+                   help="what the budget averages over: the expert tensors, or every tensor of the file (default: experts)")
+    p.add_argument("--layout", choices=LAYOUTS, default="per-expert",
+                   help="per-expert: a type per expert (needs the mc-gguf runtime); stock: one type per layer and "
+                        "projection, loads in unmodified llama.cpp (default: per-expert)")
+    p.add_argument("--types", nargs="+", metavar="TYPE", help="candidate types (default: all in the statistics)")
+    p.add_argument("--per-layer", action="store_true", help="the paper's form: the budget holds in every layer, "
+                   "with at least one expert below and one at or above it")
+    p.add_argument("--per-projection", action="store_true",
+                   help="a type for gate+up and another for down (errors treated as additive)")
+    p.add_argument("--max-types", type=int, metavar="N", help=MAX_TYPES_HELP)
+    add_cost_arguments(p, AUTHORS_COST, "as the authors' code; the paper writes 2")
+    p.add_argument("--tensor-type", action="append", default=[], metavar="CLASS=TYPE",
+                   help="type of a non-expert class: token_embd, output or attn (defaults: "
+                        + ", ".join(f"{k}={v}" for k, v in NON_EXPERT_DEFAULTS.items()) + "); norms and router stay F32")
+    p.add_argument("--model", help="the model folder, if it moved since calibration")
+    p.set_defaults(func=run_allocate)
+
+
+def add_show_parser(commands) -> None:
+    p = add_command(commands, "plan-show", "Show a plan: types per layer, bits per weight, predicted size; "
+                    "optionally a heat map of the bits of every expert.",
+                    "example: mc-gguf plan-show plan.json --plot allocation.png")
+    p.add_argument("plan", help="plan file from `mc-gguf allocate`")
+    p.add_argument("--plot", help="write a heat map (layers x experts) to this PNG")
+    p.set_defaults(func=run_show)
+
+
+def parse_non_expert(items: list[str]) -> dict[str, str]:
+    parsed = {}
+    for item in items:
+        cls, sep, name = item.partition("=")
+        if not sep or cls not in NON_EXPERT_CLASSES:
+            raise McGgufError(f"--tensor-type {item!r}: expected CLASS=TYPE with CLASS one of "
+                              f"{', '.join(NON_EXPERT_CLASSES)}")
+        parsed[cls] = name.upper()
+    return parsed
+
+
+def run_allocate(args: argparse.Namespace) -> None:
+    from mc_gguf.allocate.allocation import allocate
+    from mc_gguf.allocate.plan import validate_plan
+    from mc_gguf.allocate.show import describe_plan
+    from mc_gguf.calibrate.stats import load_stats
+
+    stats = load_stats(args.stats)
+    started = time.perf_counter()
+    plan = allocate(stats, args.bits, model_dir=args.model, layout=args.layout, scope=args.scope,
+                    per_layer=args.per_layer, per_projection=args.per_projection, types=args.types,
+                    alpha=args.alpha, beta=args.beta, gamma=args.gamma,
+                    non_expert=parse_non_expert(args.tensor_type), stats_path=str(Path(args.stats).resolve()),
+                    max_types=args.max_types)
+    validate_plan(plan)
+    plan.save(args.output)
+    print(describe_plan(plan))
+    print(f"wrote {args.output} (solved in {time.perf_counter() - started:.1f} s)")
+
+
+def run_show(args: argparse.Namespace) -> None:
+    from mc_gguf.allocate.plan import load_plan
+    from mc_gguf.allocate.show import describe_plan, plot_plan
+
+    plan = load_plan(args.plan)
+    print(describe_plan(plan))
+    if args.plot:
+        plot_plan(plan, args.plot, title=Path(args.plan).name)
+        print(f"wrote {args.plot}")

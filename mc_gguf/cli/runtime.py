@@ -1,0 +1,45 @@
+"""mc-gguf runtime build | status: the patched llama.cpp."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from mc_gguf.cli.common import add_command
+
+
+def add_parser(commands) -> None:
+    runtime = commands.add_parser("runtime", help="Build, install and check the patched llama.cpp runtime.",
+                                  description="Build, install and check the patched llama.cpp runtime.")
+    runtime_commands = runtime.add_subparsers(dest="runtime_command", required=True, metavar="COMMAND")
+    p = add_command(runtime_commands, "build", "Build llama-cpp-python with the mc-gguf patches and install it "
+                    "(cached: a second run installs the cached wheel in seconds).",
+                    "example: mc-gguf runtime build            (CPU)\n"
+                    "         mc-gguf runtime build --cuda --cuda-architectures 86")
+    p.add_argument("--cuda", action="store_true", help="also build the CUDA backend")
+    p.add_argument("--metal", action="store_true", help="also build the Metal backend (macOS)")
+    p.add_argument("--cuda-architectures", help="CMAKE_CUDA_ARCHITECTURES, e.g. 86 or '80;89' (default: CMake's)")
+    p.add_argument("--force", action="store_true", help="rebuild even when a cached wheel exists")
+    p.set_defaults(func=run_build)
+    p = add_command(runtime_commands, "status", "Say whether the installed llama_cpp is the patched runtime "
+                    "(exit 1 when it is not).", "example: mc-gguf runtime status")
+    p.set_defaults(func=run_status)
+
+
+def run_build(args: argparse.Namespace) -> None:
+    from mc_gguf.runtime.build import BuildFlags, ensure_runtime
+
+    flags = BuildFlags(cuda=args.cuda, metal=args.metal, cuda_architectures=args.cuda_architectures)
+    started = time.perf_counter()
+    wheel = ensure_runtime(flags, force=args.force)
+    print(f"patched runtime ready: {wheel.name} ({time.perf_counter() - started:.0f} s)")
+
+
+def run_status(args: argparse.Namespace) -> None:
+    from mc_gguf.runtime.status import REQUIRED_PATCH_LEVEL, runtime_status
+
+    status = runtime_status()
+    print(status.describe())
+    if not status.patched or status.patch_level < REQUIRED_PATCH_LEVEL:
+        sys.exit(1)

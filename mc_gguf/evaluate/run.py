@@ -1,0 +1,136 @@
+"""Load a GGUF in llama-cpp-python on the patched runtime, with Online Dynamic Pruning, and generate."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from functools import cache
+from pathlib import Path
+
+import gguf
+
+from mc_gguf.errors import GGUFFileError
+from mc_gguf.gguf_io import keys
+from mc_gguf.gguf_io.edit import field_value, open_gguf
+from mc_gguf.prune import rule as pruning
+
+# the KV cache default: the model's own context, capped (a 32k-token cache is rarely wanted on a laptop)
+DEFAULT_MAX_CONTEXT = 4096
+
+
+def context_length(reader: gguf.GGUFReader) -> int | None:
+    """The context length the model was trained with, from the GGUF metadata."""
+    arch = field_value(reader, "general.architecture")
+    value = field_value(reader, f"{arch}.context_length")
+    return int(value) if value is not None else None
+
+
+def odp_metadata(reader: gguf.GGUFReader) -> pruning.OdpParams | None:
+    """The file's ODP parameters (validated as the runtime will), or None when it has none."""
+    arch = field_value(reader, "general.architecture")
+    n_layers = field_value(reader, f"{arch}.block_count")
+    field = reader.get_field(keys.ODP_MU)
+    if field is None:
+        return None
+    if field.types != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.FLOAT32]:
+        raise GGUFFileError(f"{keys.ODP_MU} must be an array of float32")
+    mu = [float(v) for v in field.contents()]
+    rho = field_value(reader, keys.ODP_PROTECT_RATIO)
+    rho = pruning.DEFAULT_PROTECT_RATIO if rho is None else float(rho)
+    pruning.validate_params(mu, rho, n_layers)
+    return pruning.OdpParams(mu, rho)
+
+
+def read_odp_metadata(path: str | Path, reader: gguf.GGUFReader | None = None) -> pruning.OdpParams | None:
+    """``odp_metadata`` of the file at ``path`` (read unless ``reader`` is given); errors name the file."""
+    try:
+        return odp_metadata(reader if reader is not None else open_gguf(path))
+    except GGUFFileError as exc:
+        raise GGUFFileError(f"{path}: {exc}") from None
+
+
+def check_expert_groups(path: str | Path, reader: gguf.GGUFReader) -> None:
+    """The per-expert layout's rules (docs/FORMAT.md), checked before llama.cpp loads the file."""
+    from mc_gguf.gguf_io.layout import group_map_problem
+
+    group_map = field_value(reader, keys.EXPERT_GROUPS)
+    if group_map is None:
+        return
+    arch = field_value(reader, "general.architecture")
+    counts = {t.name: int(t.shape[-1]) for t in reader.tensors if "_exps" in t.name}
+    problem = group_map_problem(group_map, counts, int(field_value(reader, f"{arch}.block_count")),
+                                int(field_value(reader, f"{arch}.expert_count") or 0))
+    if problem:
+        raise GGUFFileError(f"{path}: {problem}")
+
+
+@cache
+def _moe_llama_class():
+    import llama_cpp.llama_cpp as bindings
+    from llama_cpp import Llama
+
+    stats = bindings._lib.llama_mc_expert_stats
+    stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64), ctypes.c_int32]
+    stats.restype = ctypes.c_int32
+    reset = bindings._lib.llama_mc_expert_stats_reset
+    reset.argtypes = [ctypes.c_void_p]
+    reset.restype = None
+
+    class MoELlama(Llama):
+        """A ``llama_cpp.Llama`` that reports how many expert slots ran and how many were pruned."""
+
+        def expert_stats(self) -> pruning.SlotCounts:
+            n_layer = stats(self.ctx, None, None, 0)
+            computed = (ctypes.c_int64 * n_layer)()
+            skipped = (ctypes.c_int64 * n_layer)()
+            stats(self.ctx, computed, skipped, n_layer)
+            return pruning.SlotCounts(list(computed), list(skipped))
+
+        def reset_expert_stats(self) -> None:
+            reset(self.ctx)
+
+    return MoELlama
+
+
+def load(path: str | Path, *, odp: bool = True, mu: float | None = None,
+         protect_ratio: float | None = None, **llama_kwargs):
+    """A llama_cpp ``Llama`` (with ``expert_stats()``) for ``path`` on the patched runtime.
+
+    ODP follows the file's ``mc.odp.*`` metadata; ``mu`` sets one threshold for every
+    layer, ``protect_ratio`` the share of prompt tokens that keep all experts, and
+    ``odp=False`` turns pruning off. A stock GGUF runs unpruned.
+    """
+    from mc_gguf.runtime.status import require_patched_runtime
+
+    path = Path(path)
+    reader = open_gguf(path)
+    read_odp_metadata(path, reader)  # clear errors for malformed mc.odp.* before llama.cpp sees them
+    check_expert_groups(path, reader)
+    require_patched_runtime()
+    overrides = dict(llama_kwargs.pop("kv_overrides", None) or {})
+    if not odp:
+        overrides[keys.ODP_ENABLED] = False
+    if mu is not None:
+        if not (math.isfinite(mu) and 0.0 <= mu <= 1.0):
+            raise ValueError(f"mu = {mu} is not in [0, 1]")
+        overrides[keys.ODP_MU_ALL] = float(mu)
+    if protect_ratio is not None:
+        if not (math.isfinite(protect_ratio) and 0.0 <= protect_ratio <= 1.0):
+            raise ValueError(f"protect_ratio = {protect_ratio} is not in [0, 1]")
+        overrides[keys.ODP_PROTECT_RATIO] = float(protect_ratio)
+    llama_kwargs.setdefault("verbose", False)
+    if llama_kwargs.get("n_ctx") is None:
+        llama_kwargs["n_ctx"] = min(DEFAULT_MAX_CONTEXT, context_length(reader) or DEFAULT_MAX_CONTEXT)
+    del reader  # release the memory map before llama.cpp maps the file
+    try:
+        return _moe_llama_class()(model_path=str(path), kv_overrides=overrides or None, **llama_kwargs)
+    except ValueError as exc:  # llama-cpp-python raises ValueError when llama.cpp refuses the file
+        raise GGUFFileError(f"{path}: llama.cpp could not load it ({exc})") from None
+
+
+def generate(path: str | Path, prompt: str, max_tokens: int = 32, *, temperature: float = 0.0, seed: int = 0,
+             odp: bool = True, mu: float | None = None, **llama_kwargs) -> tuple[str, pruning.SlotCounts]:
+    """Generate a continuation of ``prompt``; return it with the expert slot counts."""
+    llm = load(path, odp=odp, mu=mu, seed=seed, **llama_kwargs)
+    out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed)
+    return out["choices"][0]["text"], llm.expert_stats()

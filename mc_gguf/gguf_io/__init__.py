@@ -1,0 +1,2 @@
+"""GGUF files: every mc.* key (keys.py), the per-expert layout (layout.py), streaming writes (write.py),
+reading and metadata edits (edit.py), HF -> GGUF conversion (convert.py), inspection, regrouping."""

@@ -1,0 +1,84 @@
+"""Every ``mc.*`` GGUF metadata key mc-gguf writes or reads, with its type and meaning: the one place.
+
+Stock llama.cpp ignores these keys; the patched runtime reads the ones marked
+``runtime`` (patches 0006 and 0007 name them in ``llama-mc.h``). docs/FORMAT.md
+explains the layout they describe; ``mc-gguf inspect`` prints each key with
+the meaning given here, and a test checks that FORMAT.md lists every key.
+
+This module imports nothing heavy: the CLI reads it to print help and inspect files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Provenance
+VERSION = "mc.version"
+
+# Per-expert quantization types (layout per-expert)
+EXPERT_GROUPS = "mc.experts.groups"
+
+# The plan and its provenance
+PLAN_LAYOUT = "mc.plan.layout"
+PLAN_TYPES = "mc.plan.types"
+PLAN_BUDGET = "mc.plan.budget_bpw"
+PLAN_SCOPE = "mc.plan.scope"
+PLAN_EXPERT_BPW = "mc.plan.expert_bpw"
+PLAN_MODEL_BPW = "mc.plan.model_bpw"
+QUANTIZE_GPTQ = "mc.quantize.gptq"
+CALIBRATION_MODEL = "mc.calibration.model"
+CALIBRATION_TEXT = "mc.calibration.text"
+CALIBRATION_TEXT_SHA256 = "mc.calibration.text_sha256"
+CALIBRATION_TOKENS = "mc.calibration.tokens"
+
+# Online Dynamic Pruning
+ODP_MU = "mc.odp.mu"
+ODP_MU_ALL = "mc.odp.mu_all"
+ODP_PROTECT_RATIO = "mc.odp.protect_ratio"
+ODP_ENABLED = "mc.odp.enabled"
+
+
+@dataclass(frozen=True)
+class MetadataKey:
+    name: str
+    gguf_type: str     # as docs/FORMAT.md writes it
+    meaning: str       # one line
+    read_by: str       # "runtime": the patched llama.cpp reads it; "info": written for people and tools
+    bulky: bool = False  # one value per expert projection: inspect shows it as the expert table, not as a list
+
+
+KEYS: tuple[MetadataKey, ...] = (
+    MetadataKey(VERSION, "string", "the mc-gguf version that wrote the file", "info"),
+    MetadataKey(EXPERT_GROUPS, "int32[n_layer * 3 * n_expert]",
+                "the group (tensor blk.N.ffn_{proj}_exps.g<G>) of expert e of projection p in layer l, "
+                "at index (l*3 + p)*n_expert + e", "runtime", bulky=True),
+    MetadataKey(PLAN_LAYOUT, "string", "per-expert or stock", "info"),
+    MetadataKey(PLAN_TYPES, "string[n_layer * 3 * n_expert]",
+                "the GGUF type of every expert projection, indexed as mc.experts.groups", "info", bulky=True),
+    MetadataKey(PLAN_BUDGET, "float32", "the bits-per-weight budget the plan was solved for", "info"),
+    MetadataKey(PLAN_SCOPE, "string", "what the budget averages over: experts or model", "info"),
+    MetadataKey(PLAN_EXPERT_BPW, "float32", "measured bits per weight of the expert tensors, scales included",
+                "info"),
+    MetadataKey(PLAN_MODEL_BPW, "float32", "measured bits per weight over every tensor of the file", "info"),
+    MetadataKey(QUANTIZE_GPTQ, "bool", "whether GPTQ error compensation was used", "info"),
+    MetadataKey(CALIBRATION_MODEL, "string", "the calibrated model's name", "info"),
+    MetadataKey(CALIBRATION_TEXT, "string", "the calibration text (a path, or the built-in default)", "info"),
+    MetadataKey(CALIBRATION_TEXT_SHA256, "string", "SHA-256 of the calibration text", "info"),
+    MetadataKey(CALIBRATION_TOKENS, "uint32", "calibration tokens", "info"),
+    MetadataKey(ODP_MU, "float32[block_count]",
+                "pruning threshold per layer: slot i >= 1 is skipped when its weight is below mu times the "
+                "token's top weight; 0 turns the layer's pruning off", "runtime"),
+    MetadataKey(ODP_PROTECT_RATIO, "float32",
+                "share of a prompt's tokens (the most important) that keep all their experts; default 0.02",
+                "runtime"),
+    MetadataKey(ODP_MU_ALL, "float32", "one threshold for every layer (a load-time override)", "runtime"),
+    MetadataKey(ODP_ENABLED, "bool", "false turns pruning off (a load-time override)", "runtime"),
+)
+
+BY_NAME: dict[str, MetadataKey] = {key.name: key for key in KEYS}
+
+
+def meaning(name: str) -> str:
+    """The key's one-line meaning, or a note that this mc-gguf does not know it."""
+    key = BY_NAME.get(name)
+    return key.meaning if key is not None else "not a key this mc-gguf knows (written by another version?)"

@@ -1,0 +1,140 @@
+"""Read a Hugging Face checkpoint folder lazily: config, shard index, one tensor at a time.
+
+Every shard's safetensors header is checked against the file size before any
+work starts, so a truncated download fails at once with the shard's name
+rather than half-way through a conversion.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mc_gguf.errors import CheckpointError
+from mc_gguf.hf.architectures import MoEArchitecture, architecture_for
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass
+class TensorEntry:
+    shard: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: dict
+    arch: MoEArchitecture
+    tensors: dict[str, TensorEntry]
+    _handles: dict[Path, object] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.config["num_hidden_layers"])
+
+    @property
+    def n_experts(self) -> int:
+        return int(self.config[self.arch.n_expert_key])
+
+    @property
+    def n_experts_used(self) -> int:
+        return int(self.config[self.arch.n_expert_used_key])
+
+    @property
+    def expert_dims(self) -> tuple[int, int]:
+        """(hidden size, expert intermediate size), from the first expert's gate projection [F, H]."""
+        ff, hidden = self.shape(self.arch.expert_tensor(0, 0, "gate"))
+        return hidden, ff
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name).shape
+
+    def load(self, name: str) -> np.ndarray:
+        """One tensor as float32 numpy (bf16 is widened exactly), read from its shard on demand."""
+        from safetensors import safe_open
+
+        entry = self._entry(name)
+        handle = self._handles.get(entry.shard)
+        if handle is None:
+            handle = safe_open(str(entry.shard), framework="pt")
+            self._handles[entry.shard] = handle
+        return handle.get_tensor(name).float().numpy()
+
+    def _entry(self, name: str) -> TensorEntry:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: tensor {name} is missing from the checkpoint") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent}: no {path.name} (is this a Hugging Face model folder?)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
+    """Parse a shard's header and check that every tensor's bytes are inside the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > size - 8:
+                raise CheckpointError(f"{path}: truncated or corrupt safetensors header")
+            header = json.loads(f.read(header_len))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent}: shard {path.name} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header") from None
+    data_size = size - 8 - header_len
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        if end > data_size:
+            raise CheckpointError(
+                f"{path}: truncated safetensors file ({size} bytes; tensor {name} ends at byte {8 + header_len + end})"
+            )
+        entries[name] = TensorEntry(shard=path, dtype=info["dtype"], shape=tuple(info["shape"]))
+    return entries
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a model folder: config.json, then a single safetensors file or an index of shards."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a folder")
+    config = _read_json(path / "config.json")
+    arch = architecture_for(config)
+    if (path / INDEX_FILE).exists():
+        weight_map = _read_json(path / INDEX_FILE).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{path / INDEX_FILE}: no weight_map")
+        shards = sorted(set(weight_map.values()))
+    elif (path / SINGLE_FILE).exists():
+        weight_map, shards = None, [SINGLE_FILE]
+    else:
+        raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are read)")
+    tensors: dict[str, TensorEntry] = {}
+    for shard in shards:
+        tensors.update(read_safetensors_header(path / shard))
+    if weight_map is not None:
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise CheckpointError(f"{path}: {len(missing)} tensors named in the index are not in their shards, e.g. {missing[0]}")
+    return Checkpoint(path=path, config=config, arch=arch, tensors=tensors)

@@ -1,0 +1,123 @@
+"""GGUF metadata from a Hugging Face folder: hyper-parameters, tokenizer, general.* keys."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import gguf
+
+from mc_gguf import __version__
+from mc_gguf.errors import CheckpointError, UnsupportedArchitectureError
+from mc_gguf.gguf_io import keys
+from mc_gguf.hf.checkpoint import Checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def rope_theta(config: dict) -> float:
+    """rope theta from either config layout (transformers < 5 top-level, >= 5 rope_parameters)."""
+    params = config.get("rope_parameters") or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type != "default" or config.get("rope_scaling"):
+        raise UnsupportedArchitectureError(f"rope scaling {rope_type!r} is not supported yet")
+    theta = params.get("rope_theta", config.get("rope_theta"))
+    if theta is None:
+        raise CheckpointError("config.json has no rope_theta")
+    return float(theta)
+
+
+def head_dim(config: dict) -> int:
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def add_hparams(writer: gguf.GGUFWriter, ckpt: Checkpoint) -> None:
+    """The hyper-parameters llama.cpp's "llama" architecture reads for a Mixtral."""
+    config = ckpt.config
+    try:
+        writer.add_context_length(int(config["max_position_embeddings"]))
+        writer.add_embedding_length(int(config["hidden_size"]))
+        writer.add_block_count(ckpt.n_layers)
+        writer.add_feed_forward_length(int(config["intermediate_size"]))
+        writer.add_head_count(int(config["num_attention_heads"]))
+        writer.add_head_count_kv(int(config.get("num_key_value_heads") or config["num_attention_heads"]))
+        writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+        writer.add_vocab_size(int(config["vocab_size"]))
+    except KeyError as exc:
+        raise CheckpointError(f"config.json has no {exc.args[0]}") from None
+    dim = head_dim(config)
+    writer.add_rope_dimension_count(dim)
+    if dim != config["hidden_size"] // config["num_attention_heads"]:
+        writer.add_key_length(dim)
+        writer.add_value_length(dim)
+    writer.add_rope_freq_base(rope_theta(config))
+    writer.add_expert_count(ckpt.n_experts)
+    writer.add_expert_used_count(ckpt.n_experts_used)
+    window = config.get("sliding_window")
+    if window and window < config["max_position_embeddings"]:
+        # llama.cpp's "llama" graph has no sliding window (convert_hf_to_gguf.py drops it too).
+        log.warning("sliding_window=%s is ignored: llama.cpp attends to the whole context", window)
+
+
+def add_general(writer: gguf.GGUFWriter, ckpt: Checkpoint, file_type: gguf.LlamaFileType) -> None:
+    writer.add_name(ckpt.path.resolve().name)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_string(keys.VERSION, __version__)
+
+
+def add_sentencepiece_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int) -> None:
+    """SentencePiece tokens, scores and types plus special tokens and chat template.
+
+    The vocabulary is padded to the model's vocab_size with unused pieces, as
+    convert_hf_to_gguf.py does, so token_embd and the vocabulary agree.
+    """
+    if not (model_dir / "tokenizer.model").exists():
+        raise CheckpointError(f"{model_dir}: no tokenizer.model (a SentencePiece tokenizer is required)")
+    try:
+        vocab = gguf.vocab.SentencePieceVocab(model_dir)
+    except Exception as exc:  # sentencepiece raises plain RuntimeError/OSError on a bad model file
+        raise CheckpointError(f"{model_dir / 'tokenizer.model'}: cannot be read ({exc})") from None
+    tokens, scores, types = [], [], []
+    for text, score, toktype in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(toktype)
+    _mark_added_special_tokens(model_dir, tokens, types)
+    if len(tokens) > n_vocab:
+        raise CheckpointError(f"tokenizer has {len(tokens)} pieces but config.json vocab_size is {n_vocab}")
+    for i in range(len(tokens), n_vocab):
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    # SpecialVocab warns about the pair template of tokenizer.json's post-processor,
+    # which llama.cpp never uses; keep its errors, drop that noise.
+    vocab_log = logging.getLogger("gguf.vocab")
+    level = vocab_log.level
+    vocab_log.setLevel(logging.ERROR)
+    try:
+        gguf.SpecialVocab(model_dir, n_vocab=n_vocab).add_to_gguf(writer, quiet=True)
+    finally:
+        vocab_log.setLevel(level)
+
+
+def _mark_added_special_tokens(model_dir: Path, tokens: list[bytes], types: list) -> None:
+    """Tokens that tokenizer.json declares special become CONTROL (as convert_hf_to_gguf.py does)."""
+    import json
+
+    path = model_dir / "tokenizer.json"
+    if not path.exists():
+        return
+    for added in json.loads(path.read_text(encoding="utf-8")).get("added_tokens", []):
+        token_id = added.get("id")
+        if added.get("special") and isinstance(token_id, int) and token_id < len(tokens):
+            if tokens[token_id] != added["content"].encode():
+                raise CheckpointError(
+                    f"tokenizer.json gives id {token_id} to {added['content']!r}, tokenizer.model to {tokens[token_id]!r}"
+                )
+            types[token_id] = gguf.TokenType.CONTROL

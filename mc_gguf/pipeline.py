@@ -1,0 +1,74 @@
+"""compress = the stages in order: calibrate -> allocate -> quantize (and write), pruning thresholds included.
+
+Each stage leaves its artifact (statistics, plan, GGUF); ``keep_artifacts``
+keeps the first two for inspection or for re-running a stage alone.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from mc_gguf.allocate.allocation import allocate
+from mc_gguf.allocate.plan import Plan
+from mc_gguf.allocate.program import check_budget
+from mc_gguf.atomic import check_output_path
+from mc_gguf.calibrate.calibration import calibrate
+from mc_gguf.calibrate.settings import CalibrationSettings
+from mc_gguf.calibrate.stats import CalibrationStats
+from mc_gguf.calibrate.text import CalibrationText
+from mc_gguf.ggml.types import quant_type
+from mc_gguf.prune.calibration import odp_from_stats
+from mc_gguf.prune.rule import OdpParams
+from mc_gguf.quantize.quantization import quantize
+
+
+@dataclass
+class CompressResult:
+    path: Path
+    plan: Plan
+    stats: CalibrationStats
+    odp: OdpParams | None
+
+
+def compress(model_dir: str | Path, out: str | Path, bits: float, text: CalibrationText, *,
+             settings: CalibrationSettings = CalibrationSettings(), layout: str = "per-expert",
+             odp_skip: float | None = None, gptq: bool = False, keep_artifacts: str | Path | None = None,
+             allocate_options: dict | None = None, progress: bool = True) -> CompressResult:
+    out = check_output_path(out)
+    # an impossible expert budget fails now, not after calibration
+    types = (allocate_options or {}).get("types") or settings.types
+    check_budget(bits, [quant_type(t).bits_per_weight for t in types])
+    if gptq and not settings.hessian:
+        settings = replace(settings, hessian=True)
+    with tempfile.TemporaryDirectory(prefix=".mc-gguf-", dir=out.parent) as scratch:
+        artifacts = Path(keep_artifacts) if keep_artifacts else Path(scratch)
+        artifacts.mkdir(parents=True, exist_ok=True)
+        stats_path = artifacts / "stats.safetensors"
+        stats = calibrate(model_dir, stats_path, text, settings, progress=progress)
+        plan = allocate(stats, bits, model_dir=model_dir, layout=layout, stats_path=str(stats_path),
+                        **(allocate_options or {}))
+        plan.save(artifacts / "plan.json")
+        odp = odp_from_stats(stats, odp_skip) if odp_skip else None
+        path = quantize(model_dir, plan, out, stats=stats, gptq=gptq, odp=odp, progress=progress)
+    return CompressResult(path, plan, stats, odp)
+
+
+def summary(result: CompressResult) -> str:
+    p = result.plan.predicted
+    n_used = int(result.stats.info["n_expert_used"])
+    lines = [f"{result.path}: {p['file_bytes'] / 1e6:.2f} MB, layout {result.plan.layout}",
+             f"  experts {p['expert_bpw']:.3f} bits per weight, all tensors {p['model_bpw']:.3f}",
+             f"  {'layer':>5} {'bpw':>6} {'mu':>6} {'skips':>6}"]
+    skipped = []  # share of the layer's slots the thresholds skip on the calibration tokens
+    for bid, layer_bits in enumerate(p["layer_expert_bpw"]):
+        if result.odp is None:
+            lines.append(f"  {bid:>5} {layer_bits:6.2f} {'-':>6} {'-':>6}")
+            continue
+        mu = result.odp.mu[bid]
+        skipped.append(float((result.stats.layers[bid].top_ratio[:, 0] < mu).mean()) / n_used)
+        lines.append(f"  {bid:>5} {layer_bits:6.2f} {mu:6.3f} {skipped[-1]:6.1%}")
+    if skipped:
+        lines.append(f"  expected share of expert slots skipped: {sum(skipped) / len(skipped):.1%}")
+    return "\n".join(lines)

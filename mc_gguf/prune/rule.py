@@ -1,0 +1,96 @@
+"""Online Dynamic Pruning (ODP): the rule, its parameters, and thresholds for a skip share.
+
+The rule (../METHOD.md, Stage 2; the runtime's build_moe_ffn does the same):
+for token t with top-k router probabilities w_0 >= w_1 >= ... (before top-k
+renormalisation), slot i >= 1 is skipped when w_i / w_0 < mu_l; a slot is kept
+iff w_i / w_0 >= mu_l, so a ratio exactly at the threshold is kept. The kept
+weights are renormalised to sum to 1 (Mixtral's gating). In a sequence of
+L > 1 tokens the ceil(rho * L) tokens with the highest importance
+||t_j||_1 / (L - j) keep all their experts (t_j: the MoE block's input; this is
+what the MC authors' code computes, the paper's attention-weighted form
+reduces to it there). A single token (decode) uses the mu rule alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mc_gguf.errors import GGUFFileError
+from mc_gguf.gguf_io import keys
+
+DEFAULT_PROTECT_RATIO = 0.02
+
+
+@dataclass
+class OdpParams:
+    """Per-layer thresholds and the protection ratio."""
+
+    mu: list[float]
+    protect_ratio: float = DEFAULT_PROTECT_RATIO
+
+    def __post_init__(self) -> None:
+        validate_params(self.mu, self.protect_ratio)
+
+
+def validate_params(mu: Sequence[float], protect_ratio: float, n_layers: int | None = None) -> None:
+    """The checks the runtime makes at load time, with the same meaning."""
+    if n_layers is not None and len(mu) != n_layers:
+        raise GGUFFileError(f"{keys.ODP_MU} has {len(mu)} values but the model has {n_layers} layers")
+    for il, value in enumerate(mu):
+        if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+            raise GGUFFileError(f"{keys.ODP_MU}[{il}] = {value} is not in [0, 1]")
+    if not math.isfinite(protect_ratio) or not 0.0 <= protect_ratio <= 1.0:
+        raise GGUFFileError(f"{keys.ODP_PROTECT_RATIO} = {protect_ratio} is not in [0, 1]")
+
+
+def keep_mask(top_weights: np.ndarray, mu: float, moe_input: np.ndarray | None, protect_ratio: float) -> np.ndarray:
+    """Which slots a sequence computes: bool [L, k] from its top-k probabilities [L, k] (sorted, descending).
+
+    ``moe_input`` [L, hidden] is needed for protection when L > 1.
+    """
+    keep = top_weights >= mu * top_weights[:, :1]
+    n_tokens = top_weights.shape[0]
+    n_protect = math.ceil(protect_ratio * n_tokens)
+    if n_tokens > 1 and n_protect > 0 and moe_input is not None:
+        importance = np.abs(moe_input).sum(-1) / (n_tokens - np.arange(n_tokens))
+        kth = np.sort(importance)[::-1][n_protect - 1]
+        keep |= (importance >= kth)[:, None]
+    return keep
+
+
+@dataclass
+class SlotCounts:
+    """Expert slots computed and skipped, per layer."""
+
+    computed: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+
+    @property
+    def skipped_share(self) -> float:
+        total = sum(self.computed) + sum(self.skipped)
+        return sum(self.skipped) / total if total else 0.0
+
+
+def top2_ratios(router_probs: np.ndarray) -> np.ndarray:
+    """w_1 / w_0 of every token from its router probabilities [tokens, n_expert]."""
+    top = np.sort(router_probs, axis=-1)[:, ::-1]
+    return top[:, 1] / top[:, 0]
+
+
+def thresholds_for_skip_share(ratios_per_layer: Sequence[np.ndarray], target_skip: float, n_used: int = 2) -> list[float]:
+    """Per-layer mu so that about ``target_skip`` of all slots are skipped (top-2: the w1/w0 quantile).
+
+    With top-2 routing only slot 1 can be skipped, so a layer skips the share q of its
+    tokens whose w1/w0 falls below its q-quantile, i.e. q / 2 of its slots; the same
+    q in every layer gives a skip share of q / n_used overall.
+    """
+    share_of_tokens = target_skip * n_used
+    if not 0.0 <= share_of_tokens <= 1.0:
+        raise ValueError(f"a skip share of {target_skip} is not reachable with top-{n_used} routing")
+    # skipped iff ratio < mu: the q-quantile skips a share q of the tokens
+    return [float(np.quantile(ratios, share_of_tokens)) if share_of_tokens > 0 and len(ratios) else 0.0
+            for ratios in ratios_per_layer]

@@ -1,0 +1,63 @@
+"""GPTQ error compensation whose rounding step is ggml's own quantizer.
+
+GPTQ (Frantar et al., 2022) quantizes a weight matrix W [rows, cols] column by
+column and moves each column's rounding error onto the columns not yet
+quantized, weighted by the inverse Hessian H^-1 of the layer inputs
+(H = X^T X). ggml's K- and i-quants round a whole super-block of 256 columns
+at once (scales are chosen per block), so here a block is the unit: quantize
+the block B with ggml_quantize_chunk, then update the remaining columns R by
+the block's error E_B = W_B - Q_B:
+
+    W_R <- W_R - E_B U_BB^-1 U_BR,    with H^-1 = U^T U (U upper triangular)
+
+which is the optimal (OBS) update for quantizing B jointly; with U the
+Cholesky factor of the full H^-1, its rows from B on describe the inverse
+Hessian of the columns still free, as in GPTQ's own lazy batch updates.
+Dampening: H + 0.01 * mean(diag H) * I, as the MC authors use.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+from scipy.linalg import cho_factor, cho_solve, solve_triangular
+
+from mc_gguf.ggml import quants
+
+BLOCK = 256
+DAMP = 0.01
+
+
+def inverse_hessian_factor(hessian: np.ndarray, damp: float = DAMP) -> tuple[np.ndarray, np.ndarray]:
+    """(U, dead): U upper triangular with U^T U = (H + damp * mean(diag H) * I)^-1; dead marks
+    input columns no calibration token ever made non-zero."""
+    h = np.array(hessian, dtype=np.float64)
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices_from(h)] += damp * np.mean(np.diag(h))
+    h_inv = cho_solve(cho_factor(h, lower=True), np.eye(len(h)))
+    return np.linalg.cholesky(h_inv).T, dead
+
+
+def gptq_quantize(weights: np.ndarray, hessian: np.ndarray, qtype: gguf.GGMLQuantizationType,
+                  imatrix: np.ndarray | None = None, damp: float = DAMP) -> np.ndarray:
+    """ggml's bytes [rows, row_bytes] of ``weights`` [rows, cols] quantized with GPTQ error compensation."""
+    rows, cols = weights.shape
+    if cols % BLOCK:
+        raise ValueError(f"GPTQ into ggml works on rows of whole {BLOCK}-column blocks, got {cols} columns")
+    u, dead = inverse_hessian_factor(hessian, damp)
+    w = np.array(weights, dtype=np.float64)
+    w[:, dead] = 0.0
+    chunks = []
+    for first in range(0, cols, BLOCK):
+        block = slice(first, first + BLOCK)
+        q = quants.quantize(w[:, block].astype(np.float32), qtype,
+                                None if imatrix is None else imatrix[block])
+        chunks.append(q)
+        rest = slice(first + BLOCK, cols)
+        if first + BLOCK < cols:
+            error = w[:, block] - gguf.quants.dequantize(q, qtype).reshape(rows, BLOCK)
+            # error @ U_BB^-1, by a triangular solve: X U_BB = E  <=>  U_BB^T X^T = E^T
+            scaled = solve_triangular(u[block, block], error.T, trans="T", lower=False).T
+            w[:, rest] -= scaled @ u[block, rest]
+    return np.concatenate(chunks, axis=1)

@@ -1,0 +1,120 @@
+"""Quantize a checkpoint to a plan and write the GGUF, one expert in memory at a time.
+
+Every expert projection is quantized by ggml's own quantizer (through
+ctypes) at the type its plan gives, with the expert's importance matrix from
+the calibration statistics, and optionally with GPTQ error compensation
+(gptq.py) when the statistics hold full Hessians. The file's layout follows
+the plan: ``stock`` (one type per layer and projection, loads in unmodified
+llama.cpp) or ``per-expert`` (groups of equal type, see gguf_io/layout.py and
+docs/FORMAT.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from mc_gguf.allocate.plan import Plan, validate_plan
+from mc_gguf.allocate.size import layout_tensors, tensor_totals
+from mc_gguf.atomic import check_output_path
+from mc_gguf.calibrate.stats import CalibrationStats
+from mc_gguf.errors import McGgufError
+from mc_gguf.ggml import quants
+from mc_gguf.ggml.types import quant_type
+from mc_gguf.gguf_io import keys
+from mc_gguf.gguf_io.convert import model_metadata
+from mc_gguf.gguf_io.layout import PROJECTIONS, ExpertGroup, expert_groups
+from mc_gguf.gguf_io.write import write_gguf
+from mc_gguf.hf.checkpoint import Checkpoint, open_checkpoint
+from mc_gguf.prune import rule as pruning
+from mc_gguf.quantize.gptq import gptq_quantize
+
+
+def quantize(model_dir: str | Path, plan: Plan, out: str | Path, *, stats: CalibrationStats | None = None,
+                   gptq: bool | None = None, odp: pruning.OdpParams | None = None, progress: bool = True) -> Path:
+    """Write ``out``: the checkpoint quantized to ``plan``. ``gptq`` defaults to on when ``stats`` has Hessians."""
+    out = check_output_path(out)
+    validate_plan(plan)
+    ckpt = open_checkpoint(model_dir)
+    _check_fits(ckpt, plan, stats)
+    if gptq is None:
+        gptq = stats is not None and stats.has_hessian
+    if gptq and (stats is None or not stats.has_hessian):
+        raise McGgufError("GPTQ needs the experts' Hessians: calibrate with --hessian")
+    if odp is not None:
+        pruning.validate_params(odp.mu, odp.protect_ratio, ckpt.n_layers)
+
+    def produce_group(bid: int, projection: str, group: ExpertGroup) -> np.ndarray:
+        return np.stack([quantize_expert(ckpt, stats, bid, xid, projection, group.type_name, gptq)
+                         for xid in group.experts])
+
+    tensors = layout_tensors(ckpt, plan, produce_group)
+    measured = tensor_totals(tensors)
+
+    def add_metadata(writer: gguf.GGUFWriter) -> None:
+        model_metadata(ckpt, gguf.LlamaFileType.GUESSED)(writer)
+        add_plan_metadata(writer, plan, measured, stats, gptq)
+        if odp is not None:
+            writer.add_array(keys.ODP_MU, [float(m) for m in odp.mu])
+            writer.add_float32(keys.ODP_PROTECT_RATIO, odp.protect_ratio)
+
+    return write_gguf(out, gguf.MODEL_ARCH_NAMES[ckpt.arch.gguf_arch], add_metadata, tensors, progress=progress)
+
+
+def quantize_expert(ckpt: Checkpoint, stats: CalibrationStats | None, bid: int, xid: int, projection: str,
+                    type_name: str, gptq: bool) -> np.ndarray:
+    """ggml's bytes [rows, row_bytes] of one expert projection at ``type_name``."""
+    qtype = quant_type(type_name).qtype
+    weights = ckpt.load(ckpt.arch.expert_tensor(bid, xid, projection))
+    which = "mid" if projection == "down" else "in"
+    imatrix = stats.layers[bid].imatrix(which)[xid] if stats is not None else None
+    if gptq:
+        layer = stats.layers[bid]
+        hessian = (layer.hessian_mid if which == "mid" else layer.hessian_in)[xid]
+        return gptq_quantize(weights, hessian, qtype, imatrix)
+    return quants.quantize(weights, qtype, imatrix)
+
+
+def _check_fits(ckpt: Checkpoint, plan: Plan, stats: CalibrationStats | None) -> None:
+    if plan.n_layers != ckpt.n_layers or any(len(layer) != ckpt.n_experts for layer in plan.experts):
+        raise McGgufError(f"the plan is for {plan.n_layers} layers of {len(plan.experts[0])} experts; "
+                          f"{ckpt.path} has {ckpt.n_layers} layers of {ckpt.n_experts}")
+    if stats is not None and (len(stats.layers) != ckpt.n_layers or stats.layers[0].count.size != ckpt.n_experts):
+        raise McGgufError(f"the statistics are for another model than {ckpt.path}")
+    if stats is None:
+        needing = sorted({t for layer in plan.experts for e in layer for t in e.values() if quants.requires_imatrix(
+            quant_type(t).qtype)})
+        if needing:
+            raise McGgufError(f"{', '.join(needing)} need an importance matrix: pass the calibration statistics")
+
+
+def group_map(plan: Plan) -> list[int]:
+    """mc.experts.groups: the group of every (layer, projection, expert), in gguf_io/layout.py's group order."""
+    values = []
+    for bid in range(plan.n_layers):
+        for projection in PROJECTIONS:
+            types = plan.projection_types(bid, projection)
+            group_of_type = {group.type_name: g for g, group in enumerate(expert_groups(types))}
+            values.extend(group_of_type[t] for t in types)
+    return values
+
+
+def add_plan_metadata(writer: gguf.GGUFWriter, plan: Plan, measured: dict, stats: CalibrationStats | None,
+                      gptq: bool) -> None:
+    writer.add_string(keys.PLAN_LAYOUT, plan.layout)
+    writer.add_array(keys.PLAN_TYPES, [plan.experts[bid][xid][p] for bid in range(plan.n_layers) for p in PROJECTIONS
+                                 for xid in range(len(plan.experts[bid]))])
+    writer.add_float32(keys.PLAN_BUDGET, float(plan.budget.get("bits", 0.0)))
+    writer.add_string(keys.PLAN_SCOPE, str(plan.budget.get("scope", "experts")))
+    writer.add_float32(keys.PLAN_EXPERT_BPW, float(measured["expert_bpw"]))
+    writer.add_float32(keys.PLAN_MODEL_BPW, float(measured["model_bpw"]))
+    writer.add_bool(keys.QUANTIZE_GPTQ, bool(gptq))
+    if plan.layout == "per-expert":
+        writer.add_array(keys.EXPERT_GROUPS, group_map(plan))
+    if stats is not None:
+        writer.add_string(keys.CALIBRATION_MODEL, str(stats.info.get("model_name", "")))
+        writer.add_string(keys.CALIBRATION_TEXT, str(stats.info.get("text", "")))
+        writer.add_string(keys.CALIBRATION_TEXT_SHA256, str(stats.info.get("text_sha256", "")))
+        writer.add_uint32(keys.CALIBRATION_TOKENS, int(stats.info.get("n_tokens", 0)))

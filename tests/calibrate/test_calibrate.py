@@ -1,0 +1,178 @@
+"""Streaming calibration statistics equal a direct computation on the full transformers model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mc_gguf.calibrate.calibration import calibrate
+from mc_gguf.calibrate.stats import EPS_DOWN, EPS_EXPERT, EPS_GATE_UP, StatsFileError, load_stats
+from mc_gguf.calibrate.text import CalibrationText, pack_sequences
+from mc_gguf.ggml import quants
+from mc_gguf.ggml.types import quant_type
+
+from conftest import CALIBRATION_TEXT
+
+
+@pytest.fixture(scope="module")
+def direct(hf_model, hf_tokenizer, calibration_settings):
+    """The full model on the same sequences: every layer's MoE input and router probabilities."""
+    s = calibration_settings
+    ids = hf_tokenizer(CALIBRATION_TEXT, add_special_tokens=False).input_ids
+    sequences = pack_sequences(ids, hf_tokenizer.bos_token_id, s.n_tokens, s.seq_len, s.seed)
+    moe_inputs = []
+    hooks = [layer.post_attention_layernorm.register_forward_hook(lambda m, i, o: moe_inputs.append(o))
+             for layer in hf_model.model.layers]
+    try:
+        with torch.no_grad():
+            out = hf_model(torch.from_numpy(sequences), output_router_logits=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    n_layers = len(hf_model.model.layers)
+    x = [moe_inputs[il].reshape(-1, moe_inputs[il].shape[-1]) for il in range(n_layers)]
+    probs = [torch.softmax(logits.float(), dim=-1) for logits in out.router_logits]
+    return x, probs
+
+
+def test_routing_counts_and_weights_match_transformers_router_logits(calibration, direct, hf_model):
+    _, stats = calibration
+    _, probs = direct
+    k = hf_model.config.num_experts_per_tok
+    for il, layer in enumerate(stats.layers):
+        top_w, top_ids = torch.topk(probs[il], k, dim=-1)
+        count = np.bincount(top_ids.reshape(-1).numpy(), minlength=layer.count.size)
+        weight = np.array([probs[il][:, e][(top_ids == e).any(-1)].sum().item() for e in range(layer.count.size)])
+        np.testing.assert_array_equal(layer.count, count)
+        np.testing.assert_allclose(layer.weight_sum, weight, rtol=1e-4)
+        np.testing.assert_allclose(layer.top_ratio[:, 0], (top_w[:, 1] / top_w[:, 0]).numpy(), rtol=1e-4)
+        assert layer.phi.sum() == pytest.approx(1.0) and layer.w.sum() == pytest.approx(1.0)
+
+
+def test_imatrix_and_hessian_equal_sums_over_each_experts_tokens(calibration, direct, hf_model):
+    _, stats = calibration
+    xs, probs = direct
+    k = hf_model.config.num_experts_per_tok
+    for il, layer in enumerate(stats.layers):
+        experts = hf_model.model.layers[il].mlp.experts
+        _, top_ids = torch.topk(probs[il], k, dim=-1)
+        for e in range(layer.count.size):
+            x = xs[il][(top_ids == e).any(-1)].double()
+            gate, up = (x @ experts.gate_up_proj[e].detach().double().T).chunk(2, dim=-1)
+            z = torch.nn.functional.silu(gate) * up
+            np.testing.assert_allclose(layer.imatrix_in[e], (x ** 2).sum(0).numpy(), rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(layer.imatrix_mid[e], (z ** 2).sum(0).numpy(), rtol=1e-3, atol=1e-7)
+            np.testing.assert_allclose(layer.hessian_in[e], (x.T @ x).numpy(), rtol=1e-3, atol=1e-3)
+            np.testing.assert_allclose(np.diag(layer.hessian_mid[e]), layer.imatrix_mid[e], rtol=1e-3, atol=1e-7)
+
+
+def _roundtrip_with_ggml(weights: torch.Tensor, type_name: str, imatrix: np.ndarray) -> torch.Tensor:
+    """Quantize and dequantize with ggml's own to_float (not gguf-py's, which calibrate uses)."""
+    qtype = quant_type(type_name).qtype
+    data = quants.quantize(weights.numpy(), qtype, imatrix)
+    return torch.from_numpy(quants.dequantize_with_ggml(data, qtype, weights.shape[1]))
+
+
+@pytest.mark.parametrize("type_name", ["IQ2_XS", "Q4_K"])
+def test_eps_is_the_moe_block_output_error_with_one_expert_quantized(calibration, direct, hf_model, type_name):
+    """Recompute eps with transformers' own MoE block, one expert's weights replaced by ggml's quantization."""
+    _, stats = calibration
+    xs, _ = direct
+    t = stats.types.index(type_name)
+    il, layer = 1, stats.layers[1]
+    block = hf_model.model.layers[il].mlp
+    ff = block.experts.down_proj.shape[-1]
+    imat_in, imat_mid = layer.imatrix("in"), layer.imatrix("mid")
+    with torch.no_grad():
+        reference = block(xs[il][None])
+        for e in range(layer.count.size):
+            saved = block.experts.gate_up_proj[e].clone(), block.experts.down_proj[e].clone()
+            gate, up = saved[0][:ff], saved[0][ff:]
+            q_gate_up = torch.cat([_roundtrip_with_ggml(gate, type_name, imat_in[e]),
+                                   _roundtrip_with_ggml(up, type_name, imat_in[e])])
+            q_down = _roundtrip_with_ggml(saved[1], type_name, imat_mid[e])
+            for row, (gu, down) in ((EPS_EXPERT, (q_gate_up, q_down)), (EPS_GATE_UP, (q_gate_up, saved[1])),
+                                    (EPS_DOWN, (saved[0], q_down))):
+                block.experts.gate_up_proj[e] = gu
+                block.experts.down_proj[e] = down
+                expected = torch.linalg.norm(block(xs[il][None]) - reference).item()
+                assert layer.eps[row, e, t] == pytest.approx(expected, rel=2e-3), (row, e)
+            block.experts.gate_up_proj[e], block.experts.down_proj[e] = saved
+    # fewer bits, more error: a sanity check on the ordering the allocator relies on
+    assert (layer.eps[EPS_EXPERT, :, stats.types.index("Q2_K")] > layer.eps[EPS_EXPERT, :, stats.types.index("Q8_0")]).all()
+
+
+def test_statistics_file_round_trips_with_provenance(calibration, tiny_model_dir):
+    path, stats = calibration
+    again = load_stats(path)
+    assert again.types == stats.types
+    assert again.info["text_sha256"] == CalibrationText("x", CALIBRATION_TEXT).sha256
+    assert again.info["n_tokens"] == again.info["n_sequences"] * again.info["seq_len"]
+    for a, b in zip(again.layers, stats.layers):
+        np.testing.assert_array_equal(a.eps, b.eps)
+        np.testing.assert_array_equal(a.hessian_mid, b.hessian_mid)
+
+
+def test_interrupted_calibration_resumes_at_the_unfinished_layer(tiny_model_dir, tmp_path, calibration,
+                                                                  calibration_settings, monkeypatch):
+    import mc_gguf.calibrate.calibration as calibrate_module
+
+    out = tmp_path / "resumed.stats"
+    real = calibrate_module._calibrate_layer
+    calls = []
+
+    def fail_on_layer_1(model, ckpt, bid, *args, **kwargs):
+        calls.append(bid)
+        if bid == 1 and len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(model, ckpt, bid, *args, **kwargs)
+
+    monkeypatch.setattr(calibrate_module, "_calibrate_layer", fail_on_layer_1)
+    text = CalibrationText("test text", CALIBRATION_TEXT)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(tiny_model_dir, out, text, calibration_settings, progress=False)
+    assert not out.exists()
+    resumed = calibrate(tiny_model_dir, out, text, calibration_settings, progress=False)
+    assert calls == [0, 1, 1]
+    assert not (tmp_path / "resumed.stats.partial.d").exists()
+    for a, b in zip(resumed.layers, calibration[1].layers):
+        np.testing.assert_allclose(a.imatrix_mid, b.imatrix_mid, rtol=1e-6)
+        np.testing.assert_array_equal(a.count, b.count)
+
+
+def test_pack_sequences_starts_each_with_bos_and_is_seeded():
+    ids = list(range(10, 1010))
+    a = pack_sequences(ids, 1, n_tokens=256, seq_len=64, seed=0)
+    assert a.shape == (4, 64) and (a[:, 0] == 1).all()
+    assert all(np.array_equal(np.diff(row[1:]), np.ones(62)) for row in a)  # consecutive text
+    np.testing.assert_array_equal(a, pack_sequences(ids, 1, n_tokens=256, seq_len=64, seed=0))
+    assert not np.array_equal(a, pack_sequences(ids, 1, n_tokens=256, seq_len=64, seed=1))
+
+
+def test_not_a_statistics_file_is_a_clear_error(tmp_path, converted):
+    from safetensors.numpy import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"a": np.zeros(3, np.float32)}, str(other))
+    with pytest.raises(StatsFileError, match="not mc-gguf calibration statistics"):
+        load_stats(other)
+    with pytest.raises(StatsFileError, match="not a readable statistics file"):
+        load_stats(converted("q8_0"))
+    with pytest.raises(StatsFileError, match="does not exist"):
+        load_stats(tmp_path / "missing.stats")
+
+
+def test_truncated_statistics_file_is_a_clear_error(calibration, tmp_path):
+    path, _ = calibration
+    cut = tmp_path / "cut.stats"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(StatsFileError):
+        load_stats(cut)
+
+
+def test_default_calibration_text_is_offline_english_prose():
+    from mc_gguf.calibrate.text import default_text
+
+    text = default_text()
+    assert len(text.text) > 300_000 and " the " in text.text

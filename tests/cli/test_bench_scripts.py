@@ -1,0 +1,61 @@
+"""The benchmark scripts run end to end in their --quick mode (figures are not asserted: speed is no test)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def run_script(name: str, tmp_path: Path) -> dict:
+    out = tmp_path / "report.json"
+    png = tmp_path / "report.png"
+    result = subprocess.run([sys.executable, str(SCRIPTS / name), "--quick", "--workdir", str(tmp_path / "work"),
+                             "--json", str(out), "--png", str(png)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert png.stat().st_size > 0
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_bench_speed_quick(tmp_path):
+    report = run_script("bench_speed.py", tmp_path)
+    cases = {c["name"]: c for c in report["cases"]}
+    assert {"uniform Q4_K", "per-expert Q3_K/Q4_K/Q5_K"} <= set(cases)
+    for case in cases.values():
+        assert case["decode_tok_s"] > 0 and case["prefill_tok_s"] > 0 and case["limit_tok_s"] > 0
+    # the mixed file holds the same weights in about the same bytes as the uniform one (4.48 vs 4.5 bits)
+    assert abs(report["model"]["per_expert_file_mb"] / report["model"]["file_mb"] - 1) < 0.02
+    assert cases["uniform Q4_K"]["decode_skip_share"] == 0.0
+    pruned = [c for c in cases.values() if c["target_skip"]]
+    assert len(pruned) == 3 and all(c["decode_skip_share"] > 0 for c in pruned)
+    # a pruned decode reads fewer expert bytes, so its bandwidth limit is higher
+    assert all(c["bytes_per_token"] < cases["uniform Q4_K"]["bytes_per_token"] for c in pruned)
+    # the paired comparison: every layout and type against the uniform file, itself at exactly 1
+    paired = report["paired_decode"]["files"]
+    assert set(paired) == {"uniform Q4_K", "per-expert layout, one Q4_K group", "per-expert Q3_K/Q4_K/Q5_K",
+                           "per-expert layout, three Q4_K groups", "uniform Q3_K", "uniform Q5_K"}
+    assert paired["uniform Q4_K"]["speed_ratio"] == 1.0
+    assert all(r["speed_ratio"] > 0 and r["decode_tok_s"] > 0 for r in paired.values())
+
+
+@pytest.mark.slow
+def test_bench_quality_quick(tmp_path):
+    report = run_script("bench_quality.py", tmp_path)
+    rows = {r["name"]: r for r in report["rows"]}
+    assert rows["F16"]["kld_mean"] == 0.0 and rows["F16"]["same_top_token"] == 1.0
+    families = {r["family"] for r in rows.values()}
+    assert families == {"reference", "llama.cpp recipe", "llama.cpp experts", "mc-gguf"}
+    # llama.cpp's own tools wrote the uniform-expert file: its experts are IQ2_XS (2.3125 bits per weight)
+    assert rows["llama.cpp experts IQ2_XS"]["expert_bpw"] == pytest.approx(2.3125)
+    for name in ("mc-gguf per-expert 2.5", "mc-gguf stock 2.5"):
+        assert rows[name]["expert_bpw"] <= 2.5 + 1e-9
+        assert rows[name]["kld_mean"] > 0 and math.isfinite(rows[name]["ppl"])
+    assert rows["mc-gguf per-expert 2.5 odp 25%"]["skipped_share"] > 0
+    assert rows["mc-gguf per-expert 2.5"]["skipped_share"] == 0

@@ -1,0 +1,75 @@
+"""ggml's quantizers through ctypes: byte counts match the registry, and gguf-py decodes what ggml wrote."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+
+from mc_gguf.ggml.quants import dequantize_with_ggml, quantize, requires_imatrix
+from mc_gguf.ggml.types import CANDIDATES
+
+ROWS, N_PER_ROW = 16, 512
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return np.random.default_rng(7).standard_normal((ROWS, N_PER_ROW)).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", list(CANDIDATES))
+def test_bits_per_weight_equal_the_bytes_ggml_writes(weights, name):
+    qt = CANDIDATES[name]
+    data = quantize(weights, qt.qtype, np.ones(N_PER_ROW, np.float32))
+    assert data.nbytes * 8 / weights.size == pytest.approx(qt.bits_per_weight)
+
+
+@pytest.mark.parametrize("name", list(CANDIDATES))
+def test_imatrix_requirement_matches_ggml(name):
+    assert CANDIDATES[name].needs_imatrix == requires_imatrix(CANDIDATES[name].qtype)
+
+
+@pytest.mark.parametrize("name", list(CANDIDATES))
+def test_gguf_py_dequantizes_ggml_output_exactly(weights, name):
+    qt = CANDIDATES[name]
+    data = quantize(weights, qt.qtype, np.ones(N_PER_ROW, np.float32))
+    by_gguf_py = gguf.quants.dequantize(data, qt.qtype)
+    by_ggml = dequantize_with_ggml(data, qt.qtype, N_PER_ROW)
+    np.testing.assert_array_equal(by_gguf_py, by_ggml)
+
+
+def test_error_falls_as_bits_rise(weights):
+    imatrix = np.ones(N_PER_ROW, np.float32)
+    errors = []
+    for qt in sorted(CANDIDATES.values(), key=lambda q: q.bits_per_weight):
+        restored = gguf.quants.dequantize(quantize(weights, qt.qtype, imatrix), qt.qtype)
+        errors.append(float(np.mean((restored - weights) ** 2) / np.mean(weights ** 2)))
+    assert errors[-1] < 1e-4  # Q8_0
+    assert errors[0] > 0.1    # IQ1_S
+    # allowing neighbours of nearly equal size to swap, the error falls with the bits
+    assert all(b < 1.5 * a for a, b in zip(errors, errors[1:]))
+
+
+def test_imatrix_steers_the_rounding(weights):
+    """Columns with a larger importance are reproduced more accurately (Q2_K uses the imatrix).
+
+    Important and unimportant columns alternate, so every quantization block holds both.
+    """
+    imatrix = np.ones(N_PER_ROW, np.float32)
+    imatrix[::2] = 100.0
+    restored = gguf.quants.dequantize(quantize(weights, gguf.GGMLQuantizationType.Q2_K, imatrix),
+                                      gguf.GGMLQuantizationType.Q2_K)
+    err = (restored - weights) ** 2
+    assert err[:, ::2].mean() < 0.8 * err[:, 1::2].mean()
+
+
+def test_types_that_need_an_imatrix_refuse_without_one(weights):
+    with pytest.raises(ValueError, match="importance matrix"):
+        quantize(weights, gguf.GGMLQuantizationType.IQ2_XXS)
+
+
+@pytest.mark.parametrize("name", list(CANDIDATES))
+def test_registry_rows_are_gguf_pys_types_and_block_sizes(name):
+    qt = CANDIDATES[name]
+    assert qt.qtype.name == name
+    assert gguf.GGML_QUANT_SIZES[qt.qtype] == (qt.block_size, qt.type_size)

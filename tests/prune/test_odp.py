@@ -1,0 +1,228 @@
+"""Online Dynamic Pruning in llama.cpp against the transformers reference (mc_gguf.prune.reference.TransformersOdp).
+
+Ties at the threshold: a slot is kept iff w_i / w_0 >= mu in both engines. The
+thresholds here are medians of the prompt's own ratios, so one token per layer
+sits exactly at mu in the reference; the two engines compute that ratio with
+different rounding, so the tests move mu half-way to the next ratio above it,
+where float noise (~1e-7) cannot flip a decision.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from mc_gguf.errors import GGUFFileError
+from mc_gguf.evaluate.run import load
+from mc_gguf.gguf_io import keys
+from mc_gguf.gguf_io.edit import MetadataDetails, float_array, float_value, rewrite_metadata
+from mc_gguf.prune.calibration import write_odp_metadata
+from mc_gguf.prune.reference import TransformersOdp
+from mc_gguf.prune.rule import top2_ratios
+
+from helpers import PROMPT, llama_cpp_logits, transformers_logits
+
+# as the F32 conversion test: float32 summation-order noise only
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(hf_tokenizer):
+    return hf_tokenizer(PROMPT).input_ids
+
+
+def router_ratios(hf_model, ids) -> list[np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        out = hf_model(torch.tensor([ids]), output_router_logits=True)
+    return [top2_ratios(torch.softmax(logits.float(), -1).numpy()) for logits in out.router_logits]
+
+
+def safe_median(ratios: np.ndarray) -> float:
+    """A threshold near the median that is not within float noise of any ratio."""
+    values = np.sort(ratios)
+    i = len(values) // 2
+    return float((values[i] + values[i + 1]) / 2)
+
+
+@pytest.fixture(scope="module")
+def median_mu(hf_model, prompt_ids) -> list[float]:
+    return [safe_median(r) for r in router_ratios(hf_model, prompt_ids)]
+
+
+def reference(hf_model, ids, mu, protect_ratio):
+    with TransformersOdp(hf_model, mu, protect_ratio) as odp:
+        logits = transformers_logits(hf_model, ids)
+    return logits, odp.counts
+
+
+def llama_run(path, ids, **kwargs):
+    """Logits at every position and expert slot counts, with an F32 KV cache."""
+    from llama_cpp import GGML_TYPE_F32
+
+    settings = dict(n_ctx=512, n_batch=512, logits_all=True, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32,
+                    flash_attn=False)
+    llm = load(path, **{**settings, **kwargs})
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32), llm.expert_stats()
+
+
+def test_prefill_skip_counts_and_logits_match_reference(converted, hf_model, prompt_ids, median_mu, tmp_path):
+    path = write_odp_metadata(converted("f32"), tmp_path / "odp.gguf", median_mu, 0.02)
+    ref_logits, ref_counts = reference(hf_model, prompt_ids, median_mu, 0.02)
+    got_logits, got_counts = llama_run(path, prompt_ids)
+
+    assert got_counts.computed == ref_counts.computed
+    assert got_counts.skipped == ref_counts.skipped
+    assert sum(got_counts.skipped) > 0
+    rel_err = np.abs(got_logits - ref_logits).max() / np.abs(ref_logits).max()
+    assert rel_err < TOLERANCE
+    # pruning changed the output: the comparison is not the unpruned one again
+    unpruned = transformers_logits(hf_model, prompt_ids)
+    assert np.abs(unpruned - ref_logits).max() / np.abs(ref_logits).max() > 10 * TOLERANCE
+
+
+def test_decode_uses_the_mu_rule_alone(converted, hf_model, prompt_ids, median_mu, tmp_path):
+    """One token per ubatch: no protection; counts equal the reference run token by token."""
+    import torch
+
+    path = write_odp_metadata(converted("f32"), tmp_path / "odp.gguf", median_mu, 0.5)
+    ids = prompt_ids[:16]
+    with TransformersOdp(hf_model, median_mu, 0.5) as odp, torch.no_grad():
+        past = None
+        for token in ids:
+            out = hf_model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+    _, got = llama_run(path, ids, n_batch=1, n_ubatch=1)
+    assert got.computed == odp.counts.computed and got.skipped == odp.counts.skipped
+
+
+def test_mu_zero_is_bit_identical_to_no_metadata(converted, prompt_ids, tmp_path):
+    plain = llama_cpp_logits(converted("q8_0"), prompt_ids)
+    zeros = write_odp_metadata(converted("q8_0"), tmp_path / "zeros.gguf", [0.0, 0.0], 0.02)
+    logits, counts = llama_run(zeros, prompt_ids)
+    assert np.array_equal(logits, plain)
+    assert sum(counts.skipped) == 0 and counts.computed == [2 * len(prompt_ids)] * 2
+
+
+def test_no_odp_override_is_bit_identical_to_no_metadata(converted, prompt_ids, median_mu, tmp_path):
+    plain = llama_cpp_logits(converted("q8_0"), prompt_ids)
+    path = write_odp_metadata(converted("q8_0"), tmp_path / "odp.gguf", median_mu, 0.02)
+    logits, counts = llama_run(path, prompt_ids, odp=False)
+    assert np.array_equal(logits, plain) and sum(counts.skipped) == 0
+
+
+def test_protection_keeps_both_experts_of_the_most_important_tokens(converted, hf_model, prompt_ids, tmp_path):
+    """mu = 1 drops every second slot, except for the ceil(rho * L) protected tokens."""
+    n = len(prompt_ids)
+    for rho, n_protected in ((0.0, 0), (0.02, 1), (3.5 / n, 4)):
+        assert math.ceil(rho * n) == n_protected
+        path = write_odp_metadata(converted("f32"), tmp_path / f"p{n_protected}.gguf", [1.0, 1.0], rho)
+        got_logits, got = llama_run(path, prompt_ids)
+        assert got.computed == [n + n_protected] * 2
+        ref_logits, ref = reference(hf_model, prompt_ids, [1.0, 1.0], rho)
+        assert ref.computed == got.computed
+        assert np.abs(got_logits - ref_logits).max() / np.abs(ref_logits).max() < TOLERANCE
+
+
+def test_mu_override_at_load_time(converted, hf_model, prompt_ids):
+    """A file without ODP metadata, pruned by the load-time override mc.odp.mu_all."""
+    mu = safe_median(np.concatenate(router_ratios(hf_model, prompt_ids)))
+    got_logits, got = llama_run(converted("f32"), prompt_ids, mu=mu)
+    ref_logits, ref = reference(hf_model, prompt_ids, [mu, mu], 0.02)
+    assert got.computed == ref.computed and sum(got.skipped) > 0
+    assert np.abs(got_logits - ref_logits).max() / np.abs(ref_logits).max() < TOLERANCE
+
+
+def test_stock_gguf_runs_unpruned(converted, prompt_ids):
+    _, counts = llama_run(converted("f16"), prompt_ids)
+    assert counts.skipped == [0, 0] and counts.computed == [2 * len(prompt_ids)] * 2
+
+
+@pytest.mark.parametrize("updates, message", [
+    ({keys.ODP_MU: float_array([0.5])}, "has 1 values but the model has 2 layers"),
+    ({keys.ODP_MU: float_array([0.5, float("nan")])}, "is not in [0, 1]"),
+    ({keys.ODP_MU: float_array([-0.1, 0.5])}, "is not in [0, 1]"),
+    ({keys.ODP_MU: float_array([0.5, 1.5])}, "is not in [0, 1]"),
+    ({keys.ODP_MU: float_value(0.5)}, "must be an array of float32"),
+    ({keys.ODP_PROTECT_RATIO: float_value(2.0), keys.ODP_MU: float_array([0.5, 0.5])}, "is not in [0, 1]"),
+])
+def test_malformed_odp_metadata_fails_to_load(converted, tmp_path, updates, message):
+    path = rewrite_metadata(converted("f16"), tmp_path / "bad.gguf", updates)
+    with pytest.raises(GGUFFileError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load(path)
+
+
+@pytest.mark.parametrize("updates", [
+    {keys.ODP_MU: float_array([0.5])},
+    {keys.ODP_MU: MetadataDetails(__import__("gguf").GGUFValueType.ARRAY, [1, 2],
+                             sub_type=__import__("gguf").GGUFValueType.INT32)},
+    {keys.ODP_MU: float_array([0.5, float("inf")])},
+])
+def test_runtime_itself_refuses_malformed_odp_metadata(converted, tmp_path, updates):
+    """Bypassing the Python checks: llama.cpp's loader fails cleanly, no out-of-bounds read."""
+    from llama_cpp import Llama
+
+    path = rewrite_metadata(converted("f16"), tmp_path / "bad.gguf", updates)
+    with pytest.raises(ValueError):
+        Llama(model_path=str(path), verbose=False)
+
+
+def test_thresholds_reach_the_target_skip_share():
+    rng = np.random.default_rng(0)
+    ratios = [rng.uniform(0, 1, 10_000) ** p for p in (0.5, 1.0, 2.0)]
+    from mc_gguf.prune.rule import thresholds_for_skip_share
+
+    mu = thresholds_for_skip_share(ratios, 0.2)
+    for m, r in zip(mu, ratios):
+        assert abs(np.mean(r < m) - 0.4) < 0.001  # 40% of tokens drop slot 1 = 20% of top-2 slots
+    with pytest.raises(ValueError, match="not reachable"):
+        thresholds_for_skip_share(ratios, 0.6)
+
+
+def test_odp_calibrate_command_writes_the_median_thresholds(converted, tiny_model_dir, hf_model, hf_tokenizer,
+                                                            tmp_path, capsys):
+    from mc_gguf.cli import main
+    from mc_gguf.evaluate.run import read_odp_metadata
+
+    text_file = tmp_path / "calib.txt"
+    text_file.write_text(PROMPT * 4)
+    out = tmp_path / "calibrated.gguf"
+    code = main(["odp-calibrate", str(tiny_model_dir), str(converted("f16")), "--text", str(text_file),
+                 "--skip", "0.25", "--seq-len", "32", "--tokens", "64", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    # independent: router probabilities of the same two sequences, straight from transformers
+    ids = hf_tokenizer(PROMPT * 4, add_special_tokens=False).input_ids
+    seqs = [[hf_tokenizer.bos_token_id] + ids[s * 31:(s + 1) * 31] for s in range(2)]
+    per_layer = [np.concatenate(r) for r in zip(*(router_ratios(hf_model, s) for s in seqs))]
+    params = read_odp_metadata(out)
+    np.testing.assert_allclose(params.mu, [np.median(r) for r in per_layer], rtol=1e-6)
+    assert params.protect_ratio == pytest.approx(0.02)
+
+
+def test_a_deep_model_has_graph_room_for_pruning(tmp_path):
+    """ODP adds graph nodes no model tensor accounts for; llama.cpp's node budget must include them.
+
+    64 layers is deep enough that the stock budget (8 nodes per model tensor) runs out, which
+    aborts the process: the model runs in a child process.
+    """
+    import subprocess
+    import sys
+
+    from mc_gguf.gguf_io.convert import convert
+    from mc_gguf.hf.tiny import TinyMixtralSpec, build_tiny_mixtral
+
+    model = build_tiny_mixtral(tmp_path / "deep", TinyMixtralSpec(hidden_size=64, intermediate_size=128,
+                                                                   num_hidden_layers=64, max_shard_size="50MB"))
+    path = convert(model, tmp_path / "deep.gguf", "f32", progress=False)
+    child = ("import sys; from mc_gguf.evaluate.run import load\n"
+             "llm = load(sys.argv[1], mu=1.0, n_ctx=64)\n"
+             "llm.eval(list(range(3, 40)))\n"        # prefill: pruning and protection
+             "llm.eval([41])\n"                       # decode
+             "print(llm.expert_stats().skipped_share)")
+    result = subprocess.run([sys.executable, "-c", child, str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.strip()) > 0
