@@ -103,6 +103,31 @@ def test_eps_is_the_moe_block_output_error_with_one_expert_quantized(calibration
     assert (layer.eps[EPS_EXPERT, :, stats.types.index("Q2_K")] > layer.eps[EPS_EXPERT, :, stats.types.index("Q8_0")]).all()
 
 
+def test_calibrations_moe_block_computes_transformers_moe_output_running_each_expert_once(
+        direct, hf_model, tiny_model_dir, monkeypatch):
+    """The block that replaces the model's MoE block during calibration gives the model's own output, and
+    computes each routed (token, expert) pair exactly once (its activations also feed the statistics)."""
+    import mc_gguf.calibrate.moe as moe_module
+    from mc_gguf.calibrate.forward import load_experts
+    from mc_gguf.hf.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(tiny_model_dir)
+    xs, _ = direct
+    rows = []
+    real = moe_module.expert_hidden
+    monkeypatch.setattr(moe_module, "expert_hidden", lambda x, w, act: rows.append(len(x)) or real(x, w, act))
+    for il in range(ckpt.n_layers):
+        router, experts = load_experts(ckpt, il)
+        moe = moe_module.StatisticsMoE(router, experts, torch.nn.functional.silu, ckpt.n_experts_used,
+                                       ckpt.arch.norm_topk_prob, np.arange(0), hessian=False)
+        rows.clear()
+        with torch.no_grad():
+            ours = moe(xs[il][None])
+            theirs = hf_model.model.layers[il].mlp(xs[il][None])
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        assert sum(rows) == len(xs[il]) * ckpt.n_experts_used == moe.count.sum()
+
+
 def test_statistics_file_round_trips_with_provenance(calibration, tiny_model_dir):
     path, stats = calibration
     again = load_stats(path)
@@ -119,7 +144,7 @@ def test_interrupted_calibration_resumes_at_the_unfinished_layer(tiny_model_dir,
     import mc_gguf.calibrate.calibration as calibrate_module
 
     out = tmp_path / "resumed.stats"
-    real = calibrate_module._calibrate_layer
+    real = calibrate_module.calibrate_layer
     calls = []
 
     def fail_on_layer_1(model, ckpt, bid, *args, **kwargs):
@@ -128,7 +153,7 @@ def test_interrupted_calibration_resumes_at_the_unfinished_layer(tiny_model_dir,
             raise KeyboardInterrupt
         return real(model, ckpt, bid, *args, **kwargs)
 
-    monkeypatch.setattr(calibrate_module, "_calibrate_layer", fail_on_layer_1)
+    monkeypatch.setattr(calibrate_module, "calibrate_layer", fail_on_layer_1)
     text = CalibrationText("test text", CALIBRATION_TEXT)
     with pytest.raises(KeyboardInterrupt):
         calibrate(tiny_model_dir, out, text, calibration_settings, progress=False)

@@ -1,0 +1,98 @@
+"""The streamed forward: the checkpoint's decoder layers, one at a time, in transformers' own modules.
+
+The model's module tree is built on the meta device (no weights); a layer
+gets its attention and norm weights from the checkpoint just before it runs
+and gives them back after, and its MoE block is mc-gguf's own (moe.py), so
+the experts are held once, as the checkpoint's per-expert tensors in float32.
+Hidden states of all calibration sequences live in memory-mapped files
+between layers (workdir.py), as GPTQ toolkits keep them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from mc_gguf.calibrate.quant_error import ExpertWeights
+from mc_gguf.errors import CheckpointError
+from mc_gguf.gguf_io.layout import PROJECTIONS
+from mc_gguf.hf.checkpoint import Checkpoint
+
+# Tokens per forward batch: bounds activation memory independently of --tokens.
+FORWARD_TOKENS = 8192
+
+
+def skeleton(ckpt: Checkpoint):
+    """The model's module tree on the meta device: no weights are allocated."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(ckpt.path))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def embed(ckpt: Checkpoint, sequences: np.ndarray, hidden: np.memmap) -> None:
+    """The token embeddings of every sequence, the first layer's input."""
+    table = ckpt.load(ckpt.arch.embed_tokens)
+    for s in range(sequences.shape[0]):
+        hidden[s] = table[sequences[s]]
+    hidden.flush()
+
+
+def load_experts(ckpt: Checkpoint, bid: int) -> tuple[torch.Tensor, list[ExpertWeights]]:
+    """The router [E, H] and every expert's gate, up and down of layer ``bid``, in float32."""
+    router = torch.from_numpy(ckpt.load(ckpt.arch.router.format(bid=bid) + ".weight"))
+    experts = [ExpertWeights(*(torch.from_numpy(ckpt.load(ckpt.arch.expert_tensor(bid, x, p))) for p in PROJECTIONS))
+               for x in range(ckpt.n_experts)]
+    return router, experts
+
+
+@contextmanager
+def decoder_layer(model, ckpt: Checkpoint, bid: int, moe: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """transformers' decoder layer ``bid`` with its weights read from the checkpoint and ``moe`` as its MoE
+    block; the weights are given back (and the module tree restored) when the block ends."""
+    layer = model.model.layers[bid]
+    original = getattr(layer, ckpt.arch.hf_moe_module)
+    setattr(layer, ckpt.arch.hf_moe_module, moe)
+    try:
+        layer.to_empty(device="cpu")
+        layer.load_state_dict({key: torch.from_numpy(_layer_tensor(ckpt, bid, key)) for key in layer.state_dict()})
+        yield layer
+    finally:
+        layer.to("meta")
+        setattr(layer, ckpt.arch.hf_moe_module, original)
+
+
+def _layer_tensor(ckpt: Checkpoint, bid: int, key: str) -> np.ndarray:
+    """The checkpoint tensor behind a decoder layer's state-dict key (attention and norms)."""
+    name = f"model.layers.{bid}.{key}"
+    if name not in ckpt.tensors:
+        raise CheckpointError(f"{ckpt.path}: no checkpoint tensor for layer {bid}'s {key}")
+    return ckpt.load(name)
+
+
+def run_layer(model, layer, rotary, hidden_in: np.ndarray, hidden_out: np.ndarray | None,
+              on_batch: Callable[[int], None] = lambda n: None) -> None:
+    """Run ``layer`` on every sequence of ``hidden_in`` [n_seq, length, hidden], writing ``hidden_out``."""
+    from transformers.masking_utils import create_causal_mask
+
+    n_seq, length, _ = hidden_in.shape
+    batch = max(1, FORWARD_TOKENS // length)
+    positions = torch.arange(length).unsqueeze(0)
+    position_embeddings = None
+    with torch.no_grad():
+        for first in range(0, n_seq, batch):
+            h = torch.from_numpy(np.array(hidden_in[first:first + batch]))
+            if position_embeddings is None:
+                position_embeddings = rotary(h, positions)
+            # config, inputs_embeds, attention_mask, cache (positional: the cache's name changed in 5.x)
+            mask = create_causal_mask(model.config, h, None, None, position_ids=positions)
+            y = layer(h, position_embeddings=position_embeddings, attention_mask=mask, position_ids=positions)
+            if hidden_out is not None:
+                hidden_out[first:first + len(h)] = y.numpy()
+            on_batch(len(h))
+        if hidden_out is not None:
+            hidden_out.flush()

@@ -1,0 +1,130 @@
+"""A layer's MoE block as calibration runs it: routing, the experts, and the statistics, in one pass.
+
+It replaces transformers' MoE block inside the decoder layer (forward.py), so
+every expert runs once per routed token: its intermediate activation z =
+act(x gate^T) * (x up^T) feeds the output and the statistics alike. The
+steps, as in Mixtral's MixtralSparseMoeBlock and llama.cpp's build_moe_ffn:
+
+1. ``route``: router probabilities softmax(x W_r^T) over all experts, the
+   top-k slots, and the weights the block applies (renormalised to sum to 1
+   when the architecture says so);
+2. ``_run_experts``: per expert, its tokens' z and output, added into the
+   block output with the slot's weight (as transformers' index_add_);
+3. statistics: activation counts, summed routing probabilities, w_i / w_0 of
+   every token, the importance matrices (sum of x^2 and of z^2), optional
+   Hessians, and a seeded sample of (input, experts, weights) on which
+   quantization errors are measured afterwards (quant_error.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mc_gguf.calibrate.quant_error import ExpertWeights, expert_hidden
+from mc_gguf.calibrate.stats import LayerStats
+
+
+@dataclass
+class Routing:
+    probs: torch.Tensor    # [n, E] softmax over all experts
+    top_w: torch.Tensor    # [n, k] the top-k probabilities, descending
+    top_ids: torch.Tensor  # [n, k] their experts
+    applied: torch.Tensor  # [n, k] the weights the block multiplies the expert outputs with
+
+    def routed(self) -> torch.Tensor:
+        """[n, E] bool: is expert e among token t's top-k."""
+        return torch.zeros_like(self.probs, dtype=torch.bool).scatter_(1, self.top_ids, True)
+
+
+@dataclass
+class EpsSample:
+    """The sampled tokens' block inputs, experts and applied weights."""
+    x: torch.Tensor
+    ids: torch.Tensor
+    weights: torch.Tensor
+
+
+class StatisticsMoE(torch.nn.Module):
+    """The MoE block of one layer, computing its output and accumulating its statistics."""
+
+    def __init__(self, router: torch.Tensor, experts: list[ExpertWeights], act: Callable, n_used: int,
+                 norm_topk_prob: bool, eps_positions: np.ndarray, hessian: bool):
+        super().__init__()
+        n_expert = len(experts)
+        ff, hidden = experts[0].gate.shape
+        self.router = router
+        self.experts = experts
+        self.act = act
+        self.n_used = n_used
+        self.norm_topk_prob = norm_topk_prob
+        self.eps_positions = eps_positions   # flat token indices (sequence-major) of the eps sample
+        self.seen = 0                        # tokens processed so far, in that order
+        self.count = np.zeros(n_expert, dtype=np.int64)
+        self.weight_sum = np.zeros(n_expert, dtype=np.float64)
+        self.imatrix_in = torch.zeros(n_expert, hidden, dtype=torch.float64)
+        self.imatrix_mid = torch.zeros(n_expert, ff, dtype=torch.float64)
+        self.hessian_in = torch.zeros(n_expert, hidden, hidden) if hessian else None
+        self.hessian_mid = torch.zeros(n_expert, ff, ff) if hessian else None
+        self.ratios: list[np.ndarray] = []
+        self.samples: list[EpsSample] = []
+
+    def route(self, x: torch.Tensor) -> Routing:
+        probs = torch.softmax(x @ self.router.T, dim=-1)
+        top_w, top_ids = torch.topk(probs, self.n_used, dim=-1)
+        applied = top_w / top_w.sum(-1, keepdim=True) if self.norm_topk_prob else top_w
+        return Routing(probs, top_w, top_ids, applied)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1]).float()
+        routing = self.route(x)
+        routed = routing.routed()
+        self._count_routing(routing, routed)
+        out = self._run_experts(x, routing, routed)
+        self._keep_eps_sample(x, routing)
+        self.seen += len(x)
+        return out.reshape(shape)
+
+    def _count_routing(self, routing: Routing, routed: torch.Tensor) -> None:
+        self.count += routed.sum(0).numpy()
+        self.weight_sum += (routing.probs * routed).sum(0).double().numpy()
+        self.ratios.append((routing.top_w[:, 1:] / routing.top_w[:, :1]).numpy())
+
+    def _run_experts(self, x: torch.Tensor, routing: Routing, routed: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for e, weights in enumerate(self.experts):
+            tokens = routed[:, e].nonzero().squeeze(-1)
+            if len(tokens) == 0:
+                continue
+            xe = x[tokens]
+            z = expert_hidden(xe, weights, self.act)
+            self.imatrix_in[e] += (xe.double() ** 2).sum(0)
+            self.imatrix_mid[e] += (z.double() ** 2).sum(0)
+            if self.hessian_in is not None:
+                self.hessian_in[e] += xe.T @ xe
+                self.hessian_mid[e] += z.T @ z
+            slot_weight = (routing.applied[tokens] * (routing.top_ids[tokens] == e)).sum(-1, keepdim=True)
+            out.index_add_(0, tokens, (z @ weights.down.T) * slot_weight)
+        return out
+
+    def _keep_eps_sample(self, x: torch.Tensor, routing: Routing) -> None:
+        first = self.seen
+        chosen = self.eps_positions[(self.eps_positions >= first) & (self.eps_positions < first + len(x))] - first
+        self.samples.append(EpsSample(x[chosen], routing.top_ids[chosen], routing.applied[chosen]))
+
+    def eps_sample(self) -> EpsSample:
+        return EpsSample(*(torch.cat([getattr(s, f) for s in self.samples]) for f in ("x", "ids", "weights")))
+
+    def layer_stats(self, n_types: int) -> LayerStats:
+        """The statistics gathered so far; eps (filled in afterwards) zero."""
+        return LayerStats(
+            count=self.count, weight_sum=self.weight_sum, top_ratio=np.concatenate(self.ratios).astype(np.float32),
+            imatrix_in=self.imatrix_in.float().numpy(), imatrix_mid=self.imatrix_mid.float().numpy(),
+            eps=np.zeros((3, len(self.experts), n_types)),
+            hessian_in=self.hessian_in.numpy() if self.hessian_in is not None else None,
+            hessian_mid=self.hessian_mid.numpy() if self.hessian_mid is not None else None,
+        )
