@@ -1,10 +1,19 @@
-"""Write outputs under a temporary name and rename at the end: never a half-written file."""
+"""Write outputs under a temporary name, fsync, rename: never a half-written file, always a normal one.
+
+``atomic_output`` gives the file the mode a plain ``open(path, "w")`` would
+(0666 less the umask, usually 0644), or the mode of the file it replaces;
+writing to a symbolic link replaces the link's target, not the link; the
+data and then the folder are fsync'd around the rename. The temporary name
+holds the writer's process id (``.NAME.<pid>.partial``), so a later write
+to the same output removes what a killed process left behind.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,23 +30,95 @@ def check_output_path(path: str | Path) -> Path:
         raise OutputPathError(f"cannot write {path}: it is a folder")
     if not os.access(parent, os.W_OK):
         raise OutputPathError(f"cannot write {path}: folder {parent} is not writable")
+    if path.is_symlink():
+        check_output_path(path.resolve())
     return path
+
+
+def current_umask() -> int:
+    """The process's umask (read without changing it where /proc tells it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def output_mode(target: Path) -> int:
+    """The permission bits the output gets: the replaced file's, else 0666 less the umask."""
+    try:
+        return stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~current_umask()
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (where the platform can open folders)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(target: Path) -> list[Path]:
+    """Remove ``.NAME.<pid>.partial`` files beside ``target`` whose writing process is gone."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.partial$")
+    removed = []
+    for candidate in target.parent.glob(f".{target.name}.*.partial"):
+        match = pattern.match(candidate.name)
+        if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                candidate.unlink()
+                removed.append(candidate)
+    return removed
 
 
 @contextlib.contextmanager
 def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
+    """Yield a temporary path beside ``path``; it becomes ``path`` only if the block succeeds.
 
     On any exception (Ctrl-C included) the temporary file is removed and ``path``
-    is left as it was.
+    is left as it was. A ``path`` that is a symbolic link keeps being one: its
+    target is replaced.
     """
     path = check_output_path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    target = path.resolve() if path.is_symlink() else path
+    remove_stale_partials(target)
+    tmp = target.parent / f".{target.name}.{os.getpid()}.partial"
+    tmp.unlink(missing_ok=True)
+    mode = output_mode(target)
     try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         yield tmp
-        os.replace(tmp, path)
+        fsync_file(tmp)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+        fsync_folder(target.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -9,6 +9,10 @@ class McGgufError(Exception):
     """Base class of every error mc-gguf reports to a user."""
 
 
+class InvalidValueError(McGgufError, ValueError):
+    """A setting (a command-line flag or a function argument) is out of its range."""
+
+
 class CheckpointError(McGgufError):
     """The model folder is missing, incomplete, corrupt or truncated."""
 

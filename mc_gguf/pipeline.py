@@ -6,7 +6,7 @@ keeps the first two for inspection or for re-running a stage alone.
 
 from __future__ import annotations
 
-import tempfile
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,8 +19,9 @@ from mc_gguf.calibrate.settings import CalibrationSettings
 from mc_gguf.calibrate.stats import CalibrationStats
 from mc_gguf.calibrate.text import CalibrationText
 from mc_gguf.ggml.types import quant_type
+from mc_gguf.hf.checkpoint import open_checkpoint
 from mc_gguf.prune.calibration import odp_from_stats
-from mc_gguf.prune.rule import OdpParams
+from mc_gguf.prune.rule import OdpParams, check_skip_share
 from mc_gguf.quantize.quantization import quantize
 
 
@@ -36,23 +37,41 @@ def compress(model_dir: str | Path, out: str | Path, bits: float, text: Calibrat
              settings: CalibrationSettings = CalibrationSettings(), layout: str = "per-expert",
              odp_skip: float | None = None, gptq: bool = False, keep_artifacts: str | Path | None = None,
              allocate_options: dict | None = None, progress: bool = True) -> CompressResult:
+    """Calibrate, allocate and quantize ``model_dir`` into ``out``.
+
+    The statistics and the plan are kept in a work folder beside the output
+    (``.OUT.mc-gguf``, or ``keep_artifacts``) until the GGUF is written: an
+    interrupted run, started again with the same inputs, resumes there (the
+    calibration at its first unfinished layer). The folder is removed when
+    the file is written, unless it is ``keep_artifacts``.
+    """
     out = check_output_path(out)
-    # an impossible expert budget fails now, not after calibration
+    # impossible requests fail now, not after calibration
     types = (allocate_options or {}).get("types") or settings.types
     check_budget(bits, [quant_type(t).bits_per_weight for t in types])
+    if odp_skip:
+        check_skip_share(odp_skip, open_checkpoint(model_dir).n_experts_used)
     if gptq and not settings.hessian:
         settings = replace(settings, hessian=True)
-    with tempfile.TemporaryDirectory(prefix=".mc-gguf-", dir=out.parent) as scratch:
-        artifacts = Path(keep_artifacts) if keep_artifacts else Path(scratch)
-        artifacts.mkdir(parents=True, exist_ok=True)
-        stats_path = artifacts / "stats.safetensors"
-        stats = calibrate(model_dir, stats_path, text, settings, progress=progress)
-        plan = allocate(stats, bits, model_dir=model_dir, layout=layout, stats_path=str(stats_path),
-                        **(allocate_options or {}))
-        plan.save(artifacts / "plan.json")
-        odp = odp_from_stats(stats, odp_skip) if odp_skip else None
-        path = quantize(model_dir, plan, out, stats=stats, gptq=gptq, odp=odp, progress=progress)
+    work = Path(keep_artifacts) if keep_artifacts else work_folder(out)
+    if work.is_dir() and any(work.iterdir()) and progress:
+        print(f"resuming the work in {work}", flush=True)
+    work.mkdir(parents=True, exist_ok=True)
+    stats_path = work / "stats.safetensors"
+    stats = calibrate(model_dir, stats_path, text, settings, progress=progress, reuse=True)
+    plan = allocate(stats, bits, model_dir=model_dir, layout=layout, stats_path=str(stats_path),
+                    **(allocate_options or {}))
+    plan.save(work / "plan.json")
+    odp = odp_from_stats(stats, odp_skip) if odp_skip else None
+    path = quantize(model_dir, plan, out, stats=stats, gptq=gptq, odp=odp, progress=progress)
+    if not keep_artifacts:
+        shutil.rmtree(work, ignore_errors=True)
     return CompressResult(path, plan, stats, odp)
+
+
+def work_folder(out: Path) -> Path:
+    """Where compress keeps its statistics and plan until ``out`` is written."""
+    return out.parent / f".{out.name}.mc-gguf"
 
 
 def summary(result: CompressResult) -> str:

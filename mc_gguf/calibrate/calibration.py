@@ -30,9 +30,10 @@ from mc_gguf.calibrate.forward import decoder_layer, embed, load_experts, run_la
 from mc_gguf.calibrate.moe import StatisticsMoE
 from mc_gguf.calibrate.quant_error import expert_errors
 from mc_gguf.calibrate.settings import CalibrationSettings
-from mc_gguf.calibrate.stats import CalibrationStats, LayerStats
+from mc_gguf.calibrate.stats import CalibrationStats, LayerStats, load_stats
 from mc_gguf.calibrate.text import CalibrationText, pack_sequences
 from mc_gguf.calibrate.workdir import WorkDir
+from mc_gguf.errors import McGgufError
 from mc_gguf.ggml.types import quant_type
 from mc_gguf.hf.checkpoint import Checkpoint, open_checkpoint
 
@@ -41,8 +42,12 @@ EPS_NORM = ("Frobenius norm (not squared) of the MoE block output change over th
 
 
 def calibrate(model_dir: str | Path, out: str | Path, text: CalibrationText,
-              settings: CalibrationSettings = CalibrationSettings(), *, progress: bool = True) -> CalibrationStats:
-    """Measure the statistics of ``model_dir`` on ``text`` and save them to ``out``."""
+              settings: CalibrationSettings = CalibrationSettings(), *, progress: bool = True,
+              reuse: bool = False) -> CalibrationStats:
+    """Measure the statistics of ``model_dir`` on ``text`` and save them to ``out``.
+
+    With ``reuse``, statistics already in ``out`` from the very same inputs are returned as they are.
+    """
     out = check_output_path(out)
     ckpt = open_checkpoint(model_dir)
     for name in settings.types:
@@ -50,6 +55,10 @@ def calibrate(model_dir: str | Path, out: str | Path, text: CalibrationText,
     seq_len = min(settings.seq_len, int(ckpt.config.get("max_position_embeddings") or settings.seq_len))
     sequences = _tokenize(ckpt, text, settings.n_tokens, seq_len, settings.seed)
     info = _provenance(ckpt, text, settings, sequences)
+    if reuse and out.exists():
+        done = _finished(out, info, settings)
+        if done is not None:
+            return done
     work = WorkDir(Path(str(out) + ".partial.d"), fingerprint={**info, "types": list(settings.types)})
 
     model = skeleton(ckpt)
@@ -59,17 +68,23 @@ def calibrate(model_dir: str | Path, out: str | Path, text: CalibrationText,
     eps_positions = np.sort(np.random.default_rng(settings.seed + 1).choice(
         n_flat, size=min(settings.eps_tokens, n_flat), replace=False))
     start = work.first_unfinished_layer(ckpt.n_layers)
+    if start > 0 and progress:
+        print(f"resuming the calibration at layer {start + 1} of {ckpt.n_layers} ({work.path})", flush=True)
     if start == 0 and not work.hidden_path(0).exists():
-        embed(ckpt, sequences, work.new_hidden(0, shape))
+        hidden = work.new_hidden(0, shape)
+        embed(ckpt, sequences, hidden)
+        work.finish_hidden(0, hidden)
     rotary = type(model.model.rotary_emb)(config=model.config)
     for il in range(start, ckpt.n_layers):
         hidden_in = work.open_hidden(il, shape)
         hidden_out = None if il == ckpt.n_layers - 1 else work.new_hidden(il + 1, shape)
         layer_stats = calibrate_layer(model, ckpt, il, hidden_in, hidden_out, rotary, eps_positions, settings,
                                       progress=progress)
+        if hidden_out is not None:
+            work.finish_hidden(il + 1, hidden_out)  # before the layer counts as done
         work.save_layer(il, layer_stats)
         del hidden_in
-        work.hidden_path(il).unlink()
+        work.drop_hidden(il)
 
     stats = CalibrationStats(info=info, types=list(settings.types), layers=work.load_layers(ckpt.n_layers))
     stats.save(out)
@@ -101,14 +116,23 @@ def _measure_eps(layer_stats: LayerStats, moe: StatisticsMoE, types: tuple[str, 
     """eps[:, e, t]: the block's output error on the sampled tokens with only expert e quantized to type t."""
     sample = moe.eps_sample()
     imat_in, imat_mid = layer_stats.imatrix("in"), layer_stats.imatrix("mid")
-    for e, weights in enumerate(moe.experts):
+    for e, stored in enumerate(moe.experts):
         slot = sample.ids == e
         tokens = slot.any(-1)
         bar.set_postfix_str(f"expert {e}: errors of {len(types)} types", refresh=True)
         with torch.no_grad():
-            layer_stats.eps[:, e] = expert_errors(weights, sample.x[tokens], sample.weights[slot], moe.act, types,
-                                                  imat_in[e], imat_mid[e])
+            layer_stats.eps[:, e] = expert_errors(stored.float32(), sample.x[tokens], sample.weights[slot], moe.act,
+                                                  types, imat_in[e], imat_mid[e])
         bar.update(1)
+
+
+def _finished(out: Path, info: dict, settings: CalibrationSettings) -> CalibrationStats | None:
+    """The statistics in ``out`` if they were measured from these very inputs, else None."""
+    try:
+        stats = load_stats(out)
+    except McGgufError:
+        return None
+    return stats if stats.info == info and stats.types == list(settings.types) else None
 
 
 def _tokenize(ckpt: Checkpoint, text: CalibrationText, n_tokens: int, seq_len: int, seed: int) -> np.ndarray:

@@ -3,7 +3,8 @@
 The model's module tree is built on the meta device (no weights); a layer
 gets its attention and norm weights from the checkpoint just before it runs
 and gives them back after, and its MoE block is mc-gguf's own (moe.py), so
-the experts are held once, as the checkpoint's per-expert tensors in float32.
+the experts are held once, as the checkpoint's per-expert tensors in their
+own dtype, and widened to float32 one expert at a time.
 Hidden states of all calibration sequences live in memory-mapped files
 between layers (workdir.py), as GPTQ toolkits keep them.
 """
@@ -43,9 +44,10 @@ def embed(ckpt: Checkpoint, sequences: np.ndarray, hidden: np.memmap) -> None:
 
 
 def load_experts(ckpt: Checkpoint, bid: int) -> tuple[torch.Tensor, list[ExpertWeights]]:
-    """The router [E, H] and every expert's gate, up and down of layer ``bid``, in float32."""
+    """The router [E, H] (float32) and every expert's gate, up and down of layer ``bid`` in the checkpoint's
+    dtype: a bf16 layer stays half the size of float32, and one expert at a time is widened when it runs."""
     router = torch.from_numpy(ckpt.load(ckpt.arch.router.format(bid=bid) + ".weight"))
-    experts = [ExpertWeights(*(torch.from_numpy(ckpt.load(ckpt.arch.expert_tensor(bid, x, p))) for p in PROJECTIONS))
+    experts = [ExpertWeights(*(ckpt.load_torch(ckpt.arch.expert_tensor(bid, x, p)) for p in PROJECTIONS))
                for x in range(ckpt.n_experts)]
     return router, experts
 

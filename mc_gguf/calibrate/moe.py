@@ -56,8 +56,8 @@ class StatisticsMoE(torch.nn.Module):
         super().__init__()
         n_expert = len(experts)
         ff, hidden = experts[0].gate.shape
+        self.experts = experts               # in the checkpoint's dtype
         self.router = router
-        self.experts = experts
         self.act = act
         self.n_used = n_used
         self.norm_topk_prob = norm_topk_prob
@@ -96,10 +96,11 @@ class StatisticsMoE(torch.nn.Module):
 
     def _run_experts(self, x: torch.Tensor, routing: Routing, routed: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
-        for e, weights in enumerate(self.experts):
+        for e, stored in enumerate(self.experts):
             tokens = routed[:, e].nonzero().squeeze(-1)
             if len(tokens) == 0:
                 continue
+            weights = stored.float32()  # one expert widened at a time
             xe = x[tokens]
             z = expert_hidden(xe, weights, self.act)
             self.imatrix_in[e] += (xe.double() ** 2).sum(0)

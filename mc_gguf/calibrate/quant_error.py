@@ -6,7 +6,8 @@ weight the block applies to e's output). eps is the Frobenius norm of that
 change over the calibration tokens, not squared, as in the MC authors' code.
 
 The quantized weights are ggml's own: quantized by ``ggml_quantize_chunk``
-(with the expert's imatrix) and read back with gguf-py's dequantization.
+(with the expert's imatrix) and read back by the type's ``to_float``, as
+llama.cpp computes with them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import gguf
 import numpy as np
 import torch
 
@@ -28,6 +28,10 @@ class ExpertWeights:
     up: torch.Tensor    # [F, H]
     down: torch.Tensor  # [H, F]
 
+    def float32(self) -> ExpertWeights:
+        """The same weights in float32 (the very tensors when they are float32 already; bf16 widens exactly)."""
+        return ExpertWeights(self.gate.float(), self.up.float(), self.down.float())
+
 
 def expert_hidden(x: torch.Tensor, w: ExpertWeights, act: Callable) -> torch.Tensor:
     """z = act(x gate^T) * (x up^T): the down projection's input [n, F]."""
@@ -38,7 +42,7 @@ def ggml_roundtrip(weights: torch.Tensor, type_name: str, imatrix: np.ndarray | 
     """The weights as llama.cpp will compute with them at ``type_name``."""
     qtype = quant_type(type_name).qtype
     data = quants.quantize(weights.numpy(), qtype, imatrix)
-    return torch.from_numpy(gguf.quants.dequantize(data, qtype).reshape(weights.shape).astype(np.float32))
+    return torch.from_numpy(quants.dequantize(data, qtype, weights.shape[-1]).reshape(weights.shape))
 
 
 def expert_errors(w: ExpertWeights, x: torch.Tensor, route_weight: torch.Tensor, act: Callable,

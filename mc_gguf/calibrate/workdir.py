@@ -1,17 +1,23 @@
 """A calibration's unfinished work: finished layers and the hidden states after the last one.
 
 Kept in ``<STATS>.partial.d`` until the statistics file is written, so that a
-rerun with the same inputs continues at the first unfinished layer.
+rerun with the same inputs continues at the first unfinished layer. Every
+step is written under a temporary name, flushed, fsync'd and renamed, so a
+file with its final name is a finished step and anything else is redone:
+``hidden-N.f32`` (the input of layer N) and ``layer-N.safetensors`` (its
+statistics) are the manifest of what is done.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
+from mc_gguf.atomic import fsync_file, fsync_folder
 from mc_gguf.calibrate.stats import LayerStats, layer_arrays, read_layers
 from mc_gguf.errors import McGgufError
 
@@ -31,8 +37,27 @@ class WorkDir:
     def hidden_path(self, il: int) -> Path:
         return self.path / f"hidden-{il}.f32"
 
+    def _partial(self, path: Path) -> Path:
+        return path.with_name(path.name + ".partial")
+
     def new_hidden(self, il: int, shape: tuple[int, ...]) -> np.memmap:
-        return np.lib.format.open_memmap(self.hidden_path(il), mode="w+", dtype=np.float32, shape=shape)
+        """A file for the hidden states before layer ``il``, under a temporary name until ``finish_hidden``."""
+        return np.lib.format.open_memmap(self._partial(self.hidden_path(il)), mode="w+", dtype=np.float32,
+                                         shape=shape)
+
+    def finish_hidden(self, il: int, hidden: np.memmap) -> None:
+        """The hidden states before layer ``il`` are complete: flush, fsync and give them their final name."""
+        hidden.flush()
+        del hidden
+        self._commit(self._partial(self.hidden_path(il)), self.hidden_path(il))
+
+    def _commit(self, tmp: Path, final: Path) -> None:
+        fsync_file(tmp)
+        os.replace(tmp, final)
+        fsync_folder(self.path)
+
+    def drop_hidden(self, il: int) -> None:
+        self.hidden_path(il).unlink(missing_ok=True)
 
     def open_hidden(self, il: int, shape: tuple[int, ...]) -> np.memmap:
         try:
@@ -56,9 +81,9 @@ class WorkDir:
     def save_layer(self, il: int, layer: LayerStats) -> None:
         from safetensors.numpy import save_file
 
-        tmp = self.layer_path(il).with_suffix(".partial")
+        tmp = self._partial(self.layer_path(il))
         save_file(layer_arrays([layer], first=il), str(tmp))
-        tmp.rename(self.layer_path(il))
+        self._commit(tmp, self.layer_path(il))
 
     def load_layers(self, n_layers: int) -> list[LayerStats]:
         from safetensors.numpy import load_file

@@ -9,7 +9,10 @@ transformers, scipy and gguf-py are imported by a command when it runs, so
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import traceback
 
 from mc_gguf import __version__
 from mc_gguf.cli import (
@@ -34,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Mixture Compressor for Mixture-of-Experts LLMs: convert, compress and run them as GGUF in llama.cpp.",
     )
     parser.add_argument("--version", action="version", version=f"mc-gguf {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or MC_GGUF_DEBUG=1)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # in the order --help lists them
     convert.add_parser(commands)
@@ -52,13 +56,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; every failure ends in one line on stderr and a non-zero exit.
+
+    ``--debug`` (or MC_GGUF_DEBUG=1) shows the traceback as well.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("MC_GGUF_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # kill PID: clean up as Ctrl-C does
     try:
+        args = build_parser().parse_args(argv)
         args.func(args)
-    except McGgufError as exc:
-        print(f"mc-gguf: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("mc-gguf: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as exc:  # argparse's usage errors and --help
+        return exc.code if isinstance(exc.code, int) else 1
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes one line
+        print(f"mc-gguf: error: {describe_error(exc)}", file=sys.stderr)
+        if debug:
+            traceback.print_exception(exc)
+        elif not isinstance(exc, (McGgufError, OSError)):
+            print("mc-gguf: this is a bug in mc-gguf; run again with --debug for the traceback and report it",
+                  file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a user: mc-gguf's own message, the operating system's, or the exception's."""
+    if isinstance(exc, McGgufError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"

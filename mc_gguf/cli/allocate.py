@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 from mc_gguf.allocate.cost import AUTHORS_COST
-from mc_gguf.allocate.plan import LAYOUTS, NON_EXPERT_CLASSES, NON_EXPERT_DEFAULTS, SCOPES
-from mc_gguf.cli.common import MAX_TYPES_HELP, add_command, add_cost_arguments
-from mc_gguf.errors import McGgufError
+from mc_gguf.allocate.plan import LAYOUTS, NON_EXPERT_CLASSES, NON_EXPERT_DEFAULTS, NON_EXPERT_TYPES, SCOPES
+from mc_gguf.cli.common import MAX_TYPES_HELP, add_command, add_cost_arguments, positive_float, positive_int, type_name
+from mc_gguf.errors import InvalidValueError
 
 EXAMPLE = ("example: mc-gguf allocate mixtral.stats --bits 2.5 -o plan.json\n"
            "         mc-gguf allocate mixtral.stats --bits 3 --layout stock -o plan-stock.json\n"
@@ -21,7 +21,7 @@ def add_parsers(commands) -> None:
                     "integer program (HiGHS) minimising the summed cost phi^alpha * w^beta * eps^gamma of the "
                     "choices.", EXAMPLE)
     p.add_argument("stats", help="statistics from `mc-gguf calibrate`")
-    p.add_argument("--bits", type=float, required=True, help="average bits per weight over the scope, "
+    p.add_argument("--bits", type=positive_float, required=True, help="average bits per weight over the scope, "
                    "counted in real bytes (scales included)")
     p.add_argument("-o", "--output", required=True, help="plan file to write (JSON)")
     p.add_argument("--scope", choices=SCOPES, default="experts",
@@ -29,12 +29,12 @@ def add_parsers(commands) -> None:
     p.add_argument("--layout", choices=LAYOUTS, default="per-expert",
                    help="per-expert: a type per expert (needs the mc-gguf runtime); stock: one type per layer and "
                         "projection, loads in unmodified llama.cpp (default: per-expert)")
-    p.add_argument("--types", nargs="+", metavar="TYPE", help="candidate types (default: all in the statistics)")
+    p.add_argument("--types", nargs="+", type=type_name, metavar="TYPE", help="candidate types (default: all in the statistics)")
     p.add_argument("--per-layer", action="store_true", help="the paper's form: the budget holds in every layer, "
                    "with at least one expert below and one at or above it")
     p.add_argument("--per-projection", action="store_true",
                    help="a type for gate+up and another for down (errors treated as additive)")
-    p.add_argument("--max-types", type=int, metavar="N", help=MAX_TYPES_HELP)
+    p.add_argument("--max-types", type=positive_int, metavar="N", help=MAX_TYPES_HELP)
     add_cost_arguments(p, AUTHORS_COST, "as the authors' code; the paper writes 2")
     p.add_argument("--tensor-type", action="append", default=[], metavar="CLASS=TYPE",
                    help="type of a non-expert class: token_embd, output or attn (defaults: "
@@ -57,8 +57,11 @@ def parse_non_expert(items: list[str]) -> dict[str, str]:
     for item in items:
         cls, sep, name = item.partition("=")
         if not sep or cls not in NON_EXPERT_CLASSES:
-            raise McGgufError(f"--tensor-type {item!r}: expected CLASS=TYPE with CLASS one of "
-                              f"{', '.join(NON_EXPERT_CLASSES)}")
+            raise InvalidValueError(f"--tensor-type {item!r}: expected CLASS=TYPE with CLASS one of "
+                                    f"{', '.join(NON_EXPERT_CLASSES)}")
+        if name.upper() not in NON_EXPERT_TYPES:
+            raise InvalidValueError(f"--tensor-type {item!r}: {name!r} is not a type for non-expert tensors; "
+                                    f"choose one of {', '.join(NON_EXPERT_TYPES)}")
         parsed[cls] = name.upper()
     return parsed
 
@@ -67,14 +70,17 @@ def run_allocate(args: argparse.Namespace) -> None:
     from mc_gguf.allocate.allocation import allocate
     from mc_gguf.allocate.plan import validate_plan
     from mc_gguf.allocate.show import describe_plan
+    from mc_gguf.atomic import check_output_path
     from mc_gguf.calibrate.stats import load_stats
 
+    non_expert = parse_non_expert(args.tensor_type)
+    check_output_path(args.output)
     stats = load_stats(args.stats)
     started = time.perf_counter()
     plan = allocate(stats, args.bits, model_dir=args.model, layout=args.layout, scope=args.scope,
                     per_layer=args.per_layer, per_projection=args.per_projection, types=args.types,
                     alpha=args.alpha, beta=args.beta, gamma=args.gamma,
-                    non_expert=parse_non_expert(args.tensor_type), stats_path=str(Path(args.stats).resolve()),
+                    non_expert=non_expert, stats_path=str(Path(args.stats).resolve()),
                     max_types=args.max_types)
     validate_plan(plan)
     plan.save(args.output)
@@ -85,7 +91,10 @@ def run_allocate(args: argparse.Namespace) -> None:
 def run_show(args: argparse.Namespace) -> None:
     from mc_gguf.allocate.plan import load_plan
     from mc_gguf.allocate.show import describe_plan, plot_plan
+    from mc_gguf.atomic import check_output_path
 
+    if args.plot:
+        check_output_path(args.plot)
     plan = load_plan(args.plan)
     print(describe_plan(plan))
     if args.plot:

@@ -6,7 +6,7 @@ import argparse
 import time
 
 from mc_gguf.calibrate.settings import CalibrationSettings
-from mc_gguf.cli.common import add_command
+from mc_gguf.cli.common import add_command, positive_int, type_name
 from mc_gguf.ggml.types import CANDIDATES
 
 EXAMPLE = ("example: mc-gguf calibrate ./Mixtral-8x7B-v0.1 --text calib.txt -o mixtral.stats\n"
@@ -23,14 +23,14 @@ def add_parser(commands) -> None:
     p.add_argument("-o", "--output", required=True, help="statistics file to write (safetensors + JSON header)")
     p.add_argument("--text", help="calibration text, UTF-8 (default: the Python documentation shipped with "
                    "CPython, generic English prose with code; text from your domain calibrates better)")
-    p.add_argument("--tokens", type=int, default=defaults.n_tokens,
+    p.add_argument("--tokens", type=positive_int, default=defaults.n_tokens,
                    help=f"calibration tokens (default: {defaults.n_tokens}; the paper used 262144)")
-    p.add_argument("--seq-len", type=int, default=defaults.seq_len,
+    p.add_argument("--seq-len", type=positive_int, default=defaults.seq_len,
                    help=f"tokens per sequence, at most the model's context (default: {defaults.seq_len})")
     p.add_argument("--seed", type=int, default=defaults.seed, help="which windows of the text are used (default: 0)")
-    p.add_argument("--eps-tokens", type=int, default=defaults.eps_tokens,
+    p.add_argument("--eps-tokens", type=positive_int, default=defaults.eps_tokens,
                    help=f"sampled tokens on which quantization errors are measured (default: {defaults.eps_tokens})")
-    p.add_argument("--types", nargs="+", default=list(CANDIDATES), metavar="TYPE",
+    p.add_argument("--types", nargs="+", type=type_name, default=list(CANDIDATES), metavar="TYPE",
                    help=f"candidate GGUF types (default: all of {' '.join(CANDIDATES)})")
     p.add_argument("--hessian", action="store_true",
                    help="also keep each expert's full input Hessian X^T X for GPTQ: E*(H^2+F^2)*4 bytes per layer, "

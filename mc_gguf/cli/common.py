@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -19,22 +20,22 @@ MAX_TYPES_HELP = ("at most N types (expert groups of the per-expert layout) in e
 
 def add_cost_arguments(p: argparse.ArgumentParser, defaults: dict[str, float], gamma_note: str) -> None:
     """--alpha/--beta/--gamma, the exponents of the significance cost phi^alpha * w^beta * eps^gamma."""
-    p.add_argument("--alpha", type=float, default=defaults["alpha"],
+    p.add_argument("--alpha", type=non_negative_float, default=defaults["alpha"],
                    help=f"exponent of the activation frequency (default: {defaults['alpha']:g})")
-    p.add_argument("--beta", type=float, default=defaults["beta"],
+    p.add_argument("--beta", type=non_negative_float, default=defaults["beta"],
                    help=f"exponent of the routing weight (default: {defaults['beta']:g})")
-    p.add_argument("--gamma", type=float, default=defaults["gamma"],
+    p.add_argument("--gamma", type=non_negative_float, default=defaults["gamma"],
                    help=f"exponent of the quantization error (default: {defaults['gamma']:g}, {gamma_note})")
 
 
 def add_generation_flags(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
     """The model, length, sampling and pruning flags that run and chat share."""
     p.add_argument("model", help="GGUF file")
-    p.add_argument("-n", "--max-tokens", type=int, default=max_tokens, help=f"tokens to generate (default: {max_tokens})")
-    p.add_argument("--temperature", type=float, default=temperature,
+    p.add_argument("-n", "--max-tokens", type=positive_int, default=max_tokens, help=f"tokens to generate (default: {max_tokens})")
+    p.add_argument("--temperature", type=non_negative_float, default=temperature,
                    help=f"sampling temperature; 0 is greedy (default: {temperature})")
     p.add_argument("--no-odp", action="store_true", help="turn Online Dynamic Pruning off")
-    p.add_argument("--mu", type=float, help="one pruning threshold for every layer, in [0, 1] "
+    p.add_argument("--mu", type=unit_float, help="one pruning threshold for every layer, in [0, 1] "
                    "(default: the file's mc.odp.mu)")
 
 
@@ -43,3 +44,57 @@ def print_expert_stats(counts) -> None:
     if total:
         print(f"[expert slots: {sum(counts.computed)} computed, {sum(counts.skipped)} skipped "
               f"({100 * counts.skipped_share:.1f}%)]", file=sys.stderr)
+
+
+# Argument types: a bad value is refused by the parser, with the flag's name, before any work starts.
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not above 0")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is below 0")
+    return value
+
+
+def unit_float(text: str) -> float:
+    """A share or threshold in [0, 1]."""
+    value = finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1]")
+    return value
+
+
+def type_name(text: str) -> str:
+    """A candidate GGUF type, by name (any case)."""
+    from mc_gguf.ggml.types import quant_type
+
+    try:
+        return quant_type(text).name
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

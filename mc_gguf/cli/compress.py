@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 from mc_gguf.allocate.cost import COMPRESS_COST
 from mc_gguf.allocate.plan import LAYOUTS
 from mc_gguf.calibrate.settings import CalibrationSettings
-from mc_gguf.cli.common import MAX_TYPES_HELP, add_command, add_cost_arguments
+from mc_gguf.cli.common import (
+    MAX_TYPES_HELP,
+    add_command,
+    add_cost_arguments,
+    positive_float,
+    positive_int,
+    type_name,
+    unit_float,
+)
 
 EXAMPLE = ("example: mc-gguf compress ./Mixtral-8x7B-v0.1 --bits 2.5 --calib calib.txt -o mixtral-mc2.5.gguf\n"
            "         mc-gguf compress ./model --bits 3 --layout stock --odp-skip 0.25 -o model-stock.gguf")
@@ -20,22 +30,22 @@ def add_parser(commands) -> None:
                     "expert, quantize with ggml, write the GGUF, and optionally set Online Dynamic Pruning "
                     "thresholds.", EXAMPLE)
     p.add_argument("model_dir", help="Hugging Face model folder")
-    p.add_argument("--bits", type=float, required=True, help="average bits per expert weight, scales included")
+    p.add_argument("--bits", type=positive_float, required=True, help="average bits per expert weight, scales included")
     p.add_argument("-o", "--output", required=True, help="the GGUF file to write")
     p.add_argument("--calib", help="calibration text (default: the Python documentation shipped with CPython)")
     p.add_argument("--layout", choices=LAYOUTS, default="per-expert",
                    help="per-expert (needs the mc-gguf runtime) or stock (any llama.cpp) (default: per-expert)")
-    p.add_argument("--odp-skip", type=float, default=0.0,
+    p.add_argument("--odp-skip", type=unit_float, default=0.0,
                    help="share of expert slots Online Dynamic Pruning should skip, e.g. 0.25 (default: 0, off)")
     p.add_argument("--gptq", action="store_true", help="GPTQ error compensation (keeps full Hessians during "
                    "calibration; see `mc-gguf calibrate --help` for their size)")
-    p.add_argument("--types", nargs="+", metavar="TYPE", help="candidate types (default: all)")
-    p.add_argument("--max-types", type=int, metavar="N", help=MAX_TYPES_HELP)
+    p.add_argument("--types", nargs="+", type=type_name, metavar="TYPE", help="candidate types (default: all)")
+    p.add_argument("--max-types", type=positive_int, metavar="N", help=MAX_TYPES_HELP)
     add_cost_arguments(p, COMPRESS_COST, "the summed squared MoE-block output error; `allocate` keeps the "
                        "authors' 1, 1.5, 1")
-    p.add_argument("--tokens", type=int, default=defaults.n_tokens,
+    p.add_argument("--tokens", type=positive_int, default=defaults.n_tokens,
                    help=f"calibration tokens (default: {defaults.n_tokens})")
-    p.add_argument("--seq-len", type=int, default=defaults.seq_len,
+    p.add_argument("--seq-len", type=positive_int, default=defaults.seq_len,
                    help=f"tokens per calibration sequence (default: {defaults.seq_len})")
     p.add_argument("--keep-artifacts", metavar="DIR", help="keep the statistics and the plan in DIR")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -44,14 +54,20 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from mc_gguf.calibrate.text import read_text
-    from mc_gguf.pipeline import compress, summary
+    from mc_gguf.pipeline import compress, summary, work_folder
 
     settings = CalibrationSettings(n_tokens=args.tokens, seq_len=args.seq_len, hessian=args.gptq)
     started = time.perf_counter()
-    result = compress(args.model_dir, args.output, args.bits, read_text(args.calib), settings=settings,
-                      layout=args.layout, odp_skip=args.odp_skip or None, gptq=args.gptq,
-                      keep_artifacts=args.keep_artifacts, progress=not args.quiet,
-                      allocate_options={"types": args.types, "alpha": args.alpha, "beta": args.beta,
-                                        "gamma": args.gamma, "max_types": args.max_types})
+    try:
+        result = compress(args.model_dir, args.output, args.bits, read_text(args.calib), settings=settings,
+                          layout=args.layout, odp_skip=args.odp_skip or None, gptq=args.gptq,
+                          keep_artifacts=args.keep_artifacts, progress=not args.quiet,
+                          allocate_options={"types": args.types, "alpha": args.alpha, "beta": args.beta,
+                                            "gamma": args.gamma, "max_types": args.max_types})
+    except KeyboardInterrupt:
+        work = Path(args.keep_artifacts) if args.keep_artifacts else work_folder(Path(args.output))
+        if work.is_dir():
+            print(f"mc-gguf: the work so far is kept in {work}: the same command resumes it", file=sys.stderr)
+        raise
     print(summary(result))
     print(f"done in {time.perf_counter() - started:.0f} s")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mc_gguf.cli.common import add_command
+from mc_gguf.cli.common import add_command, positive_int, unit_float
 
 EXAMPLE = ("example: mc-gguf eval mixtral-mc2.5.gguf --text wiki.test.raw --ref mixtral-f16.gguf\n"
            "         mc-gguf eval mixtral-mc2.5.gguf --text wiki.test.raw --no-odp --json > scores.json")
@@ -18,11 +18,11 @@ def add_parser(commands) -> None:
     p.add_argument("model", help="GGUF file to evaluate")
     p.add_argument("--text", required=True, help="evaluation text file (UTF-8)")
     p.add_argument("--ref", help="reference GGUF with the same vocabulary, e.g. the F16 file")
-    p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default: 512)")
-    p.add_argument("--chunks", type=int, help="evaluate at most this many windows (default: all the text gives)")
+    p.add_argument("--ctx", type=positive_int, default=512, help="window length in tokens (default: 512)")
+    p.add_argument("--chunks", type=positive_int, help="evaluate at most this many windows (default: all the text gives)")
     p.add_argument("--odp", action=argparse.BooleanOptionalAction, default=True,
                    help="Online Dynamic Pruning as the file says, or off (default: --odp)")
-    p.add_argument("--mu", type=float, help="one pruning threshold for every layer, in [0, 1]")
+    p.add_argument("--mu", type=unit_float, help="one pruning threshold for every layer, in [0, 1]")
     p.add_argument("--per-layer", action="store_true", help="also show expert slots per layer")
     p.add_argument("--json", action="store_true", help="print one JSON object with every figure and the settings")
     p.set_defaults(func=run)

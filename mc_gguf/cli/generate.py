@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mc_gguf.cli.common import add_command, add_generation_flags, print_expert_stats
+from mc_gguf.cli.common import add_command, add_generation_flags, positive_int, print_expert_stats
 
 
 def add_parsers(commands) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -22,7 +22,7 @@ def add_parsers(commands) -> tuple[argparse.ArgumentParser, argparse.ArgumentPar
                               "         mc-gguf chat mixtral-q4.gguf --mu 0.4   (one threshold for every layer)")
     add_generation_flags(chat_parser, max_tokens=256, temperature=0.7)
     chat_parser.add_argument("--system", help="a system message")
-    chat_parser.add_argument("--ctx", type=int, help="context length (default: the model's, at most 4096)")
+    chat_parser.add_argument("--ctx", type=positive_int, help="context length (default: the model's, at most 4096)")
     chat_parser.set_defaults(func=chat)
     return run_parser, chat_parser
 

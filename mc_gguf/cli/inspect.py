@@ -25,8 +25,11 @@ def add_parser(commands) -> None:
 def run(args: argparse.Namespace) -> None:
     import json
 
+    from mc_gguf.atomic import check_output_path
     from mc_gguf.gguf_io.inspect import describe, inspect_gguf
 
+    if args.plot:
+        check_output_path(args.plot)
     info = inspect_gguf(args.gguf)
     print(json.dumps(info, indent=1) if args.json else describe(info))
     if args.plot:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mc_gguf.cli.common import add_command
+from mc_gguf.cli.common import add_command, positive_int, unit_float
 
 EXAMPLE = "example: mc-gguf odp-calibrate ./Mixtral-8x7B-v0.1 mixtral-q4.gguf --text calib.txt --skip 0.15"
 
@@ -16,10 +16,10 @@ def add_parser(commands) -> None:
     p.add_argument("model_dir", help="the Hugging Face model folder the GGUF was made from")
     p.add_argument("gguf", help="the GGUF to annotate")
     p.add_argument("--text", required=True, help="calibration text file (UTF-8)")
-    p.add_argument("--skip", type=float, default=0.15, help="share of expert slots to skip (default: 0.15)")
-    p.add_argument("--tokens", type=int, default=8192, help="calibration tokens (default: 8192)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default: 512)")
-    p.add_argument("--protect-ratio", type=float, default=0.02,
+    p.add_argument("--skip", type=unit_float, default=0.15, help="share of expert slots to skip (default: 0.15)")
+    p.add_argument("--tokens", type=positive_int, default=8192, help="calibration tokens (default: 8192)")
+    p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per calibration sequence (default: 512)")
+    p.add_argument("--protect-ratio", type=unit_float, default=0.02,
                    help="share of prompt tokens that keep all experts (default: 0.02)")
     p.add_argument("-o", "--output", help="write a copy here instead of updating GGUF in place")
     p.set_defaults(func=run)

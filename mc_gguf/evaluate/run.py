@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ctypes
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
 import gguf
 
-from mc_gguf.errors import GGUFFileError
+from mc_gguf.errors import GGUFFileError, InvalidValueError
 from mc_gguf.gguf_io import keys
 from mc_gguf.gguf_io.edit import field_value, open_gguf
 from mc_gguf.prune import rule as pruning
@@ -35,10 +37,35 @@ def odp_metadata(reader: gguf.GGUFReader) -> pruning.OdpParams | None:
     if field.types != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.FLOAT32]:
         raise GGUFFileError(f"{keys.ODP_MU} must be an array of float32")
     mu = [float(v) for v in field.contents()]
+    _check_scalar(reader, keys.ODP_PROTECT_RATIO, gguf.GGUFValueType.FLOAT32, "a float32")
+    _check_scalar(reader, keys.ODP_MU_ALL, gguf.GGUFValueType.FLOAT32, "a float32")
+    _check_scalar(reader, keys.ODP_ENABLED, gguf.GGUFValueType.BOOL, "a bool")
     rho = field_value(reader, keys.ODP_PROTECT_RATIO)
     rho = pruning.DEFAULT_PROTECT_RATIO if rho is None else float(rho)
     pruning.validate_params(mu, rho, n_layers)
     return pruning.OdpParams(mu, rho)
+
+
+def _check_scalar(reader: gguf.GGUFReader, key: str, value_type: gguf.GGUFValueType, what: str) -> None:
+    field = reader.get_field(key)
+    if field is not None and field.types != [value_type]:
+        raise GGUFFileError(f"{key} must be {what}, the file stores {_type_name(field.types)}")
+
+
+def _type_name(types: list[gguf.GGUFValueType]) -> str:
+    return " of ".join(t.name.lower() for t in types) if types else "nothing"
+
+
+def check_hparams(path: str | Path, reader: gguf.GGUFReader) -> None:
+    """What llama.cpp asserts on (aborting the process) rather than refusing with a message."""
+    arch = field_value(reader, "general.architecture")
+    if not isinstance(arch, str):
+        raise GGUFFileError(f"{path}: no general.architecture")
+    n_expert = field_value(reader, f"{arch}.expert_count") or 0
+    n_used = field_value(reader, f"{arch}.expert_used_count") or 0
+    if n_expert and not 1 <= n_used <= n_expert:
+        raise GGUFFileError(f"{path}: {arch}.expert_used_count is {n_used}; with {n_expert} experts it must be "
+                            f"1 to {n_expert}")
 
 
 def read_odp_metadata(path: str | Path, reader: gguf.GGUFReader | None = None) -> pruning.OdpParams | None:
@@ -53,9 +80,13 @@ def check_expert_groups(path: str | Path, reader: gguf.GGUFReader) -> None:
     """The per-expert layout's rules (docs/FORMAT.md), checked before llama.cpp loads the file."""
     from mc_gguf.gguf_io.layout import group_map_problem
 
-    group_map = field_value(reader, keys.EXPERT_GROUPS)
-    if group_map is None:
+    field = reader.get_field(keys.EXPERT_GROUPS)
+    if field is None:
         return
+    if field.types != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32]:
+        raise GGUFFileError(f"{path}: {keys.EXPERT_GROUPS} must be an array of int32, the file stores "
+                            f"{_type_name(field.types)}")
+    group_map = field.contents()
     arch = field_value(reader, "general.architecture")
     counts = {t.name: int(t.shape[-1]) for t in reader.tensors if "_exps" in t.name}
     problem = group_map_problem(group_map, counts, int(field_value(reader, f"{arch}.block_count")),
@@ -104,6 +135,7 @@ def load(path: str | Path, *, odp: bool = True, mu: float | None = None,
 
     path = Path(path)
     reader = open_gguf(path)
+    check_hparams(path, reader)
     read_odp_metadata(path, reader)  # clear errors for malformed mc.odp.* before llama.cpp sees them
     check_expert_groups(path, reader)
     require_patched_runtime()
@@ -112,20 +144,54 @@ def load(path: str | Path, *, odp: bool = True, mu: float | None = None,
         overrides[keys.ODP_ENABLED] = False
     if mu is not None:
         if not (math.isfinite(mu) and 0.0 <= mu <= 1.0):
-            raise ValueError(f"mu = {mu} is not in [0, 1]")
+            raise InvalidValueError(f"mu = {mu} is not in [0, 1]")
         overrides[keys.ODP_MU_ALL] = float(mu)
     if protect_ratio is not None:
         if not (math.isfinite(protect_ratio) and 0.0 <= protect_ratio <= 1.0):
-            raise ValueError(f"protect_ratio = {protect_ratio} is not in [0, 1]")
+            raise InvalidValueError(f"protect_ratio = {protect_ratio} is not in [0, 1]")
         overrides[keys.ODP_PROTECT_RATIO] = float(protect_ratio)
     llama_kwargs.setdefault("verbose", False)
     if llama_kwargs.get("n_ctx") is None:
         llama_kwargs["n_ctx"] = min(DEFAULT_MAX_CONTEXT, context_length(reader) or DEFAULT_MAX_CONTEXT)
     del reader  # release the memory map before llama.cpp maps the file
+    with _llama_log() as log:
+        try:
+            return _moe_llama_class()(model_path=str(path), kv_overrides=overrides or None, **llama_kwargs)
+        except ValueError as exc:  # llama-cpp-python raises ValueError when llama.cpp refuses the file
+            reason = log.reason()
+            raise GGUFFileError(f"{path}: llama.cpp could not load it: {reason or exc}") from None
+
+
+class _LlamaLog:
+    """llama.cpp's last log lines, kept while a model loads."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def reason(self) -> str:
+        """The loader's own explanation: its last error line (llama_model_load's 'error loading model: ...')."""
+        errors = [line for line in self.lines if "error" in line.lower()]
+        return (errors or self.lines or [""])[-1].strip()
+
+
+@contextmanager
+def _llama_log() -> Iterator[_LlamaLog]:
+    """Route llama.cpp's log into a _LlamaLog for the block (llama-cpp-python's own logger afterwards)."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    log = _LlamaLog()
+
+    @llama_cpp.llama_log_callback
+    def keep(level: int, text: bytes, user_data) -> None:
+        log.lines.append(text.decode("utf-8", "replace"))
+        del log.lines[:-200]
+
+    llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
     try:
-        return _moe_llama_class()(model_path=str(path), kv_overrides=overrides or None, **llama_kwargs)
-    except ValueError as exc:  # llama-cpp-python raises ValueError when llama.cpp refuses the file
-        raise GGUFFileError(f"{path}: llama.cpp could not load it ({exc})") from None
+        yield log
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
 def generate(path: str | Path, prompt: str, max_tokens: int = 32, *, temperature: float = 0.0, seed: int = 0,

@@ -1,7 +1,7 @@
 """ggml's own quantizers, called through ctypes from the libggml-base the runtime installs.
 
 K-quants and i-quants are never re-implemented in Python: ``quantize`` calls
-``ggml_quantize_chunk`` (ggml.c) and ``dequantize_with_ggml`` calls the type's
+``ggml_quantize_chunk`` (ggml.c) and ``dequantize`` calls the type's
 ``to_float`` from ``ggml_get_type_traits``.
 """
 
@@ -35,11 +35,11 @@ class _TypeTraits(ctypes.Structure):
 
 @cache
 def _lib() -> ctypes.CDLL:
-    from mc_gguf.runtime.build import installed_library_dir
+    from mc_gguf.runtime.build import installed_library_dir, shared_library
 
     lib_dir = installed_library_dir()
-    path = lib_dir / "libggml-base.so" if lib_dir else None
-    if path is None or not path.exists():
+    path = shared_library(lib_dir, "ggml-base") if lib_dir else None
+    if path is None:
         raise RuntimeMissingError("libggml-base from llama_cpp is needed to quantize; run `mc-gguf runtime build`")
     lib = ctypes.CDLL(str(path))
     lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
@@ -98,11 +98,18 @@ def quantize(weights: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.
     return out
 
 
-def dequantize_with_ggml(data: np.ndarray, qtype: gguf.GGMLQuantizationType, n_per_row: int) -> np.ndarray:
-    """ggml's own to_float for the type (an independent check of gguf-py's dequantization)."""
-    traits = _lib().ggml_get_type_traits(int(qtype)).contents
+def dequantize(data: np.ndarray, qtype: gguf.GGMLQuantizationType, n_per_row: int) -> np.ndarray:
+    """ggml's bytes -> float32 rows [rows, n_per_row], by the type's own ``to_float`` (ggml_get_type_traits).
+
+    The same numbers as gguf-py's numpy dequantization (a test checks every candidate type), many times faster.
+    """
+    lib = _lib()
+    traits = lib.ggml_get_type_traits(int(qtype)).contents
     data = np.ascontiguousarray(data, dtype=np.uint8)
-    rows = data.size // _lib().ggml_row_size(int(qtype), n_per_row)
+    row_bytes = lib.ggml_row_size(int(qtype), n_per_row)
+    if data.size % row_bytes:
+        raise ValueError(f"{data.size} bytes are not whole rows of {n_per_row} {qtype.name} weights")
+    rows = data.size // row_bytes
     out = np.empty((rows, n_per_row), dtype=np.float32)
     traits.to_float(data.ctypes.data, out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), rows * n_per_row)
     return out

@@ -81,5 +81,8 @@ def architecture_for(config: dict) -> MoEArchitecture:
         if name in ARCHITECTURES:
             return ARCHITECTURES[name]
     supported = ", ".join(sorted(ARCHITECTURES))
-    found = ", ".join(names) if names else f"model_type={config.get('model_type')!r}"
-    raise UnsupportedArchitectureError(f"unsupported architecture {found}; mc-gguf supports {supported}")
+    if not names:
+        raise UnsupportedArchitectureError(
+            f"config.json names no architecture (no 'architectures' list; model_type is "
+            f"{config.get('model_type')!r}); mc-gguf supports {supported}")
+    raise UnsupportedArchitectureError(f"unsupported architecture {', '.join(names)}; mc-gguf supports {supported}")

@@ -59,6 +59,10 @@ class Checkpoint:
 
     def load(self, name: str) -> np.ndarray:
         """One tensor as float32 numpy (bf16 is widened exactly), read from its shard on demand."""
+        return self.load_torch(name).float().numpy()
+
+    def load_torch(self, name: str):
+        """One tensor as a torch tensor in the checkpoint's own dtype (bf16 stays bf16: half of float32)."""
         from safetensors import safe_open
 
         entry = self._entry(name)
@@ -66,7 +70,7 @@ class Checkpoint:
         if handle is None:
             handle = safe_open(str(entry.shard), framework="pt")
             self._handles[entry.shard] = handle
-        return handle.get_tensor(name).float().numpy()
+        return handle.get_tensor(name)
 
     def _entry(self, name: str) -> TensorEntry:
         try:
@@ -82,6 +86,25 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path.parent}: no {path.name} (is this a Hugging Face model folder?)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+
+
+# config.json keys every stage reads, besides the architecture row's own
+REQUIRED_CONFIG = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
+
+# the dtypes of the safetensors format (its Rust crate's Dtype)
+SAFETENSORS_DTYPES = {"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F16", "BF16", "F32", "F64",
+                      "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64"}
+
+
+def _check_config(path: Path, config: dict, arch: MoEArchitecture) -> None:
+    for key in (*REQUIRED_CONFIG, arch.n_expert_key, arch.n_expert_used_key):
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            found = "it is missing" if value is None else f"it is {value!r}"
+            raise CheckpointError(f"{path / 'config.json'}: {key} must be a positive whole number; {found}")
+    if config[arch.n_expert_used_key] > config[arch.n_expert_key]:
+        raise CheckpointError(f"{path / 'config.json'}: {arch.n_expert_used_key} = {config[arch.n_expert_used_key]} "
+                              f"is more than the {config[arch.n_expert_key]} experts ({arch.n_expert_key})")
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
@@ -105,6 +128,11 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        if not isinstance(info, dict) or "data_offsets" not in info or "shape" not in info:
+            raise CheckpointError(f"{path}: corrupt safetensors header (entry {name})")
+        if info.get("dtype") not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {info.get('dtype')!r}, which is not a "
+                                  "safetensors dtype (a corrupt or newer file)")
         begin, end = info["data_offsets"]
         if end > data_size:
             raise CheckpointError(
@@ -121,6 +149,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: not a folder")
     config = _read_json(path / "config.json")
     arch = architecture_for(config)
+    _check_config(path, config, arch)
     if (path / INDEX_FILE).exists():
         weight_map = _read_json(path / INDEX_FILE).get("weight_map")
         if not isinstance(weight_map, dict):

@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from mc_gguf.atomic import check_output_path
 from mc_gguf.calibrate.stats import CalibrationStats
-from mc_gguf.errors import CheckpointError
+from mc_gguf.errors import CheckpointError, GGUFFileError
 from mc_gguf.gguf_io import keys
-from mc_gguf.gguf_io.edit import float_array, float_value, rewrite_metadata
+from mc_gguf.gguf_io.edit import field_value, float_array, float_value, open_gguf, rewrite_metadata
 from mc_gguf.prune import rule as pruning
 
 
@@ -63,10 +64,29 @@ def calibrate_odp(model_dir: str | Path, text: str, gguf_in: str | Path, gguf_ou
 
     Returns the thresholds and the per-layer w1/w0 ratios they came from.
     """
+    n_used = _check_inputs(model_dir, gguf_in, gguf_out, skip_share, protect_ratio)
     ratios = router_top2_ratios(model_dir, text, n_tokens=n_tokens, seq_len=seq_len, progress=progress)
-    mu = pruning.thresholds_for_skip_share(ratios, skip_share)
+    mu = pruning.thresholds_for_skip_share(ratios, skip_share, n_used)
     write_odp_metadata(gguf_in, gguf_out, mu, protect_ratio)
     return mu, ratios
+
+
+def _check_inputs(model_dir: str | Path, gguf_in: str | Path, gguf_out: str | Path, skip_share: float,
+                  protect_ratio: float) -> int:
+    """Everything that can be wrong, checked before the model pass; returns the experts per token."""
+    from mc_gguf.hf.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(model_dir)
+    pruning.check_skip_share(skip_share, ckpt.n_experts_used)
+    pruning.validate_params([], protect_ratio)
+    check_output_path(gguf_out)
+    reader = open_gguf(gguf_in)
+    arch = field_value(reader, "general.architecture")
+    n_layers = field_value(reader, f"{arch}.block_count")
+    if n_layers != ckpt.n_layers:
+        raise GGUFFileError(f"{gguf_in} has {n_layers} layers, the model in {model_dir} {ckpt.n_layers}: "
+                            "is it a GGUF of this model?")
+    return ckpt.n_experts_used
 
 
 def odp_from_stats(stats: CalibrationStats, skip_share: float,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mc_gguf.errors import GGUFFileError
+from mc_gguf.errors import GGUFFileError, InvalidValueError
 from mc_gguf.gguf_io import keys
 
 DEFAULT_PROTECT_RATIO = 0.02
@@ -81,6 +81,15 @@ def top2_ratios(router_probs: np.ndarray) -> np.ndarray:
     return top[:, 1] / top[:, 0]
 
 
+def check_skip_share(target_skip: float, n_used: int) -> None:
+    """A skip share the quantile rule can reach: slot 0 always runs, so at most (k - 1) / k of the slots,
+    and with one threshold per token's second slot (top-2) at most 1 / k."""
+    limit = 1.0 / n_used if n_used > 1 else 0.0
+    if not (math.isfinite(target_skip) and 0.0 <= target_skip <= limit):
+        raise InvalidValueError(f"a skip share of {target_skip} is not reachable with top-{n_used} routing: "
+                                f"choose one in [0, {limit:g}]")
+
+
 def thresholds_for_skip_share(ratios_per_layer: Sequence[np.ndarray], target_skip: float, n_used: int = 2) -> list[float]:
     """Per-layer mu so that about ``target_skip`` of all slots are skipped (top-2: the w1/w0 quantile).
 
@@ -88,9 +97,8 @@ def thresholds_for_skip_share(ratios_per_layer: Sequence[np.ndarray], target_ski
     tokens whose w1/w0 falls below its q-quantile, i.e. q / 2 of its slots; the same
     q in every layer gives a skip share of q / n_used overall.
     """
+    check_skip_share(target_skip, n_used)
     share_of_tokens = target_skip * n_used
-    if not 0.0 <= share_of_tokens <= 1.0:
-        raise ValueError(f"a skip share of {target_skip} is not reachable with top-{n_used} routing")
     # skipped iff ratio < mu: the q-quantile skips a share q of the tokens
     return [float(np.quantile(ratios, share_of_tokens)) if share_of_tokens > 0 and len(ratios) else 0.0
             for ratios in ratios_per_layer]

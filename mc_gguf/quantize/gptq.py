@@ -56,7 +56,7 @@ def gptq_quantize(weights: np.ndarray, hessian: np.ndarray, qtype: gguf.GGMLQuan
         chunks.append(q)
         rest = slice(first + BLOCK, cols)
         if first + BLOCK < cols:
-            error = w[:, block] - gguf.quants.dequantize(q, qtype).reshape(rows, BLOCK)
+            error = w[:, block] - quants.dequantize(q, qtype, BLOCK)
             # error @ U_BB^-1, by a triangular solve: X U_BB = E  <=>  U_BB^T X^T = E^T
             scaled = solve_triangular(u[block, block], error.T, trans="T", lower=False).T
             w[:, rest] -= scaled @ u[block, rest]

@@ -16,7 +16,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from mc_gguf.allocate.plan import Plan, validate_plan
+from mc_gguf.allocate.plan import Plan, PlanFileError, validate_plan
 from mc_gguf.allocate.size import layout_tensors, tensor_totals
 from mc_gguf.atomic import check_output_path
 from mc_gguf.calibrate.stats import CalibrationStats
@@ -78,9 +78,12 @@ def quantize_expert(ckpt: Checkpoint, stats: CalibrationStats | None, bid: int, 
 
 
 def _check_fits(ckpt: Checkpoint, plan: Plan, stats: CalibrationStats | None) -> None:
-    if plan.n_layers != ckpt.n_layers or any(len(layer) != ckpt.n_experts for layer in plan.experts):
-        raise McGgufError(f"the plan is for {plan.n_layers} layers of {len(plan.experts[0])} experts; "
-                          f"{ckpt.path} has {ckpt.n_layers} layers of {ckpt.n_experts}")
+    if plan.n_layers != ckpt.n_layers:
+        raise PlanFileError(f"the plan is for {plan.n_layers} layers; {ckpt.path} has {ckpt.n_layers}")
+    for bid, layer in enumerate(plan.experts):
+        if len(layer) != ckpt.n_experts:
+            raise PlanFileError(f"the plan gives layer {bid} {len(layer)} experts; {ckpt.path} has {ckpt.n_experts} "
+                                "in every layer")
     if stats is not None and (len(stats.layers) != ckpt.n_layers or stats.layers[0].count.size != ckpt.n_experts):
         raise McGgufError(f"the statistics are for another model than {ckpt.path}")
     if stats is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -90,6 +91,21 @@ def _installed_package_dir() -> Path | None:
     if spec is None or spec.origin is None:
         return None
     return Path(spec.origin).parent
+
+
+def shared_library(folder: Path, name: str, system: str | None = None) -> Path | None:
+    """The shared library ``name`` (e.g. ``ggml-base``) in ``folder`` as this platform names it, or None.
+
+    Linux ``libNAME.so``, macOS ``libNAME.dylib``, Windows ``NAME.dll`` (or ``libNAME.dll``, as MinGW builds
+    name it): what llama-cpp-python's ``_ctypes_extensions.load_shared_library`` looks for.
+    """
+    system = system or platform.system()
+    candidates = {"Darwin": [f"lib{name}.so", f"lib{name}.dylib"],
+                  "Windows": [f"{name}.dll", f"lib{name}.dll"]}.get(system, [f"lib{name}.so"])
+    for candidate in candidates:
+        if (folder / candidate).exists():
+            return folder / candidate
+    return None
 
 
 def installed_library_dir() -> Path | None:

@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path
 
 from mc_gguf.errors import RuntimeBuildError
-from mc_gguf.runtime.build import cached_or_built_wheel
+from mc_gguf.runtime.build import cached_or_built_wheel, shared_library
 from mc_gguf.runtime.source import VENDOR_DIR, BuildFlags, CacheLock, build_key, cache_root, current_source
 
 
@@ -24,7 +24,7 @@ def stock_library_dir() -> Path:
     cache = cache_root()
     target = cache / "stock-lib" / build_key(flags)
     with CacheLock(cache):
-        if not (target / "libllama.so").exists():
+        if not (target.is_dir() and shared_library(target, "llama")):
             wheel = cached_or_built_wheel(cache, flags, force=False)
             with tempfile.TemporaryDirectory(dir=cache) as tmp:
                 with zipfile.ZipFile(wheel) as archive:

@@ -67,11 +67,13 @@ def test_imatrix_and_hessian_equal_sums_over_each_experts_tokens(calibration, di
             np.testing.assert_allclose(np.diag(layer.hessian_mid[e]), layer.imatrix_mid[e], rtol=1e-3, atol=1e-7)
 
 
-def _roundtrip_with_ggml(weights: torch.Tensor, type_name: str, imatrix: np.ndarray) -> torch.Tensor:
-    """Quantize and dequantize with ggml's own to_float (not gguf-py's, which calibrate uses)."""
+def _roundtrip_with_gguf_py(weights: torch.Tensor, type_name: str, imatrix: np.ndarray) -> torch.Tensor:
+    """Quantize with ggml, dequantize with gguf-py's numpy code (not ggml's to_float, which calibrate uses)."""
+    import gguf
+
     qtype = quant_type(type_name).qtype
     data = quants.quantize(weights.numpy(), qtype, imatrix)
-    return torch.from_numpy(quants.dequantize_with_ggml(data, qtype, weights.shape[1]))
+    return torch.from_numpy(gguf.quants.dequantize(data, qtype).reshape(weights.shape))
 
 
 @pytest.mark.parametrize("type_name", ["IQ2_XS", "Q4_K"])
@@ -89,9 +91,9 @@ def test_eps_is_the_moe_block_output_error_with_one_expert_quantized(calibration
         for e in range(layer.count.size):
             saved = block.experts.gate_up_proj[e].clone(), block.experts.down_proj[e].clone()
             gate, up = saved[0][:ff], saved[0][ff:]
-            q_gate_up = torch.cat([_roundtrip_with_ggml(gate, type_name, imat_in[e]),
-                                   _roundtrip_with_ggml(up, type_name, imat_in[e])])
-            q_down = _roundtrip_with_ggml(saved[1], type_name, imat_mid[e])
+            q_gate_up = torch.cat([_roundtrip_with_gguf_py(gate, type_name, imat_in[e]),
+                                   _roundtrip_with_gguf_py(up, type_name, imat_in[e])])
+            q_down = _roundtrip_with_gguf_py(saved[1], type_name, imat_mid[e])
             for row, (gu, down) in ((EPS_EXPERT, (q_gate_up, q_down)), (EPS_GATE_UP, (q_gate_up, saved[1])),
                                     (EPS_DOWN, (saved[0], q_down))):
                 block.experts.gate_up_proj[e] = gu
@@ -201,3 +203,29 @@ def test_default_calibration_text_is_offline_english_prose():
 
     text = default_text()
     assert len(text.text) > 300_000 and " the " in text.text
+
+
+def test_a_bf16_checkpoint_calibrates_exactly_as_its_float32_widening(tmp_path, calibration_settings):
+    """Experts stay in the checkpoint's bf16 (half the memory) and are widened one at a time: the statistics are
+    those of the same weights stored in float32."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file, save_file
+
+    from mc_gguf.hf.tiny import TinyMixtralSpec, build_tiny_mixtral
+
+    bf16 = build_tiny_mixtral(tmp_path / "bf16", TinyMixtralSpec(seed=7, num_hidden_layers=1, dtype="bfloat16"))
+    widened = tmp_path / "f32"
+    widened.mkdir()
+    for item in bf16.iterdir():
+        if item.suffix == ".safetensors":
+            save_file({k: v.float() for k, v in load_file(str(item)).items()}, str(widened / item.name),
+                      metadata={"format": "pt"})
+        else:
+            (widened / item.name).write_bytes(item.read_bytes())
+    settings = replace(calibration_settings, types=("Q4_K", "Q8_0"), hessian=False)
+    text = CalibrationText("test text", CALIBRATION_TEXT)
+    a = calibrate(bf16, tmp_path / "bf16.stats", text, settings, progress=False)
+    b = calibrate(widened, tmp_path / "f32.stats", text, settings, progress=False)
+    for name in ("count", "weight_sum", "top_ratio", "imatrix_in", "imatrix_mid", "eps"):
+        np.testing.assert_array_equal(getattr(a.layers[0], name), getattr(b.layers[0], name), err_msg=name)

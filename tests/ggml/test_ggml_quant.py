@@ -6,7 +6,7 @@ import gguf
 import numpy as np
 import pytest
 
-from mc_gguf.ggml.quants import dequantize_with_ggml, quantize, requires_imatrix
+from mc_gguf.ggml.quants import dequantize, quantize, requires_imatrix
 from mc_gguf.ggml.types import CANDIDATES
 
 ROWS, N_PER_ROW = 16, 512
@@ -34,7 +34,7 @@ def test_gguf_py_dequantizes_ggml_output_exactly(weights, name):
     qt = CANDIDATES[name]
     data = quantize(weights, qt.qtype, np.ones(N_PER_ROW, np.float32))
     by_gguf_py = gguf.quants.dequantize(data, qt.qtype)
-    by_ggml = dequantize_with_ggml(data, qt.qtype, N_PER_ROW)
+    by_ggml = dequantize(data, qt.qtype, N_PER_ROW)
     np.testing.assert_array_equal(by_gguf_py, by_ggml)
 
 

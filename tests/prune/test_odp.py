@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 
-from mc_gguf.errors import GGUFFileError
+from mc_gguf.errors import GGUFFileError, InvalidValueError
 from mc_gguf.evaluate.run import load
 from mc_gguf.gguf_io import keys
 from mc_gguf.gguf_io.edit import MetadataDetails, float_array, float_value, rewrite_metadata
@@ -179,7 +179,7 @@ def test_thresholds_reach_the_target_skip_share():
     mu = thresholds_for_skip_share(ratios, 0.2)
     for m, r in zip(mu, ratios):
         assert abs(np.mean(r < m) - 0.4) < 0.001  # 40% of tokens drop slot 1 = 20% of top-2 slots
-    with pytest.raises(ValueError, match="not reachable"):
+    with pytest.raises(InvalidValueError, match="not reachable"):
         thresholds_for_skip_share(ratios, 0.6)
 
 

@@ -91,3 +91,25 @@ def test_sync_tree_rewrites_only_changed_files(tmp_path):
 def test_status_reports_the_library_file():
     status = runtime_status()
     assert status.library is not None and status.library.name.startswith("libllama")
+
+
+@pytest.mark.parametrize("system, files, expected", [
+    ("Linux", ["libggml-base.so"], "libggml-base.so"),
+    ("Darwin", ["libggml-base.dylib"], "libggml-base.dylib"),
+    ("Windows", ["ggml-base.dll"], "ggml-base.dll"),
+    ("Windows", ["libggml-base.dll"], "libggml-base.dll"),
+    ("Linux", ["libggml-base.dylib"], None),
+])
+def test_shared_libraries_are_found_as_each_platform_names_them(tmp_path, system, files, expected):
+    from mc_gguf.runtime.build import shared_library
+
+    for name in files:
+        (tmp_path / name).write_bytes(b"")
+    found = shared_library(tmp_path, "ggml-base", system)
+    assert (found.name if found else None) == expected
+
+
+def test_the_installed_runtimes_ggml_is_found_here():
+    from mc_gguf.runtime.build import installed_library_dir, shared_library
+
+    assert shared_library(installed_library_dir(), "ggml-base") is not None

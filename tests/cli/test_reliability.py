@@ -1,0 +1,398 @@
+"""Bad input ends early in one clear line; interrupted work resumes to the same result; outputs are normal files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from mc_gguf.cli import main
+from mc_gguf.gguf_io.edit import MetadataDetails, float_array, rewrite_metadata
+
+from conftest import CALIBRATION_TEXT
+
+# ---------------------------------------------------------------- helpers
+
+
+def run_cli(capsys, argv: list[str]) -> tuple[int, str]:
+    code = main(argv)
+    err = capsys.readouterr().err
+    return code, err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code != 0
+    assert "Traceback" not in err, err
+    lines = [line for line in err.strip().splitlines() if line.startswith("mc-gguf")]
+    assert lines and any(all(n in line for n in needles) for line in lines), err
+
+
+def no_leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.endswith(".partial") or p.name.endswith(".mc-gguf")]
+
+
+@pytest.fixture()
+def model_copy(tiny_model_dir, tmp_path) -> Path:
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    return copy
+
+
+@pytest.fixture()
+def text_file(tmp_path) -> Path:
+    path = tmp_path / "calib.txt"
+    path.write_text(CALIBRATION_TEXT)
+    return path
+
+
+# ------------------------------------------------- kill -9, then run again
+
+KILLER = """
+import os, signal, sys, json
+import numpy as np
+settings_json, model, out, point = sys.argv[1:5]
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+import mc_gguf.calibrate.calibration as calibration
+import mc_gguf.calibrate.stats as stats
+if point == "embeddings":
+    # half the embeddings written, then killed: the file must not be trusted
+    real = calibration.embed
+    def embed(ckpt, sequences, hidden):
+        real(ckpt, sequences[: len(sequences) // 2], hidden)
+        hidden.flush()
+        die()
+    calibration.embed = embed
+elif point == "layer-1":
+    real_layer = calibration.calibrate_layer
+    def calibrate_layer(model, ckpt, bid, *args, **kwargs):
+        if bid == 1:
+            die()
+        return real_layer(model, ckpt, bid, *args, **kwargs)
+    calibration.calibrate_layer = calibrate_layer
+elif point == "saving":
+    stats.CalibrationStats.save = die
+from mc_gguf.calibrate.settings import CalibrationSettings
+from mc_gguf.calibrate.text import CalibrationText
+s = json.loads(settings_json)
+s["types"] = tuple(s["types"])
+text = CalibrationText("test text", open(sys.argv[5]).read())
+calibration.calibrate(model, out, text, CalibrationSettings(**s), progress=False)
+"""
+
+
+@pytest.mark.parametrize("point", ["embeddings", "layer-1", "saving"])
+def test_calibration_killed_then_rerun_equals_an_uninterrupted_run(point, tiny_model_dir, tmp_path, calibration,
+                                                                   calibration_settings, text_file):
+    from dataclasses import asdict
+
+    from mc_gguf.calibrate.calibration import calibrate
+    from mc_gguf.calibrate.text import CalibrationText
+
+    out = tmp_path / "killed.stats"
+    settings = json.dumps(asdict(calibration_settings))
+    killed = subprocess.run([sys.executable, "-c", KILLER, settings, str(tiny_model_dir), str(out), point,
+                             str(text_file)], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not out.exists()
+    resumed = calibrate(tiny_model_dir, out, CalibrationText("test text", CALIBRATION_TEXT), calibration_settings,
+                        progress=False)
+    _, reference = calibration
+    for a, b in zip(resumed.layers, reference.layers):
+        for name in ("count", "weight_sum", "top_ratio", "imatrix_in", "imatrix_mid", "eps", "hessian_in"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=f"{point}: {name}")
+    assert not (tmp_path / "killed.stats.partial.d").exists()
+    assert no_leftovers(tmp_path) == []
+
+
+def test_compress_killed_while_quantizing_resumes_to_the_same_file(tiny_model_dir, tmp_path, text_file):
+    args = ["compress", str(tiny_model_dir), "--bits", "3", "--calib", str(text_file), "--tokens", "1024",
+            "--seq-len", "128", "--types", "Q2_K", "Q4_K", "Q8_0", "-q"]
+    reference = tmp_path / "reference" / "out.gguf"
+    reference.parent.mkdir()
+    assert main(args + ["-o", str(reference)]) == 0
+
+    out = tmp_path / "out.gguf"
+    killer = ("import os, signal, sys\n"
+              "import mc_gguf.quantize.quantization as q\n"
+              "real = q.quantize_expert\n"
+              "def expert(ckpt, stats, bid, *a, **k):\n"
+              "    if bid == 1:\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              "    return real(ckpt, stats, bid, *a, **k)\n"
+              "q.quantize_expert = expert\n"
+              "from mc_gguf.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    killed = subprocess.run([sys.executable, "-c", killer, *args, "-o", str(out)], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not out.exists()
+    assert (tmp_path / ".out.gguf.mc-gguf" / "stats.safetensors").exists()  # the calibration was done
+    assert [p.name for p in tmp_path.glob(".out.gguf.*.partial")], "the killed write left its partial file"
+
+    assert main(args + ["-o", str(out)]) == 0
+    assert out.read_bytes() == reference.read_bytes()
+    assert no_leftovers(tmp_path) == []
+
+
+def test_compress_interrupted_keeps_its_work_and_says_how_to_resume(tiny_model_dir, tmp_path, text_file, capsys,
+                                                                   monkeypatch):
+    import mc_gguf.pipeline as pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "allocate", interrupted)
+    out = tmp_path / "out.gguf"
+    code, err = run_cli(capsys, ["compress", str(tiny_model_dir), "--bits", "5", "--calib", str(text_file),
+                                 "--tokens", "512", "--seq-len", "128", "--types", "Q4_K", "Q8_0", "-q",
+                                 "-o", str(out)])
+    assert code == 130 and "the same command resumes it" in err
+    assert (tmp_path / ".out.gguf.mc-gguf" / "stats.safetensors").exists()
+
+    calls = []
+    real = pipeline.calibrate
+    monkeypatch.undo()
+    monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr("mc_gguf.calibrate.calibration.calibrate_layer",
+                        lambda *a, **k: pytest.fail("a finished calibration was run again"))
+    assert main(["compress", str(tiny_model_dir), "--bits", "5", "--calib", str(text_file), "--tokens", "512",
+                 "--seq-len", "128", "--types", "Q4_K", "Q8_0", "-q", "-o", str(out)]) == 0
+    assert calls and out.exists() and no_leftovers(tmp_path) == []
+
+
+def test_sigterm_is_handled_as_ctrl_c(tiny_model_dir, tmp_path):
+    out = tmp_path / "out.gguf"
+    code = ("import os, signal, sys\n"
+            "calls = []\n"
+            "from mc_gguf.gguf_io import convert as c\n"
+            "real_encode = c.encode\n"
+            "def encode(data, qtype):\n"
+            "    calls.append(1)\n"
+            "    if len(calls) == 3:\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return real_encode(data, qtype)\n"
+            "c.encode = encode\n"
+            "from mc_gguf.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    done = subprocess.run([sys.executable, "-c", code, "convert", str(tiny_model_dir), "-o", str(out), "-q"],
+                          capture_output=True, text=True)
+    assert done.returncode == 130 and "interrupted" in done.stderr
+    assert not out.exists() and no_leftovers(tmp_path) == []
+
+
+def test_stale_partial_file_of_a_dead_process_is_removed_by_the_next_write(tiny_model_dir, tmp_path):
+    out = tmp_path / "out.gguf"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".out.gguf.{int(dead.stdout)}.partial"
+    stale.write_bytes(b"half a file")
+    assert main(["convert", str(tiny_model_dir), "-o", str(out), "--type", "q8_0", "-q"]) == 0
+    assert not stale.exists() and out.exists()
+
+
+# ------------------------------------------------------------ file modes
+
+
+def test_outputs_honour_the_umask_and_keep_an_existing_files_mode(tiny_model_dir, tmp_path):
+    out = tmp_path / "out.gguf"
+    old = os.umask(0o022)
+    try:
+        assert main(["convert", str(tiny_model_dir), "-o", str(out), "--type", "q8_0", "-q"]) == 0
+        assert out.stat().st_mode & 0o777 == 0o644
+        out.chmod(0o640)
+        assert main(["convert", str(tiny_model_dir), "-o", str(out), "--type", "q8_0", "-q"]) == 0
+        assert out.stat().st_mode & 0o777 == 0o640
+        os.umask(0o077)
+        other = tmp_path / "other.gguf"
+        assert main(["convert", str(tiny_model_dir), "-o", str(other), "--type", "q8_0", "-q"]) == 0
+        assert other.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_writing_to_a_symlink_writes_its_target(converted, tmp_path):
+    from mc_gguf.prune.calibration import write_odp_metadata
+
+    target = tmp_path / "real.gguf"
+    shutil.copyfile(converted("q8_0"), target)
+    link = tmp_path / "link.gguf"
+    link.symlink_to(target)
+    write_odp_metadata(link, link, [0.2, 0.3])
+    assert link.is_symlink() and link.resolve() == target
+    assert "mc.odp.mu" in gguf.GGUFReader(target).fields
+
+
+# ------------------------------------------------- bad values, refused early
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["calibrate", "MODEL", "-o", "OUT/s", "--tokens", "0"], "--tokens"),
+    (["calibrate", "MODEL", "-o", "OUT/s", "--tokens", "-5"], "--tokens"),
+    (["calibrate", "MODEL", "-o", "OUT/s", "--types", "FOO"], "unknown quantization type 'FOO'"),
+    (["allocate", "STATS", "--bits", "nan", "-o", "OUT/p.json"], "--bits"),
+    (["compress", "MODEL", "--bits", "2.5", "--odp-skip", "1.5", "-o", "OUT/c.gguf"], "--odp-skip"),
+    (["run", "GGUF", "-p", "hi", "-n", "0"], "--max-tokens"),
+    (["run", "GGUF", "-p", "hi", "--mu", "5"], "--mu"),
+    (["run", "GGUF", "-p", "hi", "--mu", "nan"], "--mu"),
+    (["eval", "GGUF", "--text", "TEXT", "--chunks", "0"], "--chunks"),
+    (["odp-calibrate", "MODEL", "GGUF", "--text", "TEXT", "--skip", "1.5"], "--skip"),
+])
+def test_out_of_range_flags_are_refused_by_the_parser(argv, needle, capsys, tiny_model_dir, converted, tmp_path):
+    values = {"MODEL": str(tiny_model_dir), "GGUF": str(converted("q8_0")), "STATS": "stats", "TEXT": "t.txt"}
+    argv = [values.get(a, a.replace("OUT", str(tmp_path))) for a in argv]
+    code, err = run_cli(capsys, argv)
+    assert code == 2 and needle in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--odp-skip", "0.9"], "not reachable with top-2 routing"),
+    (["--bits", "1.0"], "below the smallest"),
+])
+def test_compress_refuses_impossible_requests_before_calibrating(extra, needle, tiny_model_dir, tmp_path, capsys,
+                                                                 monkeypatch):
+    import mc_gguf.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: pytest.fail("calibrated before refusing"))
+    argv = ["compress", str(tiny_model_dir), "--bits", "2.5", "-o", str(tmp_path / "c.gguf"), "-q", *extra]
+    code, err = run_cli(capsys, argv)
+    assert_one_line_error(code, err, needle)
+    assert no_leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("case, needle", [("skip", "not reachable with top-2"), ("gguf", "not a readable GGUF"),
+                                          ("output", "does not exist")])
+def test_odp_calibrate_checks_everything_before_the_model_pass(case, needle, tiny_model_dir, converted, tmp_path,
+                                                               text_file, capsys, monkeypatch):
+    import mc_gguf.prune.calibration as calibration
+
+    monkeypatch.setattr(calibration, "router_top2_ratios", lambda *a, **k: pytest.fail("ran the model first"))
+    bad_gguf = tmp_path / "bad.gguf"
+    bad_gguf.write_bytes(b"GGUF but not really")
+    gguf_in = str(bad_gguf) if case == "gguf" else str(converted("q8_0"))
+    out = tmp_path / ("missing/out.gguf" if case == "output" else "out.gguf")
+    argv = ["odp-calibrate", str(tiny_model_dir), gguf_in, "--text", str(text_file), "-o", str(out)]
+    if case == "skip":
+        argv += ["--skip", "0.75"]
+    code, err = run_cli(capsys, argv)
+    assert_one_line_error(code, err, needle)
+
+
+# ------------------------------------------- bad files: one line, no abort
+
+
+def test_expert_used_count_outside_the_experts_is_refused_not_an_abort(converted, tmp_path, capsys):
+    for used in (0, 9):
+        bad = rewrite_metadata(converted("q8_0"), tmp_path / f"used{used}.gguf",
+                               {"llama.expert_used_count": MetadataDetails(gguf.GGUFValueType.UINT32, used)})
+        code, err = run_cli(capsys, ["run", str(bad), "-p", "hi", "-n", "1"])
+        assert_one_line_error(code, err, "expert_used_count", str(used))
+
+
+def test_llama_cpps_own_reason_is_shown_when_it_refuses_a_file(converted, tmp_path, capsys):
+    bad = rewrite_metadata(converted("q8_0"), tmp_path / "bad.gguf",
+                           {"llama.embedding_length": MetadataDetails(gguf.GGUFValueType.UINT32, 128)})
+    code, err = run_cli(capsys, ["run", str(bad), "-p", "hi", "-n", "1"])
+    assert_one_line_error(code, err, "llama.cpp could not load it", "error loading model")
+
+
+@pytest.mark.parametrize("updates, needle", [
+    ({"mc.odp.mu": float_array([0.2, 0.3]), "mc.odp.protect_ratio": MetadataDetails(gguf.GGUFValueType.STRING, "0.1")},
+     "mc.odp.protect_ratio must be a float32"),
+    ({"mc.experts.groups": MetadataDetails(gguf.GGUFValueType.ARRAY, [0.0] * 24, sub_type=gguf.GGUFValueType.FLOAT32)},
+     "mc.experts.groups must be an array of int32"),
+    ({"mc.experts.groups": MetadataDetails(gguf.GGUFValueType.STRING, "0000000")},
+     "mc.experts.groups must be an array of int32"),
+])
+def test_metadata_of_the_wrong_type_is_named(updates, needle, converted, tmp_path, capsys):
+    bad = rewrite_metadata(converted("q8_0"), tmp_path / "bad.gguf", updates)
+    code, err = run_cli(capsys, ["run", str(bad), "-p", "hi", "-n", "1"])
+    assert_one_line_error(code, err, needle)
+
+
+def _plan_file(calibration, tiny_model_dir, tmp_path) -> Path:
+    path = tmp_path / "plan.json"
+    assert main(["allocate", str(calibration[0]), "--bits", "3", "-o", str(path), "--model", str(tiny_model_dir)]) == 0
+    return path
+
+
+@pytest.mark.parametrize("change, needles", [
+    (lambda plan: plan["experts"][0][1].__setitem__("gate", None), ("layer 0 expert 1", "None")),
+    (lambda plan: plan["experts"][1][0].__setitem__("down", 12), ("layer 1 expert 0", "12")),
+    (lambda plan: plan["experts"][1].pop(), ("layer 1 3 experts", "has 4")),
+])
+def test_bad_plans_are_named_where_they_are_wrong(change, needles, calibration, tiny_model_dir, tmp_path, capsys):
+    path = _plan_file(calibration, tiny_model_dir, tmp_path)
+    plan = json.loads(path.read_text())
+    change(plan)
+    path.write_text(json.dumps(plan))
+    code, err = run_cli(capsys, ["quantize", str(tiny_model_dir), "--plan", str(path), "--stats",
+                                 str(calibration[0]), "-o", str(tmp_path / "q.gguf"), "-q"])
+    assert_one_line_error(code, err, *needles)
+    assert not (tmp_path / "q.gguf").exists()
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda c: c.pop("num_local_experts"), "num_local_experts must be a positive whole number"),
+    (lambda c: c.pop("architectures"), "names no architecture"),
+    (lambda c: c.__setitem__("num_experts_per_tok", 9), "more than the 4 experts"),
+])
+def test_bad_configs_are_named(change, needle, model_copy, tmp_path, capsys):
+    config = json.loads((model_copy / "config.json").read_text())
+    change(config)
+    (model_copy / "config.json").write_text(json.dumps(config))
+    code, err = run_cli(capsys, ["convert", str(model_copy), "-o", str(tmp_path / "o.gguf"), "-q"])
+    assert_one_line_error(code, err, needle)
+
+
+def test_a_shard_with_an_unknown_dtype_is_named(model_copy, tmp_path, capsys):
+    import struct
+
+    shard = sorted(model_copy.glob("model-*.safetensors"))[0]
+    data = shard.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["dtype"] = "X99"
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (n - len(raw))
+    shard.write_bytes(data[:8] + raw + data[8 + n:])
+    code, err = run_cli(capsys, ["convert", str(model_copy), "-o", str(tmp_path / "o.gguf"), "-q"])
+    assert_one_line_error(code, err, shard.name, "X99")
+
+
+def test_os_errors_are_one_line(converted, tiny_model_dir, tmp_path, capsys):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    code, err = run_cli(capsys, ["inspect", str(converted("q8_0")), "--plot", str(tmp_path / "missing" / "p.png")])
+    assert_one_line_error(code, err, "does not exist")
+    code, err = run_cli(capsys, ["inspect", str(tmp_path / "nothing.gguf")])
+    assert_one_line_error(code, err, "no such file")
+    if Path("/proc/self").is_dir():  # a folder no file can be created in, even by root
+        code, err = run_cli(capsys, ["convert", str(tiny_model_dir), "-o",
+                                     "/proc/out.gguf", "-q"])
+        assert_one_line_error(code, err, "/proc/")
+
+
+def test_unexpected_failures_say_how_to_see_the_traceback(capsys, monkeypatch, converted):
+    import mc_gguf.gguf_io.inspect as inspect_module
+
+    monkeypatch.setattr(inspect_module, "inspect_gguf", lambda path: {}["boom"])
+    code, err = run_cli(capsys, ["inspect", str(converted("q8_0"))])
+    assert code == 1 and "KeyError" in err and "--debug" in err and "Traceback" not in err
+    code, err = run_cli(capsys, ["--debug", "inspect", str(converted("q8_0"))])
+    assert code == 1 and "Traceback" in err
+
+
+def test_an_unknown_non_expert_type_is_named_before_the_statistics_are_read(capsys, tmp_path):
+    code, err = run_cli(capsys, ["allocate", str(tmp_path / "missing.stats"), "--bits", "3", "-o",
+                                 str(tmp_path / "p.json"), "--tensor-type", "attn=BAR"])
+    assert_one_line_error(code, err, "attn=BAR", "Q8_0")
