@@ -115,31 +115,62 @@ def test_calibration_killed_then_rerun_equals_an_uninterrupted_run(point, tiny_m
     assert no_leftovers(tmp_path) == []
 
 
-def test_compress_killed_while_quantizing_resumes_to_the_same_file(tiny_model_dir, tmp_path, text_file):
-    args = ["compress", str(tiny_model_dir), "--bits", "3", "--calib", str(text_file), "--tokens", "1024",
-            "--seq-len", "128", "--types", "Q2_K", "Q4_K", "Q8_0", "-q"]
-    reference = tmp_path / "reference" / "out.gguf"
-    reference.parent.mkdir()
-    assert main(args + ["-o", str(reference)]) == 0
+COMPRESS_ARGS = ["--bits", "3", "--tokens", "1024", "--seq-len", "128", "--types", "Q2_K", "Q4_K", "Q8_0", "-q"]
 
+
+@pytest.fixture(scope="module")
+def compress_reference(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """(calibration text, the GGUF an uninterrupted compress writes)."""
+    folder = tmp_path_factory.mktemp("compress-reference")
+    text = folder / "calib.txt"
+    text.write_text(CALIBRATION_TEXT)
+    out = folder / "out.gguf"
+    assert main(["compress", str(tiny_model_dir), "--calib", str(text), *COMPRESS_ARGS, "-o", str(out)]) == 0
+    return text, out
+
+
+COMPRESS_KILLER = """
+import os, signal, sys
+point = sys.argv.pop(1)
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+if point == "calibrating":
+    import mc_gguf.calibrate.calibration as c
+    real = c.calibrate_layer
+    def layer(model, ckpt, bid, *a, **k):
+        if bid == 1:
+            die()
+        return real(model, ckpt, bid, *a, **k)
+    c.calibrate_layer = layer
+else:
+    import mc_gguf.quantize.quantization as q
+    real = q.quantize_expert
+    def expert(ckpt, stats, bid, *a, **k):
+        if bid == 1:
+            die()
+        return real(ckpt, stats, bid, *a, **k)
+    q.quantize_expert = expert
+from mc_gguf.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("point", ["calibrating", "quantizing"])
+def test_compress_killed_then_rerun_writes_the_same_file(point, tiny_model_dir, tmp_path, compress_reference):
+    text, reference = compress_reference
     out = tmp_path / "out.gguf"
-    killer = ("import os, signal, sys\n"
-              "import mc_gguf.quantize.quantization as q\n"
-              "real = q.quantize_expert\n"
-              "def expert(ckpt, stats, bid, *a, **k):\n"
-              "    if bid == 1:\n"
-              "        os.kill(os.getpid(), signal.SIGKILL)\n"
-              "    return real(ckpt, stats, bid, *a, **k)\n"
-              "q.quantize_expert = expert\n"
-              "from mc_gguf.cli import main\n"
-              "sys.exit(main(sys.argv[1:]))\n")
-    killed = subprocess.run([sys.executable, "-c", killer, *args, "-o", str(out)], capture_output=True, text=True)
+    args = ["compress", str(tiny_model_dir), "--calib", str(text), *COMPRESS_ARGS, "-o", str(out)]
+    killed = subprocess.run([sys.executable, "-c", COMPRESS_KILLER, point, *args], capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not out.exists()
-    assert (tmp_path / ".out.gguf.mc-gguf" / "stats.safetensors").exists()  # the calibration was done
-    assert [p.name for p in tmp_path.glob(".out.gguf.*.partial")], "the killed write left its partial file"
+    work = tmp_path / ".out.gguf.mc-gguf"
+    if point == "quantizing":
+        assert (work / "stats.safetensors").exists()  # the calibration was done
+        assert list(tmp_path.glob(".out.gguf.*.partial")), "the killed write left its partial file"
+    else:
+        assert (work / "stats.safetensors.partial.d" / "layer-0.safetensors").exists()
 
-    assert main(args + ["-o", str(out)]) == 0
+    assert main(args) == 0
     assert out.read_bytes() == reference.read_bytes()
     assert no_leftovers(tmp_path) == []
 
