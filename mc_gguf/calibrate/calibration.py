@@ -18,6 +18,7 @@ continues there.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,11 +76,13 @@ def calibrate(model_dir: str | Path, out: str | Path, text: CalibrationText,
         embed(ckpt, sequences, hidden)
         work.finish_hidden(0, hidden)
     rotary = type(model.model.rotary_emb)(config=model.config)
+    started = time.monotonic()
     for il in range(start, ckpt.n_layers):
         hidden_in = work.open_hidden(il, shape)
         hidden_out = None if il == ckpt.n_layers - 1 else work.new_hidden(il + 1, shape)
         layer_stats = calibrate_layer(model, ckpt, il, hidden_in, hidden_out, rotary, eps_positions, settings,
-                                      progress=progress)
+                                      progress=progress,
+                                      eta=_eta(time.monotonic() - started, il - start, ckpt.n_layers - il))
         if hidden_out is not None:
             work.finish_hidden(il + 1, hidden_out)  # before the layer counts as done
         work.save_layer(il, layer_stats)
@@ -94,7 +97,7 @@ def calibrate(model_dir: str | Path, out: str | Path, text: CalibrationText,
 
 def calibrate_layer(model, ckpt: Checkpoint, bid: int, hidden_in: np.ndarray, hidden_out: np.ndarray | None,
                     rotary, eps_positions: np.ndarray, settings: CalibrationSettings,
-                    *, progress: bool) -> LayerStats:
+                    *, progress: bool, eta: str = "") -> LayerStats:
     """One layer: its forward with the statistics gathered on the way, then every expert's eps."""
     from transformers.activations import ACT2FN
 
@@ -102,7 +105,7 @@ def calibrate_layer(model, ckpt: Checkpoint, bid: int, hidden_in: np.ndarray, hi
     router, experts = load_experts(ckpt, bid)
     moe = StatisticsMoE(router, experts, act, ckpt.n_experts_used, ckpt.arch.norm_topk_prob, eps_positions,
                         settings.hessian)
-    bar = tqdm(total=hidden_in.shape[0] + len(experts), desc=f"layer {bid + 1}/{ckpt.n_layers}", unit="step",
+    bar = tqdm(total=hidden_in.shape[0] + len(experts), desc=f"layer {bid + 1}/{ckpt.n_layers}{eta}", unit="step",
                disable=not progress, dynamic_ncols=True)
     with decoder_layer(model, ckpt, bid, moe) as layer:
         run_layer(model, layer, rotary, hidden_in, hidden_out, on_batch=bar.update)
@@ -124,6 +127,15 @@ def _measure_eps(layer_stats: LayerStats, moe: StatisticsMoE, types: tuple[str, 
             layer_stats.eps[:, e] = expert_errors(stored.float32(), sample.x[tokens], sample.weights[slot], moe.act,
                                                   types, imat_in[e], imat_mid[e])
         bar.update(1)
+
+
+def _eta(elapsed: float, done: int, left: int) -> str:
+    """", all layers in about 1 h 05 min": the time left at the pace of the layers done in this run."""
+    if done == 0:
+        return ""
+    minutes = round(elapsed / done * left / 60)
+    text = f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{max(minutes, 1)} min"
+    return f", all layers in about {text}"
 
 
 def _finished(out: Path, info: dict, settings: CalibrationSettings) -> CalibrationStats | None:
