@@ -17,9 +17,9 @@ import numpy as np
 
 from mc_gguf.atomic import check_output_path
 from mc_gguf.errors import CheckpointError
+from mc_gguf.gguf_io.metadata import add_general, add_hparams, add_sentencepiece_vocab
 from mc_gguf.gguf_io.write import OutputTensor, write_gguf
 from mc_gguf.hf.checkpoint import Checkpoint, open_checkpoint
-from mc_gguf.hf.metadata import add_general, add_hparams, add_sentencepiece_vocab
 
 T = gguf.GGMLQuantizationType
 

@@ -1,0 +1,54 @@
+"""The package layout is the data flow: no module imports from a stage that comes after its own."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "mc_gguf"
+
+# README "How the code is laid out": each part may import the ones before it (and the shared
+# errors, atomic and _lazy modules), never one after it.
+ORDER = ["runtime", "ggml", "hf", "gguf_io", "calibrate", "prune", "allocate", "quantize", "evaluate",
+         "pipeline", "demo", "cli"]
+SHARED = {"errors", "atomic", "_lazy", "__init__", ""}
+
+
+def part_of(module: str) -> str:
+    """``mc_gguf.calibrate.moe`` -> ``calibrate``; ``mc_gguf`` -> ``""``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every mc_gguf module a file imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("mc_gguf")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mc_gguf"):
+            found |= {f"{node.module}.{alias.name}" if node.module == "mc_gguf" else node.module
+                      for alias in node.names}
+    return found
+
+
+def test_no_module_imports_a_later_stage():
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        own = part_of(".".join(rel.parts))
+        if own in SHARED:
+            continue  # the package's own facade (mc_gguf.load) and the shared helpers
+        for module in imported_modules(path):
+            other = part_of(module)
+            if other in SHARED or other == "__version__":
+                continue
+            if ORDER.index(other) > ORDER.index(own):
+                wrong.append(f"{rel} imports {module}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_every_part_of_the_package_is_in_the_order():
+    parts = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
+             if (p.is_dir() and (p / "__init__.py").exists()) or (p.suffix == ".py")}
+    assert parts - SHARED == set(ORDER)
