@@ -31,29 +31,27 @@ def odp_metadata(reader: gguf.GGUFReader) -> pruning.OdpParams | None:
     """The file's ODP parameters (validated as the runtime will), or None when it has none."""
     arch = field_value(reader, "general.architecture")
     n_layers = field_value(reader, f"{arch}.block_count")
-    field = reader.get_field(keys.ODP_MU)
+    T = gguf.GGUFValueType
+    field = _typed_field(reader, keys.ODP_MU, [T.ARRAY, T.FLOAT32], "an array of float32")
     if field is None:
         return None
-    if field.types != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.FLOAT32]:
-        raise GGUFFileError(f"{keys.ODP_MU} must be an array of float32")
     mu = [float(v) for v in field.contents()]
-    _check_scalar(reader, keys.ODP_PROTECT_RATIO, gguf.GGUFValueType.FLOAT32, "a float32")
-    _check_scalar(reader, keys.ODP_MU_ALL, gguf.GGUFValueType.FLOAT32, "a float32")
-    _check_scalar(reader, keys.ODP_ENABLED, gguf.GGUFValueType.BOOL, "a bool")
+    _typed_field(reader, keys.ODP_PROTECT_RATIO, [T.FLOAT32], "a float32")
+    _typed_field(reader, keys.ODP_MU_ALL, [T.FLOAT32], "a float32")
+    _typed_field(reader, keys.ODP_ENABLED, [T.BOOL], "a bool")
     rho = field_value(reader, keys.ODP_PROTECT_RATIO)
     rho = pruning.DEFAULT_PROTECT_RATIO if rho is None else float(rho)
     pruning.validate_params(mu, rho, n_layers)
     return pruning.OdpParams(mu, rho)
 
 
-def _check_scalar(reader: gguf.GGUFReader, key: str, value_type: gguf.GGUFValueType, what: str) -> None:
+def _typed_field(reader: gguf.GGUFReader, key: str, types: list[gguf.GGUFValueType], what: str):
+    """The key's field (None when absent), or an error naming what it should be and what the file stores."""
     field = reader.get_field(key)
-    if field is not None and field.types != [value_type]:
-        raise GGUFFileError(f"{key} must be {what}, the file stores {_type_name(field.types)}")
-
-
-def _type_name(types: list[gguf.GGUFValueType]) -> str:
-    return " of ".join(t.name.lower() for t in types) if types else "nothing"
+    if field is not None and field.types != types:
+        stored = " of ".join(t.name.lower() for t in field.types) or "nothing"
+        raise GGUFFileError(f"{key} must be {what}, the file stores {stored}")
+    return field
 
 
 def check_hparams(path: str | Path, reader: gguf.GGUFReader) -> None:
@@ -80,12 +78,13 @@ def check_expert_groups(path: str | Path, reader: gguf.GGUFReader) -> None:
     """The per-expert layout's rules (docs/FORMAT.md), checked before llama.cpp loads the file."""
     from mc_gguf.gguf_io.layout import group_map_problem
 
-    field = reader.get_field(keys.EXPERT_GROUPS)
+    try:
+        field = _typed_field(reader, keys.EXPERT_GROUPS, [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32],
+                             "an array of int32")
+    except GGUFFileError as exc:
+        raise GGUFFileError(f"{path}: {exc}") from None
     if field is None:
         return
-    if field.types != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32]:
-        raise GGUFFileError(f"{path}: {keys.EXPERT_GROUPS} must be an array of int32, the file stores "
-                            f"{_type_name(field.types)}")
     group_map = field.contents()
     arch = field_value(reader, "general.architecture")
     counts = {t.name: int(t.shape[-1]) for t in reader.tensors if "_exps" in t.name}

@@ -55,58 +55,64 @@ def text_file(tmp_path) -> Path:
 
 # ------------------------------------------------- kill -9, then run again
 
+# Runs mc-gguf with the command-line arguments after POINT, and kills itself with SIGKILL at that point.
 KILLER = """
-import os, signal, sys, json
-import numpy as np
-settings_json, model, out, point = sys.argv[1:5]
+import os, signal, sys
+point = sys.argv.pop(1)
 
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
+def die_at_layer_1(module, name):
+    # the function's third argument is the layer (calibrate_layer, quantize_expert)
+    real = getattr(module, name)
+    def wrapper(*args, **kwargs):
+        if args[2] == 1:
+            die()
+        return real(*args, **kwargs)
+    setattr(module, name, wrapper)
+
 import mc_gguf.calibrate.calibration as calibration
 import mc_gguf.calibrate.stats as stats
+import mc_gguf.quantize.quantization as quantization
 if point == "embeddings":
     # half the embeddings written, then killed: the file must not be trusted
-    real = calibration.embed
+    real_embed = calibration.embed
     def embed(ckpt, sequences, hidden):
-        real(ckpt, sequences[: len(sequences) // 2], hidden)
+        real_embed(ckpt, sequences[: len(sequences) // 2], hidden)
         hidden.flush()
         die()
     calibration.embed = embed
-elif point == "layer-1":
-    real_layer = calibration.calibrate_layer
-    def calibrate_layer(model, ckpt, bid, *args, **kwargs):
-        if bid == 1:
-            die()
-        return real_layer(model, ckpt, bid, *args, **kwargs)
-    calibration.calibrate_layer = calibrate_layer
+elif point == "calibrating":
+    die_at_layer_1(calibration, "calibrate_layer")
 elif point == "saving":
     stats.CalibrationStats.save = die
-from mc_gguf.calibrate.settings import CalibrationSettings
-from mc_gguf.calibrate.text import CalibrationText
-s = json.loads(settings_json)
-s["types"] = tuple(s["types"])
-text = CalibrationText("test text", open(sys.argv[5]).read())
-calibration.calibrate(model, out, text, CalibrationSettings(**s), progress=False)
+elif point == "quantizing":
+    die_at_layer_1(quantization, "quantize_expert")
+from mc_gguf.cli import main
+sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("point", ["embeddings", "layer-1", "saving"])
+def run_killed(point: str, args: list[str]) -> None:
+    killed = subprocess.run([sys.executable, "-c", KILLER, point, *args], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+
+
+@pytest.mark.parametrize("point", ["embeddings", "calibrating", "saving"])
 def test_calibration_killed_then_rerun_equals_an_uninterrupted_run(point, tiny_model_dir, tmp_path, calibration,
                                                                    calibration_settings, text_file):
-    from dataclasses import asdict
+    from mc_gguf.calibrate.stats import load_stats
 
-    from mc_gguf.calibrate.calibration import calibrate
-    from mc_gguf.calibrate.text import CalibrationText
-
+    s = calibration_settings
     out = tmp_path / "killed.stats"
-    settings = json.dumps(asdict(calibration_settings))
-    killed = subprocess.run([sys.executable, "-c", KILLER, settings, str(tiny_model_dir), str(out), point,
-                             str(text_file)], capture_output=True, text=True)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    args = ["calibrate", str(tiny_model_dir), "-o", str(out), "--text", str(text_file), "--tokens", str(s.n_tokens),
+            "--seq-len", str(s.seq_len), "--seed", str(s.seed), "--eps-tokens", str(s.eps_tokens), "--types",
+            *s.types, *(["--hessian"] if s.hessian else []), "-q"]
+    run_killed(point, args)
     assert not out.exists()
-    resumed = calibrate(tiny_model_dir, out, CalibrationText("test text", CALIBRATION_TEXT), calibration_settings,
-                        progress=False)
+    assert main(args) == 0
+    resumed = load_stats(out)
     _, reference = calibration
     for a, b in zip(resumed.layers, reference.layers):
         for name in ("count", "weight_sum", "top_ratio", "imatrix_in", "imatrix_mid", "eps", "hessian_in"):
@@ -129,39 +135,12 @@ def compress_reference(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
     return text, out
 
 
-COMPRESS_KILLER = """
-import os, signal, sys
-point = sys.argv.pop(1)
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)
-if point == "calibrating":
-    import mc_gguf.calibrate.calibration as c
-    real = c.calibrate_layer
-    def layer(model, ckpt, bid, *a, **k):
-        if bid == 1:
-            die()
-        return real(model, ckpt, bid, *a, **k)
-    c.calibrate_layer = layer
-else:
-    import mc_gguf.quantize.quantization as q
-    real = q.quantize_expert
-    def expert(ckpt, stats, bid, *a, **k):
-        if bid == 1:
-            die()
-        return real(ckpt, stats, bid, *a, **k)
-    q.quantize_expert = expert
-from mc_gguf.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 @pytest.mark.parametrize("point", ["calibrating", "quantizing"])
 def test_compress_killed_then_rerun_writes_the_same_file(point, tiny_model_dir, tmp_path, compress_reference):
     text, reference = compress_reference
     out = tmp_path / "out.gguf"
     args = ["compress", str(tiny_model_dir), "--calib", str(text), *COMPRESS_ARGS, "-o", str(out)]
-    killed = subprocess.run([sys.executable, "-c", COMPRESS_KILLER, point, *args], capture_output=True, text=True)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run_killed(point, args)
     assert not out.exists()
     work = tmp_path / ".out.gguf.mc-gguf"
     if point == "quantizing":
