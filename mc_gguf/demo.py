@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from mc_gguf.calibrate.text import CalibrationText
 from mc_gguf.evaluate.run import load
 from mc_gguf.gguf_io.convert import convert
 from mc_gguf.hf.tiny import TinyMixtralSpec, build_tiny_mixtral
@@ -14,14 +15,14 @@ from mc_gguf.runtime.status import require_patched_runtime
 PROMPT = "The quick brown fox"
 
 # A little calibration text for the demo's pruning thresholds (the real job uses a file).
-CALIBRATION_TEXT = (
+CALIBRATION_TEXT = CalibrationText("the demo's paragraph", (
     "Mixture-of-Experts language models route every token to a few of many feed-forward experts. "
     "A router scores the experts, the best two are run, and their outputs are mixed by the router's "
     "weights. When the second expert's weight is small next to the first, running it changes little, "
     "so it can be skipped: that is online dynamic pruning. Experts that are rarely chosen, or chosen "
     "with small weights, can also be stored with fewer bits than the ones the model relies on. "
     "Together the two ideas let a large model run on a laptop with most of its quality."
-)
+))
 
 
 def run_demo(workdir: Path) -> None:

@@ -47,8 +47,9 @@ def compress(model_dir: str | Path, out: str | Path, bits: float, text: Calibrat
     """
     out = check_output_path(out)
     # impossible requests fail now, not after calibration
-    types = (allocate_options or {}).get("types") or settings.types
+    types = [quant_type(t).name for t in (allocate_options or {}).get("types") or settings.types]
     check_budget(bits, [quant_type(t).bits_per_weight for t in types])
+    settings = replace(settings, types=tuple(types))  # errors are measured only for types the plan may use
     if odp_skip:
         check_skip_share(odp_skip, open_checkpoint(model_dir).n_experts_used)
     if gptq and not settings.hessian:

@@ -36,7 +36,7 @@ from mc_gguf.allocate.cost import AUTHORS_COST, COMPRESS_COST
 from mc_gguf.calibrate.calibration import CalibrationSettings, calibrate
 from mc_gguf.calibrate.stats import load_stats
 from mc_gguf.calibrate.text import read_text
-from mc_gguf.evaluate.perplexity import score, windows
+from mc_gguf.evaluate.perplexity import reference_logits, score, windows
 from mc_gguf.evaluate.run import load
 from mc_gguf.gguf_io.convert import convert
 from mc_gguf.hf.checkpoint import open_checkpoint
@@ -81,7 +81,8 @@ def main() -> int:
     token_windows = windows(ids, args.ctx, tokenizer.bos_token_id, args.windows)
 
     f16 = convert(args.model, work / "f16.gguf", "f16", progress=False)
-    reference = load(f16, odp=False, n_ctx=args.ctx, n_batch=args.ctx, logits_all=True)
+    reference = reference_logits(load(f16, odp=False, n_ctx=args.ctx, n_batch=args.ctx, logits_all=True),
+                                 token_windows)
 
     configs = []  # (name, plan, gptq)
     for name in args.uniform:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mc_gguf.evaluate.perplexity import score, windows
+from mc_gguf.calibrate.text import read_text
+from mc_gguf.evaluate.perplexity import reference_logits, score, windows
 from mc_gguf.evaluate.run import load
 from mc_gguf.gguf_io.convert import convert
 from mc_gguf.prune.calibration import calibrate_odp
@@ -65,7 +66,7 @@ def main() -> int:
 
     started = time.perf_counter()
     pruned = workdir / "model-f16-odp.gguf"
-    mu, ratios = calibrate_odp(args.model, Path(args.calib).read_text(encoding="utf-8"), plain, pruned, args.skip,
+    mu, ratios = calibrate_odp(args.model, read_text(args.calib), plain, pruned, args.skip,
                                n_tokens=args.calib_tokens, seq_len=args.ctx)
     calib_seconds = time.perf_counter() - started
 
@@ -78,7 +79,7 @@ def main() -> int:
     base_llm = load(plain, **settings)
     odp_llm = load(pruned, **settings)
     *_, base = score(base_llm, token_windows)
-    *_, odp = score(odp_llm, token_windows, reference=base_llm)
+    *_, odp = score(odp_llm, token_windows, reference=reference_logits(base_llm, token_windows))
     base_stats, odp_stats = base_llm.expert_stats(), odp_llm.expert_stats()
 
     decode = {label: decode_tokens_per_second(path, token_windows[0][:64], args.decode_tokens)

@@ -29,7 +29,7 @@ from mc_gguf import __version__
 from mc_gguf.atomic import check_output_path
 from mc_gguf.calibrate.forward import decoder_layer, embed, load_experts, run_layer, skeleton
 from mc_gguf.calibrate.moe import StatisticsMoE
-from mc_gguf.calibrate.quant_error import expert_errors
+from mc_gguf.calibrate.quant_error import expert_errors, feature_sample
 from mc_gguf.calibrate.settings import CalibrationSettings
 from mc_gguf.calibrate.stats import CalibrationStats, LayerStats, load_stats
 from mc_gguf.calibrate.text import CalibrationText, pack_sequences
@@ -110,22 +110,28 @@ def calibrate_layer(model, ckpt: Checkpoint, bid: int, hidden_in: np.ndarray, hi
     with decoder_layer(model, ckpt, bid, moe) as layer:
         run_layer(model, layer, rotary, hidden_in, hidden_out, on_batch=bar.update)
     layer_stats = moe.layer_stats(len(settings.types))
-    _measure_eps(layer_stats, moe, settings.types, bar)
+    if settings.types:
+        _measure_eps(layer_stats, moe, settings, bid, bar)
     bar.close()
     return layer_stats
 
 
-def _measure_eps(layer_stats: LayerStats, moe: StatisticsMoE, types: tuple[str, ...], bar: tqdm) -> None:
-    """eps[:, e, t]: the block's output error on the sampled tokens with only expert e quantized to type t."""
+def _measure_eps(layer_stats: LayerStats, moe: StatisticsMoE, settings: CalibrationSettings, bid: int,
+                 bar: tqdm) -> None:
+    """eps[:, e, t]: the block's output error on the sampled tokens with only expert e quantized to type t
+    (on a seeded sample of each expert's intermediate features, the same whichever layers ran before)."""
     sample = moe.eps_sample()
     imat_in, imat_mid = layer_stats.imatrix("in"), layer_stats.imatrix("mid")
+    types = settings.types
     for e, stored in enumerate(moe.experts):
         slot = sample.ids == e
         tokens = slot.any(-1)
+        features = feature_sample(stored.gate.shape[0], settings.eps_features,
+                                  np.random.default_rng([settings.seed, bid, e]))
         bar.set_postfix_str(f"expert {e}: errors of {len(types)} types", refresh=True)
         with torch.no_grad():
-            layer_stats.eps[:, e] = expert_errors(stored.float32(), sample.x[tokens], sample.weights[slot], moe.act,
-                                                  types, imat_in[e], imat_mid[e])
+            layer_stats.eps[:, e] = expert_errors(stored, sample.x[tokens], sample.weights[slot], moe.act,
+                                                  types, imat_in[e], imat_mid[e], features)
         bar.update(1)
 
 
@@ -136,6 +142,13 @@ def _eta(elapsed: float, done: int, left: int) -> str:
     minutes = round(elapsed / done * left / 60)
     text = f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{max(minutes, 1)} min"
     return f", all layers in about {text}"
+
+
+def _eps_features(requested: int, ff: int) -> int:
+    """How many intermediate features of each expert measure eps (feature_sample's rule)."""
+    rng = np.random.default_rng(0)
+    sample = feature_sample(ff, requested, rng)
+    return ff if sample is None else len(sample)
 
 
 def _finished(out: Path, info: dict, settings: CalibrationSettings) -> CalibrationStats | None:
@@ -173,6 +186,7 @@ def _provenance(ckpt: Checkpoint, text: CalibrationText, settings: CalibrationSe
         "n_tokens": int(sequences.size),
         "seed": settings.seed,
         "eps_tokens": min(settings.eps_tokens, int(sequences.size)),
+        "eps_features": _eps_features(settings.eps_features, ff),
         "eps_norm": EPS_NORM,
         "hessian": settings.hessian,
         "mc_gguf_version": __version__,

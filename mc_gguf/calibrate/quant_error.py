@@ -8,6 +8,18 @@ change over the calibration tokens, not squared, as in the MC authors' code.
 The quantized weights are ggml's own: quantized by ``ggml_quantize_chunk``
 (with the expert's imatrix) and read back by the type's ``to_float``, as
 llama.cpp computes with them.
+
+Measuring every type on a whole Mixtral expert costs minutes per projection,
+so eps may be measured on a seeded sample of the expert's intermediate
+features (``feature_sample``), in whole blocks of 256. Every candidate type
+quantizes each row and each block of 256 weights on its own (ggml's
+quantize_row_*_impl loop over superblocks of QK_K), so the sampled features'
+rows of gate and up and their columns of down are quantized to exactly the
+bytes the whole expert's quantization holds there: the sample is a smaller
+expert with the same errors. Its squared output error, scaled by
+features / sampled features, estimates the whole expert's (the errors of
+different blocks are independent, so their cross terms average out);
+tests/calibrate check it against the full pass.
 """
 
 from __future__ import annotations
@@ -45,13 +57,40 @@ def ggml_roundtrip(weights: torch.Tensor, type_name: str, imatrix: np.ndarray | 
     return torch.from_numpy(quants.dequantize(data, qtype, weights.shape[-1]).reshape(weights.shape))
 
 
+FEATURE_BLOCK = 256  # QK_K (ggml-common.h): the largest block of every candidate type
+
+
+def feature_sample(ff: int, n_features: int, rng: np.random.Generator) -> np.ndarray | None:
+    """Sorted indices of ``n_features`` intermediate features in whole blocks of 256, or None for all of them.
+
+    None when the sample would cover every feature (``n_features`` 0 or >= ff) or when ff is not whole blocks.
+    """
+    n_blocks = n_features // FEATURE_BLOCK
+    if n_features <= 0 or n_features >= ff or ff % FEATURE_BLOCK or n_blocks == 0:
+        return None
+    blocks = np.sort(rng.choice(ff // FEATURE_BLOCK, size=n_blocks, replace=False))
+    return (blocks[:, None] * FEATURE_BLOCK + np.arange(FEATURE_BLOCK)).reshape(-1)
+
+
 def expert_errors(w: ExpertWeights, x: torch.Tensor, route_weight: torch.Tensor, act: Callable,
-                  types: Sequence[str], imatrix_in: np.ndarray, imatrix_mid: np.ndarray) -> np.ndarray:
+                  types: Sequence[str], imatrix_in: np.ndarray, imatrix_mid: np.ndarray,
+                  features: np.ndarray | None = None) -> np.ndarray:
     """eps [3, T] of one expert on its tokens ``x`` [n, H] with routing weights [n]:
-    row 0 all projections at the type, row 1 gate and up only, row 2 down only."""
+    row 0 all projections at the type, row 1 gate and up only, row 2 down only.
+
+    With ``features`` (feature_sample), measured on those intermediate features and scaled to the whole expert.
+    The weights may be in the checkpoint's dtype: they are widened to float32 here, after the sampling.
+    """
     eps = np.zeros((3, len(types)))
     if x.shape[0] == 0:
         return eps
+    scale = 1.0
+    if features is not None:
+        scale = float(np.sqrt(w.gate.shape[0] / len(features)))
+        index = torch.from_numpy(features)
+        w = ExpertWeights(w.gate[index], w.up[index], w.down[:, index].contiguous())
+        imatrix_mid = imatrix_mid[features]
+    w = w.float32()
     r = route_weight[:, None]
     z = expert_hidden(x, w, act)
     y = z @ w.down.T
@@ -62,4 +101,4 @@ def expert_errors(w: ExpertWeights, x: torch.Tensor, route_weight: torch.Tensor,
         eps[0, t] = torch.linalg.norm(r * (zq @ q.down.T - y))
         eps[1, t] = torch.linalg.norm(r * (zq @ w.down.T - y))
         eps[2, t] = torch.linalg.norm(r * (z @ q.down.T - y))
-    return eps
+    return eps * scale

@@ -13,5 +13,8 @@ class CalibrationSettings:
     seq_len: int = 2048           # tokens per sequence, BOS included (capped by the model's context)
     seed: int = 0                 # which windows of the text, and which tokens measure eps
     eps_tokens: int = 8192        # tokens whose MoE inputs measure eps (a seeded sample)
+    # intermediate features per expert on which eps is measured, in blocks of 256 (a seeded sample,
+    # quant_error.feature_sample); 0: all. Mixtral's experts have 14336, small models often fewer (then all)
+    eps_features: int = 2048
     hessian: bool = False         # also store full X^T X per expert (for GPTQ)
     types: tuple[str, ...] = tuple(CANDIDATES)

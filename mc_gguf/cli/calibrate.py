@@ -6,7 +6,7 @@ import argparse
 import time
 
 from mc_gguf.calibrate.settings import CalibrationSettings
-from mc_gguf.cli.common import add_command, positive_int, type_name
+from mc_gguf.cli.common import add_command, add_eps_features_argument, positive_int, type_name
 from mc_gguf.ggml.types import CANDIDATES
 
 EXAMPLE = ("example: mc-gguf calibrate ./Mixtral-8x7B-v0.1 --text calib.txt -o mixtral.stats\n"
@@ -30,6 +30,7 @@ def add_parser(commands) -> None:
     p.add_argument("--seed", type=int, default=defaults.seed, help="which windows of the text are used (default: 0)")
     p.add_argument("--eps-tokens", type=positive_int, default=defaults.eps_tokens,
                    help=f"sampled tokens on which quantization errors are measured (default: {defaults.eps_tokens})")
+    add_eps_features_argument(p, defaults.eps_features)
     p.add_argument("--types", nargs="+", type=type_name, default=list(CANDIDATES), metavar="TYPE",
                    help=f"candidate GGUF types (default: all of {' '.join(CANDIDATES)})")
     p.add_argument("--hessian", action="store_true",
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> None:
     from mc_gguf.ggml.types import quant_type
 
     settings = CalibrationSettings(n_tokens=args.tokens, seq_len=args.seq_len, seed=args.seed,
-                                   eps_tokens=args.eps_tokens, hessian=args.hessian,
+                                   eps_tokens=args.eps_tokens, eps_features=args.eps_features, hessian=args.hessian,
                                    types=tuple(quant_type(t).name for t in args.types))
     started = time.perf_counter()
     stats = calibrate(args.model_dir, args.output, read_text(args.text), settings, progress=not args.quiet)

@@ -14,6 +14,7 @@ from mc_gguf.cli.common import (
     MAX_TYPES_HELP,
     add_command,
     add_cost_arguments,
+    add_eps_features_argument,
     positive_float,
     positive_int,
     type_name,
@@ -39,7 +40,7 @@ def add_parser(commands) -> None:
                    help="share of expert slots Online Dynamic Pruning should skip, e.g. 0.25 (default: 0, off)")
     p.add_argument("--gptq", action="store_true", help="GPTQ error compensation (keeps full Hessians during "
                    "calibration; see `mc-gguf calibrate --help` for their size)")
-    p.add_argument("--types", nargs="+", type=type_name, metavar="TYPE", help="candidate types (default: all)")
+    p.add_argument("--types", nargs="+", type=type_name, metavar="TYPE", help="candidate types (default: all); only these are measured by the calibration")
     p.add_argument("--max-types", type=positive_int, metavar="N", help=MAX_TYPES_HELP)
     add_cost_arguments(p, COMPRESS_COST, "the summed squared MoE-block output error; `allocate` keeps the "
                        "authors' 1, 1.5, 1")
@@ -47,6 +48,7 @@ def add_parser(commands) -> None:
                    help=f"calibration tokens (default: {defaults.n_tokens})")
     p.add_argument("--seq-len", type=positive_int, default=defaults.seq_len,
                    help=f"tokens per calibration sequence (default: {defaults.seq_len})")
+    add_eps_features_argument(p, defaults.eps_features)
     p.add_argument("--keep-artifacts", metavar="DIR", help="keep the statistics and the plan in DIR")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -56,7 +58,8 @@ def run(args: argparse.Namespace) -> None:
     from mc_gguf.calibrate.text import read_text
     from mc_gguf.pipeline import compress, summary, work_folder
 
-    settings = CalibrationSettings(n_tokens=args.tokens, seq_len=args.seq_len, hessian=args.gptq)
+    settings = CalibrationSettings(n_tokens=args.tokens, seq_len=args.seq_len, eps_features=args.eps_features,
+                                   hessian=args.gptq)
     started = time.perf_counter()
     try:
         result = compress(args.model_dir, args.output, args.bits, read_text(args.calib), settings=settings,

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> None:
     from mc_gguf.calibrate.text import read_text
     from mc_gguf.prune.calibration import calibrate_odp
 
-    text = read_text(args.text).text
+    text = read_text(args.text)
     out = args.output or args.gguf
     mu, ratios = calibrate_odp(args.model_dir, text, args.gguf, out, args.skip, n_tokens=args.tokens,
                                seq_len=args.seq_len, protect_ratio=args.protect_ratio)

@@ -16,6 +16,7 @@ and the runtime's slot counters give the expert slots computed and skipped.
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,14 +47,35 @@ def scored_positions(n_ctx: int) -> slice:
     return slice(n_ctx // 2, n_ctx - 1)
 
 
-def window_log_probs(llm, window: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Log-probabilities at the scored positions [n, vocab] and the tokens they predict [n]."""
+def scored_logits(llm, window: list[int]) -> np.ndarray:
+    """The logits at the window's scored positions [n, vocab], float32 as llama.cpp returns them."""
     llm.reset()
     llm.eval(window)
+    return np.asarray(llm.scores[scored_positions(len(window))], dtype=np.float32)
+
+
+def window_log_probs(llm, window: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Log-probabilities at the scored positions [n, vocab] and the tokens they predict [n]."""
     pos = scored_positions(len(window))
-    logits = np.asarray(llm.scores[pos], dtype=np.float64)
     targets = np.asarray(window[pos.start + 1:pos.stop + 1])
-    return log_softmax(logits, axis=-1), targets
+    return log_softmax(scored_logits(llm, window).astype(np.float64), axis=-1), targets
+
+
+def reference_logits(reference, token_windows: list[list[int]], *, progress: bool = False) -> np.ndarray:
+    """The reference's logits at every window's scored positions [windows, n, vocab], on disk.
+
+    As llama-perplexity's --kl-divergence-base, the reference is scored first and
+    its logits kept, so that only one model is in memory at a time: they go to
+    an anonymous temporary file (deleted when closed, even after a crash),
+    memory-mapped; 16 windows of 512 tokens at a 32,000-token vocabulary are 0.5 GB.
+    """
+    n_scored = len(range(*scored_positions(len(token_windows[0])).indices(len(token_windows[0]))))
+    store = np.memmap(tempfile.TemporaryFile(), dtype=np.float32, mode="w+",
+                      shape=(len(token_windows), n_scored, reference.n_vocab()))
+    for w, window in enumerate(tqdm(token_windows, desc="reference", unit="window", disable=not progress,
+                                    dynamic_ncols=True)):
+        store[w] = scored_logits(reference, window)
+    return store
 
 
 @dataclass
@@ -80,14 +102,15 @@ class Scores:
         return out
 
 
-def score(llm, token_windows: list[list[int]], reference=None) -> Iterator[Scores]:
-    """Yield cumulative scores after each window; with ``reference`` (another Llama) also KLD and top-1 agreement."""
+def score(llm, token_windows: list[list[int]], reference: np.ndarray | None = None) -> Iterator[Scores]:
+    """Yield cumulative scores after each window; with ``reference`` (reference_logits of the same windows)
+    also KLD and top-1 agreement."""
     scores = Scores([], [], [])
-    for window in token_windows:
+    for w, window in enumerate(token_windows):
         logp, targets = window_log_probs(llm, window)
         scores.nll.extend((-logp[np.arange(len(targets)), targets]).tolist())
         if reference is not None:
-            ref_logp, _ = window_log_probs(reference, window)
+            ref_logp = log_softmax(reference[w].astype(np.float64), axis=-1)
             scores.kld.extend((np.exp(ref_logp) * (ref_logp - logp)).sum(-1).tolist())
             scores.same_top.extend((ref_logp.argmax(-1) == logp.argmax(-1)).tolist())
         yield scores
@@ -109,24 +132,34 @@ def evaluate_gguf(model: str | Path, text: str, *, ref: str | Path | None = None
     ``settings.odp`` is False (``settings.mu`` overrides the thresholds).
     """
     from mc_gguf.evaluate.run import load
+    from mc_gguf.gguf_io.edit import open_gguf
 
     if settings.n_ctx < 4 or settings.n_ctx % 2:
         raise McGgufError(f"--ctx {settings.n_ctx}: the window must be an even number of at least 4 tokens")
+    for path in (model, ref) if ref is not None else (model,):
+        open_gguf(path)  # a file that is no GGUF fails now, not after the reference pass
     llm_kwargs = dict(n_ctx=settings.n_ctx, n_batch=settings.n_ctx, logits_all=True)
+    ref_logits = None
+    if ref is not None:  # the reference first, alone in memory; its logits wait on disk
+        reference = load(ref, odp=False, **llm_kwargs)
+        ref_ids = reference.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        ref_logits = reference_logits(reference, _windows(ref_ids, settings, reference.token_bos()),
+                                      progress=progress)
+        reference.close()
+        del reference
     llm = load(model, odp=settings.odp, mu=settings.mu, **llm_kwargs)
-    reference = load(ref, odp=False, **llm_kwargs) if ref is not None else None
-    if reference is not None and reference.n_vocab() != llm.n_vocab():
-        raise McGgufError(f"{ref} has a vocabulary of {reference.n_vocab()} tokens, {model} of {llm.n_vocab()}: "
-                          "the reference must share the model's tokenizer")
     token_ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-    try:
-        token_windows = windows(token_ids, settings.n_ctx, llm.token_bos(), settings.max_windows)
-    except ValueError as exc:
-        raise McGgufError(str(exc)) from None
+    token_windows = _windows(token_ids, settings, llm.token_bos())
+    if ref_logits is not None and ref_logits.shape[-1] != llm.n_vocab():
+        raise McGgufError(f"{ref} has a vocabulary of {ref_logits.shape[-1]} tokens, {model} of {llm.n_vocab()}: "
+                          "the reference must share the model's tokenizer")
+    if ref_logits is not None and ref_ids != token_ids:
+        raise McGgufError(f"{ref} and {model} tokenize the text differently: the reference must share the "
+                          "model's tokenizer")
 
     llm.reset_expert_stats()
     result = Scores([], [], [])
-    bar = tqdm(score(llm, token_windows, reference), total=len(token_windows), desc="evaluating",
+    bar = tqdm(score(llm, token_windows, ref_logits), total=len(token_windows), desc="evaluating",
                unit="window", disable=not progress, dynamic_ncols=True)
     for result in bar:
         bar.set_postfix_str(f"PPL {math.exp(np.mean(result.nll)):.3f}")
@@ -140,6 +173,13 @@ def evaluate_gguf(model: str | Path, text: str, *, ref: str | Path | None = None
         "expert_slots": {"computed": sum(counts.computed), "skipped": sum(counts.skipped),
                          "skipped_share": counts.skipped_share, "per_layer": per_layer},
     }
+
+
+def _windows(token_ids: list[int], settings: EvalSettings, bos_id: int) -> list[list[int]]:
+    try:
+        return windows(token_ids, settings.n_ctx, bos_id, settings.max_windows)
+    except ValueError as exc:
+        raise McGgufError(str(exc)) from None
 
 
 def describe_eval(report: dict, per_layer: bool = False) -> str:

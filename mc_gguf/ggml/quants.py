@@ -58,11 +58,14 @@ def requires_imatrix(qtype: gguf.GGMLQuantizationType) -> bool:
     return bool(_lib().ggml_quantize_requires_imatrix(int(qtype)))
 
 
-def quantize(weights: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarray | None = None) -> np.ndarray:
+def quantize(weights: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarray | None = None, *,
+             threads: int | None = None) -> np.ndarray:
     """Rows of float32 weights [rows, n_per_row] -> ggml's bytes [rows, row_bytes] (uint8).
 
     ``imatrix`` [n_per_row] weights the rounding error of each column (llama.cpp's
-    importance matrix: the mean of x^2 over the inputs the rows see).
+    importance matrix: the mean of x^2 over the inputs the rows see). Rows are
+    quantized on ``threads`` threads (default: every core); each row's bytes do
+    not depend on how they are split.
     """
     data = np.ascontiguousarray(weights, dtype=np.float32)
     if data.ndim != 2:
@@ -84,21 +87,14 @@ def quantize(weights: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.
         return lib.ggml_quantize_chunk(int(qtype), data[first:].ctypes.data, out[first:].ctypes.data, 0, count,
                                        n_per_row, imat_ptr)
 
-    # ggml_quantize_chunk is single-threaded; ctypes releases the GIL, so rows
-    # are split over threads as llama-quantize does with its worker threads.
-    n_threads = min(os.cpu_count() or 1, max(1, rows * n_per_row // _MIN_WEIGHTS_PER_THREAD))
-    bounds = np.linspace(0, rows, n_threads + 1).astype(int)
-    if n_threads == 1:
-        written = quantize_rows(0, rows)
-    else:
-        with ThreadPoolExecutor(n_threads) as pool:
-            written = sum(pool.map(quantize_rows, bounds[:-1], np.diff(bounds)))
+    written = sum(_over_row_chunks(quantize_rows, rows, n_per_row, threads))
     if written != out.nbytes:
         raise AssertionError(f"ggml wrote {written} bytes for {qtype.name}, expected {out.nbytes}")
     return out
 
 
-def dequantize(data: np.ndarray, qtype: gguf.GGMLQuantizationType, n_per_row: int) -> np.ndarray:
+def dequantize(data: np.ndarray, qtype: gguf.GGMLQuantizationType, n_per_row: int, *,
+               threads: int | None = None) -> np.ndarray:
     """ggml's bytes -> float32 rows [rows, n_per_row], by the type's own ``to_float`` (ggml_get_type_traits).
 
     The same numbers as gguf-py's numpy dequantization (a test checks every candidate type), many times faster.
@@ -110,6 +106,27 @@ def dequantize(data: np.ndarray, qtype: gguf.GGMLQuantizationType, n_per_row: in
     if data.size % row_bytes:
         raise ValueError(f"{data.size} bytes are not whole rows of {n_per_row} {qtype.name} weights")
     rows = data.size // row_bytes
+    data = data.reshape(rows, row_bytes)
     out = np.empty((rows, n_per_row), dtype=np.float32)
-    traits.to_float(data.ctypes.data, out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), rows * n_per_row)
+
+    def dequantize_rows(first: int, count: int) -> None:
+        traits.to_float(data[first:].ctypes.data, out[first:].ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                        count * n_per_row)
+
+    list(_over_row_chunks(dequantize_rows, rows, n_per_row, threads))
     return out
+
+
+def _over_row_chunks(work, rows: int, n_per_row: int, threads: int | None) -> list:
+    """``work(first_row, count)`` over consecutive row chunks, on up to ``threads`` threads (default: every core).
+
+    ggml_quantize_chunk and to_float are single-threaded and ctypes releases the GIL, so the rows are split
+    over threads as llama-quantize splits them over its workers (llama_tensor_quantize_impl).
+    """
+    threads = threads or os.cpu_count() or 1
+    n_chunks = max(1, min(threads, rows, rows * n_per_row // _MIN_WEIGHTS_PER_THREAD))
+    bounds = np.linspace(0, rows, n_chunks + 1).astype(int)
+    if n_chunks == 1:
+        return [work(0, rows)]
+    with ThreadPoolExecutor(n_chunks) as pool:
+        return list(pool.map(work, bounds[:-1], np.diff(bounds)))

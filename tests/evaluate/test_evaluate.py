@@ -7,7 +7,7 @@ import math
 import numpy as np
 from scipy.special import log_softmax
 
-from mc_gguf.evaluate.perplexity import score, scored_positions, windows
+from mc_gguf.evaluate.perplexity import reference_logits, score, scored_positions, windows
 from mc_gguf.evaluate.run import load
 
 from helpers import PROMPT, transformers_logits
@@ -37,7 +37,7 @@ def test_kl_divergence_of_a_model_against_itself_is_zero(converted, hf_tokenizer
     token_windows = windows(ids, 64, hf_tokenizer.bos_token_id)
     llm = load(converted("q8_0"), n_ctx=64, n_batch=64, logits_all=True)
     ref = load(converted("q8_0"), n_ctx=64, n_batch=64, logits_all=True)
-    *_, scores = score(llm, token_windows, reference=ref)
+    *_, scores = score(llm, token_windows, reference=reference_logits(ref, token_windows))
     summary = scores.summary()
     assert summary["kld_mean"] == 0.0 and summary["same_top_token"] == 1.0
 

@@ -73,3 +73,16 @@ def test_registry_rows_are_gguf_pys_types_and_block_sizes(name):
     qt = CANDIDATES[name]
     assert qt.qtype.name == name
     assert gguf.GGML_QUANT_SIZES[qt.qtype] == (qt.block_size, qt.type_size)
+
+
+@pytest.mark.parametrize("name", ["IQ2_XS", "Q4_K", "Q8_0"])
+def test_threads_write_the_bytes_one_thread_writes(name):
+    """Rows split over threads (uneven chunks: 37 rows over 4 threads) give the single-threaded bytes and floats."""
+    qt = CANDIDATES[name]
+    n_per_row = 8192  # 37 rows of 8192: enough weights for 4 chunks (quants._MIN_WEIGHTS_PER_THREAD)
+    weights = np.random.default_rng(5).standard_normal((37, n_per_row)).astype(np.float32)
+    imatrix = np.random.default_rng(6).uniform(0.5, 2.0, n_per_row).astype(np.float32)
+    one = quantize(weights, qt.qtype, imatrix, threads=1)
+    np.testing.assert_array_equal(quantize(weights, qt.qtype, imatrix, threads=4), one)
+    np.testing.assert_array_equal(dequantize(one, qt.qtype, n_per_row, threads=4),
+                                  dequantize(one, qt.qtype, n_per_row, threads=1))

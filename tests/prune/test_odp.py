@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 
+from mc_gguf.calibrate.text import pack_sequences
 from mc_gguf.errors import GGUFFileError, InvalidValueError
 from mc_gguf.evaluate.run import load
 from mc_gguf.gguf_io import keys
@@ -196,7 +197,8 @@ def test_odp_calibrate_command_writes_the_median_thresholds(converted, tiny_mode
     assert code == 0, capsys.readouterr().err
     # independent: router probabilities of the same two sequences, straight from transformers
     ids = hf_tokenizer(PROMPT * 4, add_special_tokens=False).input_ids
-    seqs = [[hf_tokenizer.bos_token_id] + ids[s * 31:(s + 1) * 31] for s in range(2)]
+    seqs = [list(s) for s in pack_sequences(ids, hf_tokenizer.bos_token_id, 64, 32, seed=0)]
+    assert len(seqs) == 2
     per_layer = [np.concatenate(r) for r in zip(*(router_ratios(hf_model, s) for s in seqs))]
     params = read_odp_metadata(out)
     np.testing.assert_allclose(params.mu, [np.median(r) for r in per_layer], rtol=1e-6)

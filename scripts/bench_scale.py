@@ -1,0 +1,235 @@
+#!/usr/bin/env python3
+"""Time and memory of every stage at Mixtral 8x7B's real shapes, side by side with llama.cpp's own tools.
+
+Builds a checkpoint with Mixtral 8x7B's exact layer shapes (hidden 4096, 8
+experts of 14336, 32 query / 8 KV heads, vocabulary 32000, its tokenizer) and
+N decoder layers of seeded random bf16 weights, written one layer at a time
+(random weights time and size the work exactly as trained ones do). For
+each N it runs every mc-gguf stage as its own process (convert, calibrate,
+allocate, quantize, eval --ref, odp-calibrate; compress with --compress)
+and, on the same F16 file and the same calibration tokens, llama.cpp's own
+convert_hf_to_gguf.py, llama-imatrix and llama-quantize (unpatched, built
+from the same sdist). Each process's wall time and peak RSS (its own
+rusage) are recorded. Prints one JSON object: per stage and N the seconds
+and GiB, the ratios against llama.cpp's tools measured in the same run, the
+seconds per layer extrapolated to Mixtral's 32 layers, and memory flatness
+(largest N against the next).
+
+    python scripts/bench_scale.py --layers 1 2 4 [--tokens 4096 --seq-len 2048] [--json scale.json]
+    python scripts/bench_scale.py --quick   (the tiny model's shapes: checks the script works)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MIXTRAL_8X7B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+                "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
+                "vocab_size": 32000, "max_position_embeddings": 32768, "rope_theta": 1e6, "n_layers_full": 32}
+QUICK_SHAPES = {**MIXTRAL_8X7B, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "num_local_experts": 4}
+GIB = 1 << 30
+
+
+def build_checkpoint(out: Path, shapes: dict, n_layers: int, seed: int = 0) -> Path:
+    """A Mixtral checkpoint with ``shapes`` and ``n_layers`` layers of seeded random bf16, one shard per layer."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import MixtralConfig
+
+    from mc_gguf.hf.tiny import save_mixtral_tokenizer
+
+    if (out / "model.safetensors.index.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    hidden, ff, n_expert = shapes["hidden_size"], shapes["intermediate_size"], shapes["num_local_experts"]
+    head_dim = hidden // shapes["num_attention_heads"]
+    kv = shapes["num_key_value_heads"] * head_dim
+    config = MixtralConfig(**{k: v for k, v in shapes.items() if k != "n_layers_full"}, num_hidden_layers=n_layers,
+                           sliding_window=None, tie_word_embeddings=False, rms_norm_eps=1e-5, bos_token_id=1,
+                           eos_token_id=2, dtype="bfloat16", architectures=["MixtralForCausalLM"])
+    config.save_pretrained(out)
+    save_mixtral_tokenizer(out)
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, std: float = 0.02) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * std).to(torch.bfloat16)
+
+    def norm(n: int) -> torch.Tensor:
+        return (1 + 0.1 * torch.randn(n, generator=gen)).to(torch.bfloat16)
+
+    weight_map = {}
+    shards = {"model-embed.safetensors": {"model.embed_tokens.weight": rand(shapes["vocab_size"], hidden),
+                                          "model.norm.weight": norm(hidden),
+                                          "lm_head.weight": rand(shapes["vocab_size"], hidden)}}
+    for il in range(n_layers):
+        p = f"model.layers.{il}."
+        layer = {p + "input_layernorm.weight": norm(hidden), p + "post_attention_layernorm.weight": norm(hidden),
+                 p + "self_attn.q_proj.weight": rand(hidden, hidden), p + "self_attn.k_proj.weight": rand(kv, hidden),
+                 p + "self_attn.v_proj.weight": rand(kv, hidden), p + "self_attn.o_proj.weight": rand(hidden, hidden),
+                 p + "block_sparse_moe.gate.weight": rand(n_expert, hidden, std=0.5)}
+        for e in range(n_expert):
+            q = f"{p}block_sparse_moe.experts.{e}."
+            layer.update({q + "w1.weight": rand(ff, hidden), q + "w3.weight": rand(ff, hidden),
+                          q + "w2.weight": rand(hidden, ff)})
+        shards[f"model-layer-{il:03d}.safetensors"] = layer
+        save_file(layer, out / f"model-layer-{il:03d}.safetensors", metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(layer, f"model-layer-{il:03d}.safetensors"))
+        del layer
+    embed = shards.pop("model-embed.safetensors")
+    save_file(embed, out / "model-embed.safetensors", metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(embed, "model-embed.safetensors"))
+    index = {"metadata": {"total_size": sum((out / f).stat().st_size for f in set(weight_map.values()))},
+             "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    return out
+
+
+def measure(name: str, cmd: list[str], log: Path, env: dict | None = None) -> dict:
+    """Run ``cmd`` as its own process: wall seconds and peak resident memory (its rusage, GiB)."""
+    with open(log, "a") as out:
+        out.write(f"\n$ {' '.join(cmd)}\n")
+        out.flush()
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = log.read_text().splitlines()[-20:]
+        raise RuntimeError(f"{name} failed ({proc.returncode}; log {log}):\n" + "\n".join(tail))
+    rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
+    row = {"seconds": round(seconds, 1), "peak_rss_gib": round(rss / GIB, 2)}
+    print(f"  {name:22s} {row['seconds']:8.1f} s  {row['peak_rss_gib']:6.2f} GiB", file=sys.stderr, flush=True)
+    return row
+
+
+def run_layers(n_layers: int, shapes: dict, args, work: Path, text: Path, eval_text: Path) -> dict:
+    from mc_gguf.runtime.source import BuildFlags, patched_source
+    from mc_gguf.runtime.stock import stock_tools_dir
+
+    folder = work / f"layers-{n_layers}"
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "log.txt"
+    model = build_checkpoint(folder / "model", shapes, n_layers)
+    mc = str(Path(sys.executable).parent / "mc-gguf")
+    tools = stock_tools_dir()
+    llama_src = patched_source(BuildFlags(stock=True))
+    threads = str(os.cpu_count() or 1)
+    f16, stats, plan = folder / "f16.gguf", folder / "stats.safetensors", folder / "plan.json"
+    out = folder / f"mc-{args.bits}.gguf"
+    chunks = max(1, args.tokens // args.seq_len)
+    calib = ["--tokens", str(args.tokens), "--seq-len", str(args.seq_len)]
+    print(f"{n_layers} layer(s):", file=sys.stderr, flush=True)
+    rows = {}
+    rows["mc convert"] = measure("mc-gguf convert", [mc, "convert", str(model), "-o", str(f16), "--type", "f16",
+                                                      "-q"], log)
+    rows["llama convert"] = measure("convert_hf_to_gguf.py", [
+        sys.executable, str(llama_src / "convert_hf_to_gguf.py"), str(model), "--outtype", "f16",
+        "--outfile", str(folder / "llama-f16.gguf")], log, env={"PYTHONPATH": str(llama_src / "gguf-py")})
+    (folder / "llama-f16.gguf").unlink()
+    rows["mc calibrate"] = measure("mc-gguf calibrate", [mc, "calibrate", str(model), "--text", str(text), *calib,
+                                                          "-o", str(stats), "-q"], log)
+    rows["mc allocate"] = measure("mc-gguf allocate", [mc, "allocate", str(stats), "--bits", str(args.bits),
+                                                        "--model", str(model), "-o", str(plan)], log)
+    rows["mc quantize"] = measure("mc-gguf quantize", [mc, "quantize", str(model), "--plan", str(plan),
+                                                        "--stats", str(stats), "-o", str(out), "-q"], log)
+    rows["mc eval --ref"] = measure("mc-gguf eval --ref", [mc, "eval", str(out), "--text", str(eval_text), "--ref",
+                                                            str(f16), "--ctx", str(args.ctx), "--chunks", "2"], log)
+    rows["mc odp-calibrate"] = measure("mc-gguf odp-calibrate", [
+        mc, "odp-calibrate", str(model), str(out), "--text", str(text), "--skip", "0.15", *calib,
+        "-o", str(folder / "odp.gguf")], log)
+    if args.compress:
+        rows["mc compress"] = measure("mc-gguf compress", [mc, "compress", str(model), "--bits", str(args.bits),
+                                                            "--calib", str(text), *calib, "-o",
+                                                            str(folder / "compressed.gguf"), "-q"], log)
+    imatrix = folder / "imatrix.gguf"
+    rows["llama-imatrix"] = measure("llama-imatrix", [
+        str(tools / "llama-imatrix"), "-m", str(f16), "-f", str(text), "-o", str(imatrix), "--output-format", "gguf",
+        "-c", str(args.seq_len), "--chunks", str(chunks), "-t", threads], log)
+    rows["llama-quantize"] = measure(f"llama-quantize {args.llama_type}", [
+        str(tools / "llama-quantize"), "--imatrix", str(imatrix), str(f16), str(folder / "llama.gguf"),
+        args.llama_type, threads], log)
+    sizes = {"mc_gguf_mb": out.stat().st_size / 1e6, "llama_mb": (folder / "llama.gguf").stat().st_size / 1e6}
+    for path in (f16, out, folder / "llama.gguf", folder / "odp.gguf", folder / "compressed.gguf", imatrix):
+        path.unlink(missing_ok=True)
+    if not args.keep_models:
+        import shutil
+
+        shutil.rmtree(model)
+    return {"stages": rows, "files": sizes}
+
+
+def ratios(stages: dict) -> dict:
+    s = {k: v["seconds"] for k, v in stages.items()}
+    mc = s["mc calibrate"] + s["mc allocate"] + s["mc quantize"]
+    llama = s["llama-imatrix"] + s["llama-quantize"]
+    return {"calibrate+allocate+quantize_over_imatrix+quantize": round(mc / llama, 3),
+            "convert_over_convert_hf_to_gguf": round(s["mc convert"] / s["llama convert"], 3),
+            "calibrate_over_imatrix": round(s["mc calibrate"] / s["llama-imatrix"], 3),
+            "quantize_over_llama_quantize": round(s["mc quantize"] / s["llama-quantize"], 3)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4], help="layer counts (default: 1 2 4)")
+    parser.add_argument("--text", help="calibration text (default: mc-gguf's default text)")
+    parser.add_argument("--tokens", type=int, default=4096, help="calibration tokens (default: 4096)")
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default: 2048)")
+    parser.add_argument("--bits", type=float, default=2.5, help="mc-gguf's budget (default: 2.5)")
+    parser.add_argument("--llama-type", default="IQ2_XS",
+                        help="llama-quantize's type, the stock type nearest the budget (default: IQ2_XS)")
+    parser.add_argument("--ctx", type=int, default=512, help="eval window (default: 512, 2 windows)")
+    parser.add_argument("--compress", action="store_true", help="also time `mc-gguf compress` (the three stages again)")
+    parser.add_argument("--keep-models", action="store_true", help="keep the built checkpoints")
+    parser.add_argument("--workdir", default="build/bench-scale", help="where the files go")
+    parser.add_argument("--quick", action="store_true", help="the tiny model's shapes, 1 and 2 layers")
+    parser.add_argument("--json", help="also write the JSON here")
+    args = parser.parse_args()
+
+    from mc_gguf.calibrate.text import read_text
+
+    shapes = MIXTRAL_8X7B
+    if args.quick:
+        shapes, args.layers, args.tokens, args.seq_len, args.ctx = QUICK_SHAPES, [1, 2], 512, 128, 64
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    text = work / "calib.txt"
+    full = read_text(args.text).text
+    text.write_text(full, encoding="utf-8")
+    eval_text = work / "eval.txt"
+    eval_text.write_text(full[-200_000:], encoding="utf-8")
+    started = time.perf_counter()
+    runs = {n: run_layers(n, shapes, args, work, text, eval_text) for n in args.layers}
+    report = {"shapes": shapes, "tokens": args.tokens, "seq_len": args.seq_len, "bits": args.bits,
+              "llama_type": args.llama_type, "cpus": os.cpu_count(),
+              "runs": {str(n): {**run, "ratios": ratios(run["stages"])} for n, run in runs.items()}}
+    largest = max(args.layers)
+    per_layer = {}
+    if len(args.layers) > 1:
+        second = sorted(args.layers)[-2]
+        a, b = runs[second]["stages"], runs[largest]["stages"]
+        report["memory_flatness"] = {k: round(b[k]["peak_rss_gib"] / a[k]["peak_rss_gib"], 3) for k in a}
+        per_layer = {k: (b[k]["seconds"] - a[k]["seconds"]) / (largest - second) for k in a}
+    else:
+        per_layer = {k: v["seconds"] / largest for k, v in runs[largest]["stages"].items()}
+    report["seconds_per_layer"] = {k: round(v, 1) for k, v in per_layer.items()}
+    report["hours_for_32_layers"] = {k: round(v * shapes["n_layers_full"] / 3600, 2) for k, v in per_layer.items()}
+    report["peak_rss_gib_max"] = {k: max(r["stages"][k]["peak_rss_gib"] for r in runs.values())
+                                  for k in runs[largest]["stages"]}
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    out = json.dumps(report, indent=1)
+    print(out)
+    if args.json:
+        Path(args.json).write_text(out + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
