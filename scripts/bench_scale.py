@@ -10,7 +10,8 @@ allocate, quantize, eval --ref, odp-calibrate; compress with --compress)
 and, on the same F16 file and the same calibration tokens, llama.cpp's own
 convert_hf_to_gguf.py, llama-imatrix and llama-quantize (unpatched, built
 from the same sdist). Each process's wall time and peak RSS (its own
-rusage) are recorded. Prints one JSON object: per stage and N the seconds
+rusage; this process stays small, since a child's peak includes its
+parent's at exec) are recorded. Prints one JSON object: per stage and N the seconds
 and GiB, the ratios against llama.cpp's tools measured in the same run, the
 seconds per layer extrapolated to Mixtral's 32 layers, and memory flatness
 (largest N against the next).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -110,6 +112,33 @@ def measure(name: str, cmd: list[str], log: Path, env: dict | None = None) -> di
     return row
 
 
+def resume_check(cmd: list[str], stats: Path, reference: Path, log: Path) -> dict:
+    """Kill the calibration (SIGKILL) once its work folder holds the last finished step before the last layer's
+    (a layer's statistics, or with one layer the embeddings), run it again, and compare with ``reference``."""
+    import signal
+
+    from safetensors.numpy import load_file
+
+    work = Path(str(stats) + ".partial.d")
+    n_layers = json.loads((Path(cmd[cmd.index("calibrate") + 1]) / "config.json").read_text())["num_hidden_layers"]
+    marker = work / (f"layer-{n_layers - 2}.safetensors" if n_layers > 1 else "hidden-0.f32")
+    with open(log, "a") as out:
+        out.write(f"\n$ {' '.join(cmd)}   (killed once {marker.name} exists)\n")
+        out.flush()
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        while not marker.exists() and proc.poll() is None:
+            time.sleep(0.5)
+        killed_after = time.perf_counter() - started
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    resumed = measure("calibrate, resumed", cmd, log)
+    a, b = load_file(str(stats)), load_file(str(reference))
+    same = a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    stats.unlink()
+    return {"killed_after_s": round(killed_after, 1), "resumed": resumed, "same_statistics": bool(same)}
+
+
 def run_layers(n_layers: int, shapes: dict, args, work: Path, text: Path, eval_text: Path) -> dict:
     from mc_gguf.runtime.source import BuildFlags, patched_source
     from mc_gguf.runtime.stock import stock_tools_dir
@@ -117,7 +146,15 @@ def run_layers(n_layers: int, shapes: dict, args, work: Path, text: Path, eval_t
     folder = work / f"layers-{n_layers}"
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "log.txt"
-    model = build_checkpoint(folder / "model", shapes, n_layers)
+    # built in a process of its own: a child inherits its parent's peak RSS at exec (Linux keeps the
+    # high-water mark of the image it replaces), so this process must stay small for the figures to be the stages'
+    builder = multiprocessing.get_context("spawn").Process(target=build_checkpoint,
+                                                           args=(folder / "model", shapes, n_layers))
+    builder.start()
+    builder.join()
+    if builder.exitcode != 0:
+        raise RuntimeError(f"building the {n_layers}-layer checkpoint failed")
+    model = folder / "model"
     mc = str(Path(sys.executable).parent / "mc-gguf")
     tools = stock_tools_dir()
     llama_src = patched_source(BuildFlags(stock=True))
@@ -126,6 +163,7 @@ def run_layers(n_layers: int, shapes: dict, args, work: Path, text: Path, eval_t
     out = folder / f"mc-{args.bits}.gguf"
     chunks = max(1, args.tokens // args.seq_len)
     calib = ["--tokens", str(args.tokens), "--seq-len", str(args.seq_len)]
+    types = ["--types", *args.types] if args.types else []
     print(f"{n_layers} layer(s):", file=sys.stderr, flush=True)
     rows = {}
     rows["mc convert"] = measure("mc-gguf convert", [mc, "convert", str(model), "-o", str(f16), "--type", "f16",
@@ -135,7 +173,7 @@ def run_layers(n_layers: int, shapes: dict, args, work: Path, text: Path, eval_t
         "--outfile", str(folder / "llama-f16.gguf")], log, env={"PYTHONPATH": str(llama_src / "gguf-py")})
     (folder / "llama-f16.gguf").unlink()
     rows["mc calibrate"] = measure("mc-gguf calibrate", [mc, "calibrate", str(model), "--text", str(text), *calib,
-                                                          "-o", str(stats), "-q"], log)
+                                                          *types, "-o", str(stats), "-q"], log)
     rows["mc allocate"] = measure("mc-gguf allocate", [mc, "allocate", str(stats), "--bits", str(args.bits),
                                                         "--model", str(model), "-o", str(plan)], log)
     rows["mc quantize"] = measure("mc-gguf quantize", [mc, "quantize", str(model), "--plan", str(plan),
@@ -145,9 +183,14 @@ def run_layers(n_layers: int, shapes: dict, args, work: Path, text: Path, eval_t
     rows["mc odp-calibrate"] = measure("mc-gguf odp-calibrate", [
         mc, "odp-calibrate", str(model), str(out), "--text", str(text), "--skip", "0.15", *calib,
         "-o", str(folder / "odp.gguf")], log)
+    resume = None
+    if args.resume_check:
+        resume = resume_check(
+            [mc, "calibrate", str(model), "--text", str(text), *calib, *types, "-o",
+             str(folder / "resumed.safetensors"), "-q"], folder / "resumed.safetensors", stats, log)
     if args.compress:
         rows["mc compress"] = measure("mc-gguf compress", [mc, "compress", str(model), "--bits", str(args.bits),
-                                                            "--calib", str(text), *calib, "-o",
+                                                            "--calib", str(text), *calib, *types, "-o",
                                                             str(folder / "compressed.gguf"), "-q"], log)
     imatrix = folder / "imatrix.gguf"
     rows["llama-imatrix"] = measure("llama-imatrix", [
@@ -163,7 +206,7 @@ def run_layers(n_layers: int, shapes: dict, args, work: Path, text: Path, eval_t
         import shutil
 
         shutil.rmtree(model)
-    return {"stages": rows, "files": sizes}
+    return {"stages": rows, "files": sizes, **({"calibrate_killed_and_resumed": resume} if resume else {})}
 
 
 def ratios(stages: dict) -> dict:
@@ -183,10 +226,14 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=4096, help="calibration tokens (default: 4096)")
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default: 2048)")
     parser.add_argument("--bits", type=float, default=2.5, help="mc-gguf's budget (default: 2.5)")
+    parser.add_argument("--types", nargs="+", metavar="TYPE",
+                        help="mc-gguf's candidate types (default: all; a few fast ones make a memory-only run short)")
     parser.add_argument("--llama-type", default="IQ2_XS",
                         help="llama-quantize's type, the stock type nearest the budget (default: IQ2_XS)")
     parser.add_argument("--ctx", type=int, default=512, help="eval window (default: 512, 2 windows)")
     parser.add_argument("--compress", action="store_true", help="also time `mc-gguf compress` (the three stages again)")
+    parser.add_argument("--resume-check", action="store_true",
+                        help="also kill a calibration part-way, resume it and compare the statistics")
     parser.add_argument("--keep-models", action="store_true", help="keep the built checkpoints")
     parser.add_argument("--workdir", default="build/bench-scale", help="where the files go")
     parser.add_argument("--quick", action="store_true", help="the tiny model's shapes, 1 and 2 layers")
@@ -208,6 +255,7 @@ def main() -> int:
     started = time.perf_counter()
     runs = {n: run_layers(n, shapes, args, work, text, eval_text) for n in args.layers}
     report = {"shapes": shapes, "tokens": args.tokens, "seq_len": args.seq_len, "bits": args.bits,
+              "types": args.types or "all",
               "llama_type": args.llama_type, "cpus": os.cpu_count(),
               "runs": {str(n): {**run, "ratios": ratios(run["stages"])} for n, run in runs.items()}}
     largest = max(args.layers)

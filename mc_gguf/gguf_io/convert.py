@@ -18,7 +18,7 @@ import numpy as np
 from mc_gguf.atomic import check_output_path
 from mc_gguf.errors import CheckpointError
 from mc_gguf.gguf_io.metadata import add_general, add_hparams, add_sentencepiece_vocab
-from mc_gguf.gguf_io.write import OutputTensor, write_gguf
+from mc_gguf.gguf_io.write import OutputTensor, stack_one_at_a_time, write_gguf
 from mc_gguf.hf.checkpoint import Checkpoint, open_checkpoint
 
 T = gguf.GGMLQuantizationType
@@ -107,13 +107,21 @@ def plan_tensors(ckpt: Checkpoint, type_for: TypeChooser) -> list[OutputTensor]:
 
     planned: dict[str, OutputTensor] = {}
 
-    def add(hf_key: str, shape: tuple[int, ...], produce_f32: Callable[[], np.ndarray]) -> None:
+    def add(hf_key: str, shape: tuple[int, ...], produce_f32: Callable[[], np.ndarray],
+            experts: list[str] | None = None) -> None:
+        """A tensor from ``produce_f32``, or the stack of the ``experts`` (encoded one at a time)."""
         found = name_map.get_type_and_name(hf_key, try_suffixes=(".weight", ".bias"))
         if found is None:
             raise CheckpointError(f"{ckpt.path}: tensor {hf_key} has no GGUF name for {arch.hf_architecture}")
         kind, gguf_name = found  # the suffix (.weight/.bias) is carried over by TensorNameMap
         qtype = type_for(kind, gguf_name, shape)
-        planned[gguf_name] = OutputTensor(gguf_name, shape, qtype, lambda: encode(produce_f32(), qtype))
+
+        def produce() -> np.ndarray:
+            if experts is None:
+                return encode(produce_f32(), qtype)
+            return stack_one_at_a_time(len(experts), lambda x: encode(ckpt.load(experts[x]), qtype))
+
+        planned[gguf_name] = OutputTensor(gguf_name, shape, qtype, produce)
 
     for name in ckpt.tensors:
         if name in expert_names or IGNORED.match(name):
@@ -135,8 +143,7 @@ def plan_tensors(ckpt: Checkpoint, type_for: TypeChooser) -> list[OutputTensor]:
             if len(shapes) != 1:
                 raise CheckpointError(f"{ckpt.path}: experts of layer {bid} ({proj}) have different shapes {sorted(shapes)}")
             shape = (ckpt.n_experts, *shapes.pop())
-            add(arch.stacked_expert_name(bid, proj) + ".weight", shape,
-                lambda names=names: np.stack([ckpt.load(n) for n in names]))
+            add(arch.stacked_expert_name(bid, proj) + ".weight", shape, None, experts=names)
 
     return sorted(planned.values(), key=_gguf_order)
 

@@ -1,4 +1,13 @@
-"""Change a GGUF's metadata without touching its tensors (a streaming copy through gguf-py)."""
+"""Change a GGUF's metadata without touching its tensors.
+
+A GGUF is a header (key-values and the tensor table) followed by the tensor
+data at an aligned offset (gguf.cpp: gguf_get_data_offset). When the new
+header pads to the same data offset and the tensor table keeps its offsets,
+only the header is rewritten: the file is cloned (a reflink on copy-on-write
+filesystems such as APFS, btrfs and XFS; else a kernel-side copy) and the
+clone's header overwritten before it is renamed into place. Otherwise the
+file is rewritten through gguf-py (gguf_new_metadata's streaming copy).
+"""
 
 from __future__ import annotations
 
@@ -41,11 +50,64 @@ def rewrite_metadata(src: str | Path, dst: str | Path, updates: dict[str, Metada
                      remove: Sequence[str] = ()) -> Path:
     """Copy ``src`` to ``dst`` (may be the same path) with keys set or removed; written atomically."""
     reader = open_gguf(src)
-    arch = field_value(reader, gguf.Keys.General.ARCHITECTURE)
+    header = _header_bytes(reader, updates, remove)
     with atomic_output(dst) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
-        alignment = field_value(reader, gguf.Keys.General.ALIGNMENT)
-        if alignment is not None:
-            writer.data_alignment = alignment
-        copy_with_new_metadata(reader, writer, dict(updates), list(remove))
+        if header is not None:
+            _clone(Path(src), tmp)
+            with open(tmp, "r+b") as f:
+                f.write(header)
+        else:
+            copy_with_new_metadata(reader, _writer(tmp, reader), dict(updates), list(remove))
     return Path(dst)
+
+
+def _writer(path: Path, reader: gguf.GGUFReader) -> gguf.GGUFWriter:
+    writer = gguf.GGUFWriter(path, arch=field_value(reader, gguf.Keys.General.ARCHITECTURE), endianess=reader.endianess)
+    alignment = field_value(reader, gguf.Keys.General.ALIGNMENT)
+    if alignment is not None:
+        writer.data_alignment = alignment
+    return writer
+
+
+class _HeaderOnlyWriter(gguf.GGUFWriter):
+    """gguf-py's writer, writing the header and tensor table but none of the tensor data."""
+
+    def write_tensor_data(self, tensor, tensor_endianess=None) -> None:
+        self.tensors[0].pop(next(iter(self.tensors[0])))
+
+
+def _header_bytes(reader: gguf.GGUFReader, updates: dict[str, MetadataDetails], remove: Sequence[str]) -> bytes | None:
+    """The new header padded to the old data offset, or None when it does not fit there or would move tensors."""
+    import tempfile
+
+    align = reader.alignment
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "header.gguf"
+        writer = _HeaderOnlyWriter(path, arch=field_value(reader, gguf.Keys.General.ARCHITECTURE),
+                                   endianess=reader.endianess)
+        writer.data_alignment = align
+        copy_with_new_metadata(reader, writer, dict(updates), list(remove))
+        header = path.read_bytes()
+    if gguf.GGUFWriter.ggml_pad(len(header), align) != reader.data_offset:
+        return None
+    offset = reader.data_offset  # GGUFWriter places each tensor at the next aligned offset
+    for tensor in reader.tensors:
+        if tensor.data_offset != offset:
+            return None
+        offset += gguf.GGUFWriter.ggml_pad(int(tensor.n_bytes), align)
+    return header + bytes(reader.data_offset - len(header))
+
+
+def _clone(src: Path, dst: Path) -> None:
+    """``dst`` becomes a copy of ``src``: a reflink where the filesystem shares blocks, else a kernel copy."""
+    import shutil
+
+    try:
+        import fcntl
+
+        with open(src, "rb") as fin, open(dst, "wb") as fout:
+            fcntl.ioctl(fout.fileno(), 0x40049409, fin.fileno())  # FICLONE (linux/fs.h)
+        return
+    except (ImportError, OSError):
+        pass
+    shutil.copyfile(src, dst)  # copy_file_range/sendfile on Linux, fcopyfile (a clone on APFS) on macOS

@@ -32,6 +32,18 @@ class OutputTensor:
         return tensor_nbytes(self.shape, self.qtype)
 
 
+def stack_one_at_a_time(count: int, produce: Callable[[int], np.ndarray]) -> np.ndarray:
+    """``np.stack([produce(i) for i in range(count)])``, holding one part at a time besides the result
+    (a layer's experts become one 3-D tensor without a list of them in memory)."""
+    first = produce(0)
+    out = np.empty((count, *first.shape), dtype=first.dtype)
+    out[0] = first
+    del first
+    for i in range(1, count):
+        out[i] = produce(i)
+    return out
+
+
 def tensor_nbytes(shape: Sequence[int], qtype: gguf.GGMLQuantizationType) -> int:
     """Bytes ggml stores for a tensor of this shape and type (rows are whole blocks)."""
     block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,8 @@ class TensorEntry:
     shard: Path
     dtype: str
     shape: tuple[int, ...]
+    offset: int = 0   # of its first byte in the shard file
+    nbytes: int = 0
 
 
 @dataclass
@@ -62,10 +65,24 @@ class Checkpoint:
         return self.load_torch(name).float().numpy()
 
     def load_torch(self, name: str):
-        """One tensor as a torch tensor in the checkpoint's own dtype (bf16 stays bf16: half of float32)."""
-        from safetensors import safe_open
+        """One tensor as a torch tensor in the checkpoint's own dtype (bf16 stays bf16: half of float32).
+
+        The bytes are read into the tensor (safetensors' little-endian layout):
+        safetensors' own reader maps the whole shard and keeps it mapped, so
+        every tensor read stays in the process's resident memory until the
+        end (5 GB shards, the whole model for a converter). Dtypes torch reads
+        plainly go this way; others through safetensors.
+        """
+        import torch
 
         entry = self._entry(name)
+        dtype = getattr(torch, TORCH_DTYPES.get(entry.dtype, ""), None)
+        if dtype is not None and sys.byteorder == "little":
+            out = torch.empty(entry.shape, dtype=dtype)
+            _read_into(entry.shard, entry.offset, out.view(-1).view(torch.uint8).numpy())
+            return out
+        from safetensors import safe_open
+
         handle = self._handles.get(entry.shard)
         if handle is None:
             handle = safe_open(str(entry.shard), framework="pt")
@@ -92,6 +109,10 @@ def _read_json(path: Path) -> dict:
 REQUIRED_CONFIG = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
 
 # the dtypes of the safetensors format (its Rust crate's Dtype)
+# safetensors dtypes read straight into torch tensors (Checkpoint.load_torch)
+TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
 SAFETENSORS_DTYPES = {"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F16", "BF16", "F32", "F64",
                       "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64"}
 
@@ -138,8 +159,22 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
             raise CheckpointError(
                 f"{path}: truncated safetensors file ({size} bytes; tensor {name} ends at byte {8 + header_len + end})"
             )
-        entries[name] = TensorEntry(shard=path, dtype=info["dtype"], shape=tuple(info["shape"]))
+        entries[name] = TensorEntry(shard=path, dtype=info["dtype"], shape=tuple(info["shape"]),
+                                    offset=8 + header_len + begin, nbytes=end - begin)
     return entries
+
+
+def _read_into(path: Path, offset: int, out: np.ndarray) -> None:
+    """Fill the bytes of ``out`` from ``path`` at ``offset`` (reads of 1 GiB: one read() stops near 2 GiB)."""
+    view = memoryview(out).cast("B")
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done:done + (1 << 30)])
+            if not n:
+                raise CheckpointError(f"{path}: truncated while reading (at byte {offset + done})")
+            done += n
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

@@ -26,7 +26,7 @@ from mc_gguf.ggml.types import quant_type
 from mc_gguf.gguf_io import keys
 from mc_gguf.gguf_io.convert import model_metadata
 from mc_gguf.gguf_io.layout import PROJECTIONS, ExpertGroup, expert_groups
-from mc_gguf.gguf_io.write import write_gguf
+from mc_gguf.gguf_io.write import stack_one_at_a_time, write_gguf
 from mc_gguf.hf.checkpoint import Checkpoint, open_checkpoint
 from mc_gguf.prune import rule as pruning
 from mc_gguf.quantize.gptq import gptq_quantize
@@ -47,8 +47,8 @@ def quantize(model_dir: str | Path, plan: Plan, out: str | Path, *, stats: Calib
         pruning.validate_params(odp.mu, odp.protect_ratio, ckpt.n_layers)
 
     def produce_group(bid: int, projection: str, group: ExpertGroup) -> np.ndarray:
-        return np.stack([quantize_expert(ckpt, stats, bid, xid, projection, group.type_name, gptq)
-                         for xid in group.experts])
+        return stack_one_at_a_time(len(group.experts), lambda i: quantize_expert(
+            ckpt, stats, bid, group.experts[i], projection, group.type_name, gptq))
 
     tensors = layout_tensors(ckpt, plan, produce_group)
     measured = tensor_totals(tensors)

@@ -59,3 +59,4 @@ def test_a_compressed_file_holds_only_known_keys_and_inspect_explains_each(compr
     text = describe(inspect_gguf(compressed))
     for name in written - {k.name for k in keys.KEYS if k.bulky}:
         assert f"  {name} = " in text and keys.BY_NAME[name].meaning in text
+

@@ -1,0 +1,31 @@
+"""Tensors read from a shard's bytes equal safetensors' own reading, dtype and all."""
+
+from __future__ import annotations
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mc_gguf.hf.checkpoint import Checkpoint, read_safetensors_header
+
+
+def test_tensors_read_from_the_shard_equal_safetensors_reading(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "bf16": torch.randn(3, 7, generator=g).to(torch.bfloat16),
+        "f16": torch.randn(5, generator=g).to(torch.float16),
+        "f32": torch.randn(2, 3, 4, generator=g),
+        "i64": torch.arange(-4, 6),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(1.5),
+        "empty": torch.zeros(0, 4),
+        "f8": torch.randn(4, 4, generator=g).to(torch.float8_e4m3fn),  # through safetensors' own reader
+    }
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, path)
+    ckpt = Checkpoint(tmp_path, {}, None, read_safetensors_header(path))
+    with safe_open(str(path), framework="pt") as handle:
+        for name in tensors:
+            got, expected = ckpt.load_torch(name), handle.get_tensor(name)
+            assert got.dtype == expected.dtype and got.shape == expected.shape, name
+            assert torch.equal(got.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)), name
