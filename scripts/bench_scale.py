@@ -236,7 +236,8 @@ def main() -> int:
                         help="also kill a calibration part-way, resume it and compare the statistics")
     parser.add_argument("--keep-models", action="store_true", help="keep the built checkpoints")
     parser.add_argument("--workdir", default="build/bench-scale", help="where the files go")
-    parser.add_argument("--quick", action="store_true", help="the tiny model's shapes, 1 and 2 layers")
+    parser.add_argument("--quick", action="store_true",
+                        help="the tiny model's shapes, 1 and 2 layers, two types at 4 bits: checks the script works")
     parser.add_argument("--json", help="also write the JSON here")
     args = parser.parse_args()
 
@@ -245,6 +246,7 @@ def main() -> int:
     shapes = MIXTRAL_8X7B
     if args.quick:
         shapes, args.layers, args.tokens, args.seq_len, args.ctx = QUICK_SHAPES, [1, 2], 512, 128, 64
+        args.types, args.bits, args.llama_type = ["Q3_K", "Q4_K"], 4.0, "Q4_K"
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     text = work / "calib.txt"

@@ -59,3 +59,32 @@ def test_bench_quality_quick(tmp_path):
         assert rows[name]["kld_mean"] > 0 and math.isfinite(rows[name]["ppl"])
     assert rows["mc-gguf per-expert 2.5 odp 25%"]["skipped_share"] > 0
     assert rows["mc-gguf per-expert 2.5"]["skipped_share"] == 0
+
+
+def run_plain_script(name: str, tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / "report.json"
+    result = subprocess.run([sys.executable, str(SCRIPTS / name), "--quick", "--workdir", str(tmp_path / "work"),
+                             "--json", str(out), *extra], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_bench_scale_quick(tmp_path):
+    report = run_plain_script("bench_scale.py", tmp_path, "--resume-check")
+    assert set(report["runs"]) == {"1", "2"}
+    for run in report["runs"].values():
+        stages = run["stages"]
+        assert {"mc convert", "llama convert", "mc calibrate", "mc quantize", "llama-imatrix",
+                "llama-quantize"} <= set(stages)
+        assert all(s["seconds"] > 0 and s["peak_rss_gib"] > 0 for s in stages.values())
+        # killed part-way and run again: the statistics of the uninterrupted run
+        assert run["calibrate_killed_and_resumed"]["same_statistics"] is True
+    assert report["memory_flatness"]["mc calibrate"] > 0
+
+
+@pytest.mark.slow
+def test_bench_eps_sampling_quick(tmp_path):
+    report = run_plain_script("bench_eps_sampling.py", tmp_path)
+    assert report["full"]["eps_features"] == 512 and report["sampled"]["eps_features"] == 256
+    assert report["kld_sampled_over_full"] > 0 and 0 <= report["experts_with_the_same_types"] <= 1
