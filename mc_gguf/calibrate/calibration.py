@@ -29,7 +29,7 @@ from mc_gguf import __version__
 from mc_gguf.atomic import check_output_path
 from mc_gguf.calibrate.forward import decoder_layer, embed, load_experts, run_layer, skeleton
 from mc_gguf.calibrate.moe import StatisticsMoE
-from mc_gguf.calibrate.quant_error import expert_errors, feature_sample
+from mc_gguf.calibrate.quant_error import expert_errors, feature_sample, sampled_features
 from mc_gguf.calibrate.settings import CalibrationSettings
 from mc_gguf.calibrate.stats import CalibrationStats, LayerStats, load_stats
 from mc_gguf.calibrate.text import CalibrationText, pack_sequences
@@ -144,13 +144,6 @@ def _eta(elapsed: float, done: int, left: int) -> str:
     return f", all layers in about {text}"
 
 
-def _eps_features(requested: int, ff: int) -> int:
-    """How many intermediate features of each expert measure eps (feature_sample's rule)."""
-    rng = np.random.default_rng(0)
-    sample = feature_sample(ff, requested, rng)
-    return ff if sample is None else len(sample)
-
-
 def _finished(out: Path, info: dict, settings: CalibrationSettings) -> CalibrationStats | None:
     """The statistics in ``out`` if they were measured from these very inputs, else None."""
     try:
@@ -186,7 +179,7 @@ def _provenance(ckpt: Checkpoint, text: CalibrationText, settings: CalibrationSe
         "n_tokens": int(sequences.size),
         "seed": settings.seed,
         "eps_tokens": min(settings.eps_tokens, int(sequences.size)),
-        "eps_features": _eps_features(settings.eps_features, ff),
+        "eps_features": sampled_features(ff, settings.eps_features),
         "eps_norm": EPS_NORM,
         "hessian": settings.hessian,
         "mc_gguf_version": __version__,

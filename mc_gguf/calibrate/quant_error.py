@@ -60,15 +60,21 @@ def ggml_roundtrip(weights: torch.Tensor, type_name: str, imatrix: np.ndarray | 
 FEATURE_BLOCK = 256  # QK_K (ggml-common.h): the largest block of every candidate type
 
 
-def feature_sample(ff: int, n_features: int, rng: np.random.Generator) -> np.ndarray | None:
-    """Sorted indices of ``n_features`` intermediate features in whole blocks of 256, or None for all of them.
-
-    None when the sample would cover every feature (``n_features`` 0 or >= ff) or when ff is not whole blocks.
-    """
+def sampled_features(ff: int, n_features: int) -> int:
+    """How many of ``ff`` features measure eps when ``n_features`` are asked for: whole blocks of 256, or all
+    of them (``n_features`` 0 or >= ff, fewer than one block, or ff not whole blocks)."""
     n_blocks = n_features // FEATURE_BLOCK
     if n_features <= 0 or n_features >= ff or ff % FEATURE_BLOCK or n_blocks == 0:
+        return ff
+    return n_blocks * FEATURE_BLOCK
+
+
+def feature_sample(ff: int, n_features: int, rng: np.random.Generator) -> np.ndarray | None:
+    """Sorted indices of the sampled intermediate features (sampled_features' count), or None for all of them."""
+    count = sampled_features(ff, n_features)
+    if count == ff:
         return None
-    blocks = np.sort(rng.choice(ff // FEATURE_BLOCK, size=n_blocks, replace=False))
+    blocks = np.sort(rng.choice(ff // FEATURE_BLOCK, size=count // FEATURE_BLOCK, replace=False))
     return (blocks[:, None] * FEATURE_BLOCK + np.arange(FEATURE_BLOCK)).reshape(-1)
 
 

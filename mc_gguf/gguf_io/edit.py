@@ -61,11 +61,10 @@ def rewrite_metadata(src: str | Path, dst: str | Path, updates: dict[str, Metada
     return Path(dst)
 
 
-def _writer(path: Path, reader: gguf.GGUFReader) -> gguf.GGUFWriter:
-    writer = gguf.GGUFWriter(path, arch=field_value(reader, gguf.Keys.General.ARCHITECTURE), endianess=reader.endianess)
-    alignment = field_value(reader, gguf.Keys.General.ALIGNMENT)
-    if alignment is not None:
-        writer.data_alignment = alignment
+def _writer(path: Path, reader: gguf.GGUFReader, cls: type[gguf.GGUFWriter] = gguf.GGUFWriter) -> gguf.GGUFWriter:
+    """A writer of ``reader``'s architecture, byte order and alignment (the file's general.alignment or 32)."""
+    writer = cls(path, arch=field_value(reader, gguf.Keys.General.ARCHITECTURE), endianess=reader.endianess)
+    writer.data_alignment = reader.alignment
     return writer
 
 
@@ -83,10 +82,7 @@ def _header_bytes(reader: gguf.GGUFReader, updates: dict[str, MetadataDetails], 
     align = reader.alignment
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "header.gguf"
-        writer = _HeaderOnlyWriter(path, arch=field_value(reader, gguf.Keys.General.ARCHITECTURE),
-                                   endianess=reader.endianess)
-        writer.data_alignment = align
-        copy_with_new_metadata(reader, writer, dict(updates), list(remove))
+        copy_with_new_metadata(reader, _writer(path, reader, _HeaderOnlyWriter), dict(updates), list(remove))
         header = path.read_bytes()
     if gguf.GGUFWriter.ggml_pad(len(header), align) != reader.data_offset:
         return None
