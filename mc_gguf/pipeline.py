@@ -10,7 +10,7 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from mc_gguf.allocate.allocation import allocate
+from mc_gguf.allocate.allocation import allocate, projection_bits
 from mc_gguf.allocate.plan import Plan
 from mc_gguf.allocate.program import check_budget
 from mc_gguf.atomic import check_output_path
@@ -47,11 +47,12 @@ def compress(model_dir: str | Path, out: str | Path, bits: float, text: Calibrat
     """
     out = check_output_path(out)
     # impossible requests fail now, not after calibration
+    ckpt = open_checkpoint(model_dir)
     types = [quant_type(t).name for t in (allocate_options or {}).get("types") or settings.types]
-    check_budget(bits, [quant_type(t).bits_per_weight for t in types])
+    check_budget(bits, projection_bits(ckpt, types))
     settings = replace(settings, types=tuple(types))  # errors are measured only for types the plan may use
     if odp_skip:
-        check_skip_share(odp_skip, open_checkpoint(model_dir).n_experts_used)
+        check_skip_share(odp_skip, ckpt.n_experts_used)
     if gptq and not settings.hessian:
         settings = replace(settings, hessian=True)
     work = Path(keep_artifacts) if keep_artifacts else work_folder(out)

@@ -21,12 +21,12 @@ import numpy as np
 from mc_gguf import __version__
 from mc_gguf.allocate.cost import AUTHORS_COST, significance_cost
 from mc_gguf.allocate.plan import LAYOUTS, NON_EXPERT_DEFAULTS, SCOPES, Plan
-from mc_gguf.allocate.program import AllocationProblem, InfeasibleBudgetError, solve
+from mc_gguf.allocate.program import AllocationProblem, InfeasibleBudgetError, feasible_range, solve
 from mc_gguf.allocate.size import predict
 from mc_gguf.calibrate.stats import EPS_DOWN, EPS_EXPERT, EPS_GATE_UP, CalibrationStats
 from mc_gguf.errors import McGgufError
-from mc_gguf.ggml.types import quant_type
-from mc_gguf.gguf_io.layout import PROJECTIONS
+from mc_gguf.ggml.types import quant_type, stored_type
+from mc_gguf.gguf_io.layout import PROJECTIONS, row_length
 from mc_gguf.hf.checkpoint import Checkpoint, open_checkpoint
 
 
@@ -69,7 +69,7 @@ def allocate(stats: CalibrationStats, bits: float, *, model_dir: str | Path | No
     exponents = {"alpha": alpha, "beta": beta, "gamma": gamma}
 
     units, problem = _choices(stats, ckpt, types, layout, per_projection, exponents)
-    budget = _expert_budget(ckpt, bits, scope, layout, types, non_expert, problem.bits_per_weight)
+    budget = _expert_budget(ckpt, bits, scope, layout, types, non_expert, problem)
     choice = solve(problem, budget, per_layer=per_layer, max_types=max_types)
     inputs = {"stats": stats_path, "model": str(ckpt.path.resolve()), "text": stats.info.get("text"),
               "text_sha256": stats.info.get("text_sha256"), "n_tokens": stats.info.get("n_tokens"),
@@ -87,39 +87,50 @@ def _choices(stats: CalibrationStats, ckpt: Checkpoint, types: list[str], layout
     hidden, ff = ckpt.expert_dims
     parts = ([(EPS_GATE_UP, ("gate", "up")), (EPS_DOWN, ("down",))] if per_projection
              else [(EPS_EXPERT, PROJECTIONS)])
-    units, costs, sizes, tensor_of = [], [], [], []
+    units, costs, sizes, tensor_of, bpw = [], [], [], [], []
     for bid, layer in enumerate(stats.layers):
         for part, (row, projections) in enumerate(parts):
             tensor = bid * len(parts) + part
             cost = significance_cost(layer.phi, layer.w, layer.eps[row][:, columns], **exponents)
             n = len(projections) * ff * hidden
+            part_bpw = projection_bits(ckpt, types, projections)
             if layout == "stock":
                 units.append(_Unit(bid, tuple(range(ckpt.n_experts)), projections))
                 costs.append(cost.sum(axis=0))
                 sizes.append(n * ckpt.n_experts)
                 tensor_of.append(tensor)
+                bpw.append(part_bpw)
             else:
                 for xid in range(ckpt.n_experts):
                     units.append(_Unit(bid, (xid,), projections))
                     costs.append(cost[xid])
                     sizes.append(n)
                     tensor_of.append(tensor)
-    bpw = np.array([quant_type(t).bits_per_weight for t in types])
-    return units, AllocationProblem(cost=np.array(costs), bits_per_weight=bpw, n_weights=np.array(sizes),
+                    bpw.append(part_bpw)
+    return units, AllocationProblem(cost=np.array(costs), bits_per_weight=np.array(bpw), n_weights=np.array(sizes),
                                     layer_of=np.array([u.bid for u in units]), tensor_of=np.array(tensor_of))
 
 
+def projection_bits(ckpt: Checkpoint, types: list[str], projections: tuple[str, ...] = PROJECTIONS) -> np.ndarray:
+    """Bits per weight [T] of ``projections`` of an expert when each type is asked for: rows that are not
+    whole blocks of a type are stored in its fallback (types.stored_type), at that type's true size."""
+    hidden, ff = ckpt.expert_dims
+    return np.array([np.mean([stored_type(t, row_length(p, hidden, ff)).bits_per_weight for p in projections])
+                     for t in types])
+
+
 def _expert_budget(ckpt: Checkpoint, bits: float, scope: str, layout: str, types: list[str],
-                   non_expert: dict[str, str], bpw: np.ndarray) -> float:
+                   non_expert: dict[str, str], problem: AllocationProblem) -> float:
     """Bits per expert weight: ``bits`` itself, or for a whole-model budget what is left of
     bits * (all weights) once the non-expert tensors' fixed bytes are paid."""
     if scope != "model":
         return bits
-    draft = Plan(layout, [[dict.fromkeys(PROJECTIONS, types[0])] * ckpt.n_experts] * ckpt.n_layers, non_expert, {})
+    draft = Plan(layout, [[stored_types(ckpt, types[0])] * ckpt.n_experts] * ckpt.n_layers, non_expert, {})
     fixed = predict(ckpt, draft)
     n_all, n_exp = fixed["n_weights"], fixed["n_expert_weights"]
     fixed_bits = 8 * (fixed["tensor_bytes"] - fixed["expert_bytes"])
-    lo, hi = ((b * n_exp + fixed_bits) / n_all for b in (bpw.min(), bpw.max()))
+    lo, hi = ((b * n_exp + fixed_bits) / n_all
+              for b in feasible_range(problem.bits_per_weight, problem.n_weights))
     if not lo <= bits <= hi:
         raise InfeasibleBudgetError(
             f"a budget of {bits:.3f} bits per weight over the whole model is infeasible with these types and "
@@ -127,13 +138,21 @@ def _expert_budget(ckpt: Checkpoint, bits: float, scope: str, layout: str, types
     return (bits * n_all - fixed_bits) / n_exp
 
 
+def stored_types(ckpt: Checkpoint, type_name: str) -> dict[str, str]:
+    """The type each projection of an expert is stored in when ``type_name`` is asked for (types.stored_type)."""
+    hidden, ff = ckpt.expert_dims
+    return {p: stored_type(type_name, row_length(p, hidden, ff)).name for p in PROJECTIONS}
+
+
 def _plan(ckpt: Checkpoint, layout: str, units: list[_Unit], choice: np.ndarray, types: list[str],
           non_expert: dict[str, str], budget: dict, inputs: dict) -> Plan:
+    """The plan of the chosen types, each projection at the type its rows are stored in."""
     experts: list[list[dict[str, str]]] = [[{} for _ in range(ckpt.n_experts)] for _ in range(ckpt.n_layers)]
     for unit, t in zip(units, choice):
+        stored = stored_types(ckpt, types[t])
         for xid in unit.experts:
             for projection in unit.projections:
-                experts[unit.bid][xid][projection] = types[t]
+                experts[unit.bid][xid][projection] = stored[projection]
     plan = Plan(layout=layout, experts=experts, non_expert=non_expert, budget=budget, inputs=inputs)
     plan.predicted = predict(ckpt, plan)
     return plan
@@ -142,7 +161,7 @@ def _plan(ckpt: Checkpoint, layout: str, units: list[_Unit], choice: np.ndarray,
 def uniform_plan(ckpt: Checkpoint, type_name: str, non_expert: dict[str, str] | None = None) -> Plan:
     """Every expert at one type (llama.cpp's recipe, for comparison and for tests)."""
     name = quant_type(type_name).name
-    plan = Plan("stock", [[dict.fromkeys(PROJECTIONS, name) for _ in range(ckpt.n_experts)]
+    plan = Plan("stock", [[stored_types(ckpt, name) for _ in range(ckpt.n_experts)]
                           for _ in range(ckpt.n_layers)],
                 {**NON_EXPERT_DEFAULTS, **(non_expert or {})}, {"bits": quant_type(name).bits_per_weight,
                                                                "scope": "experts", "uniform": name})

@@ -45,15 +45,28 @@ class AllocationProblem:
     """Costs and sizes of every (expert, type) choice; experts are numbered 0 .. E-1 across layers."""
 
     cost: np.ndarray             # [E, T] c(e, b)
-    bits_per_weight: np.ndarray  # [T]
+    # [T], or [E, T] where a choice's rows are stored in a fallback type (types.stored_type)
+    bits_per_weight: np.ndarray
     n_weights: np.ndarray        # [E] weights of each expert (all its projections)
     layer_of: np.ndarray         # [E] layer index of each expert
     tensor_of: np.ndarray | None = None  # [E] the tensor (layer, projections) each choice is stored in
 
 
-def check_budget(budget_bpw: float, bits_per_weight: Sequence[float]) -> tuple[float, float]:
-    """The feasible range (smallest, largest type), or InfeasibleBudgetError when the budget is outside it."""
-    lo, hi = float(np.min(bits_per_weight)), float(np.max(bits_per_weight))
+def feasible_range(bits_per_weight: Sequence[float] | np.ndarray, n_weights: np.ndarray | None = None
+                   ) -> tuple[float, float]:
+    """Average bits per weight with every choice at its smallest type, and at its largest.
+    ``bits_per_weight`` [T], or [E, T] with the choices' ``n_weights`` [E]."""
+    bpw = np.asarray(bits_per_weight, dtype=np.float64)
+    if bpw.ndim == 1:
+        return float(bpw.min()), float(bpw.max())
+    n = np.asarray(n_weights, dtype=np.float64)
+    return float((n * bpw.min(axis=1)).sum() / n.sum()), float((n * bpw.max(axis=1)).sum() / n.sum())
+
+
+def check_budget(budget_bpw: float, bits_per_weight: Sequence[float] | np.ndarray,
+                 n_weights: np.ndarray | None = None) -> tuple[float, float]:
+    """feasible_range, or InfeasibleBudgetError when the budget is outside it."""
+    lo, hi = feasible_range(bits_per_weight, n_weights)
     if not lo <= budget_bpw <= hi:
         where = "below the smallest" if budget_bpw < lo else "above the largest"
         raise InfeasibleBudgetError(
@@ -70,9 +83,9 @@ def solve(problem: AllocationProblem, budget_bpw: float, per_layer: bool = False
     """
     cost = np.asarray(problem.cost, dtype=np.float64)
     n_experts, n_types = cost.shape
-    bpw = np.asarray(problem.bits_per_weight, dtype=np.float64)
     n_weights = np.asarray(problem.n_weights, dtype=np.float64)
-    lo, hi = check_budget(budget_bpw, bpw)
+    bpw = np.broadcast_to(np.asarray(problem.bits_per_weight, dtype=np.float64), cost.shape)
+    lo, hi = check_budget(budget_bpw, bpw, n_weights)
     if max_types is not None and max_types < 1:
         raise McGgufError(f"at most {max_types} types per tensor: the bound must be at least 1")
     limit_types = max_types is not None and max_types < n_types
@@ -95,13 +108,13 @@ def solve(problem: AllocationProblem, budget_bpw: float, per_layer: bool = False
         if per_layer else [np.arange(n_experts)]
     for members in groups:
         row = np.zeros((n_experts, n_types))
-        row[members] = n_weights[members, None] * bpw[None, :]
+        row[members] = n_weights[members, None] * bpw[members]
         constraints.append(LinearConstraint(rows(row.reshape(1, -1)), -np.inf, budget_bpw * n_weights[members].sum()))
         if per_layer:
             for side in (bpw < budget_bpw, bpw >= budget_bpw):
-                if side.any() and (~side).any():
+                if side[members].any() and (~side[members]).any():
                     at_least = np.zeros((n_experts, n_types))
-                    at_least[np.ix_(members, np.flatnonzero(side))] = 1.0
+                    at_least[members] = side[members]
                     constraints.append(LinearConstraint(rows(at_least.reshape(1, -1)), 1, np.inf))
     if limit_types:
         # x(e, b) - z(s(e), b) <= 0: an expert's type is one its tensor uses
@@ -128,4 +141,5 @@ def solve(problem: AllocationProblem, budget_bpw: float, per_layer: bool = False
 
 def average_bits(problem: AllocationProblem, choice: Sequence[int]) -> float:
     n = np.asarray(problem.n_weights, dtype=np.float64)
-    return float((n * np.asarray(problem.bits_per_weight)[np.asarray(choice)]).sum() / n.sum())
+    bpw = np.broadcast_to(np.asarray(problem.bits_per_weight, dtype=np.float64), np.shape(problem.cost))
+    return float((n * bpw[np.arange(len(n)), np.asarray(choice)]).sum() / n.sum())

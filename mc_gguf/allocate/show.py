@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 from mc_gguf.allocate.plan import Plan
-from mc_gguf.ggml.types import CANDIDATES
+from mc_gguf.ggml.types import TYPES
 from mc_gguf.gguf_io import keys
 from mc_gguf.gguf_io.layout import PROJECTIONS
 
@@ -19,7 +19,7 @@ def describe_plan(plan: Plan) -> str:
              f"{'layer':>5}  {'bpw':>5}  types of the expert projections (count)"]
     for bid, layer in enumerate(plan.experts):
         counts = Counter(expert[p] for expert in layer for p in PROJECTIONS)
-        ordered = sorted(counts, key=list(CANDIDATES).index)
+        ordered = sorted(counts, key=list(TYPES).index)
         lines.append(f"{bid:>5}  {bits[bid].mean():5.2f}  " + ", ".join(f"{t} x{counts[t]}" for t in ordered))
     p = plan.predicted
     if p:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from mc_gguf.ggml import quants
-from mc_gguf.ggml.types import quant_type
+from mc_gguf.ggml.types import stored_type
 
 
 @dataclass
@@ -51,8 +51,9 @@ def expert_hidden(x: torch.Tensor, w: ExpertWeights, act: Callable) -> torch.Ten
 
 
 def ggml_roundtrip(weights: torch.Tensor, type_name: str, imatrix: np.ndarray | None) -> torch.Tensor:
-    """The weights as llama.cpp will compute with them at ``type_name``."""
-    qtype = quant_type(type_name).qtype
+    """The weights as llama.cpp will compute with them when ``type_name`` is asked for (rows that are not
+    whole blocks of it are stored in its fallback, types.stored_type)."""
+    qtype = stored_type(type_name, weights.shape[-1]).qtype
     data = quants.quantize(weights.numpy(), qtype, imatrix)
     return torch.from_numpy(quants.dequantize(data, qtype, weights.shape[-1]).reshape(weights.shape))
 

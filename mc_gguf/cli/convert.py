@@ -13,7 +13,7 @@ EXAMPLE = "example: mc-gguf convert ./Mixtral-8x7B-v0.1 -o mixtral-f16.gguf --ty
 def add_parser(commands) -> None:
     p = add_command(commands, "convert", "Convert a Hugging Face MoE checkpoint (Mixtral) into a GGUF llama.cpp runs.",
                     EXAMPLE)
-    p.add_argument("model_dir", help="Hugging Face model folder (config.json, safetensors shards, tokenizer.model)")
+    p.add_argument("model_dir", help="Hugging Face model folder (config.json, safetensors shards, tokenizer.model or tokenizer.json)")
     p.add_argument("-o", "--output", required=True, help="the GGUF file to write (written atomically)")
     p.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
                    help="type of the weight matrices; norms and router stay F32 (default: f16)")

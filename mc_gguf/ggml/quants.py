@@ -72,6 +72,11 @@ def quantize(weights: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.
         raise ValueError(f"expected a 2-D array of rows, got shape {data.shape}")
     rows, n_per_row = data.shape
     lib = _lib()
+    block = lib.ggml_get_type_traits(int(qtype)).contents.blck_size
+    if n_per_row % block:
+        # ggml_quantize_chunk would abort the process (GGML_ASSERT in ggml-quants.c)
+        raise ValueError(f"{qtype.name} stores rows of whole {block}-weight blocks; these rows have {n_per_row} "
+                         "weights (types.stored_type gives the type llama-quantize falls back to)")
     if imatrix is None and lib.ggml_quantize_requires_imatrix(int(qtype)):
         raise ValueError(f"{qtype.name} needs an importance matrix")
     imat = None

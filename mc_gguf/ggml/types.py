@@ -35,6 +35,7 @@ class QuantType:
         return 8.0 * self.type_size / self.block_size
 
 
+# The types compress allocates among by default, fewest bits first.
 CANDIDATES: dict[str, QuantType] = {q.name: q for q in (
     QuantType("IQ1_S", 19, 256, 50, needs_imatrix=True),
     QuantType("IQ1_M", 29, 256, 56),
@@ -50,9 +51,41 @@ CANDIDATES: dict[str, QuantType] = {q.name: q for q in (
     QuantType("Q8_0", 8, 32, 34),
 )}
 
+# Types a row length that is not whole 256-blocks falls back to (tensor_type_fallback below).
+FALLBACKS: dict[str, QuantType] = {q.name: q for q in (
+    QuantType("IQ4_NL", 20, 32, 18),
+    QuantType("Q4_0", 2, 32, 18),
+    QuantType("Q5_0", 6, 32, 22),
+    QuantType("Q5_1", 7, 32, 24),
+    QuantType("F16", 1, 1, 2),
+)}
+
+# Every type mc-gguf may store an expert in, fewest bits first (the order of expert groups in a file).
+TYPES: dict[str, QuantType] = dict(sorted({**CANDIDATES, **FALLBACKS}.items(),
+                                          key=lambda item: (item[1].bits_per_weight, item[1].ggml_type)))
+
+# llama-quant.cpp's tensor_type_fallback: a 256-block type on rows that are whole 32-blocks only.
+_FALLBACK_OF = {
+    **dict.fromkeys(("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ4_XS"), "IQ4_NL"),
+    **dict.fromkeys(("Q2_K", "Q3_K"), "Q4_0"),
+    "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
+}
+
 
 def quant_type(name: str) -> QuantType:
     try:
-        return CANDIDATES[name.upper()]
+        return TYPES[name.upper()]
     except (KeyError, AttributeError):
-        raise ValueError(f"unknown quantization type {name!r}; choose from {', '.join(CANDIDATES)}") from None
+        raise ValueError(f"unknown quantization type {name!r}; choose from {', '.join(TYPES)}") from None
+
+
+def stored_type(name: str, n_per_row: int) -> QuantType:
+    """The type rows of ``n_per_row`` weights are stored in when ``name`` is asked for, as llama-quantize
+    decides in tensor_type_fallback (llama-quant.cpp): ``name`` itself when the rows are whole blocks of it,
+    else its 32-block fallback (IQ* -> IQ4_NL, Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0),
+    else F16, which takes any length."""
+    wanted = quant_type(name)
+    if n_per_row % wanted.block_size == 0:
+        return wanted
+    fallback = quant_type(_FALLBACK_OF.get(wanted.name, wanted.name))
+    return fallback if n_per_row % fallback.block_size == 0 else TYPES["F16"]

@@ -17,6 +17,7 @@ import numpy as np
 
 from mc_gguf.atomic import check_output_path
 from mc_gguf.errors import CheckpointError
+from mc_gguf.ggml.types import stored_type
 from mc_gguf.gguf_io.metadata import add_general, add_hparams, add_sentencepiece_vocab
 from mc_gguf.gguf_io.write import OutputTensor, stack_one_at_a_time, write_gguf
 from mc_gguf.hf.checkpoint import Checkpoint, open_checkpoint
@@ -74,12 +75,13 @@ def encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
 
 def fit_type(tensor_kind: gguf.MODEL_TENSOR, shape: tuple[int, ...],
              wanted: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
-    """``wanted``, unless the tensor must stay F32 (norms, router) or its rows are not whole blocks."""
+    """``wanted``, unless the tensor must stay F32 (norms, router) or its rows are not whole blocks of it
+    (then llama-quantize's fallback, types.stored_type)."""
     if len(shape) == 1 or tensor_kind in F32_ONLY:
         return T.F32
     block_size, _ = gguf.GGML_QUANT_SIZES[wanted]
     if shape[-1] % block_size:
-        return T.F16  # rows that are not whole blocks cannot take a block type
+        return stored_type(wanted.name, shape[-1]).qtype
     return wanted
 
 

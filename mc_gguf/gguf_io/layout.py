@@ -14,9 +14,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mc_gguf.ggml.types import CANDIDATES
+from mc_gguf.ggml.types import TYPES
 
 PROJECTIONS = ("gate", "up", "down")
+
+
+def row_length(projection: str, hidden: int, ff: int) -> int:
+    """Weights per row of an expert projection: gate and up [F, H] have rows of H, down [H, F] of F."""
+    return ff if projection == "down" else hidden
 
 
 @dataclass(frozen=True)
@@ -27,7 +32,7 @@ class ExpertGroup:
 
 def expert_groups(types: Sequence[str]) -> list[ExpertGroup]:
     """Group a (layer, projection)'s experts by type, groups in the registry's order (fewest bits first)."""
-    order = {name: i for i, name in enumerate(CANDIDATES)}
+    order = {name: i for i, name in enumerate(TYPES)}
     names = sorted(set(types), key=lambda name: order.get(name, len(order)))
     return [ExpertGroup(name, tuple(x for x, t in enumerate(types) if t == name)) for name in names]
 

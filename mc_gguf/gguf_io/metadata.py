@@ -66,23 +66,52 @@ def add_general(writer: gguf.GGUFWriter, ckpt: Checkpoint, file_type: gguf.Llama
     writer.add_string(keys.VERSION, __version__)
 
 
+def sentencepiece_pieces(model_dir: Path) -> tuple[list[bytes], list[float], list]:
+    """The pieces, scores and token types of a Llama/Mistral-style tokenizer: from tokenizer.model, or from
+    tokenizer.json alone (as transformers 5 saves such a tokenizer).
+
+    gguf-py reads both (SentencePieceVocab, LlamaHfVocab: what convert_hf_to_gguf.py's
+    _set_vocab_sentencepiece and _set_vocab_llama_hf use), but LlamaHfVocab gives every piece the
+    score -1000, and llama.cpp's SentencePiece tokenizer (llm_tokenizer_spm) merges the adjacent pair
+    whose piece scores highest: with equal scores it merges in the wrong order. tokenizer.json's BPE
+    merges are ranked (transformers' LlamaConverter writes them in the order of the SentencePiece
+    scores), so a merged piece's score is minus the rank of the first merge that makes it.
+    """
+    if (model_dir / "tokenizer.model").exists():
+        source, make = model_dir / "tokenizer.model", gguf.vocab.SentencePieceVocab
+    elif (model_dir / "tokenizer.json").exists():
+        source, make = model_dir / "tokenizer.json", gguf.vocab.LlamaHfVocab
+    else:
+        raise CheckpointError(f"{model_dir}: no tokenizer.model or tokenizer.json")
+    try:
+        tokens, scores, types = (list(column) for column in zip(*make(model_dir).all_tokens()))
+    except Exception as exc:  # sentencepiece and tokenizers raise plain RuntimeError/OSError/TypeError
+        raise CheckpointError(f"{source}: cannot be read as a SentencePiece-style tokenizer ({exc})") from None
+    if make is gguf.vocab.LlamaHfVocab:
+        scores = _merge_rank_scores(model_dir / "tokenizer.json", tokens)
+    return tokens, scores, types
+
+
+def _merge_rank_scores(path: Path, tokens: list[bytes]) -> list[float]:
+    """Minus the rank of the first BPE merge that makes each piece; pieces no merge makes (characters,
+    bytes, special tokens) score below every merged piece."""
+    import json
+
+    merges = json.loads(path.read_text(encoding="utf-8"))["model"]["merges"]
+    rank: dict[bytes, int] = {}
+    for r, merge in enumerate(merges):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault((left + right).encode(), r)
+    return [-float(rank[t]) if t in rank else -float(len(merges) + i) for i, t in enumerate(tokens)]
+
+
 def add_sentencepiece_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int) -> None:
     """SentencePiece tokens, scores and types plus special tokens and chat template.
 
     The vocabulary is padded to the model's vocab_size with unused pieces, as
     convert_hf_to_gguf.py does, so token_embd and the vocabulary agree.
     """
-    if not (model_dir / "tokenizer.model").exists():
-        raise CheckpointError(f"{model_dir}: no tokenizer.model (a SentencePiece tokenizer is required)")
-    try:
-        vocab = gguf.vocab.SentencePieceVocab(model_dir)
-    except Exception as exc:  # sentencepiece raises plain RuntimeError/OSError on a bad model file
-        raise CheckpointError(f"{model_dir / 'tokenizer.model'}: cannot be read ({exc})") from None
-    tokens, scores, types = [], [], []
-    for text, score, toktype in vocab.all_tokens():
-        tokens.append(text)
-        scores.append(score)
-        types.append(toktype)
+    tokens, scores, types = sentencepiece_pieces(model_dir)
     _mark_added_special_tokens(model_dir, tokens, types)
     if len(tokens) > n_vocab:
         raise CheckpointError(f"tokenizer has {len(tokens)} pieces but config.json vocab_size is {n_vocab}")

@@ -43,20 +43,25 @@ def gptq_quantize(weights: np.ndarray, hessian: np.ndarray, qtype: gguf.GGMLQuan
                   imatrix: np.ndarray | None = None, damp: float = DAMP) -> np.ndarray:
     """ggml's bytes [rows, row_bytes] of ``weights`` [rows, cols] quantized with GPTQ error compensation."""
     rows, cols = weights.shape
-    if cols % BLOCK:
-        raise ValueError(f"GPTQ into ggml works on rows of whole {BLOCK}-column blocks, got {cols} columns")
+    # the unit of compensation: a 256-column super-block, or the type's own block on rows that are not
+    # whole super-blocks (stored in a 32-block fallback type); F16 rounds each weight alone
+    block_size = BLOCK if cols % BLOCK == 0 else gguf.GGML_QUANT_SIZES[qtype][0]
+    if cols % block_size:
+        raise ValueError(f"{qtype.name} stores rows of whole {block_size}-weight blocks; these rows have {cols}")
+    if block_size == 1:
+        return quants.quantize(weights, qtype, imatrix)
     u, dead = inverse_hessian_factor(hessian, damp)
     w = np.array(weights, dtype=np.float64)
     w[:, dead] = 0.0
     chunks = []
-    for first in range(0, cols, BLOCK):
-        block = slice(first, first + BLOCK)
+    for first in range(0, cols, block_size):
+        block = slice(first, first + block_size)
         q = quants.quantize(w[:, block].astype(np.float32), qtype,
                                 None if imatrix is None else imatrix[block])
         chunks.append(q)
-        rest = slice(first + BLOCK, cols)
-        if first + BLOCK < cols:
-            error = w[:, block] - quants.dequantize(q, qtype, BLOCK)
+        rest = slice(first + block_size, cols)
+        if first + block_size < cols:
+            error = w[:, block] - quants.dequantize(q, qtype, block_size)
             # error @ U_BB^-1, by a triangular solve: X U_BB = E  <=>  U_BB^T X^T = E^T
             scaled = solve_triangular(u[block, block], error.T, trans="T", lower=False).T
             w[:, rest] -= scaled @ u[block, rest]

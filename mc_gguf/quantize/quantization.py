@@ -22,10 +22,10 @@ from mc_gguf.atomic import check_output_path
 from mc_gguf.calibrate.stats import CalibrationStats
 from mc_gguf.errors import McGgufError
 from mc_gguf.ggml import quants
-from mc_gguf.ggml.types import quant_type
+from mc_gguf.ggml.types import quant_type, stored_type
 from mc_gguf.gguf_io import keys
 from mc_gguf.gguf_io.convert import model_metadata
-from mc_gguf.gguf_io.layout import PROJECTIONS, ExpertGroup, expert_groups
+from mc_gguf.gguf_io.layout import PROJECTIONS, ExpertGroup, expert_groups, row_length
 from mc_gguf.gguf_io.write import stack_one_at_a_time, write_gguf
 from mc_gguf.hf.checkpoint import Checkpoint, open_checkpoint
 from mc_gguf.prune import rule as pruning
@@ -84,6 +84,16 @@ def _check_fits(ckpt: Checkpoint, plan: Plan, stats: CalibrationStats | None) ->
         if len(layer) != ckpt.n_experts:
             raise PlanFileError(f"the plan gives layer {bid} {len(layer)} experts; {ckpt.path} has {ckpt.n_experts} "
                                 "in every layer")
+    hidden, ff = ckpt.expert_dims
+    for bid, layer in enumerate(plan.experts):
+        for xid, expert in enumerate(layer):
+            for projection, name in expert.items():
+                length = row_length(projection, hidden, ff)
+                if length % quant_type(name).block_size:
+                    raise PlanFileError(
+                        f"the plan gives layer {bid} expert {xid} {projection} {name}, whose blocks of "
+                        f"{quant_type(name).block_size} do not divide its rows of {length} weights; "
+                        f"llama-quantize would store it as {stored_type(name, length).name}")
     if stats is not None and (len(stats.layers) != ckpt.n_layers or stats.layers[0].count.size != ckpt.n_experts):
         raise McGgufError(f"the statistics are for another model than {ckpt.path}")
     if stats is None:

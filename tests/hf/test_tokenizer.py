@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 STRINGS = [
@@ -64,3 +66,48 @@ def test_detokenize_round_trips(llm, hf_tokenizer, text):
     # With the BOS in front, both engines drop the SentencePiece space prefix of the first word.
     ids = hf_tokenizer(text).input_ids
     assert llm.detokenize(ids, special=False).decode("utf-8") == hf_tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def json_only(tiny_model_dir, tmp_path_factory):
+    """The tiny model as transformers 5 saves a Mixtral fine-tune: tokenizer.json, no tokenizer.model."""
+    from mc_gguf.gguf_io.convert import convert
+
+    folder = tmp_path_factory.mktemp("json-only") / "model"
+    shutil.copytree(tiny_model_dir, folder, ignore=shutil.ignore_patterns("tokenizer.model"))
+    return folder, convert(folder, folder.parent / "f16.gguf", "f16", progress=False)
+
+
+@pytest.fixture(scope="module")
+def json_only_llm(json_only):
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(json_only[1]), vocab_only=True, verbose=False)
+
+
+# Space runs inside the text; at its very start llama.cpp prepends "▁" to the leading spaces as SentencePiece
+# does, where tokenizer.json's Metaspace(prepend_scheme="first") prepends nothing.
+INNER_SPACE_RUNS = [text for text in SPACE_RUNS if not text.startswith(" ")] + ["runs of   spaces  inside"]
+
+
+@pytest.mark.parametrize("text", STRINGS + INNER_SPACE_RUNS)
+def test_tokenizer_json_alone_tokenizes_as_transformers(json_only, json_only_llm, text):
+    """Without tokenizer.model the reference is the tokenizer the folder has: transformers' from tokenizer.json
+    (space runs included, where it differs from the SentencePiece model: the merge ranks are followed)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(json_only[0]))
+    assert json_only_llm.tokenize(text.encode("utf-8"), add_bos=True, special=True) == tokenizer(text).input_ids
+
+
+def test_tokenizer_json_alone_gives_the_same_model(json_only, converted):
+    """Same pieces, types and special tokens as the tokenizer.model conversion; only the scores are derived."""
+    import gguf
+
+    def vocab(path):
+        fields = gguf.GGUFReader(path).fields
+        return {key: fields[key].contents() for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                                                         "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                                                         "tokenizer.chat_template")}
+
+    assert vocab(json_only[1]) == vocab(converted("f16"))
