@@ -22,6 +22,7 @@ from mc_gguf.ggml.types import quant_type
 from mc_gguf.hf.checkpoint import open_checkpoint
 from mc_gguf.prune.calibration import odp_from_stats
 from mc_gguf.prune.rule import OdpParams, check_skip_share
+from mc_gguf.prune.settings import DEFAULT_RULE
 from mc_gguf.quantize.quantization import quantize
 
 
@@ -35,7 +36,8 @@ class CompressResult:
 
 def compress(model_dir: str | Path, out: str | Path, bits: float, text: CalibrationText, *,
              settings: CalibrationSettings = CalibrationSettings(), layout: str = "per-expert",
-             odp_skip: float | None = None, gptq: bool = False, keep_artifacts: str | Path | None = None,
+             odp_skip: float | None = None, odp_rule: str = DEFAULT_RULE, gptq: bool = False,
+             keep_artifacts: str | Path | None = None,
              allocate_options: dict | None = None, progress: bool = True) -> CompressResult:
     """Calibrate, allocate and quantize ``model_dir`` into ``out``.
 
@@ -64,7 +66,7 @@ def compress(model_dir: str | Path, out: str | Path, bits: float, text: Calibrat
     plan = allocate(stats, bits, model_dir=model_dir, layout=layout, stats_path=str(stats_path),
                     **(allocate_options or {}))
     plan.save(work / "plan.json")
-    odp = odp_from_stats(stats, odp_skip) if odp_skip else None
+    odp = odp_from_stats(stats, odp_skip, rule=odp_rule) if odp_skip else None
     path = quantize(model_dir, plan, out, stats=stats, gptq=gptq, odp=odp, progress=progress)
     if not keep_artifacts:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
-"""Online Dynamic Pruning on a trained model: skipped share of expert slots and the perplexity it costs.
+"""Online Dynamic Pruning on a trained model: what each threshold rule costs for a share of skipped expert slots.
 
-Converts the model to F16 GGUF, sets each layer's mu to the calibration median of
-w1/w0 (so about half the tokens drop their second expert: a 25% skip share with
-top-2), and evaluates perplexity on the evaluation text the llama-perplexity way
-(windows of --ctx tokens, second half scored), without pruning (the baseline,
-measured in the same run) and with it, plus the KL divergence of the pruned
-model from the unpruned one, and greedy decoding speed of both (medians of
-5 runs on this machine, same run). Prints one JSON object.
+One calibration pass on the calibration text measures every token's w1/w0 and
+skip cost (prune/budget.py); from it each rule chooses per-layer thresholds for
+each skip share: ``quantile`` (the same w1/w0 quantile in every layer, the
+paper's rule) and ``sensitivity`` (shares chosen by the measured cost). Each
+choice is written into a copy of the file and evaluated the llama-perplexity
+way on the evaluation text (windows of --ctx tokens, second half scored):
+perplexity against the same file unpruned (measured in the same run), KL
+divergence from it (mean and p99), how often the top token is the same, the
+skipped share per layer, and greedy decoding speed. Done on the F16 file and,
+unless --no-quantized, on a per-expert 2.5-bit file made by `compress`.
+Prints one JSON object.
 
-    python scripts/bench_odp.py [--model ../shared/bench/model] [--calib ...calib.txt] [--eval ...eval.txt]
+    python scripts/bench_odp.py [--model ../shared/bench/model] [--calib ...] [--eval ...] [--skips 0.15 0.25 0.35]
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from mc_gguf.calibrate.text import read_text
 from mc_gguf.evaluate.perplexity import reference_logits, score, windows
 from mc_gguf.evaluate.run import load
 from mc_gguf.gguf_io.convert import convert
-from mc_gguf.prune.calibration import calibrate_odp
+from mc_gguf.prune.calibration import router_statistics, thresholds, write_odp_metadata
+from mc_gguf.prune.settings import THRESHOLD_RULES
 
 BENCH = Path(__file__).resolve().parent.parent.parent / "shared" / "bench"
 
@@ -45,6 +50,42 @@ def decode_tokens_per_second(path: Path, prompt: list[int], n_tokens: int, repea
     return {"median": float(np.median(speeds)), "runs": [round(v, 1) for v in speeds], "tokens": n_tokens}
 
 
+def evaluate_rules(base_path: Path, stats, token_windows, args, workdir: Path) -> dict:
+    """Every rule at every skip share on ``base_path``, against the same file unpruned."""
+    settings = dict(n_ctx=args.ctx, n_batch=args.ctx, logits_all=True)
+    base_llm = load(base_path, odp=False, **settings)
+    reference = reference_logits(base_llm, token_windows)
+    *_, base = score(base_llm, token_windows)
+    base_summary = base.summary()
+    del base_llm
+    rows = {}
+    for rule in args.rules:
+        for skip in args.skips:
+            mu = thresholds(stats, skip, rule)
+            pruned = write_odp_metadata(base_path, workdir / f"{base_path.stem}-{rule}-{skip:g}.gguf", mu)
+            llm = load(pruned, **settings)
+            *_, result = score(llm, token_windows, reference=reference)
+            counts = llm.expert_stats()
+            summary = result.summary()
+            rows[f"{rule} {skip:g}"] = {
+                "rule": rule, "target_skip": skip, "skipped_share": counts.skipped_share,
+                "ppl": summary["ppl"], "ppl_change": summary["ppl"] / base_summary["ppl"] - 1,
+                "kld_mean": summary["kld_mean"], "kld_p99": summary["kld_p99"],
+                "same_top_token": summary["same_top_token"],
+                "skipped_share_per_layer": [round(s / (s + c), 4) if s + c else 0.0
+                                            for s, c in zip(counts.skipped, counts.computed)],
+                "mu_per_layer": [round(m, 4) for m in mu],
+            }
+            del llm
+            print(f"{base_path.name} {rule} {skip:g}: skipped {counts.skipped_share:.3f}, "
+                  f"ppl {rows[f'{rule} {skip:g}']['ppl_change']:+.2%}", file=sys.stderr, flush=True)
+    decode = {"unpruned": decode_tokens_per_second(base_path, token_windows[0][:64], args.decode_tokens)}
+    for rule in args.rules:
+        path = workdir / f"{base_path.stem}-{rule}-{args.skips[len(args.skips) // 2]:g}.gguf"
+        decode[path.stem] = decode_tokens_per_second(path, token_windows[0][:64], args.decode_tokens)
+    return {"unpruned": base_summary, "rules": rows, "decode_tokens_per_second": decode}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(BENCH / "model"), help="Hugging Face model folder")
@@ -53,21 +94,23 @@ def main() -> int:
     parser.add_argument("--ctx", type=int, default=512, help="window length (default: 512)")
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows (default: 16)")
     parser.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default: 16384)")
-    parser.add_argument("--skip", type=float, default=0.25, help="target skip share of slots (default: 0.25)")
+    parser.add_argument("--skips", type=float, nargs="+", default=[0.15, 0.25, 0.35],
+                        help="target skip shares of slots (default: 0.15 0.25 0.35)")
+    parser.add_argument("--rules", nargs="+", choices=THRESHOLD_RULES, default=list(THRESHOLD_RULES))
+    parser.add_argument("--bits", type=float, default=2.5, help="expert bits of the quantized file (default: 2.5)")
+    parser.add_argument("--no-quantized", action="store_true", help="only the F16 file")
     parser.add_argument("--decode-tokens", type=int, default=128, help="tokens per decode timing (default: 128)")
     parser.add_argument("--workdir", default="build/bench-odp", help="where the GGUF files go")
+    parser.add_argument("--json", help="also write the JSON here")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    plain = convert(args.model, workdir / "model-f16.gguf", "f16", progress=False)
-
+    calib = read_text(args.calib)
     started = time.perf_counter()
-    pruned = workdir / "model-f16-odp.gguf"
-    mu, ratios = calibrate_odp(args.model, read_text(args.calib), plain, pruned, args.skip,
-                               n_tokens=args.calib_tokens, seq_len=args.ctx)
+    stats = router_statistics(args.model, calib, workdir, n_tokens=args.calib_tokens, seq_len=args.ctx)
     calib_seconds = time.perf_counter() - started
 
     # the same token ids for both engines (see ../shared/bench/README.md on the tokenizer quirk)
@@ -75,34 +118,22 @@ def main() -> int:
     ids = tokenizer(Path(args.eval).read_text(encoding="utf-8"), add_special_tokens=False).input_ids
     token_windows = windows(ids, args.ctx, tokenizer.bos_token_id, args.windows)
 
-    settings = dict(n_ctx=args.ctx, n_batch=args.ctx, logits_all=True)
-    base_llm = load(plain, **settings)
-    odp_llm = load(pruned, **settings)
-    *_, base = score(base_llm, token_windows)
-    *_, odp = score(odp_llm, token_windows, reference=reference_logits(base_llm, token_windows))
-    base_stats, odp_stats = base_llm.expert_stats(), odp_llm.expert_stats()
+    files = {"f16": convert(args.model, workdir / "model-f16.gguf", "f16", progress=False)}
+    if not args.no_quantized:
+        from mc_gguf.pipeline import compress
 
-    decode = {label: decode_tokens_per_second(path, token_windows[0][:64], args.decode_tokens)
-              for label, path in (("baseline", plain), ("odp", pruned))}
-
-    base_summary, odp_summary = base.summary(), odp.summary()
+        files[f"per-expert {args.bits:g}"] = compress(args.model, workdir / f"model-{args.bits:g}.gguf", args.bits,
+                                                      calib, progress=False).path
     result = {
-        "model": str(args.model),
-        "windows": len(token_windows),
-        "ctx": args.ctx,
-        "mu_per_layer": [round(m, 4) for m in mu],
-        "calibration_median_w1_w0": [round(float(np.median(r)), 4) for r in ratios],
-        "calibration_seconds": round(calib_seconds, 1),
-        "baseline": {**base_summary, "slots_skipped_share": base_stats.skipped_share},
-        "odp": {**odp_summary, "slots_skipped_share": odp_stats.skipped_share,
-                "skipped_share_per_layer": [round(s / (s + c), 4) if s + c else 0.0
-                                            for s, c in zip(odp_stats.skipped, odp_stats.computed)]},
-        "ppl_ratio_odp_over_baseline": odp_summary["ppl"] / base_summary["ppl"],
-        "decode_tokens_per_second": decode,
-        "decode_speed_ratio_odp_over_baseline": decode["odp"]["median"] / decode["baseline"]["median"],
+        "model": str(args.model), "windows": len(token_windows), "ctx": args.ctx,
+        "calibration_tokens": int(stats.info["n_tokens"]), "calibration_seconds": round(calib_seconds, 1),
+        "calibration_median_w1_w0": [round(float(np.median(layer.top_ratio[:, 0])), 4) for layer in stats.layers],
+        "files": {label: evaluate_rules(path, stats, token_windows, args, workdir) for label, path in files.items()},
     }
-    json.dump(result, sys.stdout, indent=2)
-    print()
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n", encoding="utf-8")
     return 0
 
 

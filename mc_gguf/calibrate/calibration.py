@@ -40,6 +40,8 @@ from mc_gguf.hf.checkpoint import Checkpoint, open_checkpoint
 
 EPS_NORM = ("Frobenius norm (not squared) of the MoE block output change over the sampled "
             "calibration tokens when only this expert is quantized")
+SKIP_COST = ("||change of the MoE block output||^2 / ||layer output hidden state||^2 of every token if one of "
+             "its slots were skipped, the kept weights renormalised")
 
 
 def calibrate(model_dir: str | Path, out: str | Path, text: CalibrationText,
@@ -108,8 +110,9 @@ def calibrate_layer(model, ckpt: Checkpoint, bid: int, hidden_in: np.ndarray, hi
     bar = tqdm(total=hidden_in.shape[0] + len(experts), desc=f"layer {bid + 1}/{ckpt.n_layers}{eta}", unit="step",
                disable=not progress, dynamic_ncols=True)
     with decoder_layer(model, ckpt, bid, moe) as layer:
-        run_layer(model, layer, rotary, hidden_in, hidden_out, on_batch=bar.update)
+        output_norms = run_layer(model, layer, rotary, hidden_in, hidden_out, on_batch=bar.update)
     layer_stats = moe.layer_stats(len(settings.types))
+    layer_stats.skip_cost /= np.maximum(output_norms, np.finfo(np.float32).tiny)[:, None].astype(np.float32)
     if settings.types:
         _measure_eps(layer_stats, moe, settings, bid, bar)
     bar.close()
@@ -181,6 +184,7 @@ def _provenance(ckpt: Checkpoint, text: CalibrationText, settings: CalibrationSe
         "eps_tokens": min(settings.eps_tokens, int(sequences.size)),
         "eps_features": sampled_features(ff, settings.eps_features),
         "eps_norm": EPS_NORM,
+        "skip_cost": SKIP_COST,
         "hessian": settings.hessian,
         "mc_gguf_version": __version__,
     }

@@ -77,14 +77,16 @@ def _layer_tensor(ckpt: Checkpoint, bid: int, key: str) -> np.ndarray:
 
 
 def run_layer(model, layer, rotary, hidden_in: np.ndarray, hidden_out: np.ndarray | None,
-              on_batch: Callable[[int], None] = lambda n: None) -> None:
-    """Run ``layer`` on every sequence of ``hidden_in`` [n_seq, length, hidden], writing ``hidden_out``."""
+              on_batch: Callable[[int], None] = lambda n: None) -> np.ndarray:
+    """Run ``layer`` on every sequence of ``hidden_in`` [n_seq, length, hidden], writing ``hidden_out``;
+    returns the squared norm of every token's output hidden state [n_seq * length] (sequence-major)."""
     from transformers.masking_utils import create_causal_mask
 
     n_seq, length, _ = hidden_in.shape
     batch = max(1, FORWARD_TOKENS // length)
     positions = torch.arange(length).unsqueeze(0)
     position_embeddings = None
+    norms = []
     with torch.no_grad():
         for first in range(0, n_seq, batch):
             h = torch.from_numpy(np.array(hidden_in[first:first + batch]))
@@ -95,6 +97,8 @@ def run_layer(model, layer, rotary, hidden_in: np.ndarray, hidden_out: np.ndarra
             y = layer(h, position_embeddings=position_embeddings, attention_mask=mask, position_ids=positions)
             if hidden_out is not None:
                 hidden_out[first:first + len(h)] = y.numpy()
+            norms.append((y.double() ** 2).sum(-1).reshape(-1).numpy())
             on_batch(len(h))
         if hidden_out is not None:
             hidden_out.flush()
+    return np.concatenate(norms)

@@ -12,8 +12,10 @@ steps, as in Mixtral's MixtralSparseMoeBlock and llama.cpp's build_moe_ffn:
    block output with the slot's weight (as transformers' index_add_);
 3. statistics: activation counts, summed routing probabilities, w_i / w_0 of
    every token, the importance matrices (sum of x^2 and of z^2), optional
-   Hessians, and a seeded sample of (input, experts, weights) on which
-   quantization errors are measured afterwards (quant_error.py).
+   Hessians, a seeded sample of (input, experts, weights) on which
+   quantization errors are measured afterwards (quant_error.py), and the
+   squared change of every token's block output if one of its slots were
+   skipped (``skip_energy``: what Online Dynamic Pruning costs, prune/budget.py).
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class StatisticsMoE(torch.nn.Module):
         self.hessian_in = torch.zeros(n_expert, hidden, hidden) if hessian else None
         self.hessian_mid = torch.zeros(n_expert, ff, ff) if hessian else None
         self.ratios: list[np.ndarray] = []
+        self.skip_energies: list[np.ndarray] = []
         self.samples: list[EpsSample] = []
 
     def route(self, x: torch.Tensor) -> Routing:
@@ -96,6 +99,8 @@ class StatisticsMoE(torch.nn.Module):
 
     def _run_experts(self, x: torch.Tensor, routing: Routing, routed: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
+        # each token's unweighted expert output in slots 1 .. k-1 (slot 0 is never skipped)
+        slot_out = torch.zeros(x.shape[0], self.n_used - 1, x.shape[1])
         for e, stored in enumerate(self.experts):
             tokens = routed[:, e].nonzero().squeeze(-1)
             if len(tokens) == 0:
@@ -108,8 +113,14 @@ class StatisticsMoE(torch.nn.Module):
             if self.hessian_in is not None:
                 self.hessian_in[e] += xe.T @ xe
                 self.hessian_mid[e] += z.T @ z
-            slot_weight = (routing.applied[tokens] * (routing.top_ids[tokens] == e)).sum(-1, keepdim=True)
-            out.index_add_(0, tokens, (z @ weights.down.T) * slot_weight)
+            in_slot = routing.top_ids[tokens] == e
+            slot_weight = (routing.applied[tokens] * in_slot).sum(-1, keepdim=True)
+            y = z @ weights.down.T
+            out.index_add_(0, tokens, y * slot_weight)
+            for slot in range(1, self.n_used):
+                mine = in_slot[:, slot]
+                slot_out[tokens[mine], slot - 1] = y[mine]
+        self.skip_energies.append(skip_energy(out, slot_out, routing.applied, self.norm_topk_prob))
         return out
 
     def _keep_eps_sample(self, x: torch.Tensor, routing: Routing) -> None:
@@ -121,11 +132,28 @@ class StatisticsMoE(torch.nn.Module):
         return EpsSample(*(torch.cat([getattr(s, f) for s in self.samples]) for f in ("x", "ids", "weights")))
 
     def layer_stats(self, n_types: int) -> LayerStats:
-        """The statistics gathered so far; eps (filled in afterwards) zero."""
+        """The statistics gathered so far; eps (filled in afterwards) zero, skip_cost the skip energies
+        (calibration.py divides them by the squared norm of each token's output hidden state)."""
         return LayerStats(
             count=self.count, weight_sum=self.weight_sum, top_ratio=np.concatenate(self.ratios).astype(np.float32),
+            skip_cost=np.concatenate(self.skip_energies).astype(np.float32),
             imatrix_in=self.imatrix_in.float().numpy(), imatrix_mid=self.imatrix_mid.float().numpy(),
             eps=np.zeros((3, len(self.experts), n_types)),
             hessian_in=self.hessian_in.numpy() if self.hessian_in is not None else None,
             hessian_mid=self.hessian_mid.numpy() if self.hessian_mid is not None else None,
         )
+
+
+def skip_energy(out: torch.Tensor, slot_out: torch.Tensor, applied: torch.Tensor, renormalise: bool) -> np.ndarray:
+    """[n, k-1]: ||change of the block output||^2 of each token if its slot i >= 1 alone were skipped.
+
+    With renormalised weights a (Mixtral; the runtime's ODP renormalises what it keeps) the block gives
+    out = sum_j a_j y_j, and without slot i sum_{j != i} a_j y_j / (1 - a_i): the change is
+    a_i / (1 - a_i) * (out - y_i). Without renormalisation the change is -a_i y_i.
+    """
+    a = applied[:, 1:, None]
+    if renormalise:
+        change = a / (1 - a).clamp_min(1e-12) * (out[:, None, :] - slot_out)
+    else:
+        change = a * slot_out
+    return (change ** 2).sum(-1).numpy()

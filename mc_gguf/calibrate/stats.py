@@ -15,6 +15,9 @@ T candidate types, k experts per token):
     blk.N.imatrix_mid    [E, F]    sum of z^2, z = act(gate x) * (up x) (down input)
     blk.N.eps            [3, E, T] output error with only this expert at type t:
                                    [0] all projections, [1] gate+up only, [2] down only
+    blk.N.skip_cost      [tokens, k-1]  ||change of the block output||^2 / ||hidden state||^2 of
+                                   every calibration token if its slot i alone were skipped
+                                   (the layer's output hidden state; Online Dynamic Pruning's cost)
     blk.N.hessian_in     [E, H, H] sum of x x^T (only with --hessian)
     blk.N.hessian_mid    [E, F, F] sum of z z^T (only with --hessian)
 """
@@ -49,6 +52,7 @@ class LayerStats:
     imatrix_in: np.ndarray
     imatrix_mid: np.ndarray
     eps: np.ndarray
+    skip_cost: np.ndarray | None = None
     hessian_in: np.ndarray | None = None
     hessian_mid: np.ndarray | None = None
 
@@ -108,7 +112,7 @@ def layer_arrays(layers: list[LayerStats], first: int = 0) -> dict[str, np.ndarr
 
 
 def read_layers(arrays: dict[str, np.ndarray], n_layers: int, first: int = 0) -> list[LayerStats]:
-    optional = {"hessian_in", "hessian_mid"}
+    optional = {"hessian_in", "hessian_mid", "skip_cost"}
     layers = []
     for il in range(first, first + n_layers):
         values = {f.name: arrays.get(f"blk.{il}.{f.name}") for f in fields(LayerStats)}

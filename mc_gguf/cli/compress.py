@@ -20,6 +20,7 @@ from mc_gguf.cli.common import (
     type_name,
     unit_float,
 )
+from mc_gguf.prune.settings import DEFAULT_RULE, THRESHOLD_RULES
 
 EXAMPLE = ("example: mc-gguf compress ./Mixtral-8x7B-v0.1 --bits 2.5 --calib calib.txt -o mixtral-mc2.5.gguf\n"
            "         mc-gguf compress ./model --bits 3 --layout stock --odp-skip 0.25 -o model-stock.gguf")
@@ -38,6 +39,9 @@ def add_parser(commands) -> None:
                    help="per-expert (needs the mc-gguf runtime) or stock (any llama.cpp) (default: per-expert)")
     p.add_argument("--odp-skip", type=unit_float, default=0.0,
                    help="share of expert slots Online Dynamic Pruning should skip, e.g. 0.25 (default: 0, off)")
+    p.add_argument("--odp-rule", choices=THRESHOLD_RULES, default=DEFAULT_RULE,
+                   help="how the per-layer thresholds share the skipped slots (see `mc-gguf odp-calibrate --help`; "
+                   f"default: {DEFAULT_RULE})")
     p.add_argument("--gptq", action="store_true", help="GPTQ error compensation (keeps full Hessians during "
                    "calibration; see `mc-gguf calibrate --help` for their size)")
     p.add_argument("--types", nargs="+", type=type_name, metavar="TYPE", help="candidate types (default: all); only these are measured by the calibration")
@@ -63,7 +67,7 @@ def run(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     try:
         result = compress(args.model_dir, args.output, args.bits, read_text(args.calib), settings=settings,
-                          layout=args.layout, odp_skip=args.odp_skip or None, gptq=args.gptq,
+                          layout=args.layout, odp_skip=args.odp_skip or None, odp_rule=args.odp_rule, gptq=args.gptq,
                           keep_artifacts=args.keep_artifacts, progress=not args.quiet,
                           allocate_options={"types": args.types, "alpha": args.alpha, "beta": args.beta,
                                             "gamma": args.gamma, "max_types": args.max_types})

@@ -12,23 +12,39 @@ from mc_gguf.calibrate.calibration import calibrate
 from mc_gguf.calibrate.settings import CalibrationSettings
 from mc_gguf.calibrate.stats import CalibrationStats
 from mc_gguf.calibrate.text import CalibrationText
-from mc_gguf.errors import GGUFFileError
+from mc_gguf.errors import GGUFFileError, McGgufError
 from mc_gguf.gguf_io import keys
 from mc_gguf.gguf_io.edit import field_value, float_array, float_value, open_gguf, rewrite_metadata
 from mc_gguf.prune import rule as pruning
+from mc_gguf.prune.budget import thresholds_by_sensitivity
+from mc_gguf.prune.settings import DEFAULT_RULE, THRESHOLD_RULES
 
 
-def router_top2_ratios(model_dir: str | Path, text: CalibrationText, work: Path, *, n_tokens: int = 8192,
-                       seq_len: int = 512, seed: int = 0, progress: bool = True) -> list[np.ndarray]:
-    """w_1 / w_0 of every calibration token in every layer.
+def router_statistics(model_dir: str | Path, text: CalibrationText, work: Path, *, n_tokens: int = 8192,
+                      seq_len: int = 512, seed: int = 0, progress: bool = True) -> CalibrationStats:
+    """Routing statistics (w_i / w_0 and skip costs of every calibration token in every layer).
 
     Measured by the calibration's own pass (calibrate/), one decoder layer in
     memory at a time, without the quantization errors; its statistics go to
     ``work`` (an interrupted run resumes there).
     """
     settings = CalibrationSettings(n_tokens=n_tokens, seq_len=seq_len, seed=seed, types=())
-    stats = calibrate(model_dir, work / "router.stats", text, settings, progress=progress, reuse=True)
-    return [layer.top_ratio[:, 0] for layer in stats.layers]
+    return calibrate(model_dir, work / "router.stats", text, settings, progress=progress, reuse=True)
+
+
+def thresholds(stats: CalibrationStats, skip_share: float, rule: str = DEFAULT_RULE) -> list[float]:
+    """Per-layer mu that skip about ``skip_share`` of the expert slots on the calibration tokens."""
+    n_used = int(stats.info["n_expert_used"])
+    if rule == "quantile":
+        return pruning.thresholds_for_skip_share([layer.top_ratio[:, 0] for layer in stats.layers], skip_share,
+                                                 n_used)
+    if rule != "sensitivity":
+        raise McGgufError(f"unknown threshold rule {rule!r}; choose one of {', '.join(THRESHOLD_RULES)}")
+    if any(layer.skip_cost is None for layer in stats.layers):
+        raise McGgufError("these statistics have no skip costs (an older mc-gguf measured them): calibrate again, "
+                          "or choose the quantile rule")
+    return thresholds_by_sensitivity([layer.top_ratio for layer in stats.layers],
+                                     [layer.skip_cost for layer in stats.layers], skip_share, n_used)
 
 
 def write_odp_metadata(gguf_in: str | Path, gguf_out: str | Path, mu: list[float],
@@ -43,23 +59,25 @@ def write_odp_metadata(gguf_in: str | Path, gguf_out: str | Path, mu: list[float
 
 def calibrate_odp(model_dir: str | Path, text: CalibrationText, gguf_in: str | Path, gguf_out: str | Path, skip_share: float, *,
                   n_tokens: int = 8192, seq_len: int = 512,
-                  protect_ratio: float = pruning.DEFAULT_PROTECT_RATIO,
+                  protect_ratio: float = pruning.DEFAULT_PROTECT_RATIO, rule: str = DEFAULT_RULE,
                   progress: bool = True) -> tuple[list[float], list[np.ndarray]]:
-    """Per-layer mu for ``skip_share`` of the slots on ``text``, written into ``gguf_out``.
+    """Per-layer mu for ``skip_share`` of the slots on ``text`` (chosen by ``rule``), written into ``gguf_out``.
 
     Returns the thresholds and the per-layer w1/w0 ratios they came from. The
     router statistics are kept in a folder beside ``gguf_out`` until the file
     is written, so that an interrupted run resumes.
     """
-    n_used = _check_inputs(model_dir, gguf_in, gguf_out, skip_share, protect_ratio)
+    if rule not in THRESHOLD_RULES:
+        raise McGgufError(f"unknown threshold rule {rule!r}; choose one of {', '.join(THRESHOLD_RULES)}")
+    _check_inputs(model_dir, gguf_in, gguf_out, skip_share, protect_ratio)
     gguf_out = Path(gguf_out)
     work = gguf_out.parent / f".{gguf_out.name}.odp-calibrate"
     work.mkdir(exist_ok=True)
-    ratios = router_top2_ratios(model_dir, text, work, n_tokens=n_tokens, seq_len=seq_len, progress=progress)
-    mu = pruning.thresholds_for_skip_share(ratios, skip_share, n_used)
+    stats = router_statistics(model_dir, text, work, n_tokens=n_tokens, seq_len=seq_len, progress=progress)
+    mu = thresholds(stats, skip_share, rule)
     write_odp_metadata(gguf_in, gguf_out, mu, protect_ratio)
     shutil.rmtree(work, ignore_errors=True)
-    return mu, ratios
+    return mu, [layer.top_ratio[:, 0] for layer in stats.layers]
 
 
 def _check_inputs(model_dir: str | Path, gguf_in: str | Path, gguf_out: str | Path, skip_share: float,
@@ -81,8 +99,6 @@ def _check_inputs(model_dir: str | Path, gguf_in: str | Path, gguf_out: str | Pa
 
 
 def odp_from_stats(stats: CalibrationStats, skip_share: float,
-                   protect_ratio: float = pruning.DEFAULT_PROTECT_RATIO) -> pruning.OdpParams:
+                   protect_ratio: float = pruning.DEFAULT_PROTECT_RATIO, rule: str = DEFAULT_RULE) -> pruning.OdpParams:
     """Per-layer mu that skip ``skip_share`` of the expert slots on the calibration tokens."""
-    ratios = [layer.top_ratio[:, 0] for layer in stats.layers]
-    mu = pruning.thresholds_for_skip_share(ratios, skip_share, n_used=int(stats.info["n_expert_used"]))
-    return pruning.OdpParams(mu, protect_ratio)
+    return pruning.OdpParams(thresholds(stats, skip_share, rule), protect_ratio)

@@ -229,3 +229,36 @@ def test_a_bf16_checkpoint_calibrates_exactly_as_its_float32_widening(tmp_path, 
     b = calibrate(widened, tmp_path / "f32.stats", text, settings, progress=False)
     for name in ("count", "weight_sum", "top_ratio", "imatrix_in", "imatrix_mid", "eps"):
         np.testing.assert_array_equal(getattr(a.layers[0], name), getattr(b.layers[0], name), err_msg=name)
+
+
+def test_skip_cost_is_the_moe_output_change_with_the_slot_skipped_over_the_layer_output(
+        calibration, direct, hf_model, hf_tokenizer, calibration_settings):
+    """skip_cost[t, 0] = ||block(x_t) with slot 1 skipped (weights renormalised) - block(x_t)||^2 / ||h_t||^2,
+    h_t the decoder layer's output; the skipped block is transformers' own under the ODP reference."""
+    from mc_gguf.prune.reference import TransformersOdp
+
+    _, stats = calibration
+    xs, _ = direct
+    s = calibration_settings
+    ids = hf_tokenizer(CALIBRATION_TEXT, add_special_tokens=False).input_ids
+    sequences = torch.from_numpy(pack_sequences(ids, hf_tokenizer.bos_token_id, s.n_tokens, s.seq_len, s.seed))
+    outputs = []
+    hooks = [layer.register_forward_hook(lambda m, i, o: outputs.append(o[0] if isinstance(o, tuple) else o))
+             for layer in hf_model.model.layers]
+    try:
+        with torch.no_grad():
+            hf_model(sequences)
+    finally:
+        for h in hooks:
+            h.remove()
+    n_layers = len(hf_model.model.layers)
+    for il, layer in enumerate(stats.layers):
+        block = hf_model.model.layers[il].mlp
+        with torch.no_grad():
+            reference = block(xs[il][None])[0]
+            # mu = 1 and no protection: every token's second slot is skipped (w1 < w0)
+            with TransformersOdp(hf_model, [1.0] * n_layers, protect_ratio=0.0):
+                skipped = block(xs[il][None])[0]
+        h = outputs[il].reshape(-1, outputs[il].shape[-1]).double()
+        expected = ((skipped - reference).double() ** 2).sum(-1) / (h ** 2).sum(-1)
+        np.testing.assert_allclose(layer.skip_cost[:, 0], expected.numpy(), rtol=2e-3, atol=1e-9)

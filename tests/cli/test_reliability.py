@@ -284,7 +284,7 @@ def test_odp_calibrate_checks_everything_before_the_model_pass(case, needle, tin
                                                                text_file, capsys, monkeypatch):
     import mc_gguf.prune.calibration as calibration
 
-    monkeypatch.setattr(calibration, "router_top2_ratios", lambda *a, **k: pytest.fail("ran the model first"))
+    monkeypatch.setattr(calibration, "router_statistics", lambda *a, **k: pytest.fail("ran the model first"))
     bad_gguf = tmp_path / "bad.gguf"
     bad_gguf.write_bytes(b"GGUF but not really")
     gguf_in = str(bad_gguf) if case == "gguf" else str(converted("q8_0"))
