@@ -90,7 +90,7 @@ def summary(result: CompressResult) -> str:
             lines.append(f"  {bid:>5} {layer_bits:6.2f} {'-':>6} {'-':>6}")
             continue
         mu = result.odp.mu[bid]
-        skipped.append(float((result.stats.layers[bid].top_ratio[:, 0] < mu).mean()) / n_used)
+        skipped.append(float((result.stats.layers[bid].top_ratio < mu).sum(-1).mean()) / n_used)
         lines.append(f"  {bid:>5} {layer_bits:6.2f} {mu:6.3f} {skipped[-1]:6.1%}")
     if skipped:
         lines.append(f"  expected share of expert slots skipped: {sum(skipped) / len(skipped):.1%}")

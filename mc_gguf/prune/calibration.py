@@ -36,8 +36,7 @@ def thresholds(stats: CalibrationStats, skip_share: float, rule: str = DEFAULT_R
     """Per-layer mu that skip about ``skip_share`` of the expert slots on the calibration tokens."""
     n_used = int(stats.info["n_expert_used"])
     if rule == "quantile":
-        return pruning.thresholds_for_skip_share([layer.top_ratio[:, 0] for layer in stats.layers], skip_share,
-                                                 n_used)
+        return pruning.thresholds_for_skip_share([layer.top_ratio for layer in stats.layers], skip_share, n_used)
     if rule != "sensitivity":
         raise McGgufError(f"unknown threshold rule {rule!r}; choose one of {', '.join(THRESHOLD_RULES)}")
     if any(layer.skip_cost is None for layer in stats.layers):
@@ -63,7 +62,7 @@ def calibrate_odp(model_dir: str | Path, text: CalibrationText, gguf_in: str | P
                   progress: bool = True) -> tuple[list[float], list[np.ndarray]]:
     """Per-layer mu for ``skip_share`` of the slots on ``text`` (chosen by ``rule``), written into ``gguf_out``.
 
-    Returns the thresholds and the per-layer w1/w0 ratios they came from. The
+    Returns the thresholds and the per-layer ratios w_i / w_0 [tokens, k-1] they came from. The
     router statistics are kept in a folder beside ``gguf_out`` until the file
     is written, so that an interrupted run resumes.
     """
@@ -77,7 +76,7 @@ def calibrate_odp(model_dir: str | Path, text: CalibrationText, gguf_in: str | P
     mu = thresholds(stats, skip_share, rule)
     write_odp_metadata(gguf_in, gguf_out, mu, protect_ratio)
     shutil.rmtree(work, ignore_errors=True)
-    return mu, [layer.top_ratio[:, 0] for layer in stats.layers]
+    return mu, [layer.top_ratio for layer in stats.layers]
 
 
 def _check_inputs(model_dir: str | Path, gguf_in: str | Path, gguf_out: str | Path, skip_share: float,

@@ -75,30 +75,30 @@ class SlotCounts:
         return sum(self.skipped) / total if total else 0.0
 
 
-def top2_ratios(router_probs: np.ndarray) -> np.ndarray:
-    """w_1 / w_0 of every token from its router probabilities [tokens, n_expert]."""
+def top_ratios(router_probs: np.ndarray, n_used: int = 2) -> np.ndarray:
+    """w_i / w_0 (i = 1 .. k-1) of every token [tokens, k-1] from its router probabilities [tokens, n_expert]."""
     top = np.sort(router_probs, axis=-1)[:, ::-1]
-    return top[:, 1] / top[:, 0]
+    return top[:, 1:n_used] / top[:, :1]
 
 
 def check_skip_share(target_skip: float, n_used: int) -> None:
-    """A skip share the quantile rule can reach: slot 0 always runs, so at most (k - 1) / k of the slots,
-    and with one threshold per token's second slot (top-2) at most 1 / k."""
-    limit = 1.0 / n_used if n_used > 1 else 0.0
+    """A skip share the rule can reach: slot 0 always runs, so at most (k - 1) / k of the slots."""
+    limit = (n_used - 1) / n_used
     if not (math.isfinite(target_skip) and 0.0 <= target_skip <= limit):
         raise InvalidValueError(f"a skip share of {target_skip} is not reachable with top-{n_used} routing: "
                                 f"choose one in [0, {limit:g}]")
 
 
 def thresholds_for_skip_share(ratios_per_layer: Sequence[np.ndarray], target_skip: float, n_used: int = 2) -> list[float]:
-    """Per-layer mu so that about ``target_skip`` of all slots are skipped (top-2: the w1/w0 quantile).
+    """Per-layer mu so that about ``target_skip`` of all slots are skipped: the same quantile of each
+    layer's ratios w_i / w_0 ([tokens] for top-2, or [tokens, k-1]).
 
-    With top-2 routing only slot 1 can be skipped, so a layer skips the share q of its
-    tokens whose w1/w0 falls below its q-quantile, i.e. q / 2 of its slots; the same
-    q in every layer gives a skip share of q / n_used overall.
+    Slot 0 always runs; every other slot is skipped when its ratio is below mu (top-any: a token keeps
+    1 to k experts). The q-quantile of a layer's k-1 ratios per token skips a share q of them, i.e.
+    q (k-1) / k of its slots; the same q in every layer gives that share overall.
     """
     check_skip_share(target_skip, n_used)
-    share_of_tokens = target_skip * n_used
-    # skipped iff ratio < mu: the q-quantile skips a share q of the tokens
-    return [float(np.quantile(ratios, share_of_tokens)) if share_of_tokens > 0 and len(ratios) else 0.0
+    share_of_ratios = target_skip * n_used / (n_used - 1) if n_used > 1 else 0.0
+    # skipped iff ratio < mu: the q-quantile skips a share q of the ratios
+    return [float(np.quantile(ratios, share_of_ratios)) if share_of_ratios > 0 and np.size(ratios) else 0.0
             for ratios in ratios_per_layer]

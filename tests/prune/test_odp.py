@@ -21,7 +21,7 @@ from mc_gguf.gguf_io import keys
 from mc_gguf.gguf_io.edit import MetadataDetails, float_array, float_value, rewrite_metadata
 from mc_gguf.prune.calibration import write_odp_metadata
 from mc_gguf.prune.reference import TransformersOdp
-from mc_gguf.prune.rule import top2_ratios
+from mc_gguf.prune.rule import top_ratios
 
 from helpers import PROMPT, llama_cpp_logits, transformers_logits
 
@@ -39,12 +39,13 @@ def router_ratios(hf_model, ids) -> list[np.ndarray]:
 
     with torch.no_grad():
         out = hf_model(torch.tensor([ids]), output_router_logits=True)
-    return [top2_ratios(torch.softmax(logits.float(), -1).numpy()) for logits in out.router_logits]
+    k = hf_model.config.num_experts_per_tok
+    return [top_ratios(torch.softmax(logits.float(), -1).numpy(), k) for logits in out.router_logits]
 
 
 def safe_median(ratios: np.ndarray) -> float:
     """A threshold near the median that is not within float noise of any ratio."""
-    values = np.sort(ratios)
+    values = np.sort(np.ravel(ratios))
     i = len(values) // 2
     return float((values[i] + values[i + 1]) / 2)
 
