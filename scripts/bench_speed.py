@@ -119,7 +119,7 @@ def build_files(work: Path, quick: bool) -> dict[str, Path]:
     if not files["q4_groups"].exists():
         types = plans["per_expert"].projection_types(0, "gate")
         partition = {g: [x for x, t in enumerate(types) if t == name] for g, name in enumerate(sorted(set(types)))}
-        regroup_experts(files["uniform"], files["q4_groups"], model_dir, partition)
+        regroup_experts(files["uniform"], files["q4_groups"], partition)
     return files
 
 

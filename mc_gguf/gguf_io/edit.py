@@ -61,6 +61,25 @@ def rewrite_metadata(src: str | Path, dst: str | Path, updates: dict[str, Metada
     return Path(dst)
 
 
+def copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, updates: dict[str, MetadataDetails]) -> None:
+    """Every key of ``reader`` into ``writer``, ``updates`` set (the key-value loop of gguf-py's
+    gguf_new_metadata.copy_with_new_metadata, for a writer whose tensors are new)."""
+    updates = dict(updates)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue  # virtual fields, and those GGUFWriter writes itself
+        value_type = field.types[0]
+        sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+        value = updates.pop(field.name, MetadataDetails(value_type, field.contents(), sub_type=sub_type))
+        writer.add_key_value(field.name, value.value, value.type, sub_type=value.sub_type)
+    for key, value in updates.items():
+        writer.add_key_value(key, value.value, value.type, sub_type=value.sub_type)
+
+
+def int32_array(values: Sequence[int]) -> MetadataDetails:
+    return MetadataDetails(gguf.GGUFValueType.ARRAY, [int(v) for v in values], sub_type=gguf.GGUFValueType.INT32)
+
+
 def _writer(path: Path, reader: gguf.GGUFReader, cls: type[gguf.GGUFWriter] = gguf.GGUFWriter) -> gguf.GGUFWriter:
     """A writer of ``reader``'s architecture, byte order and alignment (the file's general.alignment or 32)."""
     writer = cls(path, arch=field_value(reader, gguf.Keys.General.ARCHITECTURE), endianess=reader.endianess)

@@ -168,7 +168,7 @@ def stock_q4(calibration, tiny_model_dir, tmp_path_factory):
 def test_experts_split_into_groups_give_the_stock_files_logits_exactly(stock_q4, tiny_model_dir, tmp_path,
                                                                        prompt_ids, regrouping):
     """The runtime's group mechanics alone: same bytes, regrouped, must compute the same numbers."""
-    grouped = regroup_experts(stock_q4, tmp_path / "grouped.gguf", tiny_model_dir, *REGROUPINGS[regrouping])
+    grouped = regroup_experts(stock_q4, tmp_path / "grouped.gguf", *REGROUPINGS[regrouping])
     expected = llama_cpp_logits(stock_q4, prompt_ids)
     np.testing.assert_array_equal(llama_cpp_logits(grouped, prompt_ids), expected)
     # single tokens (decode) as well as a prompt batch
@@ -183,7 +183,7 @@ def test_pruned_slots_are_skipped_alike_in_groups(stock_q4, tiny_model_dir, tmp_
 
     from mc_gguf.evaluate.run import load
 
-    grouped = regroup_experts(stock_q4, tmp_path / "grouped.gguf", tiny_model_dir, *REGROUPINGS[regrouping])
+    grouped = regroup_experts(stock_q4, tmp_path / "grouped.gguf", *REGROUPINGS[regrouping])
     settings = dict(n_ctx=512, logits_all=True, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=False,
                     mu=0.97, protect_ratio=0.1)
     for n_batch in (512, 1):
@@ -209,7 +209,7 @@ def test_group_by_group_graph_gives_the_same_logits(stock_q4, tiny_model_dir, tm
     import sys
     from pathlib import Path
 
-    grouped = regroup_experts(stock_q4, tmp_path / "grouped.gguf", tiny_model_dir, *REGROUPINGS[regrouping])
+    grouped = regroup_experts(stock_q4, tmp_path / "grouped.gguf", *REGROUPINGS[regrouping])
     env = {**os.environ, "LLAMA_MC_EXPERT_GROUPS_SPLIT": "1"}
     helpers = Path(__file__).parent.parent / "helpers.py"
     for kwargs in ({"n_batch": 512}, {"n_batch": 1}, {"n_batch": 512, "mu": 0.97, "protect_ratio": 0.1},
@@ -228,7 +228,7 @@ def test_corrupted_group_map_fails_to_load_cleanly(stock_q4, tiny_model_dir, tmp
     from mc_gguf.evaluate.run import load
     from mc_gguf.gguf_io.edit import MetadataDetails, rewrite_metadata
 
-    grouped = regroup_experts(stock_q4, tmp_path / "grouped.gguf", tiny_model_dir, {0: [0, 1], 1: [2, 3]})
+    grouped = regroup_experts(stock_q4, tmp_path / "grouped.gguf", {0: [0, 1], 1: [2, 3]})
     good = gguf.GGUFReader(grouped).fields[keys.EXPERT_GROUPS].contents()
     corruptions = {
         "moved": (good[:1] + [1] + good[2:], "holds 2 experts, the map puts"),      # counts no longer match
