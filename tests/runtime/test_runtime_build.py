@@ -113,3 +113,23 @@ def test_the_installed_runtimes_ggml_is_found_here():
     from mc_gguf.runtime.build import installed_library_dir, shared_library
 
     assert shared_library(installed_library_dir(), "ggml-base") is not None
+
+
+def test_the_rpc_backend_compiles_with_the_patch_series():
+    """-DGGML_RPC=ON is not cut off: ggml-rpc.cpp compiles against the patched headers (0009 adds an op, which
+    ggml-rpc.h's op count must include, 0012), and speaks a protocol major version stock peers refuse."""
+    import re
+    import shutil
+
+    vendor = source.patched_source()
+    compiler = shutil.which("c++") or shutil.which("g++")
+    assert compiler, "a C++ compiler builds the runtime"
+    ggml = vendor / "ggml"
+    result = subprocess.run([compiler, "-std=c++17", "-fsyntax-only", "-I", str(ggml / "include"), "-I",
+                             str(ggml / "src"), str(ggml / "src" / "ggml-rpc" / "ggml-rpc.cpp")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stock = (source.patched_source(source.BuildFlags(stock=True)) / "ggml" / "include" / "ggml-rpc.h").read_text()
+    patched = (vendor / "ggml" / "include" / "ggml-rpc.h").read_text()
+    major = re.compile(r"#define RPC_PROTO_MAJOR_VERSION\s+(\d+)")
+    assert major.search(patched).group(1) != major.search(stock).group(1)
