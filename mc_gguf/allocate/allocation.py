@@ -87,26 +87,26 @@ def _choices(stats: CalibrationStats, ckpt: Checkpoint, types: list[str], layout
     hidden, ff = ckpt.expert_dims
     parts = ([(EPS_GATE_UP, ("gate", "up")), (EPS_DOWN, ("down",))] if per_projection
              else [(EPS_EXPERT, PROJECTIONS)])
+    part_bpw = [projection_bits(ckpt, types, projections) for _, projections in parts]  # the same in every layer
     units, costs, sizes, tensor_of, bpw = [], [], [], [], []
     for bid, layer in enumerate(stats.layers):
         for part, (row, projections) in enumerate(parts):
             tensor = bid * len(parts) + part
             cost = significance_cost(layer.phi, layer.w, layer.eps[row][:, columns], **exponents)
             n = len(projections) * ff * hidden
-            part_bpw = projection_bits(ckpt, types, projections)
             if layout == "stock":
                 units.append(_Unit(bid, tuple(range(ckpt.n_experts)), projections))
                 costs.append(cost.sum(axis=0))
                 sizes.append(n * ckpt.n_experts)
                 tensor_of.append(tensor)
-                bpw.append(part_bpw)
+                bpw.append(part_bpw[part])
             else:
                 for xid in range(ckpt.n_experts):
                     units.append(_Unit(bid, (xid,), projections))
                     costs.append(cost[xid])
                     sizes.append(n)
                     tensor_of.append(tensor)
-                    bpw.append(part_bpw)
+                    bpw.append(part_bpw[part])
     return units, AllocationProblem(cost=np.array(costs), bits_per_weight=np.array(bpw), n_weights=np.array(sizes),
                                     layer_of=np.array([u.bid for u in units]), tensor_of=np.array(tensor_of))
 
@@ -114,9 +114,8 @@ def _choices(stats: CalibrationStats, ckpt: Checkpoint, types: list[str], layout
 def projection_bits(ckpt: Checkpoint, types: list[str], projections: tuple[str, ...] = PROJECTIONS) -> np.ndarray:
     """Bits per weight [T] of ``projections`` of an expert when each type is asked for: rows that are not
     whole blocks of a type are stored in its fallback (types.stored_type), at that type's true size."""
-    hidden, ff = ckpt.expert_dims
-    return np.array([np.mean([stored_type(t, row_length(p, hidden, ff)).bits_per_weight for p in projections])
-                     for t in types])
+    stored = [stored_types(ckpt, t) for t in types]
+    return np.array([np.mean([quant_type(s[p]).bits_per_weight for p in projections]) for s in stored])
 
 
 def _expert_budget(ckpt: Checkpoint, bits: float, scope: str, layout: str, types: list[str],
@@ -147,12 +146,12 @@ def stored_types(ckpt: Checkpoint, type_name: str) -> dict[str, str]:
 def _plan(ckpt: Checkpoint, layout: str, units: list[_Unit], choice: np.ndarray, types: list[str],
           non_expert: dict[str, str], budget: dict, inputs: dict) -> Plan:
     """The plan of the chosen types, each projection at the type its rows are stored in."""
+    stored = [stored_types(ckpt, t) for t in types]
     experts: list[list[dict[str, str]]] = [[{} for _ in range(ckpt.n_experts)] for _ in range(ckpt.n_layers)]
     for unit, t in zip(units, choice):
-        stored = stored_types(ckpt, types[t])
         for xid in unit.experts:
             for projection in unit.projections:
-                experts[unit.bid][xid][projection] = stored[projection]
+                experts[unit.bid][xid][projection] = stored[t][projection]
     plan = Plan(layout=layout, experts=experts, non_expert=non_expert, budget=budget, inputs=inputs)
     plan.predicted = predict(ckpt, plan)
     return plan

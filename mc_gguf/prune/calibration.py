@@ -32,13 +32,17 @@ def router_statistics(model_dir: str | Path, text: CalibrationText, work: Path, 
     return calibrate(model_dir, work / "router.stats", text, settings, progress=progress, reuse=True)
 
 
+def check_rule(rule: str) -> None:
+    if rule not in THRESHOLD_RULES:
+        raise McGgufError(f"unknown threshold rule {rule!r}; choose one of {', '.join(THRESHOLD_RULES)}")
+
+
 def thresholds(stats: CalibrationStats, skip_share: float, rule: str = DEFAULT_RULE) -> list[float]:
     """Per-layer mu that skip about ``skip_share`` of the expert slots on the calibration tokens."""
+    check_rule(rule)
     n_used = int(stats.info["n_expert_used"])
     if rule == "quantile":
         return pruning.thresholds_for_skip_share([layer.top_ratio for layer in stats.layers], skip_share, n_used)
-    if rule != "sensitivity":
-        raise McGgufError(f"unknown threshold rule {rule!r}; choose one of {', '.join(THRESHOLD_RULES)}")
     if any(layer.skip_cost is None for layer in stats.layers):
         raise McGgufError("these statistics have no skip costs (an older mc-gguf measured them): calibrate again, "
                           "or choose the quantile rule")
@@ -66,8 +70,7 @@ def calibrate_odp(model_dir: str | Path, text: CalibrationText, gguf_in: str | P
     router statistics are kept in a folder beside ``gguf_out`` until the file
     is written, so that an interrupted run resumes.
     """
-    if rule not in THRESHOLD_RULES:
-        raise McGgufError(f"unknown threshold rule {rule!r}; choose one of {', '.join(THRESHOLD_RULES)}")
+    check_rule(rule)  # before the model pass
     _check_inputs(model_dir, gguf_in, gguf_out, skip_share, protect_ratio)
     gguf_out = Path(gguf_out)
     work = gguf_out.parent / f".{gguf_out.name}.odp-calibrate"

@@ -78,22 +78,22 @@ def quantize_expert(ckpt: Checkpoint, stats: CalibrationStats | None, bid: int, 
 
 
 def _check_fits(ckpt: Checkpoint, plan: Plan, stats: CalibrationStats | None) -> None:
+    hidden, ff = ckpt.expert_dims
     if plan.n_layers != ckpt.n_layers:
         raise PlanFileError(f"the plan is for {plan.n_layers} layers; {ckpt.path} has {ckpt.n_layers}")
     for bid, layer in enumerate(plan.experts):
         if len(layer) != ckpt.n_experts:
             raise PlanFileError(f"the plan gives layer {bid} {len(layer)} experts; {ckpt.path} has {ckpt.n_experts} "
                                 "in every layer")
-    hidden, ff = ckpt.expert_dims
-    for bid, layer in enumerate(plan.experts):
         for xid, expert in enumerate(layer):
             for projection, name in expert.items():
                 length = row_length(projection, hidden, ff)
-                if length % quant_type(name).block_size:
+                stored = stored_type(name, length)
+                if stored != quant_type(name):
                     raise PlanFileError(
                         f"the plan gives layer {bid} expert {xid} {projection} {name}, whose blocks of "
                         f"{quant_type(name).block_size} do not divide its rows of {length} weights; "
-                        f"llama-quantize would store it as {stored_type(name, length).name}")
+                        f"llama-quantize would store it as {stored.name}")
     if stats is not None and (len(stats.layers) != ckpt.n_layers or stats.layers[0].count.size != ckpt.n_experts):
         raise McGgufError(f"the statistics are for another model than {ckpt.path}")
     if stats is None:

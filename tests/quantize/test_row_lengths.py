@@ -94,3 +94,16 @@ def prompt_ids_of():
     from transformers import AutoTokenizer
 
     return lambda model_dir: AutoTokenizer.from_pretrained(str(model_dir))(PROMPT).input_ids
+
+
+def test_a_plan_whose_type_does_not_fit_the_rows_is_refused_before_writing(odd_model, tmp_path):
+    from mc_gguf.allocate.plan import PlanFileError
+
+    ckpt = open_checkpoint(odd_model)
+    plan = uniform_plan(ckpt, "Q8_0")
+    for expert in plan.experts[0]:
+        expert["down"] = "Q4_K"  # rows of 352 or 200 weights: not whole 256-blocks
+    out = tmp_path / "out.gguf"
+    with pytest.raises(PlanFileError, match="llama-quantize would store it as (Q5_0|F16)"):
+        quantize(odd_model, plan, out, progress=False)
+    assert list(tmp_path.iterdir()) == []
