@@ -42,7 +42,7 @@ def plan_type_chooser(plan: Plan):
             types = set(plan.projection_types(bid, EXPERT_KINDS[kind]))
             return quant_type(types.pop()).qtype if len(types) == 1 else T.F32
         wanted = plan.non_expert.get(non_expert_class(name), NON_EXPERT_DEFAULTS[non_expert_class(name)])
-        return fit_type(kind, shape, T[wanted.upper()])
+        return fit_type(kind, shape, T[wanted.upper()], name)
     return type_for
 
 

@@ -50,12 +50,25 @@ class EpsSample:
     weights: torch.Tensor
 
 
+# How a family's shared expert adds to the routed experts' output (the row's ``shared_expert``); ``block`` holds
+# transformers' own submodules of the row's ``shared_modules`` (forward.decoder_layer puts them there).
+SHARED_EXPERT_OUTPUT: dict[str, Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]] = {
+    # Qwen2MoeSparseMoeBlock; llama.cpp's qwen2moe.cpp: ffn_gate_inp_shexp, sigmoid, times the shared FFN
+    "sigmoid-gated": lambda block, x: torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x),
+}
+
+
 class StatisticsMoE(torch.nn.Module):
-    """The MoE block of one layer, computing its output and accumulating its statistics."""
+    """The MoE block of one layer, computing its output and accumulating its statistics.
+
+    A shared expert (``shared``, one of SHARED_EXPERT_OUTPUT) adds its output to the routed experts'; it is
+    neither counted nor skipped, and the skip costs are those of the routed part's change."""
 
     def __init__(self, router: torch.Tensor, experts: list[ExpertWeights], act: Callable, n_used: int,
-                 norm_topk_prob: bool, eps_positions: np.ndarray, hessian: bool):
+                 norm_topk_prob: bool, eps_positions: np.ndarray, hessian: bool,
+                 shared: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
+        self.shared = shared
         n_expert = len(experts)
         ff, hidden = experts[0].gate.shape
         self.experts = experts               # in the checkpoint's dtype
@@ -88,6 +101,8 @@ class StatisticsMoE(torch.nn.Module):
         routed = routing.routed()
         self._count_routing(routing, routed)
         out = self._run_experts(x, routing, routed)
+        if self.shared is not None:
+            out = out + self.shared(self, x)
         self._keep_eps_sample(x, routing)
         self.seen += len(x)
         return out.reshape(shape)

@@ -11,7 +11,8 @@ EXAMPLE = "example: mc-gguf convert ./Mixtral-8x7B-v0.1 -o mixtral-f16.gguf --ty
 
 
 def add_parser(commands) -> None:
-    p = add_command(commands, "convert", "Convert a Hugging Face MoE checkpoint (Mixtral) into a GGUF llama.cpp runs.",
+    p = add_command(commands, "convert", "Convert a Hugging Face MoE checkpoint into a GGUF llama.cpp runs: Mixtral "
+                    "by mc-gguf, Qwen3-MoE and OLMoE by llama.cpp's own convert_hf_to_gguf.py (from the pinned sdist).",
                     EXAMPLE)
     p.add_argument("model_dir", help="Hugging Face model folder (config.json, safetensors shards, tokenizer.model or tokenizer.json)")
     p.add_argument("-o", "--output", required=True, help="the GGUF file to write (written atomically)")

@@ -4,11 +4,18 @@ Every stage (convert, calibrate, quantize) reads one row of this table to find
 a layer's router and experts; a new architecture is a new row. Hugging Face
 tensor names are templates with ``{bid}`` (block index) and ``{xid}`` (expert
 index); GGUF names come from gguf-py's TensorNameMap.
+
+What mc-gguf does not decide itself (metadata, vocabulary, every tensor but
+the routed experts) comes from a converter named by the row: mc-gguf's own
+(gguf_io/convert.py, Mixtral) or llama.cpp's convert_hf_to_gguf.py from the
+pinned sdist (gguf_io/llama_convert.py), which knows each family's keys,
+renames and tokenizers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 
 import gguf
 
@@ -26,12 +33,15 @@ class MoEArchitecture:
     expert_projections: tuple[tuple[str, str], ...]
     # The name gguf-py's TensorNameMap knows for the stacked tensor of a projection.
     stacked_expert: str
+    # How a shared expert adds to the routed experts' output (calibrate/moe.py SHARED_EXPERT_OUTPUT; None: no
+    # shared expert), and the MoE block's transformers submodules that compute it, used as they are.
     shared_expert: str | None
-    # config.json keys.
-    n_expert_key: str
+    # config.json keys: the expert count (the first present of these), experts per token.
+    n_expert_keys: tuple[str, ...]
     n_expert_used_key: str
     gating: gguf.ExpertGatingFuncType
-    # Are the top-k weights renormalised to sum to 1 (Mixtral: yes)?
+    # Are the top-k weights renormalised to sum to 1 (Mixtral: yes)? Read from config.json's
+    # ``norm_topk_key`` where the family has one, this being transformers' default.
     norm_topk_prob: bool
     # HF stores Q/K for rotate-half rope; llama.cpp's "llama" arch rotates
     # adjacent pairs, so Q and K rows are permuted on conversion.
@@ -41,6 +51,10 @@ class MoEArchitecture:
     hf_moe_module: str = "mlp"
     moe_input_norm: str = "post_attention_layernorm"
     embed_tokens: str = "model.embed_tokens.weight"
+    norm_topk_key: str | None = None
+    shared_modules: tuple[str, ...] = ()
+    # Who writes the metadata and non-expert tensors: "mc-gguf" or "llama.cpp" (see the module docstring).
+    converter: str = "mc-gguf"
 
     def expert_tensor(self, bid: int, xid: int, projection: str) -> str:
         """HF name of one expert's projection weight, e.g. ``...experts.3.w1.weight``."""
@@ -50,6 +64,11 @@ class MoEArchitecture:
     def stacked_expert_name(self, bid: int, projection: str) -> str:
         """The key TensorNameMap resolves to ``blk.N.ffn_{projection}_exps``."""
         return self.stacked_expert.format(bid=bid, proj=dict(self.expert_projections)[projection])
+
+    def expert_pattern(self) -> str:
+        """A regular expression matching every routed expert's checkpoint tensors (of any layer)."""
+        template = re.escape(self.expert.format(bid="{bid}", xid="{xid}"))
+        return "^" + template.replace(r"\{bid\}", r"\d+").replace(r"\{xid\}", r"\d+") + r"\."
 
     def checkpoint_moe_module(self, bid: int) -> str:
         """The MoE block's name in the checkpoint, e.g. ``model.layers.3.block_sparse_moe``."""
@@ -64,14 +83,42 @@ MIXTRAL = MoEArchitecture(
     expert_projections=(("gate", "w1"), ("up", "w3"), ("down", "w2")),
     stacked_expert="model.layers.{bid}.block_sparse_moe.experts.{proj}",
     shared_expert=None,
-    n_expert_key="num_local_experts",
+    n_expert_keys=("num_local_experts",),
     n_expert_used_key="num_experts_per_tok",
     gating=gguf.ExpertGatingFuncType.SOFTMAX,
     norm_topk_prob=True,
     permute_qk=True,
 )
 
-ARCHITECTURES: dict[str, MoEArchitecture] = {arch.hf_architecture: arch for arch in (MIXTRAL,)}
+# Qwen3-MoE: softmax routing, renormalised when config.json says so (Qwen3-30B-A3B and 235B do), no
+# shared expert. transformers 5 writes the expert count as num_local_experts, the Hub's files as num_experts.
+QWEN3_MOE = MoEArchitecture(
+    hf_architecture="Qwen3MoeForCausalLM",
+    gguf_arch=gguf.MODEL_ARCH.QWEN3MOE,
+    router="model.layers.{bid}.mlp.gate",
+    expert="model.layers.{bid}.mlp.experts.{xid}",
+    expert_projections=(("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")),
+    stacked_expert="model.layers.{bid}.mlp.experts.{proj}",
+    shared_expert=None,
+    n_expert_keys=("num_experts", "num_local_experts"),
+    n_expert_used_key="num_experts_per_tok",
+    gating=gguf.ExpertGatingFuncType.SOFTMAX,
+    norm_topk_prob=False,
+    norm_topk_key="norm_topk_prob",
+    permute_qk=False,
+    converter="llama.cpp",
+)
+
+# OLMoE: Qwen3-MoE's MoE block (softmax, top-k weights not renormalised by default), Q/K norms over all heads.
+OLMOE = replace(QWEN3_MOE, hf_architecture="OlmoeForCausalLM", gguf_arch=gguf.MODEL_ARCH.OLMOE)
+
+# Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B): Qwen3-MoE's routing plus a shared expert whose output is scaled by
+# a sigmoid gate of its own (Qwen2MoeSparseMoeBlock); the shared expert is never quantized per expert nor pruned.
+QWEN2_MOE = replace(QWEN3_MOE, hf_architecture="Qwen2MoeForCausalLM", gguf_arch=gguf.MODEL_ARCH.QWEN2MOE,
+                    shared_expert="sigmoid-gated", shared_modules=("shared_expert", "shared_expert_gate"))
+
+ARCHITECTURES: dict[str, MoEArchitecture] = {arch.hf_architecture: arch for arch in (MIXTRAL, QWEN2_MOE, QWEN3_MOE,
+                                                                                     OLMOE)}
 
 
 def architecture_for(config: dict) -> MoEArchitecture:

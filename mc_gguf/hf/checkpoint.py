@@ -44,8 +44,18 @@ class Checkpoint:
         return int(self.config["num_hidden_layers"])
 
     @property
+    def n_expert_key(self) -> str:
+        return expert_count_key(self.config, self.arch)
+
+    @property
     def n_experts(self) -> int:
-        return int(self.config[self.arch.n_expert_key])
+        return int(self.config[self.n_expert_key])
+
+    @property
+    def norm_topk_prob(self) -> bool:
+        """Are a token's top-k routing weights renormalised to sum to 1 (config.json, else the row's default)?"""
+        key = self.arch.norm_topk_key
+        return bool(self.config.get(key, self.arch.norm_topk_prob)) if key else self.arch.norm_topk_prob
 
     @property
     def n_experts_used(self) -> int:
@@ -117,15 +127,36 @@ SAFETENSORS_DTYPES = {"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U6
                       "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64"}
 
 
+def expert_count_key(config: dict, arch: MoEArchitecture) -> str:
+    """The config.json key holding the expert count: the first of the row's keys present (the first if none)."""
+    return next((key for key in arch.n_expert_keys if key in config), arch.n_expert_keys[0])
+
+
+def dense_layers(config: dict) -> list[int]:
+    """Layers with a dense FFN instead of experts, from the keys the families use for them (Qwen2/3-MoE's
+    mlp_only_layers and decoder_sparse_step, DeepSeek's first_k_dense_replace and moe_layer_freq)."""
+    n_layers = int(config.get("num_hidden_layers") or 0)
+    dense = set(config.get("mlp_only_layers") or [])
+    step = config.get("decoder_sparse_step") or config.get("moe_layer_freq") or 1
+    dense |= {bid for bid in range(n_layers) if (bid + 1) % step}
+    dense |= set(range(min(int(config.get("first_k_dense_replace") or 0), n_layers)))
+    return sorted(dense)
+
+
 def _check_config(path: Path, config: dict, arch: MoEArchitecture) -> None:
-    for key in (*REQUIRED_CONFIG, arch.n_expert_key, arch.n_expert_used_key):
+    dense = dense_layers(config)
+    if dense:
+        raise CheckpointError(f"{path / 'config.json'}: layers {', '.join(map(str, dense))} have a dense FFN, "
+                              "not experts; mc-gguf compresses models whose every layer is an MoE layer")
+    n_expert_key = expert_count_key(config, arch)
+    for key in (*REQUIRED_CONFIG, n_expert_key, arch.n_expert_used_key):
         value = config.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             found = "it is missing" if value is None else f"it is {value!r}"
             raise CheckpointError(f"{path / 'config.json'}: {key} must be a positive whole number; {found}")
-    if config[arch.n_expert_used_key] > config[arch.n_expert_key]:
+    if config[arch.n_expert_used_key] > config[n_expert_key]:
         raise CheckpointError(f"{path / 'config.json'}: {arch.n_expert_used_key} = {config[arch.n_expert_used_key]} "
-                              f"is more than the {config[arch.n_expert_key]} experts ({arch.n_expert_key})")
+                              f"is more than the {config[n_expert_key]} experts ({n_expert_key})")
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:

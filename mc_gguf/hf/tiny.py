@@ -1,9 +1,12 @@
-"""A tiny seeded Mixtral checkpoint, built locally: the demo's model and the tests' fixture.
+"""Tiny seeded checkpoints, built locally: the demo's model and the tests' fixtures.
 
-It has Mixtral's exact Hugging Face layout (sharded safetensors with an index,
-per-expert ``w1/w2/w3`` tensors) and Mixtral's own 32,000-piece SentencePiece
-tokenizer, which the PyPI package mistral-common ships (Apache-2.0), so that
-nothing is downloaded from a hub.
+The Mixtral has Mixtral's exact Hugging Face layout (sharded safetensors with
+an index, per-expert ``w1/w2/w3`` tensors) and Mixtral's own 32,000-piece
+SentencePiece tokenizer, which the PyPI package mistral-common ships
+(Apache-2.0), so that nothing is downloaded from a hub. The other families
+(``build_tiny_family``) are saved by transformers from their own config
+classes; their BPE tokenizers cannot be had offline, so they carry the same
+SentencePiece tokenizer.
 """
 
 from __future__ import annotations
@@ -102,5 +105,41 @@ def build_tiny_mixtral(out_dir: str | Path, spec: TinyMixtralSpec = TinyMixtralS
             if name.endswith("norm.weight"):
                 param.add_(0.1 * torch.randn_like(param))
     model.to(getattr(torch, spec.dtype)).save_pretrained(str(out_dir), max_shard_size=spec.max_shard_size)
+    save_mixtral_tokenizer(out_dir)
+    return out_dir
+
+
+# transformers' config class, model class and MoE settings of each family's tiny checkpoint.
+TINY_FAMILIES = {
+    "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, head_dim=64)),
+    "qwen2moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        moe_intermediate_size=128, shared_expert_intermediate_size=256, num_experts=8, num_experts_per_tok=2)),
+    # llama.cpp's OLMoE normalises K over all heads: as the real model, as many KV heads as heads
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=128, num_experts=8, num_experts_per_tok=2,
+                                                      num_key_value_heads=4)),
+}
+
+
+def build_tiny_family(kind: str, out_dir: str | Path, seed: int = 7, **overrides) -> Path:
+    """Save a seeded random checkpoint of family ``kind`` (TINY_FAMILIES) with Mixtral's tokenizer."""
+    import torch
+    import transformers
+
+    out_dir = Path(out_dir)
+    config_name, model_name, extra = TINY_FAMILIES[kind]
+    config = getattr(transformers, config_name)(**{
+        **dict(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=False,
+               bos_token_id=1, eos_token_id=2), **extra, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.add_(0.1 * torch.randn_like(param))
+            if name.endswith("shared_expert_gate.weight"):
+                param.normal_(0.0, 0.5)
+    model.save_pretrained(str(out_dir))
     save_mixtral_tokenizer(out_dir)
     return out_dir

@@ -8,7 +8,9 @@ from mc_gguf.prune.rule import DEFAULT_PROTECT_RATIO, SlotCounts, keep_mask, val
 
 
 class TransformersOdp:
-    """ODP applied to a transformers Mixtral model by replacing each layer's router forward.
+    """ODP applied to a transformers MoE model (Mixtral, Qwen3-MoE, OLMoE: top-k of a softmax router) by
+    replacing each layer's router forward. The kept weights are renormalised where the router renormalises
+    (Mixtral always, the others as their ``norm_topk_prob`` says), as the runtime's ODP does.
 
     Used as a context manager; counts slots per layer like the runtime does.
     """
@@ -52,7 +54,8 @@ class TransformersOdp:
             # by exactly 0. (An out-of-range "skip" index is not safe: transformers' grouped
             # expert kernels leave such rows uninitialised.)
             top_values = top_values * keep
-            top_values = top_values / top_values.sum(dim=-1, keepdim=True)
+            if getattr(router, "norm_topk_prob", True):
+                top_values = top_values / top_values.sum(dim=-1, keepdim=True)
             kept = int(keep.sum())
             self.counts.computed[il] += kept
             self.counts.skipped[il] += keep.numel() - kept

@@ -121,7 +121,7 @@ def test_calibrations_moe_block_computes_transformers_moe_output_running_each_ex
     for il in range(ckpt.n_layers):
         router, experts = load_experts(ckpt, il)
         moe = moe_module.StatisticsMoE(router, experts, torch.nn.functional.silu, ckpt.n_experts_used,
-                                       ckpt.arch.norm_topk_prob, np.arange(0), hessian=False)
+                                       ckpt.norm_topk_prob, np.arange(0), hessian=False)
         rows.clear()
         with torch.no_grad():
             ours = moe(xs[il][None])

@@ -29,3 +29,23 @@ def test_tensors_read_from_the_shard_equal_safetensors_reading(tmp_path):
             got, expected = ckpt.load_torch(name), handle.get_tensor(name)
             assert got.dtype == expected.dtype and got.shape == expected.shape, name
             assert torch.equal(got.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)), name
+
+
+def test_a_model_with_dense_layers_is_refused_naming_them(tmp_path):
+    """Qwen3-MoE's mlp_only_layers, Qwen2-MoE's decoder_sparse_step, DeepSeek's first_k_dense_replace."""
+    import json
+
+    import pytest
+
+    from mc_gguf.errors import CheckpointError
+    from mc_gguf.hf.checkpoint import dense_layers, open_checkpoint
+
+    config = {"architectures": ["Qwen3MoeForCausalLM"], "num_hidden_layers": 4, "hidden_size": 64,
+              "num_attention_heads": 4, "vocab_size": 100, "num_experts": 4, "num_experts_per_tok": 2,
+              "mlp_only_layers": [0]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="layers 0 have a dense FFN"):
+        open_checkpoint(tmp_path)
+    assert dense_layers({"num_hidden_layers": 4, "decoder_sparse_step": 2}) == [0, 2]
+    assert dense_layers({"num_hidden_layers": 4, "first_k_dense_replace": 1}) == [0]
+    assert dense_layers({"num_hidden_layers": 4, "decoder_sparse_step": 1, "mlp_only_layers": []}) == []

@@ -45,8 +45,9 @@ def dequantized_experts(path) -> dict[tuple[int, str], np.ndarray]:
     with mc.experts.groups as docs/FORMAT.md describes it."""
     reader = gguf.GGUFReader(path)
     tensors = {t.name: t for t in reader.tensors}
-    n_layer = reader.fields["llama.block_count"].contents()
-    n_expert = reader.fields["llama.expert_count"].contents()
+    arch = reader.fields["general.architecture"].contents()
+    n_layer = reader.fields[f"{arch}.block_count"].contents()
+    n_expert = reader.fields[f"{arch}.expert_count"].contents()
     groups = reader.fields[keys.EXPERT_GROUPS].contents() if keys.EXPERT_GROUPS in reader.fields else None
     out = {}
     for bid in range(n_layer):

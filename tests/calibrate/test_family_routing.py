@@ -1,0 +1,77 @@
+"""Calibration of the other families (Qwen3-MoE, OLMoE) routes every token as transformers' own router does.
+
+The streamed calibration (decoder layers one at a time, mc-gguf's MoE block
+inside) runs on a tiny seeded checkpoint of each family; the reference is the
+whole transformers model on the same sequences, its routers' outputs read by
+hooks: experts chosen, weights applied (renormalised or not, as the config
+says), and router probabilities.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mc_gguf.calibrate.calibration import calibrate
+from mc_gguf.calibrate.forward import load_experts
+from mc_gguf.calibrate.moe import StatisticsMoE
+from mc_gguf.calibrate.settings import CalibrationSettings
+from mc_gguf.calibrate.text import CalibrationText, pack_sequences
+from mc_gguf.hf.checkpoint import open_checkpoint
+from mc_gguf.hf.tiny import build_tiny_family
+
+from conftest import CALIBRATION_TEXT
+
+SETTINGS = CalibrationSettings(n_tokens=512, seq_len=128, seed=3, types=())
+
+
+@pytest.fixture(scope="module", params=["qwen2moe", "qwen3moe", "olmoe"])
+def family(request, tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = build_tiny_family(request.param, tmp_path_factory.mktemp(request.param) / "model")
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    ids = tokenizer(CALIBRATION_TEXT, add_special_tokens=False).input_ids
+    sequences = pack_sequences(ids, tokenizer.bos_token_id, SETTINGS.n_tokens, SETTINGS.seq_len, SETTINGS.seed)
+    routers = []  # per layer: (router input, logits, applied weights, experts)
+    hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o: routers.append((i[0], *o)))
+             for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            model(torch.from_numpy(sequences))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    stats = calibrate(folder, tmp_path_factory.mktemp("stats") / "stats", CalibrationText("test", CALIBRATION_TEXT),
+                      SETTINGS, progress=False)
+    return folder, model, routers, stats
+
+
+def test_counts_weights_and_ratios_equal_transformers_routers(family):
+    _, model, routers, stats = family
+    assert len(routers) == len(stats.layers)
+    for layer, (_, logits, _, experts) in zip(stats.layers, routers):
+        probs = torch.softmax(logits.float(), dim=-1)
+        np.testing.assert_array_equal(layer.count, np.bincount(experts.reshape(-1).numpy(), minlength=probs.shape[1]))
+        chosen = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, experts, True)
+        np.testing.assert_allclose(layer.weight_sum, (probs * chosen).sum(0).double().numpy(), rtol=1e-4)
+        top = probs.gather(1, experts)
+        np.testing.assert_allclose(layer.top_ratio[:, 0], (top[:, 1] / top[:, 0]).numpy(), rtol=1e-4)
+
+
+def test_the_weights_applied_to_the_experts_are_transformers_own(family):
+    """Renormalised to sum to 1 for Qwen3-MoE (norm_topk_prob true), the raw probabilities for OLMoE."""
+    folder, model, routers, _ = family
+    ckpt = open_checkpoint(folder)
+    assert ckpt.norm_topk_prob == model.config.norm_topk_prob
+    for bid, (x, _, applied, experts) in enumerate(routers):
+        router, experts_weights = load_experts(ckpt, bid)
+        moe = StatisticsMoE(router, experts_weights, torch.nn.functional.silu, ckpt.n_experts_used, ckpt.norm_topk_prob,
+                            np.arange(0), hessian=False)
+        routing = moe.route(x.reshape(-1, x.shape[-1]))
+        np.testing.assert_array_equal(routing.top_ids.numpy(), experts.numpy())
+        np.testing.assert_allclose(routing.applied.numpy(), applied.numpy(), rtol=1e-5, atol=1e-7)
+        sums = routing.applied.sum(-1)
+        assert torch.allclose(sums, torch.ones_like(sums)) == ckpt.norm_topk_prob

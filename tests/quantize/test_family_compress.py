@@ -1,0 +1,141 @@
+"""compress on the other families (Qwen3-MoE, OLMoE): llama.cpp's converter writes all but the experts.
+
+On a tiny seeded checkpoint of each family, ``compress`` calibrates,
+allocates and quantizes; the file's metadata and non-expert tensors come
+from llama.cpp's own convert_hf_to_gguf.py (the family's keys and renames),
+its experts from mc-gguf's plan. Checks: the file is what the plan predicts,
+byte for byte; the patched runtime runs it as transformers runs the
+checkpoint with the file's dequantized experts (per-expert groups, with and
+without ODP); ``mc-gguf convert`` writes llama.cpp's own conversion.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+from test_quantize import F32_NON_EXPERT, TOLERANCE, dequantized_experts, with_experts
+
+from mc_gguf.calibrate.settings import CalibrationSettings
+from mc_gguf.calibrate.text import CalibrationText
+from mc_gguf.gguf_io.convert import convert
+from mc_gguf.gguf_io.edit import field_value
+from mc_gguf.hf.tiny import build_tiny_family
+from mc_gguf.pipeline import compress
+
+from conftest import CALIBRATION_TEXT
+from helpers import PROMPT, llama_cpp_logits, transformers_logits
+
+TYPES = ("IQ2_XS", "Q2_K", "Q3_K", "Q4_K")
+
+
+@pytest.fixture(scope="module", params=["qwen2moe", "qwen3moe", "olmoe"])
+def family(request, tmp_path_factory):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = build_tiny_family(request.param, tmp_path_factory.mktemp(request.param) / "model")
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(str(folder))(PROMPT).input_ids
+    return request.param, folder, model, ids
+
+
+@pytest.fixture(scope="module")
+def compressed(family, tmp_path_factory):
+    _, folder, _, _ = family
+    out = tmp_path_factory.mktemp("out") / "model.gguf"
+    settings = CalibrationSettings(n_tokens=512, seq_len=128, seed=3, types=TYPES)
+    # expert FFN 128: the down projections' rows are not whole 256-blocks and fall back (types.stored_type)
+    result = compress(folder, out, 3.5, CalibrationText("test", CALIBRATION_TEXT), settings=settings,
+                      odp_skip=0.2, allocate_options={"non_expert": F32_NON_EXPERT}, progress=False)
+    return result
+
+
+def test_the_file_is_the_plans_with_llama_cpps_metadata(family, compressed):
+    kind, _, model, _ = family
+    reader = gguf.GGUFReader(compressed.path)
+    assert field_value(reader, "general.architecture") == kind
+    assert field_value(reader, f"{kind}.expert_count") == model.config.num_experts
+    assert field_value(reader, f"{kind}.expert_used_count") == model.config.num_experts_per_tok
+    assert sum(int(t.n_bytes) for t in reader.tensors) == compressed.plan.predicted["tensor_bytes"]
+    # the prediction counts the model's header, not the mc.* keys of the plan and ODP (a few KB)
+    assert compressed.path.stat().st_size == pytest.approx(compressed.plan.predicted["file_bytes"], abs=16384)
+    stored = {gguf.GGMLQuantizationType(t.tensor_type).name for t in reader.tensors if "_exps" in t.name}
+    assert len(stored) > 1 and stored <= set(TYPES) | {"IQ4_NL", "Q4_0", "Q5_0"}
+
+
+@pytest.mark.parametrize("odp", [False, True], ids=["all-experts", "odp"])
+def test_llama_cpp_runs_the_written_numbers(family, compressed, odp):
+    """With ODP, the thresholds the file carries are in force: transformers with the same thresholds is the
+    reference, on the positions whose every decision is clear of the threshold (float32 noise in the
+    two engines' hidden states would flip a ratio within 1e-3 of it)."""
+    _, _, model, ids = family
+    reference_model = with_experts(model, dequantized_experts(compressed.path))
+    got = llama_cpp_logits(compressed.path, ids, **({} if odp else {"mu": 0.0}))
+    clear = np.ones(len(ids), dtype=bool)
+    if odp:
+        from mc_gguf.prune.reference import TransformersOdp
+
+        mu = compressed.odp.mu
+        assert max(mu) > 0
+        clear = clear_of_thresholds(reference_model, ids, mu)
+        assert clear.mean() > 0.8
+        with TransformersOdp(reference_model, mu, compressed.odp.protect_ratio):
+            reference = transformers_logits(reference_model, ids)
+    else:
+        reference = transformers_logits(reference_model, ids)
+    scale = np.abs(reference).max()
+    error = np.abs(got - reference)[clear].max()
+    assert error / scale < TOLERANCE
+    # and the comparison can fail: quantizing the experts moved the logits far more than that
+    assert np.abs(transformers_logits(model, ids) - reference).max() > 5 * error
+
+
+def clear_of_thresholds(model, ids, mu, margin=1e-3) -> np.ndarray:
+    """bool [positions]: no ODP decision of the position, nor (through attention) of an earlier position in an
+    earlier layer, has a ratio w_i / w_0 within ``margin`` of its layer's threshold."""
+    import torch
+
+    inputs = []
+    hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o: inputs.append((m, i[0])))
+             for layer in model.model.layers]
+    try:
+        transformers_logits(model, ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    clear = np.ones(len(ids), dtype=bool)
+    last = len(inputs) - 1
+    for il, (router, x) in enumerate(inputs):
+        with torch.no_grad():
+            probs = torch.softmax(x.reshape(len(ids), -1) @ router.weight.T, dim=-1)
+        top = torch.topk(probs, router.top_k, dim=-1).values.numpy()
+        near = (np.abs(top[:, 1:] / top[:, :1] - mu[il]) < margin).any(-1) if mu[il] > 0 else np.zeros_like(clear)
+        if il == last:
+            clear &= ~near
+        elif near.any():
+            clear[int(near.argmax()):] = False
+    return clear
+
+
+def test_convert_is_llama_cpps_own_conversion_and_compress_keeps_its_other_tensors(family, compressed, tmp_path):
+    """``mc-gguf convert`` runs as transformers runs the checkpoint; the compressed file (non-expert tensors
+    planned F32, as this conversion) holds its every other tensor byte for byte, and its every key but the
+    file type, besides mc-gguf's own."""
+    _, folder, model, ids = family
+    out = convert(folder, tmp_path / "f32.gguf", "f32", progress=False)
+    reference = transformers_logits(model, ids)
+    got = llama_cpp_logits(out, ids)
+    assert np.abs(got - reference).max() / np.abs(reference).max() < 1e-2
+
+    converted, ours = gguf.GGUFReader(out), gguf.GGUFReader(compressed.path)
+    theirs = {t.name: t for t in converted.tensors if "_exps" not in t.name}
+    mine = {t.name: t for t in ours.tensors if "_exps" not in t.name}
+    assert sorted(mine) == sorted(theirs)
+    for name, t in theirs.items():
+        assert mine[name].tensor_type == t.tensor_type, name
+        np.testing.assert_array_equal(np.asarray(mine[name].data), np.asarray(t.data), err_msg=name)
+    keys = {k for k in converted.fields if not k.startswith("GGUF.") and k != "general.file_type"}
+    assert keys <= set(ours.fields)
+    for key in keys:
+        assert field_value(ours, key) == field_value(converted, key), key
