@@ -44,6 +44,13 @@ def add_generation_flags(p: argparse.ArgumentParser, max_tokens: int, temperatur
     p.add_argument("--no-odp", action="store_true", help="turn Online Dynamic Pruning off")
     p.add_argument("--mu", type=unit_float, help="one pruning threshold for every layer, in [0, 1] "
                    "(default: the file's mc.odp.mu)")
+    add_rpc_flag(p)
+
+
+def add_rpc_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rpc", action="append", default=[], metavar="HOST:PORT",
+                   help="run the layers on this `mc-gguf runtime rpc-server` (repeatable, as llama.cpp's --rpc; "
+                   "a stock llama.cpp rpc-server is refused)")
 
 
 def print_expert_stats(counts) -> None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from mc_gguf.cli.common import add_command
+from mc_gguf.cli.common import add_command, positive_int
 
 
 def add_parser(commands) -> None:
@@ -25,6 +25,16 @@ def add_parser(commands) -> None:
     p = add_command(runtime_commands, "status", "Say whether the installed llama_cpp is the patched runtime "
                     "(exit 1 when it is not).", "example: mc-gguf runtime status")
     p.set_defaults(func=run_status)
+    p = add_command(runtime_commands, "rpc-server", "Lend this machine's CPU to llama.cpp clients over ggml's RPC "
+                    "(llama.cpp's rpc-server, patched: it speaks protocol 107 and skips pruned expert slots); "
+                    "`mc-gguf run|chat|eval --rpc HOST:PORT` use it. No authentication: keep it on a trusted "
+                    "network.",
+                    "example: mc-gguf runtime rpc-server --port 50052\n"
+                    "         mc-gguf run model.gguf -p 'Hello' --rpc 127.0.0.1:50052")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=positive_int, default=50052, help="TCP port (default: 50052, as rpc-server's)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: the cores)")
+    p.set_defaults(func=run_rpc_server)
 
 
 def run_build(args: argparse.Namespace) -> None:
@@ -43,3 +53,13 @@ def run_status(args: argparse.Namespace) -> None:
     print(status.describe())
     if not status.patched or status.patch_level < REQUIRED_PATCH_LEVEL:
         sys.exit(1)
+
+
+def run_rpc_server(args: argparse.Namespace) -> None:
+    import os
+
+    from mc_gguf.runtime.rpc import serve
+    from mc_gguf.runtime.status import require_patched_runtime
+
+    require_patched_runtime()
+    serve(args.host, args.port, args.threads or os.cpu_count() or 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
@@ -123,12 +123,14 @@ def _moe_llama_class():
 
 
 def load(path: str | Path, *, odp: bool = True, mu: float | None = None,
-         protect_ratio: float | None = None, **llama_kwargs):
+         protect_ratio: float | None = None, rpc: Sequence[str] = (), **llama_kwargs):
     """A llama_cpp ``Llama`` (with ``expert_stats()``) for ``path`` on the patched runtime.
 
     ODP follows the file's ``mc.odp.*`` metadata; ``mu`` sets one threshold for every
     layer, ``protect_ratio`` the share of prompt tokens that keep all experts, and
-    ``odp=False`` turns pruning off. A stock GGUF runs unpruned.
+    ``odp=False`` turns pruning off. A stock GGUF runs unpruned. ``rpc``: patched
+    rpc-servers (``HOST:PORT``, see runtime/rpc.py) that every layer is offloaded to,
+    as llama.cpp's ``--rpc`` with ``-ngl 99``.
     """
     from mc_gguf.runtime.status import require_patched_runtime
 
@@ -152,6 +154,11 @@ def load(path: str | Path, *, odp: bool = True, mu: float | None = None,
     llama_kwargs.setdefault("verbose", False)
     if llama_kwargs.get("n_ctx") is None:
         llama_kwargs["n_ctx"] = min(DEFAULT_MAX_CONTEXT, context_length(reader) or DEFAULT_MAX_CONTEXT)
+    if rpc:
+        from mc_gguf.runtime.rpc import add_servers
+
+        add_servers(list(rpc))
+        llama_kwargs.setdefault("n_gpu_layers", -1)
     del reader  # release the memory map before llama.cpp maps the file
     with _llama_log() as log:
         try:

@@ -34,8 +34,10 @@ VENDOR_DIR = "vendor/llama.cpp"
 BUILD_INFO_FILE = "mc_gguf_build.json"
 
 # What the wheel needs and nothing more: no multimodal library, no tools,
-# examples or tests (stock_tools_dir() builds the few tools benchmarks use).
+# examples or tests (stock_tools_dir() builds the few tools benchmarks use);
+# ggml's RPC backend (libggml-rpc: client and server, runtime/rpc.py).
 BASE_CMAKE_ARGS = (
+    "-DGGML_RPC=ON",
     "-DLLAVA_BUILD=OFF",
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",

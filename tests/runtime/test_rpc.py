@@ -1,0 +1,127 @@
+"""The patched runtime over ggml's RPC backend, on localhost.
+
+A patched server (`mc-gguf runtime rpc-server`) runs every layer of a
+per-expert file with ODP: the logits and slot counters are the CPU's alone,
+bit for bit. A stock server (the unpatched build of the same sdist, serving with
+its own libggml-rpc) is refused with a clear error before llama.cpp connects,
+never sent -1 expert ids. The clients run in child processes: a registered
+RPC device stays in its process, and a server that goes away would abort it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mc_gguf.gguf_io.regroup import regroup_experts
+from mc_gguf.runtime.rpc import PROTOCOL_MAJOR, RpcError, check_server, server_version
+
+from helpers import PROMPT
+
+CLIENT = """
+import json, sys
+import numpy as np
+from mc_gguf.evaluate.run import load
+path, ids, out, kwargs = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+llm = load(path, n_ctx=512, logits_all=True, **kwargs)
+llm.eval(ids)
+counts = llm.expert_stats()
+np.savez(out, logits=np.array(llm.scores[:len(ids)], dtype=np.float32), computed=counts.computed,
+         skipped=counts.skipped)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(command: list[str], endpoint: str) -> subprocess.Popen:
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            server_version(endpoint, timeout=2)
+            return server
+        except RpcError:
+            if server.poll() is not None:
+                raise AssertionError(f"the server exited: {server.stderr.read().decode()[-2000:]}") from None
+            time.sleep(0.2)
+    server.kill()
+    raise AssertionError(f"no RPC server at {endpoint} after 60 s")
+
+
+@pytest.fixture(scope="module")
+def patched_server():
+    port = free_port()
+    endpoint = f"127.0.0.1:{port}"
+    server = start_server([sys.executable, "-m", "mc_gguf.cli", "runtime", "rpc-server", "--port", str(port),
+                           "--threads", "2"], endpoint)
+    yield endpoint
+    server.terminate()
+    server.wait(10)
+
+
+@pytest.fixture(scope="module")
+def stock_server():
+    from mc_gguf.runtime.stock import stock_library_dir
+
+    port = free_port()
+    endpoint = f"127.0.0.1:{port}"
+    code = (f"from pathlib import Path; from mc_gguf.runtime.rpc import serve; "
+            f"serve('127.0.0.1', {port}, 1, lib_dir=Path({str(stock_library_dir())!r}))")
+    server = start_server([sys.executable, "-c", code], endpoint)
+    yield endpoint
+    server.terminate()
+    server.wait(10)
+
+
+def run_client(path: Path, ids: list[int], out: Path, **kwargs) -> dict:
+    result = subprocess.run([sys.executable, "-c", CLIENT, str(path), json.dumps(ids), str(out), json.dumps(kwargs)],
+                            capture_output=True, text=True, env=os.environ)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dict(np.load(out))
+
+
+def test_the_patched_server_speaks_the_series_protocol(patched_server):
+    from mc_gguf.runtime.source import patched_source
+
+    header = (patched_source() / "ggml" / "include" / "ggml-rpc.h").read_text()
+    assert f"#define RPC_PROTO_MAJOR_VERSION    {PROTOCOL_MAJOR}" in header
+    assert server_version(patched_server)[0] == PROTOCOL_MAJOR
+    check_server(patched_server)
+
+
+@pytest.mark.parametrize("settings", [{"mu": 0.6, "protect_ratio": 0.1, "n_batch": 512},
+                                      {"mu": 0.6, "protect_ratio": 0.0, "n_batch": 1}], ids=str)
+def test_a_per_expert_file_with_odp_runs_on_the_server_as_on_the_cpu(patched_server, converted, hf_tokenizer,
+                                                                     tmp_path, settings):
+    grouped = regroup_experts(converted("f16"), tmp_path / "grouped.gguf", {0: [0, 2], 1: [1, 3]})
+    ids = hf_tokenizer(PROMPT).input_ids
+    cpu = run_client(grouped, ids, tmp_path / "cpu.npz", **settings)
+    remote = run_client(grouped, ids, tmp_path / "rpc.npz", rpc=[patched_server], **settings)
+    np.testing.assert_array_equal(remote["computed"], cpu["computed"])
+    np.testing.assert_array_equal(remote["skipped"], cpu["skipped"])
+    assert cpu["skipped"].sum() > 0
+    # every layer on the server (llama.cpp: "layer N assigned to device RPC0"), which runs ggml's same CPU code
+    np.testing.assert_array_equal(remote["logits"], cpu["logits"])
+
+
+def test_a_stock_server_is_refused_with_a_clear_error(stock_server, converted, tmp_path):
+    major = server_version(stock_server)[0]
+    assert major != PROTOCOL_MAJOR
+    with pytest.raises(RpcError, match="stock llama.cpp rpc-server"):
+        check_server(stock_server)
+    result = subprocess.run([sys.executable, "-m", "mc_gguf.cli", "run", str(converted("f16")), "-p", "Hello",
+                             "-n", "2", "--rpc", stock_server], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "stock llama.cpp rpc-server" in result.stderr and "Traceback" not in result.stderr
