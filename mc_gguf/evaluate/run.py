@@ -162,10 +162,12 @@ def load(path: str | Path, *, odp: bool = True, mu: float | None = None,
     del reader  # release the memory map before llama.cpp maps the file
     with _llama_log() as log:
         try:
-            return _moe_llama_class()(model_path=str(path), kv_overrides=overrides or None, **llama_kwargs)
+            llm = _moe_llama_class()(model_path=str(path), kv_overrides=overrides or None, **llama_kwargs)
         except ValueError as exc:  # llama-cpp-python raises ValueError when llama.cpp refuses the file
             reason = log.reason()
             raise GGUFFileError(f"{path}: llama.cpp could not load it: {reason or exc}") from None
+    llm.load_log = log.lines  # llama.cpp's last lines while loading: devices, buffers, layers placed
+    return llm
 
 
 class _LlamaLog:

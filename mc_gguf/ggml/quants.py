@@ -35,10 +35,10 @@ class _TypeTraits(ctypes.Structure):
 
 @cache
 def _lib() -> ctypes.CDLL:
-    from mc_gguf.runtime.build import installed_library_dir, shared_library
+    from mc_gguf.runtime.build import installed_library_dir, loaded_library
 
     lib_dir = installed_library_dir()
-    path = shared_library(lib_dir, "ggml-base") if lib_dir else None
+    path = loaded_library(lib_dir, "ggml-base") if lib_dir else None  # the copy llama_cpp uses, not a second
     if path is None:
         raise RuntimeMissingError("libggml-base from llama_cpp is needed to quantize; run `mc-gguf runtime build`")
     lib = ctypes.CDLL(str(path))

@@ -108,6 +108,18 @@ def shared_library(folder: Path, name: str, system: str | None = None) -> Path |
     return None
 
 
+def loaded_library(folder: Path, name: str) -> Path | None:
+    """The file of library ``name`` in ``folder`` that the dynamic linker opens when libllama needs it: its
+    soname (``libggml.so.0``; ``libggml.0.dylib`` on macOS), else shared_library's name. glibc takes
+    ``libggml.so``, a link to the same file, for another library and loads a second copy, with its own state
+    (ggml's device registry among it)."""
+    pattern = re.compile(rf"lib{re.escape(name)}(\.so\.\d+|\.\d+\.dylib)")
+    for candidate in sorted(folder.iterdir()) if folder.is_dir() else ():
+        if pattern.fullmatch(candidate.name):
+            return candidate
+    return shared_library(folder, name)
+
+
 def installed_library_dir() -> Path | None:
     """``llama_cpp/lib`` of the installed runtime (libllama, libggml*), or None."""
     package = _installed_package_dir()

@@ -24,7 +24,7 @@ import struct
 from pathlib import Path
 
 from mc_gguf.errors import McGgufError, RuntimeMissingError
-from mc_gguf.runtime.build import installed_library_dir, shared_library
+from mc_gguf.runtime.build import installed_library_dir, loaded_library
 
 # ggml-rpc.h of the patched tree (patch 0012); a test reads it from there.
 PROTOCOL_MAJOR = 107
@@ -86,9 +86,10 @@ def check_server(endpoint: str) -> None:
 
 
 def _libraries(lib_dir: Path | None = None) -> tuple[ctypes.CDLL, ctypes.CDLL]:
-    """libggml and libggml-rpc of the installed runtime (or of ``lib_dir``)."""
+    """libggml and libggml-rpc of the installed runtime (or of ``lib_dir``), the very instances libllama uses:
+    devices registered in another copy of libggml would be invisible to llama.cpp."""
     lib_dir = lib_dir or installed_library_dir()
-    paths = [shared_library(lib_dir, name) if lib_dir else None for name in ("ggml", "ggml-rpc")]
+    paths = [loaded_library(lib_dir, name) if lib_dir else None for name in ("ggml", "ggml-rpc")]
     if None in paths:
         raise RuntimeMissingError("the installed llama_cpp has no RPC backend (libggml-rpc): rebuild it with "
                                   "`mc-gguf runtime build`")

@@ -2,7 +2,10 @@
 
 A patched server (`mc-gguf runtime rpc-server`) runs every layer of a
 per-expert file with ODP: the logits and slot counters are the CPU's alone,
-bit for bit. A stock server (the unpatched build of the same sdist, serving with
+bit for bit. Taken off patch 0013's list of backends that skip -1 expert ids
+(LLAMA_MC_NO_SKIP_BACKENDS=RPC), the server is given the rest of the model
+but not the experts, whose marked MUL_MAT_IDs the CPU runs; a stock file's
+are not marked and stay on the server. A stock server (the unpatched build of the same sdist, serving with
 its own libggml-rpc) is refused with a clear error before llama.cpp connects,
 never sent -1 expert ids. The clients run in child processes: a registered
 RPC device stays in its process, and a server that goes away would abort it.
@@ -27,15 +30,18 @@ from mc_gguf.runtime.rpc import PROTOCOL_MAJOR, RpcError, check_server, server_v
 from helpers import PROMPT
 
 CLIENT = """
-import json, sys
+import json, re, sys
 import numpy as np
 from mc_gguf.evaluate.run import load
 path, ids, out, kwargs = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 llm = load(path, n_ctx=512, logits_all=True, **kwargs)
 llm.eval(ids)
 counts = llm.expert_stats()
+# llama.cpp's load_tensors: "RPC0[127.0.0.1:PORT] model buffer size =     9.51 MiB"
+rpc_mib = sum(float(m.group(1)) for line in llm.load_log
+              for m in [re.search(r"RPC\\d+\\[.*\\] model buffer size = +([0-9.]+) MiB", line)] if m)
 np.savez(out, logits=np.array(llm.scores[:len(ids)], dtype=np.float32), computed=counts.computed,
-         skipped=counts.skipped)
+         skipped=counts.skipped, rpc_mib=rpc_mib)
 """
 
 
@@ -85,9 +91,9 @@ def stock_server():
     server.wait(10)
 
 
-def run_client(path: Path, ids: list[int], out: Path, **kwargs) -> dict:
+def run_client(path: Path, ids: list[int], out: Path, env: dict | None = None, **kwargs) -> dict:
     result = subprocess.run([sys.executable, "-c", CLIENT, str(path), json.dumps(ids), str(out), json.dumps(kwargs)],
-                            capture_output=True, text=True, env=os.environ)
+                            capture_output=True, text=True, env={**os.environ, **(env or {})})
     assert result.returncode == 0, result.stderr[-3000:]
     return dict(np.load(out))
 
@@ -114,6 +120,33 @@ def test_a_per_expert_file_with_odp_runs_on_the_server_as_on_the_cpu(patched_ser
     assert cpu["skipped"].sum() > 0
     # every layer on the server (llama.cpp: "layer N assigned to device RPC0"), which runs ggml's same CPU code
     np.testing.assert_array_equal(remote["logits"], cpu["logits"])
+    assert remote["rpc_mib"] > 0 and cpu["rpc_mib"] == 0
+
+    # a backend that cannot skip -1 ids (here RPC, taken off 0013's list): the loader keeps the experts in
+    # CPU buffers and the scheduler runs their marked MUL_MAT_IDs on the CPU; the rest stays on the server
+    fallback = run_client(grouped, ids, tmp_path / "fallback.npz", env={"LLAMA_MC_NO_SKIP_BACKENDS": "RPC"},
+                          rpc=[patched_server], **settings)
+    np.testing.assert_array_equal(fallback["computed"], cpu["computed"])
+    np.testing.assert_array_equal(fallback["skipped"], cpu["skipped"])
+    np.testing.assert_array_equal(fallback["logits"], cpu["logits"])
+    import gguf
+
+    expert_mib = sum(int(t.n_bytes) for t in gguf.GGUFReader(grouped).tensors if "_exps" in t.name) / 2**20
+    assert fallback["rpc_mib"] > 0
+    assert remote["rpc_mib"] - fallback["rpc_mib"] == pytest.approx(expert_mib, rel=0.05)
+
+
+def test_a_stock_files_expert_ops_are_not_marked(patched_server, converted, hf_tokenizer, tmp_path):
+    """No ODP, no groups: no MUL_MAT_ID is marked, so even a backend that cannot skip holds the experts and
+    runs them (and CUDA's launchers skip their memset: the same ggml_mul_mat_id_may_skip test)."""
+    ids = hf_tokenizer(PROMPT).input_ids
+    stock = converted("f16")
+    cpu = run_client(stock, ids, tmp_path / "cpu.npz")
+    declined = run_client(stock, ids, tmp_path / "declined.npz", env={"LLAMA_MC_NO_SKIP_BACKENDS": "RPC"},
+                          rpc=[patched_server])
+    allowed = run_client(stock, ids, tmp_path / "allowed.npz", rpc=[patched_server])
+    assert declined["rpc_mib"] == allowed["rpc_mib"] > 0
+    np.testing.assert_array_equal(declined["logits"], cpu["logits"])
 
 
 def test_a_stock_server_is_refused_with_a_clear_error(stock_server, converted, tmp_path):
