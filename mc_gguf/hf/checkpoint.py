@@ -44,12 +44,8 @@ class Checkpoint:
         return int(self.config["num_hidden_layers"])
 
     @property
-    def n_expert_key(self) -> str:
-        return expert_count_key(self.config, self.arch)
-
-    @property
     def n_experts(self) -> int:
-        return int(self.config[self.n_expert_key])
+        return int(self.config[expert_count_key(self.config, self.arch)])
 
     @property
     def norm_topk_prob(self) -> bool:

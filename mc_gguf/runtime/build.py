@@ -110,9 +110,9 @@ def shared_library(folder: Path, name: str, system: str | None = None) -> Path |
 
 def loaded_library(folder: Path, name: str) -> Path | None:
     """The file of library ``name`` in ``folder`` that the dynamic linker opens when libllama needs it: its
-    soname (``libggml.so.0``; ``libggml.0.dylib`` on macOS), else shared_library's name. glibc takes
-    ``libggml.so``, a link to the same file, for another library and loads a second copy, with its own state
-    (ggml's device registry among it)."""
+    soname (``libggml.so.0``; ``libggml.0.dylib`` on macOS), else shared_library's name. A wheel holds
+    ``libggml.so`` as a file of its own (zip keeps no links), which glibc would map as a second library with
+    its own state (ggml's device registry among it)."""
     pattern = re.compile(rf"lib{re.escape(name)}(\.so\.\d+|\.\d+\.dylib)")
     for candidate in sorted(folder.iterdir()) if folder.is_dir() else ():
         if pattern.fullmatch(candidate.name):
