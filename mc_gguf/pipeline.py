@@ -6,6 +6,7 @@ keeps the first two for inspection or for re-running a stage alone.
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 from mc_gguf.allocate.allocation import allocate, projection_bits
 from mc_gguf.allocate.plan import Plan
 from mc_gguf.allocate.program import check_budget
-from mc_gguf.atomic import check_output_path
+from mc_gguf.atomic import atomic_output, check_output_path
 from mc_gguf.calibrate.calibration import calibrate
 from mc_gguf.calibrate.settings import CalibrationSettings
 from mc_gguf.calibrate.stats import CalibrationStats
@@ -24,6 +25,7 @@ from mc_gguf.prune.calibration import odp_from_stats
 from mc_gguf.prune.rule import OdpParams, check_skip_share
 from mc_gguf.prune.settings import DEFAULT_RULE
 from mc_gguf.quantize.quantization import quantize
+from mc_gguf.quantize.tune import TuneSettings, tuned_error_ratios
 
 
 @dataclass
@@ -37,9 +39,13 @@ class CompressResult:
 def compress(model_dir: str | Path, out: str | Path, bits: float, text: CalibrationText, *,
              settings: CalibrationSettings = CalibrationSettings(), layout: str = "per-expert",
              odp_skip: float | None = None, odp_rule: str = DEFAULT_RULE, gptq: bool = False,
-             keep_artifacts: str | Path | None = None,
+             tune: TuneSettings | None = None, keep_artifacts: str | Path | None = None,
              allocate_options: dict | None = None, progress: bool = True) -> CompressResult:
     """Calibrate, allocate and quantize ``model_dir`` into ``out``.
+
+    ``tune`` quantizes with GPTQ and tuned K-quant integers (quantize/tune.py);
+    the allocation then sees the K-quants' errors scaled by how much tuning
+    lowered them on a sample of experts (tuned_error_ratios).
 
     The statistics and the plan are kept in a work folder beside the output
     (``.OUT.mc-gguf``, or ``keep_artifacts``) until the GGUF is written: an
@@ -55,6 +61,7 @@ def compress(model_dir: str | Path, out: str | Path, bits: float, text: Calibrat
     settings = replace(settings, types=tuple(types))  # errors are measured only for types the plan may use
     if odp_skip:
         check_skip_share(odp_skip, ckpt.n_experts_used)
+    gptq = gptq or tune is not None
     if gptq and not settings.hessian:
         settings = replace(settings, hessian=True)
     work = Path(keep_artifacts) if keep_artifacts else work_folder(out)
@@ -63,14 +70,31 @@ def compress(model_dir: str | Path, out: str | Path, bits: float, text: Calibrat
     work.mkdir(parents=True, exist_ok=True)
     stats_path = work / "stats.safetensors"
     stats = calibrate(model_dir, stats_path, text, settings, progress=progress, reuse=True)
+    error_scale = _tuned_errors(model_dir, stats, work, tune, progress) if tune is not None else None
     plan = allocate(stats, bits, model_dir=model_dir, layout=layout, stats_path=str(stats_path),
-                    **(allocate_options or {}))
+                    error_scale=error_scale, **(allocate_options or {}))
     plan.save(work / "plan.json")
     odp = odp_from_stats(stats, odp_skip, rule=odp_rule) if odp_skip else None
-    path = quantize(model_dir, plan, out, stats=stats, gptq=gptq, odp=odp, progress=progress)
+    path = quantize(model_dir, plan, out, stats=stats, gptq=gptq, tune=tune, odp=odp, progress=progress)
     if not keep_artifacts:
         shutil.rmtree(work, ignore_errors=True)
     return CompressResult(path, plan, stats, odp)
+
+
+def _tuned_errors(model_dir, stats: CalibrationStats, work: Path, tune: TuneSettings,
+                  progress: bool) -> dict[str, float]:
+    """tuned_error_ratios, kept in the work folder so that a resumed run does not measure them again."""
+    path = work / "tuned_errors.json"
+    key = {"types": list(stats.types), "iters": tune.iters, "min_gain": tune.min_gain,
+           "text_sha256": stats.info.get("text_sha256")}
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved["ratios"]
+    ratios = tuned_error_ratios(model_dir, stats, list(stats.types), settings=tune, progress=progress)
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps({"key": key, "ratios": ratios}, indent=1) + "\n")
+    return ratios
 
 
 def work_folder(out: Path) -> Path:

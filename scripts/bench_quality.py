@@ -15,8 +15,10 @@ evaluation text:
 - mc-gguf at each --bits budget, per-expert and stock layouts, non-expert
   tensors at Q8_0 (which is also mc-gguf's default), as `mc-gguf compress`
   makes them (its cost exponents, imatrix quantization), the per-expert
-  files also with GPTQ, and the first budget's per-expert file with Online
-  Dynamic Pruning thresholds for 15% and 25% of the expert slots.
+  files also with GPTQ and with tuning (`--tune`: GPTQ, then coordinate
+  descent on the K-quant integers, the plan allocated with the tuned errors),
+  and the first budget's per-expert file with Online Dynamic Pruning
+  thresholds for 15% and 25% of the expert slots.
 Every file is evaluated the same way (`mc-gguf eval`'s protocol: windows of
 --ctx tokens, second half scored): perplexity, mean KL divergence from F16,
 top-1 agreement, skipped share of expert slots. The answer to "at equal size,
@@ -90,29 +92,43 @@ def llama_cpp_files(tools: Path, f16: Path, calib: Path, work: Path, args) -> li
 
 
 def mc_gguf_files(model: str, stats, work: Path, args) -> list[dict]:
-    """mc-gguf's files: compress's plans at each budget and layout, GPTQ, and ODP thresholds."""
+    """mc-gguf's files: compress's plans at each budget and layout, GPTQ, tuning, and ODP thresholds."""
     from mc_gguf.allocate.allocation import allocate
     from mc_gguf.allocate.cost import COMPRESS_COST
     from mc_gguf.prune.calibration import odp_from_stats
     from mc_gguf.quantize.quantization import quantize
+    from mc_gguf.quantize.tune import TuneSettings, tuned_error_ratios
 
-    configs = []
+    configs, seconds = [], {}
+    tune = TuneSettings() if stats.has_hessian else None
+    if tune is not None:
+        started = time.perf_counter()
+        ratios = tuned_error_ratios(model, stats, list(stats.types), settings=tune, progress=False)
+        seconds["tuned errors"] = time.perf_counter() - started
     for bits in args.bits:
         for layout in ("per-expert", "stock"):
             plan = allocate(stats, bits, model_dir=model, layout=layout, non_expert=Q8_NON_EXPERT, **COMPRESS_COST)
-            variants = [("", False, None)]
+            variants = [("", plan, False, None, None)]
             if layout == "per-expert" and stats.has_hessian:
-                variants.append((" gptq", True, None))
+                variants.append((" gptq", plan, True, None, None))
+                tuned_plan = allocate(stats, bits, model_dir=model, layout=layout, non_expert=Q8_NON_EXPERT,
+                                      error_scale=ratios, **COMPRESS_COST)
+                variants.append((" tune", tuned_plan, True, tune, None))
             if layout == "per-expert" and bits == args.bits[0]:
-                variants += [(f" odp {skip:.0%}", False, skip) for skip in ODP_SKIPS]
-            for suffix, gptq, skip in variants:
+                variants += [(f" odp {skip:.0%}", plan, False, None, skip) for skip in ODP_SKIPS]
+            for suffix, p, gptq, t, skip in variants:
                 name = f"mc-gguf {layout} {bits}{suffix}"
                 odp = odp_from_stats(stats, skip) if skip else None
-                path = produce(work / (name.replace(" ", "-").replace("%", "") + ".gguf"),
-                               lambda tmp, p=plan, g=gptq, o=odp: quantize(
-                                   model, p, tmp, stats=stats, gptq=g, odp=o, progress=False))
+                path = work / (name.replace(" ", "-").replace("%", "") + ".gguf")
+                started = time.perf_counter()
+                produce(path, lambda tmp, p=p, g=gptq, t=t, o=odp: quantize(
+                    model, p, tmp, stats=stats, gptq=g, tune=t, odp=o, progress=False))
                 configs.append({"name": name, "family": "mc-gguf", "path": path, "bits": bits, "layout": layout,
-                                "gptq": gptq, "odp_target_skip": skip})
+                                "gptq": gptq, "tune": t is not None, "odp_target_skip": skip,
+                                "quantize_s": round(time.perf_counter() - started, 1)})
+    for config in configs:  # the tuned files' time includes measuring the tuned errors, as compress does
+        if config["tune"]:
+            config["quantize_s"] = round(config["quantize_s"] + seconds["tuned errors"], 1)
     return configs
 
 
@@ -185,8 +201,8 @@ def main() -> int:
     parser.add_argument("--calib", default=str(BENCH / "calib.txt"), help="calibration text")
     parser.add_argument("--eval", default=str(BENCH / "eval.txt"), help="evaluation text")
     parser.add_argument("--stats", help="mc-gguf statistics (`mc-gguf calibrate --hessian`; default: calibrate here)")
-    parser.add_argument("--bits", type=float, nargs="+", default=[2.5, 2.25, 3.0],
-                        help="mc-gguf budgets; ODP variants use the first (default: 2.5 2.25 3.0)")
+    parser.add_argument("--bits", type=float, nargs="+", default=[2.5, 2.25, 3.07, 2.06],
+                        help="mc-gguf budgets; ODP variants use the first (default: 2.5 2.25 3.07 2.06)")
     parser.add_argument("--ctx", type=int, default=512, help="window length (default: 512)")
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows (default: 16)")
     parser.add_argument("--imatrix-chunks", type=int, default=128,

@@ -43,11 +43,14 @@ def allocate(stats: CalibrationStats, bits: float, *, model_dir: str | Path | No
              per_projection: bool = False, types: list[str] | None = None,
              alpha: float = AUTHORS_COST["alpha"], beta: float = AUTHORS_COST["beta"],
              gamma: float = AUTHORS_COST["gamma"], non_expert: dict[str, str] | None = None,
-             stats_path: str | None = None, max_types: int | None = None) -> Plan:
+             stats_path: str | None = None, max_types: int | None = None,
+             error_scale: dict[str, float] | None = None) -> Plan:
     """Choose every expert's type for an average of ``bits`` bits per weight over ``scope``.
 
     ``max_types`` bounds the distinct types (expert groups of the per-expert layout) in
-    every layer and projection.
+    every layer and projection. ``error_scale`` multiplies the measured errors of some
+    types, e.g. by how much the quantizer's tuning lowers them (quantize/tune.py
+    tuned_error_ratios), so that bits go where tuning cannot help.
     """
     if layout not in LAYOUTS:
         raise McGgufError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
@@ -68,12 +71,13 @@ def allocate(stats: CalibrationStats, bits: float, *, model_dir: str | Path | No
     non_expert = {**NON_EXPERT_DEFAULTS, **{k: v.upper() for k, v in (non_expert or {}).items()}}
     exponents = {"alpha": alpha, "beta": beta, "gamma": gamma}
 
-    units, problem = _choices(stats, ckpt, types, layout, per_projection, exponents)
+    scale = np.array([(error_scale or {}).get(t, 1.0) for t in types])
+    units, problem = _choices(stats, ckpt, types, layout, per_projection, exponents, scale)
     budget = _expert_budget(ckpt, bits, scope, layout, types, non_expert, problem)
     choice = solve(problem, budget, per_layer=per_layer, max_types=max_types)
     inputs = {"stats": stats_path, "model": str(ckpt.path.resolve()), "text": stats.info.get("text"),
               "text_sha256": stats.info.get("text_sha256"), "n_tokens": stats.info.get("n_tokens"),
-              "types": types, **exponents,
+              "types": types, **exponents, "error_scale": dict(error_scale or {}),
               "cost": float(problem.cost[np.arange(len(choice)), choice].sum()), "mc_gguf_version": __version__}
     budget_info = {"bits": bits, "scope": scope, "per_layer": per_layer, "per_projection": per_projection,
                    "max_types": max_types}
@@ -81,7 +85,7 @@ def allocate(stats: CalibrationStats, bits: float, *, model_dir: str | Path | No
 
 
 def _choices(stats: CalibrationStats, ckpt: Checkpoint, types: list[str], layout: str, per_projection: bool,
-             exponents: dict[str, float]) -> tuple[list[_Unit], AllocationProblem]:
+             exponents: dict[str, float], error_scale: np.ndarray) -> tuple[list[_Unit], AllocationProblem]:
     """The program's choices and their costs and sizes at every type."""
     columns = [stats.types.index(t) for t in types]
     hidden, ff = ckpt.expert_dims
@@ -92,7 +96,7 @@ def _choices(stats: CalibrationStats, ckpt: Checkpoint, types: list[str], layout
     for bid, layer in enumerate(stats.layers):
         for part, (row, projections) in enumerate(parts):
             tensor = bid * len(parts) + part
-            cost = significance_cost(layer.phi, layer.w, layer.eps[row][:, columns], **exponents)
+            cost = significance_cost(layer.phi, layer.w, layer.eps[row][:, columns] * error_scale, **exponents)
             n = len(projections) * ff * hidden
             if layout == "stock":
                 units.append(_Unit(bid, tuple(range(ckpt.n_experts)), projections))

@@ -125,11 +125,13 @@ class StatisticsMoE(torch.nn.Module):
             z = expert_hidden(xe, weights, self.act)
             self.imatrix_in[e] += (xe.double() ** 2).sum(0)
             self.imatrix_mid[e] += (z.double() ** 2).sum(0)
-            if self.hessian_in is not None:
-                self.hessian_in[e] += xe.T @ xe
-                self.hessian_mid[e] += z.T @ z
             in_slot = routing.top_ids[tokens] == e
             slot_weight = (routing.applied[tokens] * in_slot).sum(-1, keepdim=True)
+            if self.hessian_in is not None:
+                # each token's error reaches the layer's output times the routing weight it was given
+                xw, zw = xe * slot_weight, z * slot_weight
+                self.hessian_in[e] += xw.T @ xw
+                self.hessian_mid[e] += zw.T @ zw
             y = z @ weights.down.T
             out.index_add_(0, tokens, y * slot_weight)
             for slot in range(1, self.n_used):

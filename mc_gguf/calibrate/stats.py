@@ -18,8 +18,8 @@ T candidate types, k experts per token):
     blk.N.skip_cost      [tokens, k-1]  ||change of the block output||^2 / ||hidden state||^2 of
                                    every calibration token if its slot i alone were skipped
                                    (the layer's output hidden state; Online Dynamic Pruning's cost)
-    blk.N.hessian_in     [E, H, H] sum of x x^T (only with --hessian)
-    blk.N.hessian_mid    [E, F, F] sum of z z^T (only with --hessian)
+    blk.N.hessian_in     [E, H, H] sum of g^2 x x^T, g the routing weight the token gave the expert (--hessian)
+    blk.N.hessian_mid    [E, F, F] sum of g^2 z z^T (only with --hessian)
 """
 
 from __future__ import annotations

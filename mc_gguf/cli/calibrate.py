@@ -34,7 +34,8 @@ def add_parser(commands) -> None:
     p.add_argument("--types", nargs="+", type=type_name, default=list(CANDIDATES), metavar="TYPE",
                    help=f"candidate GGUF types (default: all of {' '.join(CANDIDATES)})")
     p.add_argument("--hessian", action="store_true",
-                   help="also keep each expert's full input Hessian X^T X for GPTQ: E*(H^2+F^2)*4 bytes per layer, "
+                   help="also keep each expert's full input Hessians (each token's x x^T times its routing weight "
+                        "squared) for --gptq and --tune: E*(H^2+F^2)*4 bytes per layer, "
                         "e.g. 7.1 GB per layer (227 GB in all) for Mixtral 8x7B, 63 MB for a 6-layer model of "
                         "hidden 256 and 8 experts of 512")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

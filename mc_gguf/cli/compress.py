@@ -15,8 +15,10 @@ from mc_gguf.cli.common import (
     add_command,
     add_cost_arguments,
     add_eps_features_argument,
+    add_tune_flags,
     positive_float,
     positive_int,
+    tune_settings,
     type_name,
     unit_float,
 )
@@ -44,6 +46,7 @@ def add_parser(commands) -> None:
                    f"default: {DEFAULT_RULE})")
     p.add_argument("--gptq", action="store_true", help="GPTQ error compensation (keeps full Hessians during "
                    "calibration; see `mc-gguf calibrate --help` for their size)")
+    add_tune_flags(p)
     p.add_argument("--types", nargs="+", type=type_name, metavar="TYPE", help="candidate types (default: all); only these are measured by the calibration")
     p.add_argument("--max-types", type=positive_int, metavar="N", help=MAX_TYPES_HELP)
     add_cost_arguments(p, COMPRESS_COST, "the summed squared MoE-block output error; `allocate` keeps the "
@@ -63,11 +66,12 @@ def run(args: argparse.Namespace) -> None:
     from mc_gguf.pipeline import compress, summary, work_folder
 
     settings = CalibrationSettings(n_tokens=args.tokens, seq_len=args.seq_len, eps_features=args.eps_features,
-                                   hessian=args.gptq)
+                                   hessian=args.gptq or args.tune)
     started = time.perf_counter()
     try:
         result = compress(args.model_dir, args.output, args.bits, read_text(args.calib), settings=settings,
                           layout=args.layout, odp_skip=args.odp_skip or None, odp_rule=args.odp_rule, gptq=args.gptq,
+                          tune=tune_settings(args),
                           keep_artifacts=args.keep_artifacts, progress=not args.quiet,
                           allocate_options={"types": args.types, "alpha": args.alpha, "beta": args.beta,
                                             "gamma": args.gamma, "max_types": args.max_types})

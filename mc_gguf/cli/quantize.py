@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from mc_gguf.cli.common import add_command
+from mc_gguf.cli.common import add_command, add_tune_flags, tune_settings
 
 EXAMPLE = "example: mc-gguf quantize ./Mixtral-8x7B-v0.1 --plan plan.json --stats mixtral.stats -o mixtral-mc.gguf"
 
@@ -19,6 +19,7 @@ def add_parser(commands) -> None:
                    "Hessians for GPTQ")
     p.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ error compensation with ggml's quantizer (default: on when the statistics hold Hessians)")
+    add_tune_flags(p)
     p.add_argument("-o", "--output", required=True, help="the GGUF file to write")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -32,5 +33,5 @@ def run(args: argparse.Namespace) -> None:
     stats = load_stats(args.stats) if args.stats else None
     started = time.perf_counter()
     out = quantize(args.model_dir, load_plan(args.plan), args.output, stats=stats, gptq=args.gptq,
-                   progress=not args.quiet)
+                   tune=tune_settings(args), progress=not args.quiet)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) in {time.perf_counter() - started:.0f} s")

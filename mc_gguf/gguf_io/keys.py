@@ -26,6 +26,7 @@ PLAN_SCOPE = "mc.plan.scope"
 PLAN_EXPERT_BPW = "mc.plan.expert_bpw"
 PLAN_MODEL_BPW = "mc.plan.model_bpw"
 QUANTIZE_GPTQ = "mc.quantize.gptq"
+QUANTIZE_TUNE_ITERS = "mc.quantize.tune_iters"
 CALIBRATION_MODEL = "mc.calibration.model"
 CALIBRATION_TEXT = "mc.calibration.text"
 CALIBRATION_TEXT_SHA256 = "mc.calibration.text_sha256"
@@ -61,6 +62,8 @@ KEYS: tuple[MetadataKey, ...] = (
                 "info"),
     MetadataKey(PLAN_MODEL_BPW, "float32", "measured bits per weight over every tensor of the file", "info"),
     MetadataKey(QUANTIZE_GPTQ, "bool", "whether GPTQ error compensation was used", "info"),
+    MetadataKey(QUANTIZE_TUNE_ITERS, "uint32", "the most coordinate-descent sweeps that tuned the K-quant experts' "
+                "integers after GPTQ (0: not tuned)", "info"),
     MetadataKey(CALIBRATION_MODEL, "string", "the calibrated model's name", "info"),
     MetadataKey(CALIBRATION_TEXT, "string", "the calibration text (a path, or the built-in default)", "info"),
     MetadataKey(CALIBRATION_TEXT_SHA256, "string", "SHA-256 of the calibration text", "info"),

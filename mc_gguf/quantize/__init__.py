@@ -3,7 +3,8 @@
     quantize(model_dir, plan, out, stats=...) -> Path   (the GGUF)
 
 quantization.py (the verb and the plan's metadata), gptq.py (GPTQ whose
-rounding step is ggml's quantizer).
+rounding step is ggml's quantizer), tune.py (GPTQ, then coordinate descent on
+the K-quant integers).
 """
 
 from mc_gguf._lazy import lazy_exports

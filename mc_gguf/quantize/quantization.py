@@ -3,7 +3,8 @@
 Every expert projection is quantized by ggml's own quantizer (through
 ctypes) at the type its plan gives, with the expert's importance matrix from
 the calibration statistics, and optionally with GPTQ error compensation
-(gptq.py) when the statistics hold full Hessians. The file's layout follows
+(gptq.py) when the statistics hold full Hessians, or GPTQ followed by
+tuning of the K-quant integers on those Hessians (tune.py). The file's layout follows
 the plan: ``stock`` (one type per layer and projection, loads in unmodified
 llama.cpp) or ``per-expert`` (groups of equal type, see gguf_io/layout.py and
 docs/FORMAT.md).
@@ -30,32 +31,37 @@ from mc_gguf.gguf_io.write import stack_one_at_a_time, write_gguf
 from mc_gguf.hf.checkpoint import Checkpoint, open_checkpoint
 from mc_gguf.prune import rule as pruning
 from mc_gguf.quantize.gptq import gptq_quantize
+from mc_gguf.quantize.tune import TuneSettings, tune_quantize
 
 
 def quantize(model_dir: str | Path, plan: Plan, out: str | Path, *, stats: CalibrationStats | None = None,
-                   gptq: bool | None = None, odp: pruning.OdpParams | None = None, progress: bool = True) -> Path:
-    """Write ``out``: the checkpoint quantized to ``plan``. ``gptq`` defaults to on when ``stats`` has Hessians."""
+                   gptq: bool | None = None, tune: TuneSettings | None = None, odp: pruning.OdpParams | None = None,
+                   progress: bool = True) -> Path:
+    """Write ``out``: the checkpoint quantized to ``plan``. ``gptq`` defaults to on when ``stats`` has Hessians;
+    ``tune`` (which starts from GPTQ) tunes the K-quant experts' integers on those Hessians."""
     out = check_output_path(out)
     validate_plan(plan)
     ckpt = open_checkpoint(model_dir)
     _check_fits(ckpt, plan, stats)
     if gptq is None:
         gptq = stats is not None and stats.has_hessian
+    if tune is not None and not gptq:
+        raise McGgufError("tuning starts from GPTQ: leave GPTQ on")
     if gptq and (stats is None or not stats.has_hessian):
-        raise McGgufError("GPTQ needs the experts' Hessians: calibrate with --hessian")
+        raise McGgufError(f"{'tuning' if tune else 'GPTQ'} needs the experts' Hessians: calibrate with --hessian")
     if odp is not None:
         pruning.validate_params(odp.mu, odp.protect_ratio, ckpt.n_layers)
 
     def produce_group(bid: int, projection: str, group: ExpertGroup) -> np.ndarray:
         return stack_one_at_a_time(len(group.experts), lambda i: quantize_expert(
-            ckpt, stats, bid, group.experts[i], projection, group.type_name, gptq))
+            ckpt, stats, bid, group.experts[i], projection, group.type_name, gptq, tune))
 
     tensors = layout_tensors(ckpt, plan, produce_group)
     measured = tensor_totals(tensors)
 
     def add_metadata(writer: gguf.GGUFWriter) -> None:
         model_metadata(ckpt, gguf.LlamaFileType.GUESSED)(writer)
-        add_plan_metadata(writer, plan, measured, stats, gptq)
+        add_plan_metadata(writer, plan, measured, stats, gptq, tune)
         if odp is not None:
             writer.add_array(keys.ODP_MU, [float(m) for m in odp.mu])
             writer.add_float32(keys.ODP_PROTECT_RATIO, odp.protect_ratio)
@@ -64,7 +70,7 @@ def quantize(model_dir: str | Path, plan: Plan, out: str | Path, *, stats: Calib
 
 
 def quantize_expert(ckpt: Checkpoint, stats: CalibrationStats | None, bid: int, xid: int, projection: str,
-                    type_name: str, gptq: bool) -> np.ndarray:
+                    type_name: str, gptq: bool, tune: TuneSettings | None = None) -> np.ndarray:
     """ggml's bytes [rows, row_bytes] of one expert projection at ``type_name``."""
     qtype = quant_type(type_name).qtype
     weights = ckpt.load(ckpt.arch.expert_tensor(bid, xid, projection))
@@ -73,6 +79,8 @@ def quantize_expert(ckpt: Checkpoint, stats: CalibrationStats | None, bid: int, 
     if gptq:
         layer = stats.layers[bid]
         hessian = (layer.hessian_mid if which == "mid" else layer.hessian_in)[xid]
+        if tune is not None:
+            return tune_quantize(weights, hessian, qtype, imatrix, tune)
         return gptq_quantize(weights, hessian, qtype, imatrix)
     return quants.quantize(weights, qtype, imatrix)
 
@@ -115,7 +123,7 @@ def group_map(plan: Plan) -> list[int]:
 
 
 def add_plan_metadata(writer: gguf.GGUFWriter, plan: Plan, measured: dict, stats: CalibrationStats | None,
-                      gptq: bool) -> None:
+                      gptq: bool, tune: TuneSettings | None = None) -> None:
     writer.add_string(keys.PLAN_LAYOUT, plan.layout)
     writer.add_array(keys.PLAN_TYPES, [plan.experts[bid][xid][p] for bid in range(plan.n_layers) for p in PROJECTIONS
                                  for xid in range(len(plan.experts[bid]))])
@@ -124,6 +132,7 @@ def add_plan_metadata(writer: gguf.GGUFWriter, plan: Plan, measured: dict, stats
     writer.add_float32(keys.PLAN_EXPERT_BPW, float(measured["expert_bpw"]))
     writer.add_float32(keys.PLAN_MODEL_BPW, float(measured["model_bpw"]))
     writer.add_bool(keys.QUANTIZE_GPTQ, bool(gptq))
+    writer.add_uint32(keys.QUANTIZE_TUNE_ITERS, tune.iters if tune is not None else 0)
     if plan.layout == "per-expert":
         writer.add_array(keys.EXPERT_GROUPS, group_map(plan))
     if stats is not None:

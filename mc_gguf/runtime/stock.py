@@ -1,5 +1,6 @@
-"""llama.cpp exactly as the pinned sdist ships it, built once and cached: the reference the tests compare
-the patched runtime with (its libraries), and the tools the benchmarks run as peers."""
+"""llama.cpp as the pinned sdist ships it, built once and cached: the reference the tests compare the
+patched runtime with (its libraries), and the tools the benchmarks run as peers. Of mc-gguf's patches it
+gets only source.STOCK_WORKAROUNDS (AMX repacking off unless LLAMA_MC_AMX=1), which changes no result."""
 
 from __future__ import annotations
 

@@ -1,0 +1,270 @@
+"""Tuned rounding and scales inside ggml's K-quant grids, per expert projection.
+
+The quantity minimised is the projection's output error on the tokens the
+calibration routed to the expert,
+
+    loss(Q) = sum over rows r of  e_r H e_r^T,   e = W - Q,   H = X^T X + damp * mean(diag) * I,
+
+H the expert's input Hessian (calibrate --hessian, as GPTQ uses). The start
+is GPTQ (gptq.py: ggml's own quantizer, block by block, with the error moved
+onto the columns not yet quantized). ggml/kquants.py then opens the start's
+super-blocks into their integers: fp16 ``d``/``dmin``, the small sub-block
+scales and minimums, and each weight's ``q``. Coordinate descent on the exact
+loss moves them one at a time, keeping a move only when the loss falls:
+
+- each super-block's ``d`` and ``dmin``: the least-squares optimum along that
+  coordinate, rounded to fp16 as block_qX_K stores it;
+- each sub-block's integer scale and minimum: +-1;
+- each weight's ``q``: +-1 within the type's range.
+
+With g = e H kept up to date, the change of the loss when Q moves by D on the
+columns c is ``-2 D . g_c + D H_cc D^T``, so a move costs one row of H per
+column, and a sweep over all weights costs what one evaluation of the loss
+does (q moves are applied lazily in column blocks, as GPTQ applies its
+updates). Sweeps repeat until one lowers the loss by less than ``min_gain``
+of it. The integers are packed back by kquants.pack, so ggml dequantizes the
+file's bytes to exactly the weights whose loss was minimised.
+
+Types that are not K-quants (i-quants, Q8_0, the 32-block fallbacks) keep
+GPTQ's result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gguf
+import numpy as np
+import torch
+
+from mc_gguf.ggml import kquants
+from mc_gguf.ggml.kquants import QK_K, KBlocks
+from mc_gguf.quantize.gptq import DAMP, gptq_quantize
+
+COLUMN_BLOCK = 128  # columns whose q moves are applied to g together
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    iters: int = 8              # sweeps at most
+    min_gain: float = 0.005     # stop when a sweep lowers the loss by less than this share of it
+    device: str = "cpu"
+
+
+def tunable(qtype: gguf.GGMLQuantizationType, n_per_row: int) -> bool:
+    return qtype.name in kquants.FORMATS and n_per_row % QK_K == 0
+
+
+def tune_quantize(weights: np.ndarray, hessian: np.ndarray, qtype: gguf.GGMLQuantizationType,
+                  imatrix: np.ndarray | None = None, settings: TuneSettings = TuneSettings()) -> np.ndarray:
+    """ggml's bytes [rows, row_bytes] of ``weights`` [rows, cols]: GPTQ, then coordinate descent on ``hessian``."""
+    rows, cols = weights.shape
+    start = gptq_quantize(weights, hessian, qtype, imatrix)
+    if not tunable(qtype, cols) or settings.iters <= 0:
+        return start
+    tuned = tune_blocks(weights, damped(hessian), kquants.unpack(start, qtype.name), settings)
+    return kquants.pack(tuned).reshape(rows, -1)
+
+
+def damped(hessian: np.ndarray, damp: float = DAMP) -> np.ndarray:
+    """H + damp * mean(diag H) * I, the Hessian GPTQ inverts (gptq.inverse_hessian_factor)."""
+    h = np.array(hessian, dtype=np.float64)
+    h[np.diag_indices_from(h)] += damp * max(float(np.mean(np.diag(h))), 1e-30)
+    return h
+
+
+def tune_blocks(weights: np.ndarray, hessian: np.ndarray, blocks: KBlocks,
+                settings: TuneSettings = TuneSettings()) -> KBlocks:
+    """``blocks`` (a quantization of ``weights`` [rows, cols]) moved by coordinate descent on ``hessian``."""
+    state = _Descent(weights, hessian, blocks, torch.device(settings.device))
+    loss = state.loss()
+    for _ in range(settings.iters):
+        state.refresh()
+        state.sweep_super_scales()
+        state.sweep_sub_scales()
+        state.sweep_q()
+        before, loss = loss, state.loss()
+        if before - loss <= settings.min_gain * before:
+            break
+    return state.blocks()
+
+
+class _Descent:
+    """The integers of a matrix's super-blocks as [rows, ...] tensors, with e = W - Q and g = e H."""
+
+    def __init__(self, weights: np.ndarray, hessian: np.ndarray, blocks: KBlocks, device: torch.device):
+        f = self.fmt = blocks.fmt
+        rows, cols = weights.shape
+        # float64 where the device has it: the gains are small differences of large sums
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+
+        def tensor(a: np.ndarray, width: int) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(a), device=device).to(dtype).reshape(rows, width)
+
+        n_super = cols // QK_K
+        self.w = tensor(weights, cols)
+        self.h = torch.as_tensor(hessian, device=device).to(dtype)
+        self.d = tensor(blocks.d, n_super)
+        self.scales = tensor(blocks.scales, n_super * f.n_sub)
+        self.q = tensor(blocks.q, cols)
+        self.dmin = tensor(blocks.dmin, n_super) if f.has_min else None
+        self.mins = tensor(blocks.mins, n_super * f.n_sub) if f.has_min else None
+        self.refresh()
+
+    def _per_weight(self, per_sub: torch.Tensor) -> torch.Tensor:
+        return per_sub.repeat_interleave(self.fmt.sub_block, dim=1)
+
+    def _per_sub(self, per_super: torch.Tensor) -> torch.Tensor:
+        return per_super.repeat_interleave(self.fmt.n_sub, dim=1)
+
+    def dequantized(self) -> torch.Tensor:
+        """Q [rows, cols] in dequantize_row_qX_K's formula: (d * scale) * q - dmin * min."""
+        q = self._per_weight(self._per_sub(self.d) * self.scales) * self.q
+        if self.fmt.has_min:
+            q = q - self._per_weight(self._per_sub(self.dmin) * self.mins)
+        return q
+
+    def refresh(self) -> None:
+        """e and g recomputed from the integers (moves update them incrementally in between)."""
+        self.e = self.w - self.dequantized()
+        self.g = self.e @ self.h
+
+    def loss(self) -> float:
+        return float(torch.sum(self.e * self.g))
+
+    def _gain(self, delta: torch.Tensor, cols: slice) -> torch.Tensor:
+        """How much the loss of each row falls when Q[:, cols] moves by delta [rows, width]."""
+        return 2 * torch.sum(delta * self.g[:, cols], dim=1) - torch.sum((delta @ self.h[cols, cols]) * delta, dim=1)
+
+    def _apply(self, delta: torch.Tensor, cols: slice) -> None:
+        self.e[:, cols] -= delta
+        self.g -= delta @ self.h[cols, :]
+
+    def _best_step(self, values: torch.Tensor, low: float, high: float, gain_of) -> torch.Tensor:
+        """The move (-1, 0 or +1) of each row's integer ``values`` [rows] that lowers its loss most."""
+        best = torch.zeros_like(values)
+        best_gain = torch.zeros_like(values)
+        for sign in (1.0, -1.0):
+            gain = gain_of(sign)
+            better = (values + sign >= low) & (values + sign <= high) & (gain > best_gain)
+            best = torch.where(better, sign, best)
+            best_gain = torch.where(better, gain, best_gain)
+        return best
+
+    def sweep_super_scales(self) -> None:
+        """Each super-block's d (and dmin) to its least-squares value on the exact loss, rounded to fp16."""
+        f = self.fmt
+        for b in range(self.d.shape[1]):
+            cols = slice(b * QK_K, (b + 1) * QK_K)
+            subs = slice(b * f.n_sub, (b + 1) * f.n_sub)
+            directions = [(self.d, self._per_weight(self.scales[:, subs]) * self.q[:, cols])]
+            if f.has_min:
+                directions.append((self.dmin, -self._per_weight(self.mins[:, subs])))
+            for scale, a in directions:
+                curvature = torch.sum((a @ self.h[cols, cols]) * a, dim=1)
+                usable = curvature > 0
+                t = torch.sum(a * self.g[:, cols], dim=1) / torch.where(usable, curvature, 1.0)
+                new = (scale[:, b] + t).to(torch.float16).to(scale.dtype)
+                delta = (new - scale[:, b])[:, None] * a
+                take = usable & torch.isfinite(new) & (self._gain(torch.nan_to_num(delta), cols) > 0)
+                delta = torch.where(take[:, None], torch.nan_to_num(delta), 0.0)
+                scale[:, b] = torch.where(take, new, scale[:, b])
+                self._apply(delta, cols)
+
+    def sweep_sub_scales(self) -> None:
+        """Each sub-block's integer scale (and minimum) by +-1."""
+        f = self.fmt
+        for k in range(self.scales.shape[1]):
+            cols = slice(k * f.sub_block, (k + 1) * f.sub_block)
+            b = k // f.n_sub
+            directions = [(self.scales, self.d[:, b:b + 1] * self.q[:, cols], f.scale_min, f.scale_max)]
+            if f.has_min:
+                directions.append((self.mins, -self.dmin[:, b:b + 1].expand(-1, f.sub_block), 0, f.min_max))
+            for ints, unit, low, high in directions:
+                step = self._best_step(ints[:, k], low, high, lambda sign: self._gain(sign * unit, cols))
+                ints[:, k] += step
+                self._apply(step[:, None] * unit, cols)
+
+    def sweep_q(self) -> None:
+        """Each weight's q by +-1, the moves of a column block applied to g together."""
+        f = self.fmt
+        step = self._per_weight(self._per_sub(self.d) * self.scales)
+        diag = torch.diagonal(self.h)
+        cols_total = self.q.shape[1]
+        for first in range(0, cols_total, COLUMN_BLOCK):
+            cols = slice(first, min(cols_total, first + COLUMN_BLOCK))
+            g_block = self.g[:, cols].clone()
+            h_block = self.h[cols, cols]
+            delta = torch.zeros_like(g_block)
+            for j in range(g_block.shape[1]):
+                i = first + j
+                unit = step[:, i]
+
+                def gain_of(sign: float) -> torch.Tensor:
+                    moved = sign * unit
+                    return 2 * moved * g_block[:, j] - moved * moved * diag[i]
+
+                move = self._best_step(self.q[:, i], f.q_min, f.q_max, gain_of)
+                move = torch.where(unit == 0, 0.0, move)
+                self.q[:, i] += move
+                delta[:, j] = move * unit
+                g_block -= delta[:, j:j + 1] * h_block[j:j + 1, :]
+            self.e[:, cols] -= delta
+            self.g -= delta @ self.h[cols, :]
+
+    def blocks(self) -> KBlocks:
+        f = self.fmt
+
+        def ints(t: torch.Tensor | None, width: int) -> np.ndarray | None:
+            return None if t is None else t.cpu().numpy().astype(np.int32).reshape(-1, width)
+
+        def halves(t: torch.Tensor | None) -> np.ndarray | None:
+            return None if t is None else t.cpu().numpy().astype(np.float32).reshape(-1)
+
+        return KBlocks(f, halves(self.d), ints(self.scales, f.n_sub), ints(self.q, QK_K), halves(self.dmin),
+                       ints(self.mins, f.n_sub))
+
+
+def tuned_error_ratios(model_dir, stats, types: list[str], sample: int = 8, seed: int = 0,
+                       settings: TuneSettings = TuneSettings(), progress: bool = True) -> dict[str, float]:
+    """How much tuning lowers each K-quant type's error, for allocate's ``error_scale``.
+
+    The calibration measured every type's error with ggml's quantizer alone; tuning lowers the K-quants'
+    errors several times, the i-quants' hardly (GPTQ only). On ``sample`` experts drawn (seeded) across the
+    layers, each projection is quantized both ways and the loss on its Hessian summed: the ratio
+    tuned / untuned per type. Types that are not K-quants get no entry (1).
+    """
+    from tqdm import tqdm
+
+    from mc_gguf.ggml import quants
+    from mc_gguf.ggml.types import quant_type
+    from mc_gguf.hf.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(model_dir)
+    hidden, ff = ckpt.expert_dims
+    names = [t for t in (quant_type(t).name for t in types) if t in kquants.FORMATS and hidden % QK_K == 0
+             and ff % QK_K == 0]
+    if not names or not stats.has_hessian:
+        return {}
+    rng = np.random.default_rng(seed)
+    pairs = [(bid, xid) for bid in range(ckpt.n_layers) for xid in range(ckpt.n_experts)
+             if stats.layers[bid].count[xid] > 0]
+    picked = [pairs[i] for i in sorted(rng.choice(len(pairs), min(sample, len(pairs)), replace=False))]
+    totals = {t: np.zeros(2) for t in names}
+    with tqdm(total=len(picked) * 3 * len(names), desc="tuned errors", unit="tensor", disable=not progress) as bar:
+        for bid, xid in picked:
+            layer = stats.layers[bid]
+            for projection in ("gate", "up", "down"):
+                weights = ckpt.load(ckpt.arch.expert_tensor(bid, xid, projection))
+                which = "mid" if projection == "down" else "in"
+                hessian = (layer.hessian_mid if which == "mid" else layer.hessian_in)[xid]
+                imatrix = layer.imatrix(which)[xid]
+                h = damped(hessian)
+                for name in names:
+                    qtype = quant_type(name).qtype
+                    for k, data in enumerate((quants.quantize(weights, qtype, imatrix),
+                                              tune_quantize(weights, hessian, qtype, imatrix, settings))):
+                        error = weights - quants.dequantize(data, qtype, weights.shape[1])
+                        totals[name][k] += float(np.sum((error @ h) * error))
+                    bar.update(1)
+    return {t: float(tuned / plain) for t, (plain, tuned) in totals.items() if plain > 0}

@@ -1,0 +1,158 @@
+"""Tuned K-quant integers: ggml dequantizes the written bytes to the tuner's own weights, the result is a
+local optimum of the Hessian loss by brute force over every single move, and it loads in llama.cpp."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from mc_gguf.ggml import kquants, quants
+from mc_gguf.quantize.gptq import gptq_quantize
+from mc_gguf.quantize.tune import TuneSettings, _Descent, damped, tunable, tune_blocks, tune_quantize
+
+T = gguf.GGMLQuantizationType
+K_TYPES = tuple(kquants.FORMATS)
+
+
+@pytest.fixture(scope="module")
+def layer():
+    """A weight matrix and the Hessian of strongly correlated inputs (what an imatrix cannot see)."""
+    rng = np.random.default_rng(11)
+    n, cols, rows = 2048, 512, 24
+    mixing = 0.3 * np.eye(cols) + rng.standard_normal((cols, 16)) @ rng.standard_normal((16, cols)) / 4
+    x = rng.standard_normal((n, cols)) @ mixing
+    w = (0.05 * rng.standard_normal((rows, cols))).astype(np.float32)
+    w[3, :256] *= 8.0  # one super-block of large weights
+    return w, x.T @ x, (x ** 2).mean(axis=0).astype(np.float32)
+
+
+def loss(w, hessian, data, qtype) -> float:
+    """The tuner's loss, computed from what ggml dequantizes the bytes to."""
+    e = (w - quants.dequantize(data, qtype, w.shape[1])).astype(np.float64)
+    return float(np.sum((e @ damped(hessian)) * e))
+
+
+@pytest.mark.parametrize("name", K_TYPES)
+def test_ggml_dequantizes_the_bytes_to_the_tuned_weights(layer, name):
+    w, hessian, imatrix = layer
+    qtype = T[name]
+    start = kquants.unpack(gptq_quantize(w, hessian, qtype, imatrix), name)
+    tuned = tune_blocks(w, damped(hessian), start, TuneSettings(iters=2))
+    state = _Descent(w, damped(hessian), tuned, torch.device("cpu"))
+    by_ggml = quants.dequantize(kquants.pack(tuned), qtype, w.shape[1])
+    # the tuner works in float64, ggml's dequantization in float32: equal to float32 rounding
+    np.testing.assert_allclose(by_ggml, state.dequantized().numpy(), rtol=2e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", K_TYPES)
+def test_tuning_lowers_the_loss_of_gptq_and_of_ggml(layer, name):
+    w, hessian, imatrix = layer
+    qtype = T[name]
+    plain = loss(w, hessian, quants.quantize(w, qtype, imatrix), qtype)
+    gptq = loss(w, hessian, gptq_quantize(w, hessian, qtype, imatrix), qtype)
+    tuned = loss(w, hessian, tune_quantize(w, hessian, qtype, imatrix), qtype)
+    assert tuned < gptq and tuned < 0.8 * plain
+
+
+@pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q6_K"])
+def test_converged_tuning_is_a_local_optimum_by_brute_force(layer, name):
+    """No single move of a weight's q or a sub-block's scale or minimum by +-1, each tried on the packed
+    integers and scored from ggml's dequantization, lowers the loss."""
+    w, hessian, imatrix = layer
+    w, hessian, imatrix = w[:6, :256], hessian[:256, :256], imatrix[:256]
+    qtype, f = T[name], kquants.FORMATS[name]
+    tuned = kquants.unpack(tune_quantize(w, hessian, qtype, imatrix, TuneSettings(iters=200, min_gain=0.0)), name)
+    best = loss(w, hessian, kquants.pack(tuned), qtype)
+    fields = [("q", f.q_min, f.q_max), ("scales", f.scale_min, f.scale_max)]
+    if f.has_min:
+        fields.append(("mins", 0, f.min_max))
+    tried = 0
+    for field, low, high in fields:
+        values = getattr(tuned, field)
+        for index in np.ndindex(values.shape):
+            for move in (-1, 1):
+                if not low <= values[index] + move <= high:
+                    continue
+                values[index] += move
+                moved = loss(w, hessian, kquants.pack(tuned), qtype)
+                values[index] -= move
+                tried += 1
+                assert moved >= best * (1 - 1e-9), f"{field}{index} {move:+d} lowers the loss"
+    assert tried > 256 * len(w)
+
+
+def test_types_without_k_quant_blocks_keep_gptq(layer):
+    w, hessian, imatrix = layer
+    assert not tunable(T.IQ2_XS, 512) and not tunable(T.Q4_K, 96)
+    np.testing.assert_array_equal(tune_quantize(w, hessian, T.IQ2_XS, imatrix),
+                                  gptq_quantize(w, hessian, T.IQ2_XS, imatrix))
+
+
+def test_cli_defaults_are_tune_settings():
+    from mc_gguf.cli.common import TUNE_ITERS
+
+    assert TUNE_ITERS == TuneSettings().iters
+
+
+@pytest.fixture(scope="module")
+def tuned_compress(tiny_model_dir, tmp_path_factory):
+    from test_quantize import F32_NON_EXPERT
+
+    from mc_gguf.calibrate.settings import CalibrationSettings
+    from mc_gguf.calibrate.text import CalibrationText
+    from mc_gguf.pipeline import compress
+
+    from conftest import CALIBRATION_TEXT
+
+    out = tmp_path_factory.mktemp("tuned") / "tuned.gguf"
+    settings = CalibrationSettings(n_tokens=1024, seq_len=128, seed=5, types=("IQ2_XS", "Q2_K", "Q3_K", "Q4_K"))
+    return compress(tiny_model_dir, out, 3.0, CalibrationText("test", CALIBRATION_TEXT), settings=settings,
+                    tune=TuneSettings(iters=3), allocate_options={"non_expert": F32_NON_EXPERT}, progress=False)
+
+
+def test_compress_tune_writes_the_tuned_integers_and_llama_cpp_runs_them(tuned_compress, tiny_model_dir):
+    """Every K-quant expert of the file is tune_quantize's output for it (so not GPTQ's alone), the plan saw
+    the tuned errors, and llama.cpp runs the file as transformers runs the checkpoint with its experts."""
+    from test_quantize import TOLERANCE, dequantized_experts, with_experts
+    from transformers import AutoModelForCausalLM
+
+    from mc_gguf.gguf_io.edit import field_value
+    from mc_gguf.hf.checkpoint import open_checkpoint
+
+    from helpers import llama_cpp_logits, transformers_logits
+
+    result = tuned_compress
+    reader = gguf.GGUFReader(result.path)
+    assert field_value(reader, "mc.quantize.tune_iters") == 3
+    assert set(result.plan.inputs["error_scale"]) == {"Q2_K", "Q3_K", "Q4_K"}
+    assert all(0 < r < 1 for r in result.plan.inputs["error_scale"].values())
+
+    ckpt, stats = open_checkpoint(tiny_model_dir), result.stats
+    experts = dequantized_experts(result.path)
+    checked = 0
+    for bid, layer in enumerate(result.plan.experts):
+        for xid, types in enumerate(layer):
+            for projection, name in types.items():
+                if name not in kquants.FORMATS:
+                    continue
+                which = "mid" if projection == "down" else "in"
+                weights = ckpt.load(ckpt.arch.expert_tensor(bid, xid, projection))
+                hessian = getattr(stats.layers[bid], f"hessian_{which}")[xid]
+                imatrix = stats.layers[bid].imatrix(which)[xid]
+                tuned = tune_quantize(weights, hessian, T[name], imatrix, TuneSettings(iters=3))
+                gptq = gptq_quantize(weights, hessian, T[name], imatrix)
+                np.testing.assert_array_equal(experts[bid, projection][xid],
+                                              quants.dequantize(tuned, T[name], weights.shape[1]))
+                assert not np.array_equal(tuned, gptq)
+                checked += 1
+    assert checked >= 3
+
+    import torch
+
+    ids = list(range(1, 40))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    reference = transformers_logits(with_experts(model, experts), ids)
+    got = llama_cpp_logits(result.path, ids, mu=0.0)
+    assert np.abs(got - reference).max() / np.abs(reference).max() < TOLERANCE
