@@ -44,7 +44,7 @@ def quantize(model_dir: str | Path, plan: Plan, out: str | Path, *, stats: Calib
     ckpt = open_checkpoint(model_dir)
     _check_fits(ckpt, plan, stats)
     if gptq is None:
-        gptq = stats is not None and stats.has_hessian
+        gptq = tune is not None or (stats is not None and stats.has_hessian)
     if tune is not None and not gptq:
         raise McGgufError("tuning starts from GPTQ: leave GPTQ on")
     if gptq and (stats is None or not stats.has_hessian):

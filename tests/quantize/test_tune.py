@@ -156,3 +156,18 @@ def test_compress_tune_writes_the_tuned_integers_and_llama_cpp_runs_them(tuned_c
     reference = transformers_logits(with_experts(model, experts), ids)
     got = llama_cpp_logits(result.path, ids, mu=0.0)
     assert np.abs(got - reference).max() / np.abs(reference).max() < TOLERANCE
+
+
+def test_tuning_without_hessians_or_without_gptq_is_refused_before_writing(tiny_model_dir, tmp_path):
+    from mc_gguf.allocate.allocation import uniform_plan
+    from mc_gguf.errors import McGgufError
+    from mc_gguf.hf.checkpoint import open_checkpoint
+    from mc_gguf.quantize.quantization import quantize
+
+    plan = uniform_plan(open_checkpoint(tiny_model_dir), "Q4_K")
+    out = tmp_path / "out.gguf"
+    with pytest.raises(McGgufError, match="tuning needs the experts' Hessians: calibrate with --hessian"):
+        quantize(tiny_model_dir, plan, out, tune=TuneSettings(), progress=False)
+    with pytest.raises(McGgufError, match="tuning starts from GPTQ"):
+        quantize(tiny_model_dir, plan, out, gptq=False, tune=TuneSettings(), progress=False)
+    assert not out.exists() and not list(tmp_path.iterdir())
