@@ -50,21 +50,26 @@ def test_routing_counts_and_weights_match_transformers_router_logits(calibration
         assert layer.phi.sum() == pytest.approx(1.0) and layer.w.sum() == pytest.approx(1.0)
 
 
-def test_imatrix_and_hessian_equal_sums_over_each_experts_tokens(calibration, direct, hf_model):
+def test_imatrix_and_weighted_hessian_equal_sums_over_each_experts_tokens(calibration, direct, hf_model):
     _, stats = calibration
     xs, probs = direct
     k = hf_model.config.num_experts_per_tok
     for il, layer in enumerate(stats.layers):
         experts = hf_model.model.layers[il].mlp.experts
-        _, top_ids = torch.topk(probs[il], k, dim=-1)
+        top_w, top_ids = torch.topk(probs[il], k, dim=-1)
+        applied = (top_w / top_w.sum(-1, keepdim=True)).double()  # Mixtral renormalises its top-k weights
         for e in range(layer.count.size):
-            x = xs[il][(top_ids == e).any(-1)].double()
+            routed = (top_ids == e).any(-1)
+            x = xs[il][routed].double()
             gate, up = (x @ experts.gate_up_proj[e].detach().double().T).chunk(2, dim=-1)
             z = torch.nn.functional.silu(gate) * up
             np.testing.assert_allclose(layer.imatrix_in[e], (x ** 2).sum(0).numpy(), rtol=1e-4, atol=1e-6)
             np.testing.assert_allclose(layer.imatrix_mid[e], (z ** 2).sum(0).numpy(), rtol=1e-3, atol=1e-7)
-            np.testing.assert_allclose(layer.hessian_in[e], (x.T @ x).numpy(), rtol=1e-3, atol=1e-3)
-            np.testing.assert_allclose(np.diag(layer.hessian_mid[e]), layer.imatrix_mid[e], rtol=1e-3, atol=1e-7)
+            # the Hessians weight each token by the routing weight it gave the expert, squared
+            g = (applied[routed] * (top_ids[routed] == e)).sum(-1, keepdim=True)
+            np.testing.assert_allclose(layer.hessian_in[e], ((x * g).T @ (x * g)).numpy(), rtol=1e-3, atol=1e-4)
+            np.testing.assert_allclose(np.diag(layer.hessian_mid[e]), ((z * g) ** 2).sum(0).numpy(), rtol=1e-3,
+                                       atol=1e-7)
 
 
 def _roundtrip_with_gguf_py(weights: torch.Tensor, type_name: str, imatrix: np.ndarray) -> torch.Tensor:
