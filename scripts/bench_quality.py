@@ -99,12 +99,12 @@ def mc_gguf_files(model: str, stats, work: Path, args) -> list[dict]:
     from mc_gguf.quantize.quantization import quantize
     from mc_gguf.quantize.tune import TuneSettings, tuned_error_ratios
 
-    configs, seconds = [], {}
+    configs = []
     tune = TuneSettings() if stats.has_hessian else None
     if tune is not None:
         started = time.perf_counter()
         ratios = tuned_error_ratios(model, stats, list(stats.types), settings=tune, progress=False)
-        seconds["tuned errors"] = time.perf_counter() - started
+        ratio_seconds = time.perf_counter() - started
     for bits in args.bits:
         for layout in ("per-expert", "stock"):
             plan = allocate(stats, bits, model_dir=model, layout=layout, non_expert=Q8_NON_EXPERT, **COMPRESS_COST)
@@ -123,12 +123,12 @@ def mc_gguf_files(model: str, stats, work: Path, args) -> list[dict]:
                 started = time.perf_counter()
                 produce(path, lambda tmp, p=p, g=gptq, t=t, o=odp: quantize(
                     model, p, tmp, stats=stats, gptq=g, tune=t, odp=o, progress=False))
+                seconds = time.perf_counter() - started
+                if t is not None:  # as compress does, a tuned file's time includes measuring the tuned errors
+                    seconds += ratio_seconds
                 configs.append({"name": name, "family": "mc-gguf", "path": path, "bits": bits, "layout": layout,
                                 "gptq": gptq, "tune": t is not None, "odp_target_skip": skip,
-                                "quantize_s": round(time.perf_counter() - started, 1)})
-    for config in configs:  # the tuned files' time includes measuring the tuned errors, as compress does
-        if config["tune"]:
-            config["quantize_s"] = round(config["quantize_s"] + seconds["tuned errors"], 1)
+                                "quantize_s": round(seconds, 1)})
     return configs
 
 

@@ -73,6 +73,11 @@ class LayerStats:
         counts = self.count.astype(np.float64)[:, None]
         return np.where(counts > 0, sums / np.maximum(counts, 1), 1.0).astype(np.float32)
 
+    def hessian(self, which: str) -> np.ndarray | None:
+        """Per-expert Hessians [E, n, n] of the projections' inputs ("in": gate and up, "mid": down), or None
+        without --hessian."""
+        return self.hessian_in if which == "in" else self.hessian_mid
+
 
 def _normalised(values: np.ndarray) -> np.ndarray:
     values = values.astype(np.float64)

@@ -77,8 +77,7 @@ def quantize_expert(ckpt: Checkpoint, stats: CalibrationStats | None, bid: int, 
     which = "mid" if projection == "down" else "in"
     imatrix = stats.layers[bid].imatrix(which)[xid] if stats is not None else None
     if gptq:
-        layer = stats.layers[bid]
-        hessian = (layer.hessian_mid if which == "mid" else layer.hessian_in)[xid]
+        hessian = stats.layers[bid].hessian(which)[xid]
         if tune is not None:
             return tune_quantize(weights, hessian, qtype, imatrix, tune)
         return gptq_quantize(weights, hessian, qtype, imatrix)

@@ -67,7 +67,8 @@ def tune_quantize(weights: np.ndarray, hessian: np.ndarray, qtype: gguf.GGMLQuan
 
 
 def damped(hessian: np.ndarray, damp: float = DAMP) -> np.ndarray:
-    """H + damp * mean(diag H) * I, the Hessian GPTQ inverts (gptq.inverse_hessian_factor)."""
+    """H + damp * mean(diag H) * I, GPTQ's dampening (gptq.inverse_hessian_factor, which also sets the
+    diagonal of never-activated columns to 1 before it)."""
     h = np.array(hessian, dtype=np.float64)
     h[np.diag_indices_from(h)] += damp * max(float(np.mean(np.diag(h))), 1e-30)
     return h
@@ -204,8 +205,7 @@ class _Descent:
                     moved = sign * unit
                     return 2 * moved * g_block[:, j] - moved * moved * diag[i]
 
-                move = self._best_step(self.q[:, i], f.q_min, f.q_max, gain_of)
-                move = torch.where(unit == 0, 0.0, move)
+                move = self._best_step(self.q[:, i], f.q_min, f.q_max, gain_of)  # 0 where unit is 0: no gain
                 self.q[:, i] += move
                 delta[:, j] = move * unit
                 g_block -= delta[:, j:j + 1] * h_block[j:j + 1, :]
@@ -257,7 +257,7 @@ def tuned_error_ratios(model_dir, stats, types: list[str], sample: int = 8, seed
             for projection in ("gate", "up", "down"):
                 weights = ckpt.load(ckpt.arch.expert_tensor(bid, xid, projection))
                 which = "mid" if projection == "down" else "in"
-                hessian = (layer.hessian_mid if which == "mid" else layer.hessian_in)[xid]
+                hessian = layer.hessian(which)[xid]
                 imatrix = layer.imatrix(which)[xid]
                 h = damped(hessian)
                 for name in names:
