@@ -110,6 +110,9 @@ def summary(result: CompressResult) -> str:
              f"  {'layer':>5} {'bpw':>6} {'mu':>6} {'skips':>6}"]
     skipped = []  # share of the layer's slots the thresholds skip on the calibration tokens
     for bid, layer_bits in enumerate(p["layer_expert_bpw"]):
+        if layer_bits is None:
+            lines.append(f"  {bid:>5} {'dense':>6} {'-':>6} {'-':>6}")
+            continue
         if result.odp is None:
             lines.append(f"  {bid:>5} {layer_bits:6.2f} {'-':>6} {'-':>6}")
             continue

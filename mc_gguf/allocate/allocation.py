@@ -13,6 +13,7 @@ Steps, each a function below:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,9 +66,11 @@ def allocate(stats: CalibrationStats, bits: float, *, model_dir: str | Path | No
         raise McGgufError(f"the statistics have no errors for {', '.join(unknown)}; "
                           f"they were measured for {', '.join(stats.types)}")
     ckpt = open_checkpoint(model_dir or stats.info["model"])
-    if ckpt.n_layers != len(stats.layers) or ckpt.n_experts != stats.layers[0].count.shape[0]:
-        raise McGgufError(f"{ckpt.path} has {ckpt.n_layers} layers of {ckpt.n_experts} experts; the statistics "
-                          f"were measured on {len(stats.layers)} layers of {stats.layers[0].count.shape[0]}")
+    if ([bid for bid, _ in stats.moe_layers] != ckpt.moe_layers or ckpt.n_layers != len(stats.layers)
+            or ckpt.n_experts != stats.n_experts):
+        raise McGgufError(f"{ckpt.path} has {ckpt.n_layers} layers, {len(ckpt.moe_layers)} of them of "
+                          f"{ckpt.n_experts} experts; the statistics were measured on {len(stats.layers)} layers, "
+                          f"{len(stats.moe_layers)} of them of {stats.n_experts}")
     non_expert = {**NON_EXPERT_DEFAULTS, **{k: v.upper() for k, v in (non_expert or {}).items()}}
     exponents = {"alpha": alpha, "beta": beta, "gamma": gamma}
 
@@ -93,7 +96,7 @@ def _choices(stats: CalibrationStats, ckpt: Checkpoint, types: list[str], layout
              else [(EPS_EXPERT, PROJECTIONS)])
     part_bpw = [projection_bits(ckpt, types, projections) for _, projections in parts]  # the same in every layer
     units, costs, sizes, tensor_of, bpw = [], [], [], [], []
-    for bid, layer in enumerate(stats.layers):
+    for bid, layer in stats.moe_layers:
         for part, (row, projections) in enumerate(parts):
             tensor = bid * len(parts) + part
             cost = significance_cost(layer.phi, layer.w, layer.eps[row][:, columns] * error_scale, **exponents)
@@ -128,7 +131,7 @@ def _expert_budget(ckpt: Checkpoint, bits: float, scope: str, layout: str, types
     bits * (all weights) once the non-expert tensors' fixed bytes are paid."""
     if scope != "model":
         return bits
-    draft = Plan(layout, [[stored_types(ckpt, types[0])] * ckpt.n_experts] * ckpt.n_layers, non_expert, {})
+    draft = Plan(layout, expert_table(ckpt, lambda: stored_types(ckpt, types[0])), non_expert, {})
     fixed = predict(ckpt, draft)
     n_all, n_exp = fixed["n_weights"], fixed["n_expert_weights"]
     fixed_bits = 8 * (fixed["tensor_bytes"] - fixed["expert_bytes"])
@@ -141,6 +144,11 @@ def _expert_budget(ckpt: Checkpoint, bits: float, scope: str, layout: str, types
     return (bits * n_all - fixed_bits) / n_exp
 
 
+def expert_table(ckpt: Checkpoint, types: Callable[[], dict[str, str]]) -> list[list[dict[str, str]]]:
+    """Plan.experts' shape for ``ckpt``: ``types()`` for every expert of every MoE layer; a dense layer has none."""
+    return [[types() for _ in range(ckpt.n_experts)] if ckpt.is_moe(bid) else [] for bid in range(ckpt.n_layers)]
+
+
 def stored_types(ckpt: Checkpoint, type_name: str) -> dict[str, str]:
     """The type each projection of an expert is stored in when ``type_name`` is asked for (types.stored_type)."""
     hidden, ff = ckpt.expert_dims
@@ -151,7 +159,7 @@ def _plan(ckpt: Checkpoint, layout: str, units: list[_Unit], choice: np.ndarray,
           non_expert: dict[str, str], budget: dict, inputs: dict) -> Plan:
     """The plan of the chosen types, each projection at the type its rows are stored in."""
     stored = [stored_types(ckpt, t) for t in types]
-    experts: list[list[dict[str, str]]] = [[{} for _ in range(ckpt.n_experts)] for _ in range(ckpt.n_layers)]
+    experts = expert_table(ckpt, dict)
     for unit, t in zip(units, choice):
         for xid in unit.experts:
             for projection in unit.projections:
@@ -164,8 +172,7 @@ def _plan(ckpt: Checkpoint, layout: str, units: list[_Unit], choice: np.ndarray,
 def uniform_plan(ckpt: Checkpoint, type_name: str, non_expert: dict[str, str] | None = None) -> Plan:
     """Every expert at one type (llama.cpp's recipe, for comparison and for tests)."""
     name = quant_type(type_name).name
-    plan = Plan("stock", [[stored_types(ckpt, name) for _ in range(ckpt.n_experts)]
-                          for _ in range(ckpt.n_layers)],
+    plan = Plan("stock", expert_table(ckpt, lambda: stored_types(ckpt, name)),
                 {**NON_EXPERT_DEFAULTS, **(non_expert or {})}, {"bits": quant_type(name).bits_per_weight,
                                                                "scope": "experts", "uniform": name})
     plan.predicted = predict(ckpt, plan)

@@ -43,7 +43,8 @@ class PlanFileError(McGgufError):
 @dataclass
 class Plan:
     layout: str
-    experts: list[list[dict[str, str]]]   # [layer][expert] -> {"gate": type, "up": type, "down": type}
+    experts: list[list[dict[str, str]]]   # [layer][expert] -> {"gate": type, "up": type, "down": type};
+                                          # [] for a dense layer (no experts)
     non_expert: dict[str, str]            # class (token_embd, output, attn) -> type
     budget: dict                          # bits, scope, per_layer, per_projection
     predicted: dict = field(default_factory=dict)
@@ -56,13 +57,20 @@ class Plan:
     def projection_types(self, bid: int, projection: str) -> list[str]:
         return [expert[projection] for expert in self.experts[bid]]
 
+    @property
+    def moe_layers(self) -> list[int]:
+        return [bid for bid, layer in enumerate(self.experts) if layer]
+
     def expert_bits(self):
-        """Average bits per weight of every expert, numpy [layers, experts] (for tables and heat maps)."""
+        """Average bits per weight of every expert, numpy [layers, experts] (for tables and heat maps); NaN in
+        the rows of dense layers."""
         import numpy as np
 
-        shares = {"gate": 1 / 3, "up": 1 / 3, "down": 1 / 3}
-        return np.array([[sum(shares[p] * quant_type(e[p]).bits_per_weight for p in PROJECTIONS) for e in layer]
-                         for layer in self.experts])
+        bits = np.full((self.n_layers, max(map(len, self.experts), default=0)), np.nan)
+        for bid in self.moe_layers:
+            bits[bid] = [sum(quant_type(e[p]).bits_per_weight for p in PROJECTIONS) / len(PROJECTIONS)
+                         for e in self.experts[bid]]
+        return bits
 
     def save(self, path: str | Path) -> Path:
         with atomic_output(path) as tmp:

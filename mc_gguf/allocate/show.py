@@ -18,6 +18,9 @@ def describe_plan(plan: Plan) -> str:
              + ", ".join(f"{k} {v}" for k, v in plan.non_expert.items()),
              f"{'layer':>5}  {'bpw':>5}  types of the expert projections (count)"]
     for bid, layer in enumerate(plan.experts):
+        if not layer:
+            lines.append(f"{bid:>5}  {'-':>5}  dense FFN (no experts)")
+            continue
         counts = Counter(expert[p] for expert in layer for p in PROJECTIONS)
         ordered = sorted(counts, key=list(TYPES).index)
         lines.append(f"{bid:>5}  {bits[bid].mean():5.2f}  " + ", ".join(f"{t} x{counts[t]}" for t in ordered))
@@ -31,6 +34,7 @@ def describe_plan(plan: Plan) -> str:
 def plot_plan(plan: Plan, path: str | Path, title: str = "") -> Path:
     """Heat map: layers (rows) x experts (columns), coloured by the expert's average bits per weight."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -39,12 +43,12 @@ def plot_plan(plan: Plan, path: str | Path, title: str = "") -> Path:
     n_layers, n_experts = bits.shape
     fig, ax = plt.subplots(figsize=(1.2 + 0.6 * n_experts, 1.0 + 0.45 * n_layers))
     image = ax.imshow(bits, cmap="viridis", aspect="auto")
-    for bid in range(n_layers):
+    for bid in plan.moe_layers:
         for xid in range(n_experts):
             types = {plan.experts[bid][xid][p] for p in PROJECTIONS}
             label = types.pop() if len(types) == 1 else "mixed"
             ax.text(xid, bid, label.replace("_", "\n", 1) if n_experts > 4 else label,
-                    ha="center", va="center", fontsize=6, color="white" if bits[bid, xid] < bits.mean() else "black")
+                    ha="center", va="center", fontsize=6, color="white" if bits[bid, xid] < np.nanmean(bits) else "black")
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
     ax.set_xticks(range(n_experts))

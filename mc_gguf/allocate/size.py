@@ -99,5 +99,6 @@ def predict(ckpt: Checkpoint, plan: Plan) -> dict:
     file_bytes = predict_file_bytes(gguf.MODEL_ARCH_NAMES[ckpt.arch.gguf_arch],
                                     model_metadata(ckpt, gguf.LlamaFileType.GUESSED), tensors)
     return {**tensor_totals(tensors), "file_bytes": file_bytes,
-            "layer_expert_bpw": [float(b) for b in plan.expert_bits().mean(axis=1)]}
+            "layer_expert_bpw": [float(bits.mean()) if plan.experts[bid] else None
+                                 for bid, bits in enumerate(plan.expert_bits())]}
 

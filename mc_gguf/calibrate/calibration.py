@@ -91,7 +91,8 @@ def calibrate(model_dir: str | Path, out: str | Path, text: CalibrationText,
         del hidden_in
         work.drop_hidden(il)
 
-    stats = CalibrationStats(info=info, types=list(settings.types), layers=work.load_layers(ckpt.n_layers))
+    stats = CalibrationStats(info=info, types=list(settings.types),
+                             layers=work.load_layers(ckpt.n_layers, dense=info["dense_layers"]))
     stats.save(out)
     work.remove()
     return stats
@@ -99,14 +100,24 @@ def calibrate(model_dir: str | Path, out: str | Path, text: CalibrationText,
 
 def calibrate_layer(model, ckpt: Checkpoint, bid: int, hidden_in: np.ndarray, hidden_out: np.ndarray | None,
                     rotary, eps_positions: np.ndarray, settings: CalibrationSettings,
-                    *, progress: bool, eta: str = "") -> LayerStats:
-    """One layer: its forward with the statistics gathered on the way, then every expert's eps."""
+                    *, progress: bool, eta: str = "") -> LayerStats | None:
+    """One layer: its forward with the statistics gathered on the way, then every expert's eps (None, and
+    only the forward, for a dense layer)."""
     from transformers.activations import ACT2FN
+
+    if not ckpt.is_moe(bid):
+        bar = tqdm(total=hidden_in.shape[0], desc=f"layer {bid + 1}/{ckpt.n_layers} (dense){eta}", unit="step",
+                   disable=not progress, dynamic_ncols=True)
+        with decoder_layer(model, ckpt, bid, None) as layer:
+            run_layer(model, layer, rotary, hidden_in, hidden_out, on_batch=bar.update)
+        bar.close()
+        return None
 
     act = ACT2FN[ckpt.config.get("hidden_act", "silu")]
     router, experts = load_experts(ckpt, bid)
     moe = StatisticsMoE(router, experts, act, ckpt.n_experts_used, ckpt.norm_topk_prob, eps_positions,
-                        settings.hessian, shared=SHARED_EXPERT_OUTPUT.get(ckpt.arch.shared_expert))
+                        settings.hessian, shared=SHARED_EXPERT_OUTPUT.get(ckpt.arch.shared_expert),
+                        routed_scale=ckpt.routed_scale)
     bar = tqdm(total=hidden_in.shape[0] + len(experts), desc=f"layer {bid + 1}/{ckpt.n_layers}{eta}", unit="step",
                disable=not progress, dynamic_ncols=True)
     with decoder_layer(model, ckpt, bid, moe) as layer:
@@ -171,6 +182,7 @@ def _provenance(ckpt: Checkpoint, text: CalibrationText, settings: CalibrationSe
         "model_name": ckpt.config.get("_name_or_path") or ckpt.path.resolve().name,
         "architecture": ckpt.arch.hf_architecture,
         "n_layer": ckpt.n_layers,
+        "dense_layers": [bid for bid in range(ckpt.n_layers) if not ckpt.is_moe(bid)],
         "n_expert": ckpt.n_experts,
         "n_expert_used": ckpt.n_experts_used,
         "hidden_size": hidden,

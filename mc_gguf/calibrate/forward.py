@@ -53,16 +53,17 @@ def load_experts(ckpt: Checkpoint, bid: int) -> tuple[torch.Tensor, list[ExpertW
 
 
 @contextmanager
-def decoder_layer(model, ckpt: Checkpoint, bid: int, moe: torch.nn.Module) -> Iterator[torch.nn.Module]:
+def decoder_layer(model, ckpt: Checkpoint, bid: int, moe: torch.nn.Module | None) -> Iterator[torch.nn.Module]:
     """transformers' decoder layer ``bid`` with its weights read from the checkpoint and ``moe`` as its MoE
     block (holding the original block's shared-expert modules, under their own names, so that their weights
-    load from the checkpoint as the rest); the weights are given back (and the module tree restored) when the
-    block ends."""
+    load from the checkpoint as the rest; None: the layer's own FFN, a dense layer's); the weights are given
+    back (and the module tree restored) when the block ends."""
     layer = model.model.layers[bid]
     original = getattr(layer, ckpt.arch.hf_moe_module)
-    for name in ckpt.arch.shared_modules:
-        setattr(moe, name, getattr(original, name))
-    setattr(layer, ckpt.arch.hf_moe_module, moe)
+    if moe is not None:
+        for name in ckpt.arch.shared_modules:
+            setattr(moe, name, getattr(original, name))
+        setattr(layer, ckpt.arch.hf_moe_module, moe)
     try:
         layer.to_empty(device="cpu")
         layer.load_state_dict({key: torch.from_numpy(_layer_tensor(ckpt, bid, key)) for key in layer.state_dict()})

@@ -7,7 +7,8 @@ steps, as in Mixtral's MixtralSparseMoeBlock and llama.cpp's build_moe_ffn:
 
 1. ``route``: router probabilities softmax(x W_r^T) over all experts, the
    top-k slots, and the weights the block applies (renormalised to sum to 1
-   when the architecture says so);
+   when the architecture says so, then times the routed scale: DeepSeek's
+   routed_scaling_factor, build_moe_ffn's w_scale);
 2. ``_run_experts``: per expert, its tokens' z and output, added into the
    block output with the slot's weight (as transformers' index_add_);
 3. statistics: activation counts, summed routing probabilities, w_i / w_0 of
@@ -55,6 +56,8 @@ class EpsSample:
 SHARED_EXPERT_OUTPUT: dict[str, Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]] = {
     # Qwen2MoeSparseMoeBlock; llama.cpp's qwen2moe.cpp: ffn_gate_inp_shexp, sigmoid, times the shared FFN
     "sigmoid-gated": lambda block, x: torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x),
+    # DeepseekV2Moe; llama.cpp's deepseek2.cpp: ffn_{gate,up,down}_shexp, added as it is
+    "summed": lambda block, x: block.shared_experts(x),
 }
 
 
@@ -66,7 +69,8 @@ class StatisticsMoE(torch.nn.Module):
 
     def __init__(self, router: torch.Tensor, experts: list[ExpertWeights], act: Callable, n_used: int,
                  norm_topk_prob: bool, eps_positions: np.ndarray, hessian: bool,
-                 shared: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None):
+                 shared: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
+                 routed_scale: float = 1.0):
         super().__init__()
         self.shared = shared
         n_expert = len(experts)
@@ -76,6 +80,7 @@ class StatisticsMoE(torch.nn.Module):
         self.act = act
         self.n_used = n_used
         self.norm_topk_prob = norm_topk_prob
+        self.routed_scale = routed_scale
         self.eps_positions = eps_positions   # flat token indices (sequence-major) of the eps sample
         self.seen = 0                        # tokens processed so far, in that order
         self.count = np.zeros(n_expert, dtype=np.int64)
@@ -92,7 +97,7 @@ class StatisticsMoE(torch.nn.Module):
         probs = torch.softmax(x @ self.router.T, dim=-1)
         top_w, top_ids = torch.topk(probs, self.n_used, dim=-1)
         applied = top_w / top_w.sum(-1, keepdim=True) if self.norm_topk_prob else top_w
-        return Routing(probs, top_w, top_ids, applied)
+        return Routing(probs, top_w, top_ids, applied * self.routed_scale if self.routed_scale != 1.0 else applied)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
@@ -137,7 +142,7 @@ class StatisticsMoE(torch.nn.Module):
             for slot in range(1, self.n_used):
                 mine = in_slot[:, slot]
                 slot_out[tokens[mine], slot - 1] = y[mine]
-        self.skip_energies.append(skip_energy(out, slot_out, routing.applied, self.norm_topk_prob))
+        self.skip_energies.append(skip_energy(out, slot_out, routing.applied, self.norm_topk_prob, self.routed_scale))
         return out
 
     def _keep_eps_sample(self, x: torch.Tensor, routing: Routing) -> None:
@@ -161,16 +166,17 @@ class StatisticsMoE(torch.nn.Module):
         )
 
 
-def skip_energy(out: torch.Tensor, slot_out: torch.Tensor, applied: torch.Tensor, renormalise: bool) -> np.ndarray:
+def skip_energy(out: torch.Tensor, slot_out: torch.Tensor, applied: torch.Tensor, renormalise: bool,
+                scale: float = 1.0) -> np.ndarray:
     """[n, k-1]: ||change of the block output||^2 of each token if its slot i >= 1 alone were skipped.
 
-    With renormalised weights a (Mixtral; the runtime's ODP renormalises what it keeps) the block gives
-    out = sum_j a_j y_j, and without slot i sum_{j != i} a_j y_j / (1 - a_i): the change is
-    a_i / (1 - a_i) * (out - y_i). Without renormalisation the change is -a_i y_i.
+    With renormalised weights a (Mixtral; the runtime's ODP renormalises what it keeps, then scales) the block
+    gives out = s sum_j a_j y_j, and without slot i s sum_{j != i} a_j y_j / (1 - a_i): the change is
+    a_i / (1 - a_i) * (out - s y_i). Without renormalisation the change is -s a_i y_i (``applied`` is s a).
     """
-    a = applied[:, 1:, None]
     if renormalise:
-        change = a / (1 - a).clamp_min(1e-12) * (out[:, None, :] - slot_out)
+        a = applied[:, 1:, None] / scale
+        change = a / (1 - a).clamp_min(1e-12) * (out[:, None, :] - scale * slot_out)
     else:
-        change = a * slot_out
+        change = applied[:, 1:, None] * slot_out
     return (change ** 2).sum(-1).numpy()

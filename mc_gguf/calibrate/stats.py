@@ -4,7 +4,7 @@ The file is safetensors (arrays, readable with ``safetensors.numpy.load_file``)
 whose header metadata holds one JSON object, ``mc_gguf.calibrate.stats``, with the
 provenance (model, text hash, token count, seed, candidate types).
 
-Arrays, per layer N (E experts, H hidden size, F expert intermediate size,
+Arrays, per MoE layer N (a dense layer, listed in the header's ``dense_layers``, has none; E experts, H hidden size, F expert intermediate size,
 T candidate types, k experts per token):
 
     blk.N.count          [E]       (token, slot) pairs routed to each expert
@@ -25,6 +25,7 @@ T candidate types, k experts per token):
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -89,11 +90,20 @@ def _normalised(values: np.ndarray) -> np.ndarray:
 class CalibrationStats:
     info: dict                       # provenance: model, text, tokens, seed, ...
     types: list[str]                 # candidate types, the columns of every eps
-    layers: list[LayerStats] = field(default_factory=list)
+    layers: list[LayerStats | None] = field(default_factory=list)  # None: a dense layer (no experts)
+
+    @property
+    def moe_layers(self) -> list[tuple[int, LayerStats]]:
+        """(block index, statistics) of every layer with experts."""
+        return [(bid, layer) for bid, layer in enumerate(self.layers) if layer is not None]
+
+    @property
+    def n_experts(self) -> int:
+        return int(self.moe_layers[0][1].count.size)
 
     @property
     def has_hessian(self) -> bool:
-        return bool(self.layers) and self.layers[0].hessian_in is not None
+        return bool(self.moe_layers) and self.moe_layers[0][1].hessian_in is not None
 
     def save(self, path: str | Path) -> Path:
         from safetensors.numpy import save_file
@@ -106,9 +116,11 @@ class CalibrationStats:
         return {"format": FORMAT_VERSION, "types": self.types, **self.info}
 
 
-def layer_arrays(layers: list[LayerStats], first: int = 0) -> dict[str, np.ndarray]:
+def layer_arrays(layers: list[LayerStats | None], first: int = 0) -> dict[str, np.ndarray]:
     arrays = {}
     for il, layer in enumerate(layers, start=first):
+        if layer is None:
+            continue
         for f in fields(LayerStats):
             value = getattr(layer, f.name)
             if value is not None:
@@ -116,10 +128,14 @@ def layer_arrays(layers: list[LayerStats], first: int = 0) -> dict[str, np.ndarr
     return arrays
 
 
-def read_layers(arrays: dict[str, np.ndarray], n_layers: int, first: int = 0) -> list[LayerStats]:
+def read_layers(arrays: dict[str, np.ndarray], n_layers: int, first: int = 0,
+                dense: Collection[int] = ()) -> list[LayerStats | None]:
     optional = {"hessian_in", "hessian_mid", "skip_cost"}
     layers = []
     for il in range(first, first + n_layers):
+        if il in dense:
+            layers.append(None)
+            continue
         values = {f.name: arrays.get(f"blk.{il}.{f.name}") for f in fields(LayerStats)}
         missing = [name for name, value in values.items() if value is None and name not in optional]
         if missing:
@@ -148,8 +164,8 @@ def load_stats(path: str | Path) -> CalibrationStats:
         raise StatsFileError(f"{path} has statistics format {header.get('format')}; this mc-gguf reads {FORMAT_VERSION}")
     types = header.pop("types")
     header.pop("format")
-    layers = read_layers(arrays, int(header["n_layer"]))
+    layers = read_layers(arrays, int(header["n_layer"]), dense=header.get("dense_layers") or ())
     for il, layer in enumerate(layers):
-        if layer.eps.shape[-1] != len(types):
+        if layer is not None and layer.eps.shape[-1] != len(types):
             raise StatsFileError(f"{path}: layer {il} has errors for {layer.eps.shape[-1]} types, header names {len(types)}")
     return CalibrationStats(info=header, types=types, layers=layers)

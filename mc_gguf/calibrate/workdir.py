@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -78,20 +79,21 @@ class WorkDir:
             il += 1
         return il
 
-    def save_layer(self, il: int, layer: LayerStats) -> None:
+    def save_layer(self, il: int, layer: LayerStats | None) -> None:
+        """Mark layer ``il`` done with its statistics (a dense layer's file holds none)."""
         from safetensors.numpy import save_file
 
         tmp = self._partial(self.layer_path(il))
         save_file(layer_arrays([layer], first=il), str(tmp))
         self._commit(tmp, self.layer_path(il))
 
-    def load_layers(self, n_layers: int) -> list[LayerStats]:
+    def load_layers(self, n_layers: int, dense: Collection[int] = ()) -> list[LayerStats | None]:
         from safetensors.numpy import load_file
 
         arrays = {}
         for il in range(n_layers):
             arrays.update(load_file(str(self.layer_path(il))))
-        return read_layers(arrays, n_layers)
+        return read_layers(arrays, n_layers, dense=dense)
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

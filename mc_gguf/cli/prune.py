@@ -41,6 +41,9 @@ def run(args: argparse.Namespace) -> None:
     mu, ratios = calibrate_odp(args.model_dir, text, args.gguf, out, args.skip, n_tokens=args.tokens,
                                seq_len=args.seq_len, protect_ratio=args.protect_ratio, rule=args.rule)
     for il, (m, r) in enumerate(zip(mu, ratios)):
+        if r is None:
+            print(f"layer {il:3d}: dense FFN, no experts to skip")
+            continue
         slots = (r < m).sum() / (r.shape[0] * (r.shape[1] + 1))
         print(f"layer {il:3d}: mu = {m:.4f}  (median w1/w0 {np.median(r[:, 0]):.3f}, skips {slots:.1%} of the "
               "expert slots)")

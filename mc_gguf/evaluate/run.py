@@ -89,7 +89,8 @@ def check_expert_groups(path: str | Path, reader: gguf.GGUFReader) -> None:
     arch = field_value(reader, "general.architecture")
     counts = {t.name: int(t.shape[-1]) for t in reader.tensors if "_exps" in t.name}
     problem = group_map_problem(group_map, counts, int(field_value(reader, f"{arch}.block_count")),
-                                int(field_value(reader, f"{arch}.expert_count") or 0))
+                                int(field_value(reader, f"{arch}.expert_count") or 0),
+                                int(field_value(reader, f"{arch}.leading_dense_block_count") or 0))
     if problem:
         raise GGUFFileError(f"{path}: {problem}")
 

@@ -104,7 +104,7 @@ def expert_tensors(ckpt: Checkpoint, type_for: TypeChooser) -> list[OutputTensor
     arch = ckpt.arch
     name_map = gguf.get_tensor_name_map(arch.gguf_arch, ckpt.n_layers)
     tensors = []
-    for bid in range(ckpt.n_layers):
+    for bid in ckpt.moe_layers:
         for proj, _ in arch.expert_projections:
             names = [arch.expert_tensor(bid, xid, proj) for xid in range(ckpt.n_experts)]
             missing = [n for n in names if n not in ckpt.tensors]
@@ -252,8 +252,9 @@ def size_label(ckpt: Checkpoint, base: gguf.GGUFReader) -> str:
     """general.size_label as the converter derives it (GGUFWriter.get_total_parameter_count, gguf.size_label):
     the base's weights are shared, one expert's weights of every layer are the expert part."""
     shared = sum(int(t.n_elements) for t in base.tensors)
-    per_expert = ckpt.n_layers * sum(int(np.prod(ckpt.shape(ckpt.arch.expert_tensor(0, 0, p))))
-                                     for p, _ in ckpt.arch.expert_projections)
+    first = ckpt.moe_layers[0]
+    per_expert = len(ckpt.moe_layers) * sum(int(np.prod(ckpt.shape(ckpt.arch.expert_tensor(first, 0, p))))
+                                            for p, _ in ckpt.arch.expert_projections)
     return gguf.size_label(shared + ckpt.n_experts * per_expert, shared, per_expert, ckpt.n_experts)
 
 

@@ -17,9 +17,13 @@ def inspect_gguf(path: str | Path) -> dict:
     tensors = {t.name: t for t in reader.tensors}
     n_layer = int(field_value(reader, f"{arch}.block_count"))
     n_expert = int(field_value(reader, f"{arch}.expert_count") or 0)
+    n_dense = int(field_value(reader, f"{arch}.leading_dense_block_count") or 0)
     group_map = field_value(reader, keys.EXPERT_GROUPS)
     experts = []
     for bid in range(n_layer if n_expert else 0):
+        if bid < n_dense:
+            experts.append([])  # a dense FFN, no experts
+            continue
         layer = [dict() for _ in range(n_expert)]
         for p, projection in enumerate(PROJECTIONS):
             stacked = tensors.get(f"blk.{bid}.ffn_{projection}_exps.weight")
@@ -61,7 +65,9 @@ def describe(info: dict) -> str:
              + (f" (experts {info['expert_bpw']:.3f})" if info["expert_bpw"] else ""),
              "tensor types: " + ", ".join(f"{k} x{v}" for k, v in sorted(info["tensor_types"].items()))]
     for bid, layer in enumerate(info["experts"]):
-        for projection in PROJECTIONS:
+        if not layer:
+            lines.append(f"  blk.{bid}: dense FFN (no experts)")
+        for projection in PROJECTIONS if layer else ():
             types = [expert.get(projection, "?") for expert in layer]
             lines.append(f"  blk.{bid} {projection:>4}: " + (types[0] + " (all)" if len(set(types)) == 1
                                                               else " ".join(types)))

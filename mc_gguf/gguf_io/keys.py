@@ -52,10 +52,11 @@ KEYS: tuple[MetadataKey, ...] = (
     MetadataKey(VERSION, "string", "the mc-gguf version that wrote the file", "info"),
     MetadataKey(EXPERT_GROUPS, "int32[n_layer * 3 * n_expert]",
                 "the group (tensor blk.N.ffn_{proj}_exps.g<G>) of expert e of projection p in layer l, "
-                "at index (l*3 + p)*n_expert + e", "runtime", bulky=True),
+                "at index (l*3 + p)*n_expert + e; 0 in a dense layer (no experts)", "runtime", bulky=True),
     MetadataKey(PLAN_LAYOUT, "string", "per-expert or stock", "info"),
     MetadataKey(PLAN_TYPES, "string[n_layer * 3 * n_expert]",
-                "the GGUF type of every expert projection, indexed as mc.experts.groups", "info", bulky=True),
+                "the GGUF type of every expert projection, indexed as mc.experts.groups; empty in a dense layer",
+                "info", bulky=True),
     MetadataKey(PLAN_BUDGET, "float32", "the bits-per-weight budget the plan was solved for", "info"),
     MetadataKey(PLAN_SCOPE, "string", "what the budget averages over: experts or model", "info"),
     MetadataKey(PLAN_EXPERT_BPW, "float32", "measured bits per weight of the expert tensors, scales included",

@@ -53,15 +53,16 @@ def tensor_names(bid: int, projection: str, groups: Sequence[ExpertGroup]) -> li
 
 
 def group_map_problem(group_of_all: Sequence[int], expert_counts: dict[str, int], n_layer: int,
-                      n_expert: int) -> str | None:
+                      n_expert: int, n_dense: int = 0) -> str | None:
     """What is wrong with a file's mc.experts.groups, checked as the runtime's loader checks it, or None.
 
     ``expert_counts`` maps each expert tensor name in the file to its number of
-    experts (its outermost dimension).
+    experts (its outermost dimension); the first ``n_dense`` layers (leading_dense_block_count) have no
+    experts, and their rows are not read.
     """
     if len(group_of_all) != n_layer * 3 * n_expert:
         return f"mc.experts.groups has {len(group_of_all)} values, expected n_layer * 3 * n_expert = {n_layer * 3 * n_expert}"
-    for bid in range(n_layer):
+    for bid in range(n_dense, n_layer):
         for p, projection in enumerate(PROJECTIONS):
             group_of = list(group_of_all[(bid * 3 + p) * n_expert:(bid * 3 + p + 1) * n_expert])
             if any(not 0 <= g < n_expert for g in group_of):

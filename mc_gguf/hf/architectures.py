@@ -53,6 +53,12 @@ class MoEArchitecture:
     embed_tokens: str = "model.embed_tokens.weight"
     norm_topk_key: str | None = None
     shared_modules: tuple[str, ...] = ()
+    # config.json key of the factor the routed experts' weights are multiplied by (DeepSeek's
+    # routed_scaling_factor; llama.cpp's expert_weights_scale), None: 1.
+    routed_scale_key: str | None = None
+    # config.json key of the number of leading layers with a dense FFN instead of experts (DeepSeek's
+    # first_k_dense_replace; llama.cpp's leading_dense_block_count), None: every layer is an MoE layer.
+    leading_dense_key: str | None = None
     # Who writes the metadata and non-expert tensors: "mc-gguf" or "llama.cpp" (see the module docstring).
     converter: str = "mc-gguf"
 
@@ -117,8 +123,15 @@ OLMOE = replace(QWEN3_MOE, hf_architecture="OlmoeForCausalLM", gguf_arch=gguf.MO
 QWEN2_MOE = replace(QWEN3_MOE, hf_architecture="Qwen2MoeForCausalLM", gguf_arch=gguf.MODEL_ARCH.QWEN2MOE,
                     shared_expert="sigmoid-gated", shared_modules=("shared_expert", "shared_expert_gate"))
 
+# DeepSeek-V2 (V2-Lite, V2, V2.5): softmax routing, top-k weights not renormalised (norm_topk_prob), times
+# routed_scaling_factor; shared experts whose output is added as it is (DeepseekV2Moe); leading dense layers.
+# Attention is MLA, which only llama.cpp's converter (kv_b split) and graph need to know.
+DEEPSEEK_V2 = replace(QWEN3_MOE, hf_architecture="DeepseekV2ForCausalLM", gguf_arch=gguf.MODEL_ARCH.DEEPSEEK2,
+                      n_expert_keys=("n_routed_experts",), shared_expert="summed", shared_modules=("shared_experts",),
+                      routed_scale_key="routed_scaling_factor", leading_dense_key="first_k_dense_replace")
+
 ARCHITECTURES: dict[str, MoEArchitecture] = {arch.hf_architecture: arch for arch in (MIXTRAL, QWEN2_MOE, QWEN3_MOE,
-                                                                                     OLMOE)}
+                                                                                     OLMOE, DEEPSEEK_V2)}
 
 
 def architecture_for(config: dict) -> MoEArchitecture:

@@ -44,6 +44,23 @@ class Checkpoint:
         return int(self.config["num_hidden_layers"])
 
     @property
+    def moe_layers(self) -> list[int]:
+        """The layers with routed experts; the others (leading_dense_key) have a dense FFN, which is not an
+        expert and is converted as the attention is."""
+        dense = set(dense_layers(self.config))
+        return [bid for bid in range(self.n_layers) if bid not in dense]
+
+    def is_moe(self, bid: int) -> bool:
+        return bid not in dense_layers(self.config)
+
+    @property
+    def routed_scale(self) -> float:
+        """The factor the routed experts' weights are multiplied by (1 unless the row names a config key)."""
+        key = self.arch.routed_scale_key
+        value = self.config.get(key) if key else None
+        return float(value) if value is not None else 1.0
+
+    @property
     def n_experts(self) -> int:
         return int(self.config[expert_count_key(self.config, self.arch)])
 
@@ -59,8 +76,8 @@ class Checkpoint:
 
     @property
     def expert_dims(self) -> tuple[int, int]:
-        """(hidden size, expert intermediate size), from the first expert's gate projection [F, H]."""
-        ff, hidden = self.shape(self.arch.expert_tensor(0, 0, "gate"))
+        """(hidden size, expert intermediate size), from the first MoE layer's first expert's gate [F, H]."""
+        ff, hidden = self.shape(self.arch.expert_tensor(self.moe_layers[0], 0, "gate"))
         return hidden, ff
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -141,9 +158,17 @@ def dense_layers(config: dict) -> list[int]:
 
 def _check_config(path: Path, config: dict, arch: MoEArchitecture) -> None:
     dense = dense_layers(config)
-    if dense:
+    leading = int(config.get(arch.leading_dense_key) or 0) if arch.leading_dense_key else 0
+    if dense != list(range(min(leading, int(config.get("num_hidden_layers") or 0)))):
+        where = f"only the first {arch.leading_dense_key} layers" if arch.leading_dense_key else "no layer"
         raise CheckpointError(f"{path / 'config.json'}: layers {', '.join(map(str, dense))} have a dense FFN, "
-                              "not experts; mc-gguf compresses models whose every layer is an MoE layer")
+                              f"not experts; in {arch.hf_architecture} {where} may (as in llama.cpp's graph)")
+    if len(dense) >= int(config.get("num_hidden_layers") or 0) > 0:
+        raise CheckpointError(f"{path / 'config.json'}: every layer has a dense FFN: there are no experts to compress")
+    method = config.get("topk_method")
+    if method not in (None, "greedy"):
+        raise CheckpointError(f"{path / 'config.json'}: topk_method {method!r} (routing within groups of experts) is "
+                              "not supported: llama.cpp's graph for this family routes without groups")
     n_expert_key = expert_count_key(config, arch)
     for key in (*REQUIRED_CONFIG, n_expert_key, arch.n_expert_used_key):
         value = config.get(key)

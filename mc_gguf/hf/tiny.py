@@ -118,6 +118,13 @@ TINY_FAMILIES = {
     # llama.cpp's OLMoE normalises K over all heads: as the real model, as many KV heads as heads
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=128, num_experts=8, num_experts_per_tok=2,
                                                       num_key_value_heads=4)),
+    # a dense first layer, a shared expert, routed weights scaled by 2.5; MLA attention with a q LoRA (llama.cpp
+    # takes a model without one for DeepSeek-V2-Lite by its layer count)
+    "deepseek2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        num_hidden_layers=3, first_k_dense_replace=1, moe_intermediate_size=128, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=False,
+        topk_method="greedy", num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16,
+        qk_nope_head_dim=32, v_head_dim=32)),
 }
 
 

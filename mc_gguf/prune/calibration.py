@@ -41,13 +41,19 @@ def thresholds(stats: CalibrationStats, skip_share: float, rule: str = DEFAULT_R
     """Per-layer mu that skip about ``skip_share`` of the expert slots on the calibration tokens."""
     check_rule(rule)
     n_used = int(stats.info["n_expert_used"])
+    bids, layers = zip(*stats.moe_layers)
     if rule == "quantile":
-        return pruning.thresholds_for_skip_share([layer.top_ratio for layer in stats.layers], skip_share, n_used)
-    if any(layer.skip_cost is None for layer in stats.layers):
+        mu = pruning.thresholds_for_skip_share([layer.top_ratio for layer in layers], skip_share, n_used)
+    elif any(layer.skip_cost is None for layer in layers):
         raise McGgufError("these statistics have no skip costs (an older mc-gguf measured them): calibrate again, "
                           "or choose the quantile rule")
-    return thresholds_by_sensitivity([layer.top_ratio for layer in stats.layers],
-                                     [layer.skip_cost for layer in stats.layers], skip_share, n_used)
+    else:
+        mu = thresholds_by_sensitivity([layer.top_ratio for layer in layers],
+                                       [layer.skip_cost for layer in layers], skip_share, n_used)
+    every = [0.0] * len(stats.layers)  # dense layers: no slots, pruning off
+    for bid, m in zip(bids, mu):
+        every[bid] = m
+    return every
 
 
 def write_odp_metadata(gguf_in: str | Path, gguf_out: str | Path, mu: list[float],
@@ -66,7 +72,8 @@ def calibrate_odp(model_dir: str | Path, text: CalibrationText, gguf_in: str | P
                   progress: bool = True) -> tuple[list[float], list[np.ndarray]]:
     """Per-layer mu for ``skip_share`` of the slots on ``text`` (chosen by ``rule``), written into ``gguf_out``.
 
-    Returns the thresholds and the per-layer ratios w_i / w_0 [tokens, k-1] they came from. The
+    Returns the thresholds and the per-layer ratios w_i / w_0 [tokens, k-1] they came from (None for a
+    dense layer, whose threshold is 0). The
     router statistics are kept in a folder beside ``gguf_out`` until the file
     is written, so that an interrupted run resumes.
     """
@@ -79,7 +86,7 @@ def calibrate_odp(model_dir: str | Path, text: CalibrationText, gguf_in: str | P
     mu = thresholds(stats, skip_share, rule)
     write_odp_metadata(gguf_in, gguf_out, mu, protect_ratio)
     shutil.rmtree(work, ignore_errors=True)
-    return mu, [layer.top_ratio for layer in stats.layers]
+    return mu, [layer.top_ratio if layer is not None else None for layer in stats.layers]
 
 
 def _check_inputs(model_dir: str | Path, gguf_in: str | Path, gguf_out: str | Path, skip_share: float,

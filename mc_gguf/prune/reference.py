@@ -8,9 +8,10 @@ from mc_gguf.prune.rule import DEFAULT_PROTECT_RATIO, SlotCounts, keep_mask, val
 
 
 class TransformersOdp:
-    """ODP applied to a transformers MoE model (Mixtral, Qwen3-MoE, OLMoE: top-k of a softmax router) by
-    replacing each layer's router forward. The kept weights are renormalised where the router renormalises
-    (Mixtral always, the others as their ``norm_topk_prob`` says), as the runtime's ODP does.
+    """ODP applied to a transformers MoE model (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2: top-k of a softmax
+    router) by replacing each MoE layer's router forward (dense layers have none). The kept weights are
+    renormalised where the router renormalises (Mixtral always, the others as their ``norm_topk_prob`` says),
+    then multiplied by DeepSeek's ``routed_scaling_factor``, as the runtime's ODP does.
 
     Used as a context manager; counts slots per layer like the runtime does.
     """
@@ -26,7 +27,9 @@ class TransformersOdp:
 
     def __enter__(self) -> TransformersOdp:
         for il, layer in enumerate(self.model.model.layers):
-            router = layer.mlp.gate
+            router = getattr(layer.mlp, "gate", None)
+            if not hasattr(router, "top_k"):  # a dense layer's FFN (its gate_proj is no router)
+                continue
             self._saved.append((router, router.forward))
             router.forward = self._pruning_forward(il, router)
         return self
@@ -54,8 +57,9 @@ class TransformersOdp:
             # by exactly 0. (An out-of-range "skip" index is not safe: transformers' grouped
             # expert kernels leave such rows uninitialised.)
             top_values = top_values * keep
-            if getattr(router, "norm_topk_prob", True):
+            if getattr(router, "norm_topk_prob", getattr(self.model.config, "norm_topk_prob", True)):
                 top_values = top_values / top_values.sum(dim=-1, keepdim=True)
+            top_values = top_values * getattr(router, "routed_scaling_factor", 1.0)
             kept = int(keep.sum())
             self.counts.computed[il] += kept
             self.counts.skipped[il] += keep.numel() - kept

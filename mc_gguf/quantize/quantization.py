@@ -89,9 +89,10 @@ def _check_fits(ckpt: Checkpoint, plan: Plan, stats: CalibrationStats | None) ->
     if plan.n_layers != ckpt.n_layers:
         raise PlanFileError(f"the plan is for {plan.n_layers} layers; {ckpt.path} has {ckpt.n_layers}")
     for bid, layer in enumerate(plan.experts):
-        if len(layer) != ckpt.n_experts:
-            raise PlanFileError(f"the plan gives layer {bid} {len(layer)} experts; {ckpt.path} has {ckpt.n_experts} "
-                                "in every layer")
+        if len(layer) != (ckpt.n_experts if ckpt.is_moe(bid) else 0):
+            raise PlanFileError(f"the plan gives layer {bid} {len(layer)} experts; {ckpt.path} has "
+                                + (f"{ckpt.n_experts} in every MoE layer" if ckpt.is_moe(bid) else
+                                   "a dense FFN there (no experts)"))
         for xid, expert in enumerate(layer):
             for projection, name in expert.items():
                 length = row_length(projection, hidden, ff)
@@ -101,7 +102,8 @@ def _check_fits(ckpt: Checkpoint, plan: Plan, stats: CalibrationStats | None) ->
                         f"the plan gives layer {bid} expert {xid} {projection} {name}, whose blocks of "
                         f"{quant_type(name).block_size} do not divide its rows of {length} weights; "
                         f"llama-quantize would store it as {stored.name}")
-    if stats is not None and (len(stats.layers) != ckpt.n_layers or stats.layers[0].count.size != ckpt.n_experts):
+    if stats is not None and ([bid for bid, _ in stats.moe_layers] != ckpt.moe_layers
+                              or len(stats.layers) != ckpt.n_layers or stats.n_experts != ckpt.n_experts):
         raise McGgufError(f"the statistics are for another model than {ckpt.path}")
     if stats is None:
         needing = sorted({t for layer in plan.experts for e in layer for t in e.values() if quants.requires_imatrix(
@@ -111,9 +113,14 @@ def _check_fits(ckpt: Checkpoint, plan: Plan, stats: CalibrationStats | None) ->
 
 
 def group_map(plan: Plan) -> list[int]:
-    """mc.experts.groups: the group of every (layer, projection, expert), in gguf_io/layout.py's group order."""
+    """mc.experts.groups: the group of every (layer, projection, expert), in gguf_io/layout.py's group order;
+    0 in the rows of dense layers, which the runtime does not read."""
     values = []
+    n_expert = max(map(len, plan.experts))
     for bid in range(plan.n_layers):
+        if not plan.experts[bid]:
+            values.extend([0] * len(PROJECTIONS) * n_expert)
+            continue
         for projection in PROJECTIONS:
             types = plan.projection_types(bid, projection)
             group_of_type = {group.type_name: g for g, group in enumerate(expert_groups(types))}
@@ -124,8 +131,9 @@ def group_map(plan: Plan) -> list[int]:
 def add_plan_metadata(writer: gguf.GGUFWriter, plan: Plan, measured: dict, stats: CalibrationStats | None,
                       gptq: bool, tune: TuneSettings | None = None) -> None:
     writer.add_string(keys.PLAN_LAYOUT, plan.layout)
-    writer.add_array(keys.PLAN_TYPES, [plan.experts[bid][xid][p] for bid in range(plan.n_layers) for p in PROJECTIONS
-                                 for xid in range(len(plan.experts[bid]))])
+    n_expert = max(map(len, plan.experts))
+    writer.add_array(keys.PLAN_TYPES, [plan.experts[bid][xid][p] if plan.experts[bid] else ""
+                                       for bid in range(plan.n_layers) for p in PROJECTIONS for xid in range(n_expert)])
     writer.add_float32(keys.PLAN_BUDGET, float(plan.budget.get("bits", 0.0)))
     writer.add_string(keys.PLAN_SCOPE, str(plan.budget.get("scope", "experts")))
     writer.add_float32(keys.PLAN_EXPERT_BPW, float(measured["expert_bpw"]))

@@ -247,8 +247,7 @@ def tuned_error_ratios(model_dir, stats, types: list[str], sample: int = 8, seed
     if not names or not stats.has_hessian:
         return {}
     rng = np.random.default_rng(seed)
-    pairs = [(bid, xid) for bid in range(ckpt.n_layers) for xid in range(ckpt.n_experts)
-             if stats.layers[bid].count[xid] > 0]
+    pairs = [(bid, xid) for bid, layer in stats.moe_layers for xid in range(ckpt.n_experts) if layer.count[xid] > 0]
     picked = [pairs[i] for i in sorted(rng.choice(len(pairs), min(sample, len(pairs)), replace=False))]
     totals = {t: np.zeros(2) for t in names}
     with tqdm(total=len(picked) * 3 * len(names), desc="tuned errors", unit="tensor", disable=not progress) as bar:

@@ -1,10 +1,12 @@
-"""Calibration of the other families (Qwen3-MoE, OLMoE) routes every token as transformers' own router does.
+"""Calibration of the other families (Qwen2/3-MoE, OLMoE, DeepSeek-V2) routes every token as transformers' own router does.
 
 The streamed calibration (decoder layers one at a time, mc-gguf's MoE block
 inside) runs on a tiny seeded checkpoint of each family; the reference is the
 whole transformers model on the same sequences, its routers' outputs read by
 hooks: experts chosen, weights applied (renormalised or not, as the config
-says), and router probabilities.
+says, and scaled by DeepSeek's routed_scaling_factor), and router
+probabilities. DeepSeek-V2's first layer is dense: it has no router and no
+statistics.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from conftest import CALIBRATION_TEXT
 SETTINGS = CalibrationSettings(n_tokens=512, seq_len=128, seed=3, types=())
 
 
-@pytest.fixture(scope="module", params=["qwen2moe", "qwen3moe", "olmoe"])
+@pytest.fixture(scope="module", params=["qwen2moe", "qwen3moe", "olmoe", "deepseek2"])
 def family(request, tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -35,9 +37,9 @@ def family(request, tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     ids = tokenizer(CALIBRATION_TEXT, add_special_tokens=False).input_ids
     sequences = pack_sequences(ids, tokenizer.bos_token_id, SETTINGS.n_tokens, SETTINGS.seq_len, SETTINGS.seed)
-    routers = []  # per layer: (router input, logits, applied weights, experts)
-    hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o: routers.append((i[0], *o)))
-             for layer in model.model.layers]
+    routers = []  # per MoE layer: (router input, logits, applied weights, experts), slots by descending weight
+    hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o: routers.append((i[0], *by_weight(*o))))
+             for layer in model.model.layers if hasattr(getattr(layer.mlp, "gate", None), "top_k")]
     try:
         with torch.no_grad():
             model(torch.from_numpy(sequences))
@@ -49,10 +51,17 @@ def family(request, tmp_path_factory):
     return folder, model, routers, stats
 
 
+def by_weight(logits, applied, experts):
+    """A router's outputs with each token's slots in descending weight (DeepSeek's top-k is unsorted)."""
+    order = torch.argsort(applied, dim=-1, descending=True)
+    return logits, applied.gather(1, order), experts.gather(1, order)
+
+
 def test_counts_weights_and_ratios_equal_transformers_routers(family):
-    _, model, routers, stats = family
-    assert len(routers) == len(stats.layers)
-    for layer, (_, logits, _, experts) in zip(stats.layers, routers):
+    folder, model, routers, stats = family
+    assert [bid for bid, _ in stats.moe_layers] == open_checkpoint(folder).moe_layers
+    assert len(routers) == len(stats.moe_layers) and len(stats.layers) == model.config.num_hidden_layers
+    for (_, layer), (_, logits, _, experts) in zip(stats.moe_layers, routers):
         probs = torch.softmax(logits.float(), dim=-1)
         np.testing.assert_array_equal(layer.count, np.bincount(experts.reshape(-1).numpy(), minlength=probs.shape[1]))
         chosen = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, experts, True)
@@ -62,16 +71,18 @@ def test_counts_weights_and_ratios_equal_transformers_routers(family):
 
 
 def test_the_weights_applied_to_the_experts_are_transformers_own(family):
-    """Renormalised to sum to 1 for Qwen3-MoE (norm_topk_prob true), the raw probabilities for OLMoE."""
+    """Renormalised to sum to 1 for Qwen3-MoE (norm_topk_prob true), the raw probabilities for OLMoE, those
+    times routed_scaling_factor for DeepSeek-V2."""
     folder, model, routers, _ = family
     ckpt = open_checkpoint(folder)
     assert ckpt.norm_topk_prob == model.config.norm_topk_prob
-    for bid, (x, _, applied, experts) in enumerate(routers):
+    assert ckpt.routed_scale == getattr(model.config, "routed_scaling_factor", 1.0)
+    for bid, (x, _, applied, experts) in zip(ckpt.moe_layers, routers):
         router, experts_weights = load_experts(ckpt, bid)
         moe = StatisticsMoE(router, experts_weights, torch.nn.functional.silu, ckpt.n_experts_used, ckpt.norm_topk_prob,
-                            np.arange(0), hessian=False)
+                            np.arange(0), hessian=False, routed_scale=ckpt.routed_scale)
         routing = moe.route(x.reshape(-1, x.shape[-1]))
         np.testing.assert_array_equal(routing.top_ids.numpy(), experts.numpy())
         np.testing.assert_allclose(routing.applied.numpy(), applied.numpy(), rtol=1e-5, atol=1e-7)
-        sums = routing.applied.sum(-1)
+        sums = routing.applied.sum(-1) / ckpt.routed_scale
         assert torch.allclose(sums, torch.ones_like(sums)) == ckpt.norm_topk_prob

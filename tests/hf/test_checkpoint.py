@@ -49,3 +49,34 @@ def test_a_model_with_dense_layers_is_refused_naming_them(tmp_path):
     assert dense_layers({"num_hidden_layers": 4, "decoder_sparse_step": 2}) == [0, 2]
     assert dense_layers({"num_hidden_layers": 4, "first_k_dense_replace": 1}) == [0]
     assert dense_layers({"num_hidden_layers": 4, "decoder_sparse_step": 1, "mlp_only_layers": []}) == []
+
+
+def test_deepseek_may_have_leading_dense_layers_only_and_no_routing_within_groups(tmp_path):
+    """DeepSeek-V2's first_k_dense_replace layers are dense (llama.cpp's leading_dense_block_count); a dense layer
+    after an MoE layer, a model without MoE layers, or group-limited routing (which llama.cpp's graph does not
+    do) are refused before any work."""
+    import json
+
+    import pytest
+
+    from mc_gguf.errors import CheckpointError
+    from mc_gguf.hf.checkpoint import open_checkpoint
+
+    base = {"architectures": ["DeepseekV2ForCausalLM"], "num_hidden_layers": 4, "hidden_size": 64,
+            "num_attention_heads": 4, "vocab_size": 100, "n_routed_experts": 4, "num_experts_per_tok": 2,
+            "first_k_dense_replace": 1, "routed_scaling_factor": 2.0}
+    folder = tmp_path / "model"
+    folder.mkdir()
+
+    def open_with(**changes):
+        (folder / "config.json").write_text(json.dumps({**base, **changes}))
+        return open_checkpoint(folder)
+
+    with pytest.raises(CheckpointError, match="no safetensors|model.safetensors"):
+        open_with()  # the config passes; the weights are what is missing
+    with pytest.raises(CheckpointError, match="layers 0, 2 have a dense FFN"):
+        open_with(moe_layer_freq=2, first_k_dense_replace=0)
+    with pytest.raises(CheckpointError, match="there are no experts"):
+        open_with(first_k_dense_replace=4)
+    with pytest.raises(CheckpointError, match="topk_method 'group_limited_greedy'"):
+        open_with(topk_method="group_limited_greedy")

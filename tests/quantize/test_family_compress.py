@@ -1,4 +1,4 @@
-"""compress on the other families (Qwen3-MoE, OLMoE): llama.cpp's converter writes all but the experts.
+"""compress on the other families (Qwen2/3-MoE, OLMoE, DeepSeek-V2): llama.cpp's converter writes all but the experts.
 
 On a tiny seeded checkpoint of each family, ``compress`` calibrates,
 allocates and quantizes; the file's metadata and non-expert tensors come
@@ -29,7 +29,7 @@ from helpers import PROMPT, llama_cpp_logits, transformers_logits
 TYPES = ("IQ2_XS", "Q2_K", "Q3_K", "Q4_K")
 
 
-@pytest.fixture(scope="module", params=["qwen2moe", "qwen3moe", "olmoe"])
+@pytest.fixture(scope="module", params=["qwen2moe", "qwen3moe", "olmoe", "deepseek2"])
 def family(request, tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -96,17 +96,17 @@ def clear_of_thresholds(model, ids, mu, margin=1e-3) -> np.ndarray:
     earlier layer, has a ratio w_i / w_0 within ``margin`` of its layer's threshold."""
     import torch
 
-    inputs = []
-    hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o: inputs.append((m, i[0])))
-             for layer in model.model.layers]
+    inputs = []  # (layer, router, its input) of every MoE layer
+    hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o, il=il: inputs.append((il, m, i[0])))
+             for il, layer in enumerate(model.model.layers) if hasattr(getattr(layer.mlp, "gate", None), "top_k")]
     try:
         transformers_logits(model, ids)
     finally:
         for hook in hooks:
             hook.remove()
     clear = np.ones(len(ids), dtype=bool)
-    last = len(inputs) - 1
-    for il, (router, x) in enumerate(inputs):
+    last = inputs[-1][0]
+    for il, router, x in inputs:
         with torch.no_grad():
             probs = torch.softmax(x.reshape(len(ids), -1) @ router.weight.T, dim=-1)
         top = torch.topk(probs, router.top_k, dim=-1).values.numpy()

@@ -49,8 +49,10 @@ def dequantized_experts(path) -> dict[tuple[int, str], np.ndarray]:
     n_layer = reader.fields[f"{arch}.block_count"].contents()
     n_expert = reader.fields[f"{arch}.expert_count"].contents()
     groups = reader.fields[keys.EXPERT_GROUPS].contents() if keys.EXPERT_GROUPS in reader.fields else None
+    n_dense = reader.fields[f"{arch}.leading_dense_block_count"].contents() if (
+        f"{arch}.leading_dense_block_count" in reader.fields) else 0
     out = {}
-    for bid in range(n_layer):
+    for bid in range(n_dense, n_layer):
         for p, projection in enumerate(PROJECTIONS):
             stacked = tensors.get(f"blk.{bid}.ffn_{projection}_exps.weight")
             if stacked is not None:
@@ -71,6 +73,8 @@ def with_experts(hf_model, experts: dict[tuple[int, str], np.ndarray]):
     model = copy.deepcopy(hf_model)
     with torch.no_grad():
         for il, layer in enumerate(model.model.layers):
+            if not hasattr(layer.mlp, "experts"):  # a dense layer
+                continue
             gate, up, down = (torch.from_numpy(np.ascontiguousarray(experts[il, p])) for p in PROJECTIONS)
             layer.mlp.experts.gate_up_proj.copy_(torch.cat([gate, up], dim=1))
             layer.mlp.experts.down_proj.copy_(down)

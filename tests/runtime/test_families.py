@@ -1,4 +1,5 @@
-"""The per-expert layout and ODP in other MoE families' graphs (Qwen2-MoE with its shared expert, Qwen3-MoE, OLMoE).
+"""The per-expert layout and ODP in other MoE families' graphs (Qwen2-MoE with its shared expert, Qwen3-MoE, OLMoE,
+DeepSeek-V2 with its dense first layer and shared expert).
 
 Each family's tiny seeded checkpoint is built with transformers and converted
 by llama.cpp's own convert_hf_to_gguf.py from the pinned sdist (with its own
