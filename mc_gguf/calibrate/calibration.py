@@ -28,7 +28,7 @@ from tqdm import tqdm
 from mc_gguf import __version__
 from mc_gguf.atomic import check_output_path
 from mc_gguf.calibrate.forward import decoder_layer, embed, load_experts, run_layer, skeleton
-from mc_gguf.calibrate.moe import SHARED_EXPERT_OUTPUT, StatisticsMoE
+from mc_gguf.calibrate.moe import SHARED_EXPERT_OUTPUT, RoutingRule, StatisticsMoE
 from mc_gguf.calibrate.quant_error import expert_errors, feature_sample, sampled_features
 from mc_gguf.calibrate.settings import CalibrationSettings
 from mc_gguf.calibrate.stats import CalibrationStats, LayerStats, load_stats
@@ -115,9 +115,8 @@ def calibrate_layer(model, ckpt: Checkpoint, bid: int, hidden_in: np.ndarray, hi
 
     act = ACT2FN[ckpt.config.get("hidden_act", "silu")]
     router, experts = load_experts(ckpt, bid)
-    moe = StatisticsMoE(router, experts, act, ckpt.n_experts_used, ckpt.norm_topk_prob, eps_positions,
-                        settings.hessian, shared=SHARED_EXPERT_OUTPUT.get(ckpt.arch.shared_expert),
-                        routed_scale=ckpt.routed_scale)
+    moe = StatisticsMoE(router, experts, act, RoutingRule.of(ckpt), eps_positions, settings.hessian,
+                        shared=SHARED_EXPERT_OUTPUT.get(ckpt.arch.shared_expert))
     bar = tqdm(total=hidden_in.shape[0] + len(experts), desc=f"layer {bid + 1}/{ckpt.n_layers}{eta}", unit="step",
                disable=not progress, dynamic_ncols=True)
     with decoder_layer(model, ckpt, bid, moe) as layer:

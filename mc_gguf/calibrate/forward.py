@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from mc_gguf.calibrate.moe import Router
 from mc_gguf.calibrate.quant_error import ExpertWeights
 from mc_gguf.errors import CheckpointError
 from mc_gguf.gguf_io.layout import PROJECTIONS
@@ -43,10 +44,13 @@ def embed(ckpt: Checkpoint, sequences: np.ndarray, hidden: np.memmap) -> None:
     hidden.flush()
 
 
-def load_experts(ckpt: Checkpoint, bid: int) -> tuple[torch.Tensor, list[ExpertWeights]]:
-    """The router [E, H] (float32) and every expert's gate, up and down of layer ``bid`` in the checkpoint's
+def load_experts(ckpt: Checkpoint, bid: int) -> tuple[Router, list[ExpertWeights]]:
+    """The router (float32) and every expert's gate, up and down of layer ``bid`` in the checkpoint's
     dtype: a bf16 layer stays half the size of float32, and one expert at a time is widened when it runs."""
-    router = torch.from_numpy(ckpt.load(ckpt.arch.router.format(bid=bid) + ".weight"))
+    name = ckpt.arch.router.format(bid=bid)
+    bias = ckpt.arch.selection_bias
+    router = Router(torch.from_numpy(ckpt.load(f"{name}.weight")),
+                    torch.from_numpy(ckpt.load(f"{name}.{bias}")) if bias else None)
     experts = [ExpertWeights(*(ckpt.load_torch(ckpt.arch.expert_tensor(bid, x, p)) for p in PROJECTIONS))
                for x in range(ckpt.n_experts)]
     return router, experts

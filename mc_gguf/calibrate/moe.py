@@ -5,10 +5,13 @@ every expert runs once per routed token: its intermediate activation z =
 act(x gate^T) * (x up^T) feeds the output and the statistics alike. The
 steps, as in Mixtral's MixtralSparseMoeBlock and llama.cpp's build_moe_ffn:
 
-1. ``route``: router probabilities softmax(x W_r^T) over all experts, the
-   top-k slots, and the weights the block applies (renormalised to sum to 1
-   when the architecture says so, then times the routed scale: DeepSeek's
-   routed_scaling_factor, build_moe_ffn's w_scale);
+1. ``route``: router probabilities (softmax, or GLM4-MoE's sigmoid, of
+   x W_r^T) over all experts, the top-k slots (chosen by the probabilities
+   plus a selection bias where the family has one, within the best groups
+   of experts where it has groups), and the weights the block applies (the
+   slots' probabilities, renormalised to sum to 1 when the architecture says
+   so, then times the routed scale: DeepSeek's routed_scaling_factor,
+   build_moe_ffn's w_scale);
 2. ``_run_experts``: per expert, its tokens' z and output, added into the
    block output with the slot's weight (as transformers' index_add_);
 3. statistics: activation counts, summed routing probabilities, w_i / w_0 of
@@ -24,17 +27,45 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import gguf
 import numpy as np
 import torch
 
 from mc_gguf.calibrate.quant_error import ExpertWeights, expert_hidden
 from mc_gguf.calibrate.stats import LayerStats
+from mc_gguf.hf.checkpoint import Checkpoint
+
+
+@dataclass(frozen=True)
+class Router:
+    """A layer's router: its weight [E, H] (float32) and the selection bias [E] added to the probabilities
+    for choosing the slots only (DeepSeek-V3 and GLM4-MoE's e_score_correction_bias, llama.cpp's
+    exp_probs_b), or None."""
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class RoutingRule:
+    """How a family's routers turn probabilities into slots and weights, as llama.cpp's build_moe_ffn does
+    (gating_op, the expert groups of n_expert_groups / n_group_used, norm_w, w_scale)."""
+    n_used: int
+    norm_topk_prob: bool
+    gating: gguf.ExpertGatingFuncType = gguf.ExpertGatingFuncType.SOFTMAX
+    scale: float = 1.0
+    n_group: int = 1      # experts in n_group groups of which the topk_group best (by the sum of their
+    topk_group: int = 1   # two best choice scores) are eligible
+
+    @classmethod
+    def of(cls, ckpt: Checkpoint) -> RoutingRule:
+        return cls(ckpt.n_experts_used, ckpt.norm_topk_prob, ckpt.arch.gating, ckpt.routed_scale,
+                   *ckpt.expert_groups)
 
 
 @dataclass
 class Routing:
-    probs: torch.Tensor    # [n, E] softmax over all experts
-    top_w: torch.Tensor    # [n, k] the top-k probabilities, descending
+    probs: torch.Tensor    # [n, E] the router's probabilities (softmax or sigmoid) of all experts
+    top_w: torch.Tensor    # [n, k] the chosen slots' probabilities, descending
     top_ids: torch.Tensor  # [n, k] their experts
     applied: torch.Tensor  # [n, k] the weights the block multiplies the expert outputs with
 
@@ -67,10 +98,9 @@ class StatisticsMoE(torch.nn.Module):
     A shared expert (``shared``, one of SHARED_EXPERT_OUTPUT) adds its output to the routed experts'; it is
     neither counted nor skipped, and the skip costs are those of the routed part's change."""
 
-    def __init__(self, router: torch.Tensor, experts: list[ExpertWeights], act: Callable, n_used: int,
-                 norm_topk_prob: bool, eps_positions: np.ndarray, hessian: bool,
-                 shared: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
-                 routed_scale: float = 1.0):
+    def __init__(self, router: Router, experts: list[ExpertWeights], act: Callable, rule: RoutingRule,
+                 eps_positions: np.ndarray, hessian: bool,
+                 shared: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
         self.shared = shared
         n_expert = len(experts)
@@ -78,9 +108,8 @@ class StatisticsMoE(torch.nn.Module):
         self.experts = experts               # in the checkpoint's dtype
         self.router = router
         self.act = act
-        self.n_used = n_used
-        self.norm_topk_prob = norm_topk_prob
-        self.routed_scale = routed_scale
+        self.rule = rule
+        self.n_used = rule.n_used
         self.eps_positions = eps_positions   # flat token indices (sequence-major) of the eps sample
         self.seen = 0                        # tokens processed so far, in that order
         self.count = np.zeros(n_expert, dtype=np.int64)
@@ -94,10 +123,22 @@ class StatisticsMoE(torch.nn.Module):
         self.samples: list[EpsSample] = []
 
     def route(self, x: torch.Tensor) -> Routing:
-        probs = torch.softmax(x @ self.router.T, dim=-1)
-        top_w, top_ids = torch.topk(probs, self.n_used, dim=-1)
-        applied = top_w / top_w.sum(-1, keepdim=True) if self.norm_topk_prob else top_w
-        return Routing(probs, top_w, top_ids, applied * self.routed_scale if self.routed_scale != 1.0 else applied)
+        rule = self.rule
+        logits = x @ self.router.weight.T
+        sigmoid = rule.gating == gguf.ExpertGatingFuncType.SIGMOID
+        probs = torch.sigmoid(logits) if sigmoid else torch.softmax(logits, dim=-1)
+        choice = probs if self.router.bias is None else probs + self.router.bias
+        if rule.n_group > 1:
+            groups = choice.reshape(len(x), rule.n_group, -1)
+            best = torch.topk(groups.topk(2, dim=-1).values.sum(-1), rule.topk_group, dim=-1).indices
+            eligible = torch.zeros(groups.shape[:2], dtype=torch.bool).scatter_(1, best, True)
+            choice = groups.masked_fill(~eligible[..., None], -torch.inf).reshape(len(x), -1)
+        top_ids = torch.topk(choice, self.n_used, dim=-1).indices
+        # slots by descending weight: with a selection bias the best choice need not have the top weight
+        top_w, order = probs.gather(1, top_ids).sort(dim=-1, descending=True)
+        top_ids = top_ids.gather(1, order)
+        applied = top_w / top_w.sum(-1, keepdim=True) if rule.norm_topk_prob else top_w
+        return Routing(probs, top_w, top_ids, applied * rule.scale if rule.scale != 1.0 else applied)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
@@ -142,7 +183,8 @@ class StatisticsMoE(torch.nn.Module):
             for slot in range(1, self.n_used):
                 mine = in_slot[:, slot]
                 slot_out[tokens[mine], slot - 1] = y[mine]
-        self.skip_energies.append(skip_energy(out, slot_out, routing.applied, self.norm_topk_prob, self.routed_scale))
+        self.skip_energies.append(skip_energy(out, slot_out, routing.applied, self.rule.norm_topk_prob,
+                                              self.rule.scale))
         return out
 
     def _keep_eps_sample(self, x: torch.Tensor, routing: Routing) -> None:

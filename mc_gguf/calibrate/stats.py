@@ -8,9 +8,11 @@ Arrays, per MoE layer N (a dense layer, listed in the header's ``dense_layers``,
 T candidate types, k experts per token):
 
     blk.N.count          [E]       (token, slot) pairs routed to each expert
-    blk.N.weight_sum     [E]       sum of the expert's softmax probability (over all
-                                   experts, before top-k renormalisation) over those tokens
-    blk.N.top_ratio      [tokens, k-1]  w_i / w_0 of every calibration token
+    blk.N.weight_sum     [E]       sum of the expert's router probability (softmax over all
+                                   experts, or GLM4-MoE's sigmoid; before top-k renormalisation)
+                                   over those tokens
+    blk.N.top_ratio      [tokens, k-1]  w_i / w_0 of every calibration token (slots by descending
+                                   weight, w_0 the top weight)
     blk.N.imatrix_in     [E, H]    sum of x^2 over the expert's tokens (gate/up input)
     blk.N.imatrix_mid    [E, F]    sum of z^2, z = act(gate x) * (up x) (down input)
     blk.N.eps            [3, E, T] output error with only this expert at type t:

@@ -59,6 +59,12 @@ class MoEArchitecture:
     # config.json key of the number of leading layers with a dense FFN instead of experts (DeepSeek's
     # first_k_dense_replace; llama.cpp's leading_dense_block_count), None: every layer is an MoE layer.
     leading_dense_key: str | None = None
+    # The router's parameter added to the probabilities for choosing the slots only (DeepSeek-V3 and GLM4-MoE's
+    # e_score_correction_bias; llama.cpp's exp_probs_b), None: no selection bias.
+    selection_bias: str | None = None
+    # config.json keys of the expert groups and of the groups a token may choose from (llama.cpp's
+    # expert_group_count and expert_group_used_count), None: no groups.
+    expert_group_keys: tuple[str, str] | None = None
     # Who writes the metadata and non-expert tensors: "mc-gguf" or "llama.cpp" (see the module docstring).
     converter: str = "mc-gguf"
 
@@ -130,8 +136,17 @@ DEEPSEEK_V2 = replace(QWEN3_MOE, hf_architecture="DeepseekV2ForCausalLM", gguf_a
                       n_expert_keys=("n_routed_experts",), shared_expert="summed", shared_modules=("shared_experts",),
                       routed_scale_key="routed_scaling_factor", leading_dense_key="first_k_dense_replace")
 
+# GLM4-MoE (GLM-4.5, GLM-4.5-Air, GLM-4.6): sigmoid routing with a selection bias, top-k weights renormalised
+# (norm_topk_prob) and scaled by routed_scaling_factor, expert groups (n_group; 1 in the released models),
+# DeepSeek-V2's shared experts and leading dense layers. transformers 5 writes the expert count as
+# num_local_experts, the Hub's files as n_routed_experts.
+GLM4_MOE = replace(DEEPSEEK_V2, hf_architecture="Glm4MoeForCausalLM", gguf_arch=gguf.MODEL_ARCH.GLM4_MOE,
+                   n_expert_keys=("n_routed_experts", "num_local_experts"), gating=gguf.ExpertGatingFuncType.SIGMOID,
+                   norm_topk_prob=True, selection_bias="e_score_correction_bias",
+                   expert_group_keys=("n_group", "topk_group"))
+
 ARCHITECTURES: dict[str, MoEArchitecture] = {arch.hf_architecture: arch for arch in (MIXTRAL, QWEN2_MOE, QWEN3_MOE,
-                                                                                     OLMOE, DEEPSEEK_V2)}
+                                                                                     OLMOE, DEEPSEEK_V2, GLM4_MOE)}
 
 
 def architecture_for(config: dict) -> MoEArchitecture:

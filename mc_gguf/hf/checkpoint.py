@@ -61,6 +61,12 @@ class Checkpoint:
         return float(value) if value is not None else 1.0
 
     @property
+    def expert_groups(self) -> tuple[int, int]:
+        """(groups of experts, groups a token chooses from): (1, 1) where the family has none."""
+        keys = self.arch.expert_group_keys
+        return (int(self.config.get(keys[0]) or 1), int(self.config.get(keys[1]) or 1)) if keys else (1, 1)
+
+    @property
     def n_experts(self) -> int:
         return int(self.config[expert_count_key(self.config, self.arch)])
 
@@ -175,6 +181,13 @@ def _check_config(path: Path, config: dict, arch: MoEArchitecture) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             found = "it is missing" if value is None else f"it is {value!r}"
             raise CheckpointError(f"{path / 'config.json'}: {key} must be a positive whole number; {found}")
+    groups = arch.expert_group_keys
+    if groups:
+        n_group, used = (config.get(key) or 1 for key in groups)
+        if not (isinstance(n_group, int) and isinstance(used, int) and 1 <= used <= n_group
+                and config[n_expert_key] % n_group == 0):
+            raise CheckpointError(f"{path / 'config.json'}: {groups[0]} = {n_group!r} must divide the "
+                                  f"{config[n_expert_key]} experts and {groups[1]} = {used!r} be in [1, {groups[0]}]")
     if config[arch.n_expert_used_key] > config[n_expert_key]:
         raise CheckpointError(f"{path / 'config.json'}: {arch.n_expert_used_key} = {config[arch.n_expert_used_key]} "
                               f"is more than the {config[n_expert_key]} experts ({n_expert_key})")

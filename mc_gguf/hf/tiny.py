@@ -125,6 +125,14 @@ TINY_FAMILIES = {
         num_experts_per_tok=2, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=False,
         topk_method="greedy", num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16,
         qk_nope_head_dim=32, v_head_dim=32)),
+    # sigmoid routing with a selection bias (set at random below: a zero bias would not show its use), experts in
+    # 2 groups of which the best one is eligible, weights renormalised and scaled, a dense first layer, a shared
+    # expert; Q/K norms, attention biases, half-rotary heads (GLM-4.5's attention)
+    "glm4moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
+        num_hidden_layers=3, first_k_dense_replace=1, moe_intermediate_size=128, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True, n_group=2,
+        topk_group=1, num_nextn_predict_layers=0, head_dim=64, use_qk_norm=True, attention_bias=True,
+        partial_rotary_factor=0.5)),
 }
 
 
@@ -147,6 +155,9 @@ def build_tiny_family(kind: str, out_dir: str | Path, seed: int = 7, **overrides
                 param.add_(0.1 * torch.randn_like(param))
             if name.endswith("shared_expert_gate.weight"):
                 param.normal_(0.0, 0.5)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0.0, 0.1)
     model.save_pretrained(str(out_dir))
     save_mixtral_tokenizer(out_dir)
     return out_dir

@@ -8,10 +8,10 @@ from mc_gguf.prune.rule import DEFAULT_PROTECT_RATIO, SlotCounts, keep_mask, val
 
 
 class TransformersOdp:
-    """ODP applied to a transformers MoE model (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2: top-k of a softmax
-    router) by replacing each MoE layer's router forward (dense layers have none). The kept weights are
-    renormalised where the router renormalises (Mixtral always, the others as their ``norm_topk_prob`` says),
-    then multiplied by DeepSeek's ``routed_scaling_factor``, as the runtime's ODP does.
+    """ODP applied to a transformers MoE model (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2, GLM4-MoE) by wrapping
+    each MoE layer's router forward (dense layers have none): a slot is kept when its weight is at least mu times
+    the token's top weight. The kept weights are renormalised where the router renormalises (Mixtral always, the
+    others as their ``norm_topk_prob`` says), as the runtime's ODP does.
 
     Used as a context manager; counts slots per layer like the runtime does.
     """
@@ -40,29 +40,32 @@ class TransformersOdp:
         self._saved.clear()
 
     def _pruning_forward(self, il: int, router):
+        """The router's own forward (its gating, selection bias, groups, renormalisation and scale), then the
+        pruning of its slots: kept weights renormalised to the sum the router gave (1, or DeepSeek's and GLM's
+        routed_scaling_factor) where the family renormalises."""
         import torch
-        import torch.nn.functional as F
+
+        route = router.forward
+        renormalise = getattr(router, "norm_topk_prob", getattr(self.model.config, "norm_topk_prob", True))
 
         def forward(hidden_states):
-            hidden = hidden_states.reshape(-1, router.hidden_dim)
-            logits = F.linear(hidden, router.weight)
-            probs = torch.softmax(logits.float(), dim=-1)
-            top_values, top_indices = torch.topk(probs, router.top_k, dim=-1)
+            logits, weights, indices = route(hidden_states)
+            hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+            w = weights.float()
             if self.mu[il] > 0.0:
-                keep = torch.from_numpy(keep_mask(top_values.detach().numpy(), self.mu[il],
-                                                  hidden.detach().float().numpy(), self.protect_ratio))
+                keep = torch.from_numpy(keep_mask(w.detach().numpy(), self.mu[il], hidden.detach().float().numpy(),
+                                                  self.protect_ratio))
             else:
-                keep = torch.ones_like(top_values, dtype=torch.bool)
+                keep = torch.ones_like(w, dtype=torch.bool)
             # A pruned slot keeps its expert index with weight 0: its output is multiplied
             # by exactly 0. (An out-of-range "skip" index is not safe: transformers' grouped
             # expert kernels leave such rows uninitialised.)
-            top_values = top_values * keep
-            if getattr(router, "norm_topk_prob", getattr(self.model.config, "norm_topk_prob", True)):
-                top_values = top_values / top_values.sum(dim=-1, keepdim=True)
-            top_values = top_values * getattr(router, "routed_scaling_factor", 1.0)
+            kept_w = w * keep
+            if renormalise:
+                kept_w = kept_w / kept_w.sum(dim=-1, keepdim=True) * w.sum(dim=-1, keepdim=True)
             kept = int(keep.sum())
             self.counts.computed[il] += kept
             self.counts.skipped[il] += keep.numel() - kept
-            return logits, top_values.to(hidden_states.dtype), top_indices
+            return logits, kept_w.to(weights.dtype), indices
 
         return forward

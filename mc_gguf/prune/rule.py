@@ -48,11 +48,12 @@ def validate_params(mu: Sequence[float], protect_ratio: float, n_layers: int | N
 
 
 def keep_mask(top_weights: np.ndarray, mu: float, moe_input: np.ndarray | None, protect_ratio: float) -> np.ndarray:
-    """Which slots a sequence computes: bool [L, k] from its top-k probabilities [L, k] (sorted, descending).
+    """Which slots a sequence computes: bool [L, k] from its top-k weights [L, k] (in any order: a slot is kept
+    when its weight is at least mu times the token's top weight, as the runtime's rule).
 
     ``moe_input`` [L, hidden] is needed for protection when L > 1.
     """
-    keep = top_weights >= mu * top_weights[:, :1]
+    keep = top_weights >= mu * top_weights.max(-1, keepdims=True)
     n_tokens = top_weights.shape[0]
     n_protect = math.ceil(protect_ratio * n_tokens)
     if n_tokens > 1 and n_protect > 0 and moe_input is not None:

@@ -125,8 +125,8 @@ def test_calibrations_moe_block_computes_transformers_moe_output_running_each_ex
     monkeypatch.setattr(moe_module, "expert_hidden", lambda x, w, act: rows.append(len(x)) or real(x, w, act))
     for il in range(ckpt.n_layers):
         router, experts = load_experts(ckpt, il)
-        moe = moe_module.StatisticsMoE(router, experts, torch.nn.functional.silu, ckpt.n_experts_used,
-                                       ckpt.norm_topk_prob, np.arange(0), hessian=False)
+        moe = moe_module.StatisticsMoE(router, experts, torch.nn.functional.silu, moe_module.RoutingRule.of(ckpt),
+                                       np.arange(0), hessian=False)
         rows.clear()
         with torch.no_grad():
             ours = moe(xs[il][None])

@@ -1,23 +1,26 @@
-"""Calibration of the other families (Qwen2/3-MoE, OLMoE, DeepSeek-V2) routes every token as transformers' own router does.
+"""Calibration of the other families (Qwen2/3-MoE, OLMoE, DeepSeek-V2, GLM4-MoE) routes every token as transformers'
+own router does.
 
 The streamed calibration (decoder layers one at a time, mc-gguf's MoE block
 inside) runs on a tiny seeded checkpoint of each family; the reference is the
 whole transformers model on the same sequences, its routers' outputs read by
 hooks: experts chosen, weights applied (renormalised or not, as the config
-says, and scaled by DeepSeek's routed_scaling_factor), and router
-probabilities. DeepSeek-V2's first layer is dense: it has no router and no
-statistics.
+says, and scaled by the routed_scaling_factor of DeepSeek and GLM), and
+router probabilities (softmax; GLM4-MoE's sigmoid, its slots chosen with a
+selection bias and within groups of experts). The first layer of DeepSeek-V2
+and GLM4-MoE is dense: it has no router and no statistics.
 """
 
 from __future__ import annotations
 
+import gguf
 import numpy as np
 import pytest
 import torch
 
 from mc_gguf.calibrate.calibration import calibrate
 from mc_gguf.calibrate.forward import load_experts
-from mc_gguf.calibrate.moe import StatisticsMoE
+from mc_gguf.calibrate.moe import RoutingRule, StatisticsMoE
 from mc_gguf.calibrate.settings import CalibrationSettings
 from mc_gguf.calibrate.text import CalibrationText, pack_sequences
 from mc_gguf.hf.checkpoint import open_checkpoint
@@ -28,7 +31,7 @@ from conftest import CALIBRATION_TEXT
 SETTINGS = CalibrationSettings(n_tokens=512, seq_len=128, seed=3, types=())
 
 
-@pytest.fixture(scope="module", params=["qwen2moe", "qwen3moe", "olmoe", "deepseek2"])
+@pytest.fixture(scope="module", params=["qwen2moe", "qwen3moe", "olmoe", "deepseek2", "glm4moe"])
 def family(request, tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -61,8 +64,9 @@ def test_counts_weights_and_ratios_equal_transformers_routers(family):
     folder, model, routers, stats = family
     assert [bid for bid, _ in stats.moe_layers] == open_checkpoint(folder).moe_layers
     assert len(routers) == len(stats.moe_layers) and len(stats.layers) == model.config.num_hidden_layers
+    sigmoid = open_checkpoint(folder).arch.gating == gguf.ExpertGatingFuncType.SIGMOID
     for (_, layer), (_, logits, _, experts) in zip(stats.moe_layers, routers):
-        probs = torch.softmax(logits.float(), dim=-1)
+        probs = torch.sigmoid(logits.float()) if sigmoid else torch.softmax(logits.float(), dim=-1)
         np.testing.assert_array_equal(layer.count, np.bincount(experts.reshape(-1).numpy(), minlength=probs.shape[1]))
         chosen = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, experts, True)
         np.testing.assert_allclose(layer.weight_sum, (probs * chosen).sum(0).double().numpy(), rtol=1e-4)
@@ -79,8 +83,8 @@ def test_the_weights_applied_to_the_experts_are_transformers_own(family):
     assert ckpt.routed_scale == getattr(model.config, "routed_scaling_factor", 1.0)
     for bid, (x, _, applied, experts) in zip(ckpt.moe_layers, routers):
         router, experts_weights = load_experts(ckpt, bid)
-        moe = StatisticsMoE(router, experts_weights, torch.nn.functional.silu, ckpt.n_experts_used, ckpt.norm_topk_prob,
-                            np.arange(0), hessian=False, routed_scale=ckpt.routed_scale)
+        moe = StatisticsMoE(router, experts_weights, torch.nn.functional.silu, RoutingRule.of(ckpt), np.arange(0),
+                            hessian=False)
         routing = moe.route(x.reshape(-1, x.shape[-1]))
         np.testing.assert_array_equal(routing.top_ids.numpy(), experts.numpy())
         np.testing.assert_allclose(routing.applied.numpy(), applied.numpy(), rtol=1e-5, atol=1e-7)

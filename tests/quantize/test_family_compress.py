@@ -1,4 +1,5 @@
-"""compress on the other families (Qwen2/3-MoE, OLMoE, DeepSeek-V2): llama.cpp's converter writes all but the experts.
+"""compress on the other families (Qwen2/3-MoE, OLMoE, DeepSeek-V2, GLM4-MoE): llama.cpp's converter writes all but
+the experts.
 
 On a tiny seeded checkpoint of each family, ``compress`` calibrates,
 allocates and quantizes; the file's metadata and non-expert tensors come
@@ -29,7 +30,7 @@ from helpers import PROMPT, llama_cpp_logits, transformers_logits
 TYPES = ("IQ2_XS", "Q2_K", "Q3_K", "Q4_K")
 
 
-@pytest.fixture(scope="module", params=["qwen2moe", "qwen3moe", "olmoe", "deepseek2"])
+@pytest.fixture(scope="module", params=["qwen2moe", "qwen3moe", "olmoe", "deepseek2", "glm4moe"])
 def family(request, tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -55,7 +56,8 @@ def test_the_file_is_the_plans_with_llama_cpps_metadata(family, compressed):
     kind, _, model, _ = family
     reader = gguf.GGUFReader(compressed.path)
     assert field_value(reader, "general.architecture") == kind
-    assert field_value(reader, f"{kind}.expert_count") == model.config.num_experts
+    n_expert = getattr(model.config, "num_experts", None) or model.config.num_local_experts  # GLM: the latter
+    assert field_value(reader, f"{kind}.expert_count") == n_expert
     assert field_value(reader, f"{kind}.expert_used_count") == model.config.num_experts_per_tok
     assert sum(int(t.n_bytes) for t in reader.tensors) == compressed.plan.predicted["tensor_bytes"]
     # the prediction counts the model's header, not the mc.* keys of the plan and ODP (a few KB)
@@ -93,11 +95,9 @@ def test_llama_cpp_runs_the_written_numbers(family, compressed, odp):
 
 def clear_of_thresholds(model, ids, mu, margin=1e-3) -> np.ndarray:
     """bool [positions]: no ODP decision of the position, nor (through attention) of an earlier position in an
-    earlier layer, has a ratio w_i / w_0 within ``margin`` of its layer's threshold."""
-    import torch
-
-    inputs = []  # (layer, router, its input) of every MoE layer
-    hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o, il=il: inputs.append((il, m, i[0])))
+    earlier layer, has a ratio of a slot's weight to the top weight within ``margin`` of its layer's threshold."""
+    weights = []  # (layer, the weights its router gave the chosen slots) of every MoE layer
+    hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o, il=il: weights.append((il, o[1])))
              for il, layer in enumerate(model.model.layers) if hasattr(getattr(layer.mlp, "gate", None), "top_k")]
     try:
         transformers_logits(model, ids)
@@ -105,12 +105,11 @@ def clear_of_thresholds(model, ids, mu, margin=1e-3) -> np.ndarray:
         for hook in hooks:
             hook.remove()
     clear = np.ones(len(ids), dtype=bool)
-    last = inputs[-1][0]
-    for il, router, x in inputs:
-        with torch.no_grad():
-            probs = torch.softmax(x.reshape(len(ids), -1) @ router.weight.T, dim=-1)
-        top = torch.topk(probs, router.top_k, dim=-1).values.numpy()
-        near = (np.abs(top[:, 1:] / top[:, :1] - mu[il]) < margin).any(-1) if mu[il] > 0 else np.zeros_like(clear)
+    last = weights[-1][0]
+    for il, w in weights:
+        w = w.detach().float().reshape(len(ids), -1).numpy()
+        ratio = w / w.max(-1, keepdims=True)
+        near = (np.abs(ratio - mu[il]) < margin).any(-1) if mu[il] > 0 else np.zeros_like(clear)
         if il == last:
             clear &= ~near
         elif near.any():
