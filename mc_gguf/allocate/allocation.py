@@ -66,8 +66,7 @@ def allocate(stats: CalibrationStats, bits: float, *, model_dir: str | Path | No
         raise McGgufError(f"the statistics have no errors for {', '.join(unknown)}; "
                           f"they were measured for {', '.join(stats.types)}")
     ckpt = open_checkpoint(model_dir or stats.info["model"])
-    if ([bid for bid, _ in stats.moe_layers] != ckpt.moe_layers or ckpt.n_layers != len(stats.layers)
-            or ckpt.n_experts != stats.n_experts):
+    if not stats.measured_on(ckpt):
         raise McGgufError(f"{ckpt.path} has {ckpt.n_layers} layers, {len(ckpt.moe_layers)} of them of "
                           f"{ckpt.n_experts} experts; the statistics were measured on {len(stats.layers)} layers, "
                           f"{len(stats.moe_layers)} of them of {stats.n_experts}")

@@ -103,6 +103,11 @@ class CalibrationStats:
     def n_experts(self) -> int:
         return int(self.moe_layers[0][1].count.size)
 
+    def measured_on(self, ckpt) -> bool:
+        """Were these statistics measured on a model of ``ckpt``'s layers, MoE layers and experts?"""
+        return (len(self.layers) == ckpt.n_layers and [bid for bid, _ in self.moe_layers] == ckpt.moe_layers
+                and self.n_experts == ckpt.n_experts)
+
     @property
     def has_hessian(self) -> bool:
         return bool(self.moe_layers) and self.moe_layers[0][1].hessian_in is not None

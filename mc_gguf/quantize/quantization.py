@@ -102,8 +102,7 @@ def _check_fits(ckpt: Checkpoint, plan: Plan, stats: CalibrationStats | None) ->
                         f"the plan gives layer {bid} expert {xid} {projection} {name}, whose blocks of "
                         f"{quant_type(name).block_size} do not divide its rows of {length} weights; "
                         f"llama-quantize would store it as {stored.name}")
-    if stats is not None and ([bid for bid, _ in stats.moe_layers] != ckpt.moe_layers
-                              or len(stats.layers) != ckpt.n_layers or stats.n_experts != ckpt.n_experts):
+    if stats is not None and not stats.measured_on(ckpt):
         raise McGgufError(f"the statistics are for another model than {ckpt.path}")
     if stats is None:
         needing = sorted({t for layer in plan.experts for e in layer for t in e.values() if quants.requires_imatrix(
