@@ -12,13 +12,17 @@ BIN := $(VENV)/bin
 # a CPU index (PIP_EXTRA_INDEX_URL) or set TORCH_SPEC.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test setup runtime clean
+.PHONY: demo test test-bench setup runtime clean
 
 demo: runtime
 	$(BIN)/mc-gguf demo --workdir build/demo
 
 test: runtime
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -m "not bench"
+
+# The benchmark scripts' --quick runs (minutes each; tests/cli/test_bench_scripts.py)
+test-bench: runtime
+	$(BIN)/python -m pytest tests -m bench
 
 setup: $(VENV)/.installed
 

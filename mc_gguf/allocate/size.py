@@ -15,7 +15,7 @@ import numpy as np
 from mc_gguf.allocate.plan import NON_EXPERT_DEFAULTS, Plan
 from mc_gguf.ggml.types import quant_type
 from mc_gguf.gguf_io.convert import fit_type, model_metadata, plan_tensors
-from mc_gguf.gguf_io.layout import ExpertGroup, expert_groups, tensor_names
+from mc_gguf.gguf_io.layout import ExpertGroup, expert_groups, is_expert_weight, tensor_names
 from mc_gguf.gguf_io.write import OutputTensor, predict_file_bytes
 from mc_gguf.hf.checkpoint import Checkpoint
 
@@ -37,7 +37,7 @@ def plan_type_chooser(plan: Plan):
     """convert.TypeChooser for a plan: the stacked expert tensors get their layer's single type
     (stock layout), every other tensor its class's type."""
     def type_for(kind: gguf.MODEL_TENSOR, name: str, shape: tuple[int, ...]) -> gguf.GGMLQuantizationType:
-        if kind in EXPERT_KINDS:
+        if kind in EXPERT_KINDS and is_expert_weight(name):
             bid = int(name.split(".")[1])
             types = set(plan.projection_types(bid, EXPERT_KINDS[kind]))
             return quant_type(types.pop()).qtype if len(types) == 1 else T.F32
@@ -62,7 +62,7 @@ def layout_tensors(ckpt: Checkpoint, plan: Plan, produce_group: GroupProducer | 
     tensors = []
     for tensor in plan_tensors(ckpt, plan_type_chooser(plan)):
         parts = tensor.name.split(".")
-        projection = parts[2][len("ffn_"):-len("_exps")] if len(parts) == 4 and parts[2].endswith("_exps") else None
+        projection = parts[2][len("ffn_"):-len("_exps")] if len(parts) == 4 and is_expert_weight(tensor.name) else None
         if projection is None:
             tensors.append(tensor)
             continue
@@ -78,7 +78,7 @@ def layout_tensors(ckpt: Checkpoint, plan: Plan, produce_group: GroupProducer | 
 
 def tensor_totals(tensors: list[OutputTensor]) -> dict:
     """Bytes, weights and bits per weight of a tensor list, experts and all."""
-    expert = [t for t in tensors if "_exps." in t.name]
+    expert = [t for t in tensors if is_expert_weight(t.name)]
     n_expert = sum(int(np.prod(t.shape)) for t in expert)
     n_all = sum(int(np.prod(t.shape)) for t in tensors)
     expert_bytes = sum(t.nbytes for t in expert)

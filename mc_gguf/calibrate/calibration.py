@@ -29,7 +29,7 @@ from mc_gguf import __version__
 from mc_gguf.atomic import check_output_path
 from mc_gguf.calibrate.forward import decoder_layer, embed, load_experts, run_layer, skeleton
 from mc_gguf.calibrate.moe import SHARED_EXPERT_OUTPUT, RoutingRule, StatisticsMoE
-from mc_gguf.calibrate.quant_error import expert_errors, feature_sample, sampled_features
+from mc_gguf.calibrate.quant_error import GATED_ACTIVATIONS, expert_errors, feature_sample, sampled_features
 from mc_gguf.calibrate.settings import CalibrationSettings
 from mc_gguf.calibrate.stats import CalibrationStats, LayerStats, load_stats
 from mc_gguf.calibrate.text import CalibrationText, pack_sequences
@@ -103,24 +103,23 @@ def calibrate_layer(model, ckpt: Checkpoint, bid: int, hidden_in: np.ndarray, hi
                     *, progress: bool, eta: str = "") -> LayerStats | None:
     """One layer: its forward with the statistics gathered on the way, then every expert's eps (None, and
     only the forward, for a dense layer)."""
-    from transformers.activations import ACT2FN
-
     if not ckpt.is_moe(bid):
         bar = tqdm(total=hidden_in.shape[0], desc=f"layer {bid + 1}/{ckpt.n_layers} (dense){eta}", unit="step",
                    disable=not progress, dynamic_ncols=True)
         with decoder_layer(model, ckpt, bid, None) as layer:
-            run_layer(model, layer, rotary, hidden_in, hidden_out, on_batch=bar.update)
+            run_layer(model, layer, bid, rotary, hidden_in, hidden_out, on_batch=bar.update)
         bar.close()
         return None
 
-    act = ACT2FN[ckpt.config.get("hidden_act", "silu")]
+    glu = GATED_ACTIVATIONS[ckpt.arch.expert_activation](ckpt.config)
     router, experts = load_experts(ckpt, bid)
-    moe = StatisticsMoE(router, experts, act, RoutingRule.of(ckpt), eps_positions, settings.hessian,
-                        shared=SHARED_EXPERT_OUTPUT.get(ckpt.arch.shared_expert))
+    moe = StatisticsMoE(router, experts, glu, RoutingRule.of(ckpt), eps_positions, settings.hessian,
+                        shared=SHARED_EXPERT_OUTPUT.get(ckpt.arch.shared_expert),
+                        returns_scores=ckpt.arch.hf_moe_returns_scores)
     bar = tqdm(total=hidden_in.shape[0] + len(experts), desc=f"layer {bid + 1}/{ckpt.n_layers}{eta}", unit="step",
                disable=not progress, dynamic_ncols=True)
     with decoder_layer(model, ckpt, bid, moe) as layer:
-        output_norms = run_layer(model, layer, rotary, hidden_in, hidden_out, on_batch=bar.update)
+        output_norms = run_layer(model, layer, bid, rotary, hidden_in, hidden_out, on_batch=bar.update)
     layer_stats = moe.layer_stats(len(settings.types))
     layer_stats.skip_cost /= np.maximum(output_norms, np.finfo(np.float32).tiny)[:, None].astype(np.float32)
     if settings.types:
@@ -143,7 +142,7 @@ def _measure_eps(layer_stats: LayerStats, moe: StatisticsMoE, settings: Calibrat
                                   np.random.default_rng([settings.seed, bid, e]))
         bar.set_postfix_str(f"expert {e}: errors of {len(types)} types", refresh=True)
         with torch.no_grad():
-            layer_stats.eps[:, e] = expert_errors(stored, sample.x[tokens], sample.weights[slot], moe.act,
+            layer_stats.eps[:, e] = expert_errors(stored, sample.x[tokens], sample.weights[slot], moe.glu,
                                                   types, imat_in[e], imat_mid[e], features)
         bar.update(1)
 

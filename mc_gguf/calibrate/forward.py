@@ -47,11 +47,13 @@ def embed(ckpt: Checkpoint, sequences: np.ndarray, hidden: np.memmap) -> None:
 def load_experts(ckpt: Checkpoint, bid: int) -> tuple[Router, list[ExpertWeights]]:
     """The router (float32) and every expert's gate, up and down of layer ``bid`` in the checkpoint's
     dtype: a bf16 layer stays half the size of float32, and one expert at a time is widened when it runs."""
-    name = ckpt.arch.router.format(bid=bid)
-    bias = ckpt.arch.selection_bias
-    router = Router(torch.from_numpy(ckpt.load(f"{name}.weight")),
-                    torch.from_numpy(ckpt.load(f"{name}.{bias}")) if bias else None)
-    experts = [ExpertWeights(*(ckpt.load_torch(ckpt.arch.expert_tensor(bid, x, p)) for p in PROJECTIONS))
+    arch = ckpt.arch
+    name = arch.router.format(bid=bid)
+    router = Router(*(torch.from_numpy(ckpt.load(f"{name}.{key}")) if key else None
+                      for key in ("weight", arch.selection_bias, arch.router_bias)))
+    experts = [ExpertWeights(*(ckpt.expert_weight_torch(bid, x, p) for p in PROJECTIONS),
+                             biases=tuple(ckpt.expert_bias(bid, x, p) for p in PROJECTIONS) if arch.expert_biases
+                             else None)
                for x in range(ckpt.n_experts)]
     return router, experts
 
@@ -85,11 +87,17 @@ def _layer_tensor(ckpt: Checkpoint, bid: int, key: str) -> np.ndarray:
     return ckpt.load(name)
 
 
-def run_layer(model, layer, rotary, hidden_in: np.ndarray, hidden_out: np.ndarray | None,
+def run_layer(model, layer, bid: int, rotary, hidden_in: np.ndarray, hidden_out: np.ndarray | None,
               on_batch: Callable[[int], None] = lambda n: None) -> np.ndarray:
-    """Run ``layer`` on every sequence of ``hidden_in`` [n_seq, length, hidden], writing ``hidden_out``;
-    returns the squared norm of every token's output hidden state [n_seq * length] (sequence-major)."""
-    from transformers.masking_utils import create_causal_mask
+    """Run ``layer`` (decoder layer ``bid``) on every sequence of ``hidden_in`` [n_seq, length, hidden], writing
+    ``hidden_out``; returns the squared norm of every token's output hidden state [n_seq * length]
+    (sequence-major). A layer that config.json's layer_types calls "sliding_attention" (gpt-oss every other
+    layer) gets transformers' sliding-window mask, as the model's own forward gives it."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    layer_types = getattr(model.config, "layer_types", None) or []
+    sliding = bid < len(layer_types) and layer_types[bid] == "sliding_attention"
+    create_mask = create_sliding_window_causal_mask if sliding else create_causal_mask
 
     n_seq, length, _ = hidden_in.shape
     batch = max(1, FORWARD_TOKENS // length)
@@ -102,7 +110,7 @@ def run_layer(model, layer, rotary, hidden_in: np.ndarray, hidden_out: np.ndarra
             if position_embeddings is None:
                 position_embeddings = rotary(h, positions)
             # config, inputs_embeds, attention_mask, cache (positional: the cache's name changed in 5.x)
-            mask = create_causal_mask(model.config, h, None, None, position_ids=positions)
+            mask = create_mask(model.config, h, None, None, position_ids=positions)
             y = layer(h, position_embeddings=position_embeddings, attention_mask=mask, position_ids=positions)
             if hidden_out is not None:
                 hidden_out[first:first + len(h)] = y.numpy()

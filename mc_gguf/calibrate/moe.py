@@ -2,7 +2,8 @@
 
 It replaces transformers' MoE block inside the decoder layer (forward.py), so
 every expert runs once per routed token: its intermediate activation z =
-act(x gate^T) * (x up^T) feeds the output and the statistics alike. The
+glu(x gate^T, x up^T) (SwiGLU, or gpt-oss's with biases) feeds the output and
+the statistics alike. The
 steps, as in Mixtral's MixtralSparseMoeBlock and llama.cpp's build_moe_ffn:
 
 1. ``route``: router probabilities (softmax, or GLM4-MoE's sigmoid, of
@@ -31,18 +32,19 @@ import gguf
 import numpy as np
 import torch
 
-from mc_gguf.calibrate.quant_error import ExpertWeights, expert_hidden
+from mc_gguf.calibrate.quant_error import ExpertWeights, expert_hidden, expert_output
 from mc_gguf.calibrate.stats import LayerStats
 from mc_gguf.hf.checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)
 class Router:
-    """A layer's router: its weight [E, H] (float32) and the selection bias [E] added to the probabilities
+    """A layer's router: its weight [E, H] (float32), the selection bias [E] added to the probabilities
     for choosing the slots only (DeepSeek-V3 and GLM4-MoE's e_score_correction_bias, llama.cpp's
-    exp_probs_b), or None."""
+    exp_probs_b) or None, and the bias [E] added to its logits (gpt-oss, llama.cpp's ffn_gate_inp.bias) or None."""
     weight: torch.Tensor
     bias: torch.Tensor | None = None
+    logit_bias: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -96,18 +98,22 @@ class StatisticsMoE(torch.nn.Module):
     """The MoE block of one layer, computing its output and accumulating its statistics.
 
     A shared expert (``shared``, one of SHARED_EXPERT_OUTPUT) adds its output to the routed experts'; it is
-    neither counted nor skipped, and the skip costs are those of the routed part's change."""
+    neither counted nor skipped, and the skip costs are those of the routed part's change. ``returns_scores``:
+    the block returns (output, None), as the decoder layers of transformers' blocks that return (output, router
+    scores) unpack it (GptOssMLP)."""
 
-    def __init__(self, router: Router, experts: list[ExpertWeights], act: Callable, rule: RoutingRule,
+    def __init__(self, router: Router, experts: list[ExpertWeights], glu: Callable, rule: RoutingRule,
                  eps_positions: np.ndarray, hessian: bool,
-                 shared: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None):
+                 shared: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
+                 returns_scores: bool = False):
         super().__init__()
         self.shared = shared
+        self.returns_scores = returns_scores
         n_expert = len(experts)
         ff, hidden = experts[0].gate.shape
         self.experts = experts               # in the checkpoint's dtype
         self.router = router
-        self.act = act
+        self.glu = glu
         self.rule = rule
         self.n_used = rule.n_used
         self.eps_positions = eps_positions   # flat token indices (sequence-major) of the eps sample
@@ -125,6 +131,8 @@ class StatisticsMoE(torch.nn.Module):
     def route(self, x: torch.Tensor) -> Routing:
         rule = self.rule
         logits = x @ self.router.weight.T
+        if self.router.logit_bias is not None:
+            logits = logits + self.router.logit_bias
         sigmoid = rule.gating == gguf.ExpertGatingFuncType.SIGMOID
         probs = torch.sigmoid(logits) if sigmoid else torch.softmax(logits, dim=-1)
         choice = probs if self.router.bias is None else probs + self.router.bias
@@ -151,7 +159,7 @@ class StatisticsMoE(torch.nn.Module):
             out = out + self.shared(self, x)
         self._keep_eps_sample(x, routing)
         self.seen += len(x)
-        return out.reshape(shape)
+        return (out.reshape(shape), None) if self.returns_scores else out.reshape(shape)
 
     def _count_routing(self, routing: Routing, routed: torch.Tensor) -> None:
         self.count += routed.sum(0).numpy()
@@ -168,7 +176,7 @@ class StatisticsMoE(torch.nn.Module):
                 continue
             weights = stored.float32()  # one expert widened at a time
             xe = x[tokens]
-            z = expert_hidden(xe, weights, self.act)
+            z = expert_hidden(xe, weights, self.glu)
             self.imatrix_in[e] += (xe.double() ** 2).sum(0)
             self.imatrix_mid[e] += (z.double() ** 2).sum(0)
             in_slot = routing.top_ids[tokens] == e
@@ -178,7 +186,7 @@ class StatisticsMoE(torch.nn.Module):
                 xw, zw = xe * slot_weight, z * slot_weight
                 self.hessian_in[e] += xw.T @ xw
                 self.hessian_mid[e] += zw.T @ zw
-            y = z @ weights.down.T
+            y = expert_output(z, weights)
             out.index_add_(0, tokens, y * slot_weight)
             for slot in range(1, self.n_used):
                 mine = in_slot[:, slot]

@@ -39,15 +39,61 @@ class ExpertWeights:
     gate: torch.Tensor  # [F, H]
     up: torch.Tensor    # [F, H]
     down: torch.Tensor  # [H, F]
+    # float32 biases [F], [F], [H] where the family has them (gpt-oss); never quantized
+    biases: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def float32(self) -> ExpertWeights:
         """The same weights in float32 (the very tensors when they are float32 already; bf16 widens exactly)."""
-        return ExpertWeights(self.gate.float(), self.up.float(), self.down.float())
+        return ExpertWeights(self.gate.float(), self.up.float(), self.down.float(), self.biases)
+
+    def with_weights(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> ExpertWeights:
+        return ExpertWeights(gate, up, down, self.biases)
+
+    def features(self, index: torch.Tensor) -> ExpertWeights:
+        """The expert restricted to the intermediate features ``index`` (rows of gate and up, columns of down)."""
+        biases = self.biases and (self.biases[0][index], self.biases[1][index], self.biases[2])
+        return ExpertWeights(self.gate[index], self.up[index], self.down[:, index].contiguous(), biases)
 
 
-def expert_hidden(x: torch.Tensor, w: ExpertWeights, act: Callable) -> torch.Tensor:
-    """z = act(x gate^T) * (x up^T): the down projection's input [n, F]."""
-    return act(x @ w.gate.T) * (x @ w.up.T)
+# An expert's gated activation of (x gate^T + b_gate, x up^T + b_up), by the row's expert_activation; built from
+# config.json. "act": hidden_act of gate, times up (SwiGLU where hidden_act is silu, as llama.cpp computes it);
+# "swiglu-oai": GptOssExperts._apply_gate, llama.cpp's ggml_swiglu_oai (gate clamped above at the limit, up at
+# +-limit, (up + 1) * gate * sigmoid(alpha * gate)).
+def _act_times_up(config: dict) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    from transformers.activations import ACT2FN
+
+    act = ACT2FN[config.get("hidden_act", "silu")]
+    return lambda gate, up: act(gate) * up
+
+
+def _swiglu_oai(config: dict) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    alpha, limit = float(config.get("swiglu_alpha", 1.702)), float(config.get("swiglu_limit", 7.0))
+
+    def glu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate = gate.clamp(max=limit)
+        return (up.clamp(-limit, limit) + 1) * gate * torch.sigmoid(alpha * gate)
+
+    return glu
+
+
+GATED_ACTIVATIONS: dict[str, Callable[[dict], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]] = {
+    "act": _act_times_up,
+    "swiglu-oai": _swiglu_oai,
+}
+
+
+def expert_hidden(x: torch.Tensor, w: ExpertWeights, glu: Callable) -> torch.Tensor:
+    """z = glu(x gate^T, x up^T) (plus the biases): the down projection's input [n, F]."""
+    gate, up = x @ w.gate.T, x @ w.up.T
+    if w.biases is not None:
+        gate, up = gate + w.biases[0], up + w.biases[1]
+    return glu(gate, up)
+
+
+def expert_output(z: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
+    """The expert's output z down^T (plus the down bias) [n, H]."""
+    y = z @ w.down.T
+    return y + w.biases[2] if w.biases is not None else y
 
 
 def ggml_roundtrip(weights: torch.Tensor, type_name: str, imatrix: np.ndarray | None) -> torch.Tensor:
@@ -79,7 +125,7 @@ def feature_sample(ff: int, n_features: int, rng: np.random.Generator) -> np.nda
     return (blocks[:, None] * FEATURE_BLOCK + np.arange(FEATURE_BLOCK)).reshape(-1)
 
 
-def expert_errors(w: ExpertWeights, x: torch.Tensor, route_weight: torch.Tensor, act: Callable,
+def expert_errors(w: ExpertWeights, x: torch.Tensor, route_weight: torch.Tensor, glu: Callable,
                   types: Sequence[str], imatrix_in: np.ndarray, imatrix_mid: np.ndarray,
                   features: np.ndarray | None = None) -> np.ndarray:
     """eps [3, T] of one expert on its tokens ``x`` [n, H] with routing weights [n]:
@@ -95,17 +141,17 @@ def expert_errors(w: ExpertWeights, x: torch.Tensor, route_weight: torch.Tensor,
     if features is not None:
         scale = float(np.sqrt(w.gate.shape[0] / len(features)))
         index = torch.from_numpy(features)
-        w = ExpertWeights(w.gate[index], w.up[index], w.down[:, index].contiguous())
+        w = w.features(index)
         imatrix_mid = imatrix_mid[features]
     w = w.float32()
     r = route_weight[:, None]
-    z = expert_hidden(x, w, act)
-    y = z @ w.down.T
+    z = expert_hidden(x, w, glu)
+    y = expert_output(z, w)
     for t, name in enumerate(types):
-        q = ExpertWeights(ggml_roundtrip(w.gate, name, imatrix_in), ggml_roundtrip(w.up, name, imatrix_in),
-                          ggml_roundtrip(w.down, name, imatrix_mid))
-        zq = expert_hidden(x, q, act)
-        eps[0, t] = torch.linalg.norm(r * (zq @ q.down.T - y))
-        eps[1, t] = torch.linalg.norm(r * (zq @ w.down.T - y))
-        eps[2, t] = torch.linalg.norm(r * (z @ q.down.T - y))
+        q = w.with_weights(ggml_roundtrip(w.gate, name, imatrix_in), ggml_roundtrip(w.up, name, imatrix_in),
+                           ggml_roundtrip(w.down, name, imatrix_mid))
+        zq = expert_hidden(x, q, glu)
+        eps[0, t] = torch.linalg.norm(r * (expert_output(zq, q) - y))
+        eps[1, t] = torch.linalg.norm(r * (expert_output(zq, w) - y))
+        eps[2, t] = torch.linalg.norm(r * (expert_output(z, q) - y))
     return eps * scale

@@ -76,7 +76,7 @@ def read_odp_metadata(path: str | Path, reader: gguf.GGUFReader | None = None) -
 
 def check_expert_groups(path: str | Path, reader: gguf.GGUFReader) -> None:
     """The per-expert layout's rules (docs/FORMAT.md), checked before llama.cpp loads the file."""
-    from mc_gguf.gguf_io.layout import group_map_problem
+    from mc_gguf.gguf_io.layout import group_map_problem, is_expert_weight
 
     try:
         field = _typed_field(reader, keys.EXPERT_GROUPS, [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32],
@@ -87,7 +87,7 @@ def check_expert_groups(path: str | Path, reader: gguf.GGUFReader) -> None:
         return
     group_map = field.contents()
     arch = field_value(reader, "general.architecture")
-    counts = {t.name: int(t.shape[-1]) for t in reader.tensors if "_exps" in t.name}
+    counts = {t.name: int(t.shape[-1]) for t in reader.tensors if is_expert_weight(t.name)}
     problem = group_map_problem(group_map, counts, int(field_value(reader, f"{arch}.block_count")),
                                 int(field_value(reader, f"{arch}.expert_count") or 0),
                                 int(field_value(reader, f"{arch}.leading_dense_block_count") or 0))

@@ -78,9 +78,10 @@ def encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
 
 def fit_type(tensor_kind: gguf.MODEL_TENSOR, shape: tuple[int, ...],
              wanted: gguf.GGMLQuantizationType, name: str = "") -> gguf.GGMLQuantizationType:
-    """``wanted``, unless the tensor must stay F32 (norms, router) or its rows are not whole blocks of it
-    (then llama-quantize's fallback, types.stored_type)."""
-    if len(shape) == 1 or tensor_kind in F32_ONLY or name.endswith("_norm.weight"):
+    """``wanted``, unless the tensor must stay F32 (norms, router, biases: llama-quantize quantizes only
+    ``weight`` tensors) or its rows are not whole blocks of it (then llama-quantize's fallback,
+    types.stored_type)."""
+    if len(shape) == 1 or tensor_kind in F32_ONLY or name.endswith(("_norm.weight", ".bias")):
         return T.F32
     block_size, _ = gguf.GGML_QUANT_SIZES[wanted]
     if shape[-1] % block_size:
@@ -106,19 +107,12 @@ def expert_tensors(ckpt: Checkpoint, type_for: TypeChooser) -> list[OutputTensor
     tensors = []
     for bid in ckpt.moe_layers:
         for proj, _ in arch.expert_projections:
-            names = [arch.expert_tensor(bid, xid, proj) for xid in range(ckpt.n_experts)]
-            missing = [n for n in names if n not in ckpt.tensors]
-            if missing:
-                raise CheckpointError(f"{ckpt.path}: expert tensor {missing[0]} is missing ({len(missing)} in layer "
-                                      f"{bid}'s {proj})")
-            shapes = {ckpt.shape(n) for n in names}
-            if len(shapes) != 1:
-                raise CheckpointError(f"{ckpt.path}: experts of layer {bid} ({proj}) have different shapes {sorted(shapes)}")
-            shape = (ckpt.n_experts, *shapes.pop())
+            shape = (ckpt.n_experts, *ckpt.expert_shape(bid, proj))
             kind, gguf_name = _gguf_name(ckpt, name_map, arch.stacked_expert_name(bid, proj) + ".weight")
             qtype = type_for(kind, gguf_name, shape)
-            tensors.append(OutputTensor(gguf_name, shape, qtype, lambda names=names, qtype=qtype: stack_one_at_a_time(
-                len(names), lambda x: encode(ckpt.load(names[x]), qtype))))
+            tensors.append(OutputTensor(gguf_name, shape, qtype, lambda bid=bid, proj=proj, qtype=qtype:
+                                        stack_one_at_a_time(ckpt.n_experts, lambda x: encode(
+                                            ckpt.expert_weight(bid, x, proj), qtype))))
     return tensors
 
 
@@ -253,7 +247,7 @@ def size_label(ckpt: Checkpoint, base: gguf.GGUFReader) -> str:
     the base's weights are shared, one expert's weights of every layer are the expert part."""
     shared = sum(int(t.n_elements) for t in base.tensors)
     first = ckpt.moe_layers[0]
-    per_expert = len(ckpt.moe_layers) * sum(int(np.prod(ckpt.shape(ckpt.arch.expert_tensor(first, 0, p))))
+    per_expert = len(ckpt.moe_layers) * sum(int(np.prod(ckpt.expert_shape(first, p)))
                                             for p, _ in ckpt.arch.expert_projections)
     return gguf.size_label(shared + ckpt.n_experts * per_expert, shared, per_expert, ckpt.n_experts)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mc_gguf.gguf_io import keys
 from mc_gguf.gguf_io.edit import field_value, open_gguf
-from mc_gguf.gguf_io.layout import PROJECTIONS
+from mc_gguf.gguf_io.layout import PROJECTIONS, is_expert_weight
 
 
 def inspect_gguf(path: str | Path) -> dict:
@@ -40,7 +40,7 @@ def inspect_gguf(path: str | Path) -> dict:
         experts.append(layer)
     n_bytes = sum(int(t.n_bytes) for t in reader.tensors)
     n_weights = sum(int(t.n_elements) for t in reader.tensors)
-    expert_tensors = [t for t in reader.tensors if "_exps" in t.name]
+    expert_tensors = [t for t in reader.tensors if is_expert_weight(t.name)]
     expert_weights = sum(int(t.n_elements) for t in expert_tensors)
     return {
         "path": str(path),

@@ -37,6 +37,12 @@ def expert_groups(types: Sequence[str]) -> list[ExpertGroup]:
     return [ExpertGroup(name, tuple(x for x, t in enumerate(types) if t == name)) for name in names]
 
 
+def is_expert_weight(name: str) -> bool:
+    """Is a GGUF tensor routed experts' weights, stacked or a group (not gpt-oss's ffn_*_exps.bias, which
+    llama.cpp's converter writes and the file keeps in F32)?"""
+    return "_exps" in name and name.endswith(".weight")
+
+
 def stacked_name(bid: int, projection: str) -> str:
     return f"blk.{bid}.ffn_{projection}_exps.weight"
 

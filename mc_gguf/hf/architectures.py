@@ -23,6 +23,17 @@ from mc_gguf.errors import UnsupportedArchitectureError
 
 
 @dataclass(frozen=True)
+class ExpertSource:
+    """Where one expert's projection is in the checkpoint: its own tensor [out, in] (``index`` None), or row
+    ``index`` of a layer's stacked tensor [E, in, out] whose output columns start, step, start + 2 step, ...
+    (``columns``) are the projection's."""
+    tensor: str
+    index: int | None = None
+    columns: tuple[int, int] = (0, 1)
+    bias: str | None = None  # the stacked tensor of the projection's biases [E, out] (same index and columns)
+
+
+@dataclass(frozen=True)
 class MoEArchitecture:
     hf_architecture: str
     gguf_arch: gguf.MODEL_ARCH
@@ -49,6 +60,8 @@ class MoEArchitecture:
     # transformers' module names inside a decoder layer, for streaming calibration:
     # the MoE block, and the norm whose output is the MoE block's input.
     hf_moe_module: str = "mlp"
+    # transformers' router inside the MoE block (which returns logits, weights and experts)
+    hf_router: str = "gate"
     moe_input_norm: str = "post_attention_layernorm"
     embed_tokens: str = "model.embed_tokens.weight"
     norm_topk_key: str | None = None
@@ -65,20 +78,45 @@ class MoEArchitecture:
     # config.json keys of the expert groups and of the groups a token may choose from (llama.cpp's
     # expert_group_count and expert_group_used_count), None: no groups.
     expert_group_keys: tuple[str, str] | None = None
+    # How the checkpoint stores a layer's routed experts: "per-expert" (one [out, in] tensor per expert and
+    # projection, ``expert`` + ``.{projection}.weight``), or "stacked" (one [E, in, out] tensor per layer,
+    # ``expert`` + ``.{projection}``: gpt-oss's GptOssExperts; gate and up sharing one tensor are interleaved,
+    # gate in the even output columns and up in the odd ones, as GptOssExperts._apply_gate reads them).
+    expert_storage: str = "per-expert"
+    # Do the experts' projections have biases (stacked: ``{tensor}_bias`` [E, out]; llama.cpp's ffn_*_exps.bias)?
+    expert_biases: bool = False
+    # The router's parameter added to its logits (gpt-oss's bias; llama.cpp's ffn_gate_inp.bias), None: none.
+    router_bias: str | None = None
+    # The experts' gated activation (calibrate/quant_error.py GATED_ACTIVATIONS): "act" (config.json's hidden_act
+    # of gate, times up: SwiGLU) or "swiglu-oai" (gpt-oss; llama.cpp's LLM_FFN_SWIGLU_OAI_MOE).
+    expert_activation: str = "act"
+    # Does transformers' MoE block return (output, router scores) instead of the output (GptOssMLP)?
+    hf_moe_returns_scores: bool = False
     # Who writes the metadata and non-expert tensors: "mc-gguf" or "llama.cpp" (see the module docstring).
     converter: str = "mc-gguf"
 
-    def expert_tensor(self, bid: int, xid: int, projection: str) -> str:
-        """HF name of one expert's projection weight, e.g. ``...experts.3.w1.weight``."""
+    def expert_source(self, bid: int, xid: int, projection: str) -> ExpertSource:
+        """Where expert ``xid``'s ``projection`` (gate, up or down) of layer ``bid`` is, e.g. the tensor
+        ``...experts.3.w1.weight``, or row 3 of ``...experts.gate_up_proj``, its even columns."""
         hf_proj = dict(self.expert_projections)[projection]
-        return f"{self.expert.format(bid=bid, xid=xid)}.{hf_proj}.weight"
+        if self.expert_storage == "per-expert":
+            return ExpertSource(f"{self.expert.format(bid=bid, xid=xid)}.{hf_proj}.weight")
+        sharing = [p for p, h in self.expert_projections if h == hf_proj]
+        tensor = f"{self.expert.format(bid=bid)}.{hf_proj}"
+        return ExpertSource(tensor, xid, (sharing.index(projection), len(sharing)),
+                            f"{tensor}_bias" if self.expert_biases else None)
 
     def stacked_expert_name(self, bid: int, projection: str) -> str:
         """The key TensorNameMap resolves to ``blk.N.ffn_{projection}_exps``."""
-        return self.stacked_expert.format(bid=bid, proj=dict(self.expert_projections)[projection])
+        return self.stacked_expert.format(bid=bid, proj=dict(self.expert_projections)[projection], gguf=projection)
 
     def expert_pattern(self) -> str:
-        """A regular expression matching every routed expert's checkpoint tensors (of any layer)."""
+        """A regular expression matching every routed expert's checkpoint weights (of any layer); a stacked
+        layout's biases are not matched (llama.cpp's converter writes them)."""
+        if self.expert_storage == "stacked":  # also MXFP4's blocks and scales (hf/checkpoint.py)
+            template = re.escape(self.expert.format(bid="{bid}")).replace(r"\{bid\}", r"\d+")
+            weights = "|".join(sorted({re.escape(h) for _, h in self.expert_projections}))
+            return f"^{template}\\.({weights})(_blocks|_scales)?$"
         template = re.escape(self.expert.format(bid="{bid}", xid="{xid}"))
         return "^" + template.replace(r"\{bid\}", r"\d+").replace(r"\{xid\}", r"\d+") + r"\."
 
@@ -145,8 +183,21 @@ GLM4_MOE = replace(DEEPSEEK_V2, hf_architecture="Glm4MoeForCausalLM", gguf_arch=
                    norm_topk_prob=True, selection_bias="e_score_correction_bias",
                    expert_group_keys=("n_group", "topk_group"))
 
+# gpt-oss (20b, 120b): a router with a bias; the top-k chosen by the logits, weighted by a softmax over the
+# chosen (llama.cpp's SOFTMAX_WEIGHT: the softmax over all experts renormalised over the top-k is the same);
+# experts stacked per layer with biases, gate and up interleaved in one tensor; the OAI SwiGLU (clamped at
+# swiglu_limit, sigmoid scaled by swiglu_alpha). Attention sinks and sliding windows are llama.cpp's converter's
+# and graph's. The Hub's checkpoints hold the experts in MXFP4 blocks, which hf/checkpoint.py reads.
+GPT_OSS = replace(QWEN3_MOE, hf_architecture="GptOssForCausalLM", gguf_arch=gguf.MODEL_ARCH.GPT_OSS,
+                  router="model.layers.{bid}.mlp.router", hf_router="router", expert="model.layers.{bid}.mlp.experts",
+                  expert_projections=(("gate", "gate_up_proj"), ("up", "gate_up_proj"), ("down", "down_proj")),
+                  stacked_expert="model.layers.{bid}.mlp.experts.{gguf}_proj", n_expert_keys=("num_local_experts",),
+                  norm_topk_prob=True, norm_topk_key=None, expert_storage="stacked", expert_biases=True,
+                  router_bias="bias", expert_activation="swiglu-oai", hf_moe_returns_scores=True)
+
 ARCHITECTURES: dict[str, MoEArchitecture] = {arch.hf_architecture: arch for arch in (MIXTRAL, QWEN2_MOE, QWEN3_MOE,
-                                                                                     OLMOE, DEEPSEEK_V2, GLM4_MOE)}
+                                                                                     OLMOE, DEEPSEEK_V2, GLM4_MOE,
+                                                                                     GPT_OSS)}
 
 
 def architecture_for(config: dict) -> MoEArchitecture:

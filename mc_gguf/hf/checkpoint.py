@@ -82,9 +82,69 @@ class Checkpoint:
 
     @property
     def expert_dims(self) -> tuple[int, int]:
-        """(hidden size, expert intermediate size), from the first MoE layer's first expert's gate [F, H]."""
-        ff, hidden = self.shape(self.arch.expert_tensor(self.moe_layers[0], 0, "gate"))
+        """(hidden size, expert intermediate size), from the first MoE layer's gate [F, H]."""
+        ff, hidden = self.expert_shape(self.moe_layers[0], "gate")
         return hidden, ff
+
+    def expert_shape(self, bid: int, projection: str) -> tuple[int, int]:
+        """(rows, columns) of every expert's ``projection`` in layer ``bid``, checked to be there and alike."""
+        arch, n = self.arch, self.n_experts
+        if arch.expert_storage == "per-expert":
+            names = [arch.expert_source(bid, xid, projection).tensor for xid in range(n)]
+            missing = [name for name in names if name not in self.tensors]
+            if missing:
+                raise CheckpointError(f"{self.path}: expert tensor {missing[0]} is missing ({len(missing)} in layer "
+                                      f"{bid}'s {projection})")
+            shapes = {self.shape(name) for name in names}
+            if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+                raise CheckpointError(f"{self.path}: experts of layer {bid} ({projection}) have shapes "
+                                      f"{sorted(shapes)}, not one [rows, columns]")
+            return shapes.pop()
+        source = arch.expert_source(bid, 0, projection)
+        start, step = source.columns
+        if self._mxfp4(source.tensor):
+            blocks, scales = (self.shape(f"{source.tensor}_{part}") for part in ("blocks", "scales"))
+            if len(blocks) != 4 or blocks[0] != n or blocks[3] != MXFP4_BLOCK // 2 or scales != blocks[:3]:
+                raise CheckpointError(f"{self.path}: {source.tensor}_blocks {list(blocks)} and _scales {list(scales)} "
+                                      f"are not MXFP4 blocks [{n} experts, out, blocks, 16] and their scales")
+            shape = (n, blocks[2] * MXFP4_BLOCK, blocks[1])  # as the unquantized tensor's [E, in, out]
+        else:
+            shape = self.shape(source.tensor)
+        if len(shape) != 3 or shape[0] != n or shape[2] % step:
+            raise CheckpointError(f"{self.path}: {source.tensor} has shape {list(shape)}, not [{n} experts, in, out]")
+        if source.bias is not None and self.shape(source.bias) != (n, shape[2]):
+            raise CheckpointError(f"{self.path}: {source.bias} has shape {list(self.shape(source.bias))}, "
+                                  f"not [{n}, {shape[2]}]")
+        return shape[2] // step, shape[1]
+
+    def expert_weight(self, bid: int, xid: int, projection: str) -> np.ndarray:
+        """One expert's projection [rows, columns] as float32 numpy (see expert_weight_torch)."""
+        return self.expert_weight_torch(bid, xid, projection).float().numpy()
+
+    def expert_weight_torch(self, bid: int, xid: int, projection: str):
+        """One expert's projection [rows, columns] (as llama.cpp's ffn_*_exps hold each expert) in the
+        checkpoint's dtype; of a stacked tensor only that expert's row is read."""
+        source = self.arch.expert_source(bid, xid, projection)
+        if source.index is None:
+            return self.load_torch(source.tensor)
+        start, step = source.columns
+        if self._mxfp4(source.tensor):
+            blocks, scales = (self.load_torch(f"{source.tensor}_{part}", source.index) for part in ("blocks", "scales"))
+            return mxfp4_dequantize(blocks[start::step], scales[start::step])
+        return self.load_torch(source.tensor, source.index)[:, start::step].T.contiguous()
+
+    def expert_bias(self, bid: int, xid: int, projection: str):
+        """One expert's projection bias [rows] as a float32 torch tensor, or None where the family has none."""
+        source = self.arch.expert_source(bid, xid, projection)
+        if source.bias is None:
+            return None
+        start, step = source.columns
+        return self.load_torch(source.bias, source.index)[start::step].float().contiguous()
+
+    def _mxfp4(self, stacked: str) -> bool:
+        """Is a stacked expert tensor stored as MXFP4 blocks and scales (gpt-oss on the Hub: ``{name}_blocks``
+        [E, out, in / 32, 16] uint8, ``{name}_scales`` [E, out, in / 32] uint8)?"""
+        return stacked not in self.tensors and f"{stacked}_blocks" in self.tensors
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name).shape
@@ -93,8 +153,9 @@ class Checkpoint:
         """One tensor as float32 numpy (bf16 is widened exactly), read from its shard on demand."""
         return self.load_torch(name).float().numpy()
 
-    def load_torch(self, name: str):
-        """One tensor as a torch tensor in the checkpoint's own dtype (bf16 stays bf16: half of float32).
+    def load_torch(self, name: str, index: int | None = None):
+        """One tensor (or, with ``index``, its row ``index`` of the first dimension) as a torch tensor in the
+        checkpoint's own dtype (bf16 stays bf16: half of float32).
 
         The bytes are read into the tensor (safetensors' little-endian layout):
         safetensors' own reader maps the whole shard and keeps it mapped, so
@@ -105,10 +166,14 @@ class Checkpoint:
         import torch
 
         entry = self._entry(name)
+        shape, offset = entry.shape, entry.offset
+        if index is not None:
+            shape = entry.shape[1:]
+            offset += index * (entry.nbytes // entry.shape[0])
         dtype = getattr(torch, TORCH_DTYPES.get(entry.dtype, ""), None)
         if dtype is not None and sys.byteorder == "little":
-            out = torch.empty(entry.shape, dtype=dtype)
-            _read_into(entry.shard, entry.offset, out.view(-1).view(torch.uint8).numpy())
+            out = torch.empty(shape, dtype=dtype)
+            _read_into(entry.shard, offset, out.view(-1).view(torch.uint8).numpy())
             return out
         from safetensors import safe_open
 
@@ -116,7 +181,7 @@ class Checkpoint:
         if handle is None:
             handle = safe_open(str(entry.shard), framework="pt")
             self._handles[entry.shard] = handle
-        return handle.get_tensor(name)
+        return handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
 
     def _entry(self, name: str) -> TensorEntry:
         try:
@@ -144,6 +209,27 @@ TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "
 
 SAFETENSORS_DTYPES = {"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F16", "BF16", "F32", "F64",
                       "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64"}
+
+
+# MXFP4 (OCP microscaling): blocks of 32 FP4 (E2M1) values, two per byte (the low nibble first), sharing one
+# E8M0 scale 2^(s - 127); the values of the 16 codes, as transformers' integrations/mxfp4.py and ggml's
+# kvalues_mxfp4 (doubled there, the scale halved) read them
+MXFP4_BLOCK = 32
+FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def mxfp4_dequantize(blocks, scales):
+    """MXFP4 rows [rows, n_blocks, 16] uint8 with their scales [rows, n_blocks] as float32 [rows, n_blocks * 32]."""
+    import torch
+
+    lut = torch.tensor(FP4_E2M1, dtype=torch.float32)
+    values = torch.stack((lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]), dim=-1)  # [rows, n, 16, 2]
+    values = torch.ldexp(values.reshape(*blocks.shape[:2], MXFP4_BLOCK), scales.to(torch.int32)[..., None] - 127)
+    return values.reshape(blocks.shape[0], -1)
+
+
+# gpt-oss's gated activation as llama.cpp's build_moe_ffn computes it (LLM_FFN_SWIGLU_OAI_MOE: alpha, limit)
+SWIGLU_OAI = {"swiglu_alpha": 1.702, "swiglu_limit": 7.0}
 
 
 def expert_count_key(config: dict, arch: MoEArchitecture) -> str:
@@ -188,6 +274,16 @@ def _check_config(path: Path, config: dict, arch: MoEArchitecture) -> None:
                 and config[n_expert_key] % n_group == 0):
             raise CheckpointError(f"{path / 'config.json'}: {groups[0]} = {n_group!r} must divide the "
                                   f"{config[n_expert_key]} experts and {groups[1]} = {used!r} be in [1, {groups[0]}]")
+    if arch.expert_activation == "swiglu-oai":
+        for key, value in SWIGLU_OAI.items():
+            if config.get(key, value) != value:
+                raise CheckpointError(f"{path / 'config.json'}: {key} = {config[key]!r}; llama.cpp's graph "
+                                      f"(LLM_FFN_SWIGLU_OAI_MOE) computes with {value}")
+    quantization = (config.get("quantization_config") or {}).get("quant_method")
+    if quantization and not (quantization == "mxfp4" and arch.expert_storage == "stacked"):
+        raise CheckpointError(f"{path / 'config.json'}: the weights are quantized ({quantization}); mc-gguf reads "
+                              "full-precision checkpoints (and gpt-oss's MXFP4 experts). Save a dequantized copy "
+                              "first (transformers: from_pretrained(..., dequantize=True), then save_pretrained)")
     if config[arch.n_expert_used_key] > config[n_expert_key]:
         raise CheckpointError(f"{path / 'config.json'}: {arch.n_expert_used_key} = {config[arch.n_expert_used_key]} "
                               f"is more than the {config[n_expert_key]} experts ({n_expert_key})")

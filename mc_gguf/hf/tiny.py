@@ -133,6 +133,12 @@ TINY_FAMILIES = {
         num_experts_per_tok=2, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True, n_group=2,
         topk_group=1, num_nextn_predict_layers=0, head_dim=64, use_qk_norm=True, attention_bias=True,
         partial_rotary_factor=0.5)),
+    # a router bias, expert biases, gate and up interleaved in one stacked tensor, the OAI SwiGLU; expert rows of
+    # 160 (not whole blocks of 256, as gpt-oss's 2880); attention sinks and a sliding window of 8 tokens on every
+    # other layer; YaRN rope as the real models have it
+    "gptoss": ("GptOssConfig", "GptOssForCausalLM", dict(
+        intermediate_size=160, num_local_experts=8, num_experts_per_tok=2, head_dim=64, sliding_window=8,
+        max_position_embeddings=131072)),
 }
 
 
@@ -155,6 +161,8 @@ def build_tiny_family(kind: str, out_dir: str | Path, seed: int = 7, **overrides
                 param.add_(0.1 * torch.randn_like(param))
             if name.endswith("shared_expert_gate.weight"):
                 param.normal_(0.0, 0.5)
+            if name.endswith(("router.bias", "_proj_bias", "self_attn.sinks")):
+                param.normal_(0.0, 0.5 if name.endswith("router.bias") else 0.1)
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buffer.normal_(0.0, 0.1)

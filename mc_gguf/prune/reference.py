@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from mc_gguf.hf.architectures import architecture_for
 from mc_gguf.prune.rule import DEFAULT_PROTECT_RATIO, SlotCounts, keep_mask, validate_params
 
 
 class TransformersOdp:
-    """ODP applied to a transformers MoE model (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2, GLM4-MoE) by wrapping
-    each MoE layer's router forward (dense layers have none): a slot is kept when its weight is at least mu times
-    the token's top weight. The kept weights are renormalised where the router renormalises (Mixtral always, the
-    others as their ``norm_topk_prob`` says), as the runtime's ODP does.
+    """ODP applied to a transformers MoE model (any family of hf/architectures.py) by wrapping each MoE layer's
+    router forward (the row's ``hf_router``; dense layers have none): a slot is kept when its weight is at least mu
+    times the token's top weight. The kept weights are renormalised where the router renormalises (Mixtral and
+    gpt-oss always, the others as their ``norm_topk_prob`` says), as the runtime's ODP does.
 
     Used as a context manager; counts slots per layer like the runtime does.
     """
@@ -26,8 +27,9 @@ class TransformersOdp:
         self._saved = []
 
     def __enter__(self) -> TransformersOdp:
+        arch = architecture_for({"architectures": self.model.config.architectures})
         for il, layer in enumerate(self.model.model.layers):
-            router = getattr(layer.mlp, "gate", None)
+            router = getattr(getattr(layer, arch.hf_moe_module), arch.hf_router, None)
             if not hasattr(router, "top_k"):  # a dense layer's FFN (its gate_proj is no router)
                 continue
             self._saved.append((router, router.forward))

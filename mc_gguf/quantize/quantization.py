@@ -73,7 +73,7 @@ def quantize_expert(ckpt: Checkpoint, stats: CalibrationStats | None, bid: int, 
                     type_name: str, gptq: bool, tune: TuneSettings | None = None) -> np.ndarray:
     """ggml's bytes [rows, row_bytes] of one expert projection at ``type_name``."""
     qtype = quant_type(type_name).qtype
-    weights = ckpt.load(ckpt.arch.expert_tensor(bid, xid, projection))
+    weights = ckpt.expert_weight(bid, xid, projection)
     which = "mid" if projection == "down" else "in"
     imatrix = stats.layers[bid].imatrix(which)[xid] if stats is not None else None
     if gptq:

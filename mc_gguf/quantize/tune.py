@@ -254,7 +254,7 @@ def tuned_error_ratios(model_dir, stats, types: list[str], sample: int = 8, seed
         for bid, xid in picked:
             layer = stats.layers[bid]
             for projection in ("gate", "up", "down"):
-                weights = ckpt.load(ckpt.arch.expert_tensor(bid, xid, projection))
+                weights = ckpt.expert_weight(bid, xid, projection)
                 which = "mid" if projection == "down" else "in"
                 hessian = layer.hessian(which)[xid]
                 imatrix = layer.imatrix(which)[xid]

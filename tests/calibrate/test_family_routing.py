@@ -1,5 +1,5 @@
-"""Calibration of the other families (Qwen2/3-MoE, OLMoE, DeepSeek-V2, GLM4-MoE) routes every token as transformers'
-own router does.
+"""Calibration of the other families (Qwen2/3-MoE, OLMoE, DeepSeek-V2, GLM4-MoE, gpt-oss) routes every token as
+transformers' own router does, and its MoE block computes transformers' output.
 
 The streamed calibration (decoder layers one at a time, mc-gguf's MoE block
 inside) runs on a tiny seeded checkpoint of each family; the reference is the
@@ -7,8 +7,11 @@ whole transformers model on the same sequences, its routers' outputs read by
 hooks: experts chosen, weights applied (renormalised or not, as the config
 says, and scaled by the routed_scaling_factor of DeepSeek and GLM), and
 router probabilities (softmax; GLM4-MoE's sigmoid, its slots chosen with a
-selection bias and within groups of experts). The first layer of DeepSeek-V2
-and GLM4-MoE is dense: it has no router and no statistics.
+selection bias and within groups of experts; gpt-oss's router bias and
+softmax over the chosen logits). The first layer of DeepSeek-V2 and GLM4-MoE
+is dense: it has no router and no statistics. The experts as calibration
+reads and runs them (gpt-oss: stacked, gate and up interleaved, biases, its
+own activation) give the output of transformers' MoE block.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import torch
 
 from mc_gguf.calibrate.calibration import calibrate
 from mc_gguf.calibrate.forward import load_experts
-from mc_gguf.calibrate.moe import RoutingRule, StatisticsMoE
+from mc_gguf.calibrate.moe import SHARED_EXPERT_OUTPUT, RoutingRule, StatisticsMoE
+from mc_gguf.calibrate.quant_error import GATED_ACTIVATIONS
 from mc_gguf.calibrate.settings import CalibrationSettings
 from mc_gguf.calibrate.text import CalibrationText, pack_sequences
 from mc_gguf.hf.checkpoint import open_checkpoint
@@ -31,7 +35,7 @@ from conftest import CALIBRATION_TEXT
 SETTINGS = CalibrationSettings(n_tokens=512, seq_len=128, seed=3, types=())
 
 
-@pytest.fixture(scope="module", params=["qwen2moe", "qwen3moe", "olmoe", "deepseek2", "glm4moe"])
+@pytest.fixture(scope="module", params=["qwen2moe", "qwen3moe", "olmoe", "deepseek2", "glm4moe", "gptoss"])
 def family(request, tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -40,9 +44,10 @@ def family(request, tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     ids = tokenizer(CALIBRATION_TEXT, add_special_tokens=False).input_ids
     sequences = pack_sequences(ids, tokenizer.bos_token_id, SETTINGS.n_tokens, SETTINGS.seq_len, SETTINGS.seed)
+    ckpt = open_checkpoint(folder)
     routers = []  # per MoE layer: (router input, logits, applied weights, experts), slots by descending weight
-    hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o: routers.append((i[0], *by_weight(*o))))
-             for layer in model.model.layers if hasattr(getattr(layer.mlp, "gate", None), "top_k")]
+    hooks = [getattr(model.model.layers[bid].mlp, ckpt.arch.hf_router).register_forward_hook(
+             lambda m, i, o: routers.append((i[0], *by_weight(*o)))) for bid in ckpt.moe_layers]
     try:
         with torch.no_grad():
             model(torch.from_numpy(sequences))
@@ -79,14 +84,39 @@ def test_the_weights_applied_to_the_experts_are_transformers_own(family):
     times routed_scaling_factor for DeepSeek-V2."""
     folder, model, routers, _ = family
     ckpt = open_checkpoint(folder)
-    assert ckpt.norm_topk_prob == model.config.norm_topk_prob
+    assert ckpt.norm_topk_prob == getattr(model.config, "norm_topk_prob", True)  # gpt-oss: a softmax over the top-k
     assert ckpt.routed_scale == getattr(model.config, "routed_scaling_factor", 1.0)
     for bid, (x, _, applied, experts) in zip(ckpt.moe_layers, routers):
-        router, experts_weights = load_experts(ckpt, bid)
-        moe = StatisticsMoE(router, experts_weights, torch.nn.functional.silu, RoutingRule.of(ckpt), np.arange(0),
-                            hessian=False)
-        routing = moe.route(x.reshape(-1, x.shape[-1]))
+        routing = block(ckpt, model, bid).route(x.reshape(-1, x.shape[-1]))
         np.testing.assert_array_equal(routing.top_ids.numpy(), experts.numpy())
         np.testing.assert_allclose(routing.applied.numpy(), applied.numpy(), rtol=1e-5, atol=1e-7)
         sums = routing.applied.sum(-1) / ckpt.routed_scale
         assert torch.allclose(sums, torch.ones_like(sums)) == ckpt.norm_topk_prob
+
+
+def test_the_block_output_is_transformers_own(family):
+    """The experts as calibration reads them from the checkpoint, run by its MoE block (with the family's shared
+    expert), give the output of transformers' block on the same input."""
+    folder, model, routers, _ = family
+    ckpt = open_checkpoint(folder)
+    for bid, (x, *_) in zip(ckpt.moe_layers, routers):
+        reference = model.model.layers[bid].mlp
+        moe = block(ckpt, model, bid)
+        with torch.no_grad():
+            expected = reference(x[None])
+            got = moe(x[None])
+        if ckpt.arch.hf_moe_returns_scores:
+            expected, got = expected[0], got[0]
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def block(ckpt, model, bid: int) -> StatisticsMoE:
+    """Layer ``bid``'s MoE block as calibration builds it, the shared expert taken from ``model``."""
+    router, experts = load_experts(ckpt, bid)
+    moe = StatisticsMoE(router, experts, GATED_ACTIVATIONS[ckpt.arch.expert_activation](ckpt.config),
+                        RoutingRule.of(ckpt), np.arange(0), hessian=False,
+                        shared=SHARED_EXPERT_OUTPUT.get(ckpt.arch.shared_expert),
+                        returns_scores=ckpt.arch.hf_moe_returns_scores)
+    for name in ckpt.arch.shared_modules:
+        setattr(moe, name, getattr(model.model.layers[bid].mlp, name))
+    return moe

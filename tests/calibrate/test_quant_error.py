@@ -22,9 +22,9 @@ def expert():
                       torch.randn(HIDDEN, FF, generator=g) / FF ** 0.5)
     x = torch.randn(TOKENS, HIDDEN, generator=g) * (0.5 + torch.rand(HIDDEN, generator=g))
     route = torch.rand(TOKENS, generator=g)
-    act = torch.nn.functional.silu
-    z = act(x @ w.gate.T) * (x @ w.up.T)
-    return w, x, route, act, (x ** 2).sum(0).numpy(), (z ** 2).sum(0).numpy()
+    glu = lambda gate, up: torch.nn.functional.silu(gate) * up  # noqa: E731 - SwiGLU
+    z = glu(x @ w.gate.T, x @ w.up.T)
+    return w, x, route, glu, (x ** 2).sum(0).numpy(), (z ** 2).sum(0).numpy()
 
 
 def test_feature_sample_is_whole_blocks_or_everything():

@@ -35,10 +35,10 @@ def test_folder_without_config(capsys, model_copy, tmp_path):
 
 def test_unsupported_architecture(capsys, model_copy, tmp_path):
     config = json.loads((model_copy / "config.json").read_text())
-    config["architectures"] = ["GptOssForCausalLM"]
+    config["architectures"] = ["DeepseekV3ForCausalLM"]
     (model_copy / "config.json").write_text(json.dumps(config))
     err = run_convert(capsys, model_copy, tmp_path / "out.gguf")
-    assert "unsupported architecture GptOssForCausalLM" in err and "MixtralForCausalLM, OlmoeForCausalLM" in err
+    assert "unsupported architecture DeepseekV3ForCausalLM" in err and "GptOssForCausalLM, MixtralForCausalLM" in err
 
 
 def test_truncated_shard(capsys, model_copy, tmp_path):

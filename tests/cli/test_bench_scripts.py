@@ -1,4 +1,9 @@
-"""The benchmark scripts run end to end in their --quick mode (figures are not asserted: speed is no test)."""
+"""The benchmark scripts run end to end in their --quick mode (figures are not asserted: speed is no test).
+
+bench_speed, bench_quality and bench_scale take minutes each even so (a stock llama.cpp's tools, calibration
+with Hessians, tuning, several files): they are marked ``bench`` and run by ``make test-bench``, not
+``make test``.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ def run_script(name: str, tmp_path: Path) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.bench
 def test_bench_speed_quick(tmp_path):
     report = run_script("bench_speed.py", tmp_path)
     cases = {c["name"]: c for c in report["cases"]}
@@ -46,6 +52,7 @@ def test_bench_speed_quick(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.bench
 def test_bench_quality_quick(tmp_path):
     report = run_script("bench_quality.py", tmp_path)
     rows = {r["name"]: r for r in report["rows"]}
@@ -70,6 +77,7 @@ def run_plain_script(name: str, tmp_path: Path, *extra: str) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.bench
 def test_bench_scale_quick(tmp_path):
     report = run_plain_script("bench_scale.py", tmp_path, "--resume-check")
     assert set(report["runs"]) == {"1", "2"}

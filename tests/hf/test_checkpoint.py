@@ -29,6 +29,10 @@ def test_tensors_read_from_the_shard_equal_safetensors_reading(tmp_path):
             got, expected = ckpt.load_torch(name), handle.get_tensor(name)
             assert got.dtype == expected.dtype and got.shape == expected.shape, name
             assert torch.equal(got.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)), name
+        for name in ("f32", "bf16", "f8"):  # one row of the first dimension (an expert of a stacked tensor)
+            got, expected = ckpt.load_torch(name, 1), handle.get_tensor(name)[1]
+            assert got.dtype == expected.dtype and got.shape == expected.shape, name
+            assert torch.equal(got.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)), name
 
 
 def test_a_model_with_dense_layers_is_refused_naming_them(tmp_path):

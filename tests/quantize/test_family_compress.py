@@ -1,5 +1,5 @@
-"""compress on the other families (Qwen2/3-MoE, OLMoE, DeepSeek-V2, GLM4-MoE): llama.cpp's converter writes all but
-the experts.
+"""compress on the other families (Qwen2/3-MoE, OLMoE, DeepSeek-V2, GLM4-MoE, gpt-oss): llama.cpp's converter writes
+all but the experts' weights.
 
 On a tiny seeded checkpoint of each family, ``compress`` calibrates,
 allocates and quantizes; the file's metadata and non-expert tensors come
@@ -21,6 +21,7 @@ from mc_gguf.calibrate.settings import CalibrationSettings
 from mc_gguf.calibrate.text import CalibrationText
 from mc_gguf.gguf_io.convert import convert
 from mc_gguf.gguf_io.edit import field_value
+from mc_gguf.hf.checkpoint import open_checkpoint
 from mc_gguf.hf.tiny import build_tiny_family
 from mc_gguf.pipeline import compress
 
@@ -30,7 +31,7 @@ from helpers import PROMPT, llama_cpp_logits, transformers_logits
 TYPES = ("IQ2_XS", "Q2_K", "Q3_K", "Q4_K")
 
 
-@pytest.fixture(scope="module", params=["qwen2moe", "qwen3moe", "olmoe", "deepseek2", "glm4moe"])
+@pytest.fixture(scope="module", params=["qwen2moe", "qwen3moe", "olmoe", "deepseek2", "glm4moe", "gptoss"])
 def family(request, tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -53,8 +54,9 @@ def compressed(family, tmp_path_factory):
 
 
 def test_the_file_is_the_plans_with_llama_cpps_metadata(family, compressed):
-    kind, _, model, _ = family
+    _, folder, model, _ = family
     reader = gguf.GGUFReader(compressed.path)
+    kind = gguf.MODEL_ARCH_NAMES[open_checkpoint(folder).arch.gguf_arch]
     assert field_value(reader, "general.architecture") == kind
     n_expert = getattr(model.config, "num_experts", None) or model.config.num_local_experts  # GLM: the latter
     assert field_value(reader, f"{kind}.expert_count") == n_expert
@@ -62,7 +64,7 @@ def test_the_file_is_the_plans_with_llama_cpps_metadata(family, compressed):
     assert sum(int(t.n_bytes) for t in reader.tensors) == compressed.plan.predicted["tensor_bytes"]
     # the prediction counts the model's header, not the mc.* keys of the plan and ODP (a few KB)
     assert compressed.path.stat().st_size == pytest.approx(compressed.plan.predicted["file_bytes"], abs=16384)
-    stored = {gguf.GGMLQuantizationType(t.tensor_type).name for t in reader.tensors if "_exps" in t.name}
+    stored = {gguf.GGMLQuantizationType(t.tensor_type).name for t in reader.tensors if expert_weight(t.name)}
     assert len(stored) > 1 and stored <= set(TYPES) | {"IQ4_NL", "Q4_0", "Q5_0"}
 
 
@@ -71,7 +73,7 @@ def test_llama_cpp_runs_the_written_numbers(family, compressed, odp):
     """With ODP, the thresholds the file carries are in force: transformers with the same thresholds is the
     reference, on the positions whose every decision is clear of the threshold (float32 noise in the
     two engines' hidden states would flip a ratio within 1e-3 of it)."""
-    _, _, model, ids = family
+    _, folder, model, ids = family
     reference_model = with_experts(model, dequantized_experts(compressed.path))
     got = llama_cpp_logits(compressed.path, ids, **({} if odp else {"mu": 0.0}))
     clear = np.ones(len(ids), dtype=bool)
@@ -80,7 +82,7 @@ def test_llama_cpp_runs_the_written_numbers(family, compressed, odp):
 
         mu = compressed.odp.mu
         assert max(mu) > 0
-        clear = clear_of_thresholds(reference_model, ids, mu)
+        clear = clear_of_thresholds(reference_model, open_checkpoint(folder), ids, mu)
         assert clear.mean() > 0.8
         with TransformersOdp(reference_model, mu, compressed.odp.protect_ratio):
             reference = transformers_logits(reference_model, ids)
@@ -93,12 +95,18 @@ def test_llama_cpp_runs_the_written_numbers(family, compressed, odp):
     assert np.abs(transformers_logits(model, ids) - reference).max() > 5 * error
 
 
-def clear_of_thresholds(model, ids, mu, margin=1e-3) -> np.ndarray:
+def expert_weight(name: str) -> bool:
+    """Is a GGUF tensor the routed experts' weights (not gpt-oss's expert biases, which llama.cpp's converter
+    writes)?"""
+    return "_exps" in name and name.endswith(".weight")
+
+
+def clear_of_thresholds(model, ckpt, ids, mu, margin=1e-3) -> np.ndarray:
     """bool [positions]: no ODP decision of the position, nor (through attention) of an earlier position in an
     earlier layer, has a ratio of a slot's weight to the top weight within ``margin`` of its layer's threshold."""
     weights = []  # (layer, the weights its router gave the chosen slots) of every MoE layer
-    hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o, il=il: weights.append((il, o[1])))
-             for il, layer in enumerate(model.model.layers) if hasattr(getattr(layer.mlp, "gate", None), "top_k")]
+    hooks = [getattr(model.model.layers[il].mlp, ckpt.arch.hf_router).register_forward_hook(
+             lambda m, i, o, il=il: weights.append((il, o[1]))) for il in ckpt.moe_layers]
     try:
         transformers_logits(model, ids)
     finally:
@@ -128,8 +136,8 @@ def test_convert_is_llama_cpps_own_conversion_and_compress_keeps_its_other_tenso
     assert np.abs(got - reference).max() / np.abs(reference).max() < 1e-2
 
     converted, ours = gguf.GGUFReader(out), gguf.GGUFReader(compressed.path)
-    theirs = {t.name: t for t in converted.tensors if "_exps" not in t.name}
-    mine = {t.name: t for t in ours.tensors if "_exps" not in t.name}
+    theirs = {t.name: t for t in converted.tensors if not expert_weight(t.name)}
+    mine = {t.name: t for t in ours.tensors if not expert_weight(t.name)}
     assert sorted(mine) == sorted(theirs)
     for name, t in theirs.items():
         assert mine[name].tensor_type == t.tensor_type, name

@@ -76,8 +76,14 @@ def with_experts(hf_model, experts: dict[tuple[int, str], np.ndarray]):
             if not hasattr(layer.mlp, "experts"):  # a dense layer
                 continue
             gate, up, down = (torch.from_numpy(np.ascontiguousarray(experts[il, p])) for p in PROJECTIONS)
-            layer.mlp.experts.gate_up_proj.copy_(torch.cat([gate, up], dim=1))
-            layer.mlp.experts.down_proj.copy_(down)
+            module = layer.mlp.experts
+            if hasattr(module, "gate_up_proj_bias"):  # gpt-oss: [E, in, out], gate and up interleaved
+                module.gate_up_proj[..., 0::2] = gate.transpose(1, 2)
+                module.gate_up_proj[..., 1::2] = up.transpose(1, 2)
+                module.down_proj.copy_(down.transpose(1, 2))
+                continue
+            module.gate_up_proj.copy_(torch.cat([gate, up], dim=1))
+            module.down_proj.copy_(down)
     return model
 
 

@@ -138,7 +138,7 @@ def test_compress_tune_writes_the_tuned_integers_and_llama_cpp_runs_them(tuned_c
                 if name not in kquants.FORMATS:
                     continue
                 which = "mid" if projection == "down" else "in"
-                weights = ckpt.load(ckpt.arch.expert_tensor(bid, xid, projection))
+                weights = ckpt.expert_weight(bid, xid, projection)
                 hessian = stats.layers[bid].hessian(which)[xid]
                 imatrix = stats.layers[bid].imatrix(which)[xid]
                 tuned = tune_quantize(weights, hessian, T[name], imatrix, TuneSettings(iters=3))
