@@ -123,7 +123,7 @@ class Checkpoint:
 
     def expert_weight_torch(self, bid: int, xid: int, projection: str):
         """One expert's projection [rows, columns] (as llama.cpp's ffn_*_exps hold each expert) in the
-        checkpoint's dtype; of a stacked tensor only that expert's row is read."""
+        checkpoint's dtype (MXFP4: bfloat16, exactly); of a stacked tensor only that expert's row is read."""
         source = self.arch.expert_source(bid, xid, projection)
         if source.index is None:
             return self.load_torch(source.tensor)
@@ -219,13 +219,15 @@ FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0
 
 
 def mxfp4_dequantize(blocks, scales):
-    """MXFP4 rows [rows, n_blocks, 16] uint8 with their scales [rows, n_blocks] as float32 [rows, n_blocks * 32]."""
+    """MXFP4 rows [rows, n_blocks, 16] uint8 with their scales [rows, n_blocks] as bfloat16 [rows, n_blocks * 32]:
+    exact (an FP4 value has at most 2 significant bits, its scale is a power of two within bfloat16's exponent
+    range) at half the memory of float32."""
     import torch
 
     lut = torch.tensor(FP4_E2M1, dtype=torch.float32)
     values = torch.stack((lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]), dim=-1)  # [rows, n, 16, 2]
     values = torch.ldexp(values.reshape(*blocks.shape[:2], MXFP4_BLOCK), scales.to(torch.int32)[..., None] - 127)
-    return values.reshape(blocks.shape[0], -1)
+    return values.reshape(blocks.shape[0], -1).to(torch.bfloat16)
 
 
 # gpt-oss's gated activation as llama.cpp's build_moe_ffn computes it (LLM_FFN_SWIGLU_OAI_MOE: alpha, limit)
