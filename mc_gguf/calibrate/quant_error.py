@@ -32,6 +32,7 @@ import torch
 
 from mc_gguf.ggml import quants
 from mc_gguf.ggml.types import stored_type
+from mc_gguf.hf.checkpoint import SWIGLU_OAI
 
 
 @dataclass
@@ -67,7 +68,7 @@ def _act_times_up(config: dict) -> Callable[[torch.Tensor, torch.Tensor], torch.
 
 
 def _swiglu_oai(config: dict) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    alpha, limit = float(config.get("swiglu_alpha", 1.702)), float(config.get("swiglu_limit", 7.0))
+    alpha, limit = (float(config.get(key, default)) for key, default in SWIGLU_OAI.items())
 
     def glu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         gate = gate.clamp(max=limit)

@@ -21,6 +21,7 @@ from mc_gguf.calibrate.settings import CalibrationSettings
 from mc_gguf.calibrate.text import CalibrationText
 from mc_gguf.gguf_io.convert import convert
 from mc_gguf.gguf_io.edit import field_value
+from mc_gguf.gguf_io.layout import is_expert_weight
 from mc_gguf.hf.checkpoint import open_checkpoint
 from mc_gguf.hf.tiny import build_tiny_family
 from mc_gguf.pipeline import compress
@@ -64,7 +65,7 @@ def test_the_file_is_the_plans_with_llama_cpps_metadata(family, compressed):
     assert sum(int(t.n_bytes) for t in reader.tensors) == compressed.plan.predicted["tensor_bytes"]
     # the prediction counts the model's header, not the mc.* keys of the plan and ODP (a few KB)
     assert compressed.path.stat().st_size == pytest.approx(compressed.plan.predicted["file_bytes"], abs=16384)
-    stored = {gguf.GGMLQuantizationType(t.tensor_type).name for t in reader.tensors if expert_weight(t.name)}
+    stored = {gguf.GGMLQuantizationType(t.tensor_type).name for t in reader.tensors if is_expert_weight(t.name)}
     assert len(stored) > 1 and stored <= set(TYPES) | {"IQ4_NL", "Q4_0", "Q5_0"}
 
 
@@ -93,12 +94,6 @@ def test_llama_cpp_runs_the_written_numbers(family, compressed, odp):
     assert error / scale < TOLERANCE
     # and the comparison can fail: quantizing the experts moved the logits far more than that
     assert np.abs(transformers_logits(model, ids) - reference).max() > 5 * error
-
-
-def expert_weight(name: str) -> bool:
-    """Is a GGUF tensor the routed experts' weights (not gpt-oss's expert biases, which llama.cpp's converter
-    writes)?"""
-    return "_exps" in name and name.endswith(".weight")
 
 
 def clear_of_thresholds(model, ckpt, ids, mu, margin=1e-3) -> np.ndarray:
@@ -136,8 +131,8 @@ def test_convert_is_llama_cpps_own_conversion_and_compress_keeps_its_other_tenso
     assert np.abs(got - reference).max() / np.abs(reference).max() < 1e-2
 
     converted, ours = gguf.GGUFReader(out), gguf.GGUFReader(compressed.path)
-    theirs = {t.name: t for t in converted.tensors if not expert_weight(t.name)}
-    mine = {t.name: t for t in ours.tensors if not expert_weight(t.name)}
+    theirs = {t.name: t for t in converted.tensors if not is_expert_weight(t.name)}
+    mine = {t.name: t for t in ours.tensors if not is_expert_weight(t.name)}
     assert sorted(mine) == sorted(theirs)
     for name, t in theirs.items():
         assert mine[name].tensor_type == t.tensor_type, name
