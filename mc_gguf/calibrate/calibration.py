@@ -82,27 +82,30 @@ def calibrate(model_dir: str | Path, out: str | Path, text: CalibrationText,
     for il in range(start, ckpt.n_layers):
         hidden_in = work.open_hidden(il, shape)
         hidden_out = None if il == ckpt.n_layers - 1 else work.new_hidden(il + 1, shape)
+        moe_inputs = work.new_inputs(il, (n_flat, shape[-1])) if settings.hessian and ckpt.is_moe(il) else None
         layer_stats = calibrate_layer(model, ckpt, il, hidden_in, hidden_out, rotary, eps_positions, settings,
-                                      progress=progress,
+                                      progress=progress, moe_inputs=moe_inputs,
                                       eta=_eta(time.monotonic() - started, il - start, ckpt.n_layers - il))
         if hidden_out is not None:
             work.finish_hidden(il + 1, hidden_out)  # before the layer counts as done
+        if moe_inputs is not None:
+            work.finish_inputs(il, moe_inputs)
         work.save_layer(il, layer_stats)
         del hidden_in
         work.drop_hidden(il)
 
     stats = CalibrationStats(info=info, types=list(settings.types),
                              layers=work.load_layers(ckpt.n_layers, dense=info["dense_layers"]))
-    stats.save(out)
+    stats.save(out, moe_inputs=work.open_inputs if settings.hessian else None)
     work.remove()
     return stats
 
 
 def calibrate_layer(model, ckpt: Checkpoint, bid: int, hidden_in: np.ndarray, hidden_out: np.ndarray | None,
                     rotary, eps_positions: np.ndarray, settings: CalibrationSettings,
-                    *, progress: bool, eta: str = "") -> LayerStats | None:
+                    *, progress: bool, eta: str = "", moe_inputs: np.ndarray | None = None) -> LayerStats | None:
     """One layer: its forward with the statistics gathered on the way, then every expert's eps (None, and
-    only the forward, for a dense layer)."""
+    only the forward, for a dense layer). ``moe_inputs`` [tokens, H] receives the MoE block's inputs."""
     if not ckpt.is_moe(bid):
         bar = tqdm(total=hidden_in.shape[0], desc=f"layer {bid + 1}/{ckpt.n_layers} (dense){eta}", unit="step",
                    disable=not progress, dynamic_ncols=True)
@@ -113,7 +116,7 @@ def calibrate_layer(model, ckpt: Checkpoint, bid: int, hidden_in: np.ndarray, hi
 
     glu = GATED_ACTIVATIONS[ckpt.arch.expert_activation](ckpt.config)
     router, experts = load_experts(ckpt, bid)
-    moe = StatisticsMoE(router, experts, glu, RoutingRule.of(ckpt), eps_positions, settings.hessian,
+    moe = StatisticsMoE(router, experts, glu, RoutingRule.of(ckpt), eps_positions, moe_inputs,
                         shared=SHARED_EXPERT_OUTPUT.get(ckpt.arch.shared_expert),
                         returns_scores=ckpt.arch.hf_moe_returns_scores)
     bar = tqdm(total=hidden_in.shape[0] + len(experts), desc=f"layer {bid + 1}/{ckpt.n_layers}{eta}", unit="step",

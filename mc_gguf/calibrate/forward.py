@@ -51,11 +51,14 @@ def load_experts(ckpt: Checkpoint, bid: int) -> tuple[Router, list[ExpertWeights
     name = arch.router.format(bid=bid)
     router = Router(*(torch.from_numpy(ckpt.load(f"{name}.{key}")) if key else None
                       for key in ("weight", arch.selection_bias, arch.router_bias)))
-    experts = [ExpertWeights(*(ckpt.expert_weight_torch(bid, x, p) for p in PROJECTIONS),
-                             biases=tuple(ckpt.expert_bias(bid, x, p) for p in PROJECTIONS) if arch.expert_biases
-                             else None)
-               for x in range(ckpt.n_experts)]
-    return router, experts
+    return router, [load_expert(ckpt, bid, xid) for xid in range(ckpt.n_experts)]
+
+
+def load_expert(ckpt: Checkpoint, bid: int, xid: int) -> ExpertWeights:
+    """Expert ``xid`` of layer ``bid``: its gate, up and down in the checkpoint's dtype, and its biases."""
+    return ExpertWeights(*(ckpt.expert_weight_torch(bid, xid, p) for p in PROJECTIONS),
+                         biases=tuple(ckpt.expert_bias(bid, xid, p) for p in PROJECTIONS) if ckpt.arch.expert_biases
+                         else None)
 
 
 @contextmanager

@@ -16,8 +16,9 @@ steps, as in Mixtral's MixtralSparseMoeBlock and llama.cpp's build_moe_ffn:
 2. ``_run_experts``: per expert, its tokens' z and output, added into the
    block output with the slot's weight (as transformers' index_add_);
 3. statistics: activation counts, summed routing probabilities, w_i / w_0 of
-   every token, the importance matrices (sum of x^2 and of z^2), optional
-   Hessians, a seeded sample of (input, experts, weights) on which
+   every token, the importance matrices (sum of x^2 and of z^2), optionally
+   every token's input and routing (what GPTQ's Hessians are built from,
+   quantize/hessian.py), a seeded sample of (input, experts, weights) on which
    quantization errors are measured afterwards (quant_error.py), and the
    squared change of every token's block output if one of its slots were
    skipped (``skip_energy``: what Online Dynamic Pruning costs, prune/budget.py).
@@ -100,10 +101,11 @@ class StatisticsMoE(torch.nn.Module):
     A shared expert (``shared``, one of SHARED_EXPERT_OUTPUT) adds its output to the routed experts'; it is
     neither counted nor skipped, and the skip costs are those of the routed part's change. ``returns_scores``:
     the block returns (output, None), as the decoder layers of transformers' blocks that return (output, router
-    scores) unpack it (GptOssMLP)."""
+    scores) unpack it (GptOssMLP). ``inputs`` [tokens, H] (a memory map, say) receives every token's input, in
+    order, and the block keeps every token's experts and applied weights (calibrate --hessian)."""
 
     def __init__(self, router: Router, experts: list[ExpertWeights], glu: Callable, rule: RoutingRule,
-                 eps_positions: np.ndarray, hessian: bool,
+                 eps_positions: np.ndarray, inputs: np.ndarray | None = None,
                  shared: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
                  returns_scores: bool = False):
         super().__init__()
@@ -122,8 +124,8 @@ class StatisticsMoE(torch.nn.Module):
         self.weight_sum = np.zeros(n_expert, dtype=np.float64)
         self.imatrix_in = torch.zeros(n_expert, hidden, dtype=torch.float64)
         self.imatrix_mid = torch.zeros(n_expert, ff, dtype=torch.float64)
-        self.hessian_in = torch.zeros(n_expert, hidden, hidden) if hessian else None
-        self.hessian_mid = torch.zeros(n_expert, ff, ff) if hessian else None
+        self.inputs = inputs
+        self.routed: list[tuple[np.ndarray, np.ndarray]] = []
         self.ratios: list[np.ndarray] = []
         self.skip_energies: list[np.ndarray] = []
         self.samples: list[EpsSample] = []
@@ -158,6 +160,9 @@ class StatisticsMoE(torch.nn.Module):
         if self.shared is not None:
             out = out + self.shared(self, x)
         self._keep_eps_sample(x, routing)
+        if self.inputs is not None:
+            self.inputs[self.seen:self.seen + len(x)] = x.numpy()
+            self.routed.append((routing.top_ids.to(torch.int32).numpy(), routing.applied.numpy()))
         self.seen += len(x)
         return (out.reshape(shape), None) if self.returns_scores else out.reshape(shape)
 
@@ -181,11 +186,6 @@ class StatisticsMoE(torch.nn.Module):
             self.imatrix_mid[e] += (z.double() ** 2).sum(0)
             in_slot = routing.top_ids[tokens] == e
             slot_weight = (routing.applied[tokens] * in_slot).sum(-1, keepdim=True)
-            if self.hessian_in is not None:
-                # each token's error reaches the layer's output times the routing weight it was given
-                xw, zw = xe * slot_weight, z * slot_weight
-                self.hessian_in[e] += xw.T @ xw
-                self.hessian_mid[e] += zw.T @ zw
             y = expert_output(z, weights)
             out.index_add_(0, tokens, y * slot_weight)
             for slot in range(1, self.n_used):
@@ -211,8 +211,9 @@ class StatisticsMoE(torch.nn.Module):
             skip_cost=np.concatenate(self.skip_energies).astype(np.float32),
             imatrix_in=self.imatrix_in.float().numpy(), imatrix_mid=self.imatrix_mid.float().numpy(),
             eps=np.zeros((3, len(self.experts), n_types)),
-            hessian_in=self.hessian_in.numpy() if self.hessian_in is not None else None,
-            hessian_mid=self.hessian_mid.numpy() if self.hessian_mid is not None else None,
+            routed_ids=np.concatenate([ids for ids, _ in self.routed]) if self.inputs is not None else None,
+            routed_weights=(np.concatenate([w for _, w in self.routed]).astype(np.float32)
+                            if self.inputs is not None else None),
         )
 
 

@@ -20,14 +20,23 @@ T candidate types, k experts per token):
     blk.N.skip_cost      [tokens, k-1]  ||change of the block output||^2 / ||hidden state||^2 of
                                    every calibration token if its slot i alone were skipped
                                    (the layer's output hidden state; Online Dynamic Pruning's cost)
-    blk.N.hessian_in     [E, H, H] sum of g^2 x x^T, g the routing weight the token gave the expert (--hessian)
-    blk.N.hessian_mid    [E, F, F] sum of g^2 z z^T (only with --hessian)
+
+With --hessian, what GPTQ and tuning build each expert's Hessians from when they quantize it (quantize/
+hessian.py), rather than [E, H, H] and [E, F, F] sums per layer (7 GB a layer at Mixtral 8x7B's shapes):
+
+    blk.N.moe_input      [tokens, H]  float32, the MoE block's input of every calibration token
+    blk.N.routed_ids     [tokens, k]  int32, the experts of its slots (by descending weight)
+    blk.N.routed_weights [tokens, k]  float32, the weights the block applied to them
+
+``moe_input`` is read one layer at a time (CalibrationStats.moe_input), never with the rest.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Collection
+import struct
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -56,8 +65,8 @@ class LayerStats:
     imatrix_mid: np.ndarray
     eps: np.ndarray
     skip_cost: np.ndarray | None = None
-    hessian_in: np.ndarray | None = None
-    hessian_mid: np.ndarray | None = None
+    routed_ids: np.ndarray | None = None       # with --hessian
+    routed_weights: np.ndarray | None = None
 
     @property
     def phi(self) -> np.ndarray:
@@ -76,11 +85,6 @@ class LayerStats:
         counts = self.count.astype(np.float64)[:, None]
         return np.where(counts > 0, sums / np.maximum(counts, 1), 1.0).astype(np.float32)
 
-    def hessian(self, which: str) -> np.ndarray | None:
-        """Per-expert Hessians [E, n, n] of the projections' inputs ("in": gate and up, "mid": down), or None
-        without --hessian."""
-        return self.hessian_in if which == "in" else self.hessian_mid
-
 
 def _normalised(values: np.ndarray) -> np.ndarray:
     values = values.astype(np.float64)
@@ -93,6 +97,7 @@ class CalibrationStats:
     info: dict                       # provenance: model, text, tokens, seed, ...
     types: list[str]                 # candidate types, the columns of every eps
     layers: list[LayerStats | None] = field(default_factory=list)  # None: a dense layer (no experts)
+    path: Path | None = None         # the file they were read from or saved to (moe_input is read from it)
 
     @property
     def moe_layers(self) -> list[tuple[int, LayerStats]]:
@@ -110,14 +115,29 @@ class CalibrationStats:
 
     @property
     def has_hessian(self) -> bool:
-        return bool(self.moe_layers) and self.moe_layers[0][1].hessian_in is not None
+        """Do these statistics hold what the experts' Hessians are built from (calibrate --hessian)?"""
+        return bool(self.moe_layers) and self.moe_layers[0][1].routed_ids is not None
 
-    def save(self, path: str | Path) -> Path:
-        from safetensors.numpy import save_file
+    def moe_input(self, bid: int) -> np.ndarray:
+        """[tokens, H] float32: layer ``bid``'s MoE input of every calibration token, read from the file."""
+        from safetensors import safe_open
 
+        if not self.has_hessian or self.path is None:
+            raise StatsFileError("these statistics hold no MoE inputs: calibrate with --hessian")
+        with safe_open(str(self.path), framework="numpy") as f:
+            return f.get_tensor(f"blk.{bid}.moe_input")
+
+    def save(self, path: str | Path, moe_inputs: Callable[[int], np.ndarray] | None = None) -> Path:
+        """Write the file; ``moe_inputs(bid)`` gives each MoE layer's inputs (--hessian), which are streamed
+        into it one layer at a time."""
+        arrays: dict[str, np.ndarray | Callable[[], np.ndarray]] = dict(layer_arrays(self.layers))
+        if moe_inputs is not None:
+            for bid, _ in self.moe_layers:
+                arrays[f"blk.{bid}.moe_input"] = functools.partial(moe_inputs, bid)
         with atomic_output(path) as tmp:
-            save_file(layer_arrays(self.layers), str(tmp), metadata={METADATA_KEY: json.dumps(self.header())})
-        return Path(path)
+            write_safetensors(tmp, arrays, {METADATA_KEY: json.dumps(self.header())})
+        self.path = Path(path)
+        return self.path
 
     def header(self) -> dict:
         return {"format": FORMAT_VERSION, "types": self.types, **self.info}
@@ -135,9 +155,49 @@ def layer_arrays(layers: list[LayerStats | None], first: int = 0) -> dict[str, n
     return arrays
 
 
+# numpy dtypes by their safetensors names
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+                      "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def write_safetensors(path: Path, arrays: dict[str, np.ndarray | Callable[[], np.ndarray]],
+                      metadata: dict[str, str], chunk_bytes: int = 64 << 20) -> None:
+    """A safetensors file of ``arrays``, as safetensors' ``save_file`` writes it, where a callable (giving a
+    memory map, say) is called when its shape is needed and again when its bytes are written, so that no more
+    than one of them is open at a time. The format: a little-endian u64 header length, the JSON header with
+    each tensor's dtype, shape and byte range, padded with spaces to a multiple of 8, then the data."""
+    names = {np.dtype(t): name for name, t in SAFETENSORS_DTYPES.items()}
+
+    def opened(value) -> np.ndarray:
+        return value() if callable(value) else value
+
+    header: dict[str, dict] = {"__metadata__": metadata}
+    offset = 0
+    for name, value in arrays.items():
+        array = opened(value)
+        if array.dtype not in names:
+            raise ValueError(f"{name}: safetensors has no dtype for {array.dtype}")
+        header[name] = {"dtype": names[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+        del array
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for value in arrays.values():
+            array = opened(value)
+            flat = array.reshape(-1) if array.flags.c_contiguous else np.ascontiguousarray(array).reshape(-1)
+            step = max(1, chunk_bytes // max(flat.itemsize, 1))
+            for first in range(0, flat.size, step):
+                f.write(np.ascontiguousarray(flat[first:first + step]).tobytes())
+            del array, flat
+
+
 def read_layers(arrays: dict[str, np.ndarray], n_layers: int, first: int = 0,
                 dense: Collection[int] = ()) -> list[LayerStats | None]:
-    optional = {"hessian_in", "hessian_mid", "skip_cost"}
+    optional = {"routed_ids", "routed_weights", "skip_cost"}
     layers = []
     for il in range(first, first + n_layers):
         if il in dense:
@@ -164,7 +224,11 @@ def load_stats(path: str | Path) -> CalibrationStats:
             if METADATA_KEY not in metadata:
                 raise StatsFileError(f"{path} is a safetensors file but not mc-gguf calibration statistics")
             header = json.loads(metadata[METADATA_KEY])
-            arrays = {name: f.get_tensor(name) for name in f.keys()}
+            names = set(f.keys())
+            # only LayerStats' arrays: the MoE inputs stay in the file until a layer's are asked for
+            # (CalibrationStats.moe_input)
+            known = {column.name for column in fields(LayerStats)}
+            arrays = {name: f.get_tensor(name) for name in names if name.rpartition(".")[2] in known}
     except (SafetensorError, OSError, ValueError) as exc:
         raise StatsFileError(f"{path} is not a readable statistics file ({exc})") from None
     if header.get("format") != FORMAT_VERSION:
@@ -175,4 +239,6 @@ def load_stats(path: str | Path) -> CalibrationStats:
     for il, layer in enumerate(layers):
         if layer is not None and layer.eps.shape[-1] != len(types):
             raise StatsFileError(f"{path}: layer {il} has errors for {layer.eps.shape[-1]} types, header names {len(types)}")
-    return CalibrationStats(info=header, types=types, layers=layers)
+        if layer is not None and layer.routed_ids is not None and f"blk.{il}.moe_input" not in names:
+            raise StatsFileError(f"{path}: layer {il} has its routing but not its MoE inputs")
+    return CalibrationStats(info=header, types=types, layers=layers, path=path)

@@ -4,8 +4,9 @@ Kept in ``<STATS>.partial.d`` until the statistics file is written, so that a
 rerun with the same inputs continues at the first unfinished layer. Every
 step is written under a temporary name, flushed, fsync'd and renamed, so a
 file with its final name is a finished step and anything else is redone:
-``hidden-N.f32`` (the input of layer N) and ``layer-N.safetensors`` (its
-statistics) are the manifest of what is done.
+``hidden-N.f32`` (the input of layer N), ``moe-input-N.f32`` (its MoE
+block's inputs, with --hessian) and ``layer-N.safetensors`` (its statistics)
+are the manifest of what is done.
 """
 
 from __future__ import annotations
@@ -69,6 +70,26 @@ class WorkDir:
         if hidden.shape != shape:
             raise McGgufError(f"{self.hidden_path(il)} has shape {hidden.shape}, expected {shape}")
         return hidden
+
+    def inputs_path(self, il: int) -> Path:
+        return self.path / f"moe-input-{il}.f32"
+
+    def new_inputs(self, il: int, shape: tuple[int, int]) -> np.memmap:
+        """A file for layer ``il``'s MoE inputs, under a temporary name until ``finish_inputs``."""
+        return np.lib.format.open_memmap(self._partial(self.inputs_path(il)), mode="w+", dtype=np.float32,
+                                         shape=shape)
+
+    def finish_inputs(self, il: int, inputs: np.memmap) -> None:
+        inputs.flush()
+        del inputs
+        self._commit(self._partial(self.inputs_path(il)), self.inputs_path(il))
+
+    def open_inputs(self, il: int) -> np.memmap:
+        try:
+            return np.lib.format.open_memmap(self.inputs_path(il), mode="r")
+        except (FileNotFoundError, ValueError):
+            raise McGgufError(f"{self.path}: the MoE inputs of layer {il} are missing or damaged; "
+                              f"delete the folder to start over") from None
 
     def layer_path(self, il: int) -> Path:
         return self.path / f"layer-{il}.safetensors"

@@ -38,6 +38,9 @@ class Checkpoint:
     arch: MoEArchitecture
     tensors: dict[str, TensorEntry]
     _handles: dict[Path, object] = field(default_factory=dict, repr=False)
+    # the rows of stacked expert tensors last read, by tensor name, and their index: gpt-oss's gate and up
+    # share one row (and its MXFP4 blocks and scales), read once for both
+    _rows: tuple[tuple[str, int], dict[str, object]] = field(default=(("", -1), {}), repr=False)
 
     @property
     def n_layers(self) -> int:
@@ -129,9 +132,17 @@ class Checkpoint:
             return self.load_torch(source.tensor)
         start, step = source.columns
         if self._mxfp4(source.tensor):
-            blocks, scales = (self.load_torch(f"{source.tensor}_{part}", source.index) for part in ("blocks", "scales"))
+            blocks, scales = (self._stacked_row(source.tensor, source.index, f"_{part}") for part in ("blocks", "scales"))
             return mxfp4_dequantize(blocks[start::step], scales[start::step])
-        return self.load_torch(source.tensor, source.index)[:, start::step].T.contiguous()
+        return self._stacked_row(source.tensor, source.index)[:, start::step].T.contiguous()
+
+    def _stacked_row(self, tensor: str, index: int, part: str = ""):
+        if self._rows[0] != (tensor, index):
+            self._rows = ((tensor, index), {})  # another expert: the last one's rows go
+        rows = self._rows[1]
+        if part not in rows:
+            rows[part] = self.load_torch(tensor + part, index)
+        return rows[part]
 
     def expert_bias(self, bid: int, xid: int, projection: str):
         """One expert's projection bias [rows] as a float32 torch tensor, or None where the family has none."""

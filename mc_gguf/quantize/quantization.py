@@ -3,7 +3,8 @@
 Every expert projection is quantized by ggml's own quantizer (through
 ctypes) at the type its plan gives, with the expert's importance matrix from
 the calibration statistics, and optionally with GPTQ error compensation
-(gptq.py) when the statistics hold full Hessians, or GPTQ followed by
+(gptq.py) when the statistics hold what the experts' Hessians are built
+from (hessian.py, one expert at a time), or GPTQ followed by
 tuning of the K-quant integers on those Hessians (tune.py). The file's layout follows
 the plan: ``stock`` (one type per layer and projection, loads in unmodified
 llama.cpp) or ``per-expert`` (groups of equal type, see gguf_io/layout.py and
@@ -31,6 +32,7 @@ from mc_gguf.gguf_io.write import stack_one_at_a_time, write_gguf
 from mc_gguf.hf.checkpoint import Checkpoint, open_checkpoint
 from mc_gguf.prune import rule as pruning
 from mc_gguf.quantize.gptq import gptq_quantize
+from mc_gguf.quantize.hessian import ExpertHessians
 from mc_gguf.quantize.tune import TuneSettings, tune_quantize
 
 
@@ -52,9 +54,11 @@ def quantize(model_dir: str | Path, plan: Plan, out: str | Path, *, stats: Calib
     if odp is not None:
         pruning.validate_params(odp.mu, odp.protect_ratio, ckpt.n_layers)
 
+    hessians = ExpertHessians(ckpt, stats) if gptq else None
+
     def produce_group(bid: int, projection: str, group: ExpertGroup) -> np.ndarray:
         return stack_one_at_a_time(len(group.experts), lambda i: quantize_expert(
-            ckpt, stats, bid, group.experts[i], projection, group.type_name, gptq, tune))
+            ckpt, stats, bid, group.experts[i], projection, group.type_name, hessians, tune))
 
     tensors = layout_tensors(ckpt, plan, produce_group)
     measured = tensor_totals(tensors)
@@ -70,14 +74,16 @@ def quantize(model_dir: str | Path, plan: Plan, out: str | Path, *, stats: Calib
 
 
 def quantize_expert(ckpt: Checkpoint, stats: CalibrationStats | None, bid: int, xid: int, projection: str,
-                    type_name: str, gptq: bool, tune: TuneSettings | None = None) -> np.ndarray:
-    """ggml's bytes [rows, row_bytes] of one expert projection at ``type_name``."""
+                    type_name: str, hessians: ExpertHessians | None = None,
+                    tune: TuneSettings | None = None) -> np.ndarray:
+    """ggml's bytes [rows, row_bytes] of one expert projection at ``type_name``; with ``hessians``, by GPTQ
+    (and, with ``tune``, tuned after it)."""
     qtype = quant_type(type_name).qtype
     weights = ckpt.expert_weight(bid, xid, projection)
     which = "mid" if projection == "down" else "in"
     imatrix = stats.layers[bid].imatrix(which)[xid] if stats is not None else None
-    if gptq:
-        hessian = stats.layers[bid].hessian(which)[xid]
+    if hessians is not None:
+        hessian = hessians(bid, xid, which)
         if tune is not None:
             return tune_quantize(weights, hessian, qtype, imatrix, tune)
         return gptq_quantize(weights, hessian, qtype, imatrix)

@@ -239,6 +239,7 @@ def tuned_error_ratios(model_dir, stats, types: list[str], sample: int = 8, seed
     from mc_gguf.ggml import quants
     from mc_gguf.ggml.types import quant_type
     from mc_gguf.hf.checkpoint import open_checkpoint
+    from mc_gguf.quantize.hessian import ExpertHessians
 
     ckpt = open_checkpoint(model_dir)
     hidden, ff = ckpt.expert_dims
@@ -250,13 +251,14 @@ def tuned_error_ratios(model_dir, stats, types: list[str], sample: int = 8, seed
     pairs = [(bid, xid) for bid, layer in stats.moe_layers for xid in range(ckpt.n_experts) if layer.count[xid] > 0]
     picked = [pairs[i] for i in sorted(rng.choice(len(pairs), min(sample, len(pairs)), replace=False))]
     totals = {t: np.zeros(2) for t in names}
+    hessians = ExpertHessians(ckpt, stats)
     with tqdm(total=len(picked) * 3 * len(names), desc="tuned errors", unit="tensor", disable=not progress) as bar:
         for bid, xid in picked:
             layer = stats.layers[bid]
             for projection in ("gate", "up", "down"):
                 weights = ckpt.expert_weight(bid, xid, projection)
                 which = "mid" if projection == "down" else "in"
-                hessian = layer.hessian(which)[xid]
+                hessian = hessians(bid, xid, which)
                 imatrix = layer.imatrix(which)[xid]
                 h = damped(hessian)
                 for name in names:

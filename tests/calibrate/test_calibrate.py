@@ -51,14 +51,23 @@ def test_routing_counts_and_weights_match_transformers_router_logits(calibration
         assert layer.phi.sum() == pytest.approx(1.0) and layer.w.sum() == pytest.approx(1.0)
 
 
-def test_imatrix_and_weighted_hessian_equal_sums_over_each_experts_tokens(calibration, direct, hf_model):
+def test_imatrix_and_weighted_hessian_equal_sums_over_each_experts_tokens(calibration, direct, hf_model,
+                                                                         tiny_model_dir):
+    from mc_gguf.hf.checkpoint import open_checkpoint
+    from mc_gguf.quantize.hessian import ExpertHessians
+
     _, stats = calibration
+    hessians = ExpertHessians(open_checkpoint(tiny_model_dir), stats)
     xs, probs = direct
     k = hf_model.config.num_experts_per_tok
     for il, layer in enumerate(stats.layers):
         experts = hf_model.model.layers[il].mlp.experts
         top_w, top_ids = torch.topk(probs[il], k, dim=-1)
         applied = (top_w / top_w.sum(-1, keepdim=True)).double()  # Mixtral renormalises its top-k weights
+        # the Hessians' sources: every token's MoE input, its experts and their weights
+        np.testing.assert_allclose(stats.moe_input(il), xs[il].numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(layer.routed_ids, top_ids.numpy())
+        np.testing.assert_allclose(layer.routed_weights, applied.numpy(), rtol=1e-5)
         for e in range(layer.count.size):
             routed = (top_ids == e).any(-1)
             x = xs[il][routed].double()
@@ -68,9 +77,8 @@ def test_imatrix_and_weighted_hessian_equal_sums_over_each_experts_tokens(calibr
             np.testing.assert_allclose(layer.imatrix_mid[e], (z ** 2).sum(0).numpy(), rtol=1e-3, atol=1e-7)
             # the Hessians weight each token by the routing weight it gave the expert, squared
             g = (applied[routed] * (top_ids[routed] == e)).sum(-1, keepdim=True)
-            np.testing.assert_allclose(layer.hessian_in[e], ((x * g).T @ (x * g)).numpy(), rtol=1e-3, atol=1e-4)
-            np.testing.assert_allclose(np.diag(layer.hessian_mid[e]), ((z * g) ** 2).sum(0).numpy(), rtol=1e-3,
-                                       atol=1e-7)
+            np.testing.assert_allclose(hessians(il, e, "in"), ((x * g).T @ (x * g)).numpy(), rtol=1e-3, atol=1e-4)
+            np.testing.assert_allclose(hessians(il, e, "mid"), ((z * g).T @ (z * g)).numpy(), rtol=1e-3, atol=1e-6)
 
 
 def _roundtrip_with_gguf_py(weights: torch.Tensor, type_name: str, imatrix: np.ndarray) -> torch.Tensor:
@@ -128,7 +136,7 @@ def test_calibrations_moe_block_computes_transformers_moe_output_running_each_ex
         router, experts = load_experts(ckpt, il)
         glu = GATED_ACTIVATIONS["act"](ckpt.config)
         moe = moe_module.StatisticsMoE(router, experts, glu, moe_module.RoutingRule.of(ckpt),
-                                       np.arange(0), hessian=False)
+                                       np.arange(0))
         rows.clear()
         with torch.no_grad():
             ours = moe(xs[il][None])
@@ -145,7 +153,10 @@ def test_statistics_file_round_trips_with_provenance(calibration, tiny_model_dir
     assert again.info["n_tokens"] == again.info["n_sequences"] * again.info["seq_len"]
     for a, b in zip(again.layers, stats.layers):
         np.testing.assert_array_equal(a.eps, b.eps)
-        np.testing.assert_array_equal(a.hessian_mid, b.hessian_mid)
+        np.testing.assert_array_equal(a.routed_weights, b.routed_weights)
+    assert again.path == path and stats.path == path
+    for bid, _ in again.moe_layers:
+        assert again.moe_input(bid).shape == (again.info["n_tokens"], again.info["hidden_size"])
 
 
 def test_interrupted_calibration_resumes_at_the_unfinished_layer(tiny_model_dir, tmp_path, calibration,
@@ -269,3 +280,28 @@ def test_skip_cost_is_the_moe_output_change_with_the_slot_skipped_over_the_layer
         h = outputs[il].reshape(-1, outputs[il].shape[-1]).double()
         expected = ((skipped - reference).double() ** 2).sum(-1) / (h ** 2).sum(-1)
         np.testing.assert_allclose(layer.skip_cost[:, 0], expected.numpy(), rtol=2e-3, atol=1e-9)
+
+
+def test_streamed_statistics_file_reads_back_with_safetensors_own_reader(tmp_path):
+    """write_safetensors, which opens a deferred array only to write it, writes what safetensors reads."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    from mc_gguf.calibrate.stats import write_safetensors
+
+    rng = np.random.default_rng(0)
+    arrays = {"b": rng.standard_normal((3, 5)).astype(np.float32), "a": np.arange(7, dtype=np.int32),
+              "c": rng.standard_normal(3).astype(np.float64), "empty": np.zeros((0, 4), dtype=np.float32)}
+    big = rng.standard_normal((1000, 33)).astype(np.float32)
+    np.save(tmp_path / "big.npy", big)
+    opened = []
+    path = tmp_path / "t.safetensors"
+    write_safetensors(path, {**arrays, "big": lambda: opened.append(1) or np.load(tmp_path / "big.npy", mmap_mode="r")},
+                      {"k": "v"}, chunk_bytes=1000)
+    got = load_file(str(path))
+    for name, value in {**arrays, "big": big}.items():
+        np.testing.assert_array_equal(got[name], value)
+        assert got[name].dtype == value.dtype
+    with safe_open(str(path), framework="numpy") as f:
+        assert f.metadata() == {"k": "v"}
+    assert len(opened) == 2  # once for its shape, once for its bytes

@@ -114,7 +114,7 @@ def block(ckpt, model, bid: int) -> StatisticsMoE:
     """Layer ``bid``'s MoE block as calibration builds it, the shared expert taken from ``model``."""
     router, experts = load_experts(ckpt, bid)
     moe = StatisticsMoE(router, experts, GATED_ACTIVATIONS[ckpt.arch.expert_activation](ckpt.config),
-                        RoutingRule.of(ckpt), np.arange(0), hessian=False,
+                        RoutingRule.of(ckpt), np.arange(0),
                         shared=SHARED_EXPERT_OUTPUT.get(ckpt.arch.shared_expert),
                         returns_scores=ckpt.arch.hf_moe_returns_scores)
     for name in ckpt.arch.shared_modules:

@@ -115,8 +115,11 @@ def test_calibration_killed_then_rerun_equals_an_uninterrupted_run(point, tiny_m
     resumed = load_stats(out)
     _, reference = calibration
     for a, b in zip(resumed.layers, reference.layers):
-        for name in ("count", "weight_sum", "top_ratio", "imatrix_in", "imatrix_mid", "eps", "hessian_in"):
+        for name in ("count", "weight_sum", "top_ratio", "imatrix_in", "imatrix_mid", "eps", "routed_ids",
+                     "routed_weights"):
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=f"{point}: {name}")
+    for bid, _ in reference.moe_layers:
+        np.testing.assert_array_equal(resumed.moe_input(bid), reference.moe_input(bid), err_msg=f"{point}: inputs")
     assert not (tmp_path / "killed.stats.partial.d").exists()
     assert no_leftovers(tmp_path) == []
 

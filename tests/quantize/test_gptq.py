@@ -52,3 +52,20 @@ def test_unseen_input_columns_do_not_break_gptq(correlated_layer):
     h[:, 5] = h[5, :] = 0.0  # a column no token ever activated
     data = gptq_quantize(w, h, T.Q4_K)
     assert np.isfinite(gguf.quants.dequantize(data, T.Q4_K)).all()
+
+
+def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(correlated_layer):
+    """In place by LAPACK, it equals GPTQ's construction: cholesky(inverse(H + damp)), upper."""
+    from mc_gguf.quantize.gptq import DAMP, inverse_hessian_factor
+
+    _, _, hessian = correlated_layer
+    h = hessian.copy()
+    h[:, 7] = h[7, :] = 0.0
+    u, dead = inverse_hessian_factor(h)
+    damped = h.copy()
+    damped[7, 7] = 1.0
+    damped[np.diag_indices_from(damped)] += DAMP * np.mean(np.diag(damped))
+    expected = np.linalg.cholesky(np.linalg.inv(damped)).T
+    assert dead.nonzero()[0].tolist() == [7]
+    np.testing.assert_array_equal(np.tril(u, -1), 0.0)
+    np.testing.assert_allclose(u, expected, rtol=1e-7, atol=1e-10 * np.abs(expected).max())

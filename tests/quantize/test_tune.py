@@ -106,10 +106,12 @@ def tuned_compress(tiny_model_dir, tmp_path_factory):
 
     from conftest import CALIBRATION_TEXT
 
-    out = tmp_path_factory.mktemp("tuned") / "tuned.gguf"
+    folder = tmp_path_factory.mktemp("tuned")
     settings = CalibrationSettings(n_tokens=1024, seq_len=128, seed=5, types=("IQ2_XS", "Q2_K", "Q3_K", "Q4_K"))
-    return compress(tiny_model_dir, out, 3.0, CalibrationText("test", CALIBRATION_TEXT), settings=settings,
-                    tune=TuneSettings(iters=3), allocate_options={"non_expert": F32_NON_EXPERT}, progress=False)
+    # the statistics kept, for the Hessians the test builds again
+    return compress(tiny_model_dir, folder / "tuned.gguf", 3.0, CalibrationText("test", CALIBRATION_TEXT),
+                    settings=settings, tune=TuneSettings(iters=3), allocate_options={"non_expert": F32_NON_EXPERT},
+                    keep_artifacts=folder / "work", progress=False)
 
 
 def test_compress_tune_writes_the_tuned_integers_and_llama_cpp_runs_them(tuned_compress, tiny_model_dir):
@@ -120,6 +122,7 @@ def test_compress_tune_writes_the_tuned_integers_and_llama_cpp_runs_them(tuned_c
 
     from mc_gguf.gguf_io.edit import field_value
     from mc_gguf.hf.checkpoint import open_checkpoint
+    from mc_gguf.quantize.hessian import ExpertHessians
 
     from helpers import llama_cpp_logits, transformers_logits
 
@@ -130,6 +133,7 @@ def test_compress_tune_writes_the_tuned_integers_and_llama_cpp_runs_them(tuned_c
     assert all(0 < r < 1 for r in result.plan.inputs["error_scale"].values())
 
     ckpt, stats = open_checkpoint(tiny_model_dir), result.stats
+    hessians = ExpertHessians(ckpt, stats)
     experts = dequantized_experts(result.path)
     checked = 0
     for bid, layer in enumerate(result.plan.experts):
@@ -139,7 +143,7 @@ def test_compress_tune_writes_the_tuned_integers_and_llama_cpp_runs_them(tuned_c
                     continue
                 which = "mid" if projection == "down" else "in"
                 weights = ckpt.expert_weight(bid, xid, projection)
-                hessian = stats.layers[bid].hessian(which)[xid]
+                hessian = hessians(bid, xid, which)
                 imatrix = stats.layers[bid].imatrix(which)[xid]
                 tuned = tune_quantize(weights, hessian, T[name], imatrix, TuneSettings(iters=3))
                 gptq = gptq_quantize(weights, hessian, T[name], imatrix)
