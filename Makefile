@@ -12,17 +12,24 @@ BIN := $(VENV)/bin
 # a CPU index (PIP_EXTRA_INDEX_URL) or set TORCH_SPEC.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-bench setup runtime clean
+.PHONY: demo test test-bench test-vulkan setup runtime clean
 
 demo: runtime
 	$(BIN)/mc-gguf demo --workdir build/demo
 
 test: runtime
-	$(BIN)/python -m pytest tests -m "not bench"
+	$(BIN)/python -m pytest tests -m "not bench and not vulkan"
 
 # The benchmark scripts' --quick runs (minutes each; tests/cli/test_bench_scripts.py)
 test-bench: runtime
 	$(BIN)/python -m pytest tests -m bench
+
+# ggml's Vulkan backend, patched, on Mesa's software driver (lavapipe): the system packages it needs
+# (scripts/vulkan_sdk.sh), a Vulkan build of test-backend-ops and llama-perplexity (about 15 minutes on
+# 2 cores, then cached), and tests/runtime/test_vulkan.py
+test-vulkan: runtime
+	sdk="$$(sh scripts/vulkan_sdk.sh)" && if [ -n "$$sdk" ]; then export VULKAN_SDK="$$sdk"; fi && \
+	$(BIN)/python -m pytest tests -m vulkan
 
 setup: $(VENV)/.installed
 

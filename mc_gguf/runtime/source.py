@@ -34,7 +34,7 @@ VENDOR_DIR = "vendor/llama.cpp"
 BUILD_INFO_FILE = "mc_gguf_build.json"
 
 # What the wheel needs and nothing more: no multimodal library, no tools,
-# examples or tests (stock_tools_dir() builds the few tools benchmarks use);
+# examples or tests (stock.tools_dir() builds the few tools benchmarks and tests use);
 # ggml's RPC backend (libggml-rpc: client and server, runtime/rpc.py).
 BASE_CMAKE_ARGS = (
     "-DGGML_RPC=ON",
@@ -63,6 +63,7 @@ class BuildFlags:
 
     cuda: bool = False
     metal: bool = False
+    vulkan: bool = False
     cuda_architectures: str | None = None
     stock: bool = False
 
@@ -78,10 +79,12 @@ class BuildFlags:
                 args.append(f"-DCMAKE_CUDA_ARCHITECTURES={self.cuda_architectures}")
         if self.metal:
             args.append("-DGGML_METAL=ON")
+        if self.vulkan:
+            args.append("-DGGML_VULKAN=ON")
         return args
 
     def label(self) -> str:
-        parts = ["cpu"] + (["cuda"] if self.cuda else []) + (["metal"] if self.metal else [])
+        parts = ["cpu"] + [name for name in ("cuda", "metal", "vulkan") if getattr(self, name)]
         return "+".join(parts) + ("-stock" if self.stock else "")
 
 
