@@ -22,6 +22,7 @@ test: runtime
 
 # The benchmark scripts' --quick runs (minutes each; tests/cli/test_bench_scripts.py)
 test-bench: runtime
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test,peers]"
 	$(BIN)/python -m pytest tests -m bench
 
 # ggml's Vulkan backend, patched, on Mesa's software driver (lavapipe): the system packages it needs

@@ -18,12 +18,16 @@ evaluation text:
   files also with GPTQ and with tuning (`--tune`: GPTQ, then coordinate
   descent on the K-quant integers, the plan allocated with the tuned errors),
   and the first budget's per-expert file with Online Dynamic Pruning
-  thresholds for 15% and 25% of the expert slots.
+  thresholds for 15% and 25% of the expert slots;
+- with --autoround, AutoRound (a peer: `pip install -e .[peers]`, run by
+  scripts/peers/autoround_gguf.py) on the same calibration text, experts at
+  Q2_K and at Q3_K with SignRound's tuned rounding, every other tensor Q8_0.
 Every file is evaluated the same way (`mc-gguf eval`'s protocol: windows of
 --ctx tokens, second half scored): perplexity, mean KL divergence from F16,
 top-1 agreement, skipped share of expert slots. The answer to "at equal size,
 how much better than llama.cpp's best?" is each mc-gguf row's KLD over the
-KLD of llama.cpp's Pareto front interpolated at the same file size.
+KLD of llama.cpp's Pareto front interpolated at the same file size (and of
+AutoRound's, with --autoround).
 Prints one JSON object; --json and --png write it and the Pareto plots.
 
     python scripts/bench_quality.py [--stats STATS] [--workdir build/bench-quality] [--json q.json] [--png q.png]
@@ -49,6 +53,7 @@ EXPERT_TYPES = ("IQ2_XXS", "IQ2_XS", "Q2_K", "IQ3_XXS", "Q3_K", "Q4_K")
 Q8_NON_EXPERT = {"token_embd": "Q8_0", "output": "Q8_0", "attn": "Q8_0"}
 ODP_SKIPS = (0.15, 0.25)
 LLAMA_FAMILIES = ("llama.cpp recipe", "llama.cpp experts")
+AUTOROUND_SCHEMES = ("gguf:q2_k_s", "gguf:q3_k_s")
 
 
 def run_tool(path: Path, args: list[str], log: Path) -> None:
@@ -132,6 +137,24 @@ def mc_gguf_files(model: str, stats, work: Path, args) -> list[dict]:
     return configs
 
 
+def autoround_files(model: str, calib: Path, work: Path, args) -> list[dict]:
+    """AutoRound's files, each made by scripts/peers/autoround_gguf.py in a process of its own."""
+    peer = Path(__file__).resolve().parent / "peers" / "autoround_gguf.py"
+    configs = []
+    for scheme in args.autoround_schemes:
+        expert_type = scheme.split(":")[1].upper().removesuffix("_S")  # gguf:q2_k_s: Q2_K experts
+        name = f"AutoRound experts {expert_type} iters {args.autoround_iters}"
+        path = work / (name.replace(" ", "-") + ".gguf")
+        started = time.perf_counter()
+        produce(path, lambda tmp, s=scheme: run_tool(
+            Path(sys.executable), [str(peer), model, "--calib", str(calib), "--scheme", s, "--experts-only",
+                                   "--iters", str(args.autoround_iters), *args.autoround_extra, "-o", str(tmp)],
+            work / "autoround.log"))
+        configs.append({"name": name, "family": "AutoRound", "path": path,
+                        "quantize_s": round(time.perf_counter() - started, 1)})
+    return configs
+
+
 def pareto_front(rows: list[dict], x: str, y: str) -> list[dict]:
     """Rows no other row beats on both ``x`` and ``y`` (smaller is better), sorted by ``x``."""
     front, best = [], float("inf")
@@ -142,9 +165,10 @@ def pareto_front(rows: list[dict], x: str, y: str) -> list[dict]:
     return front
 
 
-def kld_of_llama_cpp_at(rows: list[dict], file_mb: float) -> float | None:
-    """llama.cpp's best KLD at ``file_mb``: its Pareto front, log KLD interpolated in size (None outside it)."""
-    front = pareto_front([r for r in rows if r["family"] in LLAMA_FAMILIES], "file_mb", "kld_mean")
+def kld_of_llama_cpp_at(rows: list[dict], file_mb: float, families=LLAMA_FAMILIES) -> float | None:
+    """The best KLD of ``families`` (llama.cpp's) at ``file_mb``: their Pareto front, log KLD interpolated in
+    size (None outside it)."""
+    front = pareto_front([r for r in rows if r["family"] in families], "file_mb", "kld_mean")
     sizes = [r["file_mb"] for r in front]
     if len(front) < 2 or not sizes[0] <= file_mb <= sizes[-1]:
         return None
@@ -158,7 +182,7 @@ def plot(rows: list[dict], png: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     styles = {"llama.cpp recipe": ("tab:gray", "s"), "llama.cpp experts": ("tab:blue", "o"),
-              "mc-gguf": ("tab:red", "^")}
+              "mc-gguf": ("tab:red", "^"), "AutoRound": ("tab:green", "D")}
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
     for (i, x), (j, y) in product(enumerate(("expert_bpw", "file_mb")), enumerate(("kld_mean", "ppl"))):
         ax = axes[j][i]
@@ -207,12 +231,16 @@ def main() -> int:
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows (default: 16)")
     parser.add_argument("--imatrix-chunks", type=int, default=128,
                         help="llama-imatrix chunks of --ctx tokens (default: 128, i.e. 65,536 tokens as mc-gguf)")
+    parser.add_argument("--autoround", action="store_true",
+                        help="also AutoRound's files (pip install -e .[peers]; 17-21 minutes each on 2 cores)")
+    parser.add_argument("--autoround-iters", type=int, default=100, help="AutoRound's SignRound iterations (default: 100)")
     parser.add_argument("--workdir", default="build/bench-quality", help="where the GGUF files go (reused)")
     parser.add_argument("--quick", action="store_true", help="tiny model, two of each kind: checks the script")
     parser.add_argument("--json", help="also write the JSON here")
     parser.add_argument("--png", help="write the Pareto plots here")
     args = parser.parse_args()
     args.recipes, args.expert_types = RECIPES, EXPERT_TYPES
+    args.autoround_schemes, args.autoround_extra = AUTOROUND_SCHEMES, []
 
     from mc_gguf.calibrate.calibration import CalibrationSettings, calibrate
     from mc_gguf.calibrate.stats import load_stats
@@ -230,6 +258,8 @@ def main() -> int:
         args.model, args.calib, args.eval = quick_inputs(work)
         args.ctx, args.windows, args.imatrix_chunks, args.bits = 64, 2, 8, [2.5]
         args.recipes, args.expert_types = ("Q2_K",), ("IQ2_XS",)
+        args.autoround_schemes, args.autoround_iters = AUTOROUND_SCHEMES[:1], 2
+        args.autoround_extra = ["--nsamples", "8", "--seqlen", "64", "--batch-size", "4"]
         settings = CalibrationSettings(n_tokens=2048, seq_len=128, eps_tokens=1024, hessian=True,
                                        types=("IQ2_XS", "Q2_K", "Q3_K", "Q4_K"))
     tools = stock_tools_dir()
@@ -244,6 +274,8 @@ def main() -> int:
     configs = [{"name": "F16", "family": "reference", "path": f16}]
     configs += llama_cpp_files(tools, f16, Path(args.calib), work, args)
     configs += mc_gguf_files(args.model, stats, work, args)
+    if args.autoround:
+        configs += autoround_files(args.model, Path(args.calib), work, args)
 
     text = read_text(args.eval).text
     eval_settings = EvalSettings(n_ctx=args.ctx, max_windows=args.windows)
@@ -266,6 +298,9 @@ def main() -> int:
             best = kld_of_llama_cpp_at(compared, row["file_mb"])
             row["llama_cpp_kld_at_same_size"] = best
             row["kld_over_llama_cpp_at_same_size"] = row["kld_mean"] / best if best else None
+            if args.autoround:
+                peer = kld_of_llama_cpp_at(compared, row["file_mb"], families=("AutoRound",))
+                row["kld_over_autoround_at_same_size"] = row["kld_mean"] / peer if peer else None
     report = {"model": args.model, "calib": str(args.calib), "eval": str(args.eval), "ctx": args.ctx,
               "windows": args.windows, "imatrix_chunks": args.imatrix_chunks,
               "stats": {k: stats.info.get(k) for k in ("text", "n_tokens", "seq_len")},

@@ -4,9 +4,10 @@ As GPTQ toolkits do, only one decoder layer is in memory: the hidden states of
 every calibration sequence are kept in a memory-mapped file between layers,
 so peak memory is about one layer plus one batch of activations, whatever
 the model size. A layer is calibrated in named steps (``calibrate_layer``):
-its experts are read once (forward.load_experts); transformers' decoder layer
-runs with mc-gguf's MoE block inside (moe.py), which computes every expert
-once per routed token and gathers the statistics on the way; then the
+transformers' decoder layer runs with mc-gguf's MoE block inside (moe.py),
+which reads one expert at a time when it runs (forward.LayerExperts),
+computes every expert once per routed token and gathers the statistics on
+the way; then the
 quantization error of every expert at every candidate type is measured on a
 seeded sample of tokens (quant_error.py).
 

@@ -11,7 +11,7 @@ between layers (workdir.py), as GPTQ toolkits keep them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -44,14 +44,32 @@ def embed(ckpt: Checkpoint, sequences: np.ndarray, hidden: np.memmap) -> None:
     hidden.flush()
 
 
-def load_experts(ckpt: Checkpoint, bid: int) -> tuple[Router, list[ExpertWeights]]:
-    """The router (float32) and every expert's gate, up and down of layer ``bid`` in the checkpoint's
-    dtype: a bf16 layer stays half the size of float32, and one expert at a time is widened when it runs."""
+def load_experts(ckpt: Checkpoint, bid: int) -> tuple[Router, LayerExperts]:
+    """The router (float32) and the experts of layer ``bid``, each read when it is asked for."""
     arch = ckpt.arch
     name = arch.router.format(bid=bid)
     router = Router(*(torch.from_numpy(ckpt.load(f"{name}.{key}")) if key else None
                       for key in ("weight", arch.selection_bias, arch.router_bias)))
-    return router, [load_expert(ckpt, bid, xid) for xid in range(ckpt.n_experts)]
+    return router, LayerExperts(ckpt, bid)
+
+
+class LayerExperts(Sequence[ExpertWeights]):
+    """A layer's experts, each read from the checkpoint (in its dtype) when it is asked for and not kept, so
+    that one expert is in memory at a time: a Mixtral 8x7B layer's are 2.8 GB in bf16, gpt-oss-120b's 6.4 GB.
+    A forward batch of FORWARD_TOKENS reads each expert it routes to once (from the page cache after the
+    first batch): a few percent of the batch's time at Mixtral's shapes."""
+
+    def __init__(self, ckpt: Checkpoint, bid: int):
+        self.ckpt = ckpt
+        self.bid = bid
+
+    def __len__(self) -> int:
+        return self.ckpt.n_experts
+
+    def __getitem__(self, xid: int) -> ExpertWeights:
+        if not 0 <= xid < len(self):
+            raise IndexError(f"layer {self.bid} has {len(self)} experts, not {xid + 1}")
+        return load_expert(self.ckpt, self.bid, xid)
 
 
 def load_expert(ckpt: Checkpoint, bid: int, xid: int) -> ExpertWeights:

@@ -26,7 +26,7 @@ steps, as in Mixtral's MixtralSparseMoeBlock and llama.cpp's build_moe_ffn:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import gguf
@@ -104,7 +104,7 @@ class StatisticsMoE(torch.nn.Module):
     scores) unpack it (GptOssMLP). ``inputs`` [tokens, H] (a memory map, say) receives every token's input, in
     order, and the block keeps every token's experts and applied weights (calibrate --hessian)."""
 
-    def __init__(self, router: Router, experts: list[ExpertWeights], glu: Callable, rule: RoutingRule,
+    def __init__(self, router: Router, experts: Sequence[ExpertWeights], glu: Callable, rule: RoutingRule,
                  eps_positions: np.ndarray, inputs: np.ndarray | None = None,
                  shared: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
                  returns_scores: bool = False):
@@ -113,7 +113,7 @@ class StatisticsMoE(torch.nn.Module):
         self.returns_scores = returns_scores
         n_expert = len(experts)
         ff, hidden = experts[0].gate.shape
-        self.experts = experts               # in the checkpoint's dtype
+        self.experts = experts               # in the checkpoint's dtype (forward.LayerExperts: read when used)
         self.router = router
         self.glu = glu
         self.rule = rule
@@ -175,11 +175,11 @@ class StatisticsMoE(torch.nn.Module):
         out = torch.zeros_like(x)
         # each token's unweighted expert output in slots 1 .. k-1 (slot 0 is never skipped)
         slot_out = torch.zeros(x.shape[0], self.n_used - 1, x.shape[1])
-        for e, stored in enumerate(self.experts):
+        for e in range(len(self.experts)):
             tokens = routed[:, e].nonzero().squeeze(-1)
             if len(tokens) == 0:
                 continue
-            weights = stored.float32()  # one expert widened at a time
+            weights = self.experts[e].float32()  # one expert read and widened at a time
             xe = x[tokens]
             z = expert_hidden(xe, weights, self.glu)
             self.imatrix_in[e] += (xe.double() ** 2).sum(0)

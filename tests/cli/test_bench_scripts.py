@@ -18,11 +18,11 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
-def run_script(name: str, tmp_path: Path) -> dict:
+def run_script(name: str, tmp_path: Path, *extra: str) -> dict:
     out = tmp_path / "report.json"
     png = tmp_path / "report.png"
     result = subprocess.run([sys.executable, str(SCRIPTS / name), "--quick", "--workdir", str(tmp_path / "work"),
-                             "--json", str(out), "--png", str(png)], capture_output=True, text=True)
+                             "--json", str(out), "--png", str(png), *extra], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert png.stat().st_size > 0
     return json.loads(out.read_text())
@@ -54,11 +54,16 @@ def test_bench_speed_quick(tmp_path):
 @pytest.mark.slow
 @pytest.mark.bench
 def test_bench_quality_quick(tmp_path):
-    report = run_script("bench_quality.py", tmp_path)
+    # the AutoRound peer comes with make test-bench (pip install -e .[peers])
+    report = run_script("bench_quality.py", tmp_path, "--autoround")
     rows = {r["name"]: r for r in report["rows"]}
     assert rows["F16"]["kld_mean"] == 0.0 and rows["F16"]["same_top_token"] == 1.0
     families = {r["family"] for r in rows.values()}
-    assert families == {"reference", "llama.cpp recipe", "llama.cpp experts", "mc-gguf"}
+    assert families == {"reference", "llama.cpp recipe", "llama.cpp experts", "mc-gguf", "AutoRound"}
+    # AutoRound's tuned Q2_K experts, every other tensor Q8_0 (as bench_quality's expert frontier)
+    peer = rows["AutoRound experts Q2_K iters 2"]
+    assert peer["expert_bpw"] == pytest.approx(2.625) and 0 < peer["kld_mean"] < rows["llama.cpp Q2_K"]["kld_mean"] * 10
+    assert all("kld_over_autoround_at_same_size" in r for r in rows.values() if r["family"] == "mc-gguf")
     # llama.cpp's own tools wrote the uniform-expert file: its experts are IQ2_XS (2.3125 bits per weight)
     assert rows["llama.cpp experts IQ2_XS"]["expert_bpw"] == pytest.approx(2.3125)
     for name in ("mc-gguf per-expert 2.5", "mc-gguf stock 2.5"):
