@@ -162,9 +162,9 @@ SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "
 
 def write_safetensors(path: Path, arrays: dict[str, np.ndarray | Callable[[], np.ndarray]],
                       metadata: dict[str, str], chunk_bytes: int = 64 << 20) -> None:
-    """A safetensors file of ``arrays``, as safetensors' ``save_file`` writes it, where a callable (giving a
-    memory map, say) is called when its shape is needed and again when its bytes are written, so that no more
-    than one of them is open at a time. The format: a little-endian u64 header length, the JSON header with
+    """A safetensors file of ``arrays`` (safetensors' own reader reads it), where a callable (giving a memory
+    map, say) is called when its shape is needed and again when its bytes are written, so that no more than
+    one of them is open at a time. The format: a little-endian u64 header length, the JSON header with
     each tensor's dtype, shape and byte range, padded with spaces to a multiple of 8, then the data."""
     names = {np.dtype(t): name for name, t in SAFETENSORS_DTYPES.items()}
 
