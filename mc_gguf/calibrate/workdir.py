@@ -42,31 +42,39 @@ class WorkDir:
     def _partial(self, path: Path) -> Path:
         return path.with_name(path.name + ".partial")
 
-    def new_hidden(self, il: int, shape: tuple[int, ...]) -> np.memmap:
-        """A file for the hidden states before layer ``il``, under a temporary name until ``finish_hidden``."""
-        return np.lib.format.open_memmap(self._partial(self.hidden_path(il)), mode="w+", dtype=np.float32,
-                                         shape=shape)
+    def _new_map(self, final: Path, shape: tuple[int, ...]) -> np.memmap:
+        """A float32 file for ``final``, under a temporary name until ``_finish_map``."""
+        return np.lib.format.open_memmap(self._partial(final), mode="w+", dtype=np.float32, shape=shape)
 
-    def finish_hidden(self, il: int, hidden: np.memmap) -> None:
-        """The hidden states before layer ``il`` are complete: flush, fsync and give them their final name."""
-        hidden.flush()
-        del hidden
-        self._commit(self._partial(self.hidden_path(il)), self.hidden_path(il))
+    def _finish_map(self, final: Path, array: np.memmap) -> None:
+        """The file is complete: flush, fsync and give it its final name."""
+        array.flush()
+        del array
+        self._commit(self._partial(final), final)
+
+    def _open_map(self, final: Path, what: str) -> np.memmap:
+        try:
+            return np.lib.format.open_memmap(final, mode="r")
+        except (FileNotFoundError, ValueError):
+            raise McGgufError(f"{self.path}: {what} are missing or damaged; delete the folder to start over") from None
 
     def _commit(self, tmp: Path, final: Path) -> None:
         fsync_file(tmp)
         os.replace(tmp, final)
         fsync_folder(self.path)
 
+    def new_hidden(self, il: int, shape: tuple[int, ...]) -> np.memmap:
+        """A file for the hidden states before layer ``il``, under a temporary name until ``finish_hidden``."""
+        return self._new_map(self.hidden_path(il), shape)
+
+    def finish_hidden(self, il: int, hidden: np.memmap) -> None:
+        self._finish_map(self.hidden_path(il), hidden)
+
     def drop_hidden(self, il: int) -> None:
         self.hidden_path(il).unlink(missing_ok=True)
 
     def open_hidden(self, il: int, shape: tuple[int, ...]) -> np.memmap:
-        try:
-            hidden = np.lib.format.open_memmap(self.hidden_path(il), mode="r")
-        except (FileNotFoundError, ValueError):
-            raise McGgufError(f"{self.path}: the hidden states before layer {il} are missing or damaged; "
-                              f"delete the folder to start over") from None
+        hidden = self._open_map(self.hidden_path(il), f"the hidden states before layer {il}")
         if hidden.shape != shape:
             raise McGgufError(f"{self.hidden_path(il)} has shape {hidden.shape}, expected {shape}")
         return hidden
@@ -76,20 +84,13 @@ class WorkDir:
 
     def new_inputs(self, il: int, shape: tuple[int, int]) -> np.memmap:
         """A file for layer ``il``'s MoE inputs, under a temporary name until ``finish_inputs``."""
-        return np.lib.format.open_memmap(self._partial(self.inputs_path(il)), mode="w+", dtype=np.float32,
-                                         shape=shape)
+        return self._new_map(self.inputs_path(il), shape)
 
     def finish_inputs(self, il: int, inputs: np.memmap) -> None:
-        inputs.flush()
-        del inputs
-        self._commit(self._partial(self.inputs_path(il)), self.inputs_path(il))
+        self._finish_map(self.inputs_path(il), inputs)
 
     def open_inputs(self, il: int) -> np.memmap:
-        try:
-            return np.lib.format.open_memmap(self.inputs_path(il), mode="r")
-        except (FileNotFoundError, ValueError):
-            raise McGgufError(f"{self.path}: the MoE inputs of layer {il} are missing or damaged; "
-                              f"delete the folder to start over") from None
+        return self._open_map(self.inputs_path(il), f"the MoE inputs of layer {il}")
 
     def layer_path(self, il: int) -> Path:
         return self.path / f"layer-{il}.safetensors"
