@@ -46,8 +46,10 @@ def run_demo(workdir: Path) -> None:
     print(f"converted to {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s")
 
     pruned = workdir / "tiny-mixtral-q8_0-odp.gguf"
-    mu, _ = calibrate_odp(model_dir, CALIBRATION_TEXT, out, pruned, 0.25, n_tokens=64, seq_len=64, progress=False)
-    print(f"pruning thresholds for a 25% skip share, per layer: {', '.join(f'{m:.3f}' for m in mu)} -> {pruned}")
+    _, shares = calibrate_odp(model_dir, CALIBRATION_TEXT, out, pruned, 0.25, n_tokens=64, seq_len=64,
+                              progress=False)
+    print(f"pruning thresholds for a 25% skip share (per layer and expert), each layer's share of the calibration "
+          f"slots: {', '.join(f'{s:.0%}' for s in shares if s is not None)} -> {pruned}")
 
     for path, label in ((out, "no pruning"), (pruned, "online dynamic pruning")):
         llm = load(path, n_ctx=256)

@@ -21,9 +21,9 @@ from mc_gguf.calibrate.stats import CalibrationStats
 from mc_gguf.calibrate.text import CalibrationText
 from mc_gguf.ggml.types import quant_type
 from mc_gguf.hf.checkpoint import open_checkpoint
-from mc_gguf.prune.calibration import odp_from_stats
+from mc_gguf.prune.calibration import odp_from_stats, skipped_shares
 from mc_gguf.prune.rule import OdpParams, check_skip_share
-from mc_gguf.prune.settings import DEFAULT_RULE
+from mc_gguf.prune.settings import DEFAULT_RENORMALIZE, DEFAULT_RULE
 from mc_gguf.quantize.quantization import quantize
 from mc_gguf.quantize.tune import TuneSettings, tuned_error_ratios
 
@@ -38,7 +38,8 @@ class CompressResult:
 
 def compress(model_dir: str | Path, out: str | Path, bits: float, text: CalibrationText, *,
              settings: CalibrationSettings = CalibrationSettings(), layout: str = "per-expert",
-             odp_skip: float | None = None, odp_rule: str = DEFAULT_RULE, gptq: bool = False,
+             odp_skip: float | None = None, odp_rule: str = DEFAULT_RULE,
+             odp_renormalize: bool = DEFAULT_RENORMALIZE, gptq: bool = False,
              tune: TuneSettings | None = None, keep_artifacts: str | Path | None = None,
              allocate_options: dict | None = None, progress: bool = True) -> CompressResult:
     """Calibrate, allocate and quantize ``model_dir`` into ``out``.
@@ -74,7 +75,7 @@ def compress(model_dir: str | Path, out: str | Path, bits: float, text: Calibrat
     plan = allocate(stats, bits, model_dir=model_dir, layout=layout, stats_path=str(stats_path),
                     error_scale=error_scale, **(allocate_options or {}))
     plan.save(work / "plan.json")
-    odp = odp_from_stats(stats, odp_skip, rule=odp_rule) if odp_skip else None
+    odp = odp_from_stats(stats, odp_skip, rule=odp_rule, renormalize=odp_renormalize) if odp_skip else None
     path = quantize(model_dir, plan, out, stats=stats, gptq=gptq, tune=tune, odp=odp, progress=progress)
     if not keep_artifacts:
         shutil.rmtree(work, ignore_errors=True)
@@ -104,11 +105,11 @@ def work_folder(out: Path) -> Path:
 
 def summary(result: CompressResult) -> str:
     p = result.plan.predicted
-    n_used = int(result.stats.info["n_expert_used"])
     lines = [f"{result.path}: {p['file_bytes'] / 1e6:.2f} MB, layout {result.plan.layout}",
              f"  experts {p['expert_bpw']:.3f} bits per weight, all tensors {p['model_bpw']:.3f}",
              f"  {'layer':>5} {'bpw':>6} {'mu':>6} {'skips':>6}"]
     skipped = []  # share of the layer's slots the thresholds skip on the calibration tokens
+    shares = skipped_shares(result.stats, result.odp) if result.odp is not None else []
     for bid, layer_bits in enumerate(p["layer_expert_bpw"]):
         if layer_bits is None:
             lines.append(f"  {bid:>5} {'dense':>6} {'-':>6} {'-':>6}")
@@ -116,9 +117,10 @@ def summary(result: CompressResult) -> str:
         if result.odp is None:
             lines.append(f"  {bid:>5} {layer_bits:6.2f} {'-':>6} {'-':>6}")
             continue
-        mu = result.odp.mu[bid]
-        skipped.append(float((result.stats.layers[bid].top_ratio < mu).sum(-1).mean()) / n_used)
-        lines.append(f"  {bid:>5} {layer_bits:6.2f} {mu:6.3f} {skipped[-1]:6.1%}")
+        skipped.append(shares[bid])
+        lines.append(f"  {bid:>5} {layer_bits:6.2f} {result.odp.mu[bid]:6.3f} {skipped[-1]:6.1%}")
     if skipped:
         lines.append(f"  expected share of expert slots skipped: {sum(skipped) / len(skipped):.1%}")
+    if result.odp is not None and result.odp.mu_exps is not None:
+        lines.append("  (thresholds per expert: mu is the layer's smallest positive one)")
     return "\n".join(lines)

@@ -2,9 +2,12 @@
 """Online Dynamic Pruning on a trained model: what each threshold rule costs for a share of skipped expert slots.
 
 One calibration pass on the calibration text measures every token's w1/w0 and
-skip cost (prune/budget.py); from it each rule chooses per-layer thresholds for
-each skip share: ``quantile`` (the same w1/w0 quantile in every layer, the
-paper's rule) and ``sensitivity`` (shares chosen by the measured cost). Each
+skip cost (prune/budget.py); from it each rule chooses thresholds for each
+skip share: ``quantile`` (the same w1/w0 quantile in every layer, the paper's
+rule), ``sensitivity-layer`` (per-layer shares chosen by the measured cost)
+and ``sensitivity`` (one threshold per layer and expert by that cost), each
+with the weights a token keeps left as they are (odp-calibrate's default)
+and renormalised (the paper's rule, marked "renormalised"). Each
 choice is written into a copy of the file and evaluated the llama-perplexity
 way on the evaluation text (windows of --ctx tokens, second half scored):
 perplexity against the same file unpruned (measured in the same run), KL
@@ -30,7 +33,7 @@ from mc_gguf.calibrate.text import read_text
 from mc_gguf.evaluate.perplexity import reference_logits, score, windows
 from mc_gguf.evaluate.run import load
 from mc_gguf.gguf_io.convert import convert
-from mc_gguf.prune.calibration import router_statistics, thresholds, write_odp_metadata
+from mc_gguf.prune.calibration import odp_from_stats, router_statistics, write_odp_metadata
 from mc_gguf.prune.settings import THRESHOLD_RULES
 
 BENCH = Path(__file__).resolve().parent.parent.parent / "shared" / "bench"
@@ -59,31 +62,41 @@ def evaluate_rules(base_path: Path, stats, token_windows, args, workdir: Path) -
     base_summary = base.summary()
     del base_llm
     rows = {}
-    for rule in args.rules:
+    for rule, renormalize in methods(args):
+        name = f"{rule}{' renormalised' if renormalize else ''}"
         for skip in args.skips:
-            mu = thresholds(stats, skip, rule)
-            pruned = write_odp_metadata(base_path, workdir / f"{base_path.stem}-{rule}-{skip:g}.gguf", mu)
+            odp = odp_from_stats(stats, skip, rule=rule, renormalize=renormalize)
+            pruned = write_odp_metadata(base_path, workdir / f"{base_path.stem}-{name.replace(' ', '-')}-{skip:g}.gguf",
+                                        odp)
             llm = load(pruned, **settings)
             *_, result = score(llm, token_windows, reference=reference)
             counts = llm.expert_stats()
             summary = result.summary()
-            rows[f"{rule} {skip:g}"] = {
-                "rule": rule, "target_skip": skip, "skipped_share": counts.skipped_share,
+            rows[f"{name} {skip:g}"] = {
+                "rule": rule, "renormalize": renormalize, "target_skip": skip, "skipped_share": counts.skipped_share,
                 "ppl": summary["ppl"], "ppl_change": summary["ppl"] / base_summary["ppl"] - 1,
                 "kld_mean": summary["kld_mean"], "kld_p99": summary["kld_p99"],
                 "same_top_token": summary["same_top_token"],
                 "skipped_share_per_layer": [round(s / (s + c), 4) if s + c else 0.0
                                             for s, c in zip(counts.skipped, counts.computed)],
-                "mu_per_layer": [round(m, 4) for m in mu],
+                "mu_per_layer": [round(m, 4) for m in odp.mu],
+                **({"mu_per_expert": [[round(m, 4) for m in row] for row in odp.mu_exps]} if odp.mu_exps else {}),
             }
             del llm
-            print(f"{base_path.name} {rule} {skip:g}: skipped {counts.skipped_share:.3f}, "
-                  f"ppl {rows[f'{rule} {skip:g}']['ppl_change']:+.2%}", file=sys.stderr, flush=True)
+            print(f"{base_path.name} {name} {skip:g}: skipped {counts.skipped_share:.3f}, "
+                  f"ppl {rows[f'{name} {skip:g}']['ppl_change']:+.2%}, kld {summary['kld_mean']:.5f}",
+                  file=sys.stderr, flush=True)
     decode = {"unpruned": decode_tokens_per_second(base_path, token_windows[0][:64], args.decode_tokens)}
-    for rule in args.rules:
-        path = workdir / f"{base_path.stem}-{rule}-{args.skips[len(args.skips) // 2]:g}.gguf"
+    for rule, renormalize in methods(args):
+        name = f"{rule}{'-renormalised' if renormalize else ''}"
+        path = workdir / f"{base_path.stem}-{name}-{args.skips[len(args.skips) // 2]:g}.gguf"
         decode[path.stem] = decode_tokens_per_second(path, token_windows[0][:64], args.decode_tokens)
     return {"unpruned": base_summary, "rules": rows, "decode_tokens_per_second": decode}
+
+
+def methods(args) -> list[tuple[str, bool]]:
+    """(rule, renormalize) of every row: each rule with the kept weights as they are and renormalised."""
+    return [(rule, renormalize) for renormalize in args.renormalize for rule in args.rules]
 
 
 def main() -> int:
@@ -93,16 +106,22 @@ def main() -> int:
     parser.add_argument("--eval", default=str(BENCH / "eval.txt"), help="evaluation text")
     parser.add_argument("--ctx", type=int, default=512, help="window length (default: 512)")
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows (default: 16)")
+    parser.add_argument("--first-window", type=int, default=0,
+                        help="skip this many windows of the evaluation text first, to score others (default: 0)")
     parser.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default: 16384)")
     parser.add_argument("--skips", type=float, nargs="+", default=[0.15, 0.25, 0.35],
                         help="target skip shares of slots (default: 0.15 0.25 0.35)")
     parser.add_argument("--rules", nargs="+", choices=THRESHOLD_RULES, default=list(THRESHOLD_RULES))
+    parser.add_argument("--renormalize", nargs="+", choices=["no", "yes"], default=["no", "yes"],
+                        help="the kept weights as they are (no, the default of odp-calibrate) and renormalised (yes, "
+                        "the paper's rule) (default: both)")
     parser.add_argument("--bits", type=float, default=2.5, help="expert bits of the quantized file (default: 2.5)")
     parser.add_argument("--no-quantized", action="store_true", help="only the F16 file")
     parser.add_argument("--decode-tokens", type=int, default=128, help="tokens per decode timing (default: 128)")
     parser.add_argument("--workdir", default="build/bench-odp", help="where the GGUF files go")
     parser.add_argument("--json", help="also write the JSON here")
     args = parser.parse_args()
+    args.renormalize = [choice == "yes" for choice in args.renormalize]
 
     from transformers import AutoTokenizer
 
@@ -116,7 +135,7 @@ def main() -> int:
     # the same token ids for both engines (see ../shared/bench/README.md on the tokenizer quirk)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     ids = tokenizer(Path(args.eval).read_text(encoding="utf-8"), add_special_tokens=False).input_ids
-    token_windows = windows(ids, args.ctx, tokenizer.bos_token_id, args.windows)
+    token_windows = windows(ids, args.ctx, tokenizer.bos_token_id, args.first_window + args.windows)[args.first_window:]
 
     files = {"f16": convert(args.model, workdir / "model-f16.gguf", "f16", progress=False)}
     if not args.no_quantized:
@@ -125,7 +144,7 @@ def main() -> int:
         files[f"per-expert {args.bits:g}"] = compress(args.model, workdir / f"model-{args.bits:g}.gguf", args.bits,
                                                       calib, progress=False).path
     result = {
-        "model": str(args.model), "windows": len(token_windows), "ctx": args.ctx,
+        "model": str(args.model), "windows": len(token_windows), "first_window": args.first_window, "ctx": args.ctx,
         "calibration_tokens": int(stats.info["n_tokens"]), "calibration_seconds": round(calib_seconds, 1),
         "calibration_median_w1_w0": [round(float(np.median(layer.top_ratio[:, 0])), 4) for layer in stats.layers],
         "files": {label: evaluate_rules(path, stats, token_windows, args, workdir) for label, path in files.items()},

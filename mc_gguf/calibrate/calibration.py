@@ -43,6 +43,7 @@ EPS_NORM = ("Frobenius norm (not squared) of the MoE block output change over th
             "calibration tokens when only this expert is quantized")
 SKIP_COST = ("||change of the MoE block output||^2 / ||layer output hidden state||^2 of every token if one of "
              "its slots were skipped, the kept weights renormalised")
+DROP_COST = "the same as skip_cost with the kept weights left as they are"
 
 
 def calibrate(model_dir: str | Path, out: str | Path, text: CalibrationText,
@@ -125,7 +126,9 @@ def calibrate_layer(model, ckpt: Checkpoint, bid: int, hidden_in: np.ndarray, hi
     with decoder_layer(model, ckpt, bid, moe) as layer:
         output_norms = run_layer(model, layer, bid, rotary, hidden_in, hidden_out, on_batch=bar.update)
     layer_stats = moe.layer_stats(len(settings.types))
-    layer_stats.skip_cost /= np.maximum(output_norms, np.finfo(np.float32).tiny)[:, None].astype(np.float32)
+    norms = np.maximum(output_norms, np.finfo(np.float32).tiny)[:, None].astype(np.float32)
+    layer_stats.skip_cost /= norms
+    layer_stats.drop_cost /= norms
     if settings.types:
         _measure_eps(layer_stats, moe, settings, bid, bar)
     bar.close()
@@ -199,6 +202,7 @@ def _provenance(ckpt: Checkpoint, text: CalibrationText, settings: CalibrationSe
         "eps_features": sampled_features(ff, settings.eps_features),
         "eps_norm": EPS_NORM,
         "skip_cost": SKIP_COST,
+        "drop_cost": DROP_COST,
         "hessian": settings.hessian,
         "mc_gguf_version": __version__,
     }

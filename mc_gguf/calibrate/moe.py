@@ -127,7 +127,9 @@ class StatisticsMoE(torch.nn.Module):
         self.inputs = inputs
         self.routed: list[tuple[np.ndarray, np.ndarray]] = []
         self.ratios: list[np.ndarray] = []
+        self.slot_experts: list[np.ndarray] = []
         self.skip_energies: list[np.ndarray] = []
+        self.drop_energies: list[np.ndarray] = []
         self.samples: list[EpsSample] = []
 
     def route(self, x: torch.Tensor) -> Routing:
@@ -170,6 +172,7 @@ class StatisticsMoE(torch.nn.Module):
         self.count += routed.sum(0).numpy()
         self.weight_sum += (routing.probs * routed).sum(0).double().numpy()
         self.ratios.append((routing.top_w[:, 1:] / routing.top_w[:, :1]).numpy())
+        self.slot_experts.append(routing.top_ids[:, 1:].to(torch.int16).numpy())
 
     def _run_experts(self, x: torch.Tensor, routing: Routing, routed: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
@@ -193,6 +196,7 @@ class StatisticsMoE(torch.nn.Module):
                 slot_out[tokens[mine], slot - 1] = y[mine]
         self.skip_energies.append(skip_energy(out, slot_out, routing.applied, self.rule.norm_topk_prob,
                                               self.rule.scale))
+        self.drop_energies.append(skip_energy(out, slot_out, routing.applied, False))
         return out
 
     def _keep_eps_sample(self, x: torch.Tensor, routing: Routing) -> None:
@@ -209,6 +213,8 @@ class StatisticsMoE(torch.nn.Module):
         return LayerStats(
             count=self.count, weight_sum=self.weight_sum, top_ratio=np.concatenate(self.ratios).astype(np.float32),
             skip_cost=np.concatenate(self.skip_energies).astype(np.float32),
+            drop_cost=np.concatenate(self.drop_energies).astype(np.float32),
+            slot_experts=np.concatenate(self.slot_experts),
             imatrix_in=self.imatrix_in.float().numpy(), imatrix_mid=self.imatrix_mid.float().numpy(),
             eps=np.zeros((3, len(self.experts), n_types)),
             routed_ids=np.concatenate([ids for ids, _ in self.routed]) if self.inputs is not None else None,

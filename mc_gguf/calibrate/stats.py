@@ -19,7 +19,11 @@ T candidate types, k experts per token):
                                    [0] all projections, [1] gate+up only, [2] down only
     blk.N.skip_cost      [tokens, k-1]  ||change of the block output||^2 / ||hidden state||^2 of
                                    every calibration token if its slot i alone were skipped
-                                   (the layer's output hidden state; Online Dynamic Pruning's cost)
+                                   (the layer's output hidden state; Online Dynamic Pruning's cost),
+                                   the kept weights renormalised as the router renormalises
+    blk.N.drop_cost      [tokens, k-1]  the same with the kept weights left as they are
+                                   (mc.odp.renormalize false)
+    blk.N.slot_experts   [tokens, k-1]  int16, the expert of each of those slots
 
 With --hessian, what GPTQ and tuning build each expert's Hessians from when they quantize it (quantize/
 hessian.py), rather than [E, H, H] and [E, F, F] sums per layer (7 GB a layer at Mixtral 8x7B's shapes):
@@ -65,6 +69,8 @@ class LayerStats:
     imatrix_mid: np.ndarray
     eps: np.ndarray
     skip_cost: np.ndarray | None = None
+    drop_cost: np.ndarray | None = None
+    slot_experts: np.ndarray | None = None     # [tokens, k-1] int16: the expert of each slot top_ratio describes
     routed_ids: np.ndarray | None = None       # with --hessian
     routed_weights: np.ndarray | None = None
 
@@ -197,7 +203,7 @@ def write_safetensors(path: Path, arrays: dict[str, np.ndarray | Callable[[], np
 
 def read_layers(arrays: dict[str, np.ndarray], n_layers: int, first: int = 0,
                 dense: Collection[int] = ()) -> list[LayerStats | None]:
-    optional = {"routed_ids", "routed_weights", "skip_cost"}
+    optional = {"routed_ids", "routed_weights", "skip_cost", "drop_cost", "slot_experts"}
     layers = []
     for il in range(first, first + n_layers):
         if il in dense:

@@ -42,8 +42,11 @@ def add_parser(commands) -> None:
     p.add_argument("--odp-skip", type=unit_float, default=0.0,
                    help="share of expert slots Online Dynamic Pruning should skip, e.g. 0.25 (default: 0, off)")
     p.add_argument("--odp-rule", choices=THRESHOLD_RULES, default=DEFAULT_RULE,
-                   help="how the per-layer thresholds share the skipped slots (see `mc-gguf odp-calibrate --help`; "
+                   help="how the thresholds share the skipped slots (see `mc-gguf odp-calibrate --help`; "
                    f"default: {DEFAULT_RULE})")
+    p.add_argument("--odp-renormalize", action="store_true",
+                   help="renormalise the weights a token keeps after pruning (the paper's rule; by default they stay "
+                   "as the router gave them, which costs less; see `mc-gguf odp-calibrate --help`)")
     p.add_argument("--gptq", action="store_true", help="GPTQ error compensation (keeps full Hessians during "
                    "calibration; see `mc-gguf calibrate --help` for their size)")
     add_tune_flags(p)
@@ -70,7 +73,8 @@ def run(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     try:
         result = compress(args.model_dir, args.output, args.bits, read_text(args.calib), settings=settings,
-                          layout=args.layout, odp_skip=args.odp_skip or None, odp_rule=args.odp_rule, gptq=args.gptq,
+                          layout=args.layout, odp_skip=args.odp_skip or None, odp_rule=args.odp_rule,
+                          odp_renormalize=args.odp_renormalize, gptq=args.gptq,
                           tune=tune_settings(args),
                           keep_artifacts=args.keep_artifacts, progress=not args.quiet,
                           allocate_options={"types": args.types, "alpha": args.alpha, "beta": args.beta,

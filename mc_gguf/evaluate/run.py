@@ -36,13 +36,24 @@ def odp_metadata(reader: gguf.GGUFReader) -> pruning.OdpParams | None:
     if field is None:
         return None
     mu = [float(v) for v in field.contents()]
+    exps = _typed_field(reader, keys.ODP_MU_EXPS, [T.ARRAY, T.FLOAT32], "an array of float32")
+    n_experts = int(field_value(reader, f"{arch}.expert_count") or 0)
+    mu_exps = None
+    if exps is not None:
+        flat = [float(v) for v in exps.contents()]
+        if not n_experts or len(flat) != len(mu) * n_experts:
+            raise GGUFFileError(f"{keys.ODP_MU_EXPS} has {len(flat)} values but the model has {n_layers} layers "
+                                f"of {n_experts} experts")
+        mu_exps = [flat[first:first + n_experts] for first in range(0, len(flat), n_experts)]
     _typed_field(reader, keys.ODP_PROTECT_RATIO, [T.FLOAT32], "a float32")
     _typed_field(reader, keys.ODP_MU_ALL, [T.FLOAT32], "a float32")
     _typed_field(reader, keys.ODP_ENABLED, [T.BOOL], "a bool")
+    _typed_field(reader, keys.ODP_RENORMALIZE, [T.BOOL], "a bool")
+    renormalize = field_value(reader, keys.ODP_RENORMALIZE)
     rho = field_value(reader, keys.ODP_PROTECT_RATIO)
     rho = pruning.DEFAULT_PROTECT_RATIO if rho is None else float(rho)
-    pruning.validate_params(mu, rho, n_layers)
-    return pruning.OdpParams(mu, rho)
+    pruning.validate_params(mu, rho, n_layers, mu_exps, n_experts)
+    return pruning.OdpParams(mu, rho, mu_exps, True if renormalize is None else bool(renormalize))
 
 
 def _typed_field(reader: gguf.GGUFReader, key: str, types: list[gguf.GGUFValueType], what: str):

@@ -46,6 +46,10 @@ def float_value(value: float) -> MetadataDetails:
     return MetadataDetails(gguf.GGUFValueType.FLOAT32, float(value))
 
 
+def bool_value(value: bool) -> MetadataDetails:
+    return MetadataDetails(gguf.GGUFValueType.BOOL, bool(value))
+
+
 def rewrite_metadata(src: str | Path, dst: str | Path, updates: dict[str, MetadataDetails],
                      remove: Sequence[str] = ()) -> Path:
     """Copy ``src`` to ``dst`` (may be the same path) with keys set or removed; written atomically."""

@@ -35,6 +35,8 @@ CALIBRATION_TOKENS = "mc.calibration.tokens"
 # Online Dynamic Pruning
 ODP_MU = "mc.odp.mu"
 ODP_MU_ALL = "mc.odp.mu_all"
+ODP_MU_EXPS = "mc.odp.mu_exps"
+ODP_RENORMALIZE = "mc.odp.renormalize"
 ODP_PROTECT_RATIO = "mc.odp.protect_ratio"
 ODP_ENABLED = "mc.odp.enabled"
 
@@ -72,6 +74,14 @@ KEYS: tuple[MetadataKey, ...] = (
     MetadataKey(ODP_MU, "float32[block_count]",
                 "pruning threshold per layer: slot i >= 1 is skipped when its weight is below mu times the "
                 "token's top weight; 0 turns the layer's pruning off", "runtime"),
+    MetadataKey(ODP_MU_EXPS, "float32[block_count * expert_count]",
+                "pruning thresholds per layer and expert, row-major: in a layer whose mc.odp.mu is > 0, slot i >= 1 "
+                "is skipped when its weight is below the threshold of its expert times the token's top weight",
+                "runtime"),
+    MetadataKey(ODP_RENORMALIZE, "bool",
+                "whether the weights a token keeps are renormalised after pruning, where the router renormalises "
+                "(the paper's rule, and the default when the key is absent); false leaves them as they are",
+                "runtime"),
     MetadataKey(ODP_PROTECT_RATIO, "float32",
                 "share of a prompt's tokens (the most important) that keep all their experts; default 0.02",
                 "runtime"),

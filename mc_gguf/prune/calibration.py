@@ -5,8 +5,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 from mc_gguf.atomic import check_output_path
 from mc_gguf.calibrate.calibration import calibrate
 from mc_gguf.calibrate.settings import CalibrationSettings
@@ -14,10 +12,10 @@ from mc_gguf.calibrate.stats import CalibrationStats
 from mc_gguf.calibrate.text import CalibrationText
 from mc_gguf.errors import GGUFFileError, McGgufError
 from mc_gguf.gguf_io import keys
-from mc_gguf.gguf_io.edit import field_value, float_array, float_value, open_gguf, rewrite_metadata
+from mc_gguf.gguf_io.edit import bool_value, field_value, float_array, float_value, open_gguf, rewrite_metadata
 from mc_gguf.prune import rule as pruning
-from mc_gguf.prune.budget import thresholds_by_sensitivity
-from mc_gguf.prune.settings import DEFAULT_RULE, THRESHOLD_RULES
+from mc_gguf.prune.budget import thresholds_by_sensitivity, thresholds_per_expert
+from mc_gguf.prune.settings import DEFAULT_RENORMALIZE, DEFAULT_RULE, THRESHOLD_RULES
 
 
 def router_statistics(model_dir: str | Path, text: CalibrationText, work: Path, *, n_tokens: int = 8192,
@@ -37,43 +35,76 @@ def check_rule(rule: str) -> None:
         raise McGgufError(f"unknown threshold rule {rule!r}; choose one of {', '.join(THRESHOLD_RULES)}")
 
 
-def thresholds(stats: CalibrationStats, skip_share: float, rule: str = DEFAULT_RULE) -> list[float]:
-    """Per-layer mu that skip about ``skip_share`` of the expert slots on the calibration tokens."""
+def odp_from_stats(stats: CalibrationStats, skip_share: float,
+                   protect_ratio: float = pruning.DEFAULT_PROTECT_RATIO, rule: str = DEFAULT_RULE,
+                   renormalize: bool = DEFAULT_RENORMALIZE) -> pruning.OdpParams:
+    """Thresholds (per layer, or per layer and expert) that skip about ``skip_share`` of the expert slots on the
+    calibration tokens, chosen by ``rule`` (settings.py) with the costs of the pruning ``renormalize`` says;
+    dense layers get 0 (pruning off)."""
     check_rule(rule)
     n_used = int(stats.info["n_expert_used"])
     bids, layers = zip(*stats.moe_layers)
+    ratios = [layer.top_ratio for layer in layers]
+    costs = [layer.skip_cost if renormalize else layer.drop_cost for layer in layers]
+    if rule != "quantile" and any(cost is None for cost in costs):
+        raise McGgufError("these statistics have no skip costs for this pruning (an older mc-gguf measured them): "
+                          "calibrate again, or choose the quantile rule")
+    if rule == "sensitivity" and any(layer.slot_experts is None for layer in layers):
+        raise McGgufError("these statistics do not say which expert each slot had (an older mc-gguf measured "
+                          "them): calibrate again, or choose --rule sensitivity-layer")
+    if rule == "sensitivity":
+        per_expert = thresholds_per_expert(ratios, costs, [layer.slot_experts for layer in layers], stats.n_experts,
+                                           skip_share, n_used)
+        every = [[0.0] * stats.n_experts for _ in stats.layers]
+        for bid, row in zip(bids, per_expert):
+            every[bid] = row
+        return pruning.OdpParams.per_expert(every, protect_ratio, renormalize)
     if rule == "quantile":
-        mu = pruning.thresholds_for_skip_share([layer.top_ratio for layer in layers], skip_share, n_used)
-    elif any(layer.skip_cost is None for layer in layers):
-        raise McGgufError("these statistics have no skip costs (an older mc-gguf measured them): calibrate again, "
-                          "or choose the quantile rule")
+        mu = pruning.thresholds_for_skip_share(ratios, skip_share, n_used)
     else:
-        mu = thresholds_by_sensitivity([layer.top_ratio for layer in layers],
-                                       [layer.skip_cost for layer in layers], skip_share, n_used)
-    every = [0.0] * len(stats.layers)  # dense layers: no slots, pruning off
+        mu = thresholds_by_sensitivity(ratios, costs, skip_share, n_used)
+    every = [0.0] * len(stats.layers)
     for bid, m in zip(bids, mu):
         every[bid] = m
-    return every
+    return pruning.OdpParams(every, protect_ratio, renormalize=renormalize)
 
 
-def write_odp_metadata(gguf_in: str | Path, gguf_out: str | Path, mu: list[float],
-                       protect_ratio: float = pruning.DEFAULT_PROTECT_RATIO) -> Path:
-    """Set mc.odp.mu and mc.odp.protect_ratio (tensors are copied unchanged)."""
-    pruning.validate_params(mu, protect_ratio)
-    return rewrite_metadata(gguf_in, gguf_out, {
-        keys.ODP_MU: float_array(mu),
-        keys.ODP_PROTECT_RATIO: float_value(protect_ratio),
-    })
+def skipped_shares(stats: CalibrationStats, odp: pruning.OdpParams) -> list[float | None]:
+    """The share of each layer's expert slots ``odp`` skips on the calibration tokens (None: a dense layer)."""
+    shares: list[float | None] = []
+    for il, layer in enumerate(stats.layers):
+        if layer is None:
+            shares.append(None)
+            continue
+        ratios = layer.top_ratio.reshape(len(layer.top_ratio), -1)
+        mu = odp.slot_thresholds(il, layer.slot_experts.reshape(ratios.shape)) if odp.mu_exps else odp.mu[il]
+        shares.append(float((ratios < mu).sum()) / (ratios.shape[0] * (ratios.shape[1] + 1)))
+    return shares
+
+
+def odp_metadata(odp: pruning.OdpParams) -> dict:
+    """The mc.odp.* keys of ``odp``, as rewrite_metadata takes them."""
+    values = {keys.ODP_MU: float_array(odp.mu), keys.ODP_PROTECT_RATIO: float_value(odp.protect_ratio),
+              keys.ODP_RENORMALIZE: bool_value(odp.renormalize)}
+    if odp.mu_exps is not None:
+        values[keys.ODP_MU_EXPS] = float_array([m for row in odp.mu_exps for m in row])
+    return values
+
+
+def write_odp_metadata(gguf_in: str | Path, gguf_out: str | Path, odp: pruning.OdpParams) -> Path:
+    """Set the mc.odp.* keys of ``odp`` (tensors are copied unchanged)."""
+    return rewrite_metadata(gguf_in, gguf_out, odp_metadata(odp))
 
 
 def calibrate_odp(model_dir: str | Path, text: CalibrationText, gguf_in: str | Path, gguf_out: str | Path, skip_share: float, *,
                   n_tokens: int = 8192, seq_len: int = 512,
                   protect_ratio: float = pruning.DEFAULT_PROTECT_RATIO, rule: str = DEFAULT_RULE,
-                  progress: bool = True) -> tuple[list[float], list[np.ndarray]]:
-    """Per-layer mu for ``skip_share`` of the slots on ``text`` (chosen by ``rule``), written into ``gguf_out``.
+                  renormalize: bool = DEFAULT_RENORMALIZE,
+                  progress: bool = True) -> tuple[pruning.OdpParams, list[float | None]]:
+    """Thresholds for ``skip_share`` of the slots on ``text`` (chosen by ``rule``), written into ``gguf_out``.
 
-    Returns the thresholds and the per-layer ratios w_i / w_0 [tokens, k-1] they came from (None for a
-    dense layer, whose threshold is 0). The
+    Returns the thresholds and the share of each layer's slots they skip on the calibration tokens (None for
+    a dense layer, whose threshold is 0). The
     router statistics are kept in a folder beside ``gguf_out`` until the file
     is written, so that an interrupted run resumes.
     """
@@ -83,10 +114,10 @@ def calibrate_odp(model_dir: str | Path, text: CalibrationText, gguf_in: str | P
     work = gguf_out.parent / f".{gguf_out.name}.odp-calibrate"
     work.mkdir(exist_ok=True)
     stats = router_statistics(model_dir, text, work, n_tokens=n_tokens, seq_len=seq_len, progress=progress)
-    mu = thresholds(stats, skip_share, rule)
-    write_odp_metadata(gguf_in, gguf_out, mu, protect_ratio)
+    odp = odp_from_stats(stats, skip_share, protect_ratio, rule, renormalize)
+    write_odp_metadata(gguf_in, gguf_out, odp)
     shutil.rmtree(work, ignore_errors=True)
-    return mu, [layer.top_ratio if layer is not None else None for layer in stats.layers]
+    return odp, skipped_shares(stats, odp)
 
 
 def _check_inputs(model_dir: str | Path, gguf_in: str | Path, gguf_out: str | Path, skip_share: float,
@@ -106,8 +137,3 @@ def _check_inputs(model_dir: str | Path, gguf_in: str | Path, gguf_out: str | Pa
                             "is it a GGUF of this model?")
     return ckpt.n_experts_used
 
-
-def odp_from_stats(stats: CalibrationStats, skip_share: float,
-                   protect_ratio: float = pruning.DEFAULT_PROTECT_RATIO, rule: str = DEFAULT_RULE) -> pruning.OdpParams:
-    """Per-layer mu that skip ``skip_share`` of the expert slots on the calibration tokens."""
-    return pruning.OdpParams(thresholds(stats, skip_share, rule), protect_ratio)

@@ -5,23 +5,28 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from mc_gguf.hf.architectures import architecture_for
-from mc_gguf.prune.rule import DEFAULT_PROTECT_RATIO, SlotCounts, keep_mask, validate_params
+from mc_gguf.prune.rule import DEFAULT_PROTECT_RATIO, OdpParams, SlotCounts, keep_mask
 
 
 class TransformersOdp:
     """ODP applied to a transformers MoE model (any family of hf/architectures.py) by wrapping each MoE layer's
     router forward (the row's ``hf_router``; dense layers have none): a slot is kept when its weight is at least mu
-    times the token's top weight. The kept weights are renormalised where the router renormalises (Mixtral and
-    gpt-oss always, the others as their ``norm_topk_prob`` says), as the runtime's ODP does.
+    (the layer's, or with ``mu_exps`` its expert's) times the token's top weight. With ``renormalize`` the kept
+    weights are renormalised where the router renormalises (Mixtral and gpt-oss always, the others as their
+    ``norm_topk_prob`` says), as the runtime's ODP does; without, they stay as the router gave them.
 
     Used as a context manager; counts slots per layer like the runtime does.
     """
 
-    def __init__(self, model, mu: Sequence[float], protect_ratio: float = DEFAULT_PROTECT_RATIO):
+    def __init__(self, model, mu: Sequence[float], protect_ratio: float = DEFAULT_PROTECT_RATIO,
+                 mu_exps: Sequence[Sequence[float]] | None = None, renormalize: bool = True):
         layers = model.model.layers
-        validate_params(mu, protect_ratio, len(layers))
+        self.params = OdpParams(list(mu), protect_ratio, None if mu_exps is None else [list(r) for r in mu_exps],
+                                renormalize)
+        if len(self.params.mu) != len(layers):
+            raise ValueError(f"{len(self.params.mu)} thresholds for {len(layers)} layers")
         self.model = model
-        self.mu = list(mu)
+        self.mu = self.params.mu
         self.protect_ratio = protect_ratio
         self.counts = SlotCounts([0] * len(layers), [0] * len(layers))
         self._saved = []
@@ -48,14 +53,16 @@ class TransformersOdp:
         import torch
 
         route = router.forward
-        renormalise = getattr(router, "norm_topk_prob", getattr(self.model.config, "norm_topk_prob", True))
+        renormalise = self.params.renormalize and getattr(router, "norm_topk_prob",
+                                                          getattr(self.model.config, "norm_topk_prob", True))
 
         def forward(hidden_states):
             logits, weights, indices = route(hidden_states)
             hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
             w = weights.float()
             if self.mu[il] > 0.0:
-                keep = torch.from_numpy(keep_mask(w.detach().numpy(), self.mu[il], hidden.detach().float().numpy(),
+                mu = self.params.slot_thresholds(il, indices.numpy())
+                keep = torch.from_numpy(keep_mask(w.detach().numpy(), mu, hidden.detach().float().numpy(),
                                                   self.protect_ratio))
             else:
                 keep = torch.ones_like(w, dtype=torch.bool)

@@ -4,7 +4,13 @@ The rule (../METHOD.md, Stage 2; the runtime's build_moe_ffn does the same):
 for token t with top-k router probabilities w_0 >= w_1 >= ... (before top-k
 renormalisation), slot i >= 1 is skipped when w_i / w_0 < mu_l; a slot is kept
 iff w_i / w_0 >= mu_l, so a ratio exactly at the threshold is kept. The kept
-weights are renormalised to sum to 1 (Mixtral's gating). In a sequence of
+weights are renormalised to sum to 1 (Mixtral's gating), unless the file says not to
+(mc.odp.renormalize false: the kept weights stay as the router gave them,
+so a skipped slot's share of the output is dropped rather than handed to the
+others, which moves the output less where experts disagree; mc-gguf's
+default). With per-expert thresholds
+(mc.odp.mu_exps) slot i's threshold is the one of its expert, in the layers
+whose mu_l is > 0 (mu_l then only turns the layer on). In a sequence of
 L > 1 tokens the ceil(rho * L) tokens with the highest importance
 ||t_j||_1 / (L - j) keep all their experts (t_j: the MoE block's input; this is
 what the MC authors' code computes, the paper's attention-weighted form
@@ -27,29 +33,58 @@ DEFAULT_PROTECT_RATIO = 0.02
 
 @dataclass
 class OdpParams:
-    """Per-layer thresholds and the protection ratio."""
+    """Per-layer thresholds, the protection ratio and, optionally, per-expert thresholds [layers][experts]
+    that replace mu_l in the layers whose mu_l is > 0."""
 
     mu: list[float]
     protect_ratio: float = DEFAULT_PROTECT_RATIO
+    mu_exps: list[list[float]] | None = None
+    renormalize: bool = True   # the runtime's default where a file does not say (the paper's rule)
 
     def __post_init__(self) -> None:
-        validate_params(self.mu, self.protect_ratio)
+        validate_params(self.mu, self.protect_ratio, mu_exps=self.mu_exps)
+
+    def slot_thresholds(self, il: int, slot_experts: np.ndarray) -> float | np.ndarray:
+        """Layer ``il``'s threshold of every slot, from the slots' experts (any shape): mu_l, or the experts'."""
+        if self.mu_exps is None or self.mu[il] <= 0.0:
+            return self.mu[il]
+        return np.asarray(self.mu_exps[il], dtype=np.float32)[np.asarray(slot_experts)]
+
+    @classmethod
+    def per_expert(cls, mu_exps: Sequence[Sequence[float]], protect_ratio: float = DEFAULT_PROTECT_RATIO,
+                   renormalize: bool = True) -> OdpParams:
+        """Per-expert thresholds; a layer is on when any of them is > 0, with mu_l its smallest positive one (so
+        that a runtime without mc.odp.mu_exps, patch level < 12, prunes less than asked, never more)."""
+        rows = [[float(m) for m in row] for row in mu_exps]
+        return cls([min((m for m in row if m > 0.0), default=0.0) for row in rows], protect_ratio, rows, renormalize)
 
 
-def validate_params(mu: Sequence[float], protect_ratio: float, n_layers: int | None = None) -> None:
+def validate_params(mu: Sequence[float], protect_ratio: float, n_layers: int | None = None,
+                    mu_exps: Sequence[Sequence[float]] | None = None, n_experts: int | None = None) -> None:
     """The checks the runtime makes at load time, with the same meaning."""
     if n_layers is not None and len(mu) != n_layers:
         raise GGUFFileError(f"{keys.ODP_MU} has {len(mu)} values but the model has {n_layers} layers")
     for il, value in enumerate(mu):
         if not math.isfinite(value) or not 0.0 <= value <= 1.0:
             raise GGUFFileError(f"{keys.ODP_MU}[{il}] = {value} is not in [0, 1]")
+    if mu_exps is not None:
+        widths = {len(row) for row in mu_exps}
+        if len(mu_exps) != len(mu) or len(widths) != 1 or (n_experts is not None and widths != {n_experts}):
+            raise GGUFFileError(f"{keys.ODP_MU_EXPS} must hold one threshold per layer and expert "
+                                f"({len(mu)} x {n_experts if n_experts is not None else 'experts'})")
+        for il, row in enumerate(mu_exps):
+            for xid, value in enumerate(row):
+                if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+                    raise GGUFFileError(f"{keys.ODP_MU_EXPS}[{il}][{xid}] = {value} is not in [0, 1]")
     if not math.isfinite(protect_ratio) or not 0.0 <= protect_ratio <= 1.0:
         raise GGUFFileError(f"{keys.ODP_PROTECT_RATIO} = {protect_ratio} is not in [0, 1]")
 
 
-def keep_mask(top_weights: np.ndarray, mu: float, moe_input: np.ndarray | None, protect_ratio: float) -> np.ndarray:
+def keep_mask(top_weights: np.ndarray, mu: float | np.ndarray, moe_input: np.ndarray | None,
+              protect_ratio: float) -> np.ndarray:
     """Which slots a sequence computes: bool [L, k] from its top-k weights [L, k] (in any order: a slot is kept
-    when its weight is at least mu times the token's top weight, as the runtime's rule).
+    when its weight is at least mu times the token's top weight, as the runtime's rule; mu is one threshold or
+    one per slot [L, k], OdpParams.slot_thresholds).
 
     ``moe_input`` [L, hidden] is needed for protection when L > 1.
     """

@@ -52,7 +52,7 @@ def quantize(model_dir: str | Path, plan: Plan, out: str | Path, *, stats: Calib
     if gptq and (stats is None or not stats.has_hessian):
         raise McGgufError(f"{'tuning' if tune else 'GPTQ'} needs the experts' Hessians: calibrate with --hessian")
     if odp is not None:
-        pruning.validate_params(odp.mu, odp.protect_ratio, ckpt.n_layers)
+        pruning.validate_params(odp.mu, odp.protect_ratio, ckpt.n_layers, odp.mu_exps, ckpt.n_experts)
 
     hessians = ExpertHessians(ckpt, stats) if gptq else None
 
@@ -69,6 +69,9 @@ def quantize(model_dir: str | Path, plan: Plan, out: str | Path, *, stats: Calib
         if odp is not None:
             writer.add_array(keys.ODP_MU, [float(m) for m in odp.mu])
             writer.add_float32(keys.ODP_PROTECT_RATIO, odp.protect_ratio)
+            writer.add_bool(keys.ODP_RENORMALIZE, odp.renormalize)
+            if odp.mu_exps is not None:
+                writer.add_array(keys.ODP_MU_EXPS, [float(m) for row in odp.mu_exps for m in row])
 
     return write_gguf(out, gguf.MODEL_ARCH_NAMES[ckpt.arch.gguf_arch], add_metadata, tensors, progress=progress)
 

@@ -252,7 +252,8 @@ def test_a_bf16_checkpoint_calibrates_exactly_as_its_float32_widening(tmp_path, 
 def test_skip_cost_is_the_moe_output_change_with_the_slot_skipped_over_the_layer_output(
         calibration, direct, hf_model, hf_tokenizer, calibration_settings):
     """skip_cost[t, 0] = ||block(x_t) with slot 1 skipped (weights renormalised) - block(x_t)||^2 / ||h_t||^2,
-    h_t the decoder layer's output; the skipped block is transformers' own under the ODP reference."""
+    h_t the decoder layer's output, and drop_cost the same with the kept weight left as it is; the skipped block
+    is transformers' own under the ODP reference. slot_experts is transformers' router's second choice."""
     from mc_gguf.prune.reference import TransformersOdp
 
     _, stats = calibration
@@ -277,9 +278,16 @@ def test_skip_cost_is_the_moe_output_change_with_the_slot_skipped_over_the_layer
             # mu = 1 and no protection: every token's second slot is skipped (w1 < w0)
             with TransformersOdp(hf_model, [1.0] * n_layers, protect_ratio=0.0):
                 skipped = block(xs[il][None])[0]
+            with TransformersOdp(hf_model, [1.0] * n_layers, protect_ratio=0.0, renormalize=False):
+                dropped = block(xs[il][None])[0]
+            _, _, experts = block.gate(xs[il])
         h = outputs[il].reshape(-1, outputs[il].shape[-1]).double()
         expected = ((skipped - reference).double() ** 2).sum(-1) / (h ** 2).sum(-1)
         np.testing.assert_allclose(layer.skip_cost[:, 0], expected.numpy(), rtol=2e-3, atol=1e-9)
+        expected = ((dropped - reference).double() ** 2).sum(-1) / (h ** 2).sum(-1)
+        np.testing.assert_allclose(layer.drop_cost[:, 0], expected.numpy(), rtol=2e-3, atol=1e-9)
+        assert not np.allclose(layer.drop_cost, layer.skip_cost, rtol=0.1)
+        np.testing.assert_array_equal(layer.slot_experts[:, 0], experts[:, 1].numpy())
 
 
 def test_streamed_statistics_file_reads_back_with_safetensors_own_reader(tmp_path):

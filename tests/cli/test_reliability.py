@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from mc_gguf.cli import main
-from mc_gguf.gguf_io.edit import MetadataDetails, float_array, rewrite_metadata
+from mc_gguf.gguf_io.edit import MetadataDetails, float_array, float_value, rewrite_metadata
 
 from conftest import CALIBRATION_TEXT
 
@@ -234,12 +234,13 @@ def test_outputs_honour_the_umask_and_keep_an_existing_files_mode(tiny_model_dir
 
 def test_writing_to_a_symlink_writes_its_target(converted, tmp_path):
     from mc_gguf.prune.calibration import write_odp_metadata
+    from mc_gguf.prune.rule import OdpParams
 
     target = tmp_path / "real.gguf"
     shutil.copyfile(converted("q8_0"), target)
     link = tmp_path / "link.gguf"
     link.symlink_to(target)
-    write_odp_metadata(link, link, [0.2, 0.3])
+    write_odp_metadata(link, link, OdpParams([0.2, 0.3]))
     assert link.is_symlink() and link.resolve() == target
     assert "mc.odp.mu" in gguf.GGUFReader(target).fields
 
@@ -320,6 +321,12 @@ def test_llama_cpps_own_reason_is_shown_when_it_refuses_a_file(converted, tmp_pa
 @pytest.mark.parametrize("updates, needle", [
     ({"mc.odp.mu": float_array([0.2, 0.3]), "mc.odp.protect_ratio": MetadataDetails(gguf.GGUFValueType.STRING, "0.1")},
      "mc.odp.protect_ratio must be a float32"),
+    ({"mc.odp.mu": float_array([0.2, 0.3]), "mc.odp.mu_exps": float_array([0.2] * 5)},
+     "mc.odp.mu_exps has 5 values but the model has 2 layers of 4 experts"),
+    ({"mc.odp.mu": float_array([0.2, 0.3]), "mc.odp.mu_exps": float_array([0.2] * 7 + [1.5])},
+     "mc.odp.mu_exps[1][3] = 1.5 is not in [0, 1]"),
+    ({"mc.odp.mu": float_array([0.2, 0.3]), "mc.odp.renormalize": float_value(0.0)},
+     "mc.odp.renormalize must be a bool"),
     ({"mc.experts.groups": MetadataDetails(gguf.GGUFValueType.ARRAY, [0.0] * 24, sub_type=gguf.GGUFValueType.FLOAT32)},
      "mc.experts.groups must be an array of int32"),
     ({"mc.experts.groups": MetadataDetails(gguf.GGUFValueType.STRING, "0000000")},

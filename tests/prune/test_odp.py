@@ -16,12 +16,12 @@ import pytest
 
 from mc_gguf.calibrate.text import pack_sequences
 from mc_gguf.errors import GGUFFileError, InvalidValueError
-from mc_gguf.evaluate.run import load
+from mc_gguf.evaluate.run import load, read_odp_metadata
 from mc_gguf.gguf_io import keys
 from mc_gguf.gguf_io.edit import MetadataDetails, float_array, float_value, rewrite_metadata
 from mc_gguf.prune.calibration import write_odp_metadata
 from mc_gguf.prune.reference import TransformersOdp
-from mc_gguf.prune.rule import top_ratios
+from mc_gguf.prune.rule import OdpParams, top_ratios
 
 from helpers import PROMPT, llama_cpp_logits, transformers_logits
 
@@ -50,13 +50,48 @@ def safe_median(ratios: np.ndarray) -> float:
     return float((values[i] + values[i + 1]) / 2)
 
 
+def router_slots(hf_model, ids) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer: w_i / w_0 of every token's slots i >= 1 [tokens, k-1] and their experts, from transformers."""
+    import torch
+
+    with torch.no_grad():
+        out = hf_model(torch.tensor([ids]), output_router_logits=True)
+    slots = []
+    for logits in out.router_logits:
+        top, experts = torch.topk(torch.softmax(logits.float(), -1), hf_model.config.num_experts_per_tok, dim=-1)
+        slots.append(((top[:, 1:] / top[:, :1]).numpy(), experts[:, 1:].numpy()))
+    return slots
+
+
+def per_expert_mu(hf_model, ids, seed: int = 0) -> list[list[float]]:
+    """Per-layer, per-expert thresholds: between two of the middle ratios of the slots each expert had (a seeded
+    value for an expert that had fewer than two), none within float noise of any ratio of its slots."""
+    n_expert = hf_model.config.num_local_experts
+    rng = np.random.default_rng(seed)
+    rows = []
+    for ratios, experts in router_slots(hf_model, ids):
+        row = []
+        for xid in range(n_expert):
+            mine = np.sort(ratios[experts == xid])
+            if len(mine) >= 2:  # the middle of the widest gap between neighbouring ratios around the median
+                first = max(0, len(mine) // 4 - 1)
+                gaps = np.diff(mine)[first:max(first + 1, 3 * len(mine) // 4)]
+                i = first + int(np.argmax(gaps))
+                row.append(float((mine[i] + mine[i + 1]) / 2))
+            else:
+                row.append(float(rng.uniform(0.2, 0.8)))
+            assert np.abs(mine - row[-1]).min(initial=1.0) > 1e-4
+        rows.append(row)
+    return rows
+
+
 @pytest.fixture(scope="module")
 def median_mu(hf_model, prompt_ids) -> list[float]:
     return [safe_median(r) for r in router_ratios(hf_model, prompt_ids)]
 
 
-def reference(hf_model, ids, mu, protect_ratio):
-    with TransformersOdp(hf_model, mu, protect_ratio) as odp:
+def reference(hf_model, ids, mu, protect_ratio, mu_exps=None, renormalize=True):
+    with TransformersOdp(hf_model, mu, protect_ratio, mu_exps, renormalize) as odp:
         logits = transformers_logits(hf_model, ids)
     return logits, odp.counts
 
@@ -73,7 +108,7 @@ def llama_run(path, ids, **kwargs):
 
 
 def test_prefill_skip_counts_and_logits_match_reference(converted, hf_model, prompt_ids, median_mu, tmp_path):
-    path = write_odp_metadata(converted("f32"), tmp_path / "odp.gguf", median_mu, 0.02)
+    path = write_odp_metadata(converted("f32"), tmp_path / "odp.gguf", OdpParams(median_mu, 0.02))
     ref_logits, ref_counts = reference(hf_model, prompt_ids, median_mu, 0.02)
     got_logits, got_counts = llama_run(path, prompt_ids)
 
@@ -87,11 +122,49 @@ def test_prefill_skip_counts_and_logits_match_reference(converted, hf_model, pro
     assert np.abs(unpruned - ref_logits).max() / np.abs(ref_logits).max() > 10 * TOLERANCE
 
 
+
+
+def test_kept_weights_left_as_they_are_match_reference(converted, hf_model, prompt_ids, median_mu, tmp_path):
+    """mc.odp.renormalize false: a token that drops a slot keeps the other weights as the router gave them, in the
+    runtime as in the reference; renormalised (the key absent) the logits are other ones."""
+    odp = OdpParams(median_mu, 0.02, renormalize=False)
+    path = write_odp_metadata(converted("f32"), tmp_path / "plain.gguf", odp)
+    assert read_odp_metadata(path).renormalize is False
+    ref_logits, ref_counts = reference(hf_model, prompt_ids, median_mu, 0.02, renormalize=False)
+    got_logits, got_counts = llama_run(path, prompt_ids)
+    assert got_counts.computed == ref_counts.computed and got_counts.skipped == ref_counts.skipped
+    assert sum(got_counts.skipped) > 0
+    assert np.abs(got_logits - ref_logits).max() / np.abs(ref_logits).max() < TOLERANCE
+    renormalised, _ = reference(hf_model, prompt_ids, median_mu, 0.02)
+    assert np.abs(renormalised - ref_logits).max() / np.abs(ref_logits).max() > 10 * TOLERANCE
+
+@pytest.mark.parametrize("protect_ratio", [0.0, 0.1])
+def test_per_expert_thresholds_match_reference(converted, hf_model, prompt_ids, tmp_path, protect_ratio):
+    """mc.odp.mu_exps: each slot compared with its expert's threshold, in the runtime as in the reference; the
+    same file with one threshold per layer (each layer's mean) prunes other slots."""
+    mu_exps = per_expert_mu(hf_model, prompt_ids)
+    odp = OdpParams.per_expert(mu_exps, protect_ratio)
+    path = write_odp_metadata(converted("f32"), tmp_path / "odp.gguf", odp)
+    stored = read_odp_metadata(path)
+    assert np.allclose(stored.mu_exps, mu_exps, rtol=1e-6) and np.allclose(stored.mu, odp.mu, rtol=1e-6)
+    ref_logits, ref_counts = reference(hf_model, prompt_ids, odp.mu, protect_ratio, mu_exps)
+    got_logits, got_counts = llama_run(path, prompt_ids)
+    assert got_counts.computed == ref_counts.computed and got_counts.skipped == ref_counts.skipped
+    assert sum(got_counts.skipped) > 0
+    assert np.abs(got_logits - ref_logits).max() / np.abs(ref_logits).max() < TOLERANCE
+    layer_mu = [float(np.mean(row)) for row in mu_exps]
+    per_layer_logits, _ = reference(hf_model, prompt_ids, layer_mu, protect_ratio)
+    assert np.abs(per_layer_logits - ref_logits).max() / np.abs(ref_logits).max() > 10 * TOLERANCE
+    # a load-time --mu (mc.odp.mu_all) replaces the per-expert thresholds as it replaces the per-layer ones
+    overridden, _ = llama_run(path, prompt_ids, mu=layer_mu[0])
+    all_logits, _ = reference(hf_model, prompt_ids, [layer_mu[0]] * len(layer_mu), protect_ratio)
+    assert np.abs(overridden - all_logits).max() / np.abs(all_logits).max() < TOLERANCE
+
 def test_decode_uses_the_mu_rule_alone(converted, hf_model, prompt_ids, median_mu, tmp_path):
     """One token per ubatch: no protection; counts equal the reference run token by token."""
     import torch
 
-    path = write_odp_metadata(converted("f32"), tmp_path / "odp.gguf", median_mu, 0.5)
+    path = write_odp_metadata(converted("f32"), tmp_path / "odp.gguf", OdpParams(median_mu, 0.5))
     ids = prompt_ids[:16]
     with TransformersOdp(hf_model, median_mu, 0.5) as odp, torch.no_grad():
         past = None
@@ -104,7 +177,7 @@ def test_decode_uses_the_mu_rule_alone(converted, hf_model, prompt_ids, median_m
 
 def test_mu_zero_is_bit_identical_to_no_metadata(converted, prompt_ids, tmp_path):
     plain = llama_cpp_logits(converted("q8_0"), prompt_ids)
-    zeros = write_odp_metadata(converted("q8_0"), tmp_path / "zeros.gguf", [0.0, 0.0], 0.02)
+    zeros = write_odp_metadata(converted("q8_0"), tmp_path / "zeros.gguf", OdpParams([0.0, 0.0], 0.02))
     logits, counts = llama_run(zeros, prompt_ids)
     assert np.array_equal(logits, plain)
     assert sum(counts.skipped) == 0 and counts.computed == [2 * len(prompt_ids)] * 2
@@ -112,7 +185,7 @@ def test_mu_zero_is_bit_identical_to_no_metadata(converted, prompt_ids, tmp_path
 
 def test_no_odp_override_is_bit_identical_to_no_metadata(converted, prompt_ids, median_mu, tmp_path):
     plain = llama_cpp_logits(converted("q8_0"), prompt_ids)
-    path = write_odp_metadata(converted("q8_0"), tmp_path / "odp.gguf", median_mu, 0.02)
+    path = write_odp_metadata(converted("q8_0"), tmp_path / "odp.gguf", OdpParams(median_mu, 0.02))
     logits, counts = llama_run(path, prompt_ids, odp=False)
     assert np.array_equal(logits, plain) and sum(counts.skipped) == 0
 
@@ -122,7 +195,7 @@ def test_protection_keeps_both_experts_of_the_most_important_tokens(converted, h
     n = len(prompt_ids)
     for rho, n_protected in ((0.0, 0), (0.02, 1), (3.5 / n, 4)):
         assert math.ceil(rho * n) == n_protected
-        path = write_odp_metadata(converted("f32"), tmp_path / f"p{n_protected}.gguf", [1.0, 1.0], rho)
+        path = write_odp_metadata(converted("f32"), tmp_path / f"p{n_protected}.gguf", OdpParams([1.0, 1.0], rho))
         got_logits, got = llama_run(path, prompt_ids)
         assert got.computed == [n + n_protected] * 2
         ref_logits, ref = reference(hf_model, prompt_ids, [1.0, 1.0], rho)
@@ -198,16 +271,20 @@ def test_odp_calibrate_command_writes_thresholds_for_the_share(converted, tiny_m
     seqs = [list(s) for s in pack_sequences(ids, hf_tokenizer.bos_token_id, 64, 32, seed=0)]
     assert len(seqs) == 2
     per_layer = [np.concatenate(r) for r in zip(*(router_ratios(hf_model, s) for s in seqs))]
-    for rule in ("quantile", "sensitivity"):
+    slot_experts = [np.concatenate([e for _, e in layers]) for layers in zip(*(router_slots(hf_model, s) for s in seqs))]
+    for rule in ("quantile", "sensitivity-layer", "sensitivity"):
         code = main(["odp-calibrate", str(tiny_model_dir), str(converted("f16")), "--text", str(text_file),
                      "--skip", "0.25", "--seq-len", "32", "--tokens", "64", "--rule", rule, "-o", str(out)])
         assert code == 0, capsys.readouterr().err
         params = read_odp_metadata(out)
         assert params.protect_ratio == pytest.approx(0.02)
+        assert params.renormalize is False  # the default
+        assert (params.mu_exps is not None) == (rule == "sensitivity")
         if rule == "quantile":
             np.testing.assert_allclose(params.mu, [np.median(r) for r in per_layer], rtol=1e-6)
-        else:  # the layers may differ, the calibration tokens' share may not
-            assert np.mean([np.mean(r < m) for r, m in zip(per_layer, params.mu)]) / 2 >= 0.25 - 1e-9
+        else:  # the layers (and experts) may differ, the calibration tokens' share may not
+            mu = [params.slot_thresholds(il, e.reshape(r.shape)) for il, (r, e) in enumerate(zip(per_layer, slot_experts))]
+            assert np.mean([np.mean(r < m) for r, m in zip(per_layer, mu)]) / 2 >= 0.25 - 1e-6
 
 
 def test_a_deep_model_has_graph_room_for_pruning(tmp_path):

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_odp import TOLERANCE, llama_run, reference, router_ratios, safe_median
+from test_odp import TOLERANCE, llama_run, per_expert_mu, reference, router_ratios, safe_median
 
 from mc_gguf.gguf_io.convert import convert
 from mc_gguf.hf.tiny import TinyMixtralSpec, build_tiny_mixtral
 from mc_gguf.prune.calibration import write_odp_metadata
-from mc_gguf.prune.rule import thresholds_for_skip_share
+from mc_gguf.prune.rule import OdpParams, thresholds_for_skip_share
 
 from helpers import PROMPT, transformers_logits
 
@@ -37,7 +37,7 @@ def test_skip_counts_and_logits_match_the_reference(top_k_model, tmp_path, prote
     folder, f32, model, ids = top_k_model
     k = model.config.num_experts_per_tok
     mu = [safe_median(r) for r in router_ratios(model, ids)]
-    path = write_odp_metadata(f32, tmp_path / "odp.gguf", mu, protect_ratio)
+    path = write_odp_metadata(f32, tmp_path / "odp.gguf", OdpParams(mu, protect_ratio))
     ref_logits, ref_counts = reference(model, ids, mu, protect_ratio)
     got_logits, got_counts = llama_run(path, ids)
     assert got_counts.computed == ref_counts.computed and got_counts.skipped == ref_counts.skipped
@@ -55,7 +55,7 @@ def test_decode_counts_match_the_reference_token_by_token(top_k_model, tmp_path)
 
     folder, f32, model, ids = top_k_model
     mu = [safe_median(r) for r in router_ratios(model, ids)]
-    path = write_odp_metadata(f32, tmp_path / "odp.gguf", mu, 0.5)
+    path = write_odp_metadata(f32, tmp_path / "odp.gguf", OdpParams(mu, 0.5))
     ids = ids[:12]
     with TransformersOdp(model, mu, 0.5) as odp, torch.no_grad():
         past = None
@@ -72,3 +72,17 @@ def test_quantile_thresholds_skip_the_share_of_all_slots(k):
     target = 0.4 * (k - 1) / k
     for m, r in zip(thresholds_for_skip_share(ratios, target, n_used=k), ratios):
         assert (r < m).sum() / (r.shape[0] * k) == pytest.approx(target, abs=1e-3)
+
+
+def test_per_expert_thresholds_match_the_reference(top_k_model, tmp_path):
+    """mc.odp.mu_exps with k > 2: every slot after the first compared with its own expert's threshold (and the kept
+    weights left as they are, mc.odp.renormalize false)."""
+    folder, f32, model, ids = top_k_model
+    mu_exps = per_expert_mu(model, ids, seed=3)
+    odp = OdpParams.per_expert(mu_exps, 0.1, renormalize=False)
+    path = write_odp_metadata(f32, tmp_path / "odp.gguf", odp)
+    ref_logits, ref_counts = reference(model, ids, odp.mu, 0.1, mu_exps, renormalize=False)
+    got_logits, got_counts = llama_run(path, ids)
+    assert got_counts.computed == ref_counts.computed and got_counts.skipped == ref_counts.skipped
+    assert sum(got_counts.skipped) > 0
+    assert np.abs(got_logits - ref_logits).max() / np.abs(ref_logits).max() < TOLERANCE
