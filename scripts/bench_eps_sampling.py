@@ -19,13 +19,12 @@ the same types, the two calibration times, and the KLD ratio the issue's
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from bench_odp import BENCH
+from bench_odp import BENCH, emit_json
 from bench_quality import Q8_NON_EXPERT, produce, quick_inputs
 from scipy.stats import spearmanr
 
@@ -104,10 +103,7 @@ def main() -> int:
            "experts_with_the_same_types": float(np.mean(same)),
            **{name: {k: v for k, v in run.items() if k not in ("stats", "plan")} for name, run in runs.items()},
            "kld_sampled_over_full": sampled["kld_mean"] / full["kld_mean"]}
-    text_out = json.dumps(out, indent=1)
-    print(text_out)
-    if args.json:
-        Path(args.json).write_text(text_out + "\n", encoding="utf-8")
+    emit_json(out, args.json, indent=1)
     return 0
 
 

@@ -39,6 +39,14 @@ from mc_gguf.prune.settings import THRESHOLD_RULES
 BENCH = Path(__file__).resolve().parent.parent.parent / "shared" / "bench"
 
 
+def emit_json(report: dict, path: str | None, indent: int = 2) -> None:
+    """Print the report as JSON, and write it to ``path`` too when one is given."""
+    text = json.dumps(report, indent=indent)
+    print(text)
+    if path:
+        Path(path).write_text(text + "\n", encoding="utf-8")
+
+
 def decode_tokens_per_second(path: Path, prompt: list[int], n_tokens: int, repeats: int = 5) -> dict:
     """Greedy decoding speed (tokens/s after the prompt), median of several runs on one context."""
     llm = load(path, n_ctx=512, n_batch=64)
@@ -149,10 +157,7 @@ def main() -> int:
         "calibration_median_w1_w0": [round(float(np.median(layer.top_ratio[:, 0])), 4) for layer in stats.layers],
         "files": {label: evaluate_rules(path, stats, token_windows, args, workdir) for label, path in files.items()},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n", encoding="utf-8")
+    emit_json(result, args.json)
     return 0
 
 

@@ -31,14 +31,13 @@ paper's rule), in training and evaluation alike. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from bench_odp import BENCH
+from bench_odp import BENCH, emit_json
 
 from mc_gguf.calibrate.text import read_text
 from mc_gguf.evaluate.perplexity import windows
@@ -236,10 +235,7 @@ def main() -> int:
             print(f"{name} {skip:g}: eval ppl {row['eval']['ppl_change']:+.4f} kld {row['eval']['kld_mean']:.5f}, "
                   f"held-out ppl {row['held_out']['ppl_change']:+.4f} kld {row['held_out']['kld_mean']:.5f}",
                   file=sys.stderr, flush=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n", encoding="utf-8")
+    emit_json(result, args.json)
     return 0
 
 
