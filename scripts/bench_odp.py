@@ -39,6 +39,13 @@ from mc_gguf.prune.settings import THRESHOLD_RULES
 BENCH = Path(__file__).resolve().parent.parent.parent / "shared" / "bench"
 
 
+def text_windows(tokenizer, path: str, ctx: int, count: int) -> list[list[int]]:
+    """The first ``count`` windows of ``ctx`` token ids of the text file, each starting with BOS (the tokenizer run
+    without special tokens, so both engines get the same ids: ../shared/bench/README.md's tokenizer quirk)."""
+    ids = tokenizer(Path(path).read_text(encoding="utf-8"), add_special_tokens=False).input_ids
+    return windows(ids, ctx, tokenizer.bos_token_id, count)
+
+
 def emit_json(report: dict, path: str | None, indent: int = 2) -> None:
     """Print the report as JSON, and write it to ``path`` too when one is given."""
     text = json.dumps(report, indent=indent)
@@ -142,8 +149,7 @@ def main() -> int:
 
     # the same token ids for both engines (see ../shared/bench/README.md on the tokenizer quirk)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    ids = tokenizer(Path(args.eval).read_text(encoding="utf-8"), add_special_tokens=False).input_ids
-    token_windows = windows(ids, args.ctx, tokenizer.bos_token_id, args.first_window + args.windows)[args.first_window:]
+    token_windows = text_windows(tokenizer, args.eval, args.ctx, args.first_window + args.windows)[args.first_window:]
 
     files = {"f16": convert(args.model, workdir / "model-f16.gguf", "f16", progress=False)}
     if not args.no_quantized:

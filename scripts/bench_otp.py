@@ -37,10 +37,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_odp import BENCH, emit_json
+from bench_odp import BENCH, emit_json, text_windows
 
 from mc_gguf.calibrate.text import read_text
-from mc_gguf.evaluate.perplexity import windows
 from mc_gguf.prune.calibration import odp_from_stats, router_statistics
 from mc_gguf.prune.reference import TransformersOdp
 
@@ -198,16 +197,12 @@ def main() -> int:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
 
-    def text_windows(path: str, count: int) -> list[list[int]]:  # bench_odp's windows (first token BOS)
-        ids = tokenizer(Path(path).read_text(encoding="utf-8"), add_special_tokens=False).input_ids
-        return windows(ids, args.ctx, tokenizer.bos_token_id, count)
-
     def unpruned(windows):
         with torch.no_grad():
             return [torch.log_softmax(model(torch.tensor([w])).logits[0].float(), -1) for w in windows]
 
-    train_windows = text_windows(args.calib, args.calib_tokens // args.ctx)
-    scored = text_windows(args.eval, 2 * args.windows)
+    train_windows = text_windows(tokenizer, args.calib, args.ctx, args.calib_tokens // args.ctx)
+    scored = text_windows(tokenizer, args.eval, args.ctx, 2 * args.windows)
     eval_windows, held_windows = scored[:args.windows], scored[args.windows:]
     train_teacher, eval_teacher, held_teacher = (unpruned(w) for w in (train_windows, eval_windows, held_windows))
 

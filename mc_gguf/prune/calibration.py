@@ -11,8 +11,7 @@ from mc_gguf.calibrate.settings import CalibrationSettings
 from mc_gguf.calibrate.stats import CalibrationStats
 from mc_gguf.calibrate.text import CalibrationText
 from mc_gguf.errors import GGUFFileError, McGgufError
-from mc_gguf.gguf_io import keys
-from mc_gguf.gguf_io.edit import bool_value, field_value, float_array, float_value, open_gguf, rewrite_metadata
+from mc_gguf.gguf_io.edit import field_value, open_gguf, rewrite_metadata
 from mc_gguf.prune import rule as pruning
 from mc_gguf.prune.budget import thresholds_by_sensitivity, thresholds_per_expert
 from mc_gguf.prune.settings import DEFAULT_RENORMALIZE, DEFAULT_RULE, THRESHOLD_RULES
@@ -55,18 +54,16 @@ def odp_from_stats(stats: CalibrationStats, skip_share: float,
     if rule == "sensitivity":
         per_expert = thresholds_per_expert(ratios, costs, [layer.slot_experts for layer in layers], stats.n_experts,
                                            skip_share, n_used)
-        every = [[0.0] * stats.n_experts for _ in stats.layers]
-        for bid, row in zip(bids, per_expert):
-            every[bid] = row
-        return pruning.OdpParams.per_expert(every, protect_ratio, renormalize)
+        every = dict(zip(bids, per_expert))
+        return pruning.OdpParams.per_expert([every.get(bid, [0.0] * stats.n_experts) for bid in range(len(stats.layers))],
+                                            protect_ratio, renormalize)
     if rule == "quantile":
         mu = pruning.thresholds_for_skip_share(ratios, skip_share, n_used)
     else:
         mu = thresholds_by_sensitivity(ratios, costs, skip_share, n_used)
-    every = [0.0] * len(stats.layers)
-    for bid, m in zip(bids, mu):
-        every[bid] = m
-    return pruning.OdpParams(every, protect_ratio, renormalize=renormalize)
+    every = dict(zip(bids, mu))
+    return pruning.OdpParams([every.get(bid, 0.0) for bid in range(len(stats.layers))], protect_ratio,
+                             renormalize=renormalize)
 
 
 def skipped_shares(stats: CalibrationStats, odp: pruning.OdpParams) -> list[float | None]:
@@ -82,18 +79,9 @@ def skipped_shares(stats: CalibrationStats, odp: pruning.OdpParams) -> list[floa
     return shares
 
 
-def odp_metadata(odp: pruning.OdpParams) -> dict:
-    """The mc.odp.* keys of ``odp``, as rewrite_metadata takes them."""
-    values = {keys.ODP_MU: float_array(odp.mu), keys.ODP_PROTECT_RATIO: float_value(odp.protect_ratio),
-              keys.ODP_RENORMALIZE: bool_value(odp.renormalize)}
-    if odp.mu_exps is not None:
-        values[keys.ODP_MU_EXPS] = float_array([m for row in odp.mu_exps for m in row])
-    return values
-
-
 def write_odp_metadata(gguf_in: str | Path, gguf_out: str | Path, odp: pruning.OdpParams) -> Path:
     """Set the mc.odp.* keys of ``odp`` (tensors are copied unchanged)."""
-    return rewrite_metadata(gguf_in, gguf_out, odp_metadata(odp))
+    return rewrite_metadata(gguf_in, gguf_out, pruning.odp_metadata(odp))
 
 
 def calibrate_odp(model_dir: str | Path, text: CalibrationText, gguf_in: str | Path, gguf_out: str | Path, skip_share: float, *,

@@ -59,6 +59,18 @@ class OdpParams:
         return cls([min((m for m in row if m > 0.0), default=0.0) for row in rows], protect_ratio, rows, renormalize)
 
 
+def odp_metadata(odp: OdpParams) -> dict:
+    """The mc.odp.* keys of ``odp`` (gguf-py's MetadataDetails, as rewrite_metadata and GGUFWriter.add_key_value
+    take them), in the order they are written."""
+    from mc_gguf.gguf_io.edit import bool_value, float_array, float_value
+
+    values = {keys.ODP_MU: float_array(odp.mu), keys.ODP_PROTECT_RATIO: float_value(odp.protect_ratio),
+              keys.ODP_RENORMALIZE: bool_value(odp.renormalize)}
+    if odp.mu_exps is not None:
+        values[keys.ODP_MU_EXPS] = float_array([m for row in odp.mu_exps for m in row])
+    return values
+
+
 def validate_params(mu: Sequence[float], protect_ratio: float, n_layers: int | None = None,
                     mu_exps: Sequence[Sequence[float]] | None = None, n_experts: int | None = None) -> None:
     """The checks the runtime makes at load time, with the same meaning."""

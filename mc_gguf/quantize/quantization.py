@@ -67,11 +67,8 @@ def quantize(model_dir: str | Path, plan: Plan, out: str | Path, *, stats: Calib
         model_metadata(ckpt, gguf.LlamaFileType.GUESSED)(writer)
         add_plan_metadata(writer, plan, measured, stats, gptq, tune)
         if odp is not None:
-            writer.add_array(keys.ODP_MU, [float(m) for m in odp.mu])
-            writer.add_float32(keys.ODP_PROTECT_RATIO, odp.protect_ratio)
-            writer.add_bool(keys.ODP_RENORMALIZE, odp.renormalize)
-            if odp.mu_exps is not None:
-                writer.add_array(keys.ODP_MU_EXPS, [float(m) for row in odp.mu_exps for m in row])
+            for key, value in pruning.odp_metadata(odp).items():
+                writer.add_key_value(key, value.value, value.type, sub_type=value.sub_type)
 
     return write_gguf(out, gguf.MODEL_ARCH_NAMES[ckpt.arch.gguf_arch], add_metadata, tensors, progress=progress)
 
