@@ -14,6 +14,11 @@ perplexity against the same file unpruned (measured in the same run), KL
 divergence from it (mean and p99), how often the top token is the same, the
 skipped share per layer, and greedy decoding speed. Done on the F16 file and,
 unless --no-quantized, on a per-expert 2.5-bit file made by `compress`.
+The bench model is too small for its decoding to be bound by memory
+bandwidth, where a skipped slot is an expert's bytes not read; unless
+--no-speed-model, the decode speed at each skip share is also measured on
+bench_speed.py's bandwidth-bound synthetic Mixtral (paired with its
+unpruned decode in one process, against the bandwidth limit's own ratio).
 Prints one JSON object.
 
     python scripts/bench_odp.py [--model ../shared/bench/model] [--calib ...] [--eval ...] [--skips 0.15 0.25 0.35]
@@ -133,6 +138,10 @@ def main() -> int:
     parser.add_argument("--bits", type=float, default=2.5, help="expert bits of the quantized file (default: 2.5)")
     parser.add_argument("--no-quantized", action="store_true", help="only the F16 file")
     parser.add_argument("--decode-tokens", type=int, default=128, help="tokens per decode timing (default: 128)")
+    parser.add_argument("--no-speed-model", action="store_true",
+                        help="skip the decode speed on bench_speed.py's bandwidth-bound synthetic model")
+    parser.add_argument("--speed-workdir", default="build/bench-speed",
+                        help="where that model's files go (shared with bench_speed.py)")
     parser.add_argument("--workdir", default="build/bench-odp", help="where the GGUF files go")
     parser.add_argument("--json", help="also write the JSON here")
     args = parser.parse_args()
@@ -163,6 +172,10 @@ def main() -> int:
         "calibration_median_w1_w0": [round(float(np.median(layer.top_ratio[:, 0])), 4) for layer in stats.layers],
         "files": {label: evaluate_rules(path, stats, token_windows, args, workdir) for label, path in files.items()},
     }
+    if not args.no_speed_model:
+        from bench_speed import odp_speed
+
+        result["bandwidth_bound_decode"] = odp_speed(Path(args.speed_workdir), args.skips)
     emit_json(result, args.json)
     return 0
 

@@ -11,7 +11,9 @@ and, on the same F16 file and the same calibration tokens, llama.cpp's own
 convert_hf_to_gguf.py, llama-imatrix and llama-quantize (unpatched, built
 from the same sdist). Each process's wall time and peak RSS (its own
 rusage; this process stays small, since a child's peak includes its
-parent's at exec) are recorded. Prints one JSON object: per stage and N the seconds
+parent's at exec) are recorded, and on Linux its peak anonymous memory
+(RssAnon, sampled every 0.1 s): RSS also counts the pages of the files a
+process maps, which the kernel drops under pressure and reads again. Prints one JSON object: per stage and N the seconds
 and GiB, the ratios against llama.cpp's tools measured in the same run, the
 seconds per layer extrapolated to Mixtral's 32 layers, and memory flatness
 (largest N against the next).
@@ -28,6 +30,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -93,22 +96,53 @@ def build_checkpoint(out: Path, shapes: dict, n_layers: int, seed: int = 0) -> P
     return out
 
 
+class AnonymousPeak(threading.Thread):
+    """Peak anonymous resident memory of a running process (Linux: RssAnon in /proc/PID/status, sampled).
+
+    A process's RSS also counts the pages of files it maps (a GGUF that llama.cpp runs): the
+    kernel drops those under pressure and reads them again, so they bound nothing. Anonymous
+    memory (heaps, buffers, copies) is what a machine must hold. None where /proc is absent.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.1):
+        super().__init__(daemon=True)
+        self.path, self.interval, self.peak = Path(f"/proc/{pid}/status"), interval, None
+
+    def run(self) -> None:
+        while True:
+            try:
+                text = self.path.read_text()
+            except OSError:  # reaped
+                return
+            for line in text.splitlines():
+                if line.startswith("RssAnon:"):
+                    self.peak = max(self.peak or 0, int(line.split()[1]) * 1024)
+            time.sleep(self.interval)
+
+
 def measure(name: str, cmd: list[str], log: Path, env: dict | None = None) -> dict:
-    """Run ``cmd`` as its own process: wall seconds and peak resident memory (its rusage, GiB)."""
+    """Run ``cmd`` as its own process: wall seconds, peak resident memory (its rusage, GiB) and
+    peak anonymous memory (sampled, Linux)."""
     with open(log, "a") as out:
         out.write(f"\n$ {' '.join(cmd)}\n")
         out.flush()
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        sampler = AnonymousPeak(proc.pid)
+        sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - started
+        sampler.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         tail = log.read_text().splitlines()[-20:]
         raise RuntimeError(f"{name} failed ({proc.returncode}; log {log}):\n" + "\n".join(tail))
     rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
     row = {"seconds": round(seconds, 1), "peak_rss_gib": round(rss / GIB, 2)}
-    print(f"  {name:22s} {row['seconds']:8.1f} s  {row['peak_rss_gib']:6.2f} GiB", file=sys.stderr, flush=True)
+    if sampler.peak is not None:
+        row["peak_anon_gib"] = round(sampler.peak / GIB, 2)
+    print(f"  {name:22s} {row['seconds']:8.1f} s  {row['peak_rss_gib']:6.2f} GiB"
+          f"  (anonymous {row.get('peak_anon_gib', float('nan')):.2f})", file=sys.stderr, flush=True)
     return row
 
 
@@ -266,6 +300,9 @@ def main() -> int:
         second = sorted(args.layers)[-2]
         a, b = runs[second]["stages"], runs[largest]["stages"]
         report["memory_flatness"] = {k: round(b[k]["peak_rss_gib"] / a[k]["peak_rss_gib"], 3) for k in a}
+        if all("peak_anon_gib" in row for row in (*a.values(), *b.values())):
+            report["anonymous_memory_flatness"] = {k: round(b[k]["peak_anon_gib"] / a[k]["peak_anon_gib"], 3)
+                                                   for k in a}
         per_layer = {k: (b[k]["seconds"] - a[k]["seconds"]) / (largest - second) for k in a}
     else:
         per_layer = {k: v["seconds"] / largest for k, v in runs[largest]["stages"].items()}
@@ -273,6 +310,9 @@ def main() -> int:
     report["hours_for_32_layers"] = {k: round(v * shapes["n_layers_full"] / 3600, 2) for k, v in per_layer.items()}
     report["peak_rss_gib_max"] = {k: max(r["stages"][k]["peak_rss_gib"] for r in runs.values())
                                   for k in runs[largest]["stages"]}
+    if all("peak_anon_gib" in row for r in runs.values() for row in r["stages"].values()):
+        report["peak_anon_gib_max"] = {k: max(r["stages"][k]["peak_anon_gib"] for r in runs.values())
+                                       for k in runs[largest]["stages"]}
     report["seconds"] = round(time.perf_counter() - started, 1)
     out = json.dumps(report, indent=1)
     print(out)

@@ -22,13 +22,17 @@ case once (so the machine's drift lands on all alike), medians over rounds:
   the slot-weighted mean of its types' times per token);
 - the uniform file with Online Dynamic Pruning at skip shares of 15, 25 and
   40% of the expert slots (one threshold for every layer, found by bisection
-  on the runtime's own slot counters during decoding).
+  on the runtime's own slot counters during decoding). A skipped slot is an
+  expert's bytes not read, so the most skipping can give is the ratio of a
+  token's bytes unpruned and pruned ("bandwidth_limit_ratio": the attention
+  and output matrices are read either way).
 Decoding feeds a fixed seeded token stream one token per call, so every case
 routes the same tokens. Separate processes drift apart by several percent, so
 the layouts and types are also compared in one process: all files but the
 pruned ones, loaded side by side, decode the same stream in turns of
 --paired-block tokens, and each file's speed is reported relative to the
-uniform Q4_K file's in the same turns ("paired_decode"). The machine's read
+uniform Q4_K file's in the same turns ("paired_decode"); the pruned decodes
+likewise against the unpruned one ("odp_decode"). The machine's read
 bandwidth is measured in the same run (a streaming sum over a large array, one
 thread per core); a decoded token
 must read every non-expert matrix but the embedding table, and the chosen
@@ -88,24 +92,34 @@ def mixed_plan(ckpt, seed: int = 0):
     return plan
 
 
-def build_files(work: Path, quick: bool) -> dict[str, Path]:
-    """The synthetic checkpoint and its two GGUF files, reused when already in ``work``."""
-    from mc_gguf.allocate.allocation import uniform_plan
-    from mc_gguf.gguf_io.regroup import regroup_experts
-    from mc_gguf.hf.checkpoint import open_checkpoint
+def synthetic_model(work: Path, quick: bool) -> Path:
+    """The synthetic checkpoint's folder, built unless already in ``work``."""
     from mc_gguf.hf.tiny import build_tiny_mixtral
-    from mc_gguf.quantize.quantization import quantize
 
     spec = model_spec(quick)
     model_dir = work / f"model-{spec.hidden_size}x{spec.intermediate_size}x{spec.num_hidden_layers}"
     if not (model_dir / "config.json").exists():
         print(f"building the synthetic model in {model_dir} ...", file=sys.stderr, flush=True)
         build_tiny_mixtral(model_dir, spec)
+    return model_dir
+
+
+def build_files(work: Path, quick: bool, only_uniform: bool = False) -> dict[str, Path]:
+    """The synthetic checkpoint and its GGUF files (only the uniform one: ``only_uniform``), reused when already
+    in ``work``."""
+    from mc_gguf.allocate.allocation import uniform_plan
+    from mc_gguf.gguf_io.regroup import regroup_experts
+    from mc_gguf.hf.checkpoint import open_checkpoint
+    from mc_gguf.quantize.quantization import quantize
+
+    model_dir = synthetic_model(work, quick)
     ckpt = open_checkpoint(model_dir)
     files = {"uniform": model_dir.with_name(model_dir.name + f"-{UNIFORM_TYPE}.gguf"),
              **{f"uniform {t}": model_dir.with_name(model_dir.name + f"-{t}.gguf") for t in OTHER_MIXED_TYPES},
              "one_group": model_dir.with_name(model_dir.name + f"-{UNIFORM_TYPE}-per-expert.gguf"),
              "per_expert": model_dir.with_name(model_dir.name + "-mixed.gguf")}
+    if only_uniform:
+        files = {"uniform": files["uniform"]}
     one_group = replace(uniform_plan(ckpt, UNIFORM_TYPE, Q8_NON_EXPERT), layout="per-expert")
     plans = {"uniform": uniform_plan(ckpt, UNIFORM_TYPE, Q8_NON_EXPERT), "one_group": one_group,
              **{f"uniform {t}": uniform_plan(ckpt, t, Q8_NON_EXPERT) for t in OTHER_MIXED_TYPES},
@@ -114,6 +128,8 @@ def build_files(work: Path, quick: bool) -> dict[str, Path]:
         if not path.exists():
             print(f"quantizing {path.name} ...", file=sys.stderr, flush=True)
             quantize(model_dir, plans[name], path, progress=not quick)
+    if only_uniform:
+        return files
     # the uniform file's very bytes in the mixed file's groups: what the groups alone cost
     files["q4_groups"] = model_dir.with_name(model_dir.name + f"-{UNIFORM_TYPE}-groups.gguf")
     if not files["q4_groups"].exists():
@@ -200,23 +216,27 @@ def measure(path: Path, *, odp: bool, mu: float | None, stock: bool, prompt: lis
     return out
 
 
-def paired_decode(paths: dict[str, str], prompt: list[int], decode: list[int], block: int) -> dict:
+def paired_decode(paths: dict[str, str], prompt: list[int], decode: list[int], block: int,
+                  mus: dict[str, float] | None = None) -> dict:
     """Decode speed of several files in one process, in alternating blocks of ``block`` tokens.
 
     Every file decodes the same token stream at the same positions; block i of every file
     runs before block i + 1 of any (every other turn in reverse order), so drift slower than
     a few blocks (other tenants, clock changes) lands on all files alike. Per file: tokens/s
     over all blocks, and each block's time over the first file's time in the same block,
-    whose quartiles say how tight the comparison is.
+    whose quartiles say how tight the comparison is. ``mus``: the files that decode with
+    ODP at that threshold (every layer), with their skipped share of the decoded slots.
     """
     from mc_gguf.evaluate.run import load
 
+    mus = mus or {}
     kwargs = dict(n_ctx=len(prompt) + len(decode) + 8, n_batch=len(prompt), n_threads=N_THREADS,
                   n_threads_batch=N_THREADS, verbose=False)
-    models = {name: load(path, odp=False, **kwargs) for name, path in paths.items()}
+    models = {name: load(path, odp=name in mus, mu=mus.get(name), **kwargs) for name, path in paths.items()}
     for llm in models.values():
         llm.eval(prompt)
         llm.eval(decode[:1])  # warm: page cache, graph
+        llm.reset_expert_stats()
     seconds = {name: [] for name in models}
     for turn, start in enumerate(range(1, len(decode), block)):
         # every other turn in reverse order, so that no file always follows the same one
@@ -233,6 +253,11 @@ def paired_decode(paths: dict[str, str], prompt: list[int], decode: list[int], b
         out[name] = {"decode_tok_s": n_tokens / sum(times),
                      "speed_ratio": sum(first) / sum(times),
                      "block_ratio_quartiles": [float(q) for q in np.quantile(ratios, [0.25, 0.5, 0.75])]}
+        if name in mus:
+            stats = models[name].expert_stats()
+            computed, skipped = sum(stats.computed), sum(stats.skipped)
+            out[name].update(mu=mus[name], decode_skip_share=skipped / (computed + skipped),
+                             decode_slots_per_token=computed / n_tokens / len(stats.computed))
     return out
 
 
@@ -247,6 +272,59 @@ def find_mu(path: Path, target: float, decode: list[int], iterations: int) -> fl
         best = min(best, (abs(share - target), mu))
         low, high = (mu, high) if share < target else (low, mu)
     return best[1]
+
+
+def odp_name(share: float) -> str:
+    return f"uniform {UNIFORM_TYPE}, ODP {share:.0%} skip"
+
+
+def paired_odp_decode(path: Path, mus: dict[str, float], prompt: list[int], stream: list[int], block: int) -> dict:
+    """The file decoding ``stream`` unpruned and with ODP at each of ``mus``, paired in one process."""
+    return in_subprocess({"paths": {f"uniform {UNIFORM_TYPE}": str(path), **{name: str(path) for name in mus}},
+                          "mus": mus, "prompt": prompt, "decode": stream, "block": block}, False)
+
+
+def odp_decode_summary(paired_odp: dict, path: Path, by_name: dict | None = None, base: dict | None = None) -> dict:
+    """Per skip share: the decode speedups (paired in one process, and from separate processes
+    where ``by_name`` has them) and the most that skipping can give, the bandwidth limit's own
+    ratio: bytes of an unpruned token over bytes of a pruned one (the non-expert matrices are
+    read either way)."""
+    need = bytes_per_token(path)
+    unpruned = need["dense"] + need["n_used"] * need["per_slot"] * need["n_layers"]
+    out = {}
+    for name, paired in paired_odp.items():
+        if "mu" not in paired:
+            continue
+        slots = paired["decode_slots_per_token"]
+        out[name] = {"mu": paired["mu"], "paired_skip_share": paired["decode_skip_share"],
+                     "paired_decode_ratio": paired["speed_ratio"],
+                     "paired_block_ratio_quartiles": paired["block_ratio_quartiles"],
+                     "bandwidth_limit_ratio": unpruned / (need["dense"] + slots * need["per_slot"] * need["n_layers"]),
+                     "expert_share_of_token_bytes": 1 - need["dense"] / unpruned}
+        if by_name and base:
+            out[name].update(separate_skip_share=by_name[name]["decode_skip_share"],
+                             separate_decode_ratio=by_name[name]["decode_tok_s"] / base["decode_tok_s"])
+    return out
+
+
+def token_streams(n_prompt: int, n_decode: int, n_paired: int) -> tuple[list[int], list[int], list[int]]:
+    """The seeded prompt, the decoded tokens of the separate runs and the paired comparison's stream:
+    ids from 3 upward, random text tokens, never BOS/EOS/UNK."""
+    rng = np.random.default_rng(0)
+    return tuple(rng.integers(3, 32000, n).tolist() for n in (n_prompt, n_decode, n_paired + 1))
+
+
+def odp_speed(work: Path, shares: list[float], quick: bool = False, paired_tokens: int = 768,
+              block: int = 2) -> dict:
+    """Decode speed of the bandwidth-bound model with ODP at each skip share against unpruned, paired
+    in one process (bench_odp.py's speed figures): the uniform Q4_K file only, each share's threshold
+    found by bisection on the runtime's slot counters."""
+    path = build_files(work, quick, only_uniform=True)["uniform"]
+    prompt, decode, stream = token_streams(16, 16 if quick else 64, 16 if quick else paired_tokens)
+    mus = {odp_name(share): find_mu(path, share, decode, iterations=3 if quick else 10) for share in shares}
+    paired = paired_odp_decode(path, mus, prompt, stream, 4 if quick else block)
+    return {"model": {**asdict(model_spec(quick)), "file_mb": path.stat().st_size / 1e6}, "threads": N_THREADS,
+            "tokens": len(stream) - 1, "odp_decode": odp_decode_summary(paired, path)}
 
 
 def run_case(args_json: str) -> int:
@@ -327,10 +405,7 @@ def main() -> int:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     files = build_files(work, args.quick)
-    rng = np.random.default_rng(0)
-    # ids from 3 upward: random text tokens, never BOS/EOS/UNK
-    prompt = rng.integers(3, 32000, args.prompt_tokens).tolist()
-    decode = rng.integers(3, 32000, args.decode_tokens).tolist()
+    prompt, decode, paired_stream = token_streams(args.prompt_tokens, args.decode_tokens, args.paired_tokens)
     # the cases: (name, file, stock runtime, odp, mu, target skip share)
     specs = []
     if not args.no_stock:
@@ -340,8 +415,8 @@ def main() -> int:
               ("per-expert Q3_K/Q4_K/Q5_K", files["per_expert"], False, False, None, None)]
     specs += [(f"uniform {t}", files[f"uniform {t}"], False, False, None, None) for t in OTHER_MIXED_TYPES]
     for target in SKIP_SHARES:
-        mu = find_mu(files["uniform"], target, decode, iterations=3 if args.quick else 6)
-        specs.append((f"uniform {UNIFORM_TYPE}, ODP {target:.0%} skip", files["uniform"], False, True, mu, target))
+        mu = find_mu(files["uniform"], target, decode, iterations=3 if args.quick else 10)
+        specs.append((odp_name(target), files["uniform"], False, True, mu, target))
 
     # rounds over all cases, one run of each per round in a fresh process: the machine's drift
     # (other tenants, frequency) lands on every case alike; medians over the rounds
@@ -362,10 +437,14 @@ def main() -> int:
                     "per-expert Q3_K/Q4_K/Q5_K": "per_expert",
                     f"per-expert layout, three {UNIFORM_TYPE} groups": "q4_groups",
                     **{f"uniform {t}": f"uniform {t}" for t in OTHER_MIXED_TYPES}}
-    paired_stream = rng.integers(3, 32000, args.paired_tokens + 1).tolist()
     paired = in_subprocess({"paths": {name: str(files[key]) for name, key in paired_names.items()},
                             "prompt": prompt[:16], "decode": paired_stream, "block": args.paired_block}, False)
     print("paired decode: " + ", ".join(f"{name} {r['speed_ratio']:.3f}x" for name, r in paired.items()),
+          file=sys.stderr, flush=True)
+    # the pruned decodes against the unpruned one the same way: one file, loaded once per threshold
+    paired_odp = paired_odp_decode(files["uniform"], {spec[0]: spec[4] for spec in specs if spec[3]}, prompt[:16],
+                                   paired_stream, args.paired_block)
+    print("paired ODP decode: " + ", ".join(f"{name} {r['speed_ratio']:.3f}x" for name, r in paired_odp.items()),
           file=sys.stderr, flush=True)
 
     cases = []
@@ -405,6 +484,7 @@ def main() -> int:
                           "mixed_over_expected": paired["per-expert Q3_K/Q4_K/Q5_K"]["speed_ratio"] / paired_expected},
         "ratios_vs_uniform": {c["name"]: {"decode": c["decode_tok_s"] / base["decode_tok_s"],
                                           "prefill": c["prefill_tok_s"] / base["prefill_tok_s"]} for c in cases},
+        "odp_decode": odp_decode_summary(paired_odp, files["uniform"], by_name, base),
         "seconds": round(time.perf_counter() - started, 1),
     }
     text = json.dumps(report, indent=1)

@@ -49,6 +49,24 @@ def test_bench_speed_quick(tmp_path):
                            "per-expert layout, three Q4_K groups", "uniform Q3_K", "uniform Q5_K"}
     assert paired["uniform Q4_K"]["speed_ratio"] == 1.0
     assert all(r["speed_ratio"] > 0 and r["decode_tok_s"] > 0 for r in paired.values())
+    # the pruned decodes paired with the unpruned one: a higher threshold skips more, and the
+    # bandwidth limit's ratio follows the skipped share (expert bytes only)
+    odp = report["odp_decode"]
+    assert set(odp) == {c["name"] for c in pruned}
+    rows = sorted(odp.values(), key=lambda r: r["mu"])
+    shares = [r["paired_skip_share"] for r in rows]
+    assert shares == sorted(shares) and shares[-1] > 0
+    for row in rows:
+        assert 0 < row["expert_share_of_token_bytes"] < 1 and row["paired_decode_ratio"] > 0
+        expected = 1 / (1 - row["expert_share_of_token_bytes"] * row["paired_skip_share"])
+        assert abs(row["bandwidth_limit_ratio"] - expected) < 1e-9
+    # bench_odp.py's view of the same model: the uniform file (reused) and its paired pruned decodes
+    code = ("import json, sys; from pathlib import Path; from bench_speed import odp_speed; "
+            f"print(json.dumps(odp_speed(Path({str(tmp_path / 'work')!r}), [0.25], quick=True)))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=SCRIPTS, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads(result.stdout.strip().splitlines()[-1])["odp_decode"].values()
+    assert row["paired_skip_share"] > 0 and row["bandwidth_limit_ratio"] > 1 and "separate_decode_ratio" not in row
 
 
 @pytest.mark.slow
@@ -91,6 +109,9 @@ def test_bench_scale_quick(tmp_path):
         assert {"mc convert", "llama convert", "mc calibrate", "mc quantize", "llama-imatrix",
                 "llama-quantize"} <= set(stages)
         assert all(s["seconds"] > 0 and s["peak_rss_gib"] > 0 for s in stages.values())
+        if sys.platform.startswith("linux"):
+            # anonymous memory is part of the resident set (sampled, so it may miss a short peak)
+            assert all(0 < s["peak_anon_gib"] <= s["peak_rss_gib"] + 0.01 for s in stages.values())
         # killed part-way and run again: the statistics of the uninterrupted run
         assert run["calibrate_killed_and_resumed"]["same_statistics"] is True
     assert report["memory_flatness"]["mc calibrate"] > 0
