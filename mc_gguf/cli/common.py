@@ -45,6 +45,14 @@ def add_generation_flags(p: argparse.ArgumentParser, max_tokens: int, temperatur
     p.add_argument("--mu", type=unit_float, help="one pruning threshold for every layer, in [0, 1] "
                    "(default: the file's mc.odp.mu)")
     add_rpc_flag(p)
+    add_repack_flag(p)
+
+
+def add_repack_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-repack", dest="repack", action="store_false",
+                   help="as llama.cpp's --no-repack: compute from the mapped file instead of copying the weights the "
+                   "CPU has faster kernels for (Q4_K, Q8_0, ...) into memory; for a model larger than RAM, at some "
+                   "prompt speed")
 
 
 def add_rpc_flag(p: argparse.ArgumentParser) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mc_gguf.cli.common import add_command, add_rpc_flag, positive_int, unit_float
+from mc_gguf.cli.common import add_command, add_repack_flag, add_rpc_flag, positive_int, unit_float
 
 EXAMPLE = ("example: mc-gguf eval mixtral-mc2.5.gguf --text wiki.test.raw --ref mixtral-f16.gguf\n"
            "         mc-gguf eval mixtral-mc2.5.gguf --text wiki.test.raw --no-odp --json > scores.json")
@@ -26,6 +26,7 @@ def add_parser(commands) -> None:
     p.add_argument("--per-layer", action="store_true", help="also show expert slots per layer")
     p.add_argument("--json", action="store_true", help="print one JSON object with every figure and the settings")
     add_rpc_flag(p)
+    add_repack_flag(p)
     p.set_defaults(func=run)
 
 
@@ -36,6 +37,7 @@ def run(args: argparse.Namespace) -> None:
     from mc_gguf.evaluate.perplexity import EvalSettings, describe_eval, evaluate_gguf
 
     text = read_text(args.text).text
-    settings = EvalSettings(n_ctx=args.ctx, max_windows=args.chunks, odp=args.odp, mu=args.mu, rpc=tuple(args.rpc))
+    settings = EvalSettings(n_ctx=args.ctx, max_windows=args.chunks, odp=args.odp, mu=args.mu, rpc=tuple(args.rpc),
+                            repack=args.repack)
     report = evaluate_gguf(args.model, text, ref=args.ref, settings=settings, progress=not args.json)
     print(json.dumps(report, indent=1) if args.json else describe_eval(report, per_layer=args.per_layer))

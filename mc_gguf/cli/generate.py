@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> None:
     from mc_gguf.evaluate.run import generate
 
     text, counts = generate(args.model, args.prompt, args.max_tokens, temperature=args.temperature,
-                            seed=args.seed, odp=not args.no_odp, mu=args.mu, rpc=args.rpc)
+                            seed=args.seed, odp=not args.no_odp, mu=args.mu, rpc=args.rpc, repack=args.repack)
     print(args.prompt + text)
     print_expert_stats(counts)
 
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> None:
 def chat(args: argparse.Namespace) -> None:
     from mc_gguf.evaluate.run import load
 
-    llm = load(args.model, odp=not args.no_odp, mu=args.mu, n_ctx=args.ctx, rpc=args.rpc)
+    llm = load(args.model, odp=not args.no_odp, mu=args.mu, n_ctx=args.ctx, rpc=args.rpc, repack=args.repack)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("mc-gguf chat: an empty line or Ctrl-D ends the chat.", file=sys.stderr)
     while True:

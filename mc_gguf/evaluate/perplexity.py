@@ -123,6 +123,7 @@ class EvalSettings:
     odp: bool = True
     mu: float | None = None
     rpc: tuple[str, ...] = ()  # patched rpc-servers (HOST:PORT) to run the layers on
+    repack: bool = True        # False: llama.cpp's --no-repack (run.load), both models
 
 
 def evaluate_gguf(model: str | Path, text: str, *, ref: str | Path | None = None,
@@ -139,7 +140,8 @@ def evaluate_gguf(model: str | Path, text: str, *, ref: str | Path | None = None
         raise McGgufError(f"--ctx {settings.n_ctx}: the window must be an even number of at least 4 tokens")
     for path in (model, ref) if ref is not None else (model,):
         open_gguf(path)  # a file that is no GGUF fails now, not after the reference pass
-    llm_kwargs = dict(n_ctx=settings.n_ctx, n_batch=settings.n_ctx, logits_all=True, rpc=settings.rpc)
+    llm_kwargs = dict(n_ctx=settings.n_ctx, n_batch=settings.n_ctx, logits_all=True, rpc=settings.rpc,
+                      repack=settings.repack)
     ref_logits = None
     if ref is not None:  # the reference first, alone in memory; its logits wait on disk
         reference = load(ref, odp=False, **llm_kwargs)

@@ -107,7 +107,9 @@ def check_expert_groups(path: str | Path, reader: gguf.GGUFReader) -> None:
 
 
 @cache
-def _moe_llama_class():
+def _moe_llama_class(repack: bool = True):
+    """llama_cpp.Llama with the patched runtime's slot counters; ``repack=False`` sets the one llama_model_params
+    field its constructor does not take that mc-gguf needs (use_extra_bufts: llama.cpp's --no-repack)."""
     import llama_cpp.llama_cpp as bindings
     from llama_cpp import Llama
 
@@ -120,6 +122,15 @@ def _moe_llama_class():
 
     class MoELlama(Llama):
         """A ``llama_cpp.Llama`` that reports how many expert slots ran and how many were pruned."""
+
+        @property
+        def model_params(self):
+            return self._mc_model_params
+
+        @model_params.setter
+        def model_params(self, params) -> None:  # Llama.__init__ assigns llama_model_default_params() once
+            params.use_extra_bufts = params.use_extra_bufts and repack
+            self._mc_model_params = params
 
         def expert_stats(self) -> pruning.SlotCounts:
             n_layer = stats(self.ctx, None, None, 0)
@@ -135,14 +146,17 @@ def _moe_llama_class():
 
 
 def load(path: str | Path, *, odp: bool = True, mu: float | None = None,
-         protect_ratio: float | None = None, rpc: Sequence[str] = (), **llama_kwargs):
+         protect_ratio: float | None = None, rpc: Sequence[str] = (), repack: bool = True, **llama_kwargs):
     """A llama_cpp ``Llama`` (with ``expert_stats()``) for ``path`` on the patched runtime.
 
     ODP follows the file's ``mc.odp.*`` metadata; ``mu`` sets one threshold for every
     layer, ``protect_ratio`` the share of prompt tokens that keep all experts, and
     ``odp=False`` turns pruning off. A stock GGUF runs unpruned. ``rpc``: patched
     rpc-servers (``HOST:PORT``, see runtime/rpc.py) that every layer is offloaded to,
-    as llama.cpp's ``--rpc`` with ``-ngl 99``.
+    as llama.cpp's ``--rpc`` with ``-ngl 99``. ``repack=False`` is llama.cpp's
+    ``--no-repack``: the CPU backend computes from the mapped file instead of copying
+    the weights it has faster kernels for (Q4_K, Q8_0, ...) into its own layout, so a
+    model larger than memory stays pages the kernel can drop; prompts run slower.
     """
     from mc_gguf.runtime.status import require_patched_runtime
 
@@ -174,19 +188,32 @@ def load(path: str | Path, *, odp: bool = True, mu: float | None = None,
     del reader  # release the memory map before llama.cpp maps the file
     with _llama_log() as log:
         try:
-            llm = _moe_llama_class()(model_path=str(path), kv_overrides=overrides or None, **llama_kwargs)
+            llm = _moe_llama_class(repack)(model_path=str(path), kv_overrides=overrides or None, **llama_kwargs)
         except ValueError as exc:  # llama-cpp-python raises ValueError when llama.cpp refuses the file
             reason = log.reason()
             raise GGUFFileError(f"{path}: llama.cpp could not load it: {reason or exc}") from None
     llm.load_log = log.lines  # llama.cpp's last lines while loading: devices, buffers, layers placed
+    llm.model_buffers = log.model_buffers  # where the weights went: {"CPU_Mapped": MiB, "CPU_REPACK": MiB, ...}
     return llm
 
 
 class _LlamaLog:
-    """llama.cpp's last log lines, kept while a model loads."""
+    """llama.cpp's last log lines, kept while a model loads, and the model buffers it reported (load_tensors'
+    "CPU_REPACK model buffer size =   810.00 MiB": name -> MiB)."""
 
     def __init__(self):
         self.lines: list[str] = []
+        self.model_buffers: dict[str, float] = {}
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+        del self.lines[:-200]
+        if "model buffer size" in line:
+            name, _, size = line.split(":", 1)[-1].partition(" model buffer size =")
+            try:
+                self.model_buffers[name.strip()] = float(size.split()[0])
+            except (ValueError, IndexError):
+                pass
 
     def reason(self) -> str:
         """The loader's own explanation: its last error line (llama_model_load's 'error loading model: ...')."""
@@ -204,8 +231,7 @@ def _llama_log() -> Iterator[_LlamaLog]:
 
     @llama_cpp.llama_log_callback
     def keep(level: int, text: bytes, user_data) -> None:
-        log.lines.append(text.decode("utf-8", "replace"))
-        del log.lines[:-200]
+        log.add(text.decode("utf-8", "replace"))
 
     llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
     try:

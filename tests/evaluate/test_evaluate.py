@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import platform
 
 import numpy as np
 from scipy.special import log_softmax
@@ -92,3 +93,26 @@ def test_eval_command_refuses_a_text_shorter_than_one_window(converted, tmp_path
     (tmp_path / "short.txt").write_text("Too short.", encoding="utf-8")
     assert main(["eval", str(converted("f32")), "--text", str(tmp_path / "short.txt"), "--ctx", "64"]) == 1
     assert "fewer than one window" in capsys.readouterr().err
+
+
+def test_no_repack_computes_from_the_mapped_file(tiny_model_dir, hf_tokenizer, tmp_path):
+    # llama.cpp's CPU backend copies the weights it has faster kernels for (Q4_K here) into its own layout, a
+    # CPU_REPACK buffer of anonymous memory as large as those weights; --no-repack leaves them in the mapped file
+    from mc_gguf.allocate.allocation import uniform_plan
+    from mc_gguf.hf.checkpoint import open_checkpoint
+    from mc_gguf.quantize.quantization import quantize
+
+    path = quantize(tiny_model_dir, uniform_plan(open_checkpoint(tiny_model_dir), "Q4_K"), tmp_path / "q4.gguf",
+                    progress=False)
+    ids = hf_tokenizer(PROMPT * 3, add_special_tokens=False).input_ids
+    token_windows = windows(ids, 64, hf_tokenizer.bos_token_id)
+    packed = load(path, n_ctx=64, n_batch=64, logits_all=True)
+    mapped = load(path, n_ctx=64, n_batch=64, logits_all=True, repack=False)
+    if platform.machine() in ("x86_64", "AMD64"):  # ggml has repacked Q4_K kernels for AVX2 and up
+        assert packed.model_buffers.get("CPU_REPACK", 0) > 0
+    assert mapped.model_buffers and not any("REPACK" in name for name in mapped.model_buffers)
+    assert mapped.model_buffers["CPU_Mapped"] == packed.model_buffers["CPU_Mapped"]  # the whole file, mapped
+    # the same weights either way, through other kernels
+    *_, scores = score(mapped, token_windows, reference=reference_logits(packed, token_windows))
+    summary = scores.summary()
+    assert summary["kld_mean"] < 1e-4 and summary["same_top_token"] > 0.98
