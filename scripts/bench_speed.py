@@ -176,6 +176,13 @@ def read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> dict:
     return best
 
 
+def decoded_slots(computed: int, skipped: int, n_tokens: int, n_layers: int) -> dict:
+    """The decoded tokens' skipped share of expert slots and slots run per token and layer, from the
+    runtime's slot counters."""
+    return {"decode_skip_share": skipped / (computed + skipped) if computed + skipped else 0.0,
+            "decode_slots_per_token": computed / n_tokens / n_layers}
+
+
 def measure(path: Path, *, odp: bool, mu: float | None, stock: bool, prompt: list[int], decode: list[int],
             repeats: int) -> dict:
     """Prefill and decode tokens/s (medians) in this process; slot counts from the patched runtime."""
@@ -209,10 +216,8 @@ def measure(path: Path, *, odp: bool, mu: float | None, stock: bool, prompt: lis
            "decode_runs": [round(v, 2) for v in decoding[1:] or decoding]}
     if not stock:
         total = llm.expert_stats()
-        computed = sum(total.computed) - sum(after_prompt.computed)
-        skipped = sum(total.skipped) - sum(after_prompt.skipped)
-        out["decode_skip_share"] = skipped / (computed + skipped) if computed + skipped else 0.0
-        out["decode_slots_per_token"] = computed / len(decode) / len(total.computed)
+        out.update(decoded_slots(sum(total.computed) - sum(after_prompt.computed),
+                                 sum(total.skipped) - sum(after_prompt.skipped), len(decode), len(total.computed)))
     return out
 
 
@@ -255,9 +260,8 @@ def paired_decode(paths: dict[str, str], prompt: list[int], decode: list[int], b
                      "block_ratio_quartiles": [float(q) for q in np.quantile(ratios, [0.25, 0.5, 0.75])]}
         if name in mus:
             stats = models[name].expert_stats()
-            computed, skipped = sum(stats.computed), sum(stats.skipped)
-            out[name].update(mu=mus[name], decode_skip_share=skipped / (computed + skipped),
-                             decode_slots_per_token=computed / n_tokens / len(stats.computed))
+            out[name].update(mu=mus[name], **decoded_slots(sum(stats.computed), sum(stats.skipped), n_tokens,
+                                                           len(stats.computed)))
     return out
 
 

@@ -27,14 +27,20 @@ def skipped_share(ratios, mu, n_used=2) -> float:
     return float(np.mean([np.mean(r < m) for r, m in zip(ratios, mu)])) * (n_used - 1) / n_used
 
 
+def random_options(rng, n_groups: int, n_choices: int, max_share: float) -> list[LayerOptions]:
+    """Per group: the choice of no skipping (share and cost 0), then random shares up to ``max_share`` at
+    costs rising with the share."""
+    options = []
+    for _ in range(n_groups):
+        share = np.sort(np.concatenate([[0.0], rng.uniform(0, max_share, n_choices - 1)]))
+        options.append(LayerOptions(mu=np.linspace(0, 1, n_choices), share=share,
+                                    cost=np.cumsum(rng.uniform(0, 1, n_choices)) * (share > 0)))
+    return options
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_the_cheapest_options_reaching_the_share_are_chosen(seed):
-    rng = np.random.default_rng(seed)
-    options = []
-    for _ in range(3):
-        share = np.sort(np.concatenate([[0.0], rng.uniform(0, 0.5, 5)]))
-        options.append(LayerOptions(mu=np.linspace(0, 1, 6), share=share,
-                                    cost=np.cumsum(rng.uniform(0, 1, 6)) * (share > 0)))
+    options = random_options(np.random.default_rng(seed), n_groups=3, n_choices=6, max_share=0.5)
     target = 0.2
     best = min((sum(o.cost[g] for o, g in zip(options, combo)), combo)
                for combo in itertools.product(range(6), repeat=3)
@@ -76,12 +82,7 @@ def test_no_skip_share_means_no_thresholds():
 def test_the_price_sweep_is_cheapest_for_the_share_it_reaches(seed):
     """Every choice of the sweep is optimal for the share it reaches (the lower convex hull): brute force over
     all combinations of 4 groups (2 layers x 2 experts) finds none cheaper with at least that share."""
-    rng = np.random.default_rng(seed)
-    options = []
-    for _ in range(4):
-        share = np.sort(np.concatenate([[0.0], rng.uniform(0, 0.25, 4)]))
-        options.append(LayerOptions(mu=np.linspace(0, 1, 5), share=share,
-                                    cost=np.cumsum(rng.uniform(0, 1, 5)) * (share > 0)))
+    options = random_options(np.random.default_rng(seed), n_groups=4, n_choices=5, max_share=0.25)
     target = 0.15
     chosen = choose_by_price(options, target, n_layers=2)
     reached = sum(o.share[g] for o, g in zip(options, chosen)) / 2
