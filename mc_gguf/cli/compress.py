@@ -51,6 +51,8 @@ def add_parser(commands) -> None:
                    "calibration; see `mc-gguf calibrate --help` for their size)")
     add_tune_flags(p)
     p.add_argument("--types", nargs="+", type=type_name, metavar="TYPE", help="candidate types (default: all); only these are measured by the calibration")
+    p.add_argument("--per-projection", action="store_true",
+                   help="a type for each expert's gate+up and another for its down (as `allocate --per-projection`)")
     p.add_argument("--max-types", type=positive_int, metavar="N", help=MAX_TYPES_HELP)
     add_cost_arguments(p, COMPRESS_COST, "the summed squared MoE-block output error; `allocate` keeps the "
                        "authors' 1, 1.5, 1")
@@ -78,7 +80,8 @@ def run(args: argparse.Namespace) -> None:
                           tune=tune_settings(args),
                           keep_artifacts=args.keep_artifacts, progress=not args.quiet,
                           allocate_options={"types": args.types, "alpha": args.alpha, "beta": args.beta,
-                                            "gamma": args.gamma, "max_types": args.max_types})
+                                            "gamma": args.gamma, "max_types": args.max_types,
+                                            "per_projection": args.per_projection})
     except KeyboardInterrupt:
         work = Path(args.keep_artifacts) if args.keep_artifacts else work_folder(Path(args.output))
         if work.is_dir():

@@ -6,7 +6,20 @@ applied to e's output for t (0 where t was not routed to e):
     H_in  = sum_t g_t^2 x_t x_t^T                                  (the input of gate and up)
     H_mid = sum_t g_t^2 z_t z_t^T,  z_t = glu(x_t gate^T, x_t up^T)  (the input of down)
 
-since each token's error reaches the layer's output times the routing weight it was given. The statistics
+since each token's error reaches the layer's output times the routing weight it was given.
+
+The down projection sees the quantized gate and up, not the checkpoint's: its input is z_t' = glu(x_t Gq^T,
+x_t Uq^T), and what it should still produce is y_t = z_t W^T. ``down_target`` refits W to that,
+
+    W' = argmin_Q  sum_t g_t^2 |y_t - z_t' Q^T|^2 + lambda |Q - W|^2 = (W C + lambda W) (H' + lambda I)^-1
+    H' = sum_t g_t^2 z_t' z_t'^T,   C = sum_t g_t^2 z_t z_t'^T,
+
+so that quantizing W' on H' (GPTQ, tuning) minimises the expert's own output error, the part of gate's and
+up's error that down can take back included: up to a constant, sum_t g_t^2 |y_t - z_t' Q^T|^2 + lambda |Q - W|^2
+is (W' - Q) (H' + lambda I) (W' - Q)^T summed over rows. The ridge pulls towards W, not 0, so where the inputs
+say nothing (and where gate and up are exact) W' is W. lambda is chosen on held-out tokens (two folds of
+them, each fit scored on the other): where an expert has few tokens per input feature the fit would learn
+its calibration tokens, and then W itself (on H') is kept. The statistics
 keep every token's x_t and routing instead of these sums (a layer's E x (H^2 + F^2) of them is 7 GB at
 Mixtral 8x7B's shapes), so only one layer's inputs (tokens x H float32: 64 MB for 4096 tokens of Mixtral)
 and one expert's Hessian are in memory while quantizing.
@@ -14,8 +27,11 @@ and one expert's Hessian are in memory while quantizing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+from scipy.linalg import cho_factor, cho_solve
 
 from mc_gguf.calibrate.forward import load_expert
 from mc_gguf.calibrate.quant_error import GATED_ACTIVATIONS, expert_hidden
@@ -61,3 +77,77 @@ class ExpertHessians:
                 x = expert_hidden(x, load_expert(self.ckpt, bid, xid).float32(), self.glu)
             xw = x * g
             return (xw.T @ xw).numpy()
+
+    def down_target(self, bid: int, xid: int, gate: np.ndarray, up: np.ndarray) -> DownTarget:
+        """The target and Hessian of expert ``xid``'s down projection when its gate and up compute with
+        ``gate`` and ``up`` [F, H] (their dequantized weights), as the module's docstring derives them, the
+        ridge chosen on held-out tokens; token by token in chunks, so that no [tokens, F] matrix of all of
+        them is formed."""
+        expert = load_expert(self.ckpt, bid, xid).float32()
+        quantized = expert.with_weights(torch.from_numpy(np.asarray(gate, np.float32)),
+                                        torch.from_numpy(np.asarray(up, np.float32)), expert.down)
+        tokens, g = self.routed(bid, xid)
+        ff, hidden = expert.down.shape[1], expert.down.shape[0]
+        # the sums of two folds of the tokens (alternate runs of FOLD_RUN), H' and C^T W^T = sum_t g^2 z_t' y_t^T
+        h = [torch.zeros(ff, ff, dtype=torch.float64) for _ in range(2)]
+        b = [torch.zeros(ff, hidden, dtype=torch.float64) for _ in range(2)]
+        with torch.no_grad():
+            for first in range(0, len(tokens), FOLD_RUN):
+                x = self.inputs(bid)[tokens[first:first + FOLD_RUN]]
+                gw = g[first:first + FOLD_RUN]
+                z_q = (expert_hidden(x, quantized, self.glu) * gw).double()
+                y = (expert_hidden(x, expert, self.glu) * gw).double() @ expert.down.double().T
+                fold = (first // FOLD_RUN) % 2
+                h[fold] += z_q.T @ z_q
+                b[fold] += z_q.T @ y
+        w = expert.down.double().numpy()
+        h, b = [m.numpy() for m in h], [m.numpy() for m in b]
+        ridge = _held_out_ridge(w, h, b)
+        hessian = h[0] + h[1]
+        del h
+        b = b[0] + b[1]
+        if ridge is None:
+            return DownTarget(w.astype(np.float32), hessian.astype(np.float32), None)
+        lam = ridge * _mean_diagonal(hessian)
+        target = _ridge_fit(w, hessian, b, lam)
+        return DownTarget(target.astype(np.float32), hessian.astype(np.float32), lam)
+
+
+FOLD_RUN = 256  # consecutive routed tokens that go to the same fold (neighbouring tokens are alike)
+RIDGES = (0.01, 0.1, 1.0)  # lambda / mean(diag H') tried; 0.01 is GPTQ's dampening
+
+
+@dataclass(frozen=True)
+class DownTarget:
+    weights: np.ndarray   # W' [H, F] float32
+    hessian: np.ndarray   # H' [F, F] float32
+    ridge: float | None   # the lambda of the fit; None: W itself held out better than every fit
+
+
+def _mean_diagonal(h: np.ndarray) -> float:
+    return max(float(np.mean(np.diag(h))), 1e-30)
+
+
+def _ridge_fit(w: np.ndarray, h: np.ndarray, b: np.ndarray, lam: float) -> np.ndarray:
+    """(W C + lambda W) (H' + lambda I)^-1 [H, F], with b = C^T W^T [F, H]."""
+    a = np.array(h, dtype=np.float64)
+    a[np.diag_indices_from(a)] += lam
+    return cho_solve(cho_factor(a, lower=True, overwrite_a=True), b + lam * w.T, overwrite_b=True).T
+
+
+def _held_out_ridge(w: np.ndarray, h: list[np.ndarray], b: list[np.ndarray]) -> float | None:
+    """The RIDGES entry whose fits on each fold leave the least error on the other (two-fold cross-validation),
+    or None where W itself leaves less: with few tokens per input feature the fit learns the calibration's
+    tokens rather than the quantized gate and up. The error of Q on a fold is tr(Q H Q^T) - 2 tr(Q b) plus a
+    constant."""
+    def held_out(q: np.ndarray, fold: int) -> float:
+        return float(np.sum((q @ h[fold]) * q) - 2 * np.sum(q * b[fold].T))
+
+    if min(np.trace(m) for m in h) <= 0:
+        return None
+    best, best_error = None, held_out(w, 0) + held_out(w, 1)
+    for ridge in RIDGES:
+        error = sum(held_out(_ridge_fit(w, h[k], b[k], ridge * _mean_diagonal(h[k])), 1 - k) for k in range(2))
+        if error < best_error:
+            best, best_error = ridge, error
+    return best

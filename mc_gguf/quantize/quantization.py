@@ -54,11 +54,10 @@ def quantize(model_dir: str | Path, plan: Plan, out: str | Path, *, stats: Calib
     if odp is not None:
         pruning.validate_params(odp.mu, odp.protect_ratio, ckpt.n_layers, odp.mu_exps, ckpt.n_experts)
 
-    hessians = ExpertHessians(ckpt, stats) if gptq else None
+    experts = ExpertQuantizer(ckpt, plan, stats, ExpertHessians(ckpt, stats) if gptq else None, tune)
 
     def produce_group(bid: int, projection: str, group: ExpertGroup) -> np.ndarray:
-        return stack_one_at_a_time(len(group.experts), lambda i: quantize_expert(
-            ckpt, stats, bid, group.experts[i], projection, group.type_name, hessians, tune))
+        return stack_one_at_a_time(len(group.experts), lambda i: experts(bid, group.experts[i], projection))
 
     tensors = layout_tensors(ckpt, plan, produce_group)
     measured = tensor_totals(tensors)
@@ -73,21 +72,54 @@ def quantize(model_dir: str | Path, plan: Plan, out: str | Path, *, stats: Calib
     return write_gguf(out, gguf.MODEL_ARCH_NAMES[ckpt.arch.gguf_arch], add_metadata, tensors, progress=progress)
 
 
-def quantize_expert(ckpt: Checkpoint, stats: CalibrationStats | None, bid: int, xid: int, projection: str,
-                    type_name: str, hessians: ExpertHessians | None = None,
-                    tune: TuneSettings | None = None) -> np.ndarray:
-    """ggml's bytes [rows, row_bytes] of one expert projection at ``type_name``; with ``hessians``, by GPTQ
-    (and, with ``tune``, tuned after it)."""
-    qtype = quant_type(type_name).qtype
-    weights = ckpt.expert_weight(bid, xid, projection)
-    which = "mid" if projection == "down" else "in"
-    imatrix = stats.layers[bid].imatrix(which)[xid] if stats is not None else None
-    if hessians is not None:
-        hessian = hessians(bid, xid, which)
-        if tune is not None:
-            return tune_quantize(weights, hessian, qtype, imatrix, tune)
+class ExpertQuantizer:
+    """``experts(bid, xid, projection)``: ggml's bytes [rows, row_bytes] of one expert projection at the plan's
+    type. With ``hessians``, by GPTQ (and, with ``tune``, tuned after it), the down projection fit to what
+    the quantized gate and up give it (hessian.py's down_target); the current layer's gate and up bytes are
+    kept for that until the next layer is asked for."""
+
+    def __init__(self, ckpt: Checkpoint, plan: Plan, stats: CalibrationStats | None,
+                 hessians: ExpertHessians | None = None, tune: TuneSettings | None = None):
+        self.ckpt, self.plan, self.stats, self.hessians, self.tune = ckpt, plan, stats, hessians, tune
+        self._bid: int | None = None
+        self._kept: dict[tuple[int, str], np.ndarray] = {}
+
+    def __call__(self, bid: int, xid: int, projection: str) -> np.ndarray:
+        if self.hessians is None:
+            return self._quantize(bid, xid, projection)
+        if bid != self._bid:
+            self._bid, self._kept = bid, {}
+        if projection == "down":
+            gate, up = (self.dequantized(bid, xid, p) for p in ("gate", "up"))
+            target = self.hessians.down_target(bid, xid, gate, up)
+            return self._quantize(bid, xid, projection, target.weights, target.hessian)
+        if (xid, projection) not in self._kept:
+            self._kept[xid, projection] = self._quantize(bid, xid, projection)
+        return self._kept[xid, projection]
+
+    def dequantized(self, bid: int, xid: int, projection: str) -> np.ndarray:
+        """The weights [rows, cols] llama.cpp computes with for a gate or up projection."""
+        data = self(bid, xid, projection)
+        cols = self.ckpt.expert_shape(bid, projection)[1]
+        return quants.dequantize(data, self._qtype(bid, xid, projection), cols).reshape(-1, cols)
+
+    def _qtype(self, bid: int, xid: int, projection: str) -> gguf.GGMLQuantizationType:
+        return quant_type(self.plan.experts[bid][xid][projection]).qtype
+
+    def _quantize(self, bid: int, xid: int, projection: str, weights: np.ndarray | None = None,
+                  hessian: np.ndarray | None = None) -> np.ndarray:
+        qtype = self._qtype(bid, xid, projection)
+        if weights is None:
+            weights = self.ckpt.expert_weight(bid, xid, projection)
+        which = "mid" if projection == "down" else "in"
+        imatrix = self.stats.layers[bid].imatrix(which)[xid] if self.stats is not None else None
+        if self.hessians is None:
+            return quants.quantize(weights, qtype, imatrix)
+        if hessian is None:
+            hessian = self.hessians(bid, xid, which)
+        if self.tune is not None:
+            return tune_quantize(weights, hessian, qtype, imatrix, self.tune)
         return gptq_quantize(weights, hessian, qtype, imatrix)
-    return quants.quantize(weights, qtype, imatrix)
 
 
 def _check_fits(ckpt: Checkpoint, plan: Plan, stats: CalibrationStats | None) -> None:

@@ -84,7 +84,7 @@ def test_llama_cpp_runs_the_written_numbers(family, compressed, odp):
         odp = compressed.odp
         assert max(odp.mu) > 0 and odp.mu_exps is not None and not odp.renormalize  # compress's defaults
         clear = clear_of_thresholds(reference_model, open_checkpoint(folder), ids, odp)
-        assert clear.mean() >= 0.5  # up to 7 slots a token, each against its own expert's threshold
+        assert clear.mean() >= 0.4  # up to 7 slots a token, each against its own expert's threshold
         with TransformersOdp(reference_model, odp.mu, odp.protect_ratio, odp.mu_exps, odp.renormalize):
             reference = transformers_logits(reference_model, ids)
     else:
@@ -96,12 +96,16 @@ def test_llama_cpp_runs_the_written_numbers(family, compressed, odp):
     assert np.abs(transformers_logits(model, ids) - reference).max() > 5 * error
 
 
-def clear_of_thresholds(model, ckpt, ids, odp, margin=2e-4) -> np.ndarray:
+def clear_of_thresholds(model, ckpt, ids, odp, margin=2e-4, logit_margin=5e-3) -> np.ndarray:
     """bool [positions]: no ODP decision of the position, nor (through attention) of an earlier position in an
-    earlier layer, has a ratio of a slot's weight to the top weight within ``margin`` of the slot's threshold."""
+    earlier layer, has a ratio of a slot's weight to the top weight within ``margin`` of the slot's threshold,
+    nor a choice of the last MoE layer's router within ``logit_margin`` of a tie (the last chosen expert's
+    logit against the best unchosen one's: skipped slots move the later layers' inputs, and on CPUs without
+    AVX2 the engines' noise in them flips so close a choice; earlier layers' ties, which would rule out
+    every later position, have not been seen to flip)."""
     weights = []  # (layer, the weights its router gave the chosen slots, their experts) of every MoE layer
     hooks = [getattr(model.model.layers[il].mlp, ckpt.arch.hf_router).register_forward_hook(
-             lambda m, i, o, il=il: weights.append((il, o[1], o[2]))) for il in ckpt.moe_layers]
+             lambda m, i, o, il=il: weights.append((il, o[1], o[2], o[0]))) for il in ckpt.moe_layers]
     try:
         transformers_logits(model, ids)
     finally:
@@ -109,11 +113,18 @@ def clear_of_thresholds(model, ckpt, ids, odp, margin=2e-4) -> np.ndarray:
             hook.remove()
     clear = np.ones(len(ids), dtype=bool)
     last = weights[-1][0]
-    for il, w, experts in weights:
+    for il, w, experts, logits in weights:
         w = w.detach().float().reshape(len(ids), -1).numpy()
         ratio = w / w.max(-1, keepdims=True)
-        mu = odp.slot_thresholds(il, experts.reshape(len(ids), -1).numpy())
+        experts = experts.reshape(len(ids), -1).numpy()
+        mu = odp.slot_thresholds(il, experts)
         near = (np.abs(ratio - mu) < margin).any(-1) if odp.mu[il] > 0 else np.zeros_like(clear)
+        logits = logits.detach().float().reshape(len(ids), -1).numpy()
+        chosen = np.zeros(logits.shape, dtype=bool)
+        np.put_along_axis(chosen, experts, True, axis=-1)
+        gap = np.where(chosen, logits, np.inf).min(-1) - np.where(chosen, -np.inf, logits).max(-1)
+        if il == last:
+            near |= np.abs(gap) < logit_margin
         if il == last:
             clear &= ~near
         elif near.any():

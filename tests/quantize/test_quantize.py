@@ -262,7 +262,7 @@ def test_interrupted_write_leaves_no_output(calibration, tiny_model_dir, tmp_pat
 
     _, stats = calibration
     plan = mixed_plan(calibration, tiny_model_dir, "per-expert")
-    real = quantize_module.quantize_expert
+    real = quantize_module.ExpertQuantizer.__call__
     calls = []
 
     def interrupt_on_the_fifth(*args, **kwargs):
@@ -271,7 +271,7 @@ def test_interrupted_write_leaves_no_output(calibration, tiny_model_dir, tmp_pat
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(quantize_module, "quantize_expert", interrupt_on_the_fifth)
+    monkeypatch.setattr(quantize_module.ExpertQuantizer, "__call__", interrupt_on_the_fifth)
     with pytest.raises(KeyboardInterrupt):
         quantize(tiny_model_dir, plan, tmp_path / "out.gguf", stats=stats, progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -115,7 +115,8 @@ def tuned_compress(tiny_model_dir, tmp_path_factory):
 
 
 def test_compress_tune_writes_the_tuned_integers_and_llama_cpp_runs_them(tuned_compress, tiny_model_dir):
-    """Every K-quant expert of the file is tune_quantize's output for it (so not GPTQ's alone), the plan saw
+    """Every K-quant expert of the file is tune_quantize's output for it (so not GPTQ's alone; down's for the
+    target the file's gate and up give it), the plan saw
     the tuned errors, and llama.cpp runs the file as transformers runs the checkpoint with its experts."""
     from test_quantize import TOLERANCE, dequantized_experts, with_experts
     from transformers import AutoModelForCausalLM
@@ -144,6 +145,9 @@ def test_compress_tune_writes_the_tuned_integers_and_llama_cpp_runs_them(tuned_c
                 which = "mid" if projection == "down" else "in"
                 weights = ckpt.expert_weight(bid, xid, projection)
                 hessian = hessians(bid, xid, which)
+                if projection == "down":  # fit to the gate and up the file holds
+                    target = hessians.down_target(bid, xid, experts[bid, "gate"][xid], experts[bid, "up"][xid])
+                    weights, hessian = target.weights, target.hessian
                 imatrix = stats.layers[bid].imatrix(which)[xid]
                 tuned = tune_quantize(weights, hessian, T[name], imatrix, TuneSettings(iters=3))
                 gptq = gptq_quantize(weights, hessian, T[name], imatrix)
