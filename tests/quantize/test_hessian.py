@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gguf
 import numpy as np
+import pytest
 
 from mc_gguf.ggml import quants
 from mc_gguf.quantize.gptq import gptq_quantize
@@ -27,7 +28,7 @@ def test_down_target_is_the_ridge_fit_to_the_quantized_gate_and_up_and_lowers_th
     q = {p: quants.dequantize(quants.quantize(w[p], T.Q2_K, imatrix), T.Q2_K, w[p].shape[1]) for p in ("gate", "up")}
     down = hessians.down_target(bid, xid, q["gate"], q["up"])
     target, hessian = down.weights, down.hessian
-    print("RIDGE", down.ridge, layer.count[xid])
+    assert down.ridge is not None  # the fit held out better than W here (else W would be the target)
 
     # every token routed to the expert, weighted by the weight the block gave it (Mixtral: SiLU(gate) * up)
     mine = layer.routed_ids == xid
@@ -58,3 +59,22 @@ def test_down_target_is_the_ridge_fit_to_the_quantized_gate_and_up_and_lowers_th
     fitted = expert_error(gptq(target, hessian))
     assert expert_error(target) < expert_error(w["down"])
     assert fitted < 0.9 * plain
+
+
+@pytest.mark.parametrize("tokens, distorted, fits", [(4096, True, True), (48, False, False)])
+def test_the_ridge_is_chosen_on_held_out_tokens(tokens, distorted, fits):
+    """A systematic change of down's inputs, seen on many tokens, is fit; inputs that differ only by noise, on
+    fewer tokens than features, are not (the fit would learn the noise): W itself is kept."""
+    from mc_gguf.quantize.hessian import _held_out_ridge
+
+    rng = np.random.default_rng(3)
+    features, rows = 64, 32
+    w = rng.standard_normal((rows, features))
+    z = rng.standard_normal((tokens, features))
+    z_q = z @ (np.eye(features) + 0.3 * rng.standard_normal((features, features)) / 8) if distorted else z
+    z_q = z_q + 0.05 * rng.standard_normal(z_q.shape)
+    y = z @ w.T
+    folds = [slice(0, tokens // 2), slice(tokens // 2, tokens)]
+    h = [z_q[f].T @ z_q[f] for f in folds]
+    b = [z_q[f].T @ y[f] for f in folds]
+    assert (_held_out_ridge(w, h, b) is not None) == fits
