@@ -63,14 +63,14 @@ point = sys.argv.pop(1)
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
-def die_at_layer_1(module, name):
-    # the function's third argument is the layer (calibrate_layer, quantize_expert)
-    real = getattr(module, name)
+def die_at_layer_1(owner, name, layer_arg):
+    # args[layer_arg] of the function is the layer (calibrate_layer's third, ExpertQuantizer.__call__'s second)
+    real = getattr(owner, name)
     def wrapper(*args, **kwargs):
-        if args[2] == 1:
+        if args[layer_arg] == 1:
             die()
         return real(*args, **kwargs)
-    setattr(module, name, wrapper)
+    setattr(owner, name, wrapper)
 
 import mc_gguf.calibrate.calibration as calibration
 import mc_gguf.calibrate.stats as stats
@@ -84,11 +84,11 @@ if point == "embeddings":
         die()
     calibration.embed = embed
 elif point == "calibrating":
-    die_at_layer_1(calibration, "calibrate_layer")
+    die_at_layer_1(calibration, "calibrate_layer", 2)
 elif point == "saving":
     stats.CalibrationStats.save = die
 elif point == "quantizing":
-    die_at_layer_1(quantization, "quantize_expert")
+    die_at_layer_1(quantization.ExpertQuantizer, "__call__", 1)
 from mc_gguf.cli import main
 sys.exit(main(sys.argv[1:]))
 """
