@@ -38,6 +38,7 @@ from mc_gguf.calibrate.quant_error import GATED_ACTIVATIONS, expert_hidden
 from mc_gguf.calibrate.stats import CalibrationStats
 from mc_gguf.errors import McGgufError
 from mc_gguf.hf.checkpoint import Checkpoint
+from mc_gguf.quantize.tune import damped, mean_diagonal
 
 
 class ExpertHessians:
@@ -91,16 +92,17 @@ class ExpertHessians:
         # the sums of two folds of the tokens (alternate runs of FOLD_RUN), H' and C^T W^T = sum_t g^2 z_t' y_t^T
         h = [torch.zeros(ff, ff, dtype=torch.float64) for _ in range(2)]
         b = [torch.zeros(ff, hidden, dtype=torch.float64) for _ in range(2)]
+        down = expert.down.double()
         with torch.no_grad():
             for first in range(0, len(tokens), FOLD_RUN):
                 x = self.inputs(bid)[tokens[first:first + FOLD_RUN]]
                 gw = g[first:first + FOLD_RUN]
                 z_q = (expert_hidden(x, quantized, self.glu) * gw).double()
-                y = (expert_hidden(x, expert, self.glu) * gw).double() @ expert.down.double().T
+                y = (expert_hidden(x, expert, self.glu) * gw).double() @ down.T
                 fold = (first // FOLD_RUN) % 2
                 h[fold] += z_q.T @ z_q
                 b[fold] += z_q.T @ y
-        w = expert.down.double().numpy()
+        w = down.numpy()
         h, b = [m.numpy() for m in h], [m.numpy() for m in b]
         ridge = _held_out_ridge(w, h, b)
         hessian = h[0] + h[1]
@@ -108,9 +110,8 @@ class ExpertHessians:
         b = b[0] + b[1]
         if ridge is None:
             return DownTarget(w.astype(np.float32), hessian.astype(np.float32), None)
-        lam = ridge * _mean_diagonal(hessian)
-        target = _ridge_fit(w, hessian, b, lam)
-        return DownTarget(target.astype(np.float32), hessian.astype(np.float32), lam)
+        target = _ridge_fit(w, hessian, b, ridge)
+        return DownTarget(target.astype(np.float32), hessian.astype(np.float32), ridge * mean_diagonal(hessian))
 
 
 FOLD_RUN = 256  # consecutive routed tokens that go to the same fold (neighbouring tokens are alike)
@@ -124,15 +125,10 @@ class DownTarget:
     ridge: float | None   # the lambda of the fit; None: W itself held out better than every fit
 
 
-def _mean_diagonal(h: np.ndarray) -> float:
-    return max(float(np.mean(np.diag(h))), 1e-30)
-
-
-def _ridge_fit(w: np.ndarray, h: np.ndarray, b: np.ndarray, lam: float) -> np.ndarray:
-    """(W C + lambda W) (H' + lambda I)^-1 [H, F], with b = C^T W^T [F, H]."""
-    a = np.array(h, dtype=np.float64)
-    a[np.diag_indices_from(a)] += lam
-    return cho_solve(cho_factor(a, lower=True, overwrite_a=True), b + lam * w.T, overwrite_b=True).T
+def _ridge_fit(w: np.ndarray, h: np.ndarray, b: np.ndarray, ridge: float) -> np.ndarray:
+    """(W C + lambda W) (H' + lambda I)^-1 [H, F], with b = C^T W^T [F, H] and lambda = ridge * mean(diag H')."""
+    rhs = b + ridge * mean_diagonal(h) * w.T
+    return cho_solve(cho_factor(damped(h, ridge), lower=True, overwrite_a=True), rhs, overwrite_b=True).T
 
 
 def _held_out_ridge(w: np.ndarray, h: list[np.ndarray], b: list[np.ndarray]) -> float | None:
@@ -147,7 +143,7 @@ def _held_out_ridge(w: np.ndarray, h: list[np.ndarray], b: list[np.ndarray]) -> 
         return None
     best, best_error = None, held_out(w, 0) + held_out(w, 1)
     for ridge in RIDGES:
-        error = sum(held_out(_ridge_fit(w, h[k], b[k], ridge * _mean_diagonal(h[k])), 1 - k) for k in range(2))
+        error = sum(held_out(_ridge_fit(w, h[k], b[k], ridge), 1 - k) for k in range(2))
         if error < best_error:
             best, best_error = ridge, error
     return best

@@ -70,8 +70,13 @@ def damped(hessian: np.ndarray, damp: float = DAMP) -> np.ndarray:
     """H + damp * mean(diag H) * I, GPTQ's dampening (gptq.inverse_hessian_factor, which also sets the
     diagonal of never-activated columns to 1 before it)."""
     h = np.array(hessian, dtype=np.float64)
-    h[np.diag_indices_from(h)] += damp * max(float(np.mean(np.diag(h))), 1e-30)
+    h[np.diag_indices_from(h)] += damp * mean_diagonal(h)
     return h
+
+
+def mean_diagonal(hessian: np.ndarray) -> float:
+    """mean(diag H), the unit of the dampening, kept above 0 for an expert no token reached."""
+    return max(float(np.mean(np.diag(hessian))), 1e-30)
 
 
 def tune_blocks(weights: np.ndarray, hessian: np.ndarray, blocks: KBlocks,

@@ -103,7 +103,7 @@ def clear_of_thresholds(model, ckpt, ids, odp, margin=2e-4, logit_margin=5e-3) -
     logit against the best unchosen one's: skipped slots move the later layers' inputs, and on CPUs without
     AVX2 the engines' noise in them flips so close a choice; earlier layers' ties, which would rule out
     every later position, have not been seen to flip)."""
-    weights = []  # (layer, the weights its router gave the chosen slots, their experts) of every MoE layer
+    weights = []  # (layer, the weights its router gave the chosen slots, their experts, its logits) of every MoE layer
     hooks = [getattr(model.model.layers[il].mlp, ckpt.arch.hf_router).register_forward_hook(
              lambda m, i, o, il=il: weights.append((il, o[1], o[2], o[0]))) for il in ckpt.moe_layers]
     try:
@@ -119,14 +119,12 @@ def clear_of_thresholds(model, ckpt, ids, odp, margin=2e-4, logit_margin=5e-3) -
         experts = experts.reshape(len(ids), -1).numpy()
         mu = odp.slot_thresholds(il, experts)
         near = (np.abs(ratio - mu) < margin).any(-1) if odp.mu[il] > 0 else np.zeros_like(clear)
-        logits = logits.detach().float().reshape(len(ids), -1).numpy()
-        chosen = np.zeros(logits.shape, dtype=bool)
-        np.put_along_axis(chosen, experts, True, axis=-1)
-        gap = np.where(chosen, logits, np.inf).min(-1) - np.where(chosen, -np.inf, logits).max(-1)
         if il == last:
-            near |= np.abs(gap) < logit_margin
-        if il == last:
-            clear &= ~near
+            logits = logits.detach().float().reshape(len(ids), -1).numpy()
+            chosen = np.zeros(logits.shape, dtype=bool)
+            np.put_along_axis(chosen, experts, True, axis=-1)
+            gap = np.where(chosen, logits, np.inf).min(-1) - np.where(chosen, -np.inf, logits).max(-1)
+            clear &= ~(near | (np.abs(gap) < logit_margin))
         elif near.any():
             clear[int(near.argmax()):] = False
     return clear
