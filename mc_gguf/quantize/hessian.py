@@ -92,17 +92,17 @@ class ExpertHessians:
         # the sums of two folds of the tokens (alternate runs of FOLD_RUN), H' and C^T W^T = sum_t g^2 z_t' y_t^T
         h = [torch.zeros(ff, ff, dtype=torch.float64) for _ in range(2)]
         b = [torch.zeros(ff, hidden, dtype=torch.float64) for _ in range(2)]
-        down = expert.down.double()
         with torch.no_grad():
             for first in range(0, len(tokens), FOLD_RUN):
                 x = self.inputs(bid)[tokens[first:first + FOLD_RUN]]
                 gw = g[first:first + FOLD_RUN]
-                z_q = (expert_hidden(x, quantized, self.glu) * gw).double()
-                y = (expert_hidden(x, expert, self.glu) * gw).double() @ down.T
+                z_q = expert_hidden(x, quantized, self.glu) * gw
+                y = (expert_hidden(x, expert, self.glu) * gw) @ expert.down.T
                 fold = (first // FOLD_RUN) % 2
-                h[fold] += z_q.T @ z_q
-                b[fold] += z_q.T @ y
-        w = down.numpy()
+                # a run's products in float32 (256 terms), their sum over the runs in float64
+                h[fold] += (z_q.T @ z_q).double()
+                b[fold] += (z_q.T @ y).double()
+        w = expert.down.double().numpy()
         h, b = [m.numpy() for m in h], [m.numpy() for m in b]
         ridge = _held_out_ridge(w, h, b)
         hessian = h[0] + h[1]
