@@ -16,7 +16,9 @@ evaluation text:
   tensors at Q8_0 (which is also mc-gguf's default), as `mc-gguf compress`
   makes them (its cost exponents, imatrix quantization), the per-expert
   files also with GPTQ and with tuning (`--tune`: GPTQ, then coordinate
-  descent on the K-quant integers, the plan allocated with the tuned errors),
+  descent on the K-quant integers, the plan allocated with the tuned errors;
+  also with a type per projection, `--per-projection`), a tuned file's
+  compress_s the calibration's time plus its own,
   and the first budget's per-expert file with Online Dynamic Pruning
   thresholds for 15% and 25% of the expert slots;
 - with --autoround, AutoRound (a peer: `pip install -e .[peers]`, run by
@@ -116,9 +118,10 @@ def mc_gguf_files(model: str, stats, work: Path, args) -> list[dict]:
             variants = [("", plan, False, None, None)]
             if layout == "per-expert" and stats.has_hessian:
                 variants.append((" gptq", plan, True, None, None))
-                tuned_plan = allocate(stats, bits, model_dir=model, layout=layout, non_expert=Q8_NON_EXPERT,
-                                      error_scale=ratios, **COMPRESS_COST)
-                variants.append((" tune", tuned_plan, True, tune, None))
+                for suffix, per_projection in ((" tune", False), (" tune per-projection", True)):
+                    tuned_plan = allocate(stats, bits, model_dir=model, layout=layout, non_expert=Q8_NON_EXPERT,
+                                          error_scale=ratios, per_projection=per_projection, **COMPRESS_COST)
+                    variants.append((suffix, tuned_plan, True, tune, None))
             if layout == "per-expert" and bits == args.bits[0]:
                 variants += [(f" odp {skip:.0%}", plan, False, None, skip) for skip in ODP_SKIPS]
             for suffix, p, gptq, t, skip in variants:
@@ -133,7 +136,9 @@ def mc_gguf_files(model: str, stats, work: Path, args) -> list[dict]:
                     seconds += ratio_seconds
                 configs.append({"name": name, "family": "mc-gguf", "path": path, "bits": bits, "layout": layout,
                                 "gptq": gptq, "tune": t is not None, "odp_target_skip": skip,
-                                "quantize_s": round(seconds, 1)})
+                                "quantize_s": round(seconds, 1),
+                                # what `compress` takes: the calibration (with the Hessians' inputs) and this
+                                "compress_s": round(seconds + args.calibrate_s, 1) if args.calibrate_s else None})
     return configs
 
 
@@ -241,6 +246,7 @@ def main() -> int:
     args = parser.parse_args()
     args.recipes, args.expert_types = RECIPES, EXPERT_TYPES
     args.autoround_schemes, args.autoround_extra = AUTOROUND_SCHEMES, []
+    args.calibrate_s = None  # measured when the statistics are made here
 
     from mc_gguf.calibrate.calibration import CalibrationSettings, calibrate
     from mc_gguf.calibrate.stats import load_stats
@@ -268,8 +274,12 @@ def main() -> int:
         stats = load_stats(args.stats)
     else:
         stats_path = work / "stats.safetensors"
-        stats = load_stats(stats_path) if stats_path.exists() else calibrate(
-            args.model, stats_path, read_text(args.calib), settings)
+        if stats_path.exists():
+            stats = load_stats(stats_path)
+        else:
+            calibrating = time.perf_counter()
+            stats = calibrate(args.model, stats_path, read_text(args.calib), settings, progress=False)
+            args.calibrate_s = time.perf_counter() - calibrating
 
     configs = [{"name": "F16", "family": "reference", "path": f16}]
     configs += llama_cpp_files(tools, f16, Path(args.calib), work, args)
@@ -304,6 +314,7 @@ def main() -> int:
     report = {"model": args.model, "calib": str(args.calib), "eval": str(args.eval), "ctx": args.ctx,
               "windows": args.windows, "imatrix_chunks": args.imatrix_chunks,
               "stats": {k: stats.info.get(k) for k in ("text", "n_tokens", "seq_len")},
+              "calibrate_s": round(args.calibrate_s, 1) if args.calibrate_s else None,
               "rows": rows,
               "llama_cpp_front": [r["name"] for r in pareto_front(
                   [r for r in compared if r["family"] in LLAMA_FAMILIES], "file_mb", "kld_mean")],

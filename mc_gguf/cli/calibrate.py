@@ -34,10 +34,10 @@ def add_parser(commands) -> None:
     p.add_argument("--types", nargs="+", type=type_name, default=list(CANDIDATES), metavar="TYPE",
                    help=f"candidate GGUF types (default: all of {' '.join(CANDIDATES)})")
     p.add_argument("--hessian", action="store_true",
-                   help="also keep each expert's full input Hessians (each token's x x^T times its routing weight "
-                        "squared) for --gptq and --tune: E*(H^2+F^2)*4 bytes per layer, "
-                        "e.g. 7.1 GB per layer (227 GB in all) for Mixtral 8x7B, 63 MB for a 6-layer model of "
-                        "hidden 256 and 8 experts of 512")
+                   help="also keep what the experts' Hessians are built from for --gptq and --tune: every "
+                        "calibration token's MoE-block input, its experts and their weights, tokens*H*4 bytes per "
+                        "layer, e.g. 1.07 GB per layer (34 GB in all) for Mixtral 8x7B at 65536 tokens, 67 MB per "
+                        "layer for hidden 256")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 

@@ -12,14 +12,16 @@ from mc_gguf.evaluate.run import load
 from conftest import CALIBRATION_TEXT, TEST_TYPES
 
 
-@pytest.mark.parametrize("layout", ["per-expert", "stock"])
-def test_compress_writes_a_file_that_runs_and_inspect_reads_it(tiny_model_dir, tmp_path, capsys, layout):
+@pytest.mark.parametrize("layout, tune", [("per-expert", []), ("stock", ["--no-tune"])])
+def test_compress_writes_a_file_that_runs_and_inspect_reads_it(tiny_model_dir, tmp_path, capsys, layout, tune):
+    """compress's defaults (tuning, a type per projection) in the per-expert layout, ggml's quantizer alone
+    (--no-tune) in stock."""
     text = tmp_path / "calib.txt"
     text.write_text(CALIBRATION_TEXT, encoding="utf-8")
     out = tmp_path / "out.gguf"
     keep = tmp_path / "artifacts"
     assert main(["compress", str(tiny_model_dir), "--bits", "3", "--calib", str(text), "--layout", layout,
-                 "--odp-skip", "0.25", "--types", *TEST_TYPES, "--tokens", "1024", "--seq-len", "128",
+                 "--odp-skip", "0.25", "--types", *TEST_TYPES, "--tokens", "1024", "--seq-len", "128", *tune,
                  "--keep-artifacts", str(keep), "-q", "-o", str(out)]) == 0
     summary = capsys.readouterr().out
     assert "expected share of expert slots skipped" in summary
@@ -28,9 +30,12 @@ def test_compress_writes_a_file_that_runs_and_inspect_reads_it(tiny_model_dir, t
     assert main(["inspect", str(out), "--json", "--plot", str(tmp_path / "experts.png")]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["expert_bpw"] <= 3.0 and info["mc"]["mc.plan.layout"] == layout
+    assert info["mc"]["mc.quantize.tune_iters"] == (0 if tune else 8)
+    assert info["mc"]["mc.quantize.gptq"] == (not tune)
     assert len(info["mc"]["mc.odp.mu"]) == 2
     plan = json.loads((keep / "plan.json").read_text())
     assert info["experts"] == plan["experts"]  # what the file holds is what was planned
+    assert plan["budget"]["per_projection"] == (not tune)  # on by default when tuning
 
     llm = load(out, n_ctx=256, verbose=False)
     text_out = llm.create_completion("The router chooses", max_tokens=8, temperature=0.0)["choices"][0]["text"]
