@@ -1,4 +1,4 @@
-"""Tuned rounding and scales inside ggml's K-quant grids, per expert projection.
+"""Tuned rounding and scales inside ggml's K-quant grids (and tuned i-quant scales), per expert projection.
 
 The quantity minimised is the projection's output error on the tokens the
 calibration routed to the expert,
@@ -28,19 +28,22 @@ GPTQ applies its updates). Sweeps repeat until one lowers the loss by less than 
 of it. The integers are packed back by kquants.pack, so ggml dequantizes the
 file's bytes to exactly the weights whose loss was minimised.
 
-Types that are not K-quants (i-quants, Q8_0, the 32-block fallbacks) keep
-GPTQ's result.
+The i-quants (IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ4_XS; ggml/iquants.py) keep
+the codes ggml's lattice search chose for GPTQ's columns, and the same
+descent moves their fp16 ``d`` and integer sub-block scales (tune_scales).
+Other types (IQ1_M, Q8_0, the 32-block fallbacks) keep GPTQ's result.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import gguf
 import numpy as np
 import torch
 
-from mc_gguf.ggml import kquants
+from mc_gguf.ggml import iquants, kquants
+from mc_gguf.ggml.iquants import IBlocks
 from mc_gguf.ggml.kquants import QK_K, KBlocks
 from mc_gguf.quantize.gptq import DAMP, gptq_quantize
 
@@ -55,16 +58,20 @@ class TuneSettings:
 
 
 def tunable(qtype: gguf.GGMLQuantizationType, n_per_row: int) -> bool:
-    return qtype.name in kquants.FORMATS and n_per_row % QK_K == 0
+    return (qtype.name in kquants.FORMATS or qtype.name in iquants.FORMATS) and n_per_row % QK_K == 0
 
 
 def tune_quantize(weights: np.ndarray, hessian: np.ndarray, qtype: gguf.GGMLQuantizationType,
                   imatrix: np.ndarray | None = None, settings: TuneSettings = TuneSettings()) -> np.ndarray:
-    """ggml's bytes [rows, row_bytes] of ``weights`` [rows, cols]: GPTQ, then coordinate descent on ``hessian``."""
+    """ggml's bytes [rows, row_bytes] of ``weights`` [rows, cols]: GPTQ, then coordinate descent on ``hessian``
+    (a K-quant's every integer, an i-quant's scales)."""
     rows, cols = weights.shape
     start = gptq_quantize(weights, hessian, qtype, imatrix)
     if not tunable(qtype, cols) or settings.iters <= 0:
         return start
+    if qtype.name in iquants.FORMATS:
+        return iquants.pack(tune_scales(weights, damped(hessian), iquants.unpack(start, qtype.name),
+                                        settings)).reshape(rows, -1)
     tuned = tune_blocks(weights, damped(hessian), kquants.unpack(start, qtype.name), settings)
     return kquants.pack(tuned).reshape(rows, -1)
 
@@ -86,16 +93,56 @@ def tune_blocks(weights: np.ndarray, hessian: np.ndarray, blocks: KBlocks,
                 settings: TuneSettings = TuneSettings()) -> KBlocks:
     """``blocks`` (a quantization of ``weights`` [rows, cols]) moved by coordinate descent on ``hessian``."""
     state = _Descent(weights, hessian, blocks, torch.device(settings.device))
+    _descend(state, settings, codes=True)
+    return state.blocks()
+
+
+@dataclass(frozen=True)
+class _IScales:
+    """An i-quant format as the scale sweeps see it: its sub-block scale is ls + c (moved by +-1), q is a * v."""
+    sub_block: int
+    n_sub: int
+    scale_min: float
+    scale_max: float
+    has_min: bool = False
+
+
+@dataclass(frozen=True)
+class _IView:
+    fmt: _IScales
+    d: np.ndarray
+    scales: np.ndarray
+    q: np.ndarray
+    dmin: None = None
+    mins: None = None
+
+
+def tune_scales(weights: np.ndarray, hessian: np.ndarray, blocks: IBlocks,
+                settings: TuneSettings = TuneSettings()) -> IBlocks:
+    """An i-quant's ``d`` and sub-block scales moved by coordinate descent on ``hessian``, its codes (ggml's
+    search, after GPTQ) kept: w = (d * a (ls + c)) * v is K-quant-like with scale ls + c and q = a v."""
+    f = blocks.fmt
+    view = _IView(_IScales(f.sub_block, f.n_sub, f.c, f.scale_max + f.c), blocks.d,
+                  blocks.ls.astype(np.float64) + f.c, f.a * blocks.v.astype(np.float64))
+    state = _Descent(weights, hessian, view, torch.device(settings.device))
+    _descend(state, settings, codes=False)
+    ls = np.rint(state.scales.cpu().numpy() - f.c).astype(np.int32).reshape(-1, f.n_sub)
+    return replace(blocks, d=state.d.cpu().numpy().astype(np.float32).reshape(-1), ls=ls)
+
+
+def _descend(state: _Descent, settings: TuneSettings, codes: bool) -> None:
+    """Sweeps until one gains under min_gain of the loss: the fp16 scales, the sub-block scales and, with
+    ``codes``, every q."""
     loss = state.loss()
     for _ in range(settings.iters):
         state.refresh()
         state.sweep_super_scales()
         state.sweep_sub_scales()
-        state.sweep_q()
+        if codes:
+            state.sweep_q()
         before, loss = loss, state.loss()
         if before - loss <= settings.min_gain * before:
             break
-    return state.blocks()
 
 
 class _Descent:
@@ -267,13 +314,14 @@ class _Frame:
 
 def tuned_error_ratios(model_dir, stats, types: list[str], sample: int = 8, rows: int = 128, seed: int = 0,
                        settings: TuneSettings = TuneSettings(), progress: bool = True) -> dict[str, float]:
-    """How much tuning lowers each K-quant type's error, for allocate's ``error_scale``.
+    """How much tuning lowers each tunable type's error, for allocate's ``error_scale``.
 
     The calibration measured every type's error with ggml's quantizer alone; tuning lowers the K-quants'
-    errors several times, the i-quants' hardly (GPTQ only). On ``sample`` experts drawn (seeded) across the
+    errors several times, the i-quants' (whose codes it keeps) less. On ``sample`` experts drawn (seeded) across the
     layers, ``rows`` rows drawn from each projection (a row's loss depends on that row alone, so a sample
     of rows estimates the matrix's ratio at a fraction of the cost: 128 of Mixtral 8x7B's 14336) are
-    quantized both ways and the loss on the projection's Hessian summed: the ratio tuned / untuned per type. Types that are not K-quants get no entry (1).
+    quantized both ways and the loss on the projection's Hessian summed: the ratio tuned / untuned per type. Types
+    tuning does not open get no entry (1).
     """
     from tqdm import tqdm
 
@@ -284,8 +332,8 @@ def tuned_error_ratios(model_dir, stats, types: list[str], sample: int = 8, rows
 
     ckpt = open_checkpoint(model_dir)
     hidden, ff = ckpt.expert_dims
-    names = [t for t in (quant_type(t).name for t in types) if t in kquants.FORMATS and hidden % QK_K == 0
-             and ff % QK_K == 0]
+    names = [t for t in (quant_type(t).name for t in types) if (t in kquants.FORMATS or t in iquants.FORMATS)
+             and hidden % QK_K == 0 and ff % QK_K == 0]
     if not names or not stats.has_hessian:
         return {}
     rng = np.random.default_rng(seed)

@@ -1,19 +1,22 @@
-"""Tuned K-quant integers: ggml dequantizes the written bytes to the tuner's own weights, the result is a
-local optimum of the Hessian loss by brute force over every single move, and it loads in llama.cpp."""
+"""Tuned K-quant integers and i-quant scales: ggml dequantizes the written bytes to the tuner's own weights, the
+result is a local optimum of the Hessian loss by brute force over every single move, and it loads in llama.cpp."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import gguf
 import numpy as np
 import pytest
 import torch
 
-from mc_gguf.ggml import kquants, quants
+from mc_gguf.ggml import iquants, kquants, quants
 from mc_gguf.quantize.gptq import gptq_quantize
 from mc_gguf.quantize.tune import TuneSettings, _Descent, damped, tunable, tune_blocks, tune_quantize
 
 T = gguf.GGMLQuantizationType
 K_TYPES = tuple(kquants.FORMATS)
+I_TYPES = tuple(iquants.FORMATS)
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +86,49 @@ def test_converged_tuning_is_a_local_optimum_by_brute_force(layer, name):
     assert tried > 256 * len(w)
 
 
-def test_types_without_k_quant_blocks_keep_gptq(layer):
+def test_types_tuning_does_not_open_keep_gptq(layer):
     w, hessian, imatrix = layer
-    assert not tunable(T.IQ2_XS, 512) and not tunable(T.Q4_K, 96)
-    np.testing.assert_array_equal(tune_quantize(w, hessian, T.IQ2_XS, imatrix),
-                                  gptq_quantize(w, hessian, T.IQ2_XS, imatrix))
+    assert not tunable(T.IQ1_M, 512) and not tunable(T.Q8_0, 512) and not tunable(T.Q4_K, 96)
+    assert tunable(T.IQ2_XS, 512) and not tunable(T.IQ2_XS, 96)
+    np.testing.assert_array_equal(tune_quantize(w, hessian, T.IQ1_M, imatrix),
+                                  gptq_quantize(w, hessian, T.IQ1_M, imatrix))
+
+
+@pytest.mark.parametrize("name", I_TYPES)
+def test_iquant_tuning_moves_only_the_scales_and_lowers_the_loss_of_gptq(layer, name):
+    """The tuned bytes are GPTQ's codes with a new fp16 d and sub-block scales written in, and their loss
+    (from ggml's dequantization) is below GPTQ's and ggml's alone."""
+    w, hessian, imatrix = layer
+    qtype = T[name]
+    gptq = gptq_quantize(w, hessian, qtype, imatrix)
+    tuned = tune_quantize(w, hessian, qtype, imatrix)
+    opened = iquants.unpack(tuned, name)
+    np.testing.assert_array_equal(
+        iquants.pack(replace(iquants.unpack(gptq, name), d=opened.d, ls=opened.ls)).reshape(tuned.shape), tuned)
+    assert loss(w, hessian, tuned, qtype) < loss(w, hessian, gptq, qtype)
+    assert loss(w, hessian, tuned, qtype) < 0.8 * loss(w, hessian, quants.quantize(w, qtype, imatrix), qtype)
+
+
+@pytest.mark.parametrize("name", ["IQ2_XXS", "IQ1_S", "IQ4_XS"])
+def test_converged_iquant_scales_are_a_local_optimum_by_brute_force(layer, name):
+    """No single sub-block scale moved by +-1, tried on the packed bytes and scored from ggml's
+    dequantization, lowers the loss of converged tuning."""
+    w, hessian, imatrix = layer
+    w, hessian, imatrix = w[:6, :256], hessian[:256, :256], imatrix[:256]
+    qtype, f = T[name], iquants.FORMATS[name]
+    tuned = iquants.unpack(tune_quantize(w, hessian, qtype, imatrix, TuneSettings(iters=200, min_gain=0.0)), name)
+    best = loss(w, hessian, iquants.pack(tuned), qtype)
+    tried = 0
+    for index in np.ndindex(tuned.ls.shape):
+        for move in (-1, 1):
+            if not 0 <= tuned.ls[index] + move <= f.scale_max:
+                continue
+            tuned.ls[index] += move
+            moved = loss(w, hessian, iquants.pack(tuned), qtype)
+            tuned.ls[index] -= move
+            tried += 1
+            assert moved >= best * (1 - 1e-9), f"ls{index} {move:+d} lowers the loss"
+    assert tried >= len(w) * f.n_sub
 
 
 def test_cli_defaults_are_tune_settings():
@@ -130,7 +171,7 @@ def test_compress_tune_writes_the_tuned_integers_and_llama_cpp_runs_them(tuned_c
     result = tuned_compress
     reader = gguf.GGUFReader(result.path)
     assert field_value(reader, "mc.quantize.tune_iters") == 3
-    assert set(result.plan.inputs["error_scale"]) == {"Q2_K", "Q3_K", "Q4_K"}
+    assert set(result.plan.inputs["error_scale"]) == {"IQ2_XS", "Q2_K", "Q3_K", "Q4_K"}
     assert all(0 < r < 1 for r in result.plan.inputs["error_scale"].values())
 
     ckpt, stats = open_checkpoint(tiny_model_dir), result.stats
@@ -140,7 +181,7 @@ def test_compress_tune_writes_the_tuned_integers_and_llama_cpp_runs_them(tuned_c
     for bid, layer in enumerate(result.plan.experts):
         for xid, types in enumerate(layer):
             for projection, name in types.items():
-                if name not in kquants.FORMATS:
+                if name not in kquants.FORMATS and name not in iquants.FORMATS:
                     continue
                 which = "mid" if projection == "down" else "in"
                 weights = ckpt.expert_weight(bid, xid, projection)
