@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-QK_K = 256
+from mc_gguf.ggml.kquants import QK_K, SuperBlockFormat
 
 
 @dataclass(frozen=True)
@@ -38,21 +38,13 @@ class Field:
 
 
 @dataclass(frozen=True)
-class IFormat:
+class IFormat(SuperBlockFormat):
     """One i-quant type: where its sub-block scales are and what they multiply by."""
-    name: str
-    ggml_type: int          # enum ggml_type (ggml.h)
-    type_size: int          # bytes per super-block (sizeof(block_iqX))
-    sub_block: int          # weights per scale
     scale_max: int          # ls in [0, scale_max]
     a: float                # m(ls) = a * (ls + c)
     c: float
     fields: tuple[tuple[Field, ...], ...]   # per sub-block, the bits of its ls
     unit_ls: int            # an ls whose m is a power of two (unpack reads v there)
-
-    @property
-    def n_sub(self) -> int:
-        return QK_K // self.sub_block
 
     def multiplier(self, ls: np.ndarray) -> np.ndarray:
         return self.a * (ls + self.c)

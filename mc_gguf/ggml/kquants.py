@@ -26,12 +26,21 @@ QK_K = 256
 
 
 @dataclass(frozen=True)
-class KFormat:
-    """One K-quant type: its sub-blocks and the integer ranges block_qX_K stores."""
+class SuperBlockFormat:
+    """A ggml type of 256-weight super-blocks, each with one scale per sub-block."""
     name: str
     ggml_type: int     # enum ggml_type (ggml.h)
-    type_size: int     # bytes per super-block (sizeof(block_qX_K))
+    type_size: int     # bytes per super-block (sizeof(block_X))
     sub_block: int     # weights per scale
+
+    @property
+    def n_sub(self) -> int:
+        return QK_K // self.sub_block
+
+
+@dataclass(frozen=True)
+class KFormat(SuperBlockFormat):
+    """One K-quant type: the integer ranges block_qX_K stores."""
     q_min: int         # the range of q as dequantize_row_qX_K uses it
     q_max: int
     scale_min: int     # the range of the sub-block scales as it uses them
@@ -41,10 +50,6 @@ class KFormat:
     @property
     def has_min(self) -> bool:
         return self.min_max > 0
-
-    @property
-    def n_sub(self) -> int:
-        return QK_K // self.sub_block
 
 
 FORMATS: dict[str, KFormat] = {f.name: f for f in (
