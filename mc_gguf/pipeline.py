@@ -44,8 +44,8 @@ def compress(model_dir: str | Path, out: str | Path, bits: float, text: Calibrat
              allocate_options: dict | None = None, progress: bool = True) -> CompressResult:
     """Calibrate, allocate and quantize ``model_dir`` into ``out``.
 
-    ``tune`` quantizes with GPTQ and tuned K-quant integers (quantize/tune.py);
-    the allocation then sees the K-quants' errors scaled by how much tuning
+    ``tune`` quantizes with GPTQ and tuned K-quant integers and i-quant scales
+    (quantize/tune.py); the allocation then sees those types' errors scaled by how much tuning
     lowered them on a sample of experts (tuned_error_ratios).
 
     The statistics and the plan are kept in a work folder beside the output

@@ -16,9 +16,10 @@ evaluation text:
   tensors at Q8_0 (which is also mc-gguf's default), as `mc-gguf compress`
   makes them (its cost exponents, imatrix quantization), the per-expert
   files also with GPTQ and with tuning (`--tune`: GPTQ, then coordinate
-  descent on the K-quant integers, the plan allocated with the tuned errors;
-  also with a type per projection, `--per-projection`), a tuned file's
-  compress_s the calibration's time plus its own,
+  descent on the K-quant integers and i-quant scales, the plan allocated
+  with the tuned errors; also with a type per projection,
+  `--per-projection`), each file's compress_s the calibration's time plus
+  its own,
   and the first budget's per-expert file with Online Dynamic Pruning
   thresholds for 15% and 25% of the expert slots;
 - with --autoround, AutoRound (a peer: `pip install -e .[peers]`, run by

@@ -4,7 +4,7 @@
 
 quantization.py (the verb and the plan's metadata), gptq.py (GPTQ whose
 rounding step is ggml's quantizer), tune.py (GPTQ, then coordinate descent on
-the K-quant integers).
+the K-quant integers and the i-quant scales).
 """
 
 from mc_gguf._lazy import lazy_exports

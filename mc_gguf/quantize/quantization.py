@@ -5,7 +5,7 @@ ctypes) at the type its plan gives, with the expert's importance matrix from
 the calibration statistics, and optionally with GPTQ error compensation
 (gptq.py) when the statistics hold what the experts' Hessians are built
 from (hessian.py, one expert at a time), or GPTQ followed by
-tuning of the K-quant integers on those Hessians (tune.py). The file's layout follows
+tuning of the K-quant integers and i-quant scales on those Hessians (tune.py). The file's layout follows
 the plan: ``stock`` (one type per layer and projection, loads in unmodified
 llama.cpp) or ``per-expert`` (groups of equal type, see gguf_io/layout.py and
 docs/FORMAT.md).
