@@ -332,8 +332,7 @@ def tuned_error_ratios(model_dir, stats, types: list[str], sample: int = 8, rows
 
     ckpt = open_checkpoint(model_dir)
     hidden, ff = ckpt.expert_dims
-    names = [t for t in (quant_type(t).name for t in types) if (t in kquants.FORMATS or t in iquants.FORMATS)
-             and hidden % QK_K == 0 and ff % QK_K == 0]
+    names = [q.name for q in (quant_type(t) for t in types) if tunable(q.qtype, hidden) and tunable(q.qtype, ff)]
     if not names or not stats.has_hessian:
         return {}
     rng = np.random.default_rng(seed)
