@@ -19,13 +19,15 @@ from mc_gguf.calibrate.calibration import calibrate
 from mc_gguf.calibrate.settings import CalibrationSettings
 from mc_gguf.calibrate.stats import CalibrationStats
 from mc_gguf.calibrate.text import CalibrationText
+from mc_gguf.device import torch_device
 from mc_gguf.ggml.types import quant_type
 from mc_gguf.hf.checkpoint import open_checkpoint
 from mc_gguf.prune.calibration import odp_from_stats, skipped_shares
 from mc_gguf.prune.rule import OdpParams, check_skip_share
 from mc_gguf.prune.settings import DEFAULT_RENORMALIZE, DEFAULT_RULE
 from mc_gguf.quantize.quantization import quantize
-from mc_gguf.quantize.tune import TuneSettings, tuned_error_ratios
+from mc_gguf.quantize.tune import TuneSettings
+from mc_gguf.quantize.tuned_errors import tuned_error_ratios
 
 
 @dataclass
@@ -56,6 +58,9 @@ def compress(model_dir: str | Path, out: str | Path, bits: float, text: Calibrat
     """
     out = check_output_path(out)
     # impossible requests fail now, not after calibration
+    torch_device(settings.device)
+    if tune is not None:
+        torch_device(tune.device)
     ckpt = open_checkpoint(model_dir)
     types = [quant_type(t).name for t in (allocate_options or {}).get("types") or settings.types]
     check_budget(bits, projection_bits(ckpt, types))

@@ -105,7 +105,8 @@ def mc_gguf_files(model: str, stats, work: Path, args) -> list[dict]:
     from mc_gguf.allocate.cost import COMPRESS_COST
     from mc_gguf.prune.calibration import odp_from_stats
     from mc_gguf.quantize.quantization import quantize
-    from mc_gguf.quantize.tune import TuneSettings, tuned_error_ratios
+    from mc_gguf.quantize.tune import TuneSettings
+    from mc_gguf.quantize.tuned_errors import tuned_error_ratios
 
     configs = []
     tune = TuneSettings() if stats.has_hessian else None

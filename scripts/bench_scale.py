@@ -18,8 +18,17 @@ and GiB, the ratios against llama.cpp's tools measured in the same run, the
 seconds per layer extrapolated to Mixtral's 32 layers, and memory flatness
 (largest N against the next).
 
+``--defaults`` measures what a user types instead, `mc-gguf compress MODEL
+--bits B` with no other flag (tuning, every candidate type, a type per
+projection), against llama-imatrix + llama-quantize to IQ2_XS and IQ2_S on
+the same F16 file and tokens, at each N: the ratios per added layer, the
+fixed costs (what N layers cost beyond N times the per-layer cost) as a
+share of a 32-layer run, and each process's CPU use (user + system seconds
+over wall seconds times cores: 1.0 is every core busy throughout).
+
     python scripts/bench_scale.py --layers 1 2 4 [--tokens 4096 --seq-len 2048] [--json scale.json]
-    python scripts/bench_scale.py --quick   (the tiny model's shapes: checks the script works)
+    python scripts/bench_scale.py --defaults --layers 2 4 [--tokens 4096]
+    python scripts/bench_scale.py --quick [--defaults]   (the tiny model's shapes: checks the script works)
 """
 
 from __future__ import annotations
@@ -138,7 +147,8 @@ def measure(name: str, cmd: list[str], log: Path, env: dict | None = None) -> di
         tail = log.read_text().splitlines()[-20:]
         raise RuntimeError(f"{name} failed ({proc.returncode}; log {log}):\n" + "\n".join(tail))
     rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
-    row = {"seconds": round(seconds, 1), "peak_rss_gib": round(rss / GIB, 2)}
+    cpu = (usage.ru_utime + usage.ru_stime) / max(seconds, 1e-9) / (os.cpu_count() or 1)
+    row = {"seconds": round(seconds, 1), "peak_rss_gib": round(rss / GIB, 2), "cpu_use": round(cpu, 2)}
     if sampler.peak is not None:
         row["peak_anon_gib"] = round(sampler.peak / GIB, 2)
     print(f"  {name:22s} {row['seconds']:8.1f} s  {row['peak_rss_gib']:6.2f} GiB"
@@ -243,6 +253,78 @@ def run_layers(n_layers: int, shapes: dict, args, work: Path, text: Path, eval_t
     return {"stages": rows, "files": sizes, **({"calibrate_killed_and_resumed": resume} if resume else {})}
 
 
+def run_defaults(n_layers: int, shapes: dict, args, work: Path, text: Path) -> dict:
+    """`mc-gguf compress --bits B` with its defaults, and llama.cpp's imatrix + quantize (IQ2_XS, IQ2_S) on the same
+    F16 file and tokens, for one checkpoint of ``n_layers`` layers."""
+    from mc_gguf.runtime.stock import stock_tools_dir
+
+    folder = work / f"defaults-{n_layers}"
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "log.txt"
+    builder = multiprocessing.get_context("spawn").Process(target=build_checkpoint,
+                                                           args=(folder / "model", shapes, n_layers))
+    builder.start()
+    builder.join()
+    if builder.exitcode != 0:
+        raise RuntimeError(f"building the {n_layers}-layer checkpoint failed")
+    model = folder / "model"
+    mc = str(Path(sys.executable).parent / "mc-gguf")
+    tools = stock_tools_dir()
+    threads = str(os.cpu_count() or 1)
+    f16 = folder / "f16.gguf"
+    chunks = max(1, args.tokens // args.seq_len)
+    print(f"{n_layers} layer(s), compress's defaults:", file=sys.stderr, flush=True)
+    rows = {"mc convert": measure("mc-gguf convert", [mc, "convert", str(model), "-o", str(f16), "--type", "f16",
+                                                       "-q"], log)}
+    # the calibration's text and tokens are the only flags besides --bits: llama-imatrix reads the same ones
+    rows["mc compress"] = measure("mc-gguf compress", [
+        mc, "compress", str(model), "--bits", str(args.bits), "--calib", str(text), "--tokens", str(args.tokens),
+        "--seq-len", str(args.seq_len), "-o", str(folder / "compressed.gguf"), "-q"], log)
+    imatrix = folder / "imatrix.gguf"
+    rows["llama-imatrix"] = measure("llama-imatrix", [
+        str(tools / "llama-imatrix"), "-m", str(f16), "-f", str(text), "-o", str(imatrix), "--output-format", "gguf",
+        "-c", str(args.seq_len), "--chunks", str(chunks), "-t", threads], log)
+    for llama_type in ("IQ2_XS", "IQ2_S"):
+        rows[f"llama-quantize {llama_type}"] = measure(f"llama-quantize {llama_type}", [
+            str(tools / "llama-quantize"), "--imatrix", str(imatrix), str(f16), str(folder / "llama.gguf"),
+            llama_type, threads], log)
+    sizes = {"mc_gguf_mb": (folder / "compressed.gguf").stat().st_size / 1e6}
+    for path in (f16, folder / "compressed.gguf", folder / "llama.gguf", imatrix):
+        path.unlink(missing_ok=True)
+    if not args.keep_models:
+        import shutil
+
+        shutil.rmtree(model)
+    return {"stages": rows, "files": sizes}
+
+
+def defaults_report(runs: dict, n_full: int) -> dict:
+    """Per added layer, compress against imatrix + quantize; its fixed costs as a share of an ``n_full``-layer run."""
+    counts = sorted(runs)
+    seconds = {n: {k: v["seconds"] for k, v in runs[n]["stages"].items()} for n in counts}
+    if len(counts) > 1:
+        a, b = counts[-2], counts[-1]
+        per_layer = {k: (seconds[b][k] - seconds[a][k]) / (b - a) for k in seconds[b]}
+    else:
+        per_layer = {k: v / counts[-1] for k, v in seconds[counts[-1]].items()}
+    fixed = max(0.0, seconds[counts[-1]]["mc compress"] - counts[-1] * per_layer["mc compress"])
+    total = fixed + n_full * per_layer["mc compress"]
+    report = {"seconds_per_added_layer": {k: round(v, 1) for k, v in per_layer.items()},
+              "compress_fixed_seconds": round(fixed, 1),
+              "compress_fixed_share_of_full_model": round(fixed / total, 3) if total else None,
+              "hours_for_full_model": {"mc compress": round(total / 3600, 2)}}
+    for llama_type in ("IQ2_XS", "IQ2_S"):
+        llama = per_layer["llama-imatrix"] + per_layer[f"llama-quantize {llama_type}"]
+        report[f"compress_over_imatrix+quantize_{llama_type}_per_added_layer"] = round(
+            per_layer["mc compress"] / llama, 3) if llama > 0 else None
+        report["hours_for_full_model"][f"llama-imatrix + llama-quantize {llama_type}"] = round(
+            n_full * llama / 3600, 2)
+    report["cpu_use"] = {k: runs[counts[-1]]["stages"][k]["cpu_use"] for k in runs[counts[-1]]["stages"]}
+    report["peak_anon_gib_max"] = {k: max(runs[n]["stages"][k].get("peak_anon_gib", 0) for n in counts)
+                                   for k in runs[counts[-1]]["stages"]}
+    return report
+
+
 def ratios(stages: dict) -> dict:
     s = {k: v["seconds"] for k, v in stages.items()}
     mc = s["mc calibrate"] + s["mc allocate"] + s["mc quantize"]
@@ -266,6 +348,9 @@ def main() -> int:
                         help="llama-quantize's type, the stock type nearest the budget (default: IQ2_XS)")
     parser.add_argument("--ctx", type=int, default=512, help="eval window (default: 512, 2 windows)")
     parser.add_argument("--compress", action="store_true", help="also time `mc-gguf compress` (the three stages again)")
+    parser.add_argument("--defaults", action="store_true",
+                        help="time `mc-gguf compress --bits B` with its defaults (tuning, every type) against "
+                        "llama-imatrix + llama-quantize IQ2_XS and IQ2_S instead of the stages")
     parser.add_argument("--resume-check", action="store_true",
                         help="also kill a calibration part-way, resume it and compare the statistics")
     parser.add_argument("--keep-models", action="store_true", help="keep the built checkpoints")
@@ -289,6 +374,16 @@ def main() -> int:
     eval_text = work / "eval.txt"
     eval_text.write_text(full[-200_000:], encoding="utf-8")
     started = time.perf_counter()
+    if args.defaults:
+        runs = {n: run_defaults(n, shapes, args, work, text) for n in args.layers}
+        report = {"shapes": shapes, "tokens": args.tokens, "seq_len": args.seq_len, "bits": args.bits,
+                  "cpus": os.cpu_count(), "runs": {str(n): run for n, run in runs.items()},
+                  **defaults_report(runs, shapes["n_layers_full"]), "seconds": round(time.perf_counter() - started, 1)}
+        out = json.dumps(report, indent=1)
+        print(out)
+        if args.json:
+            Path(args.json).write_text(out + "\n", encoding="utf-8")
+        return 0
     runs = {n: run_layers(n, shapes, args, work, text, eval_text) for n in args.layers}
     report = {"shapes": shapes, "tokens": args.tokens, "seq_len": args.seq_len, "bits": args.bits,
               "types": args.types or "all",

@@ -8,10 +8,10 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "mc_gguf"
 
 # README "How the code is laid out": each part may import the ones before it (and the shared
-# errors, atomic and _lazy modules), never one after it.
+# errors, atomic, device and _lazy modules), never one after it.
 ORDER = ["runtime", "ggml", "hf", "gguf_io", "calibrate", "prune", "allocate", "quantize", "evaluate",
          "pipeline", "demo", "cli"]
-SHARED = {"errors", "atomic", "_lazy", "__init__", ""}
+SHARED = {"errors", "atomic", "device", "_lazy", "__init__", ""}
 
 
 def part_of(module: str) -> str:
@@ -52,3 +52,31 @@ def test_every_part_of_the_package_is_in_the_order():
     parts = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
              if (p.is_dir() and (p / "__init__.py").exists()) or (p.suffix == ".py")}
     assert parts - SHARED == set(ORDER)
+
+
+def test_no_import_cycles_between_modules():
+    """Within a part as across parts, no module imports (at the top or inside a function) one that imports it
+    back, directly or through others."""
+    modules = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts): p for p in PACKAGE.rglob("*.py")}
+    modules = {name.removesuffix(".__init__"): path for name, path in modules.items()}
+    edges = {name: {m for m in imported_modules(path) if m in modules and m != name and
+                    not (m == "mc_gguf" or name == "mc_gguf")} for name, path in modules.items()}
+    # the lazy facades (__init__ of each part) import nothing at import time but names; leave them out
+    packages = {name for name, path in modules.items() if path.name == "__init__.py"}
+    edges = {name: targets - packages for name, targets in edges.items() if name not in packages}
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for name in sorted(edges):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, "\n".join(cycles)

@@ -35,6 +35,7 @@ from mc_gguf.calibrate.settings import CalibrationSettings
 from mc_gguf.calibrate.stats import CalibrationStats, LayerStats, load_stats
 from mc_gguf.calibrate.text import CalibrationText, pack_sequences
 from mc_gguf.calibrate.workdir import WorkDir
+from mc_gguf.device import torch_device
 from mc_gguf.errors import McGgufError
 from mc_gguf.ggml.types import quant_type
 from mc_gguf.hf.checkpoint import Checkpoint, dense_layers, open_checkpoint
@@ -54,6 +55,7 @@ def calibrate(model_dir: str | Path, out: str | Path, text: CalibrationText,
     With ``reuse``, statistics already in ``out`` from the very same inputs are returned as they are.
     """
     out = check_output_path(out)
+    device = torch_device(settings.device)  # a device this machine lacks is refused before any work
     ckpt = open_checkpoint(model_dir)
     for name in settings.types:
         quant_type(name)  # unknown names fail here, not after an hour of calibration
@@ -79,14 +81,14 @@ def calibrate(model_dir: str | Path, out: str | Path, text: CalibrationText,
         hidden = work.new_hidden(0, shape)
         embed(ckpt, sequences, hidden)
         work.finish_hidden(0, hidden)
-    rotary = type(model.model.rotary_emb)(config=model.config)
+    rotary = type(model.model.rotary_emb)(config=model.config).to(device)
     started = time.monotonic()
     for il in range(start, ckpt.n_layers):
         hidden_in = work.open_hidden(il, shape)
         hidden_out = None if il == ckpt.n_layers - 1 else work.new_hidden(il + 1, shape)
         moe_inputs = work.new_inputs(il, (n_flat, shape[-1])) if settings.hessian and ckpt.is_moe(il) else None
         layer_stats = calibrate_layer(model, ckpt, il, hidden_in, hidden_out, rotary, eps_positions, settings,
-                                      progress=progress, moe_inputs=moe_inputs,
+                                      progress=progress, moe_inputs=moe_inputs, device=device,
                                       eta=_eta(time.monotonic() - started, il - start, ckpt.n_layers - il))
         if hidden_out is not None:
             work.finish_hidden(il + 1, hidden_out)  # before the layer counts as done
@@ -105,25 +107,27 @@ def calibrate(model_dir: str | Path, out: str | Path, text: CalibrationText,
 
 def calibrate_layer(model, ckpt: Checkpoint, bid: int, hidden_in: np.ndarray, hidden_out: np.ndarray | None,
                     rotary, eps_positions: np.ndarray, settings: CalibrationSettings,
-                    *, progress: bool, eta: str = "", moe_inputs: np.ndarray | None = None) -> LayerStats | None:
+                    *, progress: bool, eta: str = "", moe_inputs: np.ndarray | None = None,
+                    device: torch.device = torch.device("cpu")) -> LayerStats | None:
     """One layer: its forward with the statistics gathered on the way, then every expert's eps (None, and
-    only the forward, for a dense layer). ``moe_inputs`` [tokens, H] receives the MoE block's inputs."""
+    only the forward, for a dense layer), computed on ``device``. ``moe_inputs`` [tokens, H] receives the MoE
+    block's inputs."""
     if not ckpt.is_moe(bid):
         bar = tqdm(total=hidden_in.shape[0], desc=f"layer {bid + 1}/{ckpt.n_layers} (dense){eta}", unit="step",
                    disable=not progress, dynamic_ncols=True)
-        with decoder_layer(model, ckpt, bid, None) as layer:
+        with decoder_layer(model, ckpt, bid, None, device) as layer:
             run_layer(model, layer, bid, rotary, hidden_in, hidden_out, on_batch=bar.update)
         bar.close()
         return None
 
     glu = GATED_ACTIVATIONS[ckpt.arch.expert_activation](ckpt.config)
-    router, experts = load_experts(ckpt, bid)
+    router, experts = load_experts(ckpt, bid, device)
     moe = StatisticsMoE(router, experts, glu, RoutingRule.of(ckpt), eps_positions, moe_inputs,
                         shared=SHARED_EXPERT_OUTPUT.get(ckpt.arch.shared_expert),
                         returns_scores=ckpt.arch.hf_moe_returns_scores)
     bar = tqdm(total=hidden_in.shape[0] + len(experts), desc=f"layer {bid + 1}/{ckpt.n_layers}{eta}", unit="step",
                disable=not progress, dynamic_ncols=True)
-    with decoder_layer(model, ckpt, bid, moe) as layer:
+    with decoder_layer(model, ckpt, bid, moe, device) as layer:
         output_norms = run_layer(model, layer, bid, rotary, hidden_in, hidden_out, on_batch=bar.update)
     layer_stats = moe.layer_stats(len(settings.types))
     norms = np.maximum(output_norms, np.finfo(np.float32).tiny)[:, None].astype(np.float32)

@@ -44,11 +44,11 @@ def embed(ckpt: Checkpoint, sequences: np.ndarray, hidden: np.memmap) -> None:
     hidden.flush()
 
 
-def load_experts(ckpt: Checkpoint, bid: int) -> tuple[Router, LayerExperts]:
-    """The router (float32) and the experts of layer ``bid``, each read when it is asked for."""
+def load_experts(ckpt: Checkpoint, bid: int, device: torch.device = torch.device("cpu")) -> tuple[Router, LayerExperts]:
+    """The router (float32, on ``device``) and the experts of layer ``bid``, each read when it is asked for."""
     arch = ckpt.arch
     name = arch.router.format(bid=bid)
-    router = Router(*(torch.from_numpy(ckpt.load(f"{name}.{key}")) if key else None
+    router = Router(*(torch.from_numpy(ckpt.load(f"{name}.{key}")).to(device) if key else None
                       for key in ("weight", arch.selection_bias, arch.router_bias)))
     return router, LayerExperts(ckpt, bid)
 
@@ -80,11 +80,12 @@ def load_expert(ckpt: Checkpoint, bid: int, xid: int) -> ExpertWeights:
 
 
 @contextmanager
-def decoder_layer(model, ckpt: Checkpoint, bid: int, moe: torch.nn.Module | None) -> Iterator[torch.nn.Module]:
+def decoder_layer(model, ckpt: Checkpoint, bid: int, moe: torch.nn.Module | None,
+                  device: torch.device = torch.device("cpu")) -> Iterator[torch.nn.Module]:
     """transformers' decoder layer ``bid`` with its weights read from the checkpoint and ``moe`` as its MoE
     block (holding the original block's shared-expert modules, under their own names, so that their weights
     load from the checkpoint as the rest; None: the layer's own FFN, a dense layer's); the weights are given
-    back (and the module tree restored) when the block ends."""
+    back (and the module tree restored) when the block ends. The layer's weights are put on ``device``."""
     layer = model.model.layers[bid]
     original = getattr(layer, ckpt.arch.hf_moe_module)
     if moe is not None:
@@ -92,7 +93,7 @@ def decoder_layer(model, ckpt: Checkpoint, bid: int, moe: torch.nn.Module | None
             setattr(moe, name, getattr(original, name))
         setattr(layer, ckpt.arch.hf_moe_module, moe)
     try:
-        layer.to_empty(device="cpu")
+        layer.to_empty(device=device)
         layer.load_state_dict({key: torch.from_numpy(_layer_tensor(ckpt, bid, key)) for key in layer.state_dict()})
         yield layer
     finally:
@@ -112,7 +113,7 @@ def run_layer(model, layer, bid: int, rotary, hidden_in: np.ndarray, hidden_out:
               on_batch: Callable[[int], None] = lambda n: None) -> np.ndarray:
     """Run ``layer`` (decoder layer ``bid``) on every sequence of ``hidden_in`` [n_seq, length, hidden], writing
     ``hidden_out``; returns the squared norm of every token's output hidden state [n_seq * length]
-    (sequence-major). A layer that config.json's layer_types calls "sliding_attention" (gpt-oss every other
+    (sequence-major), computed on the device of the layer's weights. A layer that config.json's layer_types calls "sliding_attention" (gpt-oss every other
     layer) gets transformers' sliding-window mask, as the model's own forward gives it."""
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
@@ -122,17 +123,19 @@ def run_layer(model, layer, bid: int, rotary, hidden_in: np.ndarray, hidden_out:
 
     n_seq, length, _ = hidden_in.shape
     batch = max(1, FORWARD_TOKENS // length)
-    positions = torch.arange(length).unsqueeze(0)
+    device = next(layer.parameters()).device
+    positions = torch.arange(length, device=device).unsqueeze(0)
     position_embeddings = None
     norms = []
     with torch.no_grad():
         for first in range(0, n_seq, batch):
-            h = torch.from_numpy(np.array(hidden_in[first:first + batch]))
+            h = torch.from_numpy(np.array(hidden_in[first:first + batch])).to(device)
             if position_embeddings is None:
                 position_embeddings = rotary(h, positions)
             # config, inputs_embeds, attention_mask, cache (positional: the cache's name changed in 5.x)
             mask = create_mask(model.config, h, None, None, position_ids=positions)
             y = layer(h, position_embeddings=position_embeddings, attention_mask=mask, position_ids=positions)
+            y = y.cpu()
             if hidden_out is not None:
                 hidden_out[first:first + len(h)] = y.numpy()
             norms.append((y.double() ** 2).sum(-1).reshape(-1).numpy())

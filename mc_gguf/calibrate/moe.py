@@ -143,7 +143,7 @@ class StatisticsMoE(torch.nn.Module):
         if rule.n_group > 1:
             groups = choice.reshape(len(x), rule.n_group, -1)
             best = torch.topk(groups.topk(2, dim=-1).values.sum(-1), rule.topk_group, dim=-1).indices
-            eligible = torch.zeros(groups.shape[:2], dtype=torch.bool).scatter_(1, best, True)
+            eligible = torch.zeros(groups.shape[:2], dtype=torch.bool, device=x.device).scatter_(1, best, True)
             choice = groups.masked_fill(~eligible[..., None], -torch.inf).reshape(len(x), -1)
         top_ids = torch.topk(choice, self.n_used, dim=-1).indices
         # slots by descending weight: with a selection bias the best choice need not have the top weight
@@ -163,30 +163,30 @@ class StatisticsMoE(torch.nn.Module):
             out = out + self.shared(self, x)
         self._keep_eps_sample(x, routing)
         if self.inputs is not None:
-            self.inputs[self.seen:self.seen + len(x)] = x.numpy()
-            self.routed.append((routing.top_ids.to(torch.int32).numpy(), routing.applied.numpy()))
+            self.inputs[self.seen:self.seen + len(x)] = x.cpu().numpy()
+            self.routed.append((routing.top_ids.to(torch.int32).cpu().numpy(), routing.applied.cpu().numpy()))
         self.seen += len(x)
         return (out.reshape(shape), None) if self.returns_scores else out.reshape(shape)
 
     def _count_routing(self, routing: Routing, routed: torch.Tensor) -> None:
-        self.count += routed.sum(0).numpy()
-        self.weight_sum += (routing.probs * routed).sum(0).double().numpy()
-        self.ratios.append((routing.top_w[:, 1:] / routing.top_w[:, :1]).numpy())
-        self.slot_experts.append(routing.top_ids[:, 1:].to(torch.int16).numpy())
+        self.count += routed.sum(0).cpu().numpy()
+        self.weight_sum += (routing.probs * routed).sum(0).double().cpu().numpy()
+        self.ratios.append((routing.top_w[:, 1:] / routing.top_w[:, :1]).cpu().numpy())
+        self.slot_experts.append(routing.top_ids[:, 1:].to(torch.int16).cpu().numpy())
 
     def _run_experts(self, x: torch.Tensor, routing: Routing, routed: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
         # each token's unweighted expert output in slots 1 .. k-1 (slot 0 is never skipped)
-        slot_out = torch.zeros(x.shape[0], self.n_used - 1, x.shape[1])
+        slot_out = torch.zeros(x.shape[0], self.n_used - 1, x.shape[1], device=x.device)
         for e in range(len(self.experts)):
             tokens = routed[:, e].nonzero().squeeze(-1)
             if len(tokens) == 0:
                 continue
-            weights = self.experts[e].float32()  # one expert read and widened at a time
+            weights = self.experts[e].float32().to(x.device)  # one expert read and widened at a time
             xe = x[tokens]
             z = expert_hidden(xe, weights, self.glu)
-            self.imatrix_in[e] += (xe.double() ** 2).sum(0)
-            self.imatrix_mid[e] += (z.double() ** 2).sum(0)
+            self.imatrix_in[e] += _wide_sum(xe ** 2 if xe.device.type == "mps" else xe.double() ** 2)
+            self.imatrix_mid[e] += _wide_sum(z ** 2 if z.device.type == "mps" else z.double() ** 2)
             in_slot = routing.top_ids[tokens] == e
             slot_weight = (routing.applied[tokens] * in_slot).sum(-1, keepdim=True)
             y = expert_output(z, weights)
@@ -236,4 +236,10 @@ def skip_energy(out: torch.Tensor, slot_out: torch.Tensor, applied: torch.Tensor
         change = a / (1 - a).clamp_min(1e-12) * (out[:, None, :] - scale * slot_out)
     else:
         change = applied[:, 1:, None] * slot_out
-    return (change ** 2).sum(-1).numpy()
+    return (change ** 2).sum(-1).cpu().numpy()
+
+
+def _wide_sum(values: torch.Tensor) -> torch.Tensor:
+    """values.sum(0) on the CPU in float64 (summed on the device first, in float64 where it has it)."""
+    wide = values if values.device.type == "mps" else values.double()
+    return wide.sum(0).cpu().double()

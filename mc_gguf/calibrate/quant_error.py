@@ -47,6 +47,11 @@ class ExpertWeights:
         """The same weights in float32 (the very tensors when they are float32 already; bf16 widens exactly)."""
         return ExpertWeights(self.gate.float(), self.up.float(), self.down.float(), self.biases)
 
+    def to(self, device: torch.device) -> ExpertWeights:
+        """The same weights on ``device`` (the very tensors where they are there already)."""
+        biases = self.biases and tuple(b.to(device) for b in self.biases)
+        return ExpertWeights(self.gate.to(device), self.up.to(device), self.down.to(device), biases)
+
     def with_weights(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> ExpertWeights:
         return ExpertWeights(gate, up, down, self.biases)
 
@@ -101,8 +106,9 @@ def ggml_roundtrip(weights: torch.Tensor, type_name: str, imatrix: np.ndarray | 
     """The weights as llama.cpp will compute with them when ``type_name`` is asked for (rows that are not
     whole blocks of it are stored in its fallback, types.stored_type)."""
     qtype = stored_type(type_name, weights.shape[-1]).qtype
-    data = quants.quantize(weights.numpy(), qtype, imatrix)
-    return torch.from_numpy(quants.dequantize(data, qtype, weights.shape[-1]).reshape(weights.shape))
+    data = quants.quantize(weights.cpu().numpy(), qtype, imatrix)  # ggml's quantizer runs on the CPU
+    return torch.from_numpy(quants.dequantize(data, qtype, weights.shape[-1]).reshape(weights.shape)).to(
+        weights.device)
 
 
 FEATURE_BLOCK = 256  # QK_K (ggml-common.h): the largest block of every candidate type
@@ -133,7 +139,8 @@ def expert_errors(w: ExpertWeights, x: torch.Tensor, route_weight: torch.Tensor,
     row 0 all projections at the type, row 1 gate and up only, row 2 down only.
 
     With ``features`` (feature_sample), measured on those intermediate features and scaled to the whole expert.
-    The weights may be in the checkpoint's dtype: they are widened to float32 here, after the sampling.
+    The weights may be in the checkpoint's dtype: they are widened to float32 here, after the sampling, on the
+    device of ``x`` (ggml's quantizer runs on the CPU, the products there).
     """
     eps = np.zeros((3, len(types)))
     if x.shape[0] == 0:
@@ -141,10 +148,10 @@ def expert_errors(w: ExpertWeights, x: torch.Tensor, route_weight: torch.Tensor,
     scale = 1.0
     if features is not None:
         scale = float(np.sqrt(w.gate.shape[0] / len(features)))
-        index = torch.from_numpy(features)
+        index = torch.from_numpy(features).to(w.gate.device)
         w = w.features(index)
         imatrix_mid = imatrix_mid[features]
-    w = w.float32()
+    w = w.float32().to(x.device)
     r = route_weight[:, None]
     z = expert_hidden(x, w, glu)
     y = expert_output(z, w)
@@ -152,7 +159,7 @@ def expert_errors(w: ExpertWeights, x: torch.Tensor, route_weight: torch.Tensor,
         q = w.with_weights(ggml_roundtrip(w.gate, name, imatrix_in), ggml_roundtrip(w.up, name, imatrix_in),
                            ggml_roundtrip(w.down, name, imatrix_mid))
         zq = expert_hidden(x, q, glu)
-        eps[0, t] = torch.linalg.norm(r * (expert_output(zq, q) - y))
-        eps[1, t] = torch.linalg.norm(r * (expert_output(zq, w) - y))
-        eps[2, t] = torch.linalg.norm(r * (expert_output(z, q) - y))
+        eps[0, t] = float(torch.linalg.norm(r * (expert_output(zq, q) - y)))
+        eps[1, t] = float(torch.linalg.norm(r * (expert_output(zq, w) - y)))
+        eps[2, t] = float(torch.linalg.norm(r * (expert_output(z, q) - y)))
     return eps * scale

@@ -18,3 +18,6 @@ class CalibrationSettings:
     eps_features: int = 2048
     hessian: bool = False         # also store full X^T X per expert (for GPTQ)
     types: tuple[str, ...] = tuple(CANDIDATES)
+    # the torch device of the layer forward and the error pass's products (ggml's quantizer runs on the CPU);
+    # not part of what the statistics were measured from
+    device: str = "cpu"

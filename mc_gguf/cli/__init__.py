@@ -72,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as exc:  # argparse's usage errors and --help
         return exc.code if isinstance(exc.code, int) else 1
+    except BrokenPipeError:
+        # the reader went away (`mc-gguf inspect --json | head -1`): as a Unix tool, stop quietly; stdout is
+        # pointed at /dev/null so that the interpreter's own flush at exit does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except BaseException as exc:  # noqa: BLE001 - every failure becomes one line
         print(f"mc-gguf: error: {describe_error(exc)}", file=sys.stderr)
         if debug:

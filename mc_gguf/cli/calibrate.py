@@ -6,7 +6,7 @@ import argparse
 import time
 
 from mc_gguf.calibrate.settings import CalibrationSettings
-from mc_gguf.cli.common import add_command, add_eps_features_argument, positive_int, type_name
+from mc_gguf.cli.common import add_command, add_device_flag, add_eps_features_argument, positive_int, type_name
 from mc_gguf.ggml.types import CANDIDATES
 
 EXAMPLE = ("example: mc-gguf calibrate ./Mixtral-8x7B-v0.1 --text calib.txt -o mixtral.stats\n"
@@ -38,6 +38,7 @@ def add_parser(commands) -> None:
                         "calibration token's MoE-block input, its experts and their weights, tokens*H*4 bytes per "
                         "layer, e.g. 1.07 GB per layer (34 GB in all) for Mixtral 8x7B at 65536 tokens, 67 MB per "
                         "layer for hidden 256")
+    add_device_flag(p, "the layer forward and the error pass's products")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> None:
 
     settings = CalibrationSettings(n_tokens=args.tokens, seq_len=args.seq_len, seed=args.seed,
                                    eps_tokens=args.eps_tokens, eps_features=args.eps_features, hessian=args.hessian,
-                                   types=tuple(quant_type(t).name for t in args.types))
+                                   types=tuple(quant_type(t).name for t in args.types), device=args.device)
     started = time.perf_counter()
     stats = calibrate(args.model_dir, args.output, read_text(args.text), settings, progress=not args.quiet)
     print(f"wrote {args.output}: {stats.info['n_tokens']} tokens ({stats.info['n_sequences']} x "

@@ -80,11 +80,32 @@ def add_tune_flags(p: argparse.ArgumentParser, default: bool = False) -> None:
     p.add_argument("--tune-iters", type=positive_int, default=TUNE_ITERS, metavar="N",
                    help=f"most coordinate-descent sweeps per tensor (default: {TUNE_ITERS}; it stops earlier when "
                    "a sweep gains under 0.5%%)")
-    p.add_argument("--device", default="cpu", help="torch device the tuning runs on: cpu, cuda, mps (default: cpu)")
+    add_device_flag(p, "the tuning")
+
+
+def add_device_flag(p: argparse.ArgumentParser, what: str) -> None:
+    if any("--device" in action.option_strings for action in p._actions):
+        return
+    p.add_argument("--device", type=device_arg, default="cpu", metavar="DEVICE",
+                   help=f"torch device {what} runs on: cpu, cuda, cuda:N, mps (ggml's quantizer always runs on "
+                   "the CPU); one that this machine or its torch lacks is refused before any work (default: cpu)")
+
+
+def device_arg(text: str) -> str:
+    from mc_gguf.device import device_name
+
+    try:
+        return device_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def tune_settings(args: argparse.Namespace):
-    """The TuneSettings of --tune, --tune-iters and --device, or None without --tune."""
+    """The TuneSettings of --tune, --tune-iters and --device, or None without --tune; a device this machine
+    lacks is refused here, before any work."""
+    from mc_gguf.device import torch_device
+
+    torch_device(args.device)
     if not args.tune:
         return None
     from mc_gguf.quantize.tune import TuneSettings

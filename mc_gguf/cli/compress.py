@@ -14,6 +14,7 @@ from mc_gguf.cli.common import (
     MAX_TYPES_HELP,
     add_command,
     add_cost_arguments,
+    add_device_flag,
     add_eps_features_argument,
     add_tune_flags,
     positive_float,
@@ -48,6 +49,7 @@ def add_parser(commands) -> None:
     p.add_argument("--odp-renormalize", action="store_true",
                    help="renormalise the weights a token keeps after pruning (the paper's rule; by default they stay "
                    "as the router gave them, which costs less; see `mc-gguf odp-calibrate --help`)")
+    add_device_flag(p, "the calibration's forward, its error pass's products and the tuning")
     add_tune_flags(p, default=True)
     p.add_argument("--gptq", action="store_true", help="with --no-tune: GPTQ error compensation alone (it also "
                    "keeps the calibration's MoE inputs)")
@@ -73,14 +75,15 @@ def run(args: argparse.Namespace) -> None:
     from mc_gguf.calibrate.text import read_text
     from mc_gguf.pipeline import compress, summary, work_folder
 
+    tune = tune_settings(args)  # a device this machine lacks is refused here, before any work
     settings = CalibrationSettings(n_tokens=args.tokens, seq_len=args.seq_len, eps_features=args.eps_features,
-                                   hessian=args.gptq or args.tune)
+                                   hessian=args.gptq or args.tune, device=args.device)
     started = time.perf_counter()
     try:
         result = compress(args.model_dir, args.output, args.bits, read_text(args.calib), settings=settings,
                           layout=args.layout, odp_skip=args.odp_skip or None, odp_rule=args.odp_rule,
                           odp_renormalize=args.odp_renormalize, gptq=args.gptq,
-                          tune=tune_settings(args),
+                          tune=tune,
                           keep_artifacts=args.keep_artifacts, progress=not args.quiet,
                           allocate_options={"types": args.types, "alpha": args.alpha, "beta": args.beta,
                                             "gamma": args.gamma, "max_types": args.max_types,

@@ -30,8 +30,9 @@ def run(args: argparse.Namespace) -> None:
     from mc_gguf.calibrate.stats import load_stats
     from mc_gguf.quantize.quantization import quantize
 
+    tune = tune_settings(args)  # a device this machine lacks is refused first
     stats = load_stats(args.stats) if args.stats else None
     started = time.perf_counter()
     out = quantize(args.model_dir, load_plan(args.plan), args.output, stats=stats, gptq=args.gptq,
-                   tune=tune_settings(args), progress=not args.quiet)
+                   tune=tune, progress=not args.quiet)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) in {time.perf_counter() - started:.0f} s")

@@ -31,10 +31,18 @@ def add_parser(commands) -> None:
                     "network.",
                     "example: mc-gguf runtime rpc-server --port 50052\n"
                     "         mc-gguf run model.gguf -p 'Hello' --rpc 127.0.0.1:50052")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=positive_int, default=50052, help="TCP port (default: 50052, as rpc-server's)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on, without a port (default: 127.0.0.1, "
+                   "this machine only)")
+    p.add_argument("--port", type=port_number, default=50052, help="TCP port, 1-65535 (default: 50052, as rpc-server's)")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: the cores)")
     p.set_defaults(func=run_rpc_server)
+
+
+def port_number(text: str) -> int:
+    port = positive_int(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (1-65535)")
+    return port
 
 
 def run_build(args: argparse.Namespace) -> None:

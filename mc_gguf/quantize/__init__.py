@@ -3,8 +3,12 @@
     quantize(model_dir, plan, out, stats=...) -> Path   (the GGUF)
 
 quantization.py (the verb and the plan's metadata), gptq.py (GPTQ whose
-rounding step is ggml's quantizer), tune.py (GPTQ, then coordinate descent on
-the K-quant integers and the i-quant scales).
+rounding step is ggml's quantizer, its dampening, and the Hessian whose
+factor every type shares), hessian.py (each expert's Hessians from the
+calibration's inputs, and down's fit to the quantized gate and up), tune.py
+(GPTQ, then coordinate descent on the K-quant integers and the i-quant
+scales), tuned_errors.py (how much tuning lowers each type's error, for
+allocate).
 """
 
 from mc_gguf._lazy import lazy_exports

@@ -38,19 +38,22 @@ from mc_gguf.calibrate.quant_error import GATED_ACTIVATIONS, expert_hidden
 from mc_gguf.calibrate.stats import CalibrationStats
 from mc_gguf.errors import McGgufError
 from mc_gguf.hf.checkpoint import Checkpoint
-from mc_gguf.quantize.tune import damped, mean_diagonal
+from mc_gguf.quantize.gptq import damped, mean_diagonal
 
 
 class ExpertHessians:
     """``hessians(bid, xid, which)``: expert ``xid`` of layer ``bid``'s Hessian [n, n] float32 of the input of
     gate and up (``which`` "in") or of down ("mid"), from the statistics of ``ckpt``; the inputs of the last
-    layer asked for are kept until another layer is asked for."""
+    layer asked for are kept until another layer is asked for. The products run on ``device`` (the sums in
+    float64 where it has it), the results come back to the CPU."""
 
-    def __init__(self, ckpt: Checkpoint, stats: CalibrationStats):
+    def __init__(self, ckpt: Checkpoint, stats: CalibrationStats, device: str | torch.device = "cpu"):
         if not stats.has_hessian:
             raise McGgufError("GPTQ needs the experts' Hessians: calibrate with --hessian")
         self.ckpt = ckpt
         self.stats = stats
+        self.device = torch.device(device)
+        self.wide = torch.float32 if self.device.type == "mps" else torch.float64
         self.glu = GATED_ACTIVATIONS[ckpt.arch.expert_activation](ckpt.config)
         self._bid: int | None = None
         self._inputs: torch.Tensor | None = None
@@ -58,7 +61,7 @@ class ExpertHessians:
     def inputs(self, bid: int) -> torch.Tensor:
         if self._bid != bid:
             self._bid, self._inputs = None, None  # the last layer's go before the next layer's are read
-            self._inputs = torch.from_numpy(self.stats.moe_input(bid))
+            self._inputs = torch.from_numpy(self.stats.moe_input(bid)).to(self.device)
             self._bid = bid
         return self._inputs
 
@@ -68,30 +71,30 @@ class ExpertHessians:
         mine = torch.from_numpy(layer.routed_ids == xid)
         tokens = mine.any(-1).nonzero().squeeze(-1)
         g = (torch.from_numpy(layer.routed_weights)[tokens] * mine[tokens]).sum(-1, keepdim=True)
-        return tokens, g
+        return tokens.to(self.device), g.to(self.device)
 
     def __call__(self, bid: int, xid: int, which: str) -> np.ndarray:
         tokens, g = self.routed(bid, xid)
         with torch.no_grad():
             x = self.inputs(bid)[tokens]
             if which == "mid":
-                x = expert_hidden(x, load_expert(self.ckpt, bid, xid).float32(), self.glu)
+                x = expert_hidden(x, load_expert(self.ckpt, bid, xid).float32().to(self.device), self.glu)
             xw = x * g
-            return (xw.T @ xw).numpy()
+            return (xw.T @ xw).cpu().numpy()
 
     def down_target(self, bid: int, xid: int, gate: np.ndarray, up: np.ndarray) -> DownTarget:
         """The target and Hessian of expert ``xid``'s down projection when its gate and up compute with
         ``gate`` and ``up`` [F, H] (their dequantized weights), as the module's docstring derives them, the
         ridge chosen on held-out tokens; token by token in chunks, so that no [tokens, F] matrix of all of
         them is formed."""
-        expert = load_expert(self.ckpt, bid, xid).float32()
-        quantized = expert.with_weights(torch.from_numpy(np.asarray(gate, np.float32)),
-                                        torch.from_numpy(np.asarray(up, np.float32)), expert.down)
+        expert = load_expert(self.ckpt, bid, xid).float32().to(self.device)
+        quantized = expert.with_weights(torch.from_numpy(np.asarray(gate, np.float32)).to(self.device),
+                                        torch.from_numpy(np.asarray(up, np.float32)).to(self.device), expert.down)
         tokens, g = self.routed(bid, xid)
         ff, hidden = expert.down.shape[1], expert.down.shape[0]
         # the sums of two folds of the tokens (alternate runs of FOLD_RUN), H' and C^T W^T = sum_t g^2 z_t' y_t^T
-        h = [torch.zeros(ff, ff, dtype=torch.float64) for _ in range(2)]
-        b = [torch.zeros(ff, hidden, dtype=torch.float64) for _ in range(2)]
+        h = [torch.zeros(ff, ff, dtype=self.wide, device=self.device) for _ in range(2)]
+        b = [torch.zeros(ff, hidden, dtype=self.wide, device=self.device) for _ in range(2)]
         with torch.no_grad():
             for first in range(0, len(tokens), FOLD_RUN):
                 x = self.inputs(bid)[tokens[first:first + FOLD_RUN]]
@@ -100,10 +103,10 @@ class ExpertHessians:
                 y = (expert_hidden(x, expert, self.glu) * gw) @ expert.down.T
                 fold = (first // FOLD_RUN) % 2
                 # a run's products in float32 (256 terms), their sum over the runs in float64
-                h[fold] += (z_q.T @ z_q).double()
-                b[fold] += (z_q.T @ y).double()
-        w = expert.down.double().numpy()
-        h, b = [m.numpy() for m in h], [m.numpy() for m in b]
+                h[fold] += (z_q.T @ z_q).to(self.wide)
+                b[fold] += (z_q.T @ y).to(self.wide)
+        w = expert.down.cpu().double().numpy()
+        h, b = [m.cpu().double().numpy() for m in h], [m.cpu().double().numpy() for m in b]
         ridge = _held_out_ridge(w, h, b)
         hessian = h[0] + h[1]
         del h
@@ -116,6 +119,7 @@ class ExpertHessians:
 
 FOLD_RUN = 256  # consecutive routed tokens that go to the same fold (neighbouring tokens are alike)
 RIDGES = (0.01, 0.1, 1.0)  # lambda / mean(diag H') tried; 0.01 is GPTQ's dampening
+RIDGE_ROWS = 512           # rows of down whose held-out error chooses the ridge
 
 
 @dataclass(frozen=True)
@@ -135,12 +139,18 @@ def _held_out_ridge(w: np.ndarray, h: list[np.ndarray], b: list[np.ndarray]) -> 
     """The RIDGES entry whose fits on each fold leave the least error on the other (two-fold cross-validation),
     or None where W itself leaves less: with few tokens per input feature the fit learns the calibration's
     tokens rather than the quantized gate and up. The error of Q on a fold is tr(Q H Q^T) - 2 tr(Q b) plus a
-    constant."""
+    constant. Each row of the fit solves its own least squares with the same matrix, so the errors are
+    summed over a seeded sample of RIDGE_ROWS rows (all of them where there are fewer): at Mixtral 8x7B's
+    shapes this keeps the choice to the six factorizations instead of 25 TFLOP of solves and products."""
+    if min(np.trace(m) for m in h) <= 0:
+        return None
+    if len(w) > RIDGE_ROWS:
+        rows = np.sort(np.random.default_rng(0).choice(len(w), RIDGE_ROWS, replace=False))
+        w, b = w[rows], [m[:, rows] for m in b]
+
     def held_out(q: np.ndarray, fold: int) -> float:
         return float(np.sum((q @ h[fold]) * q) - 2 * np.sum(q * b[fold].T))
 
-    if min(np.trace(m) for m in h) <= 0:
-        return None
     best, best_error = None, held_out(w, 0) + held_out(w, 1)
     for ridge in RIDGES:
         error = sum(held_out(_ridge_fit(w, h[k], b[k], ridge), 1 - k) for k in range(2))

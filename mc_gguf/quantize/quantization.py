@@ -17,11 +17,13 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from tqdm import tqdm
 
 from mc_gguf.allocate.plan import Plan, PlanFileError, validate_plan
 from mc_gguf.allocate.size import layout_tensors, tensor_totals
 from mc_gguf.atomic import check_output_path
 from mc_gguf.calibrate.stats import CalibrationStats
+from mc_gguf.device import torch_device
 from mc_gguf.errors import McGgufError
 from mc_gguf.ggml import quants
 from mc_gguf.ggml.types import quant_type, stored_type
@@ -31,7 +33,7 @@ from mc_gguf.gguf_io.layout import PROJECTIONS, ExpertGroup, expert_groups, row_
 from mc_gguf.gguf_io.write import stack_one_at_a_time, write_gguf
 from mc_gguf.hf.checkpoint import Checkpoint, open_checkpoint
 from mc_gguf.prune import rule as pruning
-from mc_gguf.quantize.gptq import gptq_quantize
+from mc_gguf.quantize.gptq import Hessian, gptq_quantize
 from mc_gguf.quantize.hessian import ExpertHessians
 from mc_gguf.quantize.tune import TuneSettings, tune_quantize
 
@@ -42,6 +44,8 @@ def quantize(model_dir: str | Path, plan: Plan, out: str | Path, *, stats: Calib
     """Write ``out``: the checkpoint quantized to ``plan``. ``gptq`` defaults to on when ``stats`` has Hessians;
     ``tune`` (which starts from GPTQ) tunes the K-quant experts' integers on those Hessians."""
     out = check_output_path(out)
+    if tune is not None:
+        torch_device(tune.device)
     validate_plan(plan)
     ckpt = open_checkpoint(model_dir)
     _check_fits(ckpt, plan, stats)
@@ -54,10 +58,22 @@ def quantize(model_dir: str | Path, plan: Plan, out: str | Path, *, stats: Calib
     if odp is not None:
         pruning.validate_params(odp.mu, odp.protect_ratio, ckpt.n_layers, odp.mu_exps, ckpt.n_experts)
 
-    experts = ExpertQuantizer(ckpt, plan, stats, ExpertHessians(ckpt, stats) if gptq else None, tune)
+    device = tune.device if tune is not None else "cpu"
+    experts = ExpertQuantizer(ckpt, plan, stats, ExpertHessians(ckpt, stats, device) if gptq else None, tune)
+    # GPTQ and tuning take minutes per expert at Mixtral's shapes: a bar of expert projections with the time left,
+    # beside the writer's bar of bytes, which moves once per tensor
+    n_tensors = sum(len(layer) for layer in plan.experts) * len(PROJECTIONS)
+    bar = tqdm(total=n_tensors, desc="tuning" if tune is not None else "GPTQ", unit="tensor", position=1,
+               leave=False, disable=not (progress and gptq), dynamic_ncols=True)
+
+    def one(bid: int, xid: int, projection: str) -> np.ndarray:
+        bar.set_postfix_str(f"layer {bid + 1}/{ckpt.n_layers} expert {xid} {projection}", refresh=True)
+        data = experts(bid, xid, projection)
+        bar.update(1)
+        return data
 
     def produce_group(bid: int, projection: str, group: ExpertGroup) -> np.ndarray:
-        return stack_one_at_a_time(len(group.experts), lambda i: experts(bid, group.experts[i], projection))
+        return stack_one_at_a_time(len(group.experts), lambda i: one(bid, group.experts[i], projection))
 
     tensors = layout_tensors(ckpt, plan, produce_group)
     measured = tensor_totals(tensors)
@@ -69,7 +85,8 @@ def quantize(model_dir: str | Path, plan: Plan, out: str | Path, *, stats: Calib
             for key, value in pruning.odp_metadata(odp).items():
                 writer.add_key_value(key, value.value, value.type, sub_type=value.sub_type)
 
-    return write_gguf(out, gguf.MODEL_ARCH_NAMES[ckpt.arch.gguf_arch], add_metadata, tensors, progress=progress)
+    with bar:
+        return write_gguf(out, gguf.MODEL_ARCH_NAMES[ckpt.arch.gguf_arch], add_metadata, tensors, progress=progress)
 
 
 class ExpertQuantizer:
@@ -83,6 +100,7 @@ class ExpertQuantizer:
         self.ckpt, self.plan, self.stats, self.hessians, self.tune = ckpt, plan, stats, hessians, tune
         self._bid: int | None = None
         self._kept: dict[tuple[int, str], np.ndarray] = {}
+        self._input_hessian: tuple[int, int, Hessian] | None = None  # gate's, factored once, for up
 
     def __call__(self, bid: int, xid: int, projection: str) -> np.ndarray:
         if self.hessians is None:
@@ -116,10 +134,17 @@ class ExpertQuantizer:
         if self.hessians is None:
             return quants.quantize(weights, qtype, imatrix)
         if hessian is None:
-            hessian = self.hessians(bid, xid, which)
+            hessian = self._shared_input_hessian(bid, xid)
         if self.tune is not None:
             return tune_quantize(weights, hessian, qtype, imatrix, self.tune)
         return gptq_quantize(weights, hessian, qtype, imatrix)
+
+    def _shared_input_hessian(self, bid: int, xid: int) -> Hessian:
+        """The Hessian of gate's and up's input (the same matrix), built and factored once per expert."""
+        if self._input_hessian is None or self._input_hessian[:2] != (bid, xid):
+            self._input_hessian = None
+            self._input_hessian = (bid, xid, Hessian(self.hessians(bid, xid, "in")))
+        return self._input_hessian[2]
 
 
 def _check_fits(ckpt: Checkpoint, plan: Plan, stats: CalibrationStats | None) -> None:

@@ -22,10 +22,16 @@ loss moves them one at a time, keeping a move only when the loss falls:
 
 With g = e H kept up to date, the change of the loss when Q moves by D on the
 columns c is ``-2 D . g_c + D H_cc D^T``, so a move costs one row of H per
-column, and a sweep over all weights costs what one evaluation of the loss
-does (moves reach the rest of g lazily, per column block or super-block, as
-GPTQ applies its updates). Sweeps repeat until one lowers the loss by less than ``min_gain``
-of it. The integers are packed back by kquants.pack, so ggml dequantizes the
+column. A sweep visits the super-blocks in order and moves, in each, its
+``d``/``dmin``, its sub-block scales and minimums, then its q column by
+column, with g kept on the super-block's 256 columns only; the moves reach
+the rest of g once per super-block, when it is done (one [rows, 256] x
+[256, cols] product, as GPTQ applies its lazy batch updates). A sweep thus
+costs one product of the size of e H, the only cost that grows with the
+square of the inputs: at Mixtral 8x7B's down projection (14336 inputs) it is
+1.7 TFLOP, done in float32 (``TuneSettings.exact``: float64), while the moves
+and the loss are computed in float64. Sweeps repeat until one lowers the
+loss by less than ``min_gain`` of it. The integers are packed back by kquants.pack, so ggml dequantizes the
 file's bytes to exactly the weights whose loss was minimised.
 
 The i-quants (IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ4_XS; ggml/iquants.py) keep
@@ -45,9 +51,7 @@ import torch
 from mc_gguf.ggml import iquants, kquants
 from mc_gguf.ggml.iquants import IBlocks
 from mc_gguf.ggml.kquants import QK_K, KBlocks
-from mc_gguf.quantize.gptq import DAMP, gptq_quantize
-
-COLUMN_BLOCK = 128  # columns whose q moves are applied to g together
+from mc_gguf.quantize.gptq import Hessian, damped, gptq_quantize
 
 
 @dataclass(frozen=True)
@@ -55,44 +59,35 @@ class TuneSettings:
     iters: int = 8              # sweeps at most
     min_gain: float = 0.005     # stop when a sweep lowers the loss by less than this share of it
     device: str = "cpu"
+    # the sweep's one large product (moves reaching the rest of g) in float64 instead of float32: slower, and
+    # converges to the last bit of a local optimum (the brute-force tests use it)
+    exact: bool = False
 
 
 def tunable(qtype: gguf.GGMLQuantizationType, n_per_row: int) -> bool:
     return (qtype.name in kquants.FORMATS or qtype.name in iquants.FORMATS) and n_per_row % QK_K == 0
 
 
-def tune_quantize(weights: np.ndarray, hessian: np.ndarray, qtype: gguf.GGMLQuantizationType,
+def tune_quantize(weights: np.ndarray, hessian: np.ndarray | Hessian, qtype: gguf.GGMLQuantizationType,
                   imatrix: np.ndarray | None = None, settings: TuneSettings = TuneSettings()) -> np.ndarray:
     """ggml's bytes [rows, row_bytes] of ``weights`` [rows, cols]: GPTQ, then coordinate descent on ``hessian``
-    (a K-quant's every integer, an i-quant's scales)."""
+    (a K-quant's every integer, an i-quant's scales). A ``Hessian`` shared by several calls is factored once."""
     rows, cols = weights.shape
+    hessian = Hessian.of(hessian)
     start = gptq_quantize(weights, hessian, qtype, imatrix)
     if not tunable(qtype, cols) or settings.iters <= 0:
         return start
+    h = damped(hessian.matrix, hessian.damp) if settings.exact else hessian.damped
     if qtype.name in iquants.FORMATS:
-        return iquants.pack(tune_scales(weights, damped(hessian), iquants.unpack(start, qtype.name),
-                                        settings)).reshape(rows, -1)
-    tuned = tune_blocks(weights, damped(hessian), kquants.unpack(start, qtype.name), settings)
+        return iquants.pack(tune_scales(weights, h, iquants.unpack(start, qtype.name), settings)).reshape(rows, -1)
+    tuned = tune_blocks(weights, h, kquants.unpack(start, qtype.name), settings)
     return kquants.pack(tuned).reshape(rows, -1)
-
-
-def damped(hessian: np.ndarray, damp: float = DAMP) -> np.ndarray:
-    """H + damp * mean(diag H) * I, GPTQ's dampening (gptq.inverse_hessian_factor, which also sets the
-    diagonal of never-activated columns to 1 before it)."""
-    h = np.array(hessian, dtype=np.float64)
-    h[np.diag_indices_from(h)] += damp * mean_diagonal(h)
-    return h
-
-
-def mean_diagonal(hessian: np.ndarray) -> float:
-    """mean(diag H), the unit of the dampening, kept above 0 for an expert no token reached."""
-    return max(float(np.mean(np.diag(hessian))), 1e-30)
 
 
 def tune_blocks(weights: np.ndarray, hessian: np.ndarray, blocks: KBlocks,
                 settings: TuneSettings = TuneSettings()) -> KBlocks:
     """``blocks`` (a quantization of ``weights`` [rows, cols]) moved by coordinate descent on ``hessian``."""
-    state = _Descent(weights, hessian, blocks, torch.device(settings.device))
+    state = _Descent(weights, hessian, blocks, torch.device(settings.device), settings.exact)
     _descend(state, settings, codes=True)
     return state.blocks()
 
@@ -124,42 +119,42 @@ def tune_scales(weights: np.ndarray, hessian: np.ndarray, blocks: IBlocks,
     f = blocks.fmt
     view = _IView(_IScales(f.sub_block, f.n_sub, f.c, f.scale_max + f.c), blocks.d,
                   blocks.ls.astype(np.float64) + f.c, f.a * blocks.v.astype(np.float64))
-    state = _Descent(weights, hessian, view, torch.device(settings.device))
+    state = _Descent(weights, hessian, view, torch.device(settings.device), settings.exact)
     _descend(state, settings, codes=False)
     ls = np.rint(state.scales.cpu().numpy() - f.c).astype(np.int32).reshape(-1, f.n_sub)
     return replace(blocks, d=state.d.cpu().numpy().astype(np.float32).reshape(-1), ls=ls)
 
 
 def _descend(state: _Descent, settings: TuneSettings, codes: bool) -> None:
-    """Sweeps until one gains under min_gain of the loss: the fp16 scales, the sub-block scales and, with
-    ``codes``, every q."""
+    """Sweeps until one gains under min_gain of the loss: in each super-block the fp16 scales, the sub-block
+    scales and, with ``codes``, every q."""
     loss = state.loss()
     for _ in range(settings.iters):
-        state.refresh()
-        state.sweep_super_scales()
-        state.sweep_sub_scales()
-        if codes:
-            state.sweep_q()
+        state.sweep(codes)
         before, loss = loss, state.loss()
         if before - loss <= settings.min_gain * before:
             break
 
 
 class _Descent:
-    """The integers of a matrix's super-blocks as [rows, ...] tensors, with e = W - Q and g = e H."""
+    """The integers of a matrix's super-blocks as [rows, ...] tensors, with e = W - Q and g = e H (float64
+    where the device has it: the gains are small differences of large sums)."""
 
-    def __init__(self, weights: np.ndarray, hessian: np.ndarray, blocks: KBlocks, device: torch.device):
+    def __init__(self, weights: np.ndarray, hessian: np.ndarray, blocks: KBlocks, device: torch.device,
+                 exact: bool = False):
         f = self.fmt = blocks.fmt
         rows, cols = weights.shape
-        # float64 where the device has it: the gains are small differences of large sums
         dtype = torch.float32 if device.type == "mps" else torch.float64
 
         def tensor(a: np.ndarray, width: int) -> torch.Tensor:
             return torch.as_tensor(np.asarray(a), device=device).to(dtype).reshape(rows, width)
 
         n_super = cols // QK_K
+        self.dtype = dtype
+        # H as given, for the moves inside a super-block and for g's start; in the product dtype for the rest
+        self.h_given = torch.as_tensor(np.asarray(hessian), device=device)
+        self.h = self.h_given.to(dtype if exact else torch.float32)
         self.w = tensor(weights, cols)
-        self.h = torch.as_tensor(hessian, device=device).to(dtype)
         self.d = tensor(blocks.d, n_super)
         self.scales = tensor(blocks.scales, n_super * f.n_sub)
         self.q = tensor(blocks.q, cols)
@@ -181,15 +176,15 @@ class _Descent:
         return q
 
     def refresh(self) -> None:
-        """e and g recomputed from the integers (moves update them incrementally in between)."""
+        """e and g from the integers, g = e H in the descent's dtype, H widened a band of columns at a time."""
         self.e = self.w - self.dequantized()
-        self.g = self.e @ self.h
+        self.g = torch.empty_like(self.e)
+        for first in range(0, self.g.shape[1], 2048):
+            band = slice(first, first + 2048)
+            self.g[:, band] = self.e @ self.h_given[:, band].to(self.dtype)
 
     def loss(self) -> float:
         return float(torch.sum(self.e * self.g))
-
-    def _frame(self, b: int) -> _Frame:
-        return _Frame(self, slice(b * QK_K, (b + 1) * QK_K))
 
     @staticmethod
     def _best_move(slope: torch.Tensor, curvature: torch.Tensor, values: torch.Tensor, low: float,
@@ -201,73 +196,69 @@ class _Descent:
         t = torch.where(usable, slope / torch.where(usable, curvature, 1.0), 0.0)
         return torch.round(t).clamp_(-1, 1).clamp_(low - values, high - values)
 
-    def sweep_super_scales(self) -> None:
-        """Each super-block's d (and dmin) to its least-squares value on the exact loss, rounded to fp16."""
-        f = self.fmt
+    def sweep(self, codes: bool) -> None:
+        """One pass over the super-blocks, each moved whole inside its frame, then its moves applied to g."""
         for b in range(self.d.shape[1]):
-            frame, cols = self._frame(b), slice(b * QK_K, (b + 1) * QK_K)
-            subs = slice(b * f.n_sub, (b + 1) * f.n_sub)
-            directions = [(self.d, self._per_weight(self.scales[:, subs]) * self.q[:, cols])]
+            frame = _Frame(self, b)
+            self._super_scales(frame, b)
+            self._sub_scales(frame, b)
+            if codes:
+                self._codes(frame, b)
+            frame.close()
+
+    def _super_scales(self, frame: _Frame, b: int) -> None:
+        """The super-block's d (and dmin) to its least-squares value on the exact loss, rounded to fp16."""
+        f = self.fmt
+        cols, subs = frame.cols, slice(b * f.n_sub, (b + 1) * f.n_sub)
+        directions = [(self.d, self._per_weight(self.scales[:, subs]) * self.q[:, cols])]
+        if f.has_min:
+            directions.append((self.dmin, -self._per_weight(self.mins[:, subs])))
+        for scale, a in directions:
+            slope, curvature = frame.slope_and_curvature(a, slice(None))
+            usable = curvature > 0
+            new = (scale[:, b] + slope / torch.where(usable, curvature, 1.0)).to(torch.float16).to(scale.dtype)
+            delta = torch.nan_to_num((new - scale[:, b])[:, None] * a)
+            take = usable & torch.isfinite(new) & (frame.gain(delta, slice(None)) > 0)
+            scale[:, b] = torch.where(take, new, scale[:, b])
+            frame.apply(torch.where(take[:, None], delta, 0.0), slice(None))
+
+    def _sub_scales(self, frame: _Frame, b: int) -> None:
+        """Each of the super-block's sub-block integer scales (and minimums) by +-1."""
+        f = self.fmt
+        for k in range(b * f.n_sub, (b + 1) * f.n_sub):
+            cols = slice(k * f.sub_block, (k + 1) * f.sub_block)
+            within = slice(cols.start - b * QK_K, cols.stop - b * QK_K)
+            directions = [(self.scales, self.d[:, b:b + 1] * self.q[:, cols], f.scale_min, f.scale_max)]
             if f.has_min:
-                directions.append((self.dmin, -self._per_weight(self.mins[:, subs])))
-            for scale, a in directions:
-                slope, curvature = frame.slope_and_curvature(a, slice(None))
-                usable = curvature > 0
-                new = (scale[:, b] + slope / torch.where(usable, curvature, 1.0)).to(torch.float16).to(scale.dtype)
-                delta = torch.nan_to_num((new - scale[:, b])[:, None] * a)
-                take = usable & torch.isfinite(new) & (frame.gain(delta, slice(None)) > 0)
-                scale[:, b] = torch.where(take, new, scale[:, b])
-                frame.apply(torch.where(take[:, None], delta, 0.0), slice(None))
-            frame.close()
+                directions.append((self.mins, -self.dmin[:, b:b + 1].expand(-1, f.sub_block), 0, f.min_max))
+            for ints, unit, low, high in directions:
+                step = self._best_move(*frame.slope_and_curvature(unit, within), ints[:, k], low, high)
+                ints[:, k] += step
+                frame.apply(step[:, None] * unit, within)
 
-    def sweep_sub_scales(self) -> None:
-        """Each sub-block's integer scale (and minimum) by +-1."""
-        f = self.fmt
-        for b in range(self.d.shape[1]):
-            frame = self._frame(b)
-            for k in range(b * f.n_sub, (b + 1) * f.n_sub):
-                cols = slice(k * f.sub_block, (k + 1) * f.sub_block)
-                within = slice(cols.start - b * QK_K, cols.stop - b * QK_K)
-                directions = [(self.scales, self.d[:, b:b + 1] * self.q[:, cols], f.scale_min, f.scale_max)]
-                if f.has_min:
-                    directions.append((self.mins, -self.dmin[:, b:b + 1].expand(-1, f.sub_block), 0, f.min_max))
-                for ints, unit, low, high in directions:
-                    step = self._best_move(*frame.slope_and_curvature(unit, within), ints[:, k], low, high)
-                    ints[:, k] += step
-                    frame.apply(step[:, None] * unit, within)
-            frame.close()
+    def _codes(self, frame: _Frame, b: int) -> None:
+        """Each of the super-block's q by +-1, column by column, each move changing g on the columns after it.
 
-    def sweep_q(self) -> None:
-        """Each weight's q by +-1, the moves of a column block applied to g together.
-
-        Within a block the columns go one at a time, each move changing g on the columns after it. The
-        block is held transposed, [width, rows], so that each column is a contiguous row of views made
+        The frame's g is held transposed, [256, rows], so that each column is a contiguous row of views made
         once, and a column costs a few calls: its move is g / (unit * H_jj) rounded and clamped as in
         _best_move, and g's update is one outer product with row j of H."""
         f = self.fmt
-        step = self._per_weight(self._per_sub(self.d) * self.scales)
-        diag = torch.diagonal(self.h)
-        cols_total = self.q.shape[1]
-        for first in range(0, cols_total, COLUMN_BLOCK):
-            cols = slice(first, min(cols_total, first + COLUMN_BLOCK))
-            unit = step[:, cols].T.contiguous()                  # [width, rows]
-            scale = unit * diag[cols, None]                      # the move is g / scale
-            per_g = torch.where(scale != 0, 1 / torch.where(scale != 0, scale, 1.0), 0.0)
-            g_block = self.g[:, cols].T.contiguous()
-            q_block = self.q[:, cols].T
-            low, high = f.q_min - q_block, f.q_max - q_block
-            moves = torch.empty_like(unit)
-            h_rows = self.h[cols, cols].unbind(0)
-            for j, (g_j, k_j, u_j, lo_j, hi_j, m_j) in enumerate(zip(
-                    g_block.unbind(0), per_g.unbind(0), unit.unbind(0), low.unbind(0), high.unbind(0),
-                    moves.unbind(0))):
-                torch.mul(g_j, k_j, out=m_j)
-                m_j.round_().clamp_(-1, 1).clamp_(lo_j, hi_j)
-                g_block.addr_(h_rows[j], m_j * u_j, alpha=-1)   # the columns before j are done: harmless
-            self.q[:, cols] += moves.T
-            delta = (moves * unit).T
-            self.e[:, cols] -= delta
-            self.g -= delta @ self.h[cols, :]
+        subs = slice(b * f.n_sub, (b + 1) * f.n_sub)
+        unit = self._per_weight(self.d[:, b:b + 1] * self.scales[:, subs]).T.contiguous()   # [256, rows]
+        scale = unit * torch.diagonal(frame.h)[:, None]                                  # the move is g / scale
+        per_g = torch.where(scale != 0, 1 / torch.where(scale != 0, scale, 1.0), 0.0)
+        g_block = frame.g.T.contiguous()
+        q_block = self.q[:, frame.cols].T
+        low, high = f.q_min - q_block, f.q_max - q_block
+        moves = torch.empty_like(unit)
+        h_rows = frame.h.unbind(0)
+        for j, (g_j, k_j, u_j, lo_j, hi_j, m_j) in enumerate(zip(
+                g_block.unbind(0), per_g.unbind(0), unit.unbind(0), low.unbind(0), high.unbind(0), moves.unbind(0))):
+            torch.mul(g_j, k_j, out=m_j)
+            m_j.round_().clamp_(-1, 1).clamp_(lo_j, hi_j)
+            g_block.addr_(h_rows[j], m_j * u_j, alpha=-1)   # the columns before j are done: harmless
+        self.q[:, frame.cols] += moves.T
+        frame.apply((moves * unit).T, slice(None))
 
     def blocks(self) -> KBlocks:
         f = self.fmt
@@ -283,13 +274,13 @@ class _Descent:
 
 
 class _Frame:
-    """g on one super-block's columns, kept up to date by the moves inside it; the moves reach e and the rest
-    of g together when the frame closes (one [rows, 256] x [256, cols] product instead of one per move)."""
+    """g on super-block ``b``'s columns, kept up to date by the moves inside it; the moves reach e and the
+    rest of g together when the frame closes (one [rows, 256] x [256, cols] product instead of one per move)."""
 
-    def __init__(self, descent: _Descent, cols: slice):
-        self.descent, self.cols = descent, cols
-        self.g = descent.g[:, cols].clone()
-        self.h = descent.h[cols, cols]
+    def __init__(self, descent: _Descent, b: int):
+        self.descent, self.cols = descent, slice(b * QK_K, (b + 1) * QK_K)
+        self.g = descent.g[:, self.cols].clone()
+        self.h = descent.h_given[self.cols, self.cols].to(descent.dtype)
         self.delta = torch.zeros_like(self.g)
 
     def slope_and_curvature(self, a: torch.Tensor, within: slice) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,55 +298,9 @@ class _Frame:
         self.g -= delta @ self.h[within, :]
 
     def close(self) -> None:
+        """e and g everywhere take the frame's moves: g outside the frame by the one large product (in the
+        descent's product dtype), g inside it as the frame kept it."""
         d = self.descent
         d.e[:, self.cols] -= self.delta
-        d.g -= self.delta @ d.h[self.cols, :]
-
-
-def tuned_error_ratios(model_dir, stats, types: list[str], sample: int = 8, rows: int = 128, seed: int = 0,
-                       settings: TuneSettings = TuneSettings(), progress: bool = True) -> dict[str, float]:
-    """How much tuning lowers each tunable type's error, for allocate's ``error_scale``.
-
-    The calibration measured every type's error with ggml's quantizer alone; tuning lowers the K-quants'
-    errors several times, the i-quants' (whose codes it keeps) less. On ``sample`` experts drawn (seeded) across the
-    layers, ``rows`` rows drawn from each projection (a row's loss depends on that row alone, so a sample
-    of rows estimates the matrix's ratio at a fraction of the cost: 128 of Mixtral 8x7B's 14336) are
-    quantized both ways and the loss on the projection's Hessian summed: the ratio tuned / untuned per type. Types
-    tuning does not open get no entry (1).
-    """
-    from tqdm import tqdm
-
-    from mc_gguf.ggml import quants
-    from mc_gguf.ggml.types import quant_type
-    from mc_gguf.hf.checkpoint import open_checkpoint
-    from mc_gguf.quantize.hessian import ExpertHessians
-
-    ckpt = open_checkpoint(model_dir)
-    hidden, ff = ckpt.expert_dims
-    names = [q.name for q in (quant_type(t) for t in types) if tunable(q.qtype, hidden) and tunable(q.qtype, ff)]
-    if not names or not stats.has_hessian:
-        return {}
-    rng = np.random.default_rng(seed)
-    pairs = [(bid, xid) for bid, layer in stats.moe_layers for xid in range(ckpt.n_experts) if layer.count[xid] > 0]
-    picked = [pairs[i] for i in sorted(rng.choice(len(pairs), min(sample, len(pairs)), replace=False))]
-    totals = {t: np.zeros(2) for t in names}
-    hessians = ExpertHessians(ckpt, stats)
-    with tqdm(total=len(picked) * 3 * len(names), desc="tuned errors", unit="tensor", disable=not progress) as bar:
-        for bid, xid in picked:
-            layer = stats.layers[bid]
-            for projection in ("gate", "up", "down"):
-                weights = ckpt.expert_weight(bid, xid, projection)
-                if len(weights) > rows:
-                    weights = weights[np.sort(rng.choice(len(weights), rows, replace=False))]
-                which = "mid" if projection == "down" else "in"
-                hessian = hessians(bid, xid, which)
-                imatrix = layer.imatrix(which)[xid]
-                h = damped(hessian)
-                for name in names:
-                    qtype = quant_type(name).qtype
-                    for k, data in enumerate((quants.quantize(weights, qtype, imatrix),
-                                              tune_quantize(weights, hessian, qtype, imatrix, settings))):
-                        error = weights - quants.dequantize(data, qtype, weights.shape[1])
-                        totals[name][k] += float(np.sum((error @ h) * error))
-                    bar.update(1)
-    return {t: float(tuned / plain) for t, (plain, tuned) in totals.items() if plain > 0}
+        d.g -= (self.delta.to(d.h.dtype) @ d.h[self.cols, :]).to(d.dtype)
+        d.g[:, self.cols] = self.g

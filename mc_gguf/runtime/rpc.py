@@ -125,8 +125,38 @@ def add_servers(endpoints: list[str]) -> None:
         _registered.add(endpoint)
 
 
+def check_listen(host: str, port: int) -> None:
+    """A clear error unless ``host``:``port`` can be listened on now (ggml-rpc only prints "Failed to create server
+    socket" and returns): a host with a port in it, an unknown host, a port in use or not allowed."""
+    if not host or ":" in host.strip("[]") and not _is_ipv6(host.strip("[]")):
+        raise RpcError(f"--host {host!r}: give an address or host name alone; the port goes in --port")
+    if not 0 < port < 65536:
+        raise RpcError(f"--port {port} is not a TCP port (1-65535)")
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise RpcError(f"cannot listen on {host}:{port}: unknown host ({exc})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ggml-rpc's own socket
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise RpcError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6, host)
+    except OSError:
+        return False
+    return True
+
+
 def serve(host: str, port: int, threads: int, lib_dir: Path | None = None) -> None:
-    """Serve this machine's CPU to RPC clients until the process is stopped (rpc-server.cpp's main)."""
+    """Serve this machine's CPU to RPC clients until the process is stopped (rpc-server.cpp's main); a clear error
+    when it cannot listen there."""
+    check_listen(host, port)
     ggml, rpc = _libraries(lib_dir)
     cpu = ggml.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)
     if not cpu:
@@ -136,3 +166,5 @@ def serve(host: str, port: int, threads: int, lib_dir: Path | None = None) -> No
     print(f"serving this machine's CPU over RPC at {host}:{port} (protocol {PROTOCOL_MAJOR}); Ctrl-C stops",
           flush=True)
     rpc.ggml_backend_rpc_start_server(f"{host}:{port}".encode(), None, threads, 1, devices)
+    # it returns only when it could not create its socket (the port taken between the check and now)
+    raise RpcError(f"the RPC server could not listen on {host}:{port} (see the line above)")

@@ -81,3 +81,57 @@ def test_interrupted_write_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         convert_module.convert(tiny_model_dir, out, "f16", progress=False)
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", ["compress", "calibrate", "quantize"])
+def test_a_device_this_machine_lacks_is_refused_before_any_work(capsys, tiny_model_dir, tmp_path, command):
+    """--device cuda (or mps) where torch has none ends in one line, before calibration reads a token: no
+    output, no work folder. The suite runs where torch is a CPU build; elsewhere the check is skipped."""
+    import time
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "out.gguf"
+    args = {"compress": ["compress", str(tiny_model_dir), "--bits", "3", "-o", str(out)],
+            "calibrate": ["calibrate", str(tiny_model_dir), "-o", str(out)],
+            "quantize": ["quantize", str(tiny_model_dir), "--plan", str(tmp_path / "plan.json"), "--tune",
+                         "--stats", str(tmp_path / "stats"), "-o", str(out)]}[command]
+    started = time.perf_counter()
+    code = main([*args, "--device", "cuda"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and err.startswith("mc-gguf: error: --device cuda: ") and "\n" not in err, err
+    assert time.perf_counter() - started < 10
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_an_unknown_device_is_refused_by_the_parser_and_the_api(capsys, tiny_model_dir, tmp_path):
+    from mc_gguf.calibrate.settings import CalibrationSettings
+    from mc_gguf.calibrate.text import CalibrationText
+    from mc_gguf.errors import McGgufError
+    from mc_gguf.pipeline import compress
+    from mc_gguf.quantize.tune import TuneSettings
+
+    assert main(["compress", str(tiny_model_dir), "--bits", "3", "-o", str(tmp_path / "o.gguf"), "--device",
+                 "tpu"]) != 0
+    assert "unknown device 'tpu'" in capsys.readouterr().err
+    with pytest.raises(McGgufError, match="unknown device 'tpu'"):
+        compress(tiny_model_dir, tmp_path / "o.gguf", 3.0, CalibrationText("t", "some text"),
+                 tune=TuneSettings(device="tpu"), progress=False)
+    with pytest.raises(McGgufError, match="unknown device"):
+        compress(tiny_model_dir, tmp_path / "o.gguf", 3.0, CalibrationText("t", "some text"),
+                 settings=CalibrationSettings(device="tpu"), tune=None, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_closed_pipe_ends_a_command_quietly(converted):
+    """`mc-gguf inspect --json FILE | head -1`: no "Broken pipe" error, exit 0, as Unix tools end. The reader here
+    closes the pipe before the first byte is written."""
+    import subprocess
+    import sys
+
+    mc = str(Path(sys.executable).parent / "mc-gguf")
+    result = subprocess.run(f"set -o pipefail; '{mc}' inspect --json '{converted('q8_0')}' | (exec 0<&-; sleep 5)",
+                            shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr == "", result.stderr

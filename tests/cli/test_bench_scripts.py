@@ -122,3 +122,15 @@ def test_bench_eps_sampling_quick(tmp_path):
     report = run_plain_script("bench_eps_sampling.py", tmp_path)
     assert report["full"]["eps_features"] == 512 and report["sampled"]["eps_features"] == 256
     assert report["kld_sampled_over_full"] > 0 and 0 <= report["experts_with_the_same_types"] <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.bench
+def test_bench_scale_defaults_quick(tmp_path):
+    report = run_plain_script("bench_scale.py", tmp_path, "--defaults")
+    assert set(report["runs"]) == {"1", "2"}
+    for run in report["runs"].values():
+        assert {"mc compress", "llama-imatrix", "llama-quantize IQ2_XS", "llama-quantize IQ2_S"} <= set(run["stages"])
+        assert all(s["seconds"] > 0 and 0 < s["cpu_use"] <= 1.05 for s in run["stages"].values())
+    assert report["compress_over_imatrix+quantize_IQ2_XS_per_added_layer"] is not None
+    assert 0 <= report["compress_fixed_share_of_full_model"] <= 1

@@ -78,3 +78,25 @@ def test_the_ridge_is_chosen_on_held_out_tokens(tokens, distorted, fits):
     h = [z_q[f].T @ z_q[f] for f in folds]
     b = [z_q[f].T @ y[f] for f in folds]
     assert (_held_out_ridge(w, h, b) is not None) == fits
+
+
+@pytest.mark.parametrize("tokens, distorted", [(4096, True), (48, False), (200, True)])
+def test_the_ridge_chosen_on_a_sample_of_rows_is_the_one_all_rows_choose(tokens, distorted, monkeypatch):
+    """Each row of down solves its own least squares with the same matrix, so the held-out errors of a seeded
+    sample of the rows choose the ridge all of them choose."""
+    from mc_gguf.quantize import hessian as hs
+
+    rng = np.random.default_rng(5)
+    features, rows = 64, 600
+    w = rng.standard_normal((rows, features))
+    z = rng.standard_normal((tokens, features))
+    z_q = z @ (np.eye(features) + 0.3 * rng.standard_normal((features, features)) / 8) if distorted else z
+    z_q = z_q + 0.05 * rng.standard_normal(z_q.shape)
+    y = z @ w.T
+    folds = [slice(0, tokens // 2), slice(tokens // 2, tokens)]
+    h = [z_q[f].T @ z_q[f] for f in folds]
+    b = [z_q[f].T @ y[f] for f in folds]
+    monkeypatch.setattr(hs, "RIDGE_ROWS", rows)
+    every_row = hs._held_out_ridge(w, h, b)
+    monkeypatch.setattr(hs, "RIDGE_ROWS", 64)
+    assert hs._held_out_ridge(w, h, b) == every_row

@@ -158,3 +158,21 @@ def test_a_stock_server_is_refused_with_a_clear_error(stock_server, converted, t
                              "-n", "2", "--rpc", stock_server], capture_output=True, text=True)
     assert result.returncode != 0
     assert "stock llama.cpp rpc-server" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_rpc_server_that_cannot_listen_fails_with_a_clear_error():
+    """A port in use, a port out of range, a host with a port in it, an unknown host: one line, a non-zero exit,
+    never ggml-rpc's "Failed to create server socket" and exit 0."""
+    mc = str(Path(sys.executable).parent / "mc-gguf")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        cases = {("--port", str(port)): "cannot listen on 127.0.0.1:",
+                 ("--port", "70000"): "not a TCP port",
+                 ("--host", "127.0.0.1:9"): "the port goes in --port",
+                 ("--host", "no-such-host.invalid"): "unknown host"}
+        for args, message in cases.items():
+            result = subprocess.run([mc, "runtime", "rpc-server", *args], capture_output=True, text=True, timeout=60)
+            assert result.returncode != 0, (args, result.stdout, result.stderr)
+            assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)

@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""GPTQ, tuning and the down projection's fit at Mixtral 8x7B's shapes: seconds per expert projection and type.
+
+A projection at the real shapes, gate/up [14336, 4096] on a 4096-input Hessian and down [4096, 14336] on a
+14336-input one, random weights and a Hessian of correlated inputs (a rank-256 mixing plus the identity; its
+content does not change the cost). For each projection: the Hessian's GPTQ factor (once per expert and
+input), then for each type GPTQ and tuning on it, timed apart; and down's ridge fit to the quantized gate and
+up (hessian.py: the held-out choice among three ridges on two folds, then the fit), on folds of the same
+sizes. ``--rows`` takes the first rows of each projection (tuning's cost is linear in the rows, the factor
+and the fit's factorizations are not: the report gives both, and per-expert estimates at full rows). Prints
+one JSON object; run it against another checkout of the package with PYTHONPATH to compare two versions on
+the same machine.
+
+    python scripts/bench_tune.py [--rows 2048] [--types Q2_K IQ2_XS] [--iters 8] [--json t.json]
+    python scripts/bench_tune.py --quick   (small shapes: checks the script)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_odp import emit_json  # noqa: E402
+
+MIXTRAL = {"hidden": 4096, "ff": 14336}
+
+
+def correlated_hessian(n: int, rng: np.random.Generator) -> np.ndarray:
+    """X^T X of inputs mixed by a rank-256 map plus the identity, built without the tokens."""
+    mixing = rng.standard_normal((n, 256)).astype(np.float32) / 16
+    h = mixing @ mixing.T
+    h[np.diag_indices_from(h)] += 1.0
+    return h
+
+
+def timed(fn):
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
+def bench_projection(name: str, rows: int, cols: int, full_rows: int, types: list[str], iters: int,
+                     rng: np.random.Generator) -> dict:
+    import gguf
+
+    from mc_gguf.quantize import gptq, tune
+
+    weights = (0.02 * rng.standard_normal((rows, cols))).astype(np.float32)
+    hessian = correlated_hessian(cols, rng)
+    imatrix = np.diag(hessian).astype(np.float32) / cols
+    shared = getattr(gptq, "Hessian", None)
+    report = {"rows": rows, "cols": cols, "full_rows": full_rows, "types": {}}
+    if shared is not None:  # this version factors once per (expert, input)
+        h = shared(hessian)
+        _, report["factor_s"] = timed(lambda: h.factor)
+        _, report["damped_s"] = timed(lambda: h.damped)
+    else:
+        h = hessian
+        _, report["factor_s"] = timed(lambda: gptq.inverse_hessian_factor(hessian))
+    for t in types:
+        qtype = gguf.GGMLQuantizationType[t]
+        _, gptq_s = timed(lambda: gptq.gptq_quantize(weights, h, qtype, imatrix))
+        _, tune_s = timed(lambda: tune.tune_quantize(weights, h, qtype, imatrix, tune.TuneSettings(iters=iters)))
+        # tune_quantize includes its GPTQ start and, in a version without a shared Hessian, its factor
+        report["types"][t] = {"gptq_s": gptq_s, "tune_quantize_s": tune_s}
+    return report
+
+
+def bench_down_fit(hidden: int, ff: int, rng: np.random.Generator) -> dict:
+    """hessian.py's held-out ridge choice and fit at down's shapes, on two folds of a synthetic H' and b."""
+    from mc_gguf.quantize import hessian as hs
+
+    w = (0.02 * rng.standard_normal((hidden, ff))).astype(np.float64)
+    h = [correlated_hessian(ff, rng).astype(np.float64) for _ in range(2)]
+    b = [m @ w.T * 0.9 for m in h]  # C^T W^T of a gate and up that changed z a little
+    ridge, choose_s = timed(lambda: hs._held_out_ridge(w, h, b))
+    _, fit_s = timed(lambda: hs._ridge_fit(w, h[0] + h[1], b[0] + b[1], ridge or 0.01))
+    return {"hidden": hidden, "ff": ff, "ridge": ridge, "choose_s": choose_s, "fit_s": fit_s}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=0, help="rows of each projection (default 0: all)")
+    parser.add_argument("--types", nargs="+", default=["Q2_K", "IQ2_XS"], help="types (default: Q2_K IQ2_XS)")
+    parser.add_argument("--iters", type=int, default=8, help="tuning sweeps at most (default: 8, compress's)")
+    parser.add_argument("--projections", nargs="+", default=["gate", "down", "down_fit"],
+                        choices=["gate", "down", "down_fit"], help="what to time (default: all three)")
+    parser.add_argument("--quick", action="store_true", help="small shapes: checks the script")
+    parser.add_argument("--json", help="also write the JSON here")
+    args = parser.parse_args()
+    import mc_gguf
+    import torch
+
+    dims = {"hidden": 512, "ff": 1024} if args.quick else MIXTRAL
+    rng = np.random.default_rng(0)
+    report = {"package": os.path.dirname(mc_gguf.__file__), "torch_threads": torch.get_num_threads(),
+              "iters": args.iters, "quick": args.quick}
+    shapes = {"gate": (dims["ff"], dims["hidden"]), "down": (dims["hidden"], dims["ff"])}
+    for name in args.projections:
+        if name == "down_fit":
+            report[name] = bench_down_fit(dims["hidden"], dims["ff"], rng)
+            continue
+        full_rows, cols = shapes[name]
+        rows = min(args.rows or full_rows, full_rows)
+        r = bench_projection(name, rows, cols, full_rows, args.types, args.iters, rng)
+        scale = full_rows / rows
+        for t, times in r["types"].items():
+            # per full projection: the factor once, GPTQ's and tuning's row-linear parts scaled to all rows
+            times["tune_quantize_full_rows_s_est"] = times["tune_quantize_s"] * scale
+        report[name] = r
+    report["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    emit_json(report, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
