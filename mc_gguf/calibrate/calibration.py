@@ -154,7 +154,8 @@ def _measure_eps(layer_stats: LayerStats, moe: StatisticsMoE, settings: Calibrat
         bar.set_postfix_str(f"expert {e}: errors of {len(types)} types", refresh=True)
         with torch.no_grad():
             layer_stats.eps[:, e] = expert_errors(stored, sample.x[tokens], sample.weights[slot], moe.glu,
-                                                  types, imat_in[e], imat_mid[e], features)
+                                                  types, imat_in[e], imat_mid[e], features,
+                                                  settings.eps_iquant_share)
         bar.update(1)
 
 
@@ -204,6 +205,7 @@ def _provenance(ckpt: Checkpoint, text: CalibrationText, settings: CalibrationSe
         "seed": settings.seed,
         "eps_tokens": min(settings.eps_tokens, int(sequences.size)),
         "eps_features": sampled_features(ff, settings.eps_features),
+        "eps_iquant_share": settings.eps_iquant_share,
         "eps_norm": EPS_NORM,
         "skip_cost": SKIP_COST,
         "drop_cost": DROP_COST,

@@ -20,6 +20,16 @@ expert with the same errors. Its squared output error, scaled by
 features / sampled features, estimates the whole expert's (the errors of
 different blocks are independent, so their cross terms average out);
 tests/calibrate check it against the full pass.
+
+ggml's i-quants quantize 5-20x slower than the K-quants (their lattice
+searches: three quarters of the pass at Mixtral's shapes), so they are
+measured on a quarter of those blocks (``iquant_share``) and their error
+is scaled by how the nearest K-quant's error on that quarter compares with
+its error on the whole sample (``RATIO_REFERENCE``, a ratio estimator: an
+i-quant's error and a K-quant's of about its bits follow the same weights
+from block to block, so their ratio varies far less between blocks than
+either error does). The K-quant's quarter costs no quantization: its bytes
+there are a subset of the bytes it has for the whole sample.
 """
 
 from __future__ import annotations
@@ -113,6 +123,10 @@ def ggml_roundtrip(weights: torch.Tensor, type_name: str, imatrix: np.ndarray | 
 
 FEATURE_BLOCK = 256  # QK_K (ggml-common.h): the largest block of every candidate type
 
+# The K-quant whose error an i-quant's estimate on a share of the blocks is scaled by (about the same bits).
+RATIO_REFERENCE = {"IQ1_S": "Q2_K", "IQ1_M": "Q2_K", "IQ2_XXS": "Q2_K", "IQ2_XS": "Q2_K", "IQ3_XXS": "Q3_K",
+                   "IQ4_XS": "Q4_K"}
+
 
 def sampled_features(ff: int, n_features: int) -> int:
     """How many of ``ff`` features measure eps when ``n_features`` are asked for: whole blocks of 256, or all
@@ -134,32 +148,80 @@ def feature_sample(ff: int, n_features: int, rng: np.random.Generator) -> np.nda
 
 def expert_errors(w: ExpertWeights, x: torch.Tensor, route_weight: torch.Tensor, glu: Callable,
                   types: Sequence[str], imatrix_in: np.ndarray, imatrix_mid: np.ndarray,
-                  features: np.ndarray | None = None) -> np.ndarray:
+                  features: np.ndarray | None = None, iquant_share: int = 1) -> np.ndarray:
     """eps [3, T] of one expert on its tokens ``x`` [n, H] with routing weights [n]:
     row 0 all projections at the type, row 1 gate and up only, row 2 down only.
 
     With ``features`` (feature_sample), measured on those intermediate features and scaled to the whole expert.
+    With ``iquant_share`` k > 1, the i-quants of RATIO_REFERENCE whose K-quant is among ``types`` are measured on
+    1/k of the measured blocks (at least one) and scaled by that K-quant's ratio (the module docstring).
     The weights may be in the checkpoint's dtype: they are widened to float32 here, after the sampling, on the
     device of ``x`` (ggml's quantizer runs on the CPU, the products there).
     """
     eps = np.zeros((3, len(types)))
     if x.shape[0] == 0:
         return eps
+    ff = w.gate.shape[0]
     scale = 1.0
     if features is not None:
-        scale = float(np.sqrt(w.gate.shape[0] / len(features)))
+        scale = float(np.sqrt(ff / len(features)))
         index = torch.from_numpy(features).to(w.gate.device)
         w = w.features(index)
         imatrix_mid = imatrix_mid[features]
     w = w.float32().to(x.device)
-    r = route_weight[:, None]
-    z = expert_hidden(x, w, glu)
-    y = expert_output(z, w)
+    measured = _Measured(w, x, route_weight[:, None], glu)
+    n_blocks = w.gate.shape[0] // FEATURE_BLOCK if w.gate.shape[0] % FEATURE_BLOCK == 0 else 0
+    n_part = n_blocks // iquant_share if iquant_share > 1 else 0
+    part = None
+    if n_part >= 1 and n_part < n_blocks:
+        # whole blocks of the measured features, spread over them (every k-th)
+        blocks = np.arange(n_part) * n_blocks // n_part
+        part = torch.from_numpy((blocks[:, None] * FEATURE_BLOCK + np.arange(FEATURE_BLOCK)).reshape(-1))
+        part_measured = _Measured(w.features(part.to(w.gate.device)), x, route_weight[:, None], glu)
+    whole: dict[str, np.ndarray] = {}   # squared errors measured on every measured block
+    on_part: dict[str, np.ndarray] = {}  # and on the part, for the references
+
+    def measure_whole(name: str) -> np.ndarray:
+        if name not in whole:
+            q = _quantized(w, name, imatrix_in, imatrix_mid)
+            whole[name] = measured.squared_errors(q)
+            if part is not None and name in RATIO_REFERENCE.values():
+                on_part[name] = part_measured.squared_errors(q.features(part.to(w.gate.device)))
+        return whole[name]
+
     for t, name in enumerate(types):
-        q = w.with_weights(ggml_roundtrip(w.gate, name, imatrix_in), ggml_roundtrip(w.up, name, imatrix_in),
-                           ggml_roundtrip(w.down, name, imatrix_mid))
-        zq = expert_hidden(x, q, glu)
-        eps[0, t] = float(torch.linalg.norm(r * (expert_output(zq, q) - y)))
-        eps[1, t] = float(torch.linalg.norm(r * (expert_output(zq, w) - y)))
-        eps[2, t] = float(torch.linalg.norm(r * (expert_output(z, q) - y)))
-    return eps * scale
+        reference = RATIO_REFERENCE.get(name)
+        if part is None or reference not in types:
+            eps[:, t] = measure_whole(name)
+            continue
+        ref_all = measure_whole(reference)
+        ref_part = on_part[reference]
+        mine = part_measured.squared_errors(_quantized(part_measured.w, name, imatrix_in, imatrix_mid[part.numpy()]))
+        # where the reference's error on the part is 0 (no change there), the part's share of the blocks
+        eps[:, t] = np.where(ref_part > 0, mine * ref_all / np.where(ref_part > 0, ref_part, 1.0),
+                             mine * n_blocks / n_part)
+    return np.sqrt(eps) * scale
+
+
+def _quantized(w: ExpertWeights, name: str, imatrix_in: np.ndarray, imatrix_mid: np.ndarray) -> ExpertWeights:
+    """The expert as llama.cpp computes with it at ``name``."""
+    return w.with_weights(ggml_roundtrip(w.gate, name, imatrix_in), ggml_roundtrip(w.up, name, imatrix_in),
+                          ggml_roundtrip(w.down, name, imatrix_mid))
+
+
+class _Measured:
+    """An expert's full-precision output on its tokens, against which quantized copies are measured."""
+
+    def __init__(self, w: ExpertWeights, x: torch.Tensor, r: torch.Tensor, glu: Callable):
+        self.w, self.x, self.r, self.glu = w, x, r, glu
+        self.z = expert_hidden(x, w, glu)
+        self.y = expert_output(self.z, w)
+
+    def squared_errors(self, q: ExpertWeights) -> np.ndarray:
+        """[3]: the squared Frobenius norms of the routed output change with every projection at q, gate and up
+        only, down only."""
+        zq = expert_hidden(self.x, q, self.glu)
+        norms = [torch.linalg.norm(self.r * (expert_output(zq, q) - self.y)),
+                 torch.linalg.norm(self.r * (expert_output(zq, self.w) - self.y)),
+                 torch.linalg.norm(self.r * (expert_output(self.z, q) - self.y))]
+        return np.array([float(n) for n in norms]) ** 2  # a float32 norm squared in float64: its sqrt is the norm

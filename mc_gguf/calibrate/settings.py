@@ -16,6 +16,9 @@ class CalibrationSettings:
     # intermediate features per expert on which eps is measured, in blocks of 256 (a seeded sample,
     # quant_error.feature_sample); 0: all. Mixtral's experts have 14336, small models often fewer (then all)
     eps_features: int = 2048
+    # the i-quants' errors on 1/N of those blocks, scaled by the nearest K-quant's ratio (quant_error.py: they
+    # quantize 5-20x slower); 1: on all of them
+    eps_iquant_share: int = 4
     hessian: bool = False         # also store full X^T X per expert (for GPTQ)
     types: tuple[str, ...] = tuple(CANDIDATES)
     # the torch device of the layer forward and the error pass's products (ggml's quantizer runs on the CPU);

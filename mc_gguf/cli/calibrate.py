@@ -30,7 +30,7 @@ def add_parser(commands) -> None:
     p.add_argument("--seed", type=int, default=defaults.seed, help="which windows of the text are used (default: 0)")
     p.add_argument("--eps-tokens", type=positive_int, default=defaults.eps_tokens,
                    help=f"sampled tokens on which quantization errors are measured (default: {defaults.eps_tokens})")
-    add_eps_features_argument(p, defaults.eps_features)
+    add_eps_features_argument(p, defaults.eps_features, defaults.eps_iquant_share)
     p.add_argument("--types", nargs="+", type=type_name, default=list(CANDIDATES), metavar="TYPE",
                    help=f"candidate GGUF types (default: all of {' '.join(CANDIDATES)})")
     p.add_argument("--hessian", action="store_true",
@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> None:
     from mc_gguf.ggml.types import quant_type
 
     settings = CalibrationSettings(n_tokens=args.tokens, seq_len=args.seq_len, seed=args.seed,
-                                   eps_tokens=args.eps_tokens, eps_features=args.eps_features, hessian=args.hessian,
+                                   eps_tokens=args.eps_tokens, eps_features=args.eps_features,
+                                   eps_iquant_share=args.eps_iquant_share, hessian=args.hessian,
                                    types=tuple(quant_type(t).name for t in args.types), device=args.device)
     started = time.perf_counter()
     stats = calibrate(args.model_dir, args.output, read_text(args.text), settings, progress=not args.quiet)

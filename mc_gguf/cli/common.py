@@ -28,11 +28,15 @@ def add_cost_arguments(p: argparse.ArgumentParser, defaults: dict[str, float], g
                    help=f"exponent of the quantization error (default: {defaults['gamma']:g}, {gamma_note})")
 
 
-def add_eps_features_argument(p: argparse.ArgumentParser, default: int) -> None:
+def add_eps_features_argument(p: argparse.ArgumentParser, default: int, iquant_share: int = 4) -> None:
     p.add_argument("--eps-features", type=non_negative_int, default=default, metavar="N",
                    help="measure each expert's quantization errors on a seeded sample of N of its intermediate "
                         "features, in blocks of 256, scaled to the whole expert: the error pass costs N / "
                         f"intermediate size of a full one (Mixtral 8x7B: 14336); 0 measures all (default: {default})")
+    p.add_argument("--eps-iquant-share", type=positive_int, default=iquant_share, metavar="K",
+                   help="measure the i-quants (5-20x slower to quantize than the K-quants) on 1/K of those blocks, "
+                        "scaled by how the K-quant of about their bits compares there and on all of them; 1 measures "
+                        f"them on all (default: {iquant_share})")
 
 
 def add_generation_flags(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:

@@ -65,7 +65,7 @@ def add_parser(commands) -> None:
                    help=f"calibration tokens (default: {defaults.n_tokens})")
     p.add_argument("--seq-len", type=positive_int, default=defaults.seq_len,
                    help=f"tokens per calibration sequence (default: {defaults.seq_len})")
-    add_eps_features_argument(p, defaults.eps_features)
+    add_eps_features_argument(p, defaults.eps_features, defaults.eps_iquant_share)
     p.add_argument("--keep-artifacts", metavar="DIR", help="keep the statistics and the plan in DIR")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> None:
 
     tune = tune_settings(args)  # a device this machine lacks is refused here, before any work
     settings = CalibrationSettings(n_tokens=args.tokens, seq_len=args.seq_len, eps_features=args.eps_features,
+                                   eps_iquant_share=args.eps_iquant_share,
                                    hessian=args.gptq or args.tune, device=args.device)
     started = time.perf_counter()
     try:

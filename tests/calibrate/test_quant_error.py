@@ -73,3 +73,27 @@ def test_all_features_sampled_is_the_full_pass(expert):
     full = expert_errors(w, x, route, act, types, imatrix_in, imatrix_mid)
     every = expert_errors(w, x, route, act, types, imatrix_in, imatrix_mid, np.arange(FF))
     np.testing.assert_array_equal(every, full)
+
+
+def test_iquants_on_a_quarter_of_the_blocks_by_the_k_quants_ratio_estimate_the_whole(expert):
+    """An expert whose feature blocks differ in scale (as trained experts' do): the i-quants measured on a
+    quarter of the blocks and scaled by the nearest K-quant's ratio are within 5% of the whole measurement,
+    the K-quants are the whole measurement itself, and the ratio does what scaling by the share alone cannot."""
+    from mc_gguf.calibrate.quant_error import RATIO_REFERENCE
+
+    w, x, route, act, imatrix_in, imatrix_mid = expert
+    block_scale = torch.tensor([0.2, 3.0, 0.5, 1.0, 2.0, 0.3, 1.5, 0.8]).repeat_interleave(FEATURE_BLOCK)
+    uneven = ExpertWeights(w.gate * block_scale[:, None], w.up, w.down * block_scale[None, :])
+    types = list(CANDIDATES)
+    whole = expert_errors(uneven, x, route, act, types, imatrix_in, imatrix_mid)
+    quarter = expert_errors(uneven, x, route, act, types, imatrix_in, imatrix_mid, iquant_share=4)
+    for t, name in enumerate(types):
+        if name in RATIO_REFERENCE:
+            np.testing.assert_allclose(quarter[:, t], whole[:, t], rtol=0.05, err_msg=name)
+        else:
+            np.testing.assert_array_equal(quarter[:, t], whole[:, t])
+    # scaled by the share alone, the same quarter of blocks misses by far more
+    part = np.concatenate([np.arange(b * FEATURE_BLOCK, (b + 1) * FEATURE_BLOCK) for b in (0, 4)])
+    share_only = expert_errors(uneven, x, route, act, ["IQ2_XS"], imatrix_in, imatrix_mid, part)
+    t = types.index("IQ2_XS")
+    assert np.abs(share_only[:, 0] / whole[:, t] - 1).max() > 0.15
