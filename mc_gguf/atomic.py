@@ -11,17 +11,22 @@ to the same output removes what a killed process left behind.
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from mc_gguf.errors import OutputPathError
 
 
-def check_output_path(path: str | Path) -> Path:
-    """The output path, or a clear error when its folder does not exist or is not writable."""
+def check_output_path(path: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
+    """The output path, or a clear error when its folder does not exist or is not writable, when it exists and is
+    not a regular file (a device, a FIFO, a socket: replacing one by a file would destroy it), when it is a loop
+    of symbolic links, or when it is one of ``inputs`` or inside an input folder (writing would destroy the
+    input the command reads)."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
@@ -30,9 +35,47 @@ def check_output_path(path: str | Path) -> Path:
         raise OutputPathError(f"cannot write {path}: it is a folder")
     if not os.access(parent, os.W_OK):
         raise OutputPathError(f"cannot write {path}: folder {parent} is not writable")
+    try:
+        resolved = path.resolve()
+    except (RuntimeError, OSError):  # Python raises RuntimeError on a loop of links
+        raise OutputPathError(f"cannot write {path}: it is a loop of symbolic links") from None
     if path.is_symlink():
-        check_output_path(path.resolve())
+        if resolved.is_symlink() or not resolved.parent.is_dir():
+            raise OutputPathError(f"cannot write {path}: it is a loop of symbolic links or points nowhere")
+        check_output_path(resolved)
+    if resolved.exists() and not resolved.is_file():
+        raise OutputPathError(f"cannot write {path}: it exists and is not a regular file (a device, a FIFO or a "
+                              "socket); choose a file name")
+    for source in inputs:
+        source = Path(source).resolve()
+        if resolved == source:
+            raise OutputPathError(f"cannot write {path}: it is this command's input; choose another file name")
+        if source.is_dir() and source in resolved.parents:
+            raise OutputPathError(f"cannot write {path}: it is inside the input folder {source}, whose files the "
+                                  "command reads; choose a path outside it")
+    if len(resolved.name.encode()) > _name_max(resolved.parent):
+        raise OutputPathError(f"cannot write {path}: its name is longer than this file system allows "
+                              f"({_name_max(resolved.parent)} bytes)")
     return path
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def _partial_name(target: Path, pid: int | None = None) -> str:
+    """The temporary name beside ``target``: ``.NAME.<pid>.partial``, NAME shortened (with a hash of the whole,
+    so that two long names do not meet) where the whole would pass the file system's limit on names."""
+    pid = os.getpid() if pid is None else pid
+    name = target.name
+    limit = _name_max(target.parent) - len("..partial") - 11  # a pid of up to 10 digits and its dot
+    if len(name.encode()) > limit:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+        name = f"{name.encode()[:max(1, limit - 13)].decode(errors='ignore')}~{digest}"
+    return f".{name}.{pid}.partial"
 
 
 def current_umask() -> int:
@@ -87,9 +130,10 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_partials(target: Path) -> list[Path]:
     """Remove ``.NAME.<pid>.partial`` files beside ``target`` whose writing process is gone."""
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.partial$")
+    stem = _partial_name(target, 0)[1:-len(".0.partial")]
+    pattern = re.compile(rf"^\.{re.escape(stem)}\.(\d+)\.partial$")
     removed = []
-    for candidate in target.parent.glob(f".{target.name}.*.partial"):
+    for candidate in target.parent.glob(f".{glob.escape(stem)}.*.partial"):
         match = pattern.match(candidate.name)
         if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
             with contextlib.suppress(FileNotFoundError):
@@ -109,7 +153,7 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     path = check_output_path(path)
     target = path.resolve() if path.is_symlink() else path
     remove_stale_partials(target)
-    tmp = target.parent / f".{target.name}.{os.getpid()}.partial"
+    tmp = target.parent / _partial_name(target)
     tmp.unlink(missing_ok=True)
     mode = output_mode(target)
     try:

@@ -56,7 +56,7 @@ def compress(model_dir: str | Path, out: str | Path, bits: float, text: Calibrat
     calibration at its first unfinished layer). The folder is removed when
     the file is written, unless it is ``keep_artifacts``.
     """
-    out = check_output_path(out)
+    out = check_output_path(out, inputs=[model_dir])
     # impossible requests fail now, not after calibration
     torch_device(settings.device)
     if tune is not None:

@@ -183,13 +183,9 @@ def resume_check(cmd: list[str], stats: Path, reference: Path, log: Path) -> dic
     return {"killed_after_s": round(killed_after, 1), "resumed": resumed, "same_statistics": bool(same)}
 
 
-def run_layers(n_layers: int, shapes: dict, args, work: Path, text: Path, eval_text: Path) -> dict:
-    from mc_gguf.runtime.source import BuildFlags, patched_source
-    from mc_gguf.runtime.stock import stock_tools_dir
-
-    folder = work / f"layers-{n_layers}"
+def checkpoint_folder(folder: Path, shapes: dict, n_layers: int) -> tuple[Path, Path]:
+    """``folder`` with the checkpoint of ``n_layers`` built in ``folder/model``: (folder, model)."""
     folder.mkdir(parents=True, exist_ok=True)
-    log = folder / "log.txt"
     # built in a process of its own: a child inherits its parent's peak RSS at exec (Linux keeps the
     # high-water mark of the image it replaces), so this process must stay small for the figures to be the stages'
     builder = multiprocessing.get_context("spawn").Process(target=build_checkpoint,
@@ -198,7 +194,15 @@ def run_layers(n_layers: int, shapes: dict, args, work: Path, text: Path, eval_t
     builder.join()
     if builder.exitcode != 0:
         raise RuntimeError(f"building the {n_layers}-layer checkpoint failed")
-    model = folder / "model"
+    return folder, folder / "model"
+
+
+def run_layers(n_layers: int, shapes: dict, args, work: Path, text: Path, eval_text: Path) -> dict:
+    from mc_gguf.runtime.source import BuildFlags, patched_source
+    from mc_gguf.runtime.stock import stock_tools_dir
+
+    folder, model = checkpoint_folder(work / f"layers-{n_layers}", shapes, n_layers)
+    log = folder / "log.txt"
     mc = str(Path(sys.executable).parent / "mc-gguf")
     tools = stock_tools_dir()
     llama_src = patched_source(BuildFlags(stock=True))
@@ -258,16 +262,8 @@ def run_defaults(n_layers: int, shapes: dict, args, work: Path, text: Path) -> d
     F16 file and tokens, for one checkpoint of ``n_layers`` layers."""
     from mc_gguf.runtime.stock import stock_tools_dir
 
-    folder = work / f"defaults-{n_layers}"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder, model = checkpoint_folder(work / f"defaults-{n_layers}", shapes, n_layers)
     log = folder / "log.txt"
-    builder = multiprocessing.get_context("spawn").Process(target=build_checkpoint,
-                                                           args=(folder / "model", shapes, n_layers))
-    builder.start()
-    builder.join()
-    if builder.exitcode != 0:
-        raise RuntimeError(f"building the {n_layers}-layer checkpoint failed")
-    model = folder / "model"
     mc = str(Path(sys.executable).parent / "mc-gguf")
     tools = stock_tools_dir()
     threads = str(os.cpu_count() or 1)

@@ -84,13 +84,44 @@ def bench_down_fit(hidden: int, ff: int, rng: np.random.Generator) -> dict:
     return {"hidden": hidden, "ff": ff, "ridge": ridge, "choose_s": choose_s, "fit_s": fit_s}
 
 
+def bench_error_pass(hidden: int, ff: int, features: int, tokens: int, shares: list[int]) -> dict:
+    """calibrate's error pass on one expert (quant_error.expert_errors: every candidate type, on a sample of
+    ``features`` of its ff) with the i-quants on the whole sample and on a share of it."""
+    import torch
+
+    from mc_gguf.calibrate.quant_error import GATED_ACTIVATIONS, RATIO_REFERENCE, ExpertWeights, expert_errors, \
+        feature_sample
+    from mc_gguf.ggml.types import CANDIDATES
+
+    g = torch.Generator().manual_seed(0)
+    w = ExpertWeights(*(torch.randn(*s, generator=g).to(torch.bfloat16) * 0.02
+                        for s in ((ff, hidden), (ff, hidden), (hidden, ff))))
+    x, route = torch.randn(tokens, hidden, generator=g), torch.rand(tokens, generator=g)
+    rng = np.random.default_rng(0)
+    imatrix_in, imatrix_mid = (np.abs(rng.standard_normal(n)).astype(np.float32) for n in (hidden, ff))
+    glu = GATED_ACTIVATIONS["act"]({"hidden_act": "silu"})
+    sample = feature_sample(ff, features, rng)
+    types = list(CANDIDATES)
+    report, errors = {"ff": ff, "features": features, "tokens": tokens}, {}
+    for share in shares:
+        errors[share], report[f"share_{share}_s"] = timed(
+            lambda: expert_errors(w, x, route, glu, types, imatrix_in, imatrix_mid, sample, share))
+    iq = [types.index(t) for t in RATIO_REFERENCE if t in types]
+    for share in shares[1:]:
+        report[f"share_{share}_iquants_max_relative_difference"] = float(
+            np.max(np.abs(errors[share][:, iq] / errors[shares[0]][:, iq] - 1)))
+    return report
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=0, help="rows of each projection (default 0: all)")
     parser.add_argument("--types", nargs="+", default=["Q2_K", "IQ2_XS"], help="types (default: Q2_K IQ2_XS)")
     parser.add_argument("--iters", type=int, default=8, help="tuning sweeps at most (default: 8, compress's)")
-    parser.add_argument("--projections", nargs="+", default=["gate", "down", "down_fit"],
-                        choices=["gate", "down", "down_fit"], help="what to time (default: all three)")
+    parser.add_argument("--projections", nargs="+", default=["gate", "down", "down_fit", "error_pass"],
+                        choices=["gate", "down", "down_fit", "error_pass"],
+                        help="what to time (default: all; error_pass is calibrate's, per expert, on 2048 features "
+                        "and 2048 tokens, with the i-quants on all of them and on a quarter)")
     parser.add_argument("--quick", action="store_true", help="small shapes: checks the script")
     parser.add_argument("--json", help="also write the JSON here")
     args = parser.parse_args()
@@ -105,6 +136,10 @@ def main() -> int:
     for name in args.projections:
         if name == "down_fit":
             report[name] = bench_down_fit(dims["hidden"], dims["ff"], rng)
+            continue
+        if name == "error_pass":
+            report[name] = bench_error_pass(dims["hidden"], dims["ff"], 1024 if args.quick else 2048,
+                                            256 if args.quick else 2048, [1, 4])
             continue
         full_rows, cols = shapes[name]
         rows = min(args.rows or full_rows, full_rows)

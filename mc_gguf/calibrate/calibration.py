@@ -54,7 +54,7 @@ def calibrate(model_dir: str | Path, out: str | Path, text: CalibrationText,
 
     With ``reuse``, statistics already in ``out`` from the very same inputs are returned as they are.
     """
-    out = check_output_path(out)
+    out = check_output_path(out, inputs=[model_dir])
     device = torch_device(settings.device)  # a device this machine lacks is refused before any work
     ckpt = open_checkpoint(model_dir)
     for name in settings.types:

@@ -205,7 +205,7 @@ def convert(model_dir: str | Path, out_path: str | Path, out_type: str = "f16", 
     Families whose row names llama.cpp's converter are converted by it, whole."""
     if out_type not in OUTPUT_TYPES:
         raise ValueError(f"unknown output type {out_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
-    check_output_path(out_path)
+    check_output_path(out_path, inputs=[model_dir])
     ckpt = open_checkpoint(model_dir)
     if ckpt.arch.converter == "llama.cpp":
         return llama_cpp_convert(ckpt, out_path, out_type)

@@ -116,7 +116,7 @@ def _check_inputs(model_dir: str | Path, gguf_in: str | Path, gguf_out: str | Pa
     ckpt = open_checkpoint(model_dir)
     pruning.check_skip_share(skip_share, ckpt.n_experts_used)
     pruning.validate_params([], protect_ratio)
-    check_output_path(gguf_out)
+    check_output_path(gguf_out, inputs=[model_dir])
     reader = open_gguf(gguf_in)
     arch = field_value(reader, "general.architecture")
     n_layers = field_value(reader, f"{arch}.block_count")

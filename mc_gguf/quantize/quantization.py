@@ -43,7 +43,7 @@ def quantize(model_dir: str | Path, plan: Plan, out: str | Path, *, stats: Calib
                    progress: bool = True) -> Path:
     """Write ``out``: the checkpoint quantized to ``plan``. ``gptq`` defaults to on when ``stats`` has Hessians;
     ``tune`` (which starts from GPTQ) tunes the K-quant experts' integers on those Hessians."""
-    out = check_output_path(out)
+    out = check_output_path(out, inputs=[model_dir])
     if tune is not None:
         torch_device(tune.device)
     validate_plan(plan)

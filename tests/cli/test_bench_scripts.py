@@ -134,3 +134,18 @@ def test_bench_scale_defaults_quick(tmp_path):
         assert all(s["seconds"] > 0 and 0 < s["cpu_use"] <= 1.05 for s in run["stages"].values())
     assert report["compress_over_imatrix+quantize_IQ2_XS_per_added_layer"] is not None
     assert 0 <= report["compress_fixed_share_of_full_model"] <= 1
+
+
+@pytest.mark.slow
+def test_bench_tune_quick(tmp_path):
+    out = tmp_path / "report.json"
+    result = subprocess.run([sys.executable, str(SCRIPTS / "bench_tune.py"), "--quick", "--json", str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for projection in ("gate", "down"):
+        assert report[projection]["factor_s"] > 0
+        assert all(t["gptq_s"] > 0 and t["tune_quantize_s"] > 0 for t in report[projection]["types"].values())
+    assert report["down_fit"]["choose_s"] > 0
+    # a quarter of the 4 blocks: the i-quants' estimate is near their measurement on all of them
+    assert report["error_pass"]["share_4_iquants_max_relative_difference"] < 0.1

@@ -43,3 +43,9 @@ def test_every_stage_package_imports_without_heavy_libraries():
     packages = ["calibrate", "allocate", "quantize", "prune", "evaluate", "gguf_io", "hf", "ggml", "runtime"]
     modules = imported_after("\n".join(f"import mc_gguf.{p}" for p in packages))
     assert not modules & {*HEAVY, "gguf"}, modules & {*HEAVY, "gguf"}
+
+
+def test_python_dash_m_mc_gguf_is_the_command():
+    result = subprocess.run([sys.executable, "-m", "mc_gguf", "--version"], capture_output=True, text=True)
+    command = subprocess.run([sys.executable, "-m", "mc_gguf.cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout == command.stdout and "mc-gguf" in result.stdout

@@ -61,22 +61,27 @@ def test_down_target_is_the_ridge_fit_to_the_quantized_gate_and_up_and_lowers_th
     assert fitted < 0.9 * plain
 
 
-@pytest.mark.parametrize("tokens, distorted, fits", [(4096, True, True), (48, False, False)])
-def test_the_ridge_is_chosen_on_held_out_tokens(tokens, distorted, fits):
-    """A systematic change of down's inputs, seen on many tokens, is fit; inputs that differ only by noise, on
-    fewer tokens than features, are not (the fit would learn the noise): W itself is kept."""
-    from mc_gguf.quantize.hessian import _held_out_ridge
-
-    rng = np.random.default_rng(3)
-    features, rows = 64, 32
+def ridge_problem(tokens: int, distorted: bool, rows: int, seed: int) -> tuple:
+    """(W, H' folds, b folds) of a down projection whose inputs z_q differ from z systematically (``distorted``) or
+    by noise alone, on two halves of ``tokens``."""
+    rng = np.random.default_rng(seed)
+    features = 64
     w = rng.standard_normal((rows, features))
     z = rng.standard_normal((tokens, features))
     z_q = z @ (np.eye(features) + 0.3 * rng.standard_normal((features, features)) / 8) if distorted else z
     z_q = z_q + 0.05 * rng.standard_normal(z_q.shape)
     y = z @ w.T
     folds = [slice(0, tokens // 2), slice(tokens // 2, tokens)]
-    h = [z_q[f].T @ z_q[f] for f in folds]
-    b = [z_q[f].T @ y[f] for f in folds]
+    return w, [z_q[f].T @ z_q[f] for f in folds], [z_q[f].T @ y[f] for f in folds]
+
+
+@pytest.mark.parametrize("tokens, distorted, fits", [(4096, True, True), (48, False, False)])
+def test_the_ridge_is_chosen_on_held_out_tokens(tokens, distorted, fits):
+    """A systematic change of down's inputs, seen on many tokens, is fit; inputs that differ only by noise, on
+    fewer tokens than features, are not (the fit would learn the noise): W itself is kept."""
+    from mc_gguf.quantize.hessian import _held_out_ridge
+
+    w, h, b = ridge_problem(tokens, distorted, rows=32, seed=3)
     assert (_held_out_ridge(w, h, b) is not None) == fits
 
 
@@ -86,17 +91,8 @@ def test_the_ridge_chosen_on_a_sample_of_rows_is_the_one_all_rows_choose(tokens,
     sample of the rows choose the ridge all of them choose."""
     from mc_gguf.quantize import hessian as hs
 
-    rng = np.random.default_rng(5)
-    features, rows = 64, 600
-    w = rng.standard_normal((rows, features))
-    z = rng.standard_normal((tokens, features))
-    z_q = z @ (np.eye(features) + 0.3 * rng.standard_normal((features, features)) / 8) if distorted else z
-    z_q = z_q + 0.05 * rng.standard_normal(z_q.shape)
-    y = z @ w.T
-    folds = [slice(0, tokens // 2), slice(tokens // 2, tokens)]
-    h = [z_q[f].T @ z_q[f] for f in folds]
-    b = [z_q[f].T @ y[f] for f in folds]
-    monkeypatch.setattr(hs, "RIDGE_ROWS", rows)
+    w, h, b = ridge_problem(tokens, distorted, rows=600, seed=5)
+    monkeypatch.setattr(hs, "RIDGE_ROWS", len(w))
     every_row = hs._held_out_ridge(w, h, b)
     monkeypatch.setattr(hs, "RIDGE_ROWS", 64)
     assert hs._held_out_ridge(w, h, b) == every_row
