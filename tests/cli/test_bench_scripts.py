@@ -91,10 +91,11 @@ def test_bench_quality_quick(tmp_path):
     assert rows["mc-gguf per-expert 2.5"]["skipped_share"] == 0
 
 
-def run_plain_script(name: str, tmp_path: Path, *extra: str) -> dict:
+def run_plain_script(name: str, tmp_path: Path, *extra: str, workdir: bool = True) -> dict:
     out = tmp_path / "report.json"
-    result = subprocess.run([sys.executable, str(SCRIPTS / name), "--quick", "--workdir", str(tmp_path / "work"),
-                             "--json", str(out), *extra], capture_output=True, text=True)
+    where = ["--workdir", str(tmp_path / "work")] if workdir else []
+    result = subprocess.run([sys.executable, str(SCRIPTS / name), "--quick", *where, "--json", str(out), *extra],
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -138,11 +139,7 @@ def test_bench_scale_defaults_quick(tmp_path):
 
 @pytest.mark.slow
 def test_bench_tune_quick(tmp_path):
-    out = tmp_path / "report.json"
-    result = subprocess.run([sys.executable, str(SCRIPTS / "bench_tune.py"), "--quick", "--json", str(out)],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report = run_plain_script("bench_tune.py", tmp_path, workdir=False)
     for projection in ("gate", "down"):
         assert report[projection]["factor_s"] > 0
         assert all(t["gptq_s"] > 0 and t["tune_quantize_s"] > 0 for t in report[projection]["types"].values())
