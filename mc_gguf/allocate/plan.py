@@ -93,12 +93,21 @@ def load_plan(path: str | Path) -> Plan:
     except TypeError as exc:
         raise PlanFileError(f"{path}: {exc}") from None
     validate_plan(plan, path)
+    # type names as ggml spells them ("q4_k" is Q4_K): they name the expert groups and the file's mc.plan.types
+    plan.experts = [[{p: quant_type(t).name for p, t in expert.items()} for expert in layer]
+                    for layer in plan.experts]
+    plan.non_expert = {cls: name.upper() for cls, name in plan.non_expert.items()}
     return plan
 
 
 def validate_plan(plan: Plan, where: str | Path = "plan") -> None:
     if plan.layout not in LAYOUTS:
         raise PlanFileError(f"{where}: layout {plan.layout!r} is not one of {', '.join(LAYOUTS)}")
+    if not isinstance(plan.experts, list) or not all(
+            isinstance(layer, list) and all(isinstance(e, dict) for e in layer) for layer in plan.experts):
+        raise PlanFileError(f"{where}: experts must be a list of layers, each a list of {{projection: type}}")
+    if not isinstance(plan.non_expert, dict) or not all(isinstance(t, str) for t in plan.non_expert.values()):
+        raise PlanFileError(f"{where}: non_expert must be {{class: type}}")
     for bid, layer in enumerate(plan.experts):
         for xid, expert in enumerate(layer):
             if set(expert) != set(PROJECTIONS):

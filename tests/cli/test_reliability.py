@@ -351,6 +351,9 @@ def _plan_file(calibration, tiny_model_dir, tmp_path) -> Path:
     (lambda plan: plan["experts"][0][1].__setitem__("gate", None), ("layer 0 expert 1", "None")),
     (lambda plan: plan["experts"][1][0].__setitem__("down", 12), ("layer 1 expert 0", "12")),
     (lambda plan: plan["experts"][1].pop(), ("layer 1 3 experts", "has 4")),
+    (lambda plan: plan.__setitem__("experts", "Q4_K"), ("experts must be a list of layers",)),
+    (lambda plan: plan["experts"][1].__setitem__(0, "Q4_K"), ("experts must be a list of layers",)),
+    (lambda plan: plan["non_expert"].__setitem__("attn", 8), ("non_expert must be",)),
 ])
 def test_bad_plans_are_named_where_they_are_wrong(change, needles, calibration, tiny_model_dir, tmp_path, capsys):
     path = _plan_file(calibration, tiny_model_dir, tmp_path)
@@ -419,3 +422,23 @@ def test_an_unknown_non_expert_type_is_named_before_the_statistics_are_read(caps
     code, err = run_cli(capsys, ["allocate", str(tmp_path / "missing.stats"), "--bits", "3", "-o",
                                  str(tmp_path / "p.json"), "--tensor-type", "attn=BAR"])
     assert_one_line_error(code, err, "attn=BAR", "Q8_0")
+
+
+def test_a_plan_in_lower_case_writes_the_file_of_its_canonical_spelling(calibration, tiny_model_dir, tmp_path):
+    """Type names in any case ("q4_k") are ggml's types: the file is the very file of the plan as allocate spells
+    it, names of expert groups and mc.plan.types included."""
+    import hashlib
+
+    path = _plan_file(calibration, tiny_model_dir, tmp_path)
+    plan = json.loads(path.read_text())
+    lower = tmp_path / "lower.json"
+    lower.write_text(json.dumps({**plan, "experts": [[{p: t.lower() for p, t in e.items()} for e in layer]
+                                                     for layer in plan["experts"]],
+                                 "non_expert": {k: v.lower() for k, v in plan["non_expert"].items()}}))
+    files = []
+    for plan_path in (path, lower):
+        out = tmp_path / f"{plan_path.stem}.gguf"
+        assert main(["quantize", str(tiny_model_dir), "--plan", str(plan_path), "--stats", str(calibration[0]),
+                     "--no-gptq", "-q", "-o", str(out)]) == 0
+        files.append(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert files[0] == files[1]
