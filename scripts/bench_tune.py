@@ -24,9 +24,7 @@ import sys
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_odp import emit_json  # noqa: E402
+from bench_odp import emit_json
 
 MIXTRAL = {"hidden": 4096, "ff": 14336}
 
@@ -65,8 +63,8 @@ def bench_projection(name: str, rows: int, cols: int, full_rows: int, types: lis
         _, report["factor_s"] = timed(lambda: gptq.inverse_hessian_factor(hessian))
     for t in types:
         qtype = gguf.GGMLQuantizationType[t]
-        _, gptq_s = timed(lambda: gptq.gptq_quantize(weights, h, qtype, imatrix))
-        _, tune_s = timed(lambda: tune.tune_quantize(weights, h, qtype, imatrix, tune.TuneSettings(iters=iters)))
+        _, gptq_s = timed(lambda q=qtype: gptq.gptq_quantize(weights, h, q, imatrix))
+        _, tune_s = timed(lambda q=qtype: tune.tune_quantize(weights, h, q, imatrix, tune.TuneSettings(iters=iters)))
         # tune_quantize includes its GPTQ start and, in a version without a shared Hessian, its factor
         report["types"][t] = {"gptq_s": gptq_s, "tune_quantize_s": tune_s}
     return report
@@ -89,8 +87,13 @@ def bench_error_pass(hidden: int, ff: int, features: int, tokens: int, shares: l
     ``features`` of its ff) with the i-quants on the whole sample and on a share of it."""
     import torch
 
-    from mc_gguf.calibrate.quant_error import GATED_ACTIVATIONS, RATIO_REFERENCE, ExpertWeights, expert_errors, \
-        feature_sample
+    from mc_gguf.calibrate.quant_error import (
+        GATED_ACTIVATIONS,
+        RATIO_REFERENCE,
+        ExpertWeights,
+        expert_errors,
+        feature_sample,
+    )
     from mc_gguf.ggml.types import CANDIDATES
 
     g = torch.Generator().manual_seed(0)
@@ -105,7 +108,7 @@ def bench_error_pass(hidden: int, ff: int, features: int, tokens: int, shares: l
     report, errors = {"ff": ff, "features": features, "tokens": tokens}, {}
     for share in shares:
         errors[share], report[f"share_{share}_s"] = timed(
-            lambda: expert_errors(w, x, route, glu, types, imatrix_in, imatrix_mid, sample, share))
+            lambda k=share: expert_errors(w, x, route, glu, types, imatrix_in, imatrix_mid, sample, k))
     iq = [types.index(t) for t in RATIO_REFERENCE if t in types]
     for share in shares[1:]:
         report[f"share_{share}_iquants_max_relative_difference"] = float(
@@ -125,8 +128,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes: checks the script")
     parser.add_argument("--json", help="also write the JSON here")
     args = parser.parse_args()
-    import mc_gguf
     import torch
+
+    import mc_gguf
 
     dims = {"hidden": 512, "ff": 1024} if args.quick else MIXTRAL
     rng = np.random.default_rng(0)
@@ -145,7 +149,7 @@ def main() -> int:
         rows = min(args.rows or full_rows, full_rows)
         r = bench_projection(name, rows, cols, full_rows, args.types, args.iters, rng)
         scale = full_rows / rows
-        for t, times in r["types"].items():
+        for times in r["types"].values():
             # per full projection: the factor once, GPTQ's and tuning's row-linear parts scaled to all rows
             times["tune_quantize_full_rows_s_est"] = times["tune_quantize_s"] * scale
         report[name] = r

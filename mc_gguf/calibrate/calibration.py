@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from mc_gguf import __version__
 from mc_gguf.atomic import check_output_path
-from mc_gguf.calibrate.forward import decoder_layer, embed, load_experts, run_layer, skeleton
+from mc_gguf.calibrate.forward import CPU, decoder_layer, embed, load_experts, run_layer, skeleton
 from mc_gguf.calibrate.moe import SHARED_EXPERT_OUTPUT, RoutingRule, StatisticsMoE
 from mc_gguf.calibrate.quant_error import GATED_ACTIVATIONS, expert_errors, feature_sample, sampled_features
 from mc_gguf.calibrate.settings import CalibrationSettings
@@ -108,7 +108,7 @@ def calibrate(model_dir: str | Path, out: str | Path, text: CalibrationText,
 def calibrate_layer(model, ckpt: Checkpoint, bid: int, hidden_in: np.ndarray, hidden_out: np.ndarray | None,
                     rotary, eps_positions: np.ndarray, settings: CalibrationSettings,
                     *, progress: bool, eta: str = "", moe_inputs: np.ndarray | None = None,
-                    device: torch.device = torch.device("cpu")) -> LayerStats | None:
+                    device: torch.device = CPU) -> LayerStats | None:
     """One layer: its forward with the statistics gathered on the way, then every expert's eps (None, and
     only the forward, for a dense layer), computed on ``device``. ``moe_inputs`` [tokens, H] receives the MoE
     block's inputs."""

@@ -44,7 +44,10 @@ def embed(ckpt: Checkpoint, sequences: np.ndarray, hidden: np.memmap) -> None:
     hidden.flush()
 
 
-def load_experts(ckpt: Checkpoint, bid: int, device: torch.device = torch.device("cpu")) -> tuple[Router, LayerExperts]:
+CPU = torch.device("cpu")
+
+
+def load_experts(ckpt: Checkpoint, bid: int, device: torch.device = CPU) -> tuple[Router, LayerExperts]:
     """The router (float32, on ``device``) and the experts of layer ``bid``, each read when it is asked for."""
     arch = ckpt.arch
     name = arch.router.format(bid=bid)
@@ -81,7 +84,7 @@ def load_expert(ckpt: Checkpoint, bid: int, xid: int) -> ExpertWeights:
 
 @contextmanager
 def decoder_layer(model, ckpt: Checkpoint, bid: int, moe: torch.nn.Module | None,
-                  device: torch.device = torch.device("cpu")) -> Iterator[torch.nn.Module]:
+                  device: torch.device = CPU) -> Iterator[torch.nn.Module]:
     """transformers' decoder layer ``bid`` with its weights read from the checkpoint and ``moe`` as its MoE
     block (holding the original block's shared-expert modules, under their own names, so that their weights
     load from the checkpoint as the rest; None: the layer's own FFN, a dense layer's); the weights are given
@@ -113,7 +116,8 @@ def run_layer(model, layer, bid: int, rotary, hidden_in: np.ndarray, hidden_out:
               on_batch: Callable[[int], None] = lambda n: None) -> np.ndarray:
     """Run ``layer`` (decoder layer ``bid``) on every sequence of ``hidden_in`` [n_seq, length, hidden], writing
     ``hidden_out``; returns the squared norm of every token's output hidden state [n_seq * length]
-    (sequence-major), computed on the device of the layer's weights. A layer that config.json's layer_types calls "sliding_attention" (gpt-oss every other
+    (sequence-major), computed on the device of the layer's weights. A layer that config.json's layer_types
+    calls "sliding_attention" (gpt-oss every other
     layer) gets transformers' sliding-window mask, as the model's own forward gives it."""
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 

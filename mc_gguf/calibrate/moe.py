@@ -185,8 +185,8 @@ class StatisticsMoE(torch.nn.Module):
             weights = self.experts[e].float32().to(x.device)  # one expert read and widened at a time
             xe = x[tokens]
             z = expert_hidden(xe, weights, self.glu)
-            self.imatrix_in[e] += _wide_sum(xe ** 2 if xe.device.type == "mps" else xe.double() ** 2)
-            self.imatrix_mid[e] += _wide_sum(z ** 2 if z.device.type == "mps" else z.double() ** 2)
+            self.imatrix_in[e] += _sum_of_squares(xe)
+            self.imatrix_mid[e] += _sum_of_squares(z)
             in_slot = routing.top_ids[tokens] == e
             slot_weight = (routing.applied[tokens] * in_slot).sum(-1, keepdim=True)
             y = expert_output(z, weights)
@@ -239,7 +239,8 @@ def skip_energy(out: torch.Tensor, slot_out: torch.Tensor, applied: torch.Tensor
     return (change ** 2).sum(-1).cpu().numpy()
 
 
-def _wide_sum(values: torch.Tensor) -> torch.Tensor:
-    """values.sum(0) on the CPU in float64 (summed on the device first, in float64 where it has it)."""
+def _sum_of_squares(values: torch.Tensor) -> torch.Tensor:
+    """(values ** 2).sum(0) on the CPU in float64 (squared and summed on the device, in float64 where it has it:
+    MPS has no float64)."""
     wide = values if values.device.type == "mps" else values.double()
-    return wide.sum(0).cpu().double()
+    return (wide ** 2).sum(0).cpu().double()

@@ -133,7 +133,8 @@ def test_a_closed_pipe_ends_a_command_quietly(converted):
 
     mc = str(Path(sys.executable).parent / "mc-gguf")
     result = subprocess.run(f"set -o pipefail; '{mc}' inspect --json '{converted('q8_0')}' | (exec 0<&-; sleep 5)",
-                            shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=120)
+                            shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=120,
+                            check=False)
     assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
@@ -143,7 +144,7 @@ def test_an_output_that_is_an_input_or_inside_the_model_folder_is_refused(capsys
     the folder unchanged."""
     before = {p.name: p.read_bytes() for p in model_copy.iterdir()}
     out = {"config.json": model_copy / "config.json",
-           "shard": sorted(model_copy.glob("model-*.safetensors"))[-1],
+           "shard": max(model_copy.glob("model-*.safetensors")),
            "inside": model_copy / "out.gguf"}[where]
     code = main(["convert", str(model_copy), "-o", str(out), "--type", "f16", "-q"])
     err = capsys.readouterr().err.strip()
