@@ -161,10 +161,9 @@ def expert_errors(w: ExpertWeights, x: torch.Tensor, route_weight: torch.Tensor,
     eps = np.zeros((3, len(types)))
     if x.shape[0] == 0:
         return eps
-    ff = w.gate.shape[0]
     scale = 1.0
     if features is not None:
-        scale = float(np.sqrt(ff / len(features)))
+        scale = float(np.sqrt(w.gate.shape[0] / len(features)))
         index = torch.from_numpy(features).to(w.gate.device)
         w = w.features(index)
         imatrix_mid = imatrix_mid[features]
@@ -176,8 +175,9 @@ def expert_errors(w: ExpertWeights, x: torch.Tensor, route_weight: torch.Tensor,
     if n_part >= 1 and n_part < n_blocks:
         # whole blocks of the measured features, spread over them (every k-th)
         blocks = np.arange(n_part) * n_blocks // n_part
-        part = torch.from_numpy((blocks[:, None] * FEATURE_BLOCK + np.arange(FEATURE_BLOCK)).reshape(-1))
-        part_measured = _Measured(w.features(part.to(w.gate.device)), x, route_weight[:, None], glu)
+        part_index = (blocks[:, None] * FEATURE_BLOCK + np.arange(FEATURE_BLOCK)).reshape(-1)
+        part = torch.from_numpy(part_index).to(w.gate.device)
+        part_measured = _Measured(w.features(part), x, route_weight[:, None], glu)
     whole: dict[str, np.ndarray] = {}   # squared errors measured on every measured block
     on_part: dict[str, np.ndarray] = {}  # and on the part, for the references
 
@@ -186,7 +186,7 @@ def expert_errors(w: ExpertWeights, x: torch.Tensor, route_weight: torch.Tensor,
             q = _quantized(w, name, imatrix_in, imatrix_mid)
             whole[name] = measured.squared_errors(q)
             if part is not None and name in RATIO_REFERENCE.values():
-                on_part[name] = part_measured.squared_errors(q.features(part.to(w.gate.device)))
+                on_part[name] = part_measured.squared_errors(q.features(part))
         return whole[name]
 
     for t, name in enumerate(types):
@@ -196,7 +196,7 @@ def expert_errors(w: ExpertWeights, x: torch.Tensor, route_weight: torch.Tensor,
             continue
         ref_all = measure_whole(reference)
         ref_part = on_part[reference]
-        mine = part_measured.squared_errors(_quantized(part_measured.w, name, imatrix_in, imatrix_mid[part.numpy()]))
+        mine = part_measured.squared_errors(_quantized(part_measured.w, name, imatrix_in, imatrix_mid[part_index]))
         # where the reference's error on the part is 0 (no change there), the part's share of the blocks
         eps[:, t] = np.where(ref_part > 0, mine * ref_all / np.where(ref_part > 0, ref_part, 1.0),
                              mine * n_blocks / n_part)
