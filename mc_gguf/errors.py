@@ -35,3 +35,11 @@ class RuntimeMissingError(McGgufError):
 
 class GGUFFileError(McGgufError):
     """A GGUF file is missing, corrupt or not what the command expects."""
+
+
+class ContextOverflowError(InvalidValueError):
+    """A prompt (or a chat's system message and latest message) takes more tokens than the context holds."""
+
+
+class ChatTemplateError(GGUFFileError):
+    """The model's chat template (tokenizer.chat_template) cannot be parsed or rendered by jinja."""

@@ -25,10 +25,30 @@ def describe_plan(plan: Plan) -> str:
         ordered = sorted(counts, key=list(TYPES).index)
         lines.append(f"{bid:>5}  {bits[bid].mean():5.2f}  " + ", ".join(f"{t} x{counts[t]}" for t in ordered))
     p = plan.predicted
-    if p:
+    expert_bpw = types_bpw(plan)
+    if p and abs(p.get("expert_bpw", 0.0) - expert_bpw) < 5e-4:
         lines.append(f"experts: {p['expert_bpw']:.3f} bits per weight, {p['expert_bytes'] / 1e6:.2f} MB; "
                      f"file: {p['file_bytes'] / 1e6:.2f} MB, {p['model_bpw']:.3f} bits per weight over all tensors")
+    elif p:
+        # the types were changed after allocate sized the plan: the experts' bytes scale with their bits (the
+        # weights are the same), the rest of the file is as allocate sized it
+        expert_bytes = p["expert_bytes"] * expert_bpw / p["expert_bpw"] if p.get("expert_bpw") else 0.0
+        file_bytes = p["file_bytes"] - p["expert_bytes"] + expert_bytes
+        lines.append(f"experts: {expert_bpw:.3f} bits per weight, {expert_bytes / 1e6:.2f} MB; file: about "
+                     f"{file_bytes / 1e6:.2f} MB (the plan's stored sizes, {p['expert_bpw']:.3f} bits, were for "
+                     "other types: it was edited after allocate)")
+    else:
+        lines.append(f"experts: {expert_bpw:.3f} bits per weight")
     return "\n".join(lines)
+
+
+def types_bpw(plan: Plan) -> float:
+    """The experts' bits per weight that the plan's types give (every projection of an expert holds as many
+    weights: gate and up [F, H], down [H, F])."""
+    import numpy as np
+
+    bits = plan.expert_bits()
+    return float(np.nanmean(bits)) if np.isfinite(bits).any() else 0.0
 
 
 def plot_plan(plan: Plan, path: str | Path, title: str = "") -> Path:
@@ -53,7 +73,7 @@ def plot_plan(plan: Plan, path: str | Path, title: str = "") -> Path:
     ax.set_ylabel("layer")
     ax.set_xticks(range(n_experts))
     ax.set_yticks(range(n_layers))
-    ax.set_title(title or f"{plan.layout} plan, {plan.predicted.get('expert_bpw', 0):.2f} expert bpw", fontsize=9)
+    ax.set_title(title or f"{plan.layout} plan, {types_bpw(plan):.2f} expert bpw", fontsize=9)
     fig.colorbar(image, ax=ax, label="bits per weight")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

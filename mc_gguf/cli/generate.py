@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 
 from mc_gguf.cli.common import add_command, add_generation_flags, positive_int, print_expert_stats
@@ -14,6 +15,10 @@ def add_parsers(commands) -> tuple[argparse.ArgumentParser, argparse.ArgumentPar
     add_generation_flags(run_parser, max_tokens=32, temperature=0.0)
     run_parser.add_argument("-p", "--prompt", required=True, help="the prompt")
     run_parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    run_parser.add_argument("--ctx", type=positive_int,
+                            help="context length (default: the model's, at most 4096): a prompt that fills it is "
+                            "refused; when the prompt leaves less room than -n, the text stops at the context's end "
+                            "and a note on stderr says so")
     run_parser.set_defaults(func=run)
 
     chat_parser = add_command(commands, "chat", "Chat with a GGUF using its chat template; prints the pruned share "
@@ -22,25 +27,40 @@ def add_parsers(commands) -> tuple[argparse.ArgumentParser, argparse.ArgumentPar
                               "         mc-gguf chat mixtral-q4.gguf --mu 0.4   (one threshold for every layer)")
     add_generation_flags(chat_parser, max_tokens=256, temperature=0.7)
     chat_parser.add_argument("--system", help="a system message")
-    chat_parser.add_argument("--ctx", type=positive_int, help="context length (default: the model's, at most 4096)")
+    chat_parser.add_argument("--ctx", type=positive_int,
+                             help="context length (default: the model's, at most 4096): when the conversation and "
+                             "room for a reply of -n tokens outgrow it, the oldest turns are dropped (the system "
+                             "message stays) and a note on stderr says so; a message that cannot fit even alone is "
+                             "refused and the chat goes on")
     chat_parser.set_defaults(func=chat)
     return run_parser, chat_parser
 
 
 def run(args: argparse.Namespace) -> None:
-    from mc_gguf.evaluate.run import generate
+    from mc_gguf.evaluate.run import complete, load
 
-    text, counts = generate(args.model, args.prompt, args.max_tokens, temperature=args.temperature,
-                            seed=args.seed, odp=not args.no_odp, mu=args.mu, rpc=args.rpc, repack=args.repack)
-    print(args.prompt + text)
-    print_expert_stats(counts)
+    _tolerant_stdio()
+    prompt = _decoded(args.prompt, "run", "the prompt")
+    llm = load(args.model, odp=not args.no_odp, mu=args.mu, seed=args.seed, n_ctx=args.ctx, rpc=args.rpc,
+               repack=args.repack)
+    completion = complete(llm, prompt, args.max_tokens, temperature=args.temperature, seed=args.seed)
+    print(prompt + completion.text)
+    if completion.cut:
+        print(f"mc-gguf run: stopped at the end of the context ({completion.n_ctx} tokens: {completion.prompt_tokens} "
+              f"of prompt, {completion.tokens} generated); --ctx makes room for more", file=sys.stderr)
+    print_expert_stats(llm.expert_stats())
 
 
 def chat(args: argparse.Namespace) -> None:
-    from mc_gguf.evaluate.run import load
+    from mc_gguf.errors import ContextOverflowError
+    from mc_gguf.evaluate.run import chat_formatter, chat_reply, fit_chat, load
 
     llm = load(args.model, odp=not args.no_odp, mu=args.mu, n_ctx=args.ctx, rpc=args.rpc, repack=args.repack)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
+    formatter = chat_formatter(llm)
+    _tolerant_stdio()
+    messages = []
+    if args.system:
+        messages.append({"role": "system", "content": _decoded(args.system, "chat", "the system message")})
     print("mc-gguf chat: an empty line or Ctrl-D ends the chat.", file=sys.stderr)
     while True:
         try:
@@ -49,13 +69,42 @@ def chat(args: argparse.Namespace) -> None:
             break
         if not line.strip():
             break
-        messages.append({"role": "user", "content": line})
+        message = {"role": "user", "content": _decoded(line, "chat", "the message")}
+        try:
+            prompt = fit_chat(llm, formatter, messages + [message], args.max_tokens)
+        except ContextOverflowError as exc:
+            print(f"mc-gguf chat: {exc}", file=sys.stderr)
+            continue
+        if prompt.dropped:
+            print(f"mc-gguf chat: the conversation, with room for a reply of {args.max_tokens} tokens, is longer "
+                  f"than the context ({prompt.n_ctx} tokens); dropped the oldest {prompt.dropped} "
+                  f"turn{'s' if prompt.dropped > 1 else ''}", file=sys.stderr)
+        if prompt.max_tokens < args.max_tokens:
+            print(f"mc-gguf chat: the context ({prompt.n_ctx} tokens) has room for a reply of only {prompt.max_tokens} "
+                  "tokens; it stops at the context's end", file=sys.stderr)
         reply = []
-        for chunk in llm.create_chat_completion(messages, max_tokens=args.max_tokens,
-                                                temperature=args.temperature, stream=True):
-            piece = chunk["choices"][0]["delta"].get("content") or ""
+        for piece in chat_reply(llm, formatter, prompt, temperature=args.temperature):
             reply.append(piece)
             print(piece, end="", flush=True)
         print()
-        messages.append({"role": "assistant", "content": "".join(reply)})
+        messages = prompt.messages + [{"role": "assistant", "content": "".join(reply)}]
     print_expert_stats(llm.expert_stats())
+
+
+def _decoded(text: str, command: str, what: str) -> str:
+    """``text`` with the bytes that were not UTF-8 replaced by U+FFFD, and a note on stderr when there were some."""
+    from mc_gguf.evaluate.run import replace_undecodable
+
+    text, replaced = replace_undecodable(text)
+    if replaced:
+        print(f"mc-gguf {command}: {what} is not valid UTF-8; {replaced} undecodable byte(s) replaced by U+FFFD",
+              file=sys.stderr)
+    return text
+
+
+def _tolerant_stdio() -> None:
+    """stdin hands bytes that are not UTF-8 over as lone surrogates (replace_undecodable then replaces them, with
+    a note), and stdout prints '?' for what its encoding lacks: neither ends the command with an error."""
+    for stream, errors in ((sys.stdin, "surrogateescape"), (sys.stdout, "replace")):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors=errors)

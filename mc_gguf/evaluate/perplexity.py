@@ -134,12 +134,18 @@ def evaluate_gguf(model: str | Path, text: str, *, ref: str | Path | None = None
     ``settings.odp`` is False (``settings.mu`` overrides the thresholds).
     """
     from mc_gguf.evaluate.run import load
-    from mc_gguf.gguf_io.edit import open_gguf
+    from mc_gguf.gguf_io.validate import check_model, tokenizer_difference
 
     if settings.n_ctx < 4 or settings.n_ctx % 2:
         raise McGgufError(f"--ctx {settings.n_ctx}: the window must be an even number of at least 4 tokens")
-    for path in (model, ref) if ref is not None else (model,):
-        open_gguf(path)  # a file that is no GGUF fails now, not after the reference pass
+    # a file that is no model, or a reference with another tokenizer, fails now, not after the reference pass
+    headers = [check_model(path) for path in ((model, ref) if ref is not None else (model,))]
+    if ref is not None:
+        difference = tokenizer_difference(*headers)
+        if difference:
+            raise McGgufError(f"{ref} and {model} have different tokenizers ({difference}): the reference must "
+                              "share the model's tokenizer")
+    del headers
     llm_kwargs = dict(n_ctx=settings.n_ctx, n_batch=settings.n_ctx, logits_all=True, rpc=settings.rpc,
                       repack=settings.repack)
     ref_logits = None

@@ -23,10 +23,12 @@ from mc_gguf.errors import GGUFFileError
 
 
 def open_gguf(path: str | Path) -> gguf.GGUFReader:
-    """A GGUFReader, or a clear error for a missing, truncated or corrupt file."""
+    """A GGUFReader, or a clear error for a missing, truncated or corrupt file (its header checked first with
+    every count bounded by the file: gguf-py would allocate or loop on whatever a corrupt header declares)."""
+    from mc_gguf.gguf_io.validate import scan
+
     path = Path(path)
-    if not path.is_file():
-        raise GGUFFileError(f"{path}: no such file")
+    scan(path)
     try:
         return gguf.GGUFReader(path)
     except Exception as exc:  # gguf-py raises ValueError/struct.error/IndexError on bad bytes

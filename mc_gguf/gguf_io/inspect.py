@@ -5,20 +5,41 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from mc_gguf.errors import GGUFFileError
 from mc_gguf.gguf_io import keys
 from mc_gguf.gguf_io.edit import field_value, open_gguf
-from mc_gguf.gguf_io.layout import PROJECTIONS, is_expert_weight
+from mc_gguf.gguf_io.layout import PROJECTIONS, group_map_problem, is_expert_weight
+from mc_gguf.gguf_io.validate import ARRAY, GGUFHeader, file_kind, model_problem, scan
+
+INT32 = 5  # gguf.h: GGUF_TYPE_INT32
+
+
+def _count(header: GGUFHeader, key: str) -> int:
+    value = header.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def inspect_gguf(path: str | Path) -> dict:
     """Everything ``mc-gguf inspect`` shows, as plain data."""
     reader = open_gguf(path)
-    arch = field_value(reader, "general.architecture")
+    header = scan(path)
+    kind = file_kind(header)
+    problem = None if kind else model_problem(header)
+    if problem:
+        raise GGUFFileError(f"{path}: {problem}")
+    arch = header.architecture
     tensors = {t.name: t for t in reader.tensors}
-    n_layer = int(field_value(reader, f"{arch}.block_count"))
-    n_expert = int(field_value(reader, f"{arch}.expert_count") or 0)
-    n_dense = int(field_value(reader, f"{arch}.leading_dense_block_count") or 0)
+    n_layer = _count(header, f"{arch}.block_count")
+    n_expert = _count(header, f"{arch}.expert_count")
+    n_dense = _count(header, f"{arch}.leading_dense_block_count")
     group_map = field_value(reader, keys.EXPERT_GROUPS)
+    if group_map is not None and n_expert:
+        counts = {t.name: int(t.shape[-1]) for t in reader.tensors if is_expert_weight(t.name)}
+        problem = (group_map_problem(group_map, counts, n_layer, n_expert, n_dense)
+                   if header.types.get(keys.EXPERT_GROUPS) == (ARRAY, INT32)
+                   else f"{keys.EXPERT_GROUPS} must be an array of int32")
+        if problem:
+            raise GGUFFileError(f"{path}: {problem} (the file is corrupt: llama.cpp refuses it)")
     experts = []
     for bid in range(n_layer if n_expert else 0):
         if bid < n_dense:
@@ -45,6 +66,7 @@ def inspect_gguf(path: str | Path) -> dict:
     return {
         "path": str(path),
         "architecture": arch,
+        "kind": kind or "model",
         "file_bytes": Path(path).stat().st_size,
         "n_tensors": len(reader.tensors),
         "bpw": 8 * n_bytes / n_weights if n_weights else 0.0,
@@ -60,7 +82,8 @@ def inspect_gguf(path: str | Path) -> dict:
 
 
 def describe(info: dict) -> str:
-    lines = [f"{info['path']}: {info['architecture']}, {info['n_tensors']} tensors, "
+    kind = "" if info["kind"] == "model" else f" ({info['kind']})"
+    lines = [f"{info['path']}{kind}: {info['architecture']}, {info['n_tensors']} tensors, "
              f"{info['file_bytes'] / 1e6:.2f} MB, {info['bpw']:.3f} bits per weight"
              + (f" (experts {info['expert_bpw']:.3f})" if info["expert_bpw"] else ""),
              "tensor types: " + ", ".join(f"{k} x{v}" for k, v in sorted(info["tensor_types"].items()))]

@@ -8,6 +8,8 @@ rather than half-way through a conversion.
 from __future__ import annotations
 
 import json
+import math
+import re
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -213,13 +215,21 @@ def _read_json(path: Path) -> dict:
 # config.json keys every stage reads, besides the architecture row's own
 REQUIRED_CONFIG = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
 
-# the dtypes of the safetensors format (its Rust crate's Dtype)
 # safetensors dtypes read straight into torch tensors (Checkpoint.load_torch)
 TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
                 "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
-SAFETENSORS_DTYPES = {"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F16", "BF16", "F32", "F64",
-                      "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64"}
+# the dtypes of the safetensors format and their bits per value (its Rust crate's Dtype::bitsize)
+SAFETENSORS_DTYPES = {"BOOL": 8, "U8": 8, "I8": 8, "I16": 16, "U16": 16, "I32": 32, "U32": 32, "I64": 64, "U64": 64,
+                      "F16": 16, "BF16": 16, "F32": 32, "F64": 64, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "F4": 4,
+                      "F6_E2M3": 6, "F6_E3M2": 6, "C64": 64}
+# the dtypes of weights mc-gguf converts (gpt-oss's MXFP4 blocks and scales, U8, aside)
+WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")
+# safetensors' own limit on a header (MAX_HEADER_SIZE)
+MAX_HEADER_SIZE = 100_000_000
+# llama.cpp's limits (llama-hparams.h: LLAMA_MAX_LAYERS, LLAMA_MAX_EXPERTS)
+MAX_LAYERS = 512
+MAX_EXPERTS = 1024
 
 
 # MXFP4 (OCP microscaling): blocks of 32 FP4 (E2M1) values, two per byte (the low nibble first), sharing one
@@ -262,6 +272,16 @@ def dense_layers(config: dict) -> list[int]:
 
 
 def _check_config(path: Path, config: dict, arch: MoEArchitecture) -> None:
+    n_expert_key = expert_count_key(config, arch)
+    for key in (*REQUIRED_CONFIG, n_expert_key, arch.n_expert_used_key):
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            found = "it is missing" if value is None else f"it is {value!r}"
+            raise CheckpointError(f"{path / 'config.json'}: {key} must be a positive whole number; {found}")
+    for key, most in (("num_hidden_layers", MAX_LAYERS), (n_expert_key, MAX_EXPERTS)):
+        if config[key] > most:
+            raise CheckpointError(f"{path / 'config.json'}: {key} = {config[key]}; llama.cpp loads at most {most}")
+    _check_numbers(path, config)
     dense = dense_layers(config)
     leading = int(config.get(arch.leading_dense_key) or 0) if arch.leading_dense_key else 0
     if dense != list(range(min(leading, int(config.get("num_hidden_layers") or 0)))):
@@ -274,12 +294,6 @@ def _check_config(path: Path, config: dict, arch: MoEArchitecture) -> None:
     if method not in (None, "greedy"):
         raise CheckpointError(f"{path / 'config.json'}: topk_method {method!r} (routing within groups of experts) is "
                               "not supported: llama.cpp's graph for this family routes without groups")
-    n_expert_key = expert_count_key(config, arch)
-    for key in (*REQUIRED_CONFIG, n_expert_key, arch.n_expert_used_key):
-        value = config.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            found = "it is missing" if value is None else f"it is {value!r}"
-            raise CheckpointError(f"{path / 'config.json'}: {key} must be a positive whole number; {found}")
     groups = arch.expert_group_keys
     if groups:
         n_group, used = (config.get(key) or 1 for key in groups)
@@ -302,40 +316,91 @@ def _check_config(path: Path, config: dict, arch: MoEArchitecture) -> None:
                               f"is more than the {config[n_expert_key]} experts ({n_expert_key})")
 
 
+# config.json values that must be positive where they are given (sizes, counts, epsilons, rope's base), and those
+# that must not be negative; every number must be finite
+POSITIVE_CONFIG = re.compile(r"(_size|_eps|_epsilon|^rope_theta|^head_dim|^max_position_embeddings|^num_.*_heads"
+                             r"|^num_experts_per_tok|^n_routed_experts|^num_local_experts|^num_experts)$")
+NON_NEGATIVE_CONFIG = re.compile(r"^(n_shared_experts|first_k_dense_replace|num_nextn_predict_layers|n_group"
+                                 r"|topk_group|sliding_window|routed_scaling_factor)$")
+
+
+def _check_numbers(path: Path, config: dict) -> None:
+    """Finite numbers, positive sizes and epsilons: what the converters copy into the GGUF as they find it
+    (an rms_norm_eps of NaN makes llama.cpp abort at the first token)."""
+    for key, value in config.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            raise CheckpointError(f"{path / 'config.json'}: {key} is {value}; it must be a finite number")
+        if POSITIVE_CONFIG.search(key) and value <= 0 or NON_NEGATIVE_CONFIG.search(key) and value < 0:
+            raise CheckpointError(f"{path / 'config.json'}: {key} is {value}; it must be "
+                                  f"{'positive' if POSITIVE_CONFIG.search(key) else 'at least 0'}")
+
+
 def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
     """Parse a shard's header and check that every tensor's bytes are inside the file."""
     try:
+        if not path.is_file():  # a FIFO would block the read below; a folder cannot be read
+            raise CheckpointError(f"{path.parent}: shard {path.name} is missing" if not path.exists()
+                                  else f"{path}: not a regular file")
         size = path.stat().st_size
         with open(path, "rb") as f:
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
             (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > size - 8:
+            if header_len > min(size - 8, MAX_HEADER_SIZE):
                 raise CheckpointError(f"{path}: truncated or corrupt safetensors header")
             header = json.loads(f.read(header_len))
     except FileNotFoundError:
         raise CheckpointError(f"{path.parent}: shard {path.name} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise CheckpointError(f"{path}: corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_size = size - 8 - header_len
     entries = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if not isinstance(info, dict) or "data_offsets" not in info or "shape" not in info:
-            raise CheckpointError(f"{path}: corrupt safetensors header (entry {name})")
-        if info.get("dtype") not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has dtype {info.get('dtype')!r}, which is not a "
-                                  "safetensors dtype (a corrupt or newer file)")
-        begin, end = info["data_offsets"]
-        if end > data_size:
-            raise CheckpointError(
-                f"{path}: truncated safetensors file ({size} bytes; tensor {name} ends at byte {8 + header_len + end})"
-            )
-        entries[name] = TensorEntry(shard=path, dtype=info["dtype"], shape=tuple(info["shape"]),
-                                    offset=8 + header_len + begin, nbytes=end - begin)
+        entries[name] = _header_entry(path, name, info, 8 + header_len)
+    # as safetensors' own reader (Metadata::validate): the tensors' bytes cover the data back to back
+    expected = 0
+    for name, entry in sorted(entries.items(), key=lambda item: item[1].offset):
+        begin = entry.offset - 8 - header_len
+        if begin != expected:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name} starts at byte {begin} of the "
+                                  f"data, where the tensor before it ends at {expected}")
+        expected = begin + entry.nbytes
+    if expected != data_size:
+        what = "truncated safetensors file" if expected > data_size else "corrupt safetensors file"
+        raise CheckpointError(f"{path}: {what} ({size} bytes; its tensors end at byte {8 + header_len + expected})")
     return entries
+
+
+def _header_entry(path: Path, name: str, info, data_start: int) -> TensorEntry:
+    """One tensor of a safetensors header, checked: a known dtype, a shape of whole numbers, offsets whose
+    distance is the shape's bytes in that dtype."""
+    if not isinstance(info, dict) or not {"data_offsets", "shape", "dtype"} <= set(info):
+        raise CheckpointError(f"{path}: corrupt safetensors header (entry {name})")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{path}: tensor {name} has dtype {dtype!r}, which is not a safetensors dtype "
+                              "(a corrupt or newer file)")
+    if not (isinstance(shape, list) and all(_whole(d) for d in shape) and isinstance(offsets, list)
+            and len(offsets) == 2 and all(_whole(o) for o in offsets) and offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{path}: corrupt safetensors header (tensor {name}: shape {shape!r}, "
+                              f"data_offsets {offsets!r})")
+    bits = math.prod(shape) * SAFETENSORS_DTYPES[dtype]
+    begin, end = offsets
+    if bits % 8 or bits // 8 != end - begin:
+        raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name} of shape {shape} in {dtype} "
+                              f"takes {bits / 8:g} bytes, its offsets give {end - begin}")
+    return TensorEntry(shard=path, dtype=dtype, shape=tuple(shape), offset=data_start + begin, nbytes=end - begin)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _read_into(path: Path, offset: int, out: np.ndarray) -> None:
@@ -364,6 +429,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{path / INDEX_FILE}: no weight_map")
         shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            _check_shard_name(path, shard)
     elif (path / SINGLE_FILE).exists():
         weight_map, shards = None, [SINGLE_FILE]
     else:
@@ -375,4 +442,44 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
             raise CheckpointError(f"{path}: {len(missing)} tensors named in the index are not in their shards, e.g. {missing[0]}")
-    return Checkpoint(path=path, config=config, arch=arch, tensors=tensors)
+    ckpt = Checkpoint(path=path, config=config, arch=arch, tensors=tensors)
+    _check_tensors(ckpt)
+    return ckpt
+
+
+def _check_shard_name(path: Path, shard) -> None:
+    """A shard named by the index is a file name inside the model folder (or a folder below it), never an
+    absolute path or one that climbs out with '..' (the shards of a Hugging Face cache snapshot are links to
+    its blobs: where a name leads is not checked, what it says is)."""
+    parts = Path(shard).parts if isinstance(shard, str) and shard else ()
+    if not parts or Path(shard).is_absolute() or ".." in parts or "\0" in shard:
+        raise CheckpointError(f"{path / INDEX_FILE}: the weight_map names shard {shard!r}; shards are files "
+                              "inside the model folder")
+
+
+def _check_tensors(ckpt: Checkpoint) -> None:
+    """config.json against the tensors, before any work: the embedding [vocab_size, hidden_size], every MoE
+    layer's router, the experts' shape against hidden_size and the intermediate size, and weights in a
+    floating-point dtype (gpt-oss's MXFP4 blocks and scales aside)."""
+    config, arch, where = ckpt.config, ckpt.arch, ckpt.path / "config.json"
+    mxfp4 = (config.get("quantization_config") or {}).get("quant_method") == "mxfp4"
+    for name, entry in ckpt.tensors.items():
+        if entry.dtype not in WEIGHT_DTYPES and not (mxfp4 and entry.dtype == "U8"
+                                                     and name.endswith(("_blocks", "_scales"))):
+            raise CheckpointError(f"{ckpt.path}: tensor {name} is {entry.dtype}; mc-gguf converts weights stored "
+                                  f"as {', '.join(WEIGHT_DTYPES)}")
+    embed = ckpt.shape(arch.embed_tokens)
+    if embed != (config["vocab_size"], config["hidden_size"]):
+        raise CheckpointError(f"{where}: vocab_size {config['vocab_size']} and hidden_size {config['hidden_size']} "
+                              f"disagree with {arch.embed_tokens} of shape {list(embed)}")
+    for bid in ckpt.moe_layers:
+        router = arch.router.format(bid=bid) + ".weight"
+        if router not in ckpt.tensors:
+            raise CheckpointError(f"{ckpt.path}: layer {bid}'s router {router} is missing (config.json has "
+                                  f"num_hidden_layers = {ckpt.n_layers})")
+    hidden, ff = ckpt.expert_dims
+    expected_ff = config.get("moe_intermediate_size") or config.get("intermediate_size")
+    if hidden != config["hidden_size"] or isinstance(expected_ff, int) and ff != expected_ff:
+        key = "moe_intermediate_size" if config.get("moe_intermediate_size") else "intermediate_size"
+        raise CheckpointError(f"{where}: hidden_size {config['hidden_size']} and {key} {expected_ff} disagree "
+                              f"with the experts' [{ff}, {hidden}]")

@@ -11,7 +11,8 @@ from mc_gguf.calibrate.settings import CalibrationSettings
 from mc_gguf.calibrate.stats import CalibrationStats
 from mc_gguf.calibrate.text import CalibrationText
 from mc_gguf.errors import GGUFFileError, McGgufError
-from mc_gguf.gguf_io.edit import field_value, open_gguf, rewrite_metadata
+from mc_gguf.gguf_io.edit import rewrite_metadata
+from mc_gguf.gguf_io.validate import check_model
 from mc_gguf.prune import rule as pruning
 from mc_gguf.prune.budget import thresholds_by_sensitivity, thresholds_per_expert
 from mc_gguf.prune.settings import DEFAULT_RENORMALIZE, DEFAULT_RULE, THRESHOLD_RULES
@@ -117,11 +118,23 @@ def _check_inputs(model_dir: str | Path, gguf_in: str | Path, gguf_out: str | Pa
     pruning.check_skip_share(skip_share, ckpt.n_experts_used)
     pruning.validate_params([], protect_ratio)
     check_output_path(gguf_out, inputs=[model_dir])
-    reader = open_gguf(gguf_in)
-    arch = field_value(reader, "general.architecture")
-    n_layers = field_value(reader, f"{arch}.block_count")
-    if n_layers != ckpt.n_layers:
-        raise GGUFFileError(f"{gguf_in} has {n_layers} layers, the model in {model_dir} {ckpt.n_layers}: "
-                            "is it a GGUF of this model?")
+    header = check_model(gguf_in)
+    arch = header.architecture
+    hidden, _ = ckpt.expert_dims
+    # the thresholds are per layer and expert of the model the router statistics come from: a GGUF of another
+    # model would take them and no longer load (or prune the wrong experts)
+    for what, in_file, in_model in (("layers", header.get(f"{arch}.block_count"), ckpt.n_layers),
+                                    ("experts", header.get(f"{arch}.expert_count"), ckpt.n_experts),
+                                    ("experts per token", _used_max(header.get(f"{arch}.expert_used_count")),
+                                     ckpt.n_experts_used),
+                                    ("hidden size", header.get(f"{arch}.embedding_length"), hidden)):
+        if in_file != in_model:
+            raise GGUFFileError(f"{gguf_in} has {in_file} {what}, the model in {model_dir} {in_model}: "
+                                "is it a GGUF of this model?")
     return ckpt.n_experts_used
+
+
+def _used_max(value) -> int | None:
+    """expert_used_count: one number, or one per layer (the largest)."""
+    return int(max(value)) if hasattr(value, "__len__") and len(value) else value
 

@@ -285,7 +285,7 @@ def test_compress_refuses_impossible_requests_before_calibrating(extra, needle, 
     assert no_leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("case, needle", [("skip", "not reachable with top-2"), ("gguf", "not a readable GGUF"),
+@pytest.mark.parametrize("case, needle", [("skip", "not reachable with top-2"), ("gguf", "not a GGUF file"),
                                           ("output", "does not exist")])
 def test_odp_calibrate_checks_everything_before_the_model_pass(case, needle, tiny_model_dir, converted, tmp_path,
                                                                text_file, capsys, monkeypatch):
