@@ -11,10 +11,13 @@ to the same output removes what a killed process left behind.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import glob
 import hashlib
 import os
 import re
+import shutil
 import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -148,21 +151,139 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
 
     On any exception (Ctrl-C included) the temporary file is removed and ``path``
     is left as it was. A ``path`` that is a symbolic link keeps being one: its
-    target is replaced.
+    target is replaced. The output is locked for the block (``output_lock``); a
+    full disk is a clear error.
     """
     path = check_output_path(path)
     target = path.resolve() if path.is_symlink() else path
-    remove_stale_partials(target)
-    tmp = target.parent / _partial_name(target)
-    tmp.unlink(missing_ok=True)
-    mode = output_mode(target)
-    try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        yield tmp
-        fsync_file(tmp)
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-        fsync_folder(target.parent)
-    except BaseException:
+    with output_lock(target):
+        remove_stale_partials(target)
+        tmp = target.parent / _partial_name(target)
         tmp.unlink(missing_ok=True)
+        mode = output_mode(target)
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            yield tmp
+            fsync_file(tmp)
+            os.chmod(tmp, mode)
+            os.replace(tmp, target)
+            fsync_folder(target.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if _disk_full(exc, target.parent):
+                raise OutputPathError(f"cannot write {path}: no space left on the device of {target.parent} "
+                                      f"({_free_bytes(target.parent) / 1e6:.1f} MB free)") from None
+            raise
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 0
+
+
+def _disk_full(exc: OSError, folder: Path) -> bool:
+    """Did a write fail for want of space (ENOSPC, or numpy's tofile "N requested and M written", which carries
+    no errno)?"""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or (exc.errno is None and "requested and" in str(exc)
+                                                            and _free_bytes(folder) < (1 << 24))
+
+
+def check_free_space(folder: Path, nbytes: int, what: str) -> None:
+    """A clear error before the work when ``folder``'s device has less than ``nbytes`` free."""
+    free = _free_bytes(folder)
+    if nbytes > free:
+        raise OutputPathError(f"{what} needs {nbytes / 1e9:.2f} GB and the device of {folder} has "
+                              f"{free / 1e9:.2f} GB free")
+
+
+def reserve_space(f, nbytes: int, what: str) -> None:
+    """Allocate the blocks of an open file (an int descriptor or a file object) up to ``nbytes`` before it is
+    written through a memory map: a write into a hole of a sparse file on a full disk is SIGBUS, while this
+    fails with a clear error."""
+    fd = f if isinstance(f, int) else f.fileno()
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+        return
+    except AttributeError:  # platforms without posix_fallocate (macOS): zeros written below
+        pass
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise OutputPathError(f"{what}: no space left on the device ({nbytes / 1e9:.2f} GB needed)") from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    size = os.fstat(fd).st_size
+    chunk = bytes(1 << 20)
+    try:
+        for start in range(size, nbytes, len(chunk)):  # blocks past the end only: the file's bytes stay
+            os.pwrite(fd, chunk[:min(len(chunk), nbytes - start)], start)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise OutputPathError(f"{what}: no space left on the device ({nbytes / 1e9:.2f} GB needed)") from None
         raise
+
+
+# outputs this process holds locked: resolved path -> (descriptor of the lock file, depth)
+_held_locks: dict[Path, list[int]] = {}
+
+
+def lock_path(target: Path) -> Path:
+    return target.parent / _partial_name(target, 0).replace(".0.partial", ".lock")
+
+
+@contextlib.contextmanager
+def output_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on an output for the block (flock on ``.NAME.lock`` beside it, holding the
+    writer's process id), so that a second mc-gguf writing the same output (or its work folder) is refused with
+    the process that holds it instead of removing the first one's work. The lock goes with the process, even
+    one killed; the lock file is removed when the block ends. Nested blocks of one process share the lock."""
+    target = Path(path).resolve()
+    held = _held_locks.get(target)
+    if held is not None:
+        held[1] += 1
+        try:
+            yield
+        finally:
+            held[1] -= 1
+        return
+    lock = lock_path(target)
+    for _ in range(5):
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise OutputPathError(f"cannot write {path}: another mc-gguf{holder} is writing it; wait until it "
+                                  "ends, or choose another output") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a lock file its last holder removed after this process opened it
+            break
+        os.close(fd)
+    else:
+        raise OutputPathError(f"cannot write {path}: its lock file {lock} keeps changing")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held_locks[target] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _held_locks[target]
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+        os.close(fd)
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        pid = int(os.pread(fd, 32, 0).decode().strip())
+    except (OSError, ValueError):
+        return ""
+    return f" (process {pid})"

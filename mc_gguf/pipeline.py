@@ -14,7 +14,7 @@ from pathlib import Path
 from mc_gguf.allocate.allocation import allocate, projection_bits
 from mc_gguf.allocate.plan import Plan
 from mc_gguf.allocate.program import check_budget
-from mc_gguf.atomic import atomic_output, check_output_path
+from mc_gguf.atomic import atomic_output, check_output_path, output_lock
 from mc_gguf.calibrate.calibration import calibrate
 from mc_gguf.calibrate.settings import CalibrationSettings
 from mc_gguf.calibrate.stats import CalibrationStats
@@ -57,34 +57,35 @@ def compress(model_dir: str | Path, out: str | Path, bits: float, text: Calibrat
     the file is written, unless it is ``keep_artifacts``.
     """
     out = check_output_path(out, inputs=[model_dir])
-    # impossible requests fail now, not after calibration
-    torch_device(settings.device)
-    if tune is not None:
-        torch_device(tune.device)
-    ckpt = open_checkpoint(model_dir)
-    types = [quant_type(t).name for t in (allocate_options or {}).get("types") or settings.types]
-    check_budget(bits, projection_bits(ckpt, types))
-    settings = replace(settings, types=tuple(types))  # errors are measured only for types the plan may use
-    if odp_skip:
-        check_skip_share(odp_skip, ckpt.n_experts_used)
-    gptq = gptq or tune is not None
-    if gptq and not settings.hessian:
-        settings = replace(settings, hessian=True)
-    work = Path(keep_artifacts) if keep_artifacts else work_folder(out)
-    if work.is_dir() and any(work.iterdir()) and progress:
-        print(f"resuming the work in {work}", flush=True)
-    work.mkdir(parents=True, exist_ok=True)
-    stats_path = work / "stats.safetensors"
-    stats = calibrate(model_dir, stats_path, text, settings, progress=progress, reuse=True)
-    error_scale = _tuned_errors(model_dir, stats, work, tune, progress) if tune is not None else None
-    plan = allocate(stats, bits, model_dir=model_dir, layout=layout, stats_path=str(stats_path),
-                    error_scale=error_scale, **(allocate_options or {}))
-    plan.save(work / "plan.json")
-    odp = odp_from_stats(stats, odp_skip, rule=odp_rule, renormalize=odp_renormalize) if odp_skip else None
-    path = quantize(model_dir, plan, out, stats=stats, gptq=gptq, tune=tune, odp=odp, progress=progress)
-    if not keep_artifacts:
-        shutil.rmtree(work, ignore_errors=True)
-    return CompressResult(path, plan, stats, odp)
+    with output_lock(out):  # a second run on this output is refused instead of removing this one's work
+        # impossible requests fail now, not after calibration
+        torch_device(settings.device)
+        if tune is not None:
+            torch_device(tune.device)
+        ckpt = open_checkpoint(model_dir)
+        types = [quant_type(t).name for t in (allocate_options or {}).get("types") or settings.types]
+        check_budget(bits, projection_bits(ckpt, types))
+        settings = replace(settings, types=tuple(types))  # errors are measured only for types the plan may use
+        if odp_skip:
+            check_skip_share(odp_skip, ckpt.n_experts_used)
+        gptq = gptq or tune is not None
+        if gptq and not settings.hessian:
+            settings = replace(settings, hessian=True)
+        work = Path(keep_artifacts) if keep_artifacts else work_folder(out)
+        if work.is_dir() and any(work.iterdir()) and progress:
+            print(f"resuming the work in {work}", flush=True)
+        work.mkdir(parents=True, exist_ok=True)
+        stats_path = work / "stats.safetensors"
+        stats = calibrate(model_dir, stats_path, text, settings, progress=progress, reuse=True)
+        error_scale = _tuned_errors(model_dir, stats, work, tune, progress) if tune is not None else None
+        plan = allocate(stats, bits, model_dir=model_dir, layout=layout, stats_path=str(stats_path),
+                        error_scale=error_scale, **(allocate_options or {}))
+        plan.save(work / "plan.json")
+        odp = odp_from_stats(stats, odp_skip, rule=odp_rule, renormalize=odp_renormalize) if odp_skip else None
+        path = quantize(model_dir, plan, out, stats=stats, gptq=gptq, tune=tune, odp=odp, progress=progress)
+        if not keep_artifacts:
+            shutil.rmtree(work, ignore_errors=True)
+        return CompressResult(path, plan, stats, odp)
 
 
 def _tuned_errors(model_dir, stats: CalibrationStats, work: Path, tune: TuneSettings,

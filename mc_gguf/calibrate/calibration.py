@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from mc_gguf import __version__
-from mc_gguf.atomic import check_output_path
+from mc_gguf.atomic import check_output_path, output_lock
 from mc_gguf.calibrate.forward import CPU, decoder_layer, embed, load_experts, run_layer, skeleton
 from mc_gguf.calibrate.moe import SHARED_EXPERT_OUTPUT, RoutingRule, StatisticsMoE
 from mc_gguf.calibrate.quant_error import GATED_ACTIVATIONS, expert_errors, feature_sample, sampled_features
@@ -55,6 +55,12 @@ def calibrate(model_dir: str | Path, out: str | Path, text: CalibrationText,
     With ``reuse``, statistics already in ``out`` from the very same inputs are returned as they are.
     """
     out = check_output_path(out, inputs=[model_dir])
+    with output_lock(out):  # a second run on this output is refused instead of removing this one's work
+        return _calibrate(model_dir, out, text, settings, progress=progress, reuse=reuse)
+
+
+def _calibrate(model_dir: str | Path, out: Path, text: CalibrationText, settings: CalibrationSettings, *,
+               progress: bool, reuse: bool) -> CalibrationStats:
     device = torch_device(settings.device)  # a device this machine lacks is refused before any work
     ckpt = open_checkpoint(model_dir)
     for name in settings.types:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mc_gguf.atomic import fsync_file, fsync_folder
+from mc_gguf.atomic import fsync_file, fsync_folder, reserve_space
 from mc_gguf.calibrate.stats import LayerStats, layer_arrays, read_layers
 from mc_gguf.errors import McGgufError
 
@@ -43,8 +43,18 @@ class WorkDir:
         return path.with_name(path.name + ".partial")
 
     def _new_map(self, final: Path, shape: tuple[int, ...]) -> np.memmap:
-        """A float32 file for ``final``, under a temporary name until ``_finish_map``."""
-        return np.lib.format.open_memmap(self._partial(final), mode="w+", dtype=np.float32, shape=shape)
+        """A float32 file for ``final``, under a temporary name until ``_finish_map``: its blocks allocated
+        before the first write through the map (a full disk is an error here, not SIGBUS there)."""
+        partial = self._partial(final)
+        array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
+        try:
+            with open(partial, "r+b") as f:
+                reserve_space(f, array.offset + array.nbytes, f"the calibration's work file {partial}")
+        except BaseException:
+            del array
+            partial.unlink(missing_ok=True)
+            raise
+        return array
 
     def _finish_map(self, final: Path, array: np.memmap) -> None:
         """The file is complete: flush, fsync and give it its final name."""

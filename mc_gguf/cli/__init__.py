@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)  # kill PID: clean up as Ctrl-C does
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "rpc", None):
+            code = _supervise_rpc(args, argv, debug)
+            if code is not None:
+                return code
         args.func(args)
     except KeyboardInterrupt:
         print("mc-gguf: interrupted", file=sys.stderr)
@@ -93,6 +97,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def _supervise_rpc(args: argparse.Namespace, argv: list[str], debug: bool) -> int | None:
+    """A command given --rpc runs in a child process that reaches its servers through relays
+    (runtime/supervise.py), so that no server can abort or hang it: here, the child's exit status; in the child,
+    None."""
+    from mc_gguf.runtime.supervise import run_supervised, supervised_child
+
+    if supervised_child(debug):
+        return None
+    return run_supervised(argv, args.rpc, args.rpc_timeout, debug=debug)
 
 
 def describe_error(exc: BaseException) -> str:

@@ -60,9 +60,16 @@ def add_repack_flag(p: argparse.ArgumentParser) -> None:
 
 
 def add_rpc_flag(p: argparse.ArgumentParser) -> None:
+    from mc_gguf.runtime.supervise import DEFAULT_TIMEOUT_S
+
     p.add_argument("--rpc", action="append", default=[], metavar="HOST:PORT",
                    help="run the layers on this `mc-gguf runtime rpc-server` (repeatable, as llama.cpp's --rpc; "
-                   "a stock llama.cpp rpc-server is refused)")
+                   "a stock llama.cpp rpc-server is refused); a server that closes the connection, breaks it or "
+                   "sends what the runtime cannot read ends the command with one error line")
+    p.add_argument("--rpc-timeout", type=positive_float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help="end the command when an RPC server owes a reply and sends nothing for this long (default: "
+                   f"{DEFAULT_TIMEOUT_S:g}, room for one batch's forward pass of a large model on a slow CPU, which "
+                   "a server answers in one reply)")
 
 
 # TuneSettings' defaults, repeated here so that --help imports no torch (a test keeps them equal)

@@ -25,6 +25,7 @@ import numpy as np
 from scipy.special import log_softmax
 from tqdm import tqdm
 
+from mc_gguf.atomic import reserve_space
 from mc_gguf.errors import McGgufError
 
 
@@ -70,8 +71,10 @@ def reference_logits(reference, token_windows: list[list[int]], *, progress: boo
     memory-mapped; 16 windows of 512 tokens at a 32,000-token vocabulary are 0.5 GB.
     """
     n_scored = len(range(*scored_positions(len(token_windows[0])).indices(len(token_windows[0]))))
-    store = np.memmap(tempfile.TemporaryFile(), dtype=np.float32, mode="w+",
-                      shape=(len(token_windows), n_scored, reference.n_vocab()))
+    shape = (len(token_windows), n_scored, reference.n_vocab())
+    backing = tempfile.TemporaryFile()
+    reserve_space(backing, 4 * math.prod(shape), f"the reference's logits ({tempfile.gettempdir()})")
+    store = np.memmap(backing, dtype=np.float32, mode="w+", shape=shape)
     for w, window in enumerate(tqdm(token_windows, desc="reference", unit="window", disable=not progress,
                                     dynamic_ncols=True)):
         store[w] = scored_logits(reference, window)

@@ -15,7 +15,7 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from mc_gguf.atomic import atomic_output
+from mc_gguf.atomic import atomic_output, check_free_space
 
 
 @dataclass
@@ -94,6 +94,8 @@ def write_gguf(
     with atomic_output(path) as tmp:
         writer = _start_writer(tmp, arch_name, add_metadata, tensors)
         total = sum(t.nbytes for t in tensors)
+        # before the first tensor is made (quantize's hours): a disk that cannot hold the file is said now
+        check_free_space(tmp.parent, total, f"writing {path}")
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {Path(path).name}",
                   disable=not progress, dynamic_ncols=True) as bar:
             for tensor in tensors:

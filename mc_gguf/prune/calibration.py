@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from mc_gguf.atomic import check_output_path
+from mc_gguf.atomic import check_output_path, output_lock
 from mc_gguf.calibrate.calibration import calibrate
 from mc_gguf.calibrate.settings import CalibrationSettings
 from mc_gguf.calibrate.stats import CalibrationStats
@@ -100,12 +100,13 @@ def calibrate_odp(model_dir: str | Path, text: CalibrationText, gguf_in: str | P
     check_rule(rule)  # before the model pass
     _check_inputs(model_dir, gguf_in, gguf_out, skip_share, protect_ratio)
     gguf_out = Path(gguf_out)
-    work = gguf_out.parent / f".{gguf_out.name}.odp-calibrate"
-    work.mkdir(exist_ok=True)
-    stats = router_statistics(model_dir, text, work, n_tokens=n_tokens, seq_len=seq_len, progress=progress)
-    odp = odp_from_stats(stats, skip_share, protect_ratio, rule, renormalize)
-    write_odp_metadata(gguf_in, gguf_out, odp)
-    shutil.rmtree(work, ignore_errors=True)
+    with output_lock(gguf_out):  # a second run on this output is refused instead of removing this one's work
+        work = gguf_out.parent / f".{gguf_out.name}.odp-calibrate"
+        work.mkdir(exist_ok=True)
+        stats = router_statistics(model_dir, text, work, n_tokens=n_tokens, seq_len=seq_len, progress=progress)
+        odp = odp_from_stats(stats, skip_share, protect_ratio, rule, renormalize)
+        write_odp_metadata(gguf_in, gguf_out, odp)
+        shutil.rmtree(work, ignore_errors=True)
     return odp, skipped_shares(stats, odp)
 
 
