@@ -15,6 +15,7 @@ import numpy as np
 from mc_gguf.allocate.plan import NON_EXPERT_DEFAULTS, Plan
 from mc_gguf.ggml.types import quant_type
 from mc_gguf.gguf_io.convert import fit_type, model_metadata, plan_tensors
+from mc_gguf.gguf_io.metadata import file_type_of
 from mc_gguf.gguf_io.layout import ExpertGroup, expert_groups, is_expert_weight, tensor_names
 from mc_gguf.gguf_io.write import OutputTensor, predict_file_bytes
 from mc_gguf.hf.checkpoint import Checkpoint
@@ -97,7 +98,7 @@ def predict(ckpt: Checkpoint, plan: Plan) -> dict:
     """Bytes and bits per weight of the file the plan describes (header included, counted exactly)."""
     tensors = layout_tensors(ckpt, plan)
     file_bytes = predict_file_bytes(gguf.MODEL_ARCH_NAMES[ckpt.arch.gguf_arch],
-                                    model_metadata(ckpt, gguf.LlamaFileType.GUESSED), tensors)
+                                    model_metadata(ckpt, file_type_of(tensors)), tensors)
     return {**tensor_totals(tensors), "file_bytes": file_bytes,
             "layer_expert_bpw": [float(bits.mean()) if plan.experts[bid] else None
                                  for bid, bits in enumerate(plan.expert_bits())]}

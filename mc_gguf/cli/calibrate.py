@@ -6,7 +6,7 @@ import argparse
 import time
 
 from mc_gguf.calibrate.settings import CalibrationSettings
-from mc_gguf.cli.common import add_command, add_device_flag, add_eps_features_argument, positive_int, type_name
+from mc_gguf.cli.common import MODEL_HELP, add_command, add_device_flag, add_eps_features_argument, positive_int, type_name
 from mc_gguf.ggml.types import CANDIDATES
 
 EXAMPLE = ("example: mc-gguf calibrate ./Mixtral-8x7B-v0.1 --text calib.txt -o mixtral.stats\n"
@@ -19,7 +19,7 @@ def add_parser(commands) -> None:
                     "in memory at a time, and measure per-expert statistics: activation frequency, routing weight, "
                     "w1/w0 ratios, importance matrices, and the output error of every expert at every candidate GGUF "
                     "type. Resumable: an interrupted run continues from its last finished layer.", EXAMPLE)
-    p.add_argument("model_dir", help="Hugging Face model folder")
+    p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument("-o", "--output", required=True, help="statistics file to write (safetensors + JSON header)")
     p.add_argument("--text", help="calibration text, UTF-8 (default: the Python documentation shipped with "
                    "CPython, generic English prose with code; text from your domain calibrates better)")

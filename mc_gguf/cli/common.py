@@ -7,6 +7,17 @@ import math
 import sys
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser: a flag it does not know is its own usage error (its usage, exit 2). argparse hands a
+    subcommand's unknown flags up to the top parser, which would report them with the usage of `mc-gguf` alone."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def add_command(parent, name: str, help_text: str, example: str) -> argparse.ArgumentParser:
     """A subcommand whose --help shows its description and, at the end, an example."""
     return parent.add_parser(name, help=help_text, description=help_text, epilog=example,
@@ -39,17 +50,83 @@ def add_eps_features_argument(p: argparse.ArgumentParser, default: int, iquant_s
                         f"them on all (default: {iquant_share})")
 
 
-def add_generation_flags(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
-    """The model, length, sampling and pruning flags that run and chat share."""
-    p.add_argument("model", help="GGUF file")
-    p.add_argument("-n", "--max-tokens", type=positive_int, default=max_tokens, help=f"tokens to generate (default: {max_tokens})")
-    p.add_argument("--temperature", type=non_negative_float, default=temperature,
-                   help=f"sampling temperature; 0 is greedy (default: {temperature})")
+def add_generation_flags(p: argparse.ArgumentParser, max_tokens: int, ctx_help: str, sampling: dict) -> None:
+    """The flags that run and chat share: llama.cpp's for the model (add_llama_flags), the length, the sampling
+    (``sampling``: each sampler's default, as the command applies it) and the seed, and mc-gguf's pruning."""
+    add_llama_flags(p, ctx_help)
+    p.add_argument("-n", "--n-predict", "--predict", "--max-tokens", dest="max_tokens", type=positive_int,
+                   default=max_tokens, metavar="N", help=f"tokens to generate (default: {max_tokens})")
+    p.add_argument("--temp", "--temperature", dest="temperature", type=non_negative_float,
+                   default=sampling["temperature"], metavar="T",
+                   help=f"sampling temperature; 0 is greedy (default: {sampling['temperature']:g})")
+    p.add_argument("--top-k", type=non_negative_int, default=sampling["top_k"], metavar="N",
+                   help=f"sample among the N likeliest tokens; 0 is all (default: {sampling['top_k']})")
+    p.add_argument("--top-p", type=unit_float, default=sampling["top_p"], metavar="P",
+                   help=f"nucleus sampling: among the likeliest tokens that make up P of the probability; 1 is "
+                   f"all (default: {sampling['top_p']:g})")
+    p.add_argument("--min-p", type=unit_float, default=sampling["min_p"], metavar="P",
+                   help="leave out the tokens less likely than P times the likeliest; 0 keeps all (default: "
+                   f"{sampling['min_p']:g})")
+    p.add_argument("--repeat-penalty", type=positive_float, default=sampling["repeat_penalty"], metavar="X",
+                   help="divide the odds of the last 64 tokens by X; 1 is none (default: "
+                   f"{sampling['repeat_penalty']:g})")
+    p.add_argument("-s", "--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--no-odp", action="store_true", help="turn Online Dynamic Pruning off")
     p.add_argument("--mu", type=unit_float, help="one pruning threshold for every layer, in [0, 1] "
                    "(default: the file's mc.odp.mu)")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    """The sampling keywords of llama-cpp-python's create_completion (and its chat handlers) that
+    add_generation_flags' flags set."""
+    return {name: getattr(args, name) for name in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty")}
+
+
+def add_model_argument(p: argparse.ArgumentParser, help_text: str = "GGUF file") -> None:
+    """``args.model``: the file given as the first argument, or with llama.cpp's -m/--model (one of the two)."""
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("model", nargs="?", default=argparse.SUPPRESS, help=f"{help_text} (or -m FILE)")
+    model.add_argument("-m", "--model", dest="model", metavar="FILE", help="the same, as llama.cpp's -m")
+
+
+def add_llama_flags(p: argparse.ArgumentParser, ctx_help: str, ctx_default: int | None = None,
+                    model_help: str = "GGUF file") -> None:
+    """llama.cpp's flags for loading a model, spelled as llama.cpp spells them (common/arg.cpp): the model (FILE
+    or -m FILE), -c/--ctx-size (mc-gguf's --ctx too), -t, -tb, -ngl, --cpu-moe, --n-cpu-moe, -ot, --rpc and
+    --no-repack. ``llama_load_kwargs`` turns them into load()'s keywords."""
+    add_model_argument(p, model_help)
+    p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=positive_int, default=ctx_default, metavar="N",
+                   help=ctx_help)
+    p.add_argument("-t", "--threads", type=positive_int, metavar="N",
+                   help="CPU threads generating tokens (default: llama-cpp-python's, half the CPU's cores)")
+    p.add_argument("-tb", "--threads-batch", type=positive_int, metavar="N",
+                   help="CPU threads reading the prompt, in batches (default: llama-cpp-python's, every core)")
+    p.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", type=gpu_layers, metavar="N",
+                   help="layers to put on the GPU (or the --rpc servers), the output layer counted last: a number, "
+                   "or all (-1) (default: all with --rpc or on a runtime built with a GPU backend, CUDA, Metal or "
+                   "Vulkan; 0 otherwise)")
+    p.add_argument("-cmoe", "--cpu-moe", action="store_true",
+                   help="keep every MoE expert tensor in CPU memory, the per-expert layout's groups among them "
+                   "(llama.cpp's pattern \\.ffn_(up|down|gate|gate_up)_(ch|)exps=CPU); with -ngl, the GPU holds "
+                   "the rest")
+    p.add_argument("-ncmoe", "--n-cpu-moe", type=non_negative_int, default=0, metavar="N",
+                   help="keep the MoE expert tensors of the first N layers in CPU memory (default: 0)")
+    p.add_argument("-ot", "--override-tensor", action="append", default=[], type=override_tensor,
+                   metavar="PATTERN=BUFFER",
+                   help="put the tensors whose names match the regular expression PATTERN in buffer type BUFFER "
+                   "(CPU, CUDA0, Metal, Vulkan0, RPC0[HOST:PORT]; an unknown one is refused with the list), e.g. "
+                   "-ot 'blk\\.1\\.=CPU'; repeatable, or several separated by commas; the first that matches "
+                   "wins, and these come before --cpu-moe's and --n-cpu-moe's")
     add_rpc_flag(p)
     add_repack_flag(p)
+
+
+def llama_load_kwargs(args: argparse.Namespace) -> dict:
+    """The keyword arguments of ``mc_gguf.evaluate.run.load`` that add_llama_flags' flags set (the model path
+    is ``args.model``; ODP's flags are the command's own)."""
+    return dict(n_ctx=args.ctx, n_threads=args.threads, n_threads_batch=args.threads_batch,
+                n_gpu_layers=args.n_gpu_layers, cpu_moe=args.cpu_moe, n_cpu_moe=args.n_cpu_moe,
+                override_tensor=tuple(args.override_tensor), rpc=tuple(args.rpc), repack=args.repack)
 
 
 def add_repack_flag(p: argparse.ArgumentParser) -> None:
@@ -150,6 +227,28 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def gpu_layers(text: str) -> int:
+    """-ngl's value: a number of layers, or all (as llama.cpp, 'all', 'auto' or a negative number)."""
+    if text.strip().lower() in ("all", "auto"):
+        return -1
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of layers (or all)") from None
+    return max(value, -1)
+
+
+def override_tensor(text: str) -> str:
+    """-ot's value, PATTERN=BUFFER[,...], checked here; the buffer's name when the model loads."""
+    from mc_gguf.runtime.placement import parse_override_tensor
+
+    try:
+        parse_override_tensor(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -190,3 +289,8 @@ def type_name(text: str) -> str:
         return quant_type(text).name
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# what a model argument takes (hf/hub.py model_folder)
+MODEL_HELP = ("the model: a folder (config.json and safetensors), a Hugging Face cache folder models--ORG--NAME, or "
+              "a Hub id ORG/NAME[@REVISION] (fetched into the cache, HF_HOME and HF_HUB_OFFLINE honoured)")

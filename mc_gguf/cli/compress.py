@@ -11,6 +11,7 @@ from mc_gguf.allocate.cost import COMPRESS_COST
 from mc_gguf.allocate.plan import LAYOUTS
 from mc_gguf.calibrate.settings import CalibrationSettings
 from mc_gguf.cli.common import (
+    MODEL_HELP,
     MAX_TYPES_HELP,
     add_command,
     add_cost_arguments,
@@ -35,7 +36,7 @@ def add_parser(commands) -> None:
     p = add_command(commands, "compress", "The whole Mixture Compressor pipeline: calibrate, allocate bits per "
                     "expert, quantize with ggml, write the GGUF, and optionally set Online Dynamic Pruning "
                     "thresholds.", EXAMPLE)
-    p.add_argument("model_dir", help="Hugging Face model folder")
+    p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument("--bits", type=positive_float, required=True, help="average bits per expert weight, scales included")
     p.add_argument("-o", "--output", required=True, help="the GGUF file to write")
     p.add_argument("--calib", help="calibration text (default: the Python documentation shipped with CPython)")

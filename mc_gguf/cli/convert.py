@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from mc_gguf.cli.common import add_command
+from mc_gguf.cli.common import MODEL_HELP, add_command
 
 EXAMPLE = "example: mc-gguf convert ./Mixtral-8x7B-v0.1 -o mixtral-f16.gguf --type f16"
 
@@ -14,7 +14,7 @@ def add_parser(commands) -> None:
     p = add_command(commands, "convert", "Convert a Hugging Face MoE checkpoint into a GGUF llama.cpp runs: Mixtral "
                     "by mc-gguf, Qwen3-MoE and OLMoE by llama.cpp's own convert_hf_to_gguf.py (from the pinned sdist).",
                     EXAMPLE)
-    p.add_argument("model_dir", help="Hugging Face model folder (config.json, safetensors shards, tokenizer.model or tokenizer.json)")
+    p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument("-o", "--output", required=True, help="the GGUF file to write (written atomically)")
     p.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
                    help="type of the weight matrices; norms and router stay F32 (default: f16)")

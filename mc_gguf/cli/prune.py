@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mc_gguf.cli.common import add_command, positive_int, unit_float
+from mc_gguf.cli.common import MODEL_HELP, add_command, positive_int, unit_float
 from mc_gguf.prune.settings import DEFAULT_RULE, THRESHOLD_RULES
 
 EXAMPLE = "example: mc-gguf odp-calibrate ./Mixtral-8x7B-v0.1 mixtral-q4.gguf --text calib.txt --skip 0.25"
@@ -15,7 +15,7 @@ def add_parser(commands) -> None:
                     "text (thresholds on w1/w0 that skip the asked share of expert slots where skipping costs least) and write "
                     "them into a GGUF.",
                     EXAMPLE)
-    p.add_argument("model_dir", help="the Hugging Face model folder the GGUF was made from")
+    p.add_argument("model_dir", help="the model the GGUF was made from: " + MODEL_HELP)
     p.add_argument("gguf", help="the GGUF to annotate")
     p.add_argument("--text", required=True, help="calibration text file (UTF-8)")
     p.add_argument("--skip", type=unit_float, default=0.25, help="share of expert slots to skip (default: 0.25)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from mc_gguf.cli.common import add_command, add_tune_flags, tune_settings
+from mc_gguf.cli.common import MODEL_HELP, add_command, add_tune_flags, tune_settings
 
 EXAMPLE = "example: mc-gguf quantize ./Mixtral-8x7B-v0.1 --plan plan.json --stats mixtral.stats -o mixtral-mc.gguf"
 
@@ -13,7 +13,7 @@ EXAMPLE = "example: mc-gguf quantize ./Mixtral-8x7B-v0.1 --plan plan.json --stat
 def add_parser(commands) -> None:
     p = add_command(commands, "quantize", "Quantize a Hugging Face checkpoint to a plan with ggml's quantizers and "
                     "write the GGUF (one expert in memory at a time; written atomically).", EXAMPLE)
-    p.add_argument("model_dir", help="Hugging Face model folder")
+    p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument("--plan", required=True, help="plan from `mc-gguf allocate`")
     p.add_argument("--stats", help="calibration statistics: importance matrices (needed by IQ1/IQ2 types) and "
                    "Hessians for GPTQ")

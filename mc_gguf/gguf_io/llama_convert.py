@@ -31,6 +31,7 @@ from pathlib import Path
 from mc_gguf.atomic import atomic_output, check_output_path
 from mc_gguf.errors import CheckpointError
 from mc_gguf.hf.checkpoint import Checkpoint
+from mc_gguf.hf.hub import named_folder
 
 # The converter's --outtype for the checkpoint's own dtype: the base holds the weights exactly.
 BASE_OUTTYPE = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
@@ -61,10 +62,10 @@ def run_converter(model_dir: Path, out: Path, architecture: str, outtype: str, d
     source = patched_source()  # the sdist's tree: the patch series touches no Python file
     sentencepiece = "1" if (model_dir / "tokenizer.model").is_file() else "0"
     env = {key: value for key, value in os.environ.items() if key != "NO_LOCAL_GGUF"}  # the sdist's gguf-py
-    with atomic_output(out) as tmp:
+    with atomic_output(out) as tmp, named_folder(model_dir) as named:  # named as the model, not a commit hash
         result = subprocess.run(
             [sys.executable, "-c", CHILD, str(source), architecture, drop, sentencepiece,
-             str(model_dir), "--outtype", outtype, "--outfile", str(tmp)],
+             str(named), "--outtype", outtype, "--outfile", str(tmp)],
             capture_output=True, text=True, env=env)
         if result.returncode != 0:
             tail = "\n".join(result.stderr.strip().splitlines()[-8:])

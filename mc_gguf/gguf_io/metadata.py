@@ -11,6 +11,7 @@ from mc_gguf import __version__
 from mc_gguf.errors import CheckpointError, UnsupportedArchitectureError
 from mc_gguf.gguf_io import keys
 from mc_gguf.hf.checkpoint import Checkpoint
+from mc_gguf.hf.hub import model_name, named_folder
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,23 @@ def add_hparams(writer: gguf.GGUFWriter, ckpt: Checkpoint) -> None:
 
 
 def add_general(writer: gguf.GGUFWriter, ckpt: Checkpoint, file_type: gguf.LlamaFileType) -> None:
-    writer.add_name(ckpt.path.resolve().name)
+    """general.*: name, basename, size label, version, license, base models... as llama.cpp's converter finds
+    them (gguf-py's Metadata: the folder's name, the model card, config.json; convert_hf_to_gguf.py's
+    prepare_metadata), the folder named as the model (a Hub snapshot's is a commit hash)."""
+    import math
+
+    first = ckpt.moe_layers[0]
+    per_expert = len(ckpt.moe_layers) * sum(math.prod(ckpt.expert_shape(first, p))
+                                            for p, _ in ckpt.arch.expert_projections)
+    total = sum(math.prod(entry.shape) for entry in ckpt.tensors.values())
+    shared = total - ckpt.n_experts * per_expert
+    with named_folder(ckpt.path) as folder:
+        metadata = gguf.Metadata.load(None, folder, None, total)
+    if metadata.name is None:
+        metadata.name = model_name(ckpt.path)
+    if metadata.size_label is None:
+        metadata.size_label = gguf.size_label(total, shared, per_expert, ckpt.n_experts)
+    metadata.set_gguf_meta_model(writer)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_string(keys.VERSION, __version__)
@@ -150,3 +167,24 @@ def _mark_added_special_tokens(model_dir: Path, tokens: list[bytes], types: list
                     f"tokenizer.json gives id {token_id} to {added['content']!r}, tokenizer.model to {tokens[token_id]!r}"
                 )
             types[token_id] = gguf.TokenType.CONTROL
+
+
+def file_type_of(tensors) -> gguf.LlamaFileType:
+    """general.file_type of a file: the llama.cpp file type named after the ggml type that holds most of the
+    routed experts' bytes (MOSTLY_Q4_K_M for Q4_K, MOSTLY_IQ2_XS for IQ2_XS, ...; as llama-quantize names the
+    file by its main type), GUESSED where no file type is named so. ``tensors``: gguf_io.write's OutputTensors."""
+    from collections import Counter
+
+    from mc_gguf.gguf_io.layout import is_expert_weight
+
+    held = Counter()
+    for tensor in tensors:
+        if is_expert_weight(tensor.name):
+            held[tensor.qtype.name] += tensor.nbytes
+    if not held:
+        return gguf.LlamaFileType.GUESSED
+    name = held.most_common(1)[0][0]
+    for candidate in (f"MOSTLY_{name}", f"MOSTLY_{name}_M", name):
+        if candidate in gguf.LlamaFileType.__members__:
+            return gguf.LlamaFileType[candidate]
+    return gguf.LlamaFileType.GUESSED

@@ -19,6 +19,7 @@ import numpy as np
 
 from mc_gguf.errors import CheckpointError
 from mc_gguf.hf.architectures import MoEArchitecture, architecture_for
+from mc_gguf.hf.hub import model_folder
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -417,10 +418,9 @@ def _read_into(path: Path, offset: int, out: np.ndarray) -> None:
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a model folder: config.json, then a single safetensors file or an index of shards."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a folder")
+    """Open a model folder (or a Hugging Face cache folder, or a Hub id: hub.model_folder): config.json, then a
+    single safetensors file or an index of shards."""
+    path = model_folder(path)
     config = _read_json(path / "config.json")
     arch = architecture_for(config)
     _check_config(path, config, arch)

@@ -29,6 +29,7 @@ from mc_gguf.ggml import quants
 from mc_gguf.ggml.types import quant_type, stored_type
 from mc_gguf.gguf_io import keys
 from mc_gguf.gguf_io.convert import model_metadata
+from mc_gguf.gguf_io.metadata import file_type_of
 from mc_gguf.gguf_io.layout import PROJECTIONS, ExpertGroup, expert_groups, row_length
 from mc_gguf.gguf_io.write import stack_one_at_a_time, write_gguf
 from mc_gguf.hf.checkpoint import Checkpoint, open_checkpoint
@@ -79,7 +80,7 @@ def quantize(model_dir: str | Path, plan: Plan, out: str | Path, *, stats: Calib
     measured = tensor_totals(tensors)
 
     def add_metadata(writer: gguf.GGUFWriter) -> None:
-        model_metadata(ckpt, gguf.LlamaFileType.GUESSED)(writer)
+        model_metadata(ckpt, file_type_of(tensors))(writer)
         add_plan_metadata(writer, plan, measured, stats, gptq, tune)
         if odp is not None:
             for key, value in pruning.odp_metadata(odp).items():
