@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 # a CPU index (PIP_EXTRA_INDEX_URL) or set TORCH_SPEC.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-bench test-vulkan setup runtime clean
+.PHONY: demo test test-bench test-vulkan fuzz setup runtime clean
 
 demo: runtime
 	$(BIN)/mc-gguf demo --workdir build/demo
@@ -32,13 +32,19 @@ test-vulkan: runtime
 	sdk="$$(sh scripts/vulkan_sdk.sh)" && if [ -n "$$sdk" ]; then export VULKAN_SDK="$$sdk"; fi && \
 	$(BIN)/python -m pytest tests -m vulkan
 
+# tests/fuzz with a long budget: mutated GGUFs, checkpoints, plans and statistics, drawn at random for about
+# FUZZ_SECONDS (make test runs the same tests on a few fixed examples)
+FUZZ_SECONDS ?= 600
+fuzz: runtime
+	MC_GGUF_FUZZ=fuzz MC_GGUF_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest tests/fuzz -m fuzz -s
+
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test,serve]"
 	touch $@
 
 runtime: setup

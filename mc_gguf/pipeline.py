@@ -15,18 +15,18 @@ from mc_gguf.allocate.allocation import allocate, projection_bits
 from mc_gguf.allocate.plan import Plan
 from mc_gguf.allocate.program import check_budget
 from mc_gguf.atomic import atomic_output, check_output_path, output_lock
+from mc_gguf.gguf_io.requirements import runs_in
 from mc_gguf.calibrate.calibration import calibrate
-from mc_gguf.calibrate.settings import CalibrationSettings
 from mc_gguf.calibrate.stats import CalibrationStats
-from mc_gguf.calibrate.text import CalibrationText
+from mc_gguf.calibrate.text import CalibrationText, read_text
 from mc_gguf.device import torch_device
 from mc_gguf.ggml.types import quant_type
 from mc_gguf.hf.checkpoint import open_checkpoint
 from mc_gguf.prune.calibration import odp_from_stats, skipped_shares
 from mc_gguf.prune.rule import OdpParams, check_skip_share
-from mc_gguf.prune.settings import DEFAULT_RENORMALIZE, DEFAULT_RULE
 from mc_gguf.quantize.quantization import quantize
-from mc_gguf.quantize.tune import TuneSettings
+from mc_gguf.quantize.settings import TuneSettings
+from mc_gguf.settings import CompressSettings
 from mc_gguf.quantize.tuned_errors import tuned_error_ratios
 
 
@@ -38,16 +38,15 @@ class CompressResult:
     odp: OdpParams | None
 
 
-def compress(model_dir: str | Path, out: str | Path, bits: float, text: CalibrationText, *,
-             settings: CalibrationSettings = CalibrationSettings(), layout: str = "per-expert",
-             odp_skip: float | None = None, odp_rule: str = DEFAULT_RULE,
-             odp_renormalize: bool = DEFAULT_RENORMALIZE, gptq: bool = False,
-             tune: TuneSettings | None = None, keep_artifacts: str | Path | None = None,
-             allocate_options: dict | None = None, progress: bool = True) -> CompressResult:
-    """Calibrate, allocate and quantize ``model_dir`` into ``out``.
+def compress(model_dir: str | Path, out: str | Path, bits: float | None = None,
+             text: CalibrationText | str | Path | None = None, *, settings: CompressSettings | None = None,
+             keep_artifacts: str | Path | None = None, progress: bool = True) -> CompressResult:
+    """Calibrate, allocate and quantize ``model_dir`` (a folder or a Hugging Face id) into ``out``, with the
+    settings `mc-gguf compress` has by default (settings.py: tuned, a type per projection, compress's cost).
 
-    ``tune`` quantizes with GPTQ and tuned K-quant integers and i-quant scales
-    (quantize/tune.py); the allocation then sees those types' errors scaled by how much tuning
+    ``bits`` sets ``settings.bits``; ``text`` is the calibration text (a CalibrationText, a file, or None for
+    the built-in default). With ``settings.tune`` the quantizer runs GPTQ and tunes the K-quant integers and
+    i-quant scales (quantize/tune.py), and the allocation sees those types' errors scaled by how much tuning
     lowered them on a sample of experts (tuned_error_ratios).
 
     The statistics and the plan are kept in a work folder beside the output
@@ -56,36 +55,42 @@ def compress(model_dir: str | Path, out: str | Path, bits: float, text: Calibrat
     calibration at its first unfinished layer). The folder is removed when
     the file is written, unless it is ``keep_artifacts``.
     """
+    settings = settings or CompressSettings()
+    if bits is not None:
+        settings = replace(settings, bits=bits)
     out = check_output_path(out, inputs=[model_dir])
     with output_lock(out):  # a second run on this output is refused instead of removing this one's work
         # impossible requests fail now, not after calibration
-        torch_device(settings.device)
-        if tune is not None:
-            torch_device(tune.device)
+        torch_device(settings.calibration.device)
+        if settings.tune is not None:
+            torch_device(settings.tune.device)
         ckpt = open_checkpoint(model_dir)
-        types = [quant_type(t).name for t in (allocate_options or {}).get("types") or settings.types]
-        check_budget(bits, projection_bits(ckpt, types))
-        settings = replace(settings, types=tuple(types))  # errors are measured only for types the plan may use
-        if odp_skip:
-            check_skip_share(odp_skip, ckpt.n_experts_used)
-        gptq = gptq or tune is not None
-        if gptq and not settings.hessian:
-            settings = replace(settings, hessian=True)
+        types = [quant_type(t).name for t in settings.allocation.types or settings.calibration.types]
+        check_budget(settings.bits, projection_bits(ckpt, types))
+        settings = replace(settings, allocation=replace(settings.allocation, types=tuple(types))).resolved()
+        odp = settings.odp
+        if odp.skip:
+            check_skip_share(odp.skip, ckpt.n_experts_used)
+        if not isinstance(text, CalibrationText):
+            text = read_text(text)
         work = Path(keep_artifacts) if keep_artifacts else work_folder(out)
         if work.is_dir() and any(work.iterdir()) and progress:
             print(f"resuming the work in {work}", flush=True)
         work.mkdir(parents=True, exist_ok=True)
         stats_path = work / "stats.safetensors"
-        stats = calibrate(model_dir, stats_path, text, settings, progress=progress, reuse=True)
-        error_scale = _tuned_errors(model_dir, stats, work, tune, progress) if tune is not None else None
-        plan = allocate(stats, bits, model_dir=model_dir, layout=layout, stats_path=str(stats_path),
-                        error_scale=error_scale, **(allocate_options or {}))
+        stats = calibrate(ckpt.path, stats_path, text, settings.calibration, progress=progress, reuse=True)
+        tune = settings.tune
+        error_scale = _tuned_errors(ckpt.path, stats, work, tune, progress) if tune is not None else None
+        plan = allocate(stats, settings.bits, model_dir=ckpt.path, stats_path=str(stats_path),
+                        error_scale=error_scale, **settings.allocation.options())
         plan.save(work / "plan.json")
-        odp = odp_from_stats(stats, odp_skip, rule=odp_rule, renormalize=odp_renormalize) if odp_skip else None
-        path = quantize(model_dir, plan, out, stats=stats, gptq=gptq, tune=tune, odp=odp, progress=progress)
+        thresholds = (odp_from_stats(stats, odp.skip, rule=odp.rule, renormalize=odp.renormalize)
+                      if odp.skip else None)
+        path = quantize(ckpt.path, plan, out, stats=stats, gptq=settings.uses_gptq, tune=tune, odp=thresholds,
+                        progress=progress)
         if not keep_artifacts:
             shutil.rmtree(work, ignore_errors=True)
-        return CompressResult(path, plan, stats, odp)
+        return CompressResult(path, plan, stats, thresholds)
 
 
 def _tuned_errors(model_dir, stats: CalibrationStats, work: Path, tune: TuneSettings,
@@ -111,7 +116,7 @@ def work_folder(out: Path) -> Path:
 
 def summary(result: CompressResult) -> str:
     p = result.plan.predicted
-    lines = [f"{result.path}: {p['file_bytes'] / 1e6:.2f} MB, layout {result.plan.layout}",
+    lines = [f"{result.path}: {p['file_bytes'] / 1e6:.2f} MB, layout {result.plan.layout}", f"  {runs_in(result.path)}",
              f"  experts {p['expert_bpw']:.3f} bits per weight, all tensors {p['model_bpw']:.3f}",
              f"  {'layer':>5} {'bpw':>6} {'mu':>6} {'skips':>6}"]
     skipped = []  # share of the layer's slots the thresholds skip on the calibration tokens

@@ -162,10 +162,14 @@ def main() -> int:
 
     files = {"f16": convert(args.model, workdir / "model-f16.gguf", "f16", progress=False)}
     if not args.no_quantized:
+        from mc_gguf.allocate.settings import AllocateSettings
         from mc_gguf.pipeline import compress
+        from mc_gguf.settings import CompressSettings
 
+        # ggml's quantizer and the authors' cost, as the README's ODP table was measured
+        untuned = CompressSettings(tune=None, allocation=AllocateSettings())
         files[f"per-expert {args.bits:g}"] = compress(args.model, workdir / f"model-{args.bits:g}.gguf", args.bits,
-                                                      calib, progress=False).path
+                                                      calib, settings=untuned, progress=False).path
     result = {
         "model": str(args.model), "windows": len(token_windows), "first_window": args.first_window, "ctx": args.ctx,
         "calibration_tokens": int(stats.info["n_tokens"]), "calibration_seconds": round(calib_seconds, 1),

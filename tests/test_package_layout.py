@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mc_gguf"
 # README "How the code is laid out": each part may import the ones before it (and the shared
 # errors, atomic, device and _lazy modules), never one after it.
 ORDER = ["runtime", "ggml", "hf", "gguf_io", "calibrate", "prune", "allocate", "quantize", "evaluate",
-         "pipeline", "demo", "cli", "__main__"]
+         "settings", "pipeline", "demo", "cli", "__main__"]
 SHARED = {"errors", "atomic", "device", "_lazy", "__init__", ""}
 
 

@@ -15,6 +15,7 @@ Granularity of the choice:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -86,6 +87,8 @@ def load_plan(path: str | Path) -> Plan:
         raise PlanFileError(f"plan {path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PlanFileError(f"{path} is not a plan (not JSON: {exc})") from None
+    except RecursionError:
+        raise PlanFileError(f"{path} is not a plan (JSON nested too deeply to read)") from None
     if not isinstance(data, dict) or data.pop("format", None) != FORMAT_VERSION:
         raise PlanFileError(f"{path} is not an mc-gguf plan of format {FORMAT_VERSION}")
     try:
@@ -108,6 +111,9 @@ def validate_plan(plan: Plan, where: str | Path = "plan") -> None:
         raise PlanFileError(f"{where}: experts must be a list of layers, each a list of {{projection: type}}")
     if not isinstance(plan.non_expert, dict) or not all(isinstance(t, str) for t in plan.non_expert.values()):
         raise PlanFileError(f"{where}: non_expert must be {{class: type}}")
+    if len({len(layer) for layer in plan.experts if layer}) > 1:
+        raise PlanFileError(f"{where}: its layers have {', '.join(str(len(layer)) for layer in plan.experts)} experts; "
+                            "every layer with experts has as many")
     for bid, layer in enumerate(plan.experts):
         for xid, expert in enumerate(layer):
             if set(expert) != set(PROJECTIONS):
@@ -126,3 +132,27 @@ def validate_plan(plan: Plan, where: str | Path = "plan") -> None:
         if cls not in NON_EXPERT_CLASSES or name.upper() not in NON_EXPERT_TYPES:
             raise PlanFileError(f"{where}: non-expert type {cls}={name} is not supported "
                                 f"(classes {', '.join(NON_EXPERT_CLASSES)}; types {', '.join(NON_EXPERT_TYPES)})")
+    _validate_records(plan, where)
+
+
+# what a plan records besides its types, read by plan-show (allocate/show.py) and written into the GGUF
+# (quantize: mc.plan.budget_bpw, mc.plan.scope): the sizes allocate predicted, all or none of them
+PREDICTED = ("expert_bpw", "expert_bytes", "file_bytes", "model_bpw")
+MAX_BITS = 32  # bits per weight of F32, the widest type a plan can give
+
+
+def _validate_records(plan: Plan, where: str | Path) -> None:
+    for name in ("budget", "predicted", "inputs"):
+        if not isinstance(getattr(plan, name), dict):
+            raise PlanFileError(f"{where}: {name} must be a JSON object, the plan has {getattr(plan, name)!r}")
+    bits, scope = plan.budget.get("bits"), plan.budget.get("scope", "experts")
+    if bits is not None and not (_number(bits) and 0 <= bits <= MAX_BITS):
+        raise PlanFileError(f"{where}: budget bits {bits!r} is not a number of bits per weight (0 to {MAX_BITS})")
+    if scope not in SCOPES:
+        raise PlanFileError(f"{where}: budget scope {scope!r} is not one of {', '.join(SCOPES)}")
+    if plan.predicted and not all(_number(plan.predicted.get(key)) and plan.predicted[key] >= 0 for key in PREDICTED):
+        raise PlanFileError(f"{where}: predicted must be {{}} or hold {', '.join(PREDICTED)} as numbers at least 0")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

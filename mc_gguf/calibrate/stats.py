@@ -235,16 +235,97 @@ def load_stats(path: str | Path) -> CalibrationStats:
             # (CalibrationStats.moe_input)
             known = {column.name for column in fields(LayerStats)}
             arrays = {name: f.get_tensor(name) for name in names if name.rpartition(".")[2] in known}
+            inputs = {name: f.get_slice(name).get_shape() for name in names if name.endswith(".moe_input")}
     except (SafetensorError, OSError, ValueError) as exc:
         raise StatsFileError(f"{path} is not a readable statistics file ({exc})") from None
-    if header.get("format") != FORMAT_VERSION:
-        raise StatsFileError(f"{path} has statistics format {header.get('format')}; this mc-gguf reads {FORMAT_VERSION}")
+    except RecursionError:
+        raise StatsFileError(f"{path} is not a readable statistics file (its header is nested too deeply)") from None
+    _check_header(path, header)
     types = header.pop("types")
     header.pop("format")
-    layers = read_layers(arrays, int(header["n_layer"]), dense=header.get("dense_layers") or ())
-    for il, layer in enumerate(layers):
-        if layer is not None and layer.eps.shape[-1] != len(types):
-            raise StatsFileError(f"{path}: layer {il} has errors for {layer.eps.shape[-1]} types, header names {len(types)}")
-        if layer is not None and layer.routed_ids is not None and f"blk.{il}.moe_input" not in names:
-            raise StatsFileError(f"{path}: layer {il} has its routing but not its MoE inputs")
+    layers = read_layers(arrays, header["n_layer"], dense=header.get("dense_layers") or ())
+    _check_arrays(path, layers, len(types), inputs)
     return CalibrationStats(info=header, types=types, layers=layers, path=path)
+
+
+MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS
+
+
+def _check_header(path: Path, header) -> None:
+    """The header's values that the stages compute with: the format, candidate types ggml has, the layers and
+    which are dense, the model's folder, counts (other values are provenance, shown as they are)."""
+    from mc_gguf.ggml.types import quant_type
+
+    if not isinstance(header, dict):
+        raise StatsFileError(f"{path}: the statistics' header is {type(header).__name__}, not a JSON object")
+    if header.get("format") != FORMAT_VERSION or isinstance(header.get("format"), bool):
+        raise StatsFileError(f"{path} has statistics format {header.get('format')!r}; this mc-gguf reads "
+                             f"{FORMAT_VERSION}")
+    types = header.get("types")
+    if not isinstance(types, list) or not types:
+        raise StatsFileError(f"{path}: the header's types are {types!r}, not a list of candidate types")
+    for name in types:
+        try:
+            quant_type(name)
+        except ValueError as exc:
+            raise StatsFileError(f"{path}: the header's types: {exc}") from None
+    n_layer = header.get("n_layer")
+    if not _whole(n_layer) or not 1 <= n_layer <= MAX_LAYERS:
+        raise StatsFileError(f"{path}: the header's n_layer is {n_layer!r}; it must be 1 to {MAX_LAYERS}")
+    dense = header.get("dense_layers")
+    if dense is not None and not (isinstance(dense, list) and all(_whole(bid) and bid < n_layer for bid in dense)):
+        raise StatsFileError(f"{path}: the header's dense_layers is {dense!r}, not a list of layers below {n_layer}")
+    if not isinstance(header.get("model"), str) or not header["model"]:
+        raise StatsFileError(f"{path}: the header's model is {header.get('model')!r}, not the model's folder")
+    for key, least in (("n_expert_used", 1), ("n_tokens", 0)):
+        value = header.get(key)
+        if value is not None and not (_whole(value) and least <= value < 2 ** 32):
+            raise StatsFileError(f"{path}: the header's {key} is {value!r}; it must be a whole number from {least}")
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_arrays(path: Path, layers: list[LayerStats | None], n_types: int, inputs: dict[str, list[int]]) -> None:
+    """Every MoE layer's arrays in the shapes the module docstring gives, alike in every layer (E experts, H hidden
+    size, F intermediate size, T types; tokens and slots as the first layer has them), finite, the sums and errors
+    at least 0 and the expert ids among the experts."""
+    moe = [(il, layer) for il, layer in enumerate(layers) if layer is not None]
+    if not moe:
+        raise StatsFileError(f"{path}: no layer has experts")
+    first = moe[0][1]
+    for name, dims in (("count", "[E]"), ("imatrix_in", "[E, H]"), ("imatrix_mid", "[E, F]"),
+                       ("top_ratio", "[tokens, k - 1]"), ("routed_ids", "[tokens, k]")):
+        value = getattr(first, name)
+        if value is not None and value.ndim != dims.count(",") + 1:
+            raise StatsFileError(f"{path}: {name} of layer {moe[0][0]} has shape {list(value.shape)}, not {dims}")
+    n_expert, (_, hidden), (_, ff) = first.count.shape[0], first.imatrix_in.shape, first.imatrix_mid.shape
+    slots = first.top_ratio.shape[1]
+    routed = first.routed_ids.shape if first.routed_ids is not None else None
+    for il, layer in moe:
+        n_tokens = layer.top_ratio.shape[0] if layer.top_ratio.ndim == 2 else -1
+        shapes = {"count": (n_expert,), "weight_sum": (n_expert,), "eps": (3, n_expert, n_types),
+                  "imatrix_in": (n_expert, hidden), "imatrix_mid": (n_expert, ff), "top_ratio": (n_tokens, slots),
+                  "skip_cost": (n_tokens, slots), "drop_cost": (n_tokens, slots), "slot_experts": (n_tokens, slots),
+                  "routed_ids": routed, "routed_weights": routed}
+        for name, shape in shapes.items():
+            value = getattr(layer, name)
+            if value is None:
+                continue
+            if shape is None:
+                raise StatsFileError(f"{path}: layer {il} has {name}, layer {moe[0][0]} has no routing")
+            if value.shape != shape:
+                raise StatsFileError(f"{path}: {name} of layer {il} has shape {list(value.shape)}, expected "
+                                     f"{list(shape)}")
+            if value.dtype.kind not in "fiu" or value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise StatsFileError(f"{path}: {name} of layer {il} holds {value.dtype} values, not finite numbers")
+            low, high = (0, n_expert - 1) if name in ("slot_experts", "routed_ids") else (0, None)
+            if name not in ("top_ratio", "routed_weights") and value.size and (
+                    value.min() < low or high is not None and value.max() > high):
+                raise StatsFileError(f"{path}: {name} of layer {il} holds values outside [{low}, {high or 'inf'}]")
+        if routed is not None and (layer.routed_ids is None or layer.routed_weights is None):
+            raise StatsFileError(f"{path}: layer {il} lacks routed_ids or routed_weights, layer {moe[0][0]} has them")
+        if layer.routed_ids is not None and inputs.get(f"blk.{il}.moe_input") != [routed[0], hidden]:
+            raise StatsFileError(f"{path}: layer {il} has its routing but not its MoE inputs "
+                                 f"[{routed[0]}, {hidden}]")

@@ -27,7 +27,9 @@ from mc_gguf.cli import (
     prune,
     quantize,
     runtime,
+    serve,
 )
+from mc_gguf.cli.common import CommandParser
 from mc_gguf.errors import McGgufError
 
 
@@ -38,11 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mc-gguf {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or MC_GGUF_DEBUG=1)")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # each command reports its own usage errors, with its own usage (common.CommandParser)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
     # in the order --help lists them
     convert.add_parser(commands)
     runtime.add_parser(commands)
     generate.add_parsers(commands)
+    serve.add_parser(commands)
     prune.add_parser(commands)
     calibrate.add_parser(commands)
     allocate.add_parsers(commands)

@@ -6,6 +6,8 @@ import argparse
 import math
 import sys
 
+from mc_gguf.quantize.settings import TuneSettings
+
 
 class CommandParser(argparse.ArgumentParser):
     """A command's parser: a flag it does not know is its own usage error (its usage, exit 2). argparse hands a
@@ -97,6 +99,7 @@ def add_llama_flags(p: argparse.ArgumentParser, ctx_help: str, ctx_default: int 
     add_model_argument(p, model_help)
     p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=positive_int, default=ctx_default, metavar="N",
                    help=ctx_help)
+    p = p.add_argument_group("where the model runs (llama.cpp's flags)")
     p.add_argument("-t", "--threads", type=positive_int, metavar="N",
                    help="CPU threads generating tokens (default: llama-cpp-python's, half the CPU's cores)")
     p.add_argument("-tb", "--threads-batch", type=positive_int, metavar="N",
@@ -149,9 +152,6 @@ def add_rpc_flag(p: argparse.ArgumentParser) -> None:
                    "a server answers in one reply)")
 
 
-# TuneSettings' defaults, repeated here so that --help imports no torch (a test keeps them equal)
-TUNE_ITERS = 8
-
 
 def add_tune_flags(p: argparse.ArgumentParser, default: bool = False) -> None:
     what = ("GPTQ, then tune every K-quant expert's rounding, sub-block scales and fp16 scales by coordinate "
@@ -165,8 +165,9 @@ def add_tune_flags(p: argparse.ArgumentParser, default: bool = False) -> None:
     else:
         p.add_argument("--tune", action="store_true",
                        help=f"{what} (needs the Hessians' inputs: calibrate --hessian)")
-    p.add_argument("--tune-iters", type=positive_int, default=TUNE_ITERS, metavar="N",
-                   help=f"most coordinate-descent sweeps per tensor (default: {TUNE_ITERS}; it stops earlier when "
+    iters = TuneSettings().iters
+    p.add_argument("--tune-iters", type=positive_int, default=iters, metavar="N",
+                   help=f"most coordinate-descent sweeps per tensor (default: {iters}; it stops earlier when "
                    "a sweep gains under 0.5%%)")
     add_device_flag(p, "the tuning")
 
@@ -196,8 +197,6 @@ def tune_settings(args: argparse.Namespace):
     torch_device(args.device)
     if not args.tune:
         return None
-    from mc_gguf.quantize.tune import TuneSettings
-
     return TuneSettings(iters=args.tune_iters, device=args.device)
 
 

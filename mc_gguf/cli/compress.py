@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from mc_gguf.allocate.cost import COMPRESS_COST
 from mc_gguf.allocate.plan import LAYOUTS
-from mc_gguf.calibrate.settings import CalibrationSettings
 from mc_gguf.cli.common import (
     MODEL_HELP,
     MAX_TYPES_HELP,
@@ -24,7 +23,8 @@ from mc_gguf.cli.common import (
     type_name,
     unit_float,
 )
-from mc_gguf.prune.settings import DEFAULT_RULE, THRESHOLD_RULES
+from mc_gguf.prune.settings import THRESHOLD_RULES
+from mc_gguf.settings import CompressSettings, OdpSettings
 
 EXAMPLE = ("example: mc-gguf compress ./Mixtral-8x7B-v0.1 --bits 2.5 --calib calib.txt -o mixtral-mc2.5.gguf\n"
            "         mc-gguf compress ./model --bits 3 --layout stock --odp-skip 0.25 -o model-stock.gguf\n"
@@ -32,7 +32,8 @@ EXAMPLE = ("example: mc-gguf compress ./Mixtral-8x7B-v0.1 --bits 2.5 --calib cal
 
 
 def add_parser(commands) -> None:
-    defaults = CalibrationSettings()
+    defaults = CompressSettings()  # the flags' defaults: the Python API's (mc_gguf.compress)
+    calibration, allocation, odp = defaults.calibration, defaults.allocation, defaults.odp
     p = add_command(commands, "compress", "The whole Mixture Compressor pipeline: calibrate, allocate bits per "
                     "expert, quantize with ggml, write the GGUF, and optionally set Online Dynamic Pruning "
                     "thresholds.", EXAMPLE)
@@ -40,57 +41,67 @@ def add_parser(commands) -> None:
     p.add_argument("--bits", type=positive_float, required=True, help="average bits per expert weight, scales included")
     p.add_argument("-o", "--output", required=True, help="the GGUF file to write")
     p.add_argument("--calib", help="calibration text (default: the Python documentation shipped with CPython)")
-    p.add_argument("--layout", choices=LAYOUTS, default="per-expert",
-                   help="per-expert (needs the mc-gguf runtime) or stock (any llama.cpp) (default: per-expert)")
-    p.add_argument("--odp-skip", type=unit_float, default=0.0,
+    p.add_argument("--layout", choices=LAYOUTS, default=allocation.layout,
+                   help="per-expert (needs the mc-gguf runtime) or stock (any llama.cpp) "
+                   f"(default: {allocation.layout})")
+    p.add_argument("--odp-skip", type=unit_float, default=odp.skip,
                    help="share of expert slots Online Dynamic Pruning should skip, e.g. 0.25 (default: 0, off)")
-    p.add_argument("--odp-rule", choices=THRESHOLD_RULES, default=DEFAULT_RULE,
+    p.add_argument("--odp-rule", choices=THRESHOLD_RULES, default=odp.rule,
                    help="how the thresholds share the skipped slots (see `mc-gguf odp-calibrate --help`; "
-                   f"default: {DEFAULT_RULE})")
-    p.add_argument("--odp-renormalize", action="store_true",
+                   f"default: {odp.rule})")
+    p.add_argument("--odp-renormalize", action="store_true", default=odp.renormalize,
                    help="renormalise the weights a token keeps after pruning (the paper's rule; by default they stay "
                    "as the router gave them, which costs less; see `mc-gguf odp-calibrate --help`)")
     add_device_flag(p, "the calibration's forward, its error pass's products and the tuning")
-    add_tune_flags(p, default=True)
-    p.add_argument("--gptq", action="store_true", help="with --no-tune: GPTQ error compensation alone (it also "
-                   "keeps the calibration's MoE inputs)")
+    add_tune_flags(p, default=defaults.tune is not None)
+    p.add_argument("--gptq", action="store_true", default=defaults.gptq,
+                   help="with --no-tune: GPTQ error compensation alone (it also keeps the calibration's MoE inputs)")
     p.add_argument("--types", nargs="+", type=type_name, metavar="TYPE", help="candidate types (default: all); only these are measured by the calibration")
-    p.add_argument("--per-projection", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--per-projection", action=argparse.BooleanOptionalAction, default=allocation.per_projection,
                    help="a type for each expert's gate+up and another for its down (as `allocate --per-projection`; "
                    "default: on when tuning, where it lowered the bench model's KLD 1.07-1.22x at 2.06-3.07 bits, "
                    "off with --no-tune, where it helped at 3 bits and hurt at 2.5)")
     p.add_argument("--max-types", type=positive_int, metavar="N", help=MAX_TYPES_HELP)
-    add_cost_arguments(p, COMPRESS_COST, "the summed squared MoE-block output error; `allocate` keeps the "
-                       "authors' 1, 1.5, 1")
-    p.add_argument("--tokens", type=positive_int, default=defaults.n_tokens,
-                   help=f"calibration tokens (default: {defaults.n_tokens})")
-    p.add_argument("--seq-len", type=positive_int, default=defaults.seq_len,
-                   help=f"tokens per calibration sequence (default: {defaults.seq_len})")
-    add_eps_features_argument(p, defaults.eps_features, defaults.eps_iquant_share)
+    add_cost_arguments(p, {"alpha": allocation.alpha, "beta": allocation.beta, "gamma": allocation.gamma},
+                       "the summed squared MoE-block output error; `allocate` keeps the authors' 1, 1.5, 1")
+    p.add_argument("--tokens", type=positive_int, default=calibration.n_tokens,
+                   help=f"calibration tokens (default: {calibration.n_tokens})")
+    p.add_argument("--seq-len", type=positive_int, default=calibration.seq_len,
+                   help=f"tokens per calibration sequence (default: {calibration.seq_len})")
+    add_eps_features_argument(p, calibration.eps_features, calibration.eps_iquant_share)
     p.add_argument("--keep-artifacts", metavar="DIR", help="keep the statistics and the plan in DIR")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
+
+
+def settings_of(args: argparse.Namespace) -> CompressSettings:
+    """The CompressSettings the flags give (each flag's default is the settings' own)."""
+    defaults = CompressSettings()
+    return replace(
+        defaults,
+        bits=args.bits,
+        calibration=replace(defaults.calibration, n_tokens=args.tokens, seq_len=args.seq_len,
+                            eps_features=args.eps_features, eps_iquant_share=args.eps_iquant_share,
+                            device=args.device),
+        allocation=replace(defaults.allocation, layout=args.layout, per_projection=args.per_projection,
+                           types=tuple(args.types) if args.types else None, alpha=args.alpha, beta=args.beta,
+                           gamma=args.gamma, max_types=args.max_types),
+        tune=tune_settings(args),  # a device this machine lacks is refused here, before any work
+        gptq=args.gptq,
+        odp=OdpSettings(skip=args.odp_skip, rule=args.odp_rule, renormalize=args.odp_renormalize),
+    )
 
 
 def run(args: argparse.Namespace) -> None:
     from mc_gguf.calibrate.text import read_text
     from mc_gguf.pipeline import compress, summary, work_folder
 
-    tune = tune_settings(args)  # a device this machine lacks is refused here, before any work
-    settings = CalibrationSettings(n_tokens=args.tokens, seq_len=args.seq_len, eps_features=args.eps_features,
-                                   eps_iquant_share=args.eps_iquant_share,
-                                   hessian=args.gptq or args.tune, device=args.device)
+    settings = settings_of(args)
+    text = read_text(args.calib)
     started = time.perf_counter()
     try:
-        result = compress(args.model_dir, args.output, args.bits, read_text(args.calib), settings=settings,
-                          layout=args.layout, odp_skip=args.odp_skip or None, odp_rule=args.odp_rule,
-                          odp_renormalize=args.odp_renormalize, gptq=args.gptq,
-                          tune=tune,
-                          keep_artifacts=args.keep_artifacts, progress=not args.quiet,
-                          allocate_options={"types": args.types, "alpha": args.alpha, "beta": args.beta,
-                                            "gamma": args.gamma, "max_types": args.max_types,
-                                            "per_projection": args.tune if args.per_projection is None
-                                            else args.per_projection})
+        result = compress(args.model_dir, args.output, text=text, settings=settings,
+                          keep_artifacts=args.keep_artifacts, progress=not args.quiet)
     except KeyboardInterrupt:
         work = Path(args.keep_artifacts) if args.keep_artifacts else work_folder(Path(args.output))
         if work.is_dir():

@@ -6,32 +6,40 @@ import argparse
 import io
 import sys
 
-from mc_gguf.cli.common import add_command, add_generation_flags, positive_int, print_expert_stats
+from mc_gguf.cli.common import (
+    add_command,
+    add_generation_flags,
+    llama_load_kwargs,
+    print_expert_stats,
+    sampling_kwargs,
+)
+
+# Each sampler's default: llama-cpp-python's create_completion (run, greedy unless --temp) and its chat
+# handlers' (chat, at a temperature of 0.7), as the commands always used them.
+RUN_SAMPLING = {"temperature": 0.0, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0}
+CHAT_SAMPLING = {"temperature": 0.7, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.1}
 
 
 def add_parsers(commands) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     run_parser = add_command(commands, "run", "Generate text from a GGUF once.",
-                             "example: mc-gguf run mixtral-f16.gguf -p 'The capital of France is' -n 16")
-    add_generation_flags(run_parser, max_tokens=32, temperature=0.0)
+                             "example: mc-gguf run mixtral-f16.gguf -p 'The capital of France is' -n 16\n"
+                             "         mc-gguf run -m mixtral-q4.gguf -p 'Once upon a time' -n 64 -c 4096 -ngl 99 "
+                             "--cpu-moe")
+    add_generation_flags(run_parser, 32, "context length (default: the model's, at most 4096): a prompt that "
+                         "fills it is refused; when the prompt leaves less room than -n, the text stops at the "
+                         "context's end and a note on stderr says so", RUN_SAMPLING)
     run_parser.add_argument("-p", "--prompt", required=True, help="the prompt")
-    run_parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    run_parser.add_argument("--ctx", type=positive_int,
-                            help="context length (default: the model's, at most 4096): a prompt that fills it is "
-                            "refused; when the prompt leaves less room than -n, the text stops at the context's end "
-                            "and a note on stderr says so")
     run_parser.set_defaults(func=run)
 
     chat_parser = add_command(commands, "chat", "Chat with a GGUF using its chat template; prints the pruned share "
                               "of expert slots at the end.",
                               "example: mc-gguf chat mixtral-q4.gguf            (ODP as the file says)\n"
                               "         mc-gguf chat mixtral-q4.gguf --mu 0.4   (one threshold for every layer)")
-    add_generation_flags(chat_parser, max_tokens=256, temperature=0.7)
+    add_generation_flags(chat_parser, 256, "context length (default: the model's, at most 4096): when the "
+                         "conversation and room for a reply of -n tokens outgrow it, the oldest turns are dropped "
+                         "(the system message stays) and a note on stderr says so; a message that cannot fit even "
+                         "alone is refused and the chat goes on", CHAT_SAMPLING)
     chat_parser.add_argument("--system", help="a system message")
-    chat_parser.add_argument("--ctx", type=positive_int,
-                             help="context length (default: the model's, at most 4096): when the conversation and "
-                             "room for a reply of -n tokens outgrow it, the oldest turns are dropped (the system "
-                             "message stays) and a note on stderr says so; a message that cannot fit even alone is "
-                             "refused and the chat goes on")
     chat_parser.set_defaults(func=chat)
     return run_parser, chat_parser
 
@@ -41,9 +49,8 @@ def run(args: argparse.Namespace) -> None:
 
     _tolerant_stdio()
     prompt = _decoded(args.prompt, "run", "the prompt")
-    llm = load(args.model, odp=not args.no_odp, mu=args.mu, seed=args.seed, n_ctx=args.ctx, rpc=args.rpc,
-               repack=args.repack)
-    completion = complete(llm, prompt, args.max_tokens, temperature=args.temperature, seed=args.seed)
+    llm = load(args.model, odp=not args.no_odp, mu=args.mu, seed=args.seed, **llama_load_kwargs(args))
+    completion = complete(llm, prompt, args.max_tokens, seed=args.seed, **sampling_kwargs(args))
     print(prompt + completion.text)
     if completion.cut:
         print(f"mc-gguf run: stopped at the end of the context ({completion.n_ctx} tokens: {completion.prompt_tokens} "
@@ -55,7 +62,7 @@ def chat(args: argparse.Namespace) -> None:
     from mc_gguf.errors import ContextOverflowError
     from mc_gguf.evaluate.run import chat_formatter, chat_reply, fit_chat, load
 
-    llm = load(args.model, odp=not args.no_odp, mu=args.mu, n_ctx=args.ctx, rpc=args.rpc, repack=args.repack)
+    llm = load(args.model, odp=not args.no_odp, mu=args.mu, seed=args.seed, **llama_load_kwargs(args))
     formatter = chat_formatter(llm)
     _tolerant_stdio()
     messages = []
@@ -83,7 +90,7 @@ def chat(args: argparse.Namespace) -> None:
             print(f"mc-gguf chat: the context ({prompt.n_ctx} tokens) has room for a reply of only {prompt.max_tokens} "
                   "tokens; it stops at the context's end", file=sys.stderr)
         reply = []
-        for piece in chat_reply(llm, formatter, prompt, temperature=args.temperature):
+        for piece in chat_reply(llm, formatter, prompt, **sampling_kwargs(args)):
             reply.append(piece)
             print(piece, end="", flush=True)
         print()

@@ -28,6 +28,7 @@ def add_parser(commands) -> None:
 def run(args: argparse.Namespace) -> None:
     from mc_gguf.allocate.plan import load_plan
     from mc_gguf.calibrate.stats import load_stats
+    from mc_gguf.gguf_io.requirements import runs_in
     from mc_gguf.quantize.quantization import quantize
 
     tune = tune_settings(args)  # a device this machine lacks is refused first
@@ -36,3 +37,4 @@ def run(args: argparse.Namespace) -> None:
     out = quantize(args.model_dir, load_plan(args.plan), args.output, stats=stats, gptq=args.gptq,
                    tune=tune, progress=not args.quiet)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) in {time.perf_counter() - started:.0f} s")
+    print(runs_in(out))

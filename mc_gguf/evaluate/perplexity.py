@@ -127,6 +127,13 @@ class EvalSettings:
     mu: float | None = None
     rpc: tuple[str, ...] = ()  # patched rpc-servers (HOST:PORT) to run the layers on
     repack: bool = True        # False: llama.cpp's --no-repack (run.load), both models
+    # llama.cpp's threads and placement (run.load's keywords), both models
+    n_threads: int | None = None
+    n_threads_batch: int | None = None
+    n_gpu_layers: int | None = None  # None: load's default
+    cpu_moe: bool = False
+    n_cpu_moe: int = 0
+    override_tensor: tuple[str, ...] = ()
 
 
 def evaluate_gguf(model: str | Path, text: str, *, ref: str | Path | None = None,
@@ -150,7 +157,9 @@ def evaluate_gguf(model: str | Path, text: str, *, ref: str | Path | None = None
                               "share the model's tokenizer")
     del headers
     llm_kwargs = dict(n_ctx=settings.n_ctx, n_batch=settings.n_ctx, logits_all=True, rpc=settings.rpc,
-                      repack=settings.repack)
+                      repack=settings.repack, n_threads=settings.n_threads, n_threads_batch=settings.n_threads_batch,
+                      n_gpu_layers=settings.n_gpu_layers, cpu_moe=settings.cpu_moe, n_cpu_moe=settings.n_cpu_moe,
+                      override_tensor=settings.override_tensor)
     ref_logits = None
     if ref is not None:  # the reference first, alone in memory; its logits wait on disk
         reference = load(ref, odp=False, **llm_kwargs)

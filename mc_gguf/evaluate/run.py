@@ -16,6 +16,7 @@ import gguf
 from mc_gguf.errors import ChatTemplateError, ContextOverflowError, GGUFFileError, InvalidValueError
 from mc_gguf.gguf_io import keys
 from mc_gguf.gguf_io.edit import field_value, open_gguf
+from mc_gguf.gguf_io.requirements import needed_patch_level
 from mc_gguf.gguf_io.validate import check_model
 from mc_gguf.prune import rule as pruning
 
@@ -98,10 +99,18 @@ def check_expert_groups(path: str | Path, reader: gguf.GGUFReader) -> None:
         raise GGUFFileError(f"{path}: {problem}")
 
 
+class _BuftOverride(ctypes.Structure):
+    """llama.h: struct llama_model_tensor_buft_override (llama-cpp-python declares the field as a void *)."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
 @cache
 def _moe_llama_class(repack: bool = True):
-    """llama_cpp.Llama with the patched runtime's slot counters; ``repack=False`` sets the one llama_model_params
-    field its constructor does not take that mc-gguf needs (use_extra_bufts: llama.cpp's --no-repack)."""
+    """llama_cpp.Llama with the patched runtime's slot counters; it sets the llama_model_params fields its
+    constructor does not take: ``repack=False`` clears use_extra_bufts (llama.cpp's --no-repack), and the
+    ``tensor_buft_overrides`` keyword, [(pattern, ggml_backend_buffer_type_t)] (runtime/placement.py), becomes
+    the NULL-terminated array llama.cpp's -ot builds (common.cpp: common_model_params_to_llama)."""
     import llama_cpp.llama_cpp as bindings
     from llama_cpp import Llama
 
@@ -115,6 +124,10 @@ def _moe_llama_class(repack: bool = True):
     class MoELlama(Llama):
         """A ``llama_cpp.Llama`` that reports how many expert slots ran and how many were pruned."""
 
+        def __init__(self, *args, tensor_buft_overrides: Sequence[tuple[str, int]] = (), **kwargs):
+            self._mc_overrides = list(tensor_buft_overrides)
+            super().__init__(*args, **kwargs)
+
         @property
         def model_params(self):
             return self._mc_model_params
@@ -122,6 +135,11 @@ def _moe_llama_class(repack: bool = True):
         @model_params.setter
         def model_params(self, params) -> None:  # Llama.__init__ assigns llama_model_default_params() once
             params.use_extra_bufts = params.use_extra_bufts and repack
+            if self._mc_overrides:
+                # kept on the object: llama.cpp reads the patterns while it loads
+                self._mc_override_array = (_BuftOverride * (len(self._mc_overrides) + 1))(
+                    *(_BuftOverride(pattern.encode(), buft) for pattern, buft in self._mc_overrides))
+                params.tensor_buft_overrides = ctypes.addressof(self._mc_override_array)
             self._mc_model_params = params
 
         @property
@@ -145,30 +163,64 @@ def _moe_llama_class(repack: bool = True):
         def reset_expert_stats(self) -> None:
             reset(self.ctx)
 
+        def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+            return tokenize(self._model.vocab, text, add_bos, special)
+
     return MoELlama
 
 
+def tokenize(vocab, text: bytes, add_bos: bool, special: bool) -> list[int]:
+    """llama_tokenize into a buffer sized by the text, then by the count llama.cpp asks for: llama-cpp-python's
+    own (_internals.LlamaModel.tokenize) holds the model's training context, llama_model_n_ctx_train tokens,
+    which a file's context_length makes 8 GB (2^31 - 1), or negative (an int32 from 2^31 on)."""
+    import llama_cpp
+
+    room = len(text) + 2
+    for _ in range(2):
+        tokens = (llama_cpp.llama_token * room)()
+        n = llama_cpp.llama_tokenize(vocab, text, len(text), tokens, room, add_bos, special)
+        if n >= 0:
+            return tokens[:n]
+        if n == -2 ** 31:  # llama.h: INT32_MIN when the tokens would outnumber an int32
+            break
+        room = -n
+    raise InvalidValueError(f"llama.cpp cannot tokenize this text of {len(text)} bytes")
+
+
 def load(path: str | Path, *, odp: bool = True, mu: float | None = None,
-         protect_ratio: float | None = None, rpc: Sequence[str] = (), repack: bool = True, **llama_kwargs):
+         protect_ratio: float | None = None, rpc: Sequence[str] = (), repack: bool = True,
+         n_gpu_layers: int | None = None, cpu_moe: bool = False, n_cpu_moe: int = 0,
+         override_tensor: Sequence[str] = (), **llama_kwargs):
     """A llama_cpp ``Llama`` (with ``expert_stats()``) for ``path`` on the patched runtime.
 
     ODP follows the file's ``mc.odp.*`` metadata; ``mu`` sets one threshold for every
     layer, ``protect_ratio`` the share of prompt tokens that keep all experts, and
     ``odp=False`` turns pruning off. A stock GGUF runs unpruned. ``rpc``: patched
-    rpc-servers (``HOST:PORT``, see runtime/rpc.py) that every layer is offloaded to,
-    as llama.cpp's ``--rpc`` with ``-ngl 99``. ``repack=False`` is llama.cpp's
+    rpc-servers (``HOST:PORT``, see runtime/rpc.py) to offload layers to, as llama.cpp's
+    ``--rpc``. ``repack=False`` is llama.cpp's
     ``--no-repack``: the CPU backend computes from the mapped file instead of copying
     the weights it has faster kernels for (Q4_K, Q8_0, ...) into its own layout, so a
     model larger than memory stays pages the kernel can drop; prompts run slower.
+
+    Placement, as llama.cpp's flags (runtime/placement.py): ``n_gpu_layers`` (-ngl; -1 is
+    every layer; default every layer with ``rpc`` or on a runtime with a GPU, else 0);
+    ``cpu_moe`` (--cpu-moe) keeps every expert tensor in CPU memory, ``n_cpu_moe``
+    (--n-cpu-moe) those of the first N layers; ``override_tensor`` (-ot) are
+    ``PATTERN=BUFFER`` strings, a regular expression on tensor names and a buffer type
+    ("CPU", "CUDA0", "RPC0[HOST:PORT]"). Other keywords go to ``llama_cpp.Llama``
+    (n_ctx, n_threads, n_threads_batch, seed, ...).
     """
-    from mc_gguf.runtime.status import require_patched_runtime
+    from mc_gguf.runtime import placement
+    from mc_gguf.runtime.status import REQUIRED_PATCH_LEVEL, require_patched_runtime
 
     path = Path(path)
-    check_model(path)  # what llama.cpp's loader would abort on, refused with its reason
+    header = check_model(path)  # what llama.cpp's loader would abort on, refused with its reason
     reader = open_gguf(path)
     read_odp_metadata(path, reader)  # clear errors for malformed mc.odp.* before llama.cpp sees them
     check_expert_groups(path, reader)
-    require_patched_runtime()
+    file_level = needed_patch_level(header)
+    require_patched_runtime(max(REQUIRED_PATCH_LEVEL, file_level),
+                            needed_by=f"{path} (mc.runtime.patch_level)" if file_level > REQUIRED_PATCH_LEVEL else "")
     overrides = dict(llama_kwargs.pop("kv_overrides", None) or {})
     if not odp:
         overrides[keys.ODP_ENABLED] = False
@@ -183,15 +235,21 @@ def load(path: str | Path, *, odp: bool = True, mu: float | None = None,
     llama_kwargs.setdefault("verbose", False)
     if llama_kwargs.get("n_ctx") is None:
         llama_kwargs["n_ctx"] = min(DEFAULT_MAX_CONTEXT, context_length(reader) or DEFAULT_MAX_CONTEXT)
+    buffers = placement.tensor_overrides(override_tensor, cpu_moe, n_cpu_moe)
+    if n_gpu_layers is not None and n_gpu_layers < -1:
+        raise InvalidValueError(f"n_gpu_layers = {n_gpu_layers}: give a count of layers, or -1 for all")
     if rpc:
         from mc_gguf.runtime.rpc import add_servers
 
         add_servers(list(rpc))
-        llama_kwargs.setdefault("n_gpu_layers", -1)
+    if n_gpu_layers is None:
+        n_gpu_layers = -1 if rpc or placement.gpu_offload() else 0
+    buffers = placement.resolve(buffers)  # after add_servers: their buffer types have names from then on
     del reader  # release the memory map before llama.cpp maps the file
     with _llama_log() as log:
         try:
-            llm = _moe_llama_class(repack)(model_path=str(path), kv_overrides=overrides or None, **llama_kwargs)
+            llm = _moe_llama_class(repack)(model_path=str(path), kv_overrides=overrides or None,
+                                           n_gpu_layers=n_gpu_layers, tensor_buft_overrides=buffers, **llama_kwargs)
         except ValueError as exc:  # llama-cpp-python raises ValueError when llama.cpp refuses the file
             reason = log.reason()
             raise GGUFFileError(f"{path}: llama.cpp could not load it: {reason or exc}") from None
@@ -291,8 +349,10 @@ class Completion:
     cut: bool
 
 
-def complete(llm, prompt: str, max_tokens: int = 32, *, temperature: float = 0.0, seed: int = 0) -> Completion:
-    """Continue ``prompt`` by up to ``max_tokens`` tokens.
+def complete(llm, prompt: str, max_tokens: int = 32, *, temperature: float = 0.0, seed: int = 0,
+             **sampling) -> Completion:
+    """Continue ``prompt`` by up to ``max_tokens`` tokens (``sampling``: create_completion's top_k, top_p, min_p,
+    repeat_penalty, ...).
 
     A prompt that leaves no room in the context is a ContextOverflowError; one that leaves less than
     ``max_tokens`` is continued to the context's end (``Completion.cut``), as llama-cpp-python's
@@ -306,7 +366,8 @@ def complete(llm, prompt: str, max_tokens: int = 32, *, temperature: float = 0.0
             f"give a larger --ctx (--ctx {len(tokens) + max_tokens} holds it and {max_tokens} more; the model was "
             f"trained on {llm._model.n_ctx_train()}) or a shorter prompt")
     room = n_ctx - len(tokens)
-    out = llm.create_completion(tokens, max_tokens=min(max_tokens, room), temperature=temperature, seed=seed)
+    out = llm.create_completion(tokens, max_tokens=min(max_tokens, room), temperature=temperature, seed=seed,
+                                **sampling)
     generated = out["usage"]["completion_tokens"]
     return Completion(out["choices"][0]["text"], len(tokens), generated, n_ctx,
                       cut=room < max_tokens and generated >= room)

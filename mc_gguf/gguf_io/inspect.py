@@ -9,6 +9,7 @@ from mc_gguf.errors import GGUFFileError
 from mc_gguf.gguf_io import keys
 from mc_gguf.gguf_io.edit import field_value, open_gguf
 from mc_gguf.gguf_io.layout import PROJECTIONS, group_map_problem, is_expert_weight
+from mc_gguf.gguf_io.requirements import file_requirements, needed_patch_level
 from mc_gguf.gguf_io.validate import ARRAY, GGUFHeader, file_kind, model_problem, scan
 
 INT32 = 5  # gguf.h: GGUF_TYPE_INT32
@@ -67,6 +68,8 @@ def inspect_gguf(path: str | Path) -> dict:
         "path": str(path),
         "architecture": arch,
         "kind": kind or "model",
+        "runs_in": None if kind else file_requirements(header).describe(),
+        "patch_level": None if kind else needed_patch_level(header),
         "file_bytes": Path(path).stat().st_size,
         "n_tensors": len(reader.tensors),
         "bpw": 8 * n_bytes / n_weights if n_weights else 0.0,
@@ -87,6 +90,8 @@ def describe(info: dict) -> str:
              f"{info['file_bytes'] / 1e6:.2f} MB, {info['bpw']:.3f} bits per weight"
              + (f" (experts {info['expert_bpw']:.3f})" if info["expert_bpw"] else ""),
              "tensor types: " + ", ".join(f"{k} x{v}" for k, v in sorted(info["tensor_types"].items()))]
+    if info["runs_in"]:
+        lines.append(info["runs_in"])
     for bid, layer in enumerate(info["experts"]):
         if not layer:
             lines.append(f"  blk.{bid}: dense FFN (no experts)")

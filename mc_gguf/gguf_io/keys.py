@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Provenance
+# Provenance, and what reads the file
 VERSION = "mc.version"
+RUNTIME_PATCH_LEVEL = "mc.runtime.patch_level"
 
 # Per-expert quantization types (layout per-expert)
 EXPERT_GROUPS = "mc.experts.groups"
@@ -52,6 +53,8 @@ class MetadataKey:
 
 KEYS: tuple[MetadataKey, ...] = (
     MetadataKey(VERSION, "string", "the mc-gguf version that wrote the file", "info"),
+    MetadataKey(RUNTIME_PATCH_LEVEL, "uint32", "the lowest patch level of mc-gguf's runtime that reads all of the "
+                "file (0: any llama.cpp loads it as it is); mc-gguf refuses an older runtime with it", "info"),
     MetadataKey(EXPERT_GROUPS, "int32[n_layer * 3 * n_expert]",
                 "the group (tensor blk.N.ffn_{proj}_exps.g<G>) of expert e of projection p in layer l, "
                 "at index (l*3 + p)*n_expert + e; 0 in a dense layer (no experts)", "runtime", bulky=True),

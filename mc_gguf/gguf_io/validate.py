@@ -20,14 +20,21 @@ in [1, LLAMA_MAX_LAYERS], nextn_predict_layers not above it, expert_count at
 most LLAMA_MAX_EXPERTS with expert_used_count (a number, or one per layer),
 expert_group_count and expert_group_used_count consistent with it,
 rope.scaling.type one of LLAMA_ROPE_SCALING_TYPES, finite non-negative norm
-epsilons (ggml's rms_norm asserts eps >= 0), tokens unique, with as many
-scores and types as tokens and special token ids among them; and refuses
-files that are not models (LoRA adapters, multimodal projectors) with what
-they are.
+epsilons (ggml's rms_norm asserts eps >= 0), tokens unique (an empty one
+named "[EMPTY_<i>]" as llama_vocab::load names it), with as many scores and
+types as tokens and special token ids among them; and refuses files that are
+not models (LoRA adapters, multimodal projectors) with what they are. Past
+the loader, it refuses what llama.cpp aborts on when it tokenizes or
+computes: a file without a vocabulary (tokenizer.ggml.model none), byte
+tokens in a WPM (bert) vocabulary, head counts, feed-forward lengths or
+experts per token that differ between the layers of an architecture whose
+graph takes the first layer's for all, norms or biases not in F32, and
+weights of a type ggml's CPU backend has no dot product for (F64, I32, ...).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import struct
@@ -56,10 +63,34 @@ STRING, ARRAY = 8, 9
 SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
            12: "<f8"}
 BOOL = 7
+F32 = 0  # ggml.h: GGML_TYPE_F32
+# ggml types without a dot product on the CPU (type_traits_cpu in ggml-cpu.c has no vec_dot for them: Q8_1 and Q8_K
+# only hold the activations other types multiply with): a weight of such a type makes llama.cpp crash
+NO_DOT_PRODUCT = {9: "Q8_1", 15: "Q8_K", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64"}
 
 # the token ids a tokenizer may name (llama-vocab.cpp reads them as indices into the tokens)
 SPECIAL_TOKEN_KEYS = ("bos", "eos", "eot", "eom", "unknown", "seperator", "padding", "mask", "fim_pre", "fim_suf",
                       "fim_mid", "fim_pad", "fim_rep", "fim_sep")
+
+
+# tokenizer.ggml.model of a file without a vocabulary (llama_vocab::load: LLAMA_VOCAB_TYPE_NONE); llama.cpp loads it
+# and aborts on the first text it tokenizes
+NO_VOCAB = ("none", "no_vocab")
+BYTE_TOKEN = 6  # llama.h: LLAMA_TOKEN_TYPE_BYTE
+# the per-layer hyper-parameters that llama.cpp reads as one number or one per layer (get_key_or_arr)
+PER_LAYER_KEYS = ("attention.head_count", "attention.head_count_kv", "feed_forward_length", "expert_used_count")
+
+
+@functools.cache
+def first_layer_architectures() -> frozenset[str]:
+    """The architectures whose llama.cpp graph sizes every layer by the first layer's PER_LAYER_KEYS
+    (LLAMA_LOAD_LOCALS in llama-model.h: hparams.n_head_kv(), n_expert_used(), ... of layer 0) while its KV cache
+    takes each layer's own: the MoE families of mc-gguf's table (hf/architectures.py)."""
+    import gguf
+
+    from mc_gguf.hf.architectures import ARCHITECTURES
+
+    return frozenset(gguf.MODEL_ARCH_NAMES[a.gguf_arch] for a in ARCHITECTURES.values())
 
 
 def _ggml_sizes() -> dict[int, tuple[int, int]]:
@@ -106,11 +137,13 @@ class _Cursor:
     def left(self) -> int:
         return len(self.buffer) - self.pos
 
-    def take(self, n: int, what: str) -> memoryview:
+    def take(self, n: int, what: str) -> bytes:
+        """The next ``n`` bytes, copied: a view into the memory map would still be exported while an error raised
+        with it in a frame of its traceback leaves the map's ``with`` block, whose close then fails."""
         if n < 0 or n > self.left():
             raise GGUFFileError(f"{self.path}: truncated or corrupt: {what} needs {n} bytes, {self.left()} are left")
         start, self.pos = self.pos, self.pos + n
-        return memoryview(self.buffer)[start:self.pos]
+        return self.buffer[start:self.pos]
 
     def unpack(self, fmt: str, what: str):
         return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
@@ -273,6 +306,13 @@ def model_problem(header: GGUFHeader) -> str | None:
         return n_layer
     if not 1 <= n_layer <= LLAMA_MAX_LAYERS:
         return f"{arch}.block_count is {n_layer}; llama.cpp loads 1 to {LLAMA_MAX_LAYERS} layers"
+    if arch in first_layer_architectures():
+        for key in PER_LAYER_KEYS:
+            value = g(f"{arch}.{key}")
+            if isinstance(value, np.ndarray) and len(np.unique(value)) > 1:
+                return (f"{arch}.{key} differs between layers ({', '.join(map(str, value[:8].tolist()))}"
+                        f"{', ...' if len(value) > 8 else ''}); llama.cpp's {arch} graph takes the first layer's for "
+                        "every layer, its cache each layer's own")
     values = {}
     for key in ("nextn_predict_layers", "expert_count", "expert_group_count", "expert_group_used_count",
                 "context_length", "embedding_length"):
@@ -325,10 +365,24 @@ def model_problem(header: GGUFHeader) -> str | None:
         value = g(f"{arch}.{key}")
         if isinstance(value, float) and not math.isfinite(value):
             return f"{arch}.{key} is {value}; it must be finite"
+    for t in header.tensors:
+        if t.type != F32 and (len(t.shape) == 1 or t.name.endswith(".bias")):
+            # llama.cpp writes them F32 (convert_hf_to_gguf.py; llama-quantize leaves 1-D tensors alone), and ggml's
+            # CPU add and mul take an F32 activation with an F32 operand only (binary-ops.cpp: apply_binary_op
+            # aborts on "unsupported types")
+            return f"tensor {t.name} is of ggml type {t.type}; norms and biases must be F32 (0)"
+        if t.type in NO_DOT_PRODUCT:
+            return (f"tensor {t.name} is {NO_DOT_PRODUCT[t.type]}, a type ggml's CPU backend has no dot product for "
+                    "(llama.cpp crashes at the first token); weights are float or quantized types")
     return _vocab_problem(header)
 
 
 def _vocab_problem(header: GGUFHeader) -> str | None:
+    model = header.get("tokenizer.ggml.model")
+    model = model if isinstance(model, str) else None  # another type: llama.cpp refuses it with its reason
+    if model in NO_VOCAB:
+        return (f"tokenizer.ggml.model is {model!r}: the file has no vocabulary, and llama.cpp aborts on the first "
+                "text it tokenizes")
     tokens = header.get("tokenizer.ggml.tokens")
     if tokens is None:
         return None
@@ -336,13 +390,20 @@ def _vocab_problem(header: GGUFHeader) -> str | None:
         return "tokenizer.ggml.tokens must be an array of strings"
     if not tokens:
         return "tokenizer.ggml.tokens is empty"
-    if len(set(tokens)) != len(tokens):
-        token, count = Counter(tokens).most_common(1)[0]
+    # llama_vocab::load names an empty token "[EMPTY_<i>]", then asserts that no two tokens are the same
+    named = [token or f"[EMPTY_{i}]" for i, token in enumerate(tokens)]
+    if len(set(named)) != len(named):
+        token, count = Counter(named).most_common(1)[0]
         return f"tokenizer.ggml.tokens holds {token!r} {count} times; every token must be distinct"
     for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
         values = header.get(key)
         if values is not None and len(values) != len(tokens):
             return f"{key} has {len(values)} values for {len(tokens)} tokens"
+    types = header.get("tokenizer.ggml.token_type")
+    if model == "bert" and isinstance(types, np.ndarray) and (types == BYTE_TOKEN).any():
+        # llama_vocab::impl::token_to_byte: GGML_ABORT for LLAMA_VOCAB_TYPE_WPM, reached while the pieces are cached
+        first = int(np.argmax(types == BYTE_TOKEN))
+        return f"tokenizer.ggml.token_type marks token {first} a byte, which llama.cpp's WPM (bert) tokenizer aborts on"
     for name in SPECIAL_TOKEN_KEYS:
         value = header.get(f"tokenizer.ggml.{name}_token_id")
         if isinstance(value, int) and not isinstance(value, bool) and not -1 <= value < len(tokens):

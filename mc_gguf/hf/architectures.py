@@ -203,6 +203,9 @@ ARCHITECTURES: dict[str, MoEArchitecture] = {arch.hf_architecture: arch for arch
 def architecture_for(config: dict) -> MoEArchitecture:
     """The table row for a config.json, or a clear error naming what is supported."""
     names = config.get("architectures") or []
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise UnsupportedArchitectureError(f"config.json's architectures is {names!r}; it must be a list of names "
+                                           "(such as [\"MixtralForCausalLM\"])")
     for name in names:
         if name in ARCHITECTURES:
             return ARCHITECTURES[name]

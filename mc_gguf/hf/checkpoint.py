@@ -206,11 +206,16 @@ class Checkpoint:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path.parent}: no {path.name} (is this a Hugging Face model folder?)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not valid JSON (nested too deeply to read)") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a JSON object (it holds {type(data).__name__})")
+    return data
 
 
 # config.json keys every stage reads, besides the architecture row's own
@@ -283,6 +288,7 @@ def _check_config(path: Path, config: dict, arch: MoEArchitecture) -> None:
         if config[key] > most:
             raise CheckpointError(f"{path / 'config.json'}: {key} = {config[key]}; llama.cpp loads at most {most}")
     _check_numbers(path, config)
+    _check_kinds(path, config, arch)
     dense = dense_layers(config)
     leading = int(config.get(arch.leading_dense_key) or 0) if arch.leading_dense_key else 0
     if dense != list(range(min(leading, int(config.get("num_hidden_layers") or 0)))):
@@ -325,17 +331,60 @@ NON_NEGATIVE_CONFIG = re.compile(r"^(n_shared_experts|first_k_dense_replace|num_
                                  r"|topk_group|sliding_window|routed_scaling_factor)$")
 
 
-def _check_numbers(path: Path, config: dict) -> None:
+# config.json values read as whole numbers where given (GGUF stores them as uint32; dense_layers counts with them)
+WHOLE_CONFIG = ("max_position_embeddings", "intermediate_size", "moe_intermediate_size", "num_key_value_heads",
+                "head_dim", "sliding_window", "decoder_sparse_step", "moe_layer_freq", "first_k_dense_replace",
+                "n_shared_experts", "num_nextn_predict_layers", "n_group", "topk_group")
+UINT32_MAX = 2 ** 32 - 1
+# values that are JSON objects where given, and lists of layer indices
+OBJECT_CONFIG = ("rope_parameters", "rope_scaling", "quantization_config")
+NUMBERS_WITHIN = ("rope_parameters", "rope_scaling")  # objects whose numbers the converters copy as well
+LAYER_LIST_CONFIG = ("mlp_only_layers",)
+# what mc-gguf's own converter (the rows whose converter is "mc-gguf": Mixtral) writes into the GGUF besides
+# REQUIRED_CONFIG (gguf_io/metadata.py: add_hparams)
+OWN_CONVERTER_CONFIG = ("max_position_embeddings", "intermediate_size", "rms_norm_eps")
+
+
+def _check_numbers(path: Path, config: dict, where: str = "") -> None:
     """Finite numbers, positive sizes and epsilons: what the converters copy into the GGUF as they find it
-    (an rms_norm_eps of NaN makes llama.cpp abort at the first token)."""
+    (an rms_norm_eps of NaN makes llama.cpp abort at the first token), in NUMBERS_WITHIN too;
+    a size, count or epsilon that is not a number (or null) at all is refused as well."""
     for key, value in config.items():
+        ranged = POSITIVE_CONFIG.search(key) or NON_NEGATIVE_CONFIG.search(key)
+        if isinstance(value, dict) and not ranged:
+            if key in NUMBERS_WITHIN and not where:  # one level down
+                _check_numbers(path, value, f"{key}.")
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if ranged and value is not None:
+                raise CheckpointError(f"{path / 'config.json'}: {where}{key} is {value!r}; it must be a number")
             continue
         if not math.isfinite(value):
-            raise CheckpointError(f"{path / 'config.json'}: {key} is {value}; it must be a finite number")
+            raise CheckpointError(f"{path / 'config.json'}: {where}{key} is {value}; it must be a finite number")
         if POSITIVE_CONFIG.search(key) and value <= 0 or NON_NEGATIVE_CONFIG.search(key) and value < 0:
-            raise CheckpointError(f"{path / 'config.json'}: {key} is {value}; it must be "
+            raise CheckpointError(f"{path / 'config.json'}: {where}{key} is {value}; it must be "
                                   f"{'positive' if POSITIVE_CONFIG.search(key) else 'at least 0'}")
+
+
+def _check_kinds(path: Path, config: dict, arch: MoEArchitecture) -> None:
+    """The JSON type of every value a stage reads: whole numbers GGUF's uint32 holds, objects, lists of layers;
+    and what mc-gguf's own converter writes, given."""
+    where = path / "config.json"
+    required = OWN_CONVERTER_CONFIG if arch.converter == "mc-gguf" else ()
+    for key in required:
+        if config.get(key) is None:
+            raise CheckpointError(f"{where}: {key} is missing; {arch.hf_architecture}'s GGUF holds it")
+    for key in (*WHOLE_CONFIG, *((arch.leading_dense_key,) if arch.leading_dense_key else ())):
+        value = config.get(key)
+        if value is not None and not (_whole(value) and value <= UINT32_MAX):
+            raise CheckpointError(f"{where}: {key} is {value!r}; it must be a whole number below 2^32")
+    for key in OBJECT_CONFIG:
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise CheckpointError(f"{where}: {key} is {config[key]!r}; it must be a JSON object")
+    for key in LAYER_LIST_CONFIG:
+        value = config.get(key)
+        if value is not None and not (isinstance(value, list) and all(_whole(v) for v in value)):
+            raise CheckpointError(f"{where}: {key} is {value!r}; it must be a list of layer indices")
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
@@ -428,9 +477,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         weight_map = _read_json(path / INDEX_FILE).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{path / INDEX_FILE}: no weight_map")
-        shards = sorted(set(weight_map.values()))
-        for shard in shards:
+        for shard in weight_map.values():
             _check_shard_name(path, shard)
+        shards = sorted(set(weight_map.values()))
     elif (path / SINGLE_FILE).exists():
         weight_map, shards = None, [SINGLE_FILE]
     else:

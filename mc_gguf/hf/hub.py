@@ -135,3 +135,43 @@ def named_folder(folder: Path) -> Iterator[Path]:
         for item in folder.iterdir():
             (view / item.name).symlink_to(item.resolve())
         yield view
+
+
+def gguf_file(ref: str | Path, filename: str | None = None) -> Path:
+    """A GGUF file from what a user names: a path, or a Hub repository ``ORG/NAME[@REVISION]`` of GGUFs with
+    ``filename`` the one to use (fetched into the cache by hf_hub_download; without ``filename``, the
+    repository's one .gguf file, or a clear error listing them)."""
+    path = Path(ref)
+    if path.exists() or filename is None and not REPO_ID.match(str(ref)):
+        return path  # the loader says what is wrong with it
+    match = REPO_ID.match(str(ref))
+    if match is None:
+        raise CheckpointError(f"{ref}: no such file, and not a Hugging Face id (ORG/NAME or ORG/NAME@REVISION)")
+    from huggingface_hub import hf_hub_download, list_repo_files
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+    )
+
+    repo, revision = match["repo"], match["revision"]
+    try:
+        if filename is None:
+            names = sorted(n for n in list_repo_files(repo, revision=revision) if n.endswith(".gguf"))
+            if len(names) != 1:
+                listed = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+                raise CheckpointError(f"{ref}: name the file to load (filename=...): the repository holds "
+                                      f"{len(names)} GGUF files{': ' + listed if names else ''}")
+            filename = names[0]
+        return Path(hf_hub_download(repo, filename, revision=revision))
+    except EntryNotFoundError:
+        raise CheckpointError(f"{ref}: the repository has no file {filename}") from None
+    except OfflineModeIsEnabled:
+        raise CheckpointError(f"{ref}: HF_HUB_OFFLINE is set, so its files cannot be listed: name the file to "
+                              "load (filename=...)") from None
+    except LocalEntryNotFoundError:
+        raise CheckpointError(f"{ref}: cannot get {filename or 'its file list'}: the Hub cannot be reached or "
+                              f"HF_HUB_OFFLINE is set, and it is not in the cache ({_cache_dir()})") from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise CheckpointError(f"{ref}: cannot get it from the Hugging Face Hub ({exc})") from None

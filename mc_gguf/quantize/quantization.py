@@ -30,6 +30,7 @@ from mc_gguf.ggml.types import quant_type, stored_type
 from mc_gguf.gguf_io import keys
 from mc_gguf.gguf_io.convert import model_metadata
 from mc_gguf.gguf_io.metadata import file_type_of
+from mc_gguf.gguf_io.requirements import requirements
 from mc_gguf.gguf_io.layout import PROJECTIONS, ExpertGroup, expert_groups, row_length
 from mc_gguf.gguf_io.write import stack_one_at_a_time, write_gguf
 from mc_gguf.hf.checkpoint import Checkpoint, open_checkpoint
@@ -79,12 +80,15 @@ def quantize(model_dir: str | Path, plan: Plan, out: str | Path, *, stats: Calib
     tensors = layout_tensors(ckpt, plan, produce_group)
     measured = tensor_totals(tensors)
 
+    odp_keys = pruning.odp_metadata(odp) if odp is not None else {}
+    needs = requirements(gguf.MODEL_ARCH_NAMES[ckpt.arch.gguf_arch], (t.name for t in tensors), odp_keys)
+
     def add_metadata(writer: gguf.GGUFWriter) -> None:
         model_metadata(ckpt, file_type_of(tensors))(writer)
+        writer.add_uint32(keys.RUNTIME_PATCH_LEVEL, needs.patch_level)
         add_plan_metadata(writer, plan, measured, stats, gptq, tune)
-        if odp is not None:
-            for key, value in pruning.odp_metadata(odp).items():
-                writer.add_key_value(key, value.value, value.type, sub_type=value.sub_type)
+        for key, value in odp_keys.items():
+            writer.add_key_value(key, value.value, value.type, sub_type=value.sub_type)
 
     with bar:
         return write_gguf(out, gguf.MODEL_ARCH_NAMES[ckpt.arch.gguf_arch], add_metadata, tensors, progress=progress)

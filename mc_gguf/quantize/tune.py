@@ -52,16 +52,7 @@ from mc_gguf.ggml import iquants, kquants
 from mc_gguf.ggml.iquants import IBlocks
 from mc_gguf.ggml.kquants import QK_K, KBlocks
 from mc_gguf.quantize.gptq import Hessian, damped, gptq_quantize
-
-
-@dataclass(frozen=True)
-class TuneSettings:
-    iters: int = 8              # sweeps at most
-    min_gain: float = 0.005     # stop when a sweep lowers the loss by less than this share of it
-    device: str = "cpu"
-    # the sweep's one large product (moves reaching the rest of g) in float64 instead of float32: slower, and
-    # converges to the last bit of a local optimum (the brute-force tests use it)
-    exact: bool = False
+from mc_gguf.quantize.settings import TuneSettings
 
 
 def tunable(qtype: gguf.GGMLQuantizationType, n_per_row: int) -> bool:

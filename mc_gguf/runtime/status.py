@@ -73,8 +73,9 @@ def runtime_status() -> RuntimeStatus:
     )
 
 
-def require_patched_runtime(min_level: int = REQUIRED_PATCH_LEVEL) -> RuntimeStatus:
-    """The status, or a clear error when llama_cpp is missing, stock, or too old a patch level."""
+def require_patched_runtime(min_level: int = REQUIRED_PATCH_LEVEL, needed_by: str = "") -> RuntimeStatus:
+    """The status, or a clear error when llama_cpp is missing, stock, or too old a patch level (``needed_by``:
+    what needs ``min_level``, e.g. a file)."""
     status = runtime_status()
     if not status.installed:
         raise RuntimeMissingError("llama_cpp is not installed; run `mc-gguf runtime build`")
@@ -85,7 +86,8 @@ def require_patched_runtime(min_level: int = REQUIRED_PATCH_LEVEL) -> RuntimeSta
         )
     if status.patch_level < min_level:
         raise RuntimeMissingError(
-            f"the installed runtime is at mc-gguf patch level {status.patch_level}, this needs {min_level}; "
+            f"the installed runtime is at mc-gguf patch level {status.patch_level}, {needed_by or 'this'} needs "
+            f"{min_level}; "
             "run `mc-gguf runtime build`"
         )
     return status

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -160,3 +161,51 @@ def test_allocate_and_plan_show_commands(calibration, tiny_model_dir, tmp_path, 
     assert main(["allocate", str(path), "--bits", "0.5", "-o", str(tmp_path / "no.json")]) == 1
     assert "feasible budgets are" in capsys.readouterr().err
     assert not (tmp_path / "no.json").exists()
+
+
+DELETE = object()  # _edited: remove the key (or the list item) at the path
+
+
+def _edited(data: dict, path: tuple, value) -> dict:
+    data = json.loads(json.dumps(data))
+    *parents, last = path
+    target = data
+    for step in parents:
+        target = target[step]
+    if value is DELETE:
+        del target[last]
+    else:
+        target[last] = value
+    return data
+
+
+@pytest.mark.parametrize("path, value, needle", [
+    (("budget",), "3 bits", "budget must be a JSON object"),
+    (("budget", "bits"), "three", "budget bits 'three' is not a number of bits per weight"),
+    (("budget", "bits"), 1e300, "is not a number of bits per weight (0 to 32)"),
+    (("budget", "scope"), ["experts"], "budget scope ['experts'] is not one of experts, model"),
+    (("predicted", "expert_bpw"), "2.9", "predicted must be {} or hold expert_bpw"),
+    (("predicted", "file_bytes"), DELETE, "predicted must be {} or hold expert_bpw"),
+    (("inputs",), None, "inputs must be a JSON object"),
+    (("experts", 0, 3), DELETE, "its layers have 3, 4 experts"),
+])
+def test_a_plan_whose_records_or_layers_do_not_fit_is_refused(calibration, tiny_model_dir, tmp_path, capsys, path,
+                                                             value, needle):
+    """What plan-show prints and quantize writes into the GGUF, checked as the plan is read (found by tests/fuzz:
+    each was a TypeError, AttributeError, OverflowError or ValueError of numpy's)."""
+    _, stats = calibration
+    good = allocate(stats, 3.0, model_dir=tiny_model_dir).save(tmp_path / "plan.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(_edited(json.loads(good.read_text()), path, value)))
+    with pytest.raises(PlanFileError, match=re.escape(needle)):
+        load_plan(bad)
+    assert main(["plan-show", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mc-gguf: error: ") and err.count("\n") == 1 and needle in err, err
+
+
+def test_a_plan_nested_too_deeply_for_json_is_refused(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(PlanFileError, match="nested too deeply"):
+        load_plan(path)

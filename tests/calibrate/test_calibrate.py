@@ -313,3 +313,77 @@ def test_streamed_statistics_file_reads_back_with_safetensors_own_reader(tmp_pat
     with safe_open(str(path), framework="numpy") as f:
         assert f.metadata() == {"k": "v"}
     assert len(opened) == 2  # once for its shape, once for its bytes
+
+
+def _rewritten_stats(src, dst, header_text=None, arrays_change=None):
+    """A copy of a statistics file with its header's JSON text replaced or its arrays changed, written as
+    calibrate writes it (a consistent safetensors file)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    from mc_gguf.calibrate.stats import METADATA_KEY, write_safetensors
+
+    with safe_open(str(src), framework="numpy") as f:
+        text = f.metadata()[METADATA_KEY]
+    arrays = load_file(str(src))
+    if arrays_change is not None:
+        arrays_change(arrays)
+    write_safetensors(dst, arrays, {METADATA_KEY: header_text(json.loads(text)) if header_text else text})
+    return dst
+
+
+def _header(**changes):
+    import json
+
+    def edit(header):
+        for key, value in changes.items():
+            if value is None:
+                header.pop(key, None)
+            else:
+                header[key] = value
+        return json.dumps(header)
+
+    return edit
+
+
+def _array(name, change):
+    def edit(arrays):
+        arrays[name] = change(arrays[name])
+
+    return edit
+
+
+@pytest.mark.parametrize("header_text, arrays_change, needle", [
+    (lambda h: "null", None, "the statistics' header is NoneType, not a JSON object"),
+    (lambda h: "[" * 100_000 + "]" * 100_000, None, "nested too deeply"),
+    (_header(types="0000"), None, "the header's types are '0000', not a list of candidate types"),
+    (_header(types=["Q4_K", None]), None, "unknown quantization type None"),
+    (_header(types=None), None, "the header's types are None"),
+    (_header(n_layer=""), None, "the header's n_layer is ''"),
+    (_header(n_layer=False), None, "the header's n_layer is False"),
+    (_header(model=None), None, "the header's model is None"),
+    (_header(n_tokens=-5), None, "the header's n_tokens is -5"),
+    (None, _array("blk.1.count", lambda a: a[:3]), "count of layer 1 has shape [3], expected [4]"),
+    (None, _array("blk.0.eps", lambda a: a[..., :2]), "eps of layer 0 has shape [3, 4, 2], expected [3, 4, 4]"),
+    (None, _array("blk.0.eps", lambda a: np.full_like(a, np.nan)), "eps of layer 0 holds float64 values, not finite"),
+    (None, _array("blk.1.slot_experts", lambda a: a + 7), "slot_experts of layer 1 holds values outside [0, 3]"),
+    (None, _array("blk.0.weight_sum", lambda a: a.astype(bool)), "weight_sum of layer 0 holds bool values"),
+    (None, _array("blk.1.moe_input", lambda a: a[:5]), "layer 1 has its routing but not its MoE inputs [768, 256]"),
+])
+def test_statistics_whose_header_or_arrays_do_not_fit_are_a_clear_error(calibration, tmp_path, capsys, header_text,
+                                                                        arrays_change, needle):
+    """What allocate and quantize compute with, checked as the file is read (found by tests/fuzz: each was a
+    TypeError, KeyError, IndexError or ValueError, or numpy's broadcasting error in allocate)."""
+    import re
+
+    from mc_gguf.cli import main
+
+    path, _ = calibration
+    bad = _rewritten_stats(path, tmp_path / "bad.stats", header_text, arrays_change)
+    with pytest.raises(StatsFileError, match=re.escape(needle)):
+        load_stats(bad)
+    assert main(["allocate", str(bad), "--bits", "3", "-o", str(tmp_path / "plan.json")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mc-gguf: error: ") and err.count("\n") == 1 and needle in err, err

@@ -111,6 +111,7 @@ def test_an_unknown_device_is_refused_by_the_parser_and_the_api(capsys, tiny_mod
     from mc_gguf.calibrate.text import CalibrationText
     from mc_gguf.errors import McGgufError
     from mc_gguf.pipeline import compress
+    from mc_gguf.settings import CompressSettings
     from mc_gguf.quantize.tune import TuneSettings
 
     assert main(["compress", str(tiny_model_dir), "--bits", "3", "-o", str(tmp_path / "o.gguf"), "--device",
@@ -118,10 +119,10 @@ def test_an_unknown_device_is_refused_by_the_parser_and_the_api(capsys, tiny_mod
     assert "unknown device 'tpu'" in capsys.readouterr().err
     with pytest.raises(McGgufError, match="unknown device 'tpu'"):
         compress(tiny_model_dir, tmp_path / "o.gguf", 3.0, CalibrationText("t", "some text"),
-                 tune=TuneSettings(device="tpu"), progress=False)
+                 settings=CompressSettings(tune=TuneSettings(device="tpu")), progress=False)
     with pytest.raises(McGgufError, match="unknown device"):
         compress(tiny_model_dir, tmp_path / "o.gguf", 3.0, CalibrationText("t", "some text"),
-                 settings=CalibrationSettings(device="tpu"), tune=None, progress=False)
+                 settings=CompressSettings(calibration=CalibrationSettings(device="tpu"), tune=None), progress=False)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,7 +1,7 @@
 """The benchmark scripts run end to end in their --quick mode (figures are not asserted: speed is no test).
 
-bench_speed, bench_quality and bench_scale take minutes each even so (a stock llama.cpp's tools, calibration
-with Hessians, tuning, several files): they are marked ``bench`` and run by ``make test-bench``, not
+bench_speed, bench_quality, bench_scale and bench_layouts take minutes each even so (a stock llama.cpp's tools,
+calibration with Hessians, tuning, several files): they are marked ``bench`` and run by ``make test-bench``, not
 ``make test``.
 """
 
@@ -116,6 +116,22 @@ def test_bench_scale_quick(tmp_path):
         # killed part-way and run again: the statistics of the uninterrupted run
         assert run["calibrate_killed_and_resumed"]["same_statistics"] is True
     assert report["memory_flatness"]["mc calibrate"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.bench
+def test_bench_layouts_quick(tmp_path):
+    report = run_plain_script("bench_layouts.py", tmp_path)
+    rows = {r["layout"]: r for r in report["rows"]}
+    assert set(rows) == {"per-expert", "stock"} and all(r["bits"] == 2.5 for r in rows.values())
+    for row in rows.values():
+        assert row["expert_bpw"] <= 2.5 + 1e-9 and row["compress_s"] > 0
+        assert row["kld_mean"] > 0 and math.isfinite(row["ppl"])
+    # only the per-expert file has tensors of its own per group of experts; the stock file is llama.cpp's layout
+    assert rows["per-expert"]["group_tensors"] > 0 and rows["stock"]["group_tensors"] == 0
+    assert "--layout stock" in rows["stock"]["command"] and "--layout" not in rows["per-expert"]["command"]
+    ratio = report["stock_over_per_expert"]["2.5"]
+    assert ratio["kld_mean"] == pytest.approx(rows["stock"]["kld_mean"] / rows["per-expert"]["kld_mean"])
 
 
 @pytest.mark.slow

@@ -200,3 +200,15 @@ def test_run_replaces_bytes_of_the_prompt_that_are_not_utf8(converted):
     assert result.returncode == 0, err
     assert "the prompt is not valid UTF-8; 1 undecodable byte(s) replaced by U+FFFD" in err
     assert result.stdout.startswith("caf\ufffd au lait".encode())
+
+
+@pytest.mark.parametrize("length", [2 ** 31 - 1, 2 ** 32 - 1])
+def test_a_context_length_past_what_an_int32_holds_runs(converted, tmp_path, length):
+    """llama-cpp-python tokenizes into a buffer of the model's whole training context (negative from 2^31 on, a
+    ValueError; 8 GB below it): the runtime tokenizes into a buffer of the text's size (found by tests/fuzz)."""
+    path = rewrite_metadata(converted("q8_0"), tmp_path / "long.gguf",
+                            {"llama.context_length": MetadataDetails(gguf.GGUFValueType.UINT32, length)})
+    result = mc_gguf("run", str(path), "-p", "The capital", "-n", "2")
+    assert result.returncode == 0 and result.stdout.startswith(b"The capital"), stderr_of(result)
+    llm = load(path, n_ctx=CTX)
+    assert llm.tokenize(b"The capital", add_bos=True) == load(converted("q8_0"), n_ctx=CTX).tokenize(b"The capital")

@@ -118,6 +118,7 @@ def test_the_scan_reads_what_gguf_py_reads(converted):
     ("rows not whole blocks", "not whole blocks of 32"),
     ("alignment not a power of two", "not a power of two"),
     ("version 1", "GGUF version 1"),
+    ("a string that is not UTF-8", "general.name is not UTF-8 text"),
 ])
 def test_corrupt_structure_is_refused_by_every_command_at_once(case, needle, tmp_path):
     kv, tensors, data = small_model_kv(), [("a.weight", [32, 2], 0, 0), ("b.weight", [32], 0, 256)], bytes(384)
@@ -148,6 +149,8 @@ def test_corrupt_structure_is_refused_by_every_command_at_once(case, needle, tmp
         kv.append(("general.alignment", T.UINT32, 48))
     elif case == "version 1":
         extra["version"] = 1
+    elif case == "a string that is not UTF-8":  # the scan's error once held a view of its memory map (BufferError)
+        kv.append(("general.name", T.STRING, _string(b"\x80\xff")))
     path = raw_gguf(tmp_path / "bad.gguf", kv, tensors, data, **extra)
     before = path.read_bytes()
     with pytest.raises(GGUFFileError, match=needle):
@@ -187,14 +190,21 @@ def _tokens(path: Path) -> list[str]:
     ({"tokenizer.ggml.tokens": "duplicate"}, "every token must be distinct"),
     ({"tokenizer.ggml.scores": ((T.ARRAY, T.FLOAT32), [0.0] * 10)}, "10 values for 32000 tokens"),
     ({"general.type": (T.STRING, "adapter")}, "LoRA adapter"),
+    # found by tests/fuzz: llama.cpp loads these, then aborts when it tokenizes or computes
+    ({"tokenizer.ggml.model": (T.STRING, "none")}, "tokenizer.ggml.model is 'none': the file has no vocabulary"),
+    ({"tokenizer.ggml.model": (T.STRING, "bert")}, "a byte, which llama.cpp's WPM"),
+    ({"tokenizer.ggml.tokens": "empty"}, "EMPTY_300]' 2 times"),
+    ({"llama.attention.head_count_kv": ((T.ARRAY, T.UINT32), [2, 1])}, "head_count_kv differs between layers"),
+    ({"llama.expert_used_count": ((T.ARRAY, T.UINT32), [2, 1])}, "expert_used_count differs between layers"),
 ])
 def test_hyper_parameters_the_loader_asserts_on_are_refused_with_a_reason(change, needle, converted, tmp_path):
     source = converted("q8_0")
     updates = {}
     for key, value in change.items():
-        if value == "duplicate":
+        if value in ("duplicate", "empty"):
             tokens = _tokens(source)
-            tokens[300] = tokens[301]
+            # llama_vocab::load names an empty token "[EMPTY_<i>]": the same as token 301 here
+            tokens[300], tokens[301] = ("", "[EMPTY_300]") if value == "empty" else (tokens[301], tokens[301])
             updates[key] = MetadataDetails(T.ARRAY, tokens, sub_type=T.STRING)
         elif isinstance(value[0], tuple):
             updates[key] = MetadataDetails(T.ARRAY, value[1], sub_type=value[0][1])
@@ -237,6 +247,34 @@ def test_a_missing_tensor_is_named_with_llama_cpps_reason(converted, tmp_path):
     writer.close()
     assert_clean_refusal(mc_gguf("run", str(tmp_path / "missing.gguf"), "-p", "hi", "-n", "1"),
                          "blk.1.attn_v.weight")
+
+
+@pytest.mark.parametrize("name, dtype, needle", [
+    ("blk.0.attn_norm.weight", np.float16, "blk.0.attn_norm.weight is of ggml type 1; norms and biases must be F32"),
+    ("blk.0.attn_output.weight", np.float64, "blk.0.attn_output.weight is F64, a type ggml's CPU backend has no dot"),
+    ("blk.1.attn_q.weight", np.int32, "blk.1.attn_q.weight is I32, a type ggml's CPU backend has no dot"),
+])
+def test_a_tensor_of_a_type_ggml_cannot_compute_with_is_refused(name, dtype, needle, converted, tmp_path):
+    """llama.cpp loads these and dies at the first token (found by tests/fuzz): ggml's CPU mul takes an F32 operand
+    with the F32 activations only (SIGABRT), and it has no dot product for F64 or integer weights (SIGSEGV)."""
+    from mc_gguf.gguf_io.edit import copy_metadata
+
+    reader = gguf.GGUFReader(converted("q8_0"))
+    path = tmp_path / "bad.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    copy_metadata(reader, writer, {})
+    for t in reader.tensors:
+        if t.name == name:
+            writer.add_tensor(t.name, gguf.quants.dequantize(t.data, t.tensor_type).astype(dtype))
+        else:
+            writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(GGUFFileError, match=needle):
+        check_model(path)
+    assert_clean_refusal(mc_gguf("run", str(path), "-p", "hi", "-n", "1"), needle)
 
 
 # ------------------------------------------------------------------------------ inspect and friends

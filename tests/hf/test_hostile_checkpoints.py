@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -82,10 +83,37 @@ def rewrite_header(shard: Path, change) -> None:
     ({"rope_theta": -10000.0}, ("rope_theta is -10000.0", "positive")),
     ({"rms_norm_eps": 0}, ("rms_norm_eps is 0", "positive")),
     ({"num_key_value_heads": -2}, ("num_key_value_heads is -2",)),
+    # found by tests/fuzz: values of another JSON type than the readers compute with
+    ({"architectures": True}, ("architectures is True", "a list of names")),
+    ({"architectures": [None]}, ("architectures is [None]",)),
+    ({"architectures": [["MixtralForCausalLM"]]}, ("a list of names",)),
+    ({"mlp_only_layers": True}, ("mlp_only_layers is True", "a list of layer indices")),
+    ({"intermediate_size": None}, ("intermediate_size is missing",)),
+    ({"sliding_window": [None]}, ("sliding_window is [None]", "must be a number")),
+    ({"rms_norm_eps": {}}, ("rms_norm_eps is {}", "must be a number")),
+    ({"max_position_embeddings": 2 ** 40}, ("max_position_embeddings is 1099511627776", "below 2^32")),
+    ({"quantization_config": "fp8"}, ("quantization_config is 'fp8'", "a JSON object")),
+    ({"rope_parameters": {"rope_theta": float("nan"), "rope_type": "default"}},
+     ("rope_parameters.rope_theta is nan", "finite")),
 ])
 def test_config_values_are_checked_against_the_tensors_and_their_ranges(changes, needles, model_copy, tmp_path):
     edit_config(model_copy, **changes)
     assert_refused(model_copy, tmp_path, *needles)
+
+
+@pytest.mark.parametrize("name, text, needle", [
+    ("config.json", "[]", "not a JSON object (it holds list)"),
+    ("config.json", "null", "not a JSON object (it holds NoneType)"),
+    ("config.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ("model.safetensors.index.json", '{"weight_map": {"lm_head.weight": null}}', "names shard None"),
+    ("model.safetensors.index.json", '"weight_map"', "not a JSON object (it holds str)"),
+])
+def test_a_json_file_of_another_shape_is_refused(name, text, needle, model_copy, tmp_path):
+    """Found by tests/fuzz: each of these was a TypeError, AttributeError or RecursionError."""
+    (model_copy / name).write_text(text)
+    with pytest.raises(CheckpointError, match=re.escape(needle)):
+        open_checkpoint(model_copy)
+    assert_refused(model_copy, tmp_path, name, needle)
 
 
 def test_an_integer_tensor_is_not_converted_as_a_weight(model_copy, tmp_path):

@@ -24,7 +24,9 @@ from mc_gguf.gguf_io.edit import field_value
 from mc_gguf.gguf_io.layout import is_expert_weight
 from mc_gguf.hf.checkpoint import open_checkpoint
 from mc_gguf.hf.tiny import build_tiny_family
+from mc_gguf.allocate.settings import AllocateSettings
 from mc_gguf.pipeline import compress
+from mc_gguf.settings import CompressSettings, OdpSettings
 
 from conftest import CALIBRATION_TEXT
 from helpers import PROMPT, llama_cpp_logits, transformers_logits
@@ -49,8 +51,11 @@ def compressed(family, tmp_path_factory):
     out = tmp_path_factory.mktemp("out") / "model.gguf"
     settings = CalibrationSettings(n_tokens=512, seq_len=128, seed=3, types=TYPES)
     # expert FFN 128: the down projections' rows are not whole 256-blocks and fall back (types.stored_type)
+    # ggml's quantizer and the authors' cost: what the family's graph computes, not how well it is tuned
+    settings = CompressSettings(calibration=settings, tune=None, odp=OdpSettings(skip=0.2),
+                                allocation=AllocateSettings(non_expert=F32_NON_EXPERT))
     result = compress(folder, out, 3.5, CalibrationText("test", CALIBRATION_TEXT), settings=settings,
-                      odp_skip=0.2, allocate_options={"non_expert": F32_NON_EXPERT}, progress=False)
+                      progress=False)
     return result
 
 

@@ -275,3 +275,55 @@ def test_interrupted_write_leaves_no_output(calibration, tiny_model_dir, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         quantize(tiny_model_dir, plan, tmp_path / "out.gguf", stats=stats, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_where_a_file_runs_is_in_the_file_and_said(calibration, tiny_model_dir, tmp_path):
+    """A per-expert file needs the patched runtime (the stock build of the same sdist refuses it, for want of the
+    stacked expert tensor), a stock-layout file does not; the file says so (mc.runtime.patch_level), inspect
+    prints it, and a runtime older than the file's level is refused with it."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails
+
+    from mc_gguf.errors import RuntimeMissingError
+    from mc_gguf.evaluate.run import load
+    from mc_gguf.gguf_io.edit import rewrite_metadata
+    from mc_gguf.gguf_io.validate import scan
+    from mc_gguf.runtime.stock import stock_library_dir
+
+    _, stats = calibration
+    helpers = Path(__file__).parent.parent / "helpers.py"
+    env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(stock_library_dir())}
+    for layout, level, stock_loads, said in (("per-expert", 4, False, "mc-gguf's runtime only"),
+                                              ("stock", 0, True, "any llama.cpp loads it")):
+        out = quantize(tiny_model_dir, mixed_plan(calibration, tiny_model_dir, layout), tmp_path / f"{layout}.gguf",
+                       stats=stats, gptq=False, progress=False)
+        assert scan(out).fields["mc.runtime.patch_level"] == level
+        stock = subprocess.run([sys.executable, str(helpers), str(out), json.dumps([1, 2, 3]),
+                                str(tmp_path / "logits.npy")], env=env, capture_output=True, text=True)
+        assert (stock.returncode == 0) == stock_loads, stock.stderr[-2000:]
+        shown = subprocess.run([sys.executable, "-m", "mc_gguf", "inspect", str(out)], capture_output=True, text=True)
+        assert said in shown.stdout, shown.stdout
+    future = rewrite_metadata(tmp_path / "per-expert.gguf", tmp_path / "future.gguf",
+                              {"mc.runtime.patch_level": MetadataDetails(gguf.GGUFValueType.UINT32, 99)})
+    with pytest.raises(RuntimeMissingError, match=r"future.gguf \(mc.runtime.patch_level\) needs 99"):
+        load(future)
+
+
+def test_pruning_keys_raise_the_patch_level_as_the_patches_that_read_them():
+    from mc_gguf.gguf_io.requirements import requirements
+
+    stacked = ["blk.0.ffn_down_exps.weight"]
+    grouped = ["blk.0.ffn_down_exps.g0.weight", "blk.0.ffn_down_exps.g1.weight"]
+    assert requirements("llama", stacked, {}).patch_level == 0
+    assert requirements("llama", grouped, {}).patch_level == 4
+    assert requirements("qwen3moe", grouped, {}).patch_level == 6
+    assert requirements("llama", stacked, {keys.ODP_MU: [0.1]}).patch_level == 4
+    assert requirements("llama", stacked, {keys.ODP_MU: [0.1], keys.ODP_RENORMALIZE: False}).patch_level == 12
+    assert requirements("gpt-oss", stacked, {keys.ODP_MU: [0.1]}).stock_loads
+    assert not requirements("gpt-oss", grouped, {}).stock_loads

@@ -132,9 +132,11 @@ def test_converged_iquant_scales_are_a_local_optimum_by_brute_force(layer, name)
 
 
 def test_cli_defaults_are_tune_settings():
-    from mc_gguf.cli.common import TUNE_ITERS
+    from mc_gguf.cli import build_parser
+    from mc_gguf.cli.common import tune_settings
 
-    assert TUNE_ITERS == TuneSettings().iters
+    args = build_parser().parse_args(["quantize", "m", "--plan", "p", "-o", "o", "--tune"])
+    assert tune_settings(args) == TuneSettings()
 
 
 @pytest.fixture(scope="module")
@@ -143,16 +145,19 @@ def tuned_compress(tiny_model_dir, tmp_path_factory):
 
     from mc_gguf.calibrate.settings import CalibrationSettings
     from mc_gguf.calibrate.text import CalibrationText
+    from mc_gguf.allocate.settings import AllocateSettings
     from mc_gguf.pipeline import compress
+    from mc_gguf.settings import CompressSettings
 
     from conftest import CALIBRATION_TEXT
 
     folder = tmp_path_factory.mktemp("tuned")
     settings = CalibrationSettings(n_tokens=1024, seq_len=128, seed=5, types=("IQ2_XS", "Q2_K", "Q3_K", "Q4_K"))
     # the statistics kept, for the Hessians the test builds again
+    settings = CompressSettings(calibration=settings, tune=TuneSettings(iters=3),
+                                allocation=AllocateSettings(non_expert=F32_NON_EXPERT))
     return compress(tiny_model_dir, folder / "tuned.gguf", 3.0, CalibrationText("test", CALIBRATION_TEXT),
-                    settings=settings, tune=TuneSettings(iters=3), allocate_options={"non_expert": F32_NON_EXPERT},
-                    keep_artifacts=folder / "work", progress=False)
+                    settings=settings, keep_artifacts=folder / "work", progress=False)
 
 
 def test_compress_tune_writes_the_tuned_integers_and_llama_cpp_runs_them(tuned_compress, tiny_model_dir):
