@@ -28,7 +28,7 @@ the loader, it refuses what llama.cpp aborts on when it tokenizes or
 computes: a file without a vocabulary (tokenizer.ggml.model none), byte
 tokens in a WPM (bert) vocabulary, head counts, feed-forward lengths or
 experts per token that differ between the layers of an architecture whose
-graph takes the first layer's for all, norms or biases not in F32, and
+graph takes the first layer's for all, 1-D tensors (norms, biases) not in F32, and
 weights of a type ggml's CPU backend has no dot product for (F64, I32, ...).
 """
 
@@ -366,11 +366,11 @@ def model_problem(header: GGUFHeader) -> str | None:
         if isinstance(value, float) and not math.isfinite(value):
             return f"{arch}.{key} is {value}; it must be finite"
     for t in header.tensors:
-        if t.type != F32 and (len(t.shape) == 1 or t.name.endswith(".bias")):
+        if t.type != F32 and len(t.shape) == 1:
             # llama.cpp writes them F32 (convert_hf_to_gguf.py; llama-quantize leaves 1-D tensors alone), and ggml's
             # CPU add and mul take an F32 activation with an F32 operand only (binary-ops.cpp: apply_binary_op
             # aborts on "unsupported types")
-            return f"tensor {t.name} is of ggml type {t.type}; norms and biases must be F32 (0)"
+            return f"tensor {t.name} is of ggml type {t.type}; norms and biases (1-D tensors) must be F32 (0)"
         if t.type in NO_DOT_PRODUCT:
             return (f"tensor {t.name} is {NO_DOT_PRODUCT[t.type]}, a type ggml's CPU backend has no dot product for "
                     "(llama.cpp crashes at the first token); weights are float or quantized types")
