@@ -234,7 +234,11 @@ def load_stats(path: str | Path) -> CalibrationStats:
             # only LayerStats' arrays: the MoE inputs stay in the file until a layer's are asked for
             # (CalibrationStats.moe_input)
             known = {column.name for column in fields(LayerStats)}
-            arrays = {name: f.get_tensor(name) for name in names if name.rpartition(".")[2] in known}
+            wanted = sorted(name for name in names if name.rpartition(".")[2] in known)
+            for name in wanted:  # numpy reads no bfloat16 or float8: such an array is not one save() wrote
+                if (dtype := f.get_slice(name).get_dtype()) not in SAFETENSORS_DTYPES:
+                    raise StatsFileError(f"{path}: {name} is stored as {dtype}, a type the statistics never have")
+            arrays = {name: f.get_tensor(name) for name in wanted}
             inputs = {name: f.get_slice(name).get_shape() for name in names if name.endswith(".moe_input")}
     except (SafetensorError, OSError, ValueError) as exc:
         raise StatsFileError(f"{path} is not a readable statistics file ({exc})") from None

@@ -17,6 +17,7 @@ import traceback
 from mc_gguf import __version__
 from mc_gguf.cli import (
     allocate,
+    bench,
     calibrate,
     compress,
     convert,
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_parser(commands)
     allocate.add_show_parser(commands)
     evaluate.add_parser(commands)
+    bench.add_parser(commands)
     demo.add_parser(commands)
     return parser
 

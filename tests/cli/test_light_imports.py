@@ -24,7 +24,7 @@ def test_building_the_parser_imports_no_heavy_library():
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["calibrate", "--help"], ["compress", "--help"],
-                                  ["allocate", "--help"], ["eval", "--help"]])
+                                  ["allocate", "--help"], ["eval", "--help"], ["bench", "--help"]])
 def test_help_and_version_import_no_heavy_library(argv):
     code = ("import sys\nfrom mc_gguf.cli import main\n"
             f"try:\n    main({argv!r})\nexcept SystemExit as exit:\n    assert exit.code == 0, exit.code")

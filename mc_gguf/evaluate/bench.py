@@ -1,0 +1,314 @@
+"""Prompt and generation speed of a GGUF on the patched runtime, as llama-bench measures it, with and without ODP.
+
+llama-bench (llama.cpp's tools/llama-bench/llama-bench.cpp) runs each test on an
+empty context, on seeded random tokens:
+
+- ``ppN`` (``test_prompt``): N tokens, the first the vocabulary's BOS when it
+  adds one, decoded in batches of ``n_batch``;
+- ``tgN`` (``test_gen``): N tokens decoded one at a time;
+
+one warm-up run per test first, then ``repetitions`` timed runs; a run's speed
+is its tokens over its wall time, and the test reports their mean and
+standard deviation (``avg_ts``, ``stddev_ts``). ``bench`` does the same through
+the library ``run.load`` loads, once per pruning setting, and adds what
+pruning changes: the share of expert slots the runtime's counters saw skipped,
+and the bytes a generated token reads (``token_bytes``: every matrix but the
+embedding table, and per layer the chosen experts' mean size) unpruned and
+with that share skipped. Their ratio is the most skipping can speed up a
+generation bound by memory bandwidth (``ceiling_speedup``); the measured ratio
+of the pruned and unpruned tg speeds sits beside it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from mc_gguf.errors import InvalidValueError
+
+EMBEDDING = "token_embd.weight"  # read one row per token: not a matrix a token streams through
+EXPERT_MARK = "_exps"            # ffn_{gate,up,down,gate_up}_exps and their per-expert groups (.gK)
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """llama-bench's test matrix (-p, -n, -r, -b, -ub) and the pruning settings to run it under."""
+
+    n_prompt: tuple[int, ...] = (512,)  # -p: a ppN test for each (0: none)
+    n_gen: tuple[int, ...] = (128,)     # -n: a tgN test for each (0: none)
+    repetitions: int = 5                # -r
+    n_batch: int = 2048                 # -b: tokens per llama_decode call of a prompt (llama-bench's default)
+    n_ubatch: int = 512                 # -ub: tokens per compute graph
+    odp: tuple[bool, ...] | None = None  # pruning off/on; None: both when the file or mu gives thresholds
+    mu: float | None = None             # one threshold for every layer instead of the file's
+    seed: int = 0                       # the random tokens' (llama-bench: std::rand, unseeded)
+    warmup: bool = True                 # one untimed run of each test first (llama-bench's --no-warmup: False)
+    n_ctx: int | None = None            # the context; None: the largest test's tokens (llama-bench's)
+    # where the model runs, run.load's keywords (llama.cpp's -t, -tb, -ngl, --cpu-moe, -ot, --rpc, --no-repack)
+    load_options: dict = field(default_factory=dict)
+
+    def tests(self) -> list[tuple[str, int]]:
+        return [("pp", n) for n in self.n_prompt if n > 0] + [("tg", n) for n in self.n_gen if n > 0]
+
+    def check(self) -> None:
+        if not self.tests():
+            raise InvalidValueError("no test to run: give -p or -n a count above 0")
+        if any(n < 0 for n in (*self.n_prompt, *self.n_gen)):
+            raise InvalidValueError("-p and -n take token counts of 0 or more")
+        if self.repetitions < 1 or self.n_batch < 1 or self.n_ubatch < 1:
+            raise InvalidValueError("-r, -b and -ub take counts of 1 or more")
+        if self.n_ctx is not None and self.n_ctx < self.context_needed():
+            raise InvalidValueError(f"a context of {self.n_ctx} tokens cannot hold the largest test's "
+                                    f"{self.context_needed()} tokens: leave -c out or give at least that")
+
+    def context_needed(self) -> int:
+        return max(n for _, n in self.tests())
+
+
+@dataclass(frozen=True)
+class TokenBytes:
+    """What a generated token reads from a file's weights, from its tensor table."""
+
+    dense: int                 # every matrix but the embedding table and the experts
+    expert_mean: list[float]   # per layer, the mean bytes of one expert (its gate, up and down)
+    n_used: list[int]          # per layer, the experts a token uses
+
+    def per_token(self, skipped_share: list[float] | None = None) -> float:
+        """Bytes a token reads, with ``skipped_share`` of each layer's expert slots skipped (None: none)."""
+        kept = skipped_share or [0.0] * len(self.n_used)
+        return self.dense + sum(n * (1 - s) * b for n, s, b in zip(self.n_used, kept, self.expert_mean))
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """One test under one pruning setting: llama-bench's JSON fields, and the expert slots."""
+
+    test: str                  # "pp512", "tg128"
+    n_prompt: int
+    n_gen: int
+    odp: bool
+    samples_ns: list[int]
+    samples_ts: list[float]
+    avg_ts: float
+    stddev_ts: float
+    avg_ns: int
+    stddev_ns: int
+    slots_computed: int
+    slots_skipped: int
+    skipped_share: float | None  # of the expert slots the runs met (None: the file has no MoE layers)
+    bytes_per_token: float | None = None      # tg: bytes a generated token reads with this setting
+    ceiling_speedup: float | None = None      # tg with pruning: unpruned bytes / pruned bytes
+    speedup: float | None = None              # tg with pruning: avg_ts / the unpruned test's avg_ts
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    model_filename: str
+    model_type: str
+    model_size: int        # bytes of the tensors
+    model_n_params: int
+    backends: str          # where the weights were placed ("CPU", "CPU,CUDA", "CPU,RPC")
+    n_threads: int
+    n_threads_batch: int
+    n_gpu_layers: int
+    n_batch: int
+    n_ubatch: int
+    mu: float | None
+    results: list[BenchResult]
+
+    def rows(self) -> list[dict]:
+        """llama-bench's JSON: one object per test, the model's fields repeated in each."""
+        model = {k: v for k, v in asdict(self).items() if k != "results"}
+        return [{**model, **asdict(r)} for r in self.results]
+
+
+def token_bytes(path: str | Path) -> TokenBytes:
+    """The bytes a token reads from ``path``'s weights (TokenBytes), from gguf-py's tensor table."""
+    from mc_gguf.gguf_io.edit import field_value, open_gguf
+
+    reader = open_gguf(path)
+    arch = field_value(reader, "general.architecture")
+    n_layers = int(field_value(reader, f"{arch}.block_count") or 0)
+
+    def per_layer(key: str) -> list[int]:
+        value = field_value(reader, f"{arch}.{key}")
+        values = list(value) if isinstance(value, (list, tuple)) else [value or 0] * n_layers
+        return [int(v) for v in values]
+
+    n_expert, n_used = per_layer("expert_count"), per_layer("expert_used_count")
+    dense, experts = 0, [0] * n_layers
+    for tensor in reader.tensors:
+        if EXPERT_MARK in tensor.name and tensor.name.startswith("blk."):
+            experts[int(tensor.name.split(".")[1])] += int(tensor.n_bytes)
+        elif tensor.name != EMBEDDING:
+            dense += int(tensor.n_bytes)
+    mean = [b / n if n else 0.0 for b, n in zip(experts, n_expert)]
+    return TokenBytes(dense, mean, [u if b else 0 for u, b in zip(n_used, experts)])
+
+
+def bench(path: str | Path, settings: BenchSettings = BenchSettings(),
+          progress: Callable[[str], None] | None = None) -> BenchReport:
+    """llama-bench's tests on ``path`` (the module docstring), once per pruning setting."""
+    from mc_gguf.evaluate.run import load, read_odp_metadata
+
+    settings.check()
+    path = Path(path)
+    odp_settings = settings.odp
+    if odp_settings is None:
+        prunes = settings.mu is not None or read_odp_metadata(path) is not None
+        odp_settings = (False, True) if prunes else (False,)
+    need = token_bytes(path)
+    tests = settings.tests()
+    n_ctx = settings.n_ctx or settings.context_needed()
+    results: list[BenchResult] = []
+    model_info = None
+    for odp in odp_settings:
+        llm = load(path, odp=odp, mu=settings.mu if odp else None, n_ctx=n_ctx, n_batch=settings.n_batch,
+                   n_ubatch=min(settings.n_ubatch, settings.n_batch), **settings.load_options)
+        try:
+            if model_info is None:
+                model_info = _model_info(llm, path)
+            for kind, n in tests:
+                if progress:
+                    progress(f"{kind}{n}, pruning {'on' if odp else 'off'}")
+                results.append(_run_test(llm, kind, n, odp, settings, need))
+        finally:
+            llm.close()
+    results = _with_speedups(results)
+    return BenchReport(**model_info, n_batch=settings.n_batch, n_ubatch=min(settings.n_ubatch, settings.n_batch),
+                       mu=settings.mu, results=results)
+
+
+def _tokens(llm, kind: str, n: int, rng) -> list[int]:
+    """llama-bench's tokens: random ids, the first BOS when the vocabulary adds one."""
+    tokens = [int(t) for t in rng.integers(0, llm.n_vocab(), n)]
+    if tokens and llm._model.add_bos_token() and llm.token_bos() >= 0:
+        tokens[0] = llm.token_bos()
+    return tokens
+
+
+def _decode(llm, tokens: list[int], one_at_a_time: bool) -> int:
+    """Wall time in ns of decoding ``tokens`` on an empty context (a prompt in n_batch batches, or one by one)."""
+    llm.reset()
+    llm._ctx.kv_cache_clear()  # llama_memory_clear, as llama-bench before each run
+    started = time.perf_counter_ns()
+    if one_at_a_time:
+        for token in tokens:
+            llm.eval([token])
+    else:
+        llm.eval(tokens)
+    return time.perf_counter_ns() - started
+
+
+def _run_test(llm, kind: str, n: int, odp: bool, settings: BenchSettings, need: TokenBytes) -> BenchResult:
+    import numpy as np
+
+    rng = np.random.default_rng(settings.seed)
+    one_at_a_time = kind == "tg"
+    if settings.warmup:  # llama-bench's: one prompt batch, or one token
+        _decode(llm, _tokens(llm, kind, 1 if one_at_a_time else min(n, settings.n_batch), rng), one_at_a_time)
+    llm.reset_expert_stats()
+    samples = [_decode(llm, _tokens(llm, kind, n, rng), one_at_a_time) for _ in range(settings.repetitions)]
+    counts = llm.expert_stats()
+    computed, skipped = sum(counts.computed), sum(counts.skipped)
+    rates = [n * 1e9 / ns for ns in samples]
+    shares = [s / (c + s) if c + s else 0.0 for c, s in zip(counts.computed, counts.skipped)]
+    has_experts = any(need.n_used)
+    return BenchResult(
+        test=f"{kind}{n}", n_prompt=n if kind == "pp" else 0, n_gen=n if kind == "tg" else 0, odp=odp,
+        samples_ns=samples, samples_ts=[round(r, 3) for r in rates], avg_ts=statistics.fmean(rates),
+        stddev_ts=statistics.stdev(rates) if len(rates) > 1 else 0.0, avg_ns=int(statistics.fmean(samples)),
+        stddev_ns=int(statistics.stdev(samples)) if len(samples) > 1 else 0,
+        slots_computed=computed, slots_skipped=skipped,
+        skipped_share=skipped / (computed + skipped) if computed + skipped else (None if not has_experts else 0.0),
+        bytes_per_token=need.per_token(_layer_shares(shares, need)) if kind == "tg" else None)
+
+
+def _layer_shares(shares: list[float], need: TokenBytes) -> list[float]:
+    """The counters' per-layer skipped shares, one per layer of the file (layers without experts: 0)."""
+    return [shares[i] if i < len(shares) else 0.0 for i in range(len(need.n_used))]
+
+
+def _with_speedups(results: list[BenchResult]) -> list[BenchResult]:
+    """Each pruned tg test with its unpruned twin's bytes and speed: the bandwidth ceiling and the speed-up."""
+    from dataclasses import replace
+
+    plain = {r.test: r for r in results if not r.odp}
+    out = []
+    for r in results:
+        base = plain.get(r.test)
+        if r.odp and r.n_gen and base is not None and r.bytes_per_token:
+            r = replace(r, ceiling_speedup=base.bytes_per_token / r.bytes_per_token,
+                        speedup=r.avg_ts / base.avg_ts if base.avg_ts else None)
+        out.append(r)
+    return out
+
+
+def _model_info(llm, path: Path) -> dict:
+    """llama-bench's model fields (model_type as llama_model_desc writes it) and where the weights went."""
+    import llama_cpp
+
+    buf = (llama_cpp.ctypes.c_char * 256)()
+    llama_cpp.llama_model_desc(llm.model, buf, len(buf))
+    places = sorted({_backend_name(name) for name in getattr(llm, "model_buffers", {})}) or ["CPU"]
+    params = llm.context_params
+    return dict(model_filename=str(path), model_type=buf.value.decode(errors="replace"),
+                model_size=int(llama_cpp.llama_model_size(llm.model)),
+                model_n_params=int(llama_cpp.llama_model_n_params(llm.model)), backends=",".join(places),
+                n_threads=int(params.n_threads), n_threads_batch=int(params.n_threads_batch),
+                n_gpu_layers=int(llm.model_params.n_gpu_layers))
+
+
+def _backend_name(buffer: str) -> str:
+    """A model buffer's backend: "CPU_Mapped" and "CPU_REPACK" -> CPU, "CUDA0" -> CUDA, "RPC0[host:port]" -> RPC."""
+    name = buffer.split("[")[0].split("_")[0]
+    return name.rstrip("0123456789") or name
+
+
+def describe(report: BenchReport) -> str:
+    """llama-bench's markdown table, with the pruning columns, then a line per pruned tg test."""
+    size = f"{report.model_size / 2**30:.2f} GiB" if report.model_size >= 2**30 else \
+        f"{report.model_size / 2**20:.2f} MiB"
+    params = _si(report.model_n_params)
+    header = ["model", "size", "params", "backend", "threads", "odp", "test", "t/s", "skipped"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 5 + [":-:", "---:", "---:", "---:"]) + "|"]
+    for r in report.results:
+        skipped = "-" if r.skipped_share is None else f"{100 * r.skipped_share:.1f}%"
+        lines.append(f"| {report.model_type} | {size} | {params} | {report.backends} | {report.n_threads} | "
+                     f"{'on' if r.odp else 'off'} | {r.test} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} | {skipped} |")
+    for r in report.results:
+        if r.ceiling_speedup is not None:
+            lines.append(f"\n{r.test} with pruning: {100 * r.skipped_share:.1f}% of the expert slots skipped, a token "
+                         f"reads {_si(r.bytes_per_token, 'B')} instead of "
+                         f"{_si(r.bytes_per_token * r.ceiling_speedup, 'B')}: at most {r.ceiling_speedup:.2f}x "
+                         f"where memory bandwidth bounds generation; measured {r.speedup:.2f}x")
+    return "\n".join(lines)
+
+
+def write_rows(report: BenchReport, output: str, stream: TextIO) -> None:
+    """llama-bench's machine-readable outputs: ``json`` (a list), ``jsonl`` (an object a line) or ``csv``."""
+    rows = report.rows()
+    if output == "json":
+        stream.write(json.dumps(rows, indent=2) + "\n")
+    elif output == "jsonl":
+        stream.writelines(json.dumps(row) + "\n" for row in rows)
+    elif output == "csv":
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()} for row in rows)
+    else:
+        raise InvalidValueError(f"unknown output format {output!r}")
+
+
+def _si(value: float, unit: str = "") -> str:
+    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if value >= scale:
+            return f"{value / scale:.2f} {prefix}{unit}".rstrip()
+    return f"{value:g} {unit}".rstrip() if not math.isnan(value) else "-"
