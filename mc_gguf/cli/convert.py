@@ -12,7 +12,8 @@ EXAMPLE = "example: mc-gguf convert ./Mixtral-8x7B-v0.1 -o mixtral-f16.gguf --ty
 
 def add_parser(commands) -> None:
     p = add_command(commands, "convert", "Convert a Hugging Face MoE checkpoint into a GGUF llama.cpp runs: Mixtral "
-                    "by mc-gguf, Qwen3-MoE and OLMoE by llama.cpp's own convert_hf_to_gguf.py (from the pinned sdist).",
+                    "by mc-gguf; Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2, GLM4-MoE and gpt-oss by llama.cpp's own "
+                    "convert_hf_to_gguf.py (from the pinned sdist).",
                     EXAMPLE)
     p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument("-o", "--output", required=True, help="the GGUF file to write (written atomically)")

@@ -1,7 +1,7 @@
 """Every ``mc.*`` GGUF metadata key mc-gguf writes or reads, with its type and meaning: the one place.
 
 Stock llama.cpp ignores these keys; the patched runtime reads the ones marked
-``runtime`` (patches 0006 and 0007 name them in ``llama-mc.h``). docs/FORMAT.md
+``runtime`` (llama-model.cpp's load_hparams, patches 0006, 0007 and 0020). docs/FORMAT.md
 explains the layout they describe; ``mc-gguf inspect`` prints each key with
 the meaning given here, and a test checks that FORMAT.md lists every key.
 

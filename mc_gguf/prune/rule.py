@@ -1,6 +1,6 @@
 """Online Dynamic Pruning (ODP): the rule, its parameters, and thresholds for a skip share.
 
-The rule (../METHOD.md, Stage 2; the runtime's build_moe_ffn does the same):
+The rule (the MC paper's Online Dynamic Pruning; the runtime's build_moe_ffn does the same):
 for token t with top-k router probabilities w_0 >= w_1 >= ... (before top-k
 renormalisation), slot i >= 1 is skipped when w_i / w_0 < mu_l; a slot is kept
 iff w_i / w_0 >= mu_l, so a ratio exactly at the threshold is kept. The kept
