@@ -263,7 +263,12 @@ def _model_info(llm, path: Path) -> dict:
                 model_size=int(llama_cpp.llama_model_size(llm.model)),
                 model_n_params=int(llama_cpp.llama_model_n_params(llm.model)), backends=",".join(places),
                 n_threads=int(params.n_threads), n_threads_batch=int(params.n_threads_batch),
-                n_gpu_layers=int(llm.model_params.n_gpu_layers))
+                n_gpu_layers=_layers_given(int(llm.model_params.n_gpu_layers)))
+
+
+def _layers_given(n_gpu_layers: int) -> int:
+    """-ngl as given: llama-cpp-python passes -1 (all) to llama.cpp as INT32_MAX."""
+    return -1 if n_gpu_layers >= 2**31 - 1 else n_gpu_layers
 
 
 def _backend_name(buffer: str) -> str:

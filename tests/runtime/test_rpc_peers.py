@@ -322,3 +322,53 @@ def _stderr_line(process: subprocess.Popen, seconds: float) -> str:
     reader.start()
     reader.join(seconds)
     return "".join(lines)
+
+
+def test_serve_through_the_relay_gives_the_cpus_text_and_ends_when_its_server_dies(converted, tmp_path):
+    """serve --rpc: the supervised child answers OpenAI's API with the CPU's greedy text; when the rpc-server dies,
+    the server ends with one error line (no abort, no hang), and so does the request in flight."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    from mc_gguf.evaluate.run import generate
+
+    model = converted("f16")
+    rpc = Server()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    err = tmp_path / "serve.err"
+    with open(err, "w") as stderr:
+        serve = subprocess.Popen([MC, "serve", str(model), "--port", str(port), "--rpc", rpc.endpoint,
+                                  "--rpc-timeout", "5"], stdout=subprocess.DEVNULL, stderr=stderr)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+    try:
+        deadline = time.monotonic() + BOUND_S
+        while True:
+            assert serve.poll() is None and time.monotonic() < deadline, err.read_text()
+            try:
+                reply = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0,
+                                                  extra_body={"repeat_penalty": 1.0})
+                break
+            except openai.APIConnectionError:
+                time.sleep(0.2)
+        assert rpc.accepted() > 0
+        assert reply.choices[0].text == generate(model, PROMPT, 12)[0]
+        rpc.stop()
+        with pytest.raises(openai.APIError):
+            client.completions.create(model="tiny", prompt=PROMPT + " again", max_tokens=12, temperature=0)
+        serve.wait(BOUND_S)
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait(10)
+        rpc.stop()
+    assert_ends_with_one_error(serve.returncode, err.read_text(), rpc.endpoint, "")
+
+
+def test_bench_through_the_relay_places_the_model_on_the_server(shared_server, converted):
+    result = mc_gguf("bench", str(converted("f16")), "-p", "16", "-n", "4", "-r", "1", "-o", "json",
+                     "--rpc", shared_server.endpoint, "--rpc-timeout", "5")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [r["test"] for r in rows] == ["pp16", "tg4"]
+    assert "RPC" in rows[0]["backends"].split(",") and rows[0]["n_gpu_layers"] == -1
