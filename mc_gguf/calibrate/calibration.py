@@ -38,7 +38,7 @@ from mc_gguf.calibrate.workdir import WorkDir
 from mc_gguf.device import torch_device
 from mc_gguf.errors import McGgufError
 from mc_gguf.ggml.types import quant_type
-from mc_gguf.hf.checkpoint import Checkpoint, dense_layers, open_checkpoint
+from mc_gguf.hf.checkpoint import Checkpoint, open_checkpoint
 
 EPS_NORM = ("Frobenius norm (not squared) of the MoE block output change over the sampled "
             "calibration tokens when only this expert is quantized")
@@ -198,7 +198,7 @@ def _provenance(ckpt: Checkpoint, text: CalibrationText, settings: CalibrationSe
         "model_name": ckpt.config.get("_name_or_path") or ckpt.path.resolve().name,
         "architecture": ckpt.arch.hf_architecture,
         "n_layer": ckpt.n_layers,
-        "dense_layers": dense_layers(ckpt.config),
+        "dense_layers": ckpt.dense_layers,
         "n_expert": ckpt.n_experts,
         "n_expert_used": ckpt.n_experts_used,
         "hidden_size": hidden,

@@ -42,7 +42,7 @@ import torch
 
 from mc_gguf.ggml import quants
 from mc_gguf.ggml.types import stored_type
-from mc_gguf.hf.checkpoint import SWIGLU_OAI
+from mc_gguf.hf.config import SWIGLU_OAI
 
 
 @dataclass

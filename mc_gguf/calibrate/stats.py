@@ -1,7 +1,7 @@
 """Calibration statistics: what `mc-gguf calibrate` measures, as one file a person can open.
 
 The file is safetensors (arrays, readable with ``safetensors.numpy.load_file``)
-whose header metadata holds one JSON object, ``mc_gguf.calibrate.stats``, with the
+whose header metadata holds one JSON object, under ``mc_gguf.stats`` (METADATA_KEY), with the
 provenance (model, text hash, token count, seed, candidate types).
 
 Arrays, per MoE layer N (a dense layer, listed in the header's ``dense_layers``, has none; E experts, H hidden size, F expert intermediate size,
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import functools
 import json
-import struct
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -48,6 +47,7 @@ import numpy as np
 
 from mc_gguf.atomic import atomic_output
 from mc_gguf.errors import McGgufError
+from mc_gguf.hf.safetensors_io import numpy_dtype, write_safetensors
 
 METADATA_KEY = "mc_gguf.stats"
 FORMAT_VERSION = 1
@@ -76,12 +76,12 @@ class LayerStats:
 
     @property
     def phi(self) -> np.ndarray:
-        """Access frequency, normalised so the layer's experts sum to 1 (METHOD.md)."""
+        """Access frequency, normalised so the layer's experts sum to 1 (the paper's phi)."""
         return _normalised(self.count)
 
     @property
     def w(self) -> np.ndarray:
-        """Activation weight, normalised so the layer's experts sum to 1 (METHOD.md)."""
+        """Activation weight, normalised so the layer's experts sum to 1 (the paper's w)."""
         return _normalised(self.weight_sum)
 
     def imatrix(self, which: str) -> np.ndarray:
@@ -161,46 +161,6 @@ def layer_arrays(layers: list[LayerStats | None], first: int = 0) -> dict[str, n
     return arrays
 
 
-# numpy dtypes by their safetensors names
-SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-                      "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
-
-def write_safetensors(path: Path, arrays: dict[str, np.ndarray | Callable[[], np.ndarray]],
-                      metadata: dict[str, str], chunk_bytes: int = 64 << 20) -> None:
-    """A safetensors file of ``arrays`` (safetensors' own reader reads it), where a callable (giving a memory
-    map, say) is called when its shape is needed and again when its bytes are written, so that no more than
-    one of them is open at a time. The format: a little-endian u64 header length, the JSON header with
-    each tensor's dtype, shape and byte range, padded with spaces to a multiple of 8, then the data."""
-    names = {np.dtype(t): name for name, t in SAFETENSORS_DTYPES.items()}
-
-    def opened(value) -> np.ndarray:
-        return value() if callable(value) else value
-
-    header: dict[str, dict] = {"__metadata__": metadata}
-    offset = 0
-    for name, value in arrays.items():
-        array = opened(value)
-        if array.dtype not in names:
-            raise ValueError(f"{name}: safetensors has no dtype for {array.dtype}")
-        header[name] = {"dtype": names[array.dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-        del array
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for value in arrays.values():
-            array = opened(value)
-            flat = array.reshape(-1) if array.flags.c_contiguous else np.ascontiguousarray(array).reshape(-1)
-            step = max(1, chunk_bytes // max(flat.itemsize, 1))
-            for first in range(0, flat.size, step):
-                f.write(np.ascontiguousarray(flat[first:first + step]).tobytes())
-            del array, flat
-
-
 def read_layers(arrays: dict[str, np.ndarray], n_layers: int, first: int = 0,
                 dense: Collection[int] = ()) -> list[LayerStats | None]:
     optional = {"routed_ids", "routed_weights", "skip_cost", "drop_cost", "slot_experts"}
@@ -236,7 +196,7 @@ def load_stats(path: str | Path) -> CalibrationStats:
             known = {column.name for column in fields(LayerStats)}
             wanted = sorted(name for name in names if name.rpartition(".")[2] in known)
             for name in wanted:  # numpy reads no bfloat16 or float8: such an array is not one save() wrote
-                if (dtype := f.get_slice(name).get_dtype()) not in SAFETENSORS_DTYPES:
+                if numpy_dtype(dtype := f.get_slice(name).get_dtype()) is None:
                     raise StatsFileError(f"{path}: {name} is stored as {dtype}, a type the statistics never have")
             arrays = {name: f.get_tensor(name) for name in wanted}
             inputs = {name: f.get_slice(name).get_shape() for name in names if name.endswith(".moe_input")}

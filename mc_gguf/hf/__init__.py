@@ -1,2 +1,2 @@
-"""Hugging Face checkpoints: the MoE architecture table, lazy safetensors reading, and the tiny seeded
-model the demo and the tests build."""
+"""Hugging Face checkpoints: the MoE architecture table, config.json's checks, safetensors reading and writing,
+MXFP4 experts, the lazy checkpoint, and the tiny seeded model the demo and the tests build."""

@@ -34,6 +34,30 @@ class ExpertSource:
 
 
 @dataclass(frozen=True)
+class DenseLayers:
+    """The config.json keys by which a family's layers have a dense FFN instead of routed experts (None: the
+    family has no such key): the first ``leading`` layers (DeepSeek's first_k_dense_replace;
+    llama.cpp's leading_dense_block_count), the layers ``listed`` (Qwen2/3-MoE's mlp_only_layers), and every
+    layer but each ``step``-th (Qwen2/3-MoE's decoder_sparse_step, as Qwen2MoeDecoderLayer reads it:
+    experts where (bid + 1) % step == 0; DeepSeek's moe_layer_freq is read the same way)."""
+    leading: str | None = None
+    listed: str | None = None
+    step: str | None = None
+
+    def of(self, config: dict) -> list[int]:
+        """The dense layers of a config.json, ascending."""
+        def value(key: str | None):
+            return config.get(key) if key else None
+
+        n_layers = int(config.get("num_hidden_layers") or 0)
+        dense = set(value(self.listed) or [])
+        step = value(self.step) or 1
+        dense |= {bid for bid in range(n_layers) if (bid + 1) % step}
+        dense |= set(range(min(int(value(self.leading) or 0), n_layers)))
+        return sorted(dense)
+
+
+@dataclass(frozen=True)
 class MoEArchitecture:
     hf_architecture: str
     gguf_arch: gguf.MODEL_ARCH
@@ -69,9 +93,9 @@ class MoEArchitecture:
     # config.json key of the factor the routed experts' weights are multiplied by (DeepSeek's
     # routed_scaling_factor; llama.cpp's expert_weights_scale), None: 1.
     routed_scale_key: str | None = None
-    # config.json key of the number of leading layers with a dense FFN instead of experts (DeepSeek's
-    # first_k_dense_replace; llama.cpp's leading_dense_block_count), None: every layer is an MoE layer.
-    leading_dense_key: str | None = None
+    # Which layers have a dense FFN instead of experts (llama.cpp's graph allows only leading ones, and only where
+    # the row names a ``leading`` key), by config.json's keys; none of them: every layer is an MoE layer.
+    dense_layers: DenseLayers = DenseLayers()
     # The router's parameter added to the probabilities for choosing the slots only (DeepSeek-V3 and GLM4-MoE's
     # e_score_correction_bias; llama.cpp's exp_probs_b), None: no selection bias.
     selection_bias: str | None = None
@@ -95,6 +119,10 @@ class MoEArchitecture:
     # Who writes the metadata and non-expert tensors: "mc-gguf" or "llama.cpp" (see the module docstring).
     converter: str = "mc-gguf"
 
+    def n_expert_key(self, config: dict) -> str:
+        """The config.json key holding the expert count: the first of ``n_expert_keys`` present (the first if none)."""
+        return next((key for key in self.n_expert_keys if key in config), self.n_expert_keys[0])
+
     def expert_source(self, bid: int, xid: int, projection: str) -> ExpertSource:
         """Where expert ``xid``'s ``projection`` (gate, up or down) of layer ``bid`` is, e.g. the tensor
         ``...experts.3.w1.weight``, or row 3 of ``...experts.gate_up_proj``, its even columns."""
@@ -113,7 +141,7 @@ class MoEArchitecture:
     def expert_pattern(self) -> str:
         """A regular expression matching every routed expert's checkpoint weights (of any layer); a stacked
         layout's biases are not matched (llama.cpp's converter writes them)."""
-        if self.expert_storage == "stacked":  # also MXFP4's blocks and scales (hf/checkpoint.py)
+        if self.expert_storage == "stacked":  # also MXFP4's blocks and scales (hf/mxfp4.py)
             template = re.escape(self.expert.format(bid="{bid}")).replace(r"\{bid\}", r"\d+")
             weights = "|".join(sorted({re.escape(h) for _, h in self.expert_projections}))
             return f"^{template}\\.({weights})(_blocks|_scales)?$"
@@ -156,11 +184,14 @@ QWEN3_MOE = MoEArchitecture(
     norm_topk_prob=False,
     norm_topk_key="norm_topk_prob",
     permute_qk=False,
+    dense_layers=DenseLayers(listed="mlp_only_layers", step="decoder_sparse_step"),
     converter="llama.cpp",
 )
 
-# OLMoE: Qwen3-MoE's MoE block (softmax, top-k weights not renormalised by default), Q/K norms over all heads.
-OLMOE = replace(QWEN3_MOE, hf_architecture="OlmoeForCausalLM", gguf_arch=gguf.MODEL_ARCH.OLMOE)
+# OLMoE: Qwen3-MoE's MoE block (softmax, top-k weights not renormalised by default), Q/K norms over all heads;
+# experts in every layer.
+OLMOE = replace(QWEN3_MOE, hf_architecture="OlmoeForCausalLM", gguf_arch=gguf.MODEL_ARCH.OLMOE,
+                dense_layers=DenseLayers())
 
 # Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B): Qwen3-MoE's routing plus a shared expert whose output is scaled by
 # a sigmoid gate of its own (Qwen2MoeSparseMoeBlock); the shared expert is never quantized per expert nor pruned.
@@ -172,7 +203,8 @@ QWEN2_MOE = replace(QWEN3_MOE, hf_architecture="Qwen2MoeForCausalLM", gguf_arch=
 # Attention is MLA, which only llama.cpp's converter (kv_b split) and graph need to know.
 DEEPSEEK_V2 = replace(QWEN3_MOE, hf_architecture="DeepseekV2ForCausalLM", gguf_arch=gguf.MODEL_ARCH.DEEPSEEK2,
                       n_expert_keys=("n_routed_experts",), shared_expert="summed", shared_modules=("shared_experts",),
-                      routed_scale_key="routed_scaling_factor", leading_dense_key="first_k_dense_replace")
+                      routed_scale_key="routed_scaling_factor",
+                      dense_layers=DenseLayers(leading="first_k_dense_replace", step="moe_layer_freq"))
 
 # GLM4-MoE (GLM-4.5, GLM-4.5-Air, GLM-4.6): sigmoid routing with a selection bias, top-k weights renormalised
 # (norm_topk_prob) and scaled by routed_scaling_factor, expert groups (n_group; 1 in the released models),
@@ -181,19 +213,21 @@ DEEPSEEK_V2 = replace(QWEN3_MOE, hf_architecture="DeepseekV2ForCausalLM", gguf_a
 GLM4_MOE = replace(DEEPSEEK_V2, hf_architecture="Glm4MoeForCausalLM", gguf_arch=gguf.MODEL_ARCH.GLM4_MOE,
                    n_expert_keys=("n_routed_experts", "num_local_experts"), gating=gguf.ExpertGatingFuncType.SIGMOID,
                    norm_topk_prob=True, selection_bias="e_score_correction_bias",
-                   expert_group_keys=("n_group", "topk_group"))
+                   expert_group_keys=("n_group", "topk_group"),
+                   dense_layers=DenseLayers(leading="first_k_dense_replace"))
 
 # gpt-oss (20b, 120b): a router with a bias; the top-k chosen by the logits, weighted by a softmax over the
 # chosen (llama.cpp's SOFTMAX_WEIGHT: the softmax over all experts renormalised over the top-k is the same);
 # experts stacked per layer with biases, gate and up interleaved in one tensor; the OAI SwiGLU (clamped at
 # swiglu_limit, sigmoid scaled by swiglu_alpha). Attention sinks and sliding windows are llama.cpp's converter's
-# and graph's. The Hub's checkpoints hold the experts in MXFP4 blocks, which hf/checkpoint.py reads.
+# and graph's. The Hub's checkpoints hold the experts in MXFP4 blocks, which hf/mxfp4.py decodes.
 GPT_OSS = replace(QWEN3_MOE, hf_architecture="GptOssForCausalLM", gguf_arch=gguf.MODEL_ARCH.GPT_OSS,
                   router="model.layers.{bid}.mlp.router", hf_router="router", expert="model.layers.{bid}.mlp.experts",
                   expert_projections=(("gate", "gate_up_proj"), ("up", "gate_up_proj"), ("down", "down_proj")),
                   stacked_expert="model.layers.{bid}.mlp.experts.{gguf}_proj", n_expert_keys=("num_local_experts",),
                   norm_topk_prob=True, norm_topk_key=None, expert_storage="stacked", expert_biases=True,
-                  router_bias="bias", expert_activation="swiglu-oai", hf_moe_returns_scores=True)
+                  router_bias="bias", expert_activation="swiglu-oai", hf_moe_returns_scores=True,
+                  dense_layers=DenseLayers())
 
 ARCHITECTURES: dict[str, MoEArchitecture] = {arch.hf_architecture: arch for arch in (MIXTRAL, QWEN2_MOE, QWEN3_MOE,
                                                                                      OLMOE, DEEPSEEK_V2, GLM4_MOE,

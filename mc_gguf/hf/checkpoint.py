@@ -1,17 +1,14 @@
 """Read a Hugging Face checkpoint folder lazily: config, shard index, one tensor at a time.
 
 Every shard's safetensors header is checked against the file size before any
-work starts, so a truncated download fails at once with the shard's name
-rather than half-way through a conversion.
+work starts (hf/safetensors_io.py), so a truncated download fails at once with
+the shard's name rather than half-way through a conversion; config.json is
+checked against its architecture row (hf/config.py) and against the tensors.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
-import struct
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,19 +16,15 @@ import numpy as np
 
 from mc_gguf.errors import CheckpointError
 from mc_gguf.hf.architectures import MoEArchitecture, architecture_for
+from mc_gguf.hf.config import check_config
 from mc_gguf.hf.hub import model_folder
+from mc_gguf.hf.mxfp4 import PARTS, mxfp4_dequantize, stored_as_mxfp4, unquantized_shape
+from mc_gguf.hf.safetensors_io import TensorEntry, read_safetensors_header, read_tensor
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-
-
-@dataclass
-class TensorEntry:
-    shard: Path
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int = 0   # of its first byte in the shard file
-    nbytes: int = 0
+# the dtypes of weights mc-gguf converts (gpt-oss's MXFP4 blocks and scales, U8, aside)
+WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
 @dataclass
@@ -50,14 +43,19 @@ class Checkpoint:
         return int(self.config["num_hidden_layers"])
 
     @property
+    def dense_layers(self) -> list[int]:
+        """The layers with a dense FFN instead of routed experts (the row's dense_layers read from config.json)."""
+        return self.arch.dense_layers.of(self.config)
+
+    @property
     def moe_layers(self) -> list[int]:
-        """The layers with routed experts; the others (leading_dense_key) have a dense FFN, which is not an
+        """The layers with routed experts; the others (dense_layers) have a dense FFN, which is not an
         expert and is converted as the attention is."""
-        dense = set(dense_layers(self.config))
+        dense = set(self.dense_layers)
         return [bid for bid in range(self.n_layers) if bid not in dense]
 
     def is_moe(self, bid: int) -> bool:
-        return bid not in dense_layers(self.config)
+        return bid not in self.dense_layers
 
     @property
     def routed_scale(self) -> float:
@@ -74,7 +72,7 @@ class Checkpoint:
 
     @property
     def n_experts(self) -> int:
-        return int(self.config[expert_count_key(self.config, self.arch)])
+        return int(self.config[self.arch.n_expert_key(self.config)])
 
     @property
     def norm_topk_prob(self) -> bool:
@@ -108,12 +106,12 @@ class Checkpoint:
             return shapes.pop()
         source = arch.expert_source(bid, 0, projection)
         start, step = source.columns
-        if self._mxfp4(source.tensor):
-            blocks, scales = (self.shape(f"{source.tensor}_{part}") for part in ("blocks", "scales"))
-            if len(blocks) != 4 or blocks[0] != n or blocks[3] != MXFP4_BLOCK // 2 or scales != blocks[:3]:
+        if stored_as_mxfp4(self.tensors, source.tensor):
+            blocks, scales = (self.shape(f"{source.tensor}_{part}") for part in PARTS)
+            shape = unquantized_shape(blocks, scales, n)
+            if shape is None:
                 raise CheckpointError(f"{self.path}: {source.tensor}_blocks {list(blocks)} and _scales {list(scales)} "
                                       f"are not MXFP4 blocks [{n} experts, out, blocks, 16] and their scales")
-            shape = (n, blocks[2] * MXFP4_BLOCK, blocks[1])  # as the unquantized tensor's [E, in, out]
         else:
             shape = self.shape(source.tensor)
         if len(shape) != 3 or shape[0] != n or shape[2] % step:
@@ -134,8 +132,8 @@ class Checkpoint:
         if source.index is None:
             return self.load_torch(source.tensor)
         start, step = source.columns
-        if self._mxfp4(source.tensor):
-            blocks, scales = (self._stacked_row(source.tensor, source.index, f"_{part}") for part in ("blocks", "scales"))
+        if stored_as_mxfp4(self.tensors, source.tensor):
+            blocks, scales = (self._stacked_row(source.tensor, source.index, f"_{part}") for part in PARTS)
             return mxfp4_dequantize(blocks[start::step], scales[start::step])
         return self._stacked_row(source.tensor, source.index)[:, start::step].T.contiguous()
 
@@ -155,11 +153,6 @@ class Checkpoint:
         start, step = source.columns
         return self.load_torch(source.bias, source.index)[start::step].float().contiguous()
 
-    def _mxfp4(self, stacked: str) -> bool:
-        """Is a stacked expert tensor stored as MXFP4 blocks and scales (gpt-oss on the Hub: ``{name}_blocks``
-        [E, out, in / 32, 16] uint8, ``{name}_scales`` [E, out, in / 32] uint8)?"""
-        return stacked not in self.tensors and f"{stacked}_blocks" in self.tensors
-
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name).shape
 
@@ -171,23 +164,12 @@ class Checkpoint:
         """One tensor (or, with ``index``, its row ``index`` of the first dimension) as a torch tensor in the
         checkpoint's own dtype (bf16 stays bf16: half of float32).
 
-        The bytes are read into the tensor (safetensors' little-endian layout):
-        safetensors' own reader maps the whole shard and keeps it mapped, so
-        every tensor read stays in the process's resident memory until the
-        end (5 GB shards, the whole model for a converter). Dtypes torch reads
-        plainly go this way; others through safetensors.
+        Dtypes torch reads plainly are read into a tensor of their own (safetensors_io.read_tensor), others
+        through safetensors' own reader.
         """
-        import torch
-
         entry = self._entry(name)
-        shape, offset = entry.shape, entry.offset
-        if index is not None:
-            shape = entry.shape[1:]
-            offset += index * (entry.nbytes // entry.shape[0])
-        dtype = getattr(torch, TORCH_DTYPES.get(entry.dtype, ""), None)
-        if dtype is not None and sys.byteorder == "little":
-            out = torch.empty(shape, dtype=dtype)
-            _read_into(entry.shard, offset, out.view(-1).view(torch.uint8).numpy())
+        out = read_tensor(entry, index)
+        if out is not None:
             return out
         from safetensors import safe_open
 
@@ -218,261 +200,13 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-# config.json keys every stage reads, besides the architecture row's own
-REQUIRED_CONFIG = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
-
-# safetensors dtypes read straight into torch tensors (Checkpoint.load_torch)
-TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
-                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-
-# the dtypes of the safetensors format and their bits per value (its Rust crate's Dtype::bitsize)
-SAFETENSORS_DTYPES = {"BOOL": 8, "U8": 8, "I8": 8, "I16": 16, "U16": 16, "I32": 32, "U32": 32, "I64": 64, "U64": 64,
-                      "F16": 16, "BF16": 16, "F32": 32, "F64": 64, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "F4": 4,
-                      "F6_E2M3": 6, "F6_E3M2": 6, "C64": 64}
-# the dtypes of weights mc-gguf converts (gpt-oss's MXFP4 blocks and scales, U8, aside)
-WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")
-# safetensors' own limit on a header (MAX_HEADER_SIZE)
-MAX_HEADER_SIZE = 100_000_000
-# llama.cpp's limits (llama-hparams.h: LLAMA_MAX_LAYERS, LLAMA_MAX_EXPERTS)
-MAX_LAYERS = 512
-MAX_EXPERTS = 1024
-
-
-# MXFP4 (OCP microscaling): blocks of 32 FP4 (E2M1) values, two per byte (the low nibble first), sharing one
-# E8M0 scale 2^(s - 127); the values of the 16 codes, as transformers' integrations/mxfp4.py and ggml's
-# kvalues_mxfp4 (doubled there, the scale halved) read them
-MXFP4_BLOCK = 32
-FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-
-
-def mxfp4_dequantize(blocks, scales):
-    """MXFP4 rows [rows, n_blocks, 16] uint8 with their scales [rows, n_blocks] as bfloat16 [rows, n_blocks * 32]:
-    exact (an FP4 value has at most 2 significant bits, its scale is a power of two within bfloat16's exponent
-    range) at half the memory of float32."""
-    import torch
-
-    lut = torch.tensor(FP4_E2M1, dtype=torch.float32)
-    values = torch.stack((lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]), dim=-1)  # [rows, n, 16, 2]
-    values = torch.ldexp(values.reshape(*blocks.shape[:2], MXFP4_BLOCK), scales.to(torch.int32)[..., None] - 127)
-    return values.reshape(blocks.shape[0], -1).to(torch.bfloat16)
-
-
-# gpt-oss's gated activation as llama.cpp's build_moe_ffn computes it (LLM_FFN_SWIGLU_OAI_MOE: alpha, limit)
-SWIGLU_OAI = {"swiglu_alpha": 1.702, "swiglu_limit": 7.0}
-
-
-def expert_count_key(config: dict, arch: MoEArchitecture) -> str:
-    """The config.json key holding the expert count: the first of the row's keys present (the first if none)."""
-    return next((key for key in arch.n_expert_keys if key in config), arch.n_expert_keys[0])
-
-
-def dense_layers(config: dict) -> list[int]:
-    """Layers with a dense FFN instead of experts, from the keys the families use for them (Qwen2/3-MoE's
-    mlp_only_layers and decoder_sparse_step, DeepSeek's first_k_dense_replace and moe_layer_freq)."""
-    n_layers = int(config.get("num_hidden_layers") or 0)
-    dense = set(config.get("mlp_only_layers") or [])
-    step = config.get("decoder_sparse_step") or config.get("moe_layer_freq") or 1
-    dense |= {bid for bid in range(n_layers) if (bid + 1) % step}
-    dense |= set(range(min(int(config.get("first_k_dense_replace") or 0), n_layers)))
-    return sorted(dense)
-
-
-def _check_config(path: Path, config: dict, arch: MoEArchitecture) -> None:
-    n_expert_key = expert_count_key(config, arch)
-    for key in (*REQUIRED_CONFIG, n_expert_key, arch.n_expert_used_key):
-        value = config.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            found = "it is missing" if value is None else f"it is {value!r}"
-            raise CheckpointError(f"{path / 'config.json'}: {key} must be a positive whole number; {found}")
-    for key, most in (("num_hidden_layers", MAX_LAYERS), (n_expert_key, MAX_EXPERTS)):
-        if config[key] > most:
-            raise CheckpointError(f"{path / 'config.json'}: {key} = {config[key]}; llama.cpp loads at most {most}")
-    _check_numbers(path, config)
-    _check_kinds(path, config, arch)
-    dense = dense_layers(config)
-    leading = int(config.get(arch.leading_dense_key) or 0) if arch.leading_dense_key else 0
-    if dense != list(range(min(leading, int(config.get("num_hidden_layers") or 0)))):
-        where = f"only the first {arch.leading_dense_key} layers" if arch.leading_dense_key else "no layer"
-        raise CheckpointError(f"{path / 'config.json'}: layers {', '.join(map(str, dense))} have a dense FFN, "
-                              f"not experts; in {arch.hf_architecture} {where} may (as in llama.cpp's graph)")
-    if len(dense) >= int(config.get("num_hidden_layers") or 0) > 0:
-        raise CheckpointError(f"{path / 'config.json'}: every layer has a dense FFN: there are no experts to compress")
-    method = config.get("topk_method")
-    if method not in (None, "greedy"):
-        raise CheckpointError(f"{path / 'config.json'}: topk_method {method!r} (routing within groups of experts) is "
-                              "not supported: llama.cpp's graph for this family routes without groups")
-    groups = arch.expert_group_keys
-    if groups:
-        n_group, used = (config.get(key) or 1 for key in groups)
-        if not (isinstance(n_group, int) and isinstance(used, int) and 1 <= used <= n_group
-                and config[n_expert_key] % n_group == 0):
-            raise CheckpointError(f"{path / 'config.json'}: {groups[0]} = {n_group!r} must divide the "
-                                  f"{config[n_expert_key]} experts and {groups[1]} = {used!r} be in [1, {groups[0]}]")
-    if arch.expert_activation == "swiglu-oai":
-        for key, value in SWIGLU_OAI.items():
-            if config.get(key, value) != value:
-                raise CheckpointError(f"{path / 'config.json'}: {key} = {config[key]!r}; llama.cpp's graph "
-                                      f"(LLM_FFN_SWIGLU_OAI_MOE) computes with {value}")
-    quantization = (config.get("quantization_config") or {}).get("quant_method")
-    if quantization and not (quantization == "mxfp4" and arch.expert_storage == "stacked"):
-        raise CheckpointError(f"{path / 'config.json'}: the weights are quantized ({quantization}); mc-gguf reads "
-                              "full-precision checkpoints (and gpt-oss's MXFP4 experts). Save a dequantized copy "
-                              "first (transformers: from_pretrained(..., dequantize=True), then save_pretrained)")
-    if config[arch.n_expert_used_key] > config[n_expert_key]:
-        raise CheckpointError(f"{path / 'config.json'}: {arch.n_expert_used_key} = {config[arch.n_expert_used_key]} "
-                              f"is more than the {config[n_expert_key]} experts ({n_expert_key})")
-
-
-# config.json values that must be positive where they are given (sizes, counts, epsilons, rope's base), and those
-# that must not be negative; every number must be finite
-POSITIVE_CONFIG = re.compile(r"(_size|_eps|_epsilon|^rope_theta|^head_dim|^max_position_embeddings|^num_.*_heads"
-                             r"|^num_experts_per_tok|^n_routed_experts|^num_local_experts|^num_experts)$")
-NON_NEGATIVE_CONFIG = re.compile(r"^(n_shared_experts|first_k_dense_replace|num_nextn_predict_layers|n_group"
-                                 r"|topk_group|sliding_window|routed_scaling_factor)$")
-
-
-# config.json values read as whole numbers where given (GGUF stores them as uint32; dense_layers counts with them)
-WHOLE_CONFIG = ("max_position_embeddings", "intermediate_size", "moe_intermediate_size", "num_key_value_heads",
-                "head_dim", "sliding_window", "decoder_sparse_step", "moe_layer_freq", "first_k_dense_replace",
-                "n_shared_experts", "num_nextn_predict_layers", "n_group", "topk_group")
-UINT32_MAX = 2 ** 32 - 1
-# values that are JSON objects where given, and lists of layer indices
-OBJECT_CONFIG = ("rope_parameters", "rope_scaling", "quantization_config")
-NUMBERS_WITHIN = ("rope_parameters", "rope_scaling")  # objects whose numbers the converters copy as well
-LAYER_LIST_CONFIG = ("mlp_only_layers",)
-# what mc-gguf's own converter (the rows whose converter is "mc-gguf": Mixtral) writes into the GGUF besides
-# REQUIRED_CONFIG (gguf_io/metadata.py: add_hparams)
-OWN_CONVERTER_CONFIG = ("max_position_embeddings", "intermediate_size", "rms_norm_eps")
-
-
-def _check_numbers(path: Path, config: dict, where: str = "") -> None:
-    """Finite numbers, positive sizes and epsilons: what the converters copy into the GGUF as they find it
-    (an rms_norm_eps of NaN makes llama.cpp abort at the first token), in NUMBERS_WITHIN too;
-    a size, count or epsilon that is not a number (or null) at all is refused as well."""
-    for key, value in config.items():
-        ranged = POSITIVE_CONFIG.search(key) or NON_NEGATIVE_CONFIG.search(key)
-        if isinstance(value, dict) and not ranged:
-            if key in NUMBERS_WITHIN and not where:  # one level down
-                _check_numbers(path, value, f"{key}.")
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            if ranged and value is not None:
-                raise CheckpointError(f"{path / 'config.json'}: {where}{key} is {value!r}; it must be a number")
-            continue
-        if not math.isfinite(value):
-            raise CheckpointError(f"{path / 'config.json'}: {where}{key} is {value}; it must be a finite number")
-        if POSITIVE_CONFIG.search(key) and value <= 0 or NON_NEGATIVE_CONFIG.search(key) and value < 0:
-            raise CheckpointError(f"{path / 'config.json'}: {where}{key} is {value}; it must be "
-                                  f"{'positive' if POSITIVE_CONFIG.search(key) else 'at least 0'}")
-
-
-def _check_kinds(path: Path, config: dict, arch: MoEArchitecture) -> None:
-    """The JSON type of every value a stage reads: whole numbers GGUF's uint32 holds, objects, lists of layers;
-    and what mc-gguf's own converter writes, given."""
-    where = path / "config.json"
-    required = OWN_CONVERTER_CONFIG if arch.converter == "mc-gguf" else ()
-    for key in required:
-        if config.get(key) is None:
-            raise CheckpointError(f"{where}: {key} is missing; {arch.hf_architecture}'s GGUF holds it")
-    for key in (*WHOLE_CONFIG, *((arch.leading_dense_key,) if arch.leading_dense_key else ())):
-        value = config.get(key)
-        if value is not None and not (_whole(value) and value <= UINT32_MAX):
-            raise CheckpointError(f"{where}: {key} is {value!r}; it must be a whole number below 2^32")
-    for key in OBJECT_CONFIG:
-        if config.get(key) is not None and not isinstance(config[key], dict):
-            raise CheckpointError(f"{where}: {key} is {config[key]!r}; it must be a JSON object")
-    for key in LAYER_LIST_CONFIG:
-        value = config.get(key)
-        if value is not None and not (isinstance(value, list) and all(_whole(v) for v in value)):
-            raise CheckpointError(f"{where}: {key} is {value!r}; it must be a list of layer indices")
-
-
-def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
-    """Parse a shard's header and check that every tensor's bytes are inside the file."""
-    try:
-        if not path.is_file():  # a FIFO would block the read below; a folder cannot be read
-            raise CheckpointError(f"{path.parent}: shard {path.name} is missing" if not path.exists()
-                                  else f"{path}: not a regular file")
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > min(size - 8, MAX_HEADER_SIZE):
-                raise CheckpointError(f"{path}: truncated or corrupt safetensors header")
-            header = json.loads(f.read(header_len))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path.parent}: shard {path.name} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise CheckpointError(f"{path}: corrupt safetensors header") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    data_size = size - 8 - header_len
-    entries = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        entries[name] = _header_entry(path, name, info, 8 + header_len)
-    # as safetensors' own reader (Metadata::validate): the tensors' bytes cover the data back to back
-    expected = 0
-    for name, entry in sorted(entries.items(), key=lambda item: item[1].offset):
-        begin = entry.offset - 8 - header_len
-        if begin != expected:
-            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name} starts at byte {begin} of the "
-                                  f"data, where the tensor before it ends at {expected}")
-        expected = begin + entry.nbytes
-    if expected != data_size:
-        what = "truncated safetensors file" if expected > data_size else "corrupt safetensors file"
-        raise CheckpointError(f"{path}: {what} ({size} bytes; its tensors end at byte {8 + header_len + expected})")
-    return entries
-
-
-def _header_entry(path: Path, name: str, info, data_start: int) -> TensorEntry:
-    """One tensor of a safetensors header, checked: a known dtype, a shape of whole numbers, offsets whose
-    distance is the shape's bytes in that dtype."""
-    if not isinstance(info, dict) or not {"data_offsets", "shape", "dtype"} <= set(info):
-        raise CheckpointError(f"{path}: corrupt safetensors header (entry {name})")
-    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in SAFETENSORS_DTYPES:
-        raise CheckpointError(f"{path}: tensor {name} has dtype {dtype!r}, which is not a safetensors dtype "
-                              "(a corrupt or newer file)")
-    if not (isinstance(shape, list) and all(_whole(d) for d in shape) and isinstance(offsets, list)
-            and len(offsets) == 2 and all(_whole(o) for o in offsets) and offsets[0] <= offsets[1]):
-        raise CheckpointError(f"{path}: corrupt safetensors header (tensor {name}: shape {shape!r}, "
-                              f"data_offsets {offsets!r})")
-    bits = math.prod(shape) * SAFETENSORS_DTYPES[dtype]
-    begin, end = offsets
-    if bits % 8 or bits // 8 != end - begin:
-        raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name} of shape {shape} in {dtype} "
-                              f"takes {bits / 8:g} bytes, its offsets give {end - begin}")
-    return TensorEntry(shard=path, dtype=dtype, shape=tuple(shape), offset=data_start + begin, nbytes=end - begin)
-
-
-def _whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _read_into(path: Path, offset: int, out: np.ndarray) -> None:
-    """Fill the bytes of ``out`` from ``path`` at ``offset`` (reads of 1 GiB: one read() stops near 2 GiB)."""
-    view = memoryview(out).cast("B")
-    with open(path, "rb", buffering=0) as f:
-        f.seek(offset)
-        done = 0
-        while done < len(view):
-            n = f.readinto(view[done:done + (1 << 30)])
-            if not n:
-                raise CheckpointError(f"{path}: truncated while reading (at byte {offset + done})")
-            done += n
-
-
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Open a model folder (or a Hugging Face cache folder, or a Hub id: hub.model_folder): config.json, then a
     single safetensors file or an index of shards."""
     path = model_folder(path)
     config = _read_json(path / "config.json")
     arch = architecture_for(config)
-    _check_config(path, config, arch)
+    check_config(path, config, arch)
     if (path / INDEX_FILE).exists():
         weight_map = _read_json(path / INDEX_FILE).get("weight_map")
         if not isinstance(weight_map, dict):

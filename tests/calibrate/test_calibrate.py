@@ -295,7 +295,7 @@ def test_streamed_statistics_file_reads_back_with_safetensors_own_reader(tmp_pat
     from safetensors import safe_open
     from safetensors.numpy import load_file
 
-    from mc_gguf.calibrate.stats import write_safetensors
+    from mc_gguf.hf.safetensors_io import write_safetensors
 
     rng = np.random.default_rng(0)
     arrays = {"b": rng.standard_normal((3, 5)).astype(np.float32), "a": np.arange(7, dtype=np.int32),
@@ -323,7 +323,8 @@ def _rewritten_stats(src, dst, header_text=None, arrays_change=None):
     from safetensors import safe_open
     from safetensors.numpy import load_file
 
-    from mc_gguf.calibrate.stats import METADATA_KEY, write_safetensors
+    from mc_gguf.calibrate.stats import METADATA_KEY
+    from mc_gguf.hf.safetensors_io import write_safetensors
 
     with safe_open(str(src), framework="numpy") as f:
         text = f.metadata()[METADATA_KEY]

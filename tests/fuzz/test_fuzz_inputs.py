@@ -955,7 +955,8 @@ def stats_mutations(path: Path) -> st.SearchStrategy:
 
 
 def mutated_stats(path: Path, kind: str, mutations: list[tuple]) -> bytes:
-    from mc_gguf.calibrate.stats import METADATA_KEY, write_safetensors
+    from mc_gguf.calibrate.stats import METADATA_KEY
+    from mc_gguf.hf.safetensors_io import write_safetensors
 
     if kind == "raw":
         return mutated_safetensors(*safetensors_parts(path), mutations)

@@ -6,7 +6,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mc_gguf.hf.checkpoint import Checkpoint, read_safetensors_header
+from mc_gguf.hf.checkpoint import Checkpoint
+from mc_gguf.hf.safetensors_io import read_safetensors_header
 
 
 def test_tensors_read_from_the_shard_equal_safetensors_reading(tmp_path):
@@ -42,7 +43,8 @@ def test_a_model_with_dense_layers_is_refused_naming_them(tmp_path):
     import pytest
 
     from mc_gguf.errors import CheckpointError
-    from mc_gguf.hf.checkpoint import dense_layers, open_checkpoint
+    from mc_gguf.hf.architectures import DEEPSEEK_V2, QWEN2_MOE
+    from mc_gguf.hf.checkpoint import open_checkpoint
 
     config = {"architectures": ["Qwen3MoeForCausalLM"], "num_hidden_layers": 4, "hidden_size": 64,
               "num_attention_heads": 4, "vocab_size": 100, "num_experts": 4, "num_experts_per_tok": 2,
@@ -50,9 +52,9 @@ def test_a_model_with_dense_layers_is_refused_naming_them(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="layers 0 have a dense FFN"):
         open_checkpoint(tmp_path)
-    assert dense_layers({"num_hidden_layers": 4, "decoder_sparse_step": 2}) == [0, 2]
-    assert dense_layers({"num_hidden_layers": 4, "first_k_dense_replace": 1}) == [0]
-    assert dense_layers({"num_hidden_layers": 4, "decoder_sparse_step": 1, "mlp_only_layers": []}) == []
+    assert QWEN2_MOE.dense_layers.of({"num_hidden_layers": 4, "decoder_sparse_step": 2}) == [0, 2]
+    assert DEEPSEEK_V2.dense_layers.of({"num_hidden_layers": 4, "first_k_dense_replace": 1}) == [0]
+    assert QWEN2_MOE.dense_layers.of({"num_hidden_layers": 4, "decoder_sparse_step": 1, "mlp_only_layers": []}) == []
 
 
 def test_deepseek_may_have_leading_dense_layers_only_and_no_routing_within_groups(tmp_path):
