@@ -6,7 +6,6 @@ keeps the first two for inspection or for re-running a stage alone.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from mc_gguf.calibrate.calibration import calibrate
 from mc_gguf.calibrate.stats import CalibrationStats
 from mc_gguf.calibrate.text import CalibrationText, read_text
 from mc_gguf.device import torch_device
+from mc_gguf.errors import McGgufError
 from mc_gguf.ggml.types import quant_type
 from mc_gguf.hf.checkpoint import open_checkpoint
 from mc_gguf.prune.calibration import odp_from_stats, skipped_shares
@@ -27,7 +27,7 @@ from mc_gguf.prune.rule import OdpParams, check_skip_share
 from mc_gguf.quantize.quantization import quantize
 from mc_gguf.quantize.settings import TuneSettings
 from mc_gguf.settings import CompressSettings
-from mc_gguf.quantize.tuned_errors import tuned_error_ratios
+from mc_gguf.quantize.tuned_errors import TunedErrors, load_tuned_errors, measured_tuned_errors
 
 
 @dataclass
@@ -95,18 +95,18 @@ def compress(model_dir: str | Path, out: str | Path, bits: float | None = None,
 
 def _tuned_errors(model_dir, stats: CalibrationStats, work: Path, tune: TuneSettings,
                   progress: bool) -> dict[str, float]:
-    """tuned_error_ratios, kept in the work folder so that a resumed run does not measure them again."""
+    """The tuned-error ratios, kept in the work folder so that a resumed run does not measure them again."""
     path = work / "tuned_errors.json"
-    key = {"types": list(stats.types), "iters": tune.iters, "min_gain": tune.min_gain,
-           "text_sha256": stats.info.get("text_sha256")}
     if path.exists():
-        saved = json.loads(path.read_text())
-        if saved.get("key") == key:
-            return saved["ratios"]
-    ratios = tuned_error_ratios(model_dir, stats, list(stats.types), settings=tune, progress=progress)
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps({"key": key, "ratios": ratios}, indent=1) + "\n")
-    return ratios
+        try:
+            saved = load_tuned_errors(path)
+        except McGgufError:
+            saved = None
+        if saved is not None and saved.key == TunedErrors.key_of(stats, tune):
+            return saved.ratios
+    measured = measured_tuned_errors(model_dir, stats, tune, progress=progress)
+    measured.save(path)
+    return measured.ratios
 
 
 def work_folder(out: Path) -> Path:

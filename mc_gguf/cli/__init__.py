@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_parser(commands)
     calibrate.add_parser(commands)
     allocate.add_parsers(commands)
+    quantize.add_tuned_errors_parser(commands)
     quantize.add_parser(commands)
     compress.add_parser(commands)
     inspect.add_parser(commands)

@@ -39,6 +39,9 @@ def add_parsers(commands) -> None:
     p.add_argument("--tensor-type", action="append", default=[], metavar="CLASS=TYPE",
                    help="type of a non-expert class: token_embd, output or attn (defaults: "
                         + ", ".join(f"{k}={v}" for k, v in NON_EXPERT_DEFAULTS.items()) + "); norms and router stay F32")
+    p.add_argument("--error-scale", metavar="TUNED.json", help="multiply each type's measured errors by its ratio "
+                   "from `mc-gguf tuned-errors` (what compress does when it tunes); the file must be measured on "
+                   "these statistics")
     p.add_argument("--model", help="the model folder, if it moved since calibration")
     p.set_defaults(func=run_allocate)
 
@@ -76,16 +79,31 @@ def run_allocate(args: argparse.Namespace) -> None:
     non_expert = parse_non_expert(args.tensor_type)
     check_output_path(args.output)
     stats = load_stats(args.stats)
+    error_scale = _error_scale(args.error_scale, stats) if args.error_scale else None
     started = time.perf_counter()
     plan = allocate(stats, args.bits, model_dir=args.model, layout=args.layout, scope=args.scope,
                     per_layer=args.per_layer, per_projection=args.per_projection, types=args.types,
                     alpha=args.alpha, beta=args.beta, gamma=args.gamma,
                     non_expert=non_expert, stats_path=str(Path(args.stats).resolve()),
-                    max_types=args.max_types)
+                    max_types=args.max_types, error_scale=error_scale)
     validate_plan(plan)
     plan.save(args.output)
     print(describe_plan(plan))
     print(f"wrote {args.output} (solved in {time.perf_counter() - started:.1f} s)")
+
+
+def _error_scale(path: str, stats) -> dict[str, float]:
+    """The ratios of a tuned-errors file, refused when it was measured on other statistics."""
+    from mc_gguf.quantize.tuned_errors import load_tuned_errors
+
+    measured = load_tuned_errors(path)
+    ours = {"types": list(stats.types), "text_sha256": stats.info.get("text_sha256")}
+    theirs = {k: measured.key.get(k) for k in ours}
+    if theirs != ours:
+        raise InvalidValueError(f"{path} was measured on other statistics (types {theirs['types']}, text "
+                                f"{str(theirs['text_sha256'])[:12]}) than {stats.path} (types {ours['types']}, "
+                                f"text {str(ours['text_sha256'])[:12]}): run `mc-gguf tuned-errors` on these")
+    return measured.ratios
 
 
 def run_show(args: argparse.Namespace) -> None:

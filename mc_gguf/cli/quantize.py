@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from mc_gguf.cli.common import MODEL_HELP, add_command, add_tune_flags, tune_settings
+from mc_gguf.cli.common import MODEL_HELP, add_command, add_device_flag, add_tune_flags, positive_int, tune_settings
+from mc_gguf.quantize.settings import TuneSettings
 
 EXAMPLE = "example: mc-gguf quantize ./Mixtral-8x7B-v0.1 --plan plan.json --stats mixtral.stats -o mixtral-mc.gguf"
 
@@ -38,3 +39,43 @@ def run(args: argparse.Namespace) -> None:
                    tune=tune, progress=not args.quiet)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) in {time.perf_counter() - started:.0f} s")
     print(runs_in(out))
+
+
+def add_tuned_errors_parser(commands) -> None:
+    p = add_command(commands, "tuned-errors", "How much tuning lowers each candidate type's error, measured on a "
+                    "seeded sample of experts and rows (what compress measures between calibrating and "
+                    "allocating): ratios that `allocate --error-scale` multiplies the calibration's errors by, so "
+                    "that the stages give compress's file.",
+                    "example: mc-gguf tuned-errors ./Mixtral-8x7B-v0.1 mixtral.stats -o tuned.json\n"
+                    "         mc-gguf allocate mixtral.stats --bits 2.5 --per-projection --alpha 0 --beta 0 "
+                    "--gamma 2 --error-scale tuned.json -o plan.json")
+    p.add_argument("model_dir", help=MODEL_HELP)
+    p.add_argument("stats", help="statistics from `mc-gguf calibrate --hessian`")
+    p.add_argument("-o", "--output", required=True, help="the ratios to write (JSON)")
+    iters = TuneSettings().iters
+    p.add_argument("--tune-iters", type=positive_int, default=iters, metavar="N",
+                   help=f"most coordinate-descent sweeps per tensor, as quantize's (default: {iters})")
+    add_device_flag(p, "the tuning")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_tuned_errors)
+
+
+def run_tuned_errors(args: argparse.Namespace) -> None:
+    from mc_gguf.atomic import check_output_path
+    from mc_gguf.calibrate.stats import load_stats
+    from mc_gguf.device import torch_device
+    from mc_gguf.errors import InvalidValueError
+    from mc_gguf.quantize.tuned_errors import measured_tuned_errors
+
+    torch_device(args.device)
+    out = check_output_path(args.output, inputs=[args.stats])
+    stats = load_stats(args.stats)
+    if not stats.has_hessian:
+        raise InvalidValueError(f"{args.stats} holds no inputs for the Hessians: calibrate with --hessian")
+    started = time.perf_counter()
+    measured = measured_tuned_errors(args.model_dir, stats, TuneSettings(iters=args.tune_iters, device=args.device),
+                                     progress=not args.quiet)
+    measured.save(out)
+    for name, ratio in measured.ratios.items():
+        print(f"  {name:8} {ratio:.3f}")
+    print(f"wrote {out} in {time.perf_counter() - started:.0f} s")

@@ -12,18 +12,78 @@ shared by every type and by gate and up (gptq.Hessian): at Mixtral's shapes the 
 
 from __future__ import annotations
 
+import json
+import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from mc_gguf.atomic import atomic_output
 from mc_gguf.calibrate.stats import CalibrationStats
+from mc_gguf.errors import McGgufError
 from mc_gguf.ggml import quants
 from mc_gguf.ggml.types import quant_type
 from mc_gguf.hf.checkpoint import open_checkpoint
 from mc_gguf.quantize.gptq import Hessian
 from mc_gguf.quantize.hessian import ExpertHessians
 from mc_gguf.quantize.tune import TuneSettings, tunable, tune_quantize
+
+FORMAT = "mc-gguf tuned errors 1"
+
+
+class TunedErrorsFileError(McGgufError):
+    """A tuned-errors file that is not one save_tuned_errors wrote, or not for these statistics."""
+
+
+@dataclass(frozen=True)
+class TunedErrors:
+    """The artifact: tuned_error_ratios' ratios, and what they were measured for (the statistics' text and
+    types, the tuning's sweeps and stopping gain), so that a file measured for other settings is not used."""
+
+    ratios: dict[str, float]
+    key: dict
+
+    @staticmethod
+    def key_of(stats: CalibrationStats, settings: TuneSettings) -> dict:
+        return {"types": list(stats.types), "iters": settings.iters, "min_gain": settings.min_gain,
+                "text_sha256": stats.info.get("text_sha256")}
+
+    def save(self, path: str | Path) -> None:
+        with atomic_output(path) as tmp:
+            tmp.write_text(json.dumps({"format": FORMAT, **asdict(self)}, indent=1) + "\n")
+
+
+def load_tuned_errors(path: str | Path) -> TunedErrors:
+    """A file TunedErrors.save wrote, its ratios checked (finite and positive, for types ggml has)."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TunedErrorsFileError(f"tuned-errors file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise TunedErrorsFileError(f"{path} is not a tuned-errors file ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise TunedErrorsFileError(f"{path} is not a tuned-errors file (`mc-gguf tuned-errors` writes them)")
+    ratios, key = doc.get("ratios"), doc.get("key")
+    if not isinstance(ratios, dict) or not isinstance(key, dict):
+        raise TunedErrorsFileError(f"{path}: its ratios or key are not JSON objects")
+    for name, ratio in ratios.items():
+        try:
+            quant_type(name)
+        except ValueError as exc:
+            raise TunedErrorsFileError(f"{path}: {exc}") from None
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
+            raise TunedErrorsFileError(f"{path}: the ratio of {name} is {ratio!r}, not a positive number")
+    return TunedErrors({name: float(r) for name, r in ratios.items()}, key)
+
+
+def measured_tuned_errors(model_dir: str | Path, stats: CalibrationStats, settings: TuneSettings = TuneSettings(),
+                          progress: bool = True) -> TunedErrors:
+    """The artifact of ``stats``' candidate types (tuned_error_ratios with the settings' sweeps)."""
+    ratios = tuned_error_ratios(model_dir, stats, list(stats.types), settings=settings, progress=progress)
+    return TunedErrors(ratios, TunedErrors.key_of(stats, settings))
 
 
 def tuned_error_ratios(model_dir: str | Path, stats: CalibrationStats, types: list[str], sample: int = 8,
