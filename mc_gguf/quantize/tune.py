@@ -42,8 +42,6 @@ Other types (IQ1_M, Q8_0, the 32-block fallbacks) keep GPTQ's result.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import gguf
@@ -55,23 +53,6 @@ from mc_gguf.ggml.iquants import IBlocks
 from mc_gguf.ggml.kquants import QK_K, KBlocks
 from mc_gguf.quantize.gptq import Hessian, damped, gptq_quantize
 from mc_gguf.quantize.settings import TuneSettings
-
-# Below this many rows, a super-block's moves run on one CPU thread (_Descent.sweep).
-FEW_ROWS = 4096
-
-
-@contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """torch's CPU threads set to ``n`` (None: unchanged) inside the block."""
-    before = torch.get_num_threads()
-    if n is None or n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def tunable(qtype: gguf.GGMLQuantizationType, n_per_row: int) -> bool:
@@ -208,16 +189,12 @@ class _Descent:
 
     def sweep(self, codes: bool) -> None:
         """One pass over the super-blocks, each moved whole inside its frame, then its moves applied to g."""
-        # the moves are many small operations: on few rows, one thread runs them faster than a pool whose
-        # threads meet after each (and far faster on a busy machine); the frame's closing product keeps them all
-        moves_threads = 1 if self.w.shape[0] < FEW_ROWS and self.w.device.type == "cpu" else None
         for b in range(self.d.shape[1]):
-            with torch_threads(moves_threads):
-                frame = _Frame(self, b)
-                self._super_scales(frame, b)
-                self._sub_scales(frame, b)
-                if codes:
-                    self._codes(frame, b)
+            frame = _Frame(self, b)
+            self._super_scales(frame, b)
+            self._sub_scales(frame, b)
+            if codes:
+                self._codes(frame, b)
             frame.close()
 
     def _super_scales(self, frame: _Frame, b: int) -> None:
