@@ -68,6 +68,11 @@ class BenchSettings:
             raise InvalidValueError(f"a context of {self.n_ctx} tokens cannot hold the largest test's "
                                     f"{self.context_needed()} tokens: leave -c out or give at least that")
 
+    @property
+    def ubatch(self) -> int:
+        """Tokens per compute graph: -ub, at most -b (llama.cpp clamps it so)."""
+        return min(self.n_ubatch, self.n_batch)
+
     def context_needed(self) -> int:
         return max(n for _, n in self.tests())
 
@@ -171,7 +176,7 @@ def bench(path: str | Path, settings: BenchSettings = BenchSettings(),
     model_info = None
     for odp in odp_settings:
         llm = load(path, odp=odp, mu=settings.mu if odp else None, n_ctx=n_ctx, n_batch=settings.n_batch,
-                   n_ubatch=min(settings.n_ubatch, settings.n_batch), **settings.load_options)
+                   n_ubatch=settings.ubatch, **settings.load_options)
         try:
             if model_info is None:
                 model_info = _model_info(llm, path)
@@ -182,11 +187,11 @@ def bench(path: str | Path, settings: BenchSettings = BenchSettings(),
         finally:
             llm.close()
     results = _with_speedups(results)
-    return BenchReport(**model_info, n_batch=settings.n_batch, n_ubatch=min(settings.n_ubatch, settings.n_batch),
+    return BenchReport(**model_info, n_batch=settings.n_batch, n_ubatch=settings.ubatch,
                        mu=settings.mu, results=results)
 
 
-def _tokens(llm, kind: str, n: int, rng) -> list[int]:
+def _tokens(llm, n: int, rng) -> list[int]:
     """llama-bench's tokens: random ids, the first BOS when the vocabulary adds one."""
     tokens = [int(t) for t in rng.integers(0, llm.n_vocab(), n)]
     if tokens and llm._model.add_bos_token() and llm.token_bos() >= 0:
@@ -213,9 +218,9 @@ def _run_test(llm, kind: str, n: int, odp: bool, settings: BenchSettings, need: 
     rng = np.random.default_rng(settings.seed)
     one_at_a_time = kind == "tg"
     if settings.warmup:  # llama-bench's: one prompt batch, or one token
-        _decode(llm, _tokens(llm, kind, 1 if one_at_a_time else min(n, settings.n_batch), rng), one_at_a_time)
+        _decode(llm, _tokens(llm, 1 if one_at_a_time else min(n, settings.n_batch), rng), one_at_a_time)
     llm.reset_expert_stats()
-    samples = [_decode(llm, _tokens(llm, kind, n, rng), one_at_a_time) for _ in range(settings.repetitions)]
+    samples = [_decode(llm, _tokens(llm, n, rng), one_at_a_time) for _ in range(settings.repetitions)]
     counts = llm.expert_stats()
     computed, skipped = sum(counts.computed), sum(counts.skipped)
     rates = [n * 1e9 / ns for ns in samples]

@@ -228,6 +228,7 @@ def test_ctrl_c_ends_a_command_given_rpc_as_the_cli_does(shared_server, converte
     try:
         assert "an empty line or Ctrl-D ends the chat" in _stderr_line(chat, 60)
         os.killpg(chat.pid, signal.SIGINT)  # as the terminal does: the whole process group
+        chat.wait(timeout=BOUND_S)  # stdin stays open: its end would be a second way out of the chat
         _, stderr = chat.communicate(timeout=BOUND_S)
     finally:
         chat.kill()
