@@ -27,10 +27,10 @@ _EXPORTS = {
 
 
 def load(model: str, filename: str | None = None, **kwargs):
-    """A llama_cpp.Llama of a GGUF on the patched runtime, pruning as the file says (evaluate/run.py ``load``
+    """A llama_cpp.Llama of a GGUF on the patched runtime, pruning as the file says (loader/model.py ``load``
     takes the keywords: odp, mu, n_ctx, n_gpu_layers, ...). ``model`` is a GGUF file, or a Hugging Face
     repository id of GGUFs with ``filename`` the one to use (hf/hub.py gguf_file)."""
-    from mc_gguf.evaluate.run import load as load_gguf
+    from mc_gguf.loader.model import load as load_gguf
     from mc_gguf.hf.hub import gguf_file
 
     return load_gguf(gguf_file(model, filename), **kwargs)

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from mc_gguf.calibrate.text import CalibrationText
-from mc_gguf.evaluate.run import load
+from mc_gguf.loader.model import load
 from mc_gguf.gguf_io.convert import convert
 from mc_gguf.hf.tiny import TinyMixtralSpec, build_tiny_mixtral
 from mc_gguf.prune.calibration import calibrate_odp

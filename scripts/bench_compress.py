@@ -37,7 +37,7 @@ from mc_gguf.calibrate.calibration import CalibrationSettings, calibrate
 from mc_gguf.calibrate.stats import load_stats
 from mc_gguf.calibrate.text import read_text
 from mc_gguf.evaluate.perplexity import reference_logits, score, windows
-from mc_gguf.evaluate.run import load
+from mc_gguf.loader.model import load
 from mc_gguf.gguf_io.convert import convert
 from mc_gguf.hf.checkpoint import open_checkpoint
 from mc_gguf.quantize.quantization import quantize

@@ -36,7 +36,7 @@ import numpy as np
 
 from mc_gguf.calibrate.text import read_text
 from mc_gguf.evaluate.perplexity import reference_logits, score, windows
-from mc_gguf.evaluate.run import load
+from mc_gguf.loader.model import load
 from mc_gguf.gguf_io.convert import convert
 from mc_gguf.prune.calibration import odp_from_stats, router_statistics, write_odp_metadata
 from mc_gguf.prune.settings import THRESHOLD_RULES

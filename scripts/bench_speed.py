@@ -193,7 +193,7 @@ def measure(path: Path, *, odp: bool, mu: float | None, stock: bool, prompt: lis
 
         llm = Llama(model_path=str(path), **kwargs)
     else:
-        from mc_gguf.evaluate.run import load
+        from mc_gguf.loader.model import load
 
         llm = load(path, odp=odp, mu=mu, **kwargs)
     prefill, decoding = [], []
@@ -232,7 +232,7 @@ def paired_decode(paths: dict[str, str], prompt: list[int], decode: list[int], b
     whose quartiles say how tight the comparison is. ``mus``: the files that decode with
     ODP at that threshold (every layer), with their skipped share of the decoded slots.
     """
-    from mc_gguf.evaluate.run import load
+    from mc_gguf.loader.model import load
 
     mus = mus or {}
     kwargs = dict(n_ctx=len(prompt) + len(decode) + 8, n_batch=len(prompt), n_threads=N_THREADS,

@@ -40,7 +40,7 @@ def llama_cpp_logits(gguf_path: Path, token_ids: list[int], **kwargs) -> np.ndar
     settings = {"n_ctx": 512, "n_batch": 512, "logits_all": True, "verbose": False, "type_k": GGML_TYPE_F32,
                 "type_v": GGML_TYPE_F32, "flash_attn": False, "seed": 0, **kwargs}
     if "mu" in settings or "protect_ratio" in settings:
-        from mc_gguf.evaluate.run import load  # ODP settings: the patched runtime's loader
+        from mc_gguf.loader.model import load  # ODP settings: the patched runtime's loader
 
         llm = load(gguf_path, **settings)
     else:

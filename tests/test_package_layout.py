@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mc_gguf"
 
 # README "How the code is laid out": each part may import the ones before it (and the shared
 # errors, atomic, device and _lazy modules), never one after it.
-ORDER = ["runtime", "ggml", "hf", "gguf_io", "calibrate", "prune", "allocate", "quantize", "evaluate",
+ORDER = ["runtime", "ggml", "hf", "gguf_io", "calibrate", "prune", "loader", "allocate", "quantize", "evaluate",
          "settings", "pipeline", "demo", "cli", "__main__"]
 SHARED = {"errors", "atomic", "device", "_lazy", "__init__", ""}
 

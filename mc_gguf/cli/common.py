@@ -125,7 +125,7 @@ def add_llama_flags(p: argparse.ArgumentParser, ctx_help: str, ctx_default: int 
 
 
 def llama_load_kwargs(args: argparse.Namespace) -> dict:
-    """The keyword arguments of ``mc_gguf.evaluate.run.load`` that add_llama_flags' flags set (the model path
+    """The keyword arguments of ``mc_gguf.loader.model.load`` that add_llama_flags' flags set (the model path
     is ``args.model``; ODP's flags are the command's own)."""
     return dict(n_ctx=args.ctx, n_threads=args.threads, n_threads_batch=args.threads_batch,
                 n_gpu_layers=args.n_gpu_layers, cpu_moe=args.cpu_moe, n_cpu_moe=args.n_cpu_moe,

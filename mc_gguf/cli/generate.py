@@ -45,7 +45,8 @@ def add_parsers(commands) -> tuple[argparse.ArgumentParser, argparse.ArgumentPar
 
 
 def run(args: argparse.Namespace) -> None:
-    from mc_gguf.evaluate.run import complete, load
+    from mc_gguf.evaluate.run import complete
+    from mc_gguf.loader.model import load
 
     _tolerant_stdio()
     prompt = _decoded(args.prompt, "run", "the prompt")
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace) -> None:
 
 def chat(args: argparse.Namespace) -> None:
     from mc_gguf.errors import ContextOverflowError
-    from mc_gguf.evaluate.run import chat_formatter, chat_reply, fit_chat, load
+    from mc_gguf.evaluate.run import chat_formatter, chat_reply, fit_chat
+    from mc_gguf.loader.model import load
 
     llm = load(args.model, odp=not args.no_odp, mu=args.mu, seed=args.seed, **llama_load_kwargs(args))
     formatter = chat_formatter(llm)

@@ -161,7 +161,7 @@ def token_bytes(path: str | Path) -> TokenBytes:
 def bench(path: str | Path, settings: BenchSettings = BenchSettings(),
           progress: Callable[[str], None] | None = None) -> BenchReport:
     """llama-bench's tests on ``path`` (the module docstring), once per pruning setting."""
-    from mc_gguf.evaluate.run import load, read_odp_metadata
+    from mc_gguf.loader.model import load, read_odp_metadata
 
     settings.check()
     path = Path(path)

@@ -143,7 +143,7 @@ def evaluate_gguf(model: str | Path, text: str, *, ref: str | Path | None = None
     The reference always runs unpruned; the model prunes as its file says unless
     ``settings.odp`` is False (``settings.mu`` overrides the thresholds).
     """
-    from mc_gguf.evaluate.run import load
+    from mc_gguf.loader.model import load
     from mc_gguf.gguf_io.validate import check_model, tokenizer_difference
 
     if settings.n_ctx < 4 or settings.n_ctx % 2:

@@ -77,7 +77,8 @@ def load_for_serving(path: str | Path, settings: ServeSettings = ServeSettings()
     size but keeps only the tokens it asked for (llama.py: ``_n_ctx`` and ``input_ids``), so a prompt between
     the two would fail inside it instead of being refused. Asking for the padded size makes both agree.
     """
-    from mc_gguf.evaluate.run import context_size, load
+    from mc_gguf.evaluate.run import context_size
+    from mc_gguf.loader.model import load
 
     n_ctx = _padded(settings.n_ctx) if settings.n_ctx else None
     options = dict(odp=settings.odp, mu=settings.mu, **settings.load_options)
@@ -91,7 +92,7 @@ def load_for_serving(path: str | Path, settings: ServeSettings = ServeSettings()
 
 def _pruning(path: str | Path, settings: ServeSettings) -> str:
     """How the server prunes, in words."""
-    from mc_gguf.evaluate.run import read_odp_metadata
+    from mc_gguf.loader.model import read_odp_metadata
 
     if not settings.odp:
         return "off"

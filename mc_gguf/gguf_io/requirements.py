@@ -11,7 +11,7 @@ The patch level of each feature is the LLAMA_MC_PATCH_LEVEL of the patch
 that brought it (patches/*.patch): expert groups and pruning reach each
 family at the level of its graph's patch; per-expert thresholds and the
 renormalization choice at 12. The file carries the level it needs
-(``mc.runtime.patch_level``), and ``evaluate.run.load`` refuses an older
+(``mc.runtime.patch_level``), and ``loader.model.load`` refuses an older
 runtime with it.
 """
 

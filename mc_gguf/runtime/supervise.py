@@ -22,7 +22,7 @@ and a backtrace, and the parent turns it into the same kind of line. A child
 that exits gives its own exit status. Ctrl-C reaches the child (the same
 process group), which stops as the CLI does (130).
 
-``mc_gguf.evaluate.run.load(rpc=...)`` called directly has none of this:
+``mc_gguf.loader.model.load(rpc=...)`` called directly has none of this:
 ggml-rpc may still abort that process.
 """
 

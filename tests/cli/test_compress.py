@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mc_gguf.cli import main
-from mc_gguf.evaluate.run import load
+from mc_gguf.loader.model import load
 
 from conftest import CALIBRATION_TEXT, TEST_TYPES
 

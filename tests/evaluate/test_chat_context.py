@@ -22,9 +22,9 @@ from mc_gguf.evaluate.run import (
     chat_reply,
     complete,
     fit_chat,
-    load,
     replace_undecodable,
 )
+from mc_gguf.loader.model import load
 from mc_gguf.gguf_io.edit import MetadataDetails, rewrite_metadata
 
 CTX = 64

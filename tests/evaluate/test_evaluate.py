@@ -9,7 +9,7 @@ import numpy as np
 from scipy.special import log_softmax
 
 from mc_gguf.evaluate.perplexity import reference_logits, score, scored_positions, windows
-from mc_gguf.evaluate.run import load
+from mc_gguf.loader.model import load
 
 from helpers import PROMPT, transformers_logits
 

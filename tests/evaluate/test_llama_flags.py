@@ -115,7 +115,8 @@ def test_the_cpu_moe_pattern_finds_the_per_expert_groups():
 
 CLIENT = """
 import json, sys
-from mc_gguf.evaluate.run import complete, load
+from mc_gguf.evaluate.run import complete
+from mc_gguf.loader.model import load
 path, prompt, runs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 results = []
 for kwargs in runs:

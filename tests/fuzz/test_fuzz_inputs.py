@@ -532,7 +532,7 @@ def valid_ggufs(converted, mc_model) -> list[Gguf]:
 
 def read_gguf_as_commands_do(path: Path) -> None:
     """What inspect and run do before llama.cpp sees the file."""
-    from mc_gguf.evaluate.run import check_expert_groups, context_length, read_odp_metadata
+    from mc_gguf.loader.model import check_expert_groups, context_length, read_odp_metadata
     from mc_gguf.gguf_io.edit import open_gguf
     from mc_gguf.gguf_io.inspect import describe, inspect_gguf
     from mc_gguf.gguf_io.validate import check_model

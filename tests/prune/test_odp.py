@@ -16,7 +16,7 @@ import pytest
 
 from mc_gguf.calibrate.text import pack_sequences
 from mc_gguf.errors import GGUFFileError, InvalidValueError
-from mc_gguf.evaluate.run import load, read_odp_metadata
+from mc_gguf.loader.model import load, read_odp_metadata
 from mc_gguf.gguf_io import keys
 from mc_gguf.gguf_io.edit import MetadataDetails, float_array, float_value, rewrite_metadata
 from mc_gguf.prune.calibration import write_odp_metadata
@@ -261,7 +261,7 @@ def test_thresholds_reach_the_target_skip_share():
 def test_odp_calibrate_command_writes_thresholds_for_the_share(converted, tiny_model_dir, hf_model, hf_tokenizer,
                                                             tmp_path, capsys):
     from mc_gguf.cli import main
-    from mc_gguf.evaluate.run import read_odp_metadata
+    from mc_gguf.loader.model import read_odp_metadata
 
     text_file = tmp_path / "calib.txt"
     text_file.write_text(PROMPT * 4)
@@ -302,7 +302,7 @@ def test_a_deep_model_has_graph_room_for_pruning(tmp_path):
     model = build_tiny_mixtral(tmp_path / "deep", TinyMixtralSpec(hidden_size=64, intermediate_size=128,
                                                                    num_hidden_layers=64, max_shard_size="50MB"))
     path = convert(model, tmp_path / "deep.gguf", "f32", progress=False)
-    child = ("import sys; from mc_gguf.evaluate.run import load\n"
+    child = ("import sys; from mc_gguf.loader.model import load\n"
              "llm = load(sys.argv[1], mu=1.0, n_ctx=64)\n"
              "llm.eval(list(range(3, 40)))\n"        # prefill: pruning and protection
              "llm.eval([41])\n"                       # decode

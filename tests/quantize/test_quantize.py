@@ -192,7 +192,7 @@ def test_pruned_slots_are_skipped_alike_in_groups(stock_q4, tiny_model_dir, tmp_
     """ODP on a per-expert file: the same slots skipped, the same numbers as on the stock file."""
     from llama_cpp import GGML_TYPE_F32
 
-    from mc_gguf.evaluate.run import load
+    from mc_gguf.loader.model import load
 
     grouped = regroup_experts(stock_q4, tmp_path / "grouped.gguf", *REGROUPINGS[regrouping])
     settings = dict(n_ctx=512, logits_all=True, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=False,
@@ -236,7 +236,7 @@ def test_corrupted_group_map_fails_to_load_cleanly(stock_q4, tiny_model_dir, tmp
     from llama_cpp import Llama
 
     from mc_gguf.errors import GGUFFileError
-    from mc_gguf.evaluate.run import load
+    from mc_gguf.loader.model import load
     from mc_gguf.gguf_io.edit import MetadataDetails, rewrite_metadata
 
     grouped = regroup_experts(stock_q4, tmp_path / "grouped.gguf", {0: [0, 1], 1: [2, 3]})
@@ -291,7 +291,7 @@ def test_where_a_file_runs_is_in_the_file_and_said(calibration, tiny_model_dir, 
     from gguf.scripts.gguf_new_metadata import MetadataDetails
 
     from mc_gguf.errors import RuntimeMissingError
-    from mc_gguf.evaluate.run import load
+    from mc_gguf.loader.model import load
     from mc_gguf.gguf_io.edit import rewrite_metadata
     from mc_gguf.gguf_io.validate import scan
     from mc_gguf.runtime.stock import stock_library_dir

@@ -63,7 +63,7 @@ def test_expert_groups_give_the_stacked_files_logits(family, settings, tmp_path)
     """The grouped CPU op (0010) in process, the group-by-group graph (0007) in a child process; prefill of the
     whole prompt, and decode token by token with ODP (prefill with ODP and protection in groups is Mixtral's,
     tests/quantize/test_quantize.py)."""
-    from mc_gguf.evaluate.run import load
+    from mc_gguf.loader.model import load
 
     _, ids, stacked, grouped = family
     expected = llama_cpp_logits(stacked, ids, **settings)

@@ -32,7 +32,7 @@ from helpers import PROMPT
 CLIENT = """
 import json, re, sys
 import numpy as np
-from mc_gguf.evaluate.run import load
+from mc_gguf.loader.model import load
 path, ids, out, kwargs = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 llm = load(path, n_ctx=512, logits_all=True, **kwargs)
 llm.eval(ids)

@@ -1,0 +1,1 @@
+"""loader/: the patched runtime loading a GGUF (model.py)."""
