@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mc_gguf.ggml.kquants import QK_K, SuperBlockFormat
+from mc_gguf.ggml.types import TYPES
 
 
 @dataclass(frozen=True)
@@ -56,15 +57,15 @@ def _nibbles(first: int, step: int, n: int, shift_of) -> tuple[tuple[Field, ...]
 
 FORMATS: dict[str, IFormat] = {f.name: f for f in (
     # block_iq2_xxs: d, qs[32] uint16; sub-block k's ls is the top nibble of its second uint32 (byte 2 + 8k + 7)
-    IFormat("IQ2_XXS", 16, 66, 32, 15, 0.25, 0.5, _nibbles(9, 8, 8, lambda k: 4), 0),
+    IFormat(TYPES["IQ2_XXS"], 32, 15, 0.25, 0.5, _nibbles(9, 8, 8, lambda k: 4), 0),
     # block_iq2_xs: d, qs[32] uint16, scales[8]: two 16-weight sub-blocks per byte, low nibble first
-    IFormat("IQ2_XS", 17, 74, 16, 15, 0.25, 0.5, tuple((Field(66 + k // 2, 4 * (k % 2), 4),) for k in range(16)), 0),
+    IFormat(TYPES["IQ2_XS"], 16, 15, 0.25, 0.5, tuple((Field(66 + k // 2, 4 * (k % 2), 4),) for k in range(16)), 0),
     # block_iq3_xxs: d, qs[96]; the top nibble of the k-th uint32 after the 64 grid bytes (byte 2 + 64 + 4k + 3)
-    IFormat("IQ3_XXS", 18, 98, 32, 15, 0.5, 0.5, _nibbles(69, 4, 8, lambda k: 4), 0),
+    IFormat(TYPES["IQ3_XXS"], 32, 15, 0.5, 0.5, _nibbles(69, 4, 8, lambda k: 4), 0),
     # block_iq1_s: d, qs[32], qh[8] uint16; bits 12-14 of qh[k] (bits 4-6 of byte 34 + 2k + 1)
-    IFormat("IQ1_S", 19, 50, 32, 7, 2.0, 0.5, tuple((Field(35 + 2 * k, 4, 3),) for k in range(8)), 0),
+    IFormat(TYPES["IQ1_S"], 32, 7, 2.0, 0.5, tuple((Field(35 + 2 * k, 4, 3),) for k in range(8)), 0),
     # block_iq4_xs: d, scales_h uint16, scales_l[4], qs[128]; ls = 4 bits of scales_l | 2 bits of scales_h << 4
-    IFormat("IQ4_XS", 23, 136, 32, 63, 1.0, -32.0, tuple(
+    IFormat(TYPES["IQ4_XS"], 32, 63, 1.0, -32.0, tuple(
         (Field(4 + k // 2, 4 * (k % 2), 4), Field(2 + (2 * k) // 8, (2 * k) % 8, 2, at=4)) for k in range(8)), 33),
 )}
 

@@ -22,16 +22,31 @@ from dataclasses import dataclass
 
 import numpy as np
 
-QK_K = 256
+from mc_gguf.ggml.types import QK_K, TYPES, QuantType
 
 
 @dataclass(frozen=True)
 class SuperBlockFormat:
-    """A ggml type of 256-weight super-blocks, each with one scale per sub-block."""
-    name: str
-    ggml_type: int     # enum ggml_type (ggml.h)
-    type_size: int     # bytes per super-block (sizeof(block_X))
+    """A ggml type of 256-weight super-blocks, each with one scale per sub-block: the type's record
+    (types.py: its id and bytes per block) and how its block is laid out inside."""
+    type: QuantType
     sub_block: int     # weights per scale
+
+    def __post_init__(self) -> None:
+        assert self.type.block_size == QK_K, f"{self.type.name} is not a type of {QK_K}-weight super-blocks"
+
+    @property
+    def name(self) -> str:
+        return self.type.name
+
+    @property
+    def ggml_type(self) -> int:
+        return self.type.ggml_type
+
+    @property
+    def type_size(self) -> int:
+        """bytes per super-block (sizeof(block_X))"""
+        return self.type.type_size
 
     @property
     def n_sub(self) -> int:
@@ -53,11 +68,11 @@ class KFormat(SuperBlockFormat):
 
 
 FORMATS: dict[str, KFormat] = {f.name: f for f in (
-    KFormat("Q2_K", 10, 84, 16, 0, 3, 0, 15, min_max=15),
-    KFormat("Q3_K", 11, 110, 16, -4, 3, -32, 31),
-    KFormat("Q4_K", 12, 144, 32, 0, 15, 0, 63, min_max=63),
-    KFormat("Q5_K", 13, 176, 32, 0, 31, 0, 63, min_max=63),
-    KFormat("Q6_K", 14, 210, 16, -32, 31, -128, 127),
+    KFormat(TYPES["Q2_K"], 16, 0, 3, 0, 15, min_max=15),
+    KFormat(TYPES["Q3_K"], 16, -4, 3, -32, 31),
+    KFormat(TYPES["Q4_K"], 32, 0, 15, 0, 63, min_max=63),
+    KFormat(TYPES["Q5_K"], 32, 0, 31, 0, 63, min_max=63),
+    KFormat(TYPES["Q6_K"], 16, -32, 31, -128, 127),
 )}
 
 

@@ -35,29 +35,33 @@ class QuantType:
         return 8.0 * self.type_size / self.block_size
 
 
+# Bytes per block as ggml-common.h's static_asserts on block_X add them up (QK_K weights per super-block;
+# a ggml_half is 2 bytes; K_SCALE_SIZE 12 bytes of packed 6-bit scales and minimums).
+QK_K, HALF, K_SCALE_SIZE = 256, 2, 12
+
 # The types compress allocates among by default, fewest bits first.
 CANDIDATES: dict[str, QuantType] = {q.name: q for q in (
-    QuantType("IQ1_S", 19, 256, 50, needs_imatrix=True),
-    QuantType("IQ1_M", 29, 256, 56),
-    QuantType("IQ2_XXS", 16, 256, 66, needs_imatrix=True),
-    QuantType("IQ2_XS", 17, 256, 74, needs_imatrix=True),
-    QuantType("Q2_K", 10, 256, 84),
-    QuantType("IQ3_XXS", 18, 256, 98),
-    QuantType("Q3_K", 11, 256, 110),
-    QuantType("IQ4_XS", 23, 256, 136),
-    QuantType("Q4_K", 12, 256, 144),
-    QuantType("Q5_K", 13, 256, 176),
-    QuantType("Q6_K", 14, 256, 210),
-    QuantType("Q8_0", 8, 32, 34),
+    QuantType("IQ1_S", 19, QK_K, HALF + QK_K // 8 + QK_K // 16, needs_imatrix=True),        # d, qs, qh
+    QuantType("IQ1_M", 29, QK_K, QK_K // 8 + QK_K // 16 + QK_K // 32),                      # qs, qh, scales
+    QuantType("IQ2_XXS", 16, QK_K, HALF + QK_K // 8 * 2, needs_imatrix=True),              # d, qs
+    QuantType("IQ2_XS", 17, QK_K, HALF + QK_K // 8 * 2 + QK_K // 32, needs_imatrix=True),  # d, qs, scales
+    QuantType("Q2_K", 10, QK_K, 2 * HALF + QK_K // 16 + QK_K // 4),                          # d, dmin, scales, qs
+    QuantType("IQ3_XXS", 18, QK_K, HALF + 3 * (QK_K // 8)),                                  # d, qs (grid + signs)
+    QuantType("Q3_K", 11, QK_K, HALF + QK_K // 4 + QK_K // 8 + 12),                          # d, qs, hmask, scales
+    QuantType("IQ4_XS", 23, QK_K, HALF + 2 + QK_K // 64 + QK_K // 2),                        # d, scales_h/_l, qs
+    QuantType("Q4_K", 12, QK_K, 2 * HALF + K_SCALE_SIZE + QK_K // 2),                        # d, dmin, scales, qs
+    QuantType("Q5_K", 13, QK_K, 2 * HALF + K_SCALE_SIZE + QK_K // 2 + QK_K // 8),            # ... and qh
+    QuantType("Q6_K", 14, QK_K, HALF + QK_K // 16 + 3 * QK_K // 4),                          # d, scales, ql + qh
+    QuantType("Q8_0", 8, 32, HALF + 32),                                                     # d, qs
 )}
 
 # Types a row length that is not whole 256-blocks falls back to (tensor_type_fallback below).
 FALLBACKS: dict[str, QuantType] = {q.name: q for q in (
-    QuantType("IQ4_NL", 20, 32, 18),
-    QuantType("Q4_0", 2, 32, 18),
-    QuantType("Q5_0", 6, 32, 22),
-    QuantType("Q5_1", 7, 32, 24),
-    QuantType("F16", 1, 1, 2),
+    QuantType("IQ4_NL", 20, 32, HALF + 32 // 2),            # d, qs
+    QuantType("Q4_0", 2, 32, HALF + 32 // 2),               # d, qs
+    QuantType("Q5_0", 6, 32, HALF + 4 + 32 // 2),           # d, qh, qs
+    QuantType("Q5_1", 7, 32, 2 * HALF + 4 + 32 // 2),       # d, m, qh, qs
+    QuantType("F16", 1, 1, HALF),
 )}
 
 # Every type mc-gguf may store an expert in, fewest bits first (the order of expert groups in a file).

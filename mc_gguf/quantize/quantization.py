@@ -173,8 +173,8 @@ def _check_fits(ckpt: Checkpoint, plan: Plan, stats: CalibrationStats | None) ->
     if stats is not None and not stats.measured_on(ckpt):
         raise McGgufError(f"the statistics are for another model than {ckpt.path}")
     if stats is None:
-        needing = sorted({t for layer in plan.experts for e in layer for t in e.values() if quants.requires_imatrix(
-            quant_type(t).qtype)})
+        needing = sorted({t for layer in plan.experts for e in layer for t in e.values()
+                          if quant_type(t).needs_imatrix})
         if needing:
             raise McGgufError(f"{', '.join(needing)} need an importance matrix: pass the calibration statistics")
 
