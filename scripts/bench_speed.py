@@ -52,10 +52,12 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+
+from mc_gguf.evaluate.bench import token_bytes
 
 N_THREADS = os.cpu_count() or 1
 MIXED_TYPES = ("Q3_K", "Q3_K", "Q3_K", "Q4_K", "Q4_K", "Q5_K", "Q5_K", "Q5_K")
@@ -139,25 +141,23 @@ def build_files(work: Path, quick: bool, only_uniform: bool = False) -> dict[str
     return files
 
 
-def bytes_per_token(path: Path) -> dict:
-    """Bytes a decoded token reads: all matrices but the embedding table, and the mean of n_used experts."""
-    from gguf import GGUFReader
+@dataclass(frozen=True)
+class Case:
+    """One file run in its own process: on the stock or the patched runtime, pruned at ``mu`` or not."""
+    name: str
+    path: Path
+    stock: bool = False          # the unpatched build of the same sdist
+    odp: bool = False
+    mu: float | None = None      # the one threshold of every layer (found for target_skip)
+    target_skip: float | None = None
 
-    from mc_gguf.gguf_io.edit import field_value
 
-    reader = GGUFReader(path)
-    arch = field_value(reader, "general.architecture")
-    n_used = int(field_value(reader, f"{arch}.expert_used_count"))
-    n_expert = int(field_value(reader, f"{arch}.expert_count"))
-    n_layers = int(field_value(reader, f"{arch}.block_count"))
-    dense = experts = 0
-    for tensor in reader.tensors:
-        if "_exps" in tensor.name:
-            experts += int(tensor.n_bytes)
-        elif tensor.name != "token_embd.weight":
-            dense += int(tensor.n_bytes)
-    # random routing is close to uniform, so a slot reads the mean expert
-    return {"dense": dense, "per_slot": experts / n_layers / n_expert, "n_used": n_used, "n_layers": n_layers}
+def bytes_per_token(path: Path, slots_per_layer: float | None = None) -> float:
+    """Bytes a decoded token reads (evaluate/bench.py token_bytes: every matrix but the embedding table, and
+    per layer the experts' mean size per slot), with ``slots_per_layer`` slots kept (None: all it uses)."""
+    need = token_bytes(path)
+    kept = [1.0 if slots_per_layer is None or not n else slots_per_layer / n for n in need.n_used]
+    return need.per_token([1 - k for k in kept])
 
 
 def read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> dict:
@@ -293,8 +293,7 @@ def odp_decode_summary(paired_odp: dict, path: Path, by_name: dict | None = None
     where ``by_name`` has them) and the most that skipping can give, the bandwidth limit's own
     ratio: bytes of an unpruned token over bytes of a pruned one (the non-expert matrices are
     read either way)."""
-    need = bytes_per_token(path)
-    unpruned = need["dense"] + need["n_used"] * need["per_slot"] * need["n_layers"]
+    unpruned, dense = bytes_per_token(path), token_bytes(path).dense
     out = {}
     for name, paired in paired_odp.items():
         if "mu" not in paired:
@@ -303,8 +302,8 @@ def odp_decode_summary(paired_odp: dict, path: Path, by_name: dict | None = None
         out[name] = {"mu": paired["mu"], "paired_skip_share": paired["decode_skip_share"],
                      "paired_decode_ratio": paired["speed_ratio"],
                      "paired_block_ratio_quartiles": paired["block_ratio_quartiles"],
-                     "bandwidth_limit_ratio": unpruned / (need["dense"] + slots * need["per_slot"] * need["n_layers"]),
-                     "expert_share_of_token_bytes": 1 - need["dense"] / unpruned}
+                     "bandwidth_limit_ratio": unpruned / bytes_per_token(path, slots),
+                     "expert_share_of_token_bytes": 1 - dense / unpruned}
         if by_name and base:
             out[name].update(separate_skip_share=by_name[name]["decode_skip_share"],
                              separate_decode_ratio=by_name[name]["decode_tok_s"] / base["decode_tok_s"])
@@ -410,27 +409,26 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     files = build_files(work, args.quick)
     prompt, decode, paired_stream = token_streams(args.prompt_tokens, args.decode_tokens, args.paired_tokens)
-    # the cases: (name, file, stock runtime, odp, mu, target skip share)
     specs = []
     if not args.no_stock:
-        specs.append((f"uniform {UNIFORM_TYPE}, stock llama.cpp", files["uniform"], True, False, None, None))
-    specs += [(f"uniform {UNIFORM_TYPE}", files["uniform"], False, False, None, None),
-              (f"per-expert layout, one {UNIFORM_TYPE} group", files["one_group"], False, False, None, None),
-              ("per-expert Q3_K/Q4_K/Q5_K", files["per_expert"], False, False, None, None)]
-    specs += [(f"uniform {t}", files[f"uniform {t}"], False, False, None, None) for t in OTHER_MIXED_TYPES]
+        specs.append(Case(f"uniform {UNIFORM_TYPE}, stock llama.cpp", files["uniform"], stock=True))
+    specs += [Case(f"uniform {UNIFORM_TYPE}", files["uniform"]),
+              Case(f"per-expert layout, one {UNIFORM_TYPE} group", files["one_group"]),
+              Case("per-expert Q3_K/Q4_K/Q5_K", files["per_expert"])]
+    specs += [Case(f"uniform {t}", files[f"uniform {t}"]) for t in OTHER_MIXED_TYPES]
     for target in SKIP_SHARES:
         mu = find_mu(files["uniform"], target, decode, iterations=3 if args.quick else 10)
-        specs.append((odp_name(target), files["uniform"], False, True, mu, target))
+        specs.append(Case(odp_name(target), files["uniform"], odp=True, mu=mu, target_skip=target))
 
     # rounds over all cases, one run of each per round in a fresh process: the machine's drift
     # (other tenants, frequency) lands on every case alike; medians over the rounds
     bandwidths = []
-    runs: dict[str, list[dict]] = {spec[0]: [] for spec in specs}
+    runs: dict[str, list[dict]] = {spec.name: [] for spec in specs}
     for round_ in range(args.repeats):
         bandwidths.append(read_bandwidth(1 << 26 if args.quick else 1 << 30, repeats=3))
-        for name, path, stock, odp, mu, _ in specs:
-            runs[name].append(in_subprocess({"path": path, "odp": odp, "mu": mu, "prompt": prompt, "decode": decode,
-                                             "repeats": 1}, stock))
+        for spec in specs:
+            runs[spec.name].append(in_subprocess({"path": spec.path, "odp": spec.odp, "mu": spec.mu, "prompt": prompt,
+                                                  "decode": decode, "repeats": 1}, spec.stock))
         print(f"round {round_ + 1}/{args.repeats}: " + ", ".join(
             f"{name} {r[-1]['decode_tok_s']:.1f}" for name, r in runs.items()), file=sys.stderr, flush=True)
     bandwidth = {k: float(np.median([b[k] for b in bandwidths])) for k in bandwidths[0]}
@@ -446,23 +444,22 @@ def main() -> int:
     print("paired decode: " + ", ".join(f"{name} {r['speed_ratio']:.3f}x" for name, r in paired.items()),
           file=sys.stderr, flush=True)
     # the pruned decodes against the unpruned one the same way: one file, loaded once per threshold
-    paired_odp = paired_odp_decode(files["uniform"], {spec[0]: spec[4] for spec in specs if spec[3]}, prompt[:16],
+    paired_odp = paired_odp_decode(files["uniform"], {spec.name: spec.mu for spec in specs if spec.odp}, prompt[:16],
                                    paired_stream, args.paired_block)
     print("paired ODP decode: " + ", ".join(f"{name} {r['speed_ratio']:.3f}x" for name, r in paired_odp.items()),
           file=sys.stderr, flush=True)
 
     cases = []
-    for name, path, stock, odp, mu, target in specs:
+    for spec in specs:
+        name, path = spec.name, spec.path
         measured = runs[name]
         result = {key: float(np.median([r[key] for r in measured]))
                   for key in measured[0] if key != "decode_runs"}
         result["decode_runs"] = [round(r["decode_tok_s"], 2) for r in measured]
-        need = bytes_per_token(path)
-        slots = result.get("decode_slots_per_token", need["n_used"])  # per layer, after pruning
-        token_bytes = need["dense"] + slots * need["per_slot"] * need["n_layers"]
-        limit = bandwidth["all_threads"] / token_bytes
-        case = {"name": name, "file": path.name, "file_mb": path.stat().st_size / 1e6, "stock_runtime": stock,
-                "mu": mu, "target_skip": target, **result, "bytes_per_token": token_bytes,
+        token_bytes_read = bytes_per_token(path, result.get("decode_slots_per_token"))  # per layer, after pruning
+        limit = bandwidth["all_threads"] / token_bytes_read
+        case = {"name": name, "file": path.name, "file_mb": path.stat().st_size / 1e6, "stock_runtime": spec.stock,
+                "mu": spec.mu, "target_skip": spec.target_skip, **result, "bytes_per_token": token_bytes_read,
                 "limit_tok_s": limit, "achieved_over_limit": result["decode_tok_s"] / limit}
         cases.append(case)
         print(f"{name:36s} prefill {case['prefill_tok_s']:8.1f} tok/s  decode {case['decode_tok_s']:7.2f} tok/s  "
