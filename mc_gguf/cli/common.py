@@ -165,11 +165,15 @@ def add_tune_flags(p: argparse.ArgumentParser, default: bool = False) -> None:
     else:
         p.add_argument("--tune", action="store_true",
                        help=f"{what} (needs the Hessians' inputs: calibrate --hessian)")
+    add_tune_iters_flag(p)
+    add_device_flag(p, "the tuning")
+
+
+def add_tune_iters_flag(p: argparse.ArgumentParser) -> None:
     iters = TuneSettings().iters
     p.add_argument("--tune-iters", type=positive_int, default=iters, metavar="N",
                    help=f"most coordinate-descent sweeps per tensor (default: {iters}; it stops earlier when "
                    "a sweep gains under 0.5%%)")
-    add_device_flag(p, "the tuning")
 
 
 def add_device_flag(p: argparse.ArgumentParser, what: str) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from mc_gguf.cli.common import MODEL_HELP, add_command, add_device_flag, add_tune_flags, positive_int, tune_settings
+from mc_gguf.cli.common import (MODEL_HELP, add_command, add_device_flag, add_tune_flags, add_tune_iters_flag,
+                                tune_settings)
 from mc_gguf.quantize.settings import TuneSettings
 
 EXAMPLE = "example: mc-gguf quantize ./Mixtral-8x7B-v0.1 --plan plan.json --stats mixtral.stats -o mixtral-mc.gguf"
@@ -52,9 +53,7 @@ def add_tuned_errors_parser(commands) -> None:
     p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument("stats", help="statistics from `mc-gguf calibrate --hessian`")
     p.add_argument("-o", "--output", required=True, help="the ratios to write (JSON)")
-    iters = TuneSettings().iters
-    p.add_argument("--tune-iters", type=positive_int, default=iters, metavar="N",
-                   help=f"most coordinate-descent sweeps per tensor, as quantize's (default: {iters})")
+    add_tune_iters_flag(p)
     add_device_flag(p, "the tuning")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_tuned_errors)

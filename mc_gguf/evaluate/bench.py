@@ -27,7 +27,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -134,11 +134,12 @@ class BenchReport:
         return [{**model, **asdict(r)} for r in self.results]
 
 
-def token_bytes(path: str | Path) -> TokenBytes:
-    """The bytes a token reads from ``path``'s weights (TokenBytes), from gguf-py's tensor table."""
+def token_bytes(path: str | Path, reader=None) -> TokenBytes:
+    """The bytes a token reads from ``path``'s weights (TokenBytes), from gguf-py's tensor table (``reader``'s,
+    when the caller has the file open)."""
     from mc_gguf.gguf_io.edit import field_value, open_gguf
 
-    reader = open_gguf(path)
+    reader = reader if reader is not None else open_gguf(path)
     arch = field_value(reader, "general.architecture")
     n_layers = int(field_value(reader, f"{arch}.block_count") or 0)
 
@@ -161,15 +162,18 @@ def token_bytes(path: str | Path) -> TokenBytes:
 def bench(path: str | Path, settings: BenchSettings = BenchSettings(),
           progress: Callable[[str], None] | None = None) -> BenchReport:
     """llama-bench's tests on ``path`` (the module docstring), once per pruning setting."""
+    from mc_gguf.gguf_io.edit import open_gguf
     from mc_gguf.loader.model import load, read_odp_metadata
 
     settings.check()
     path = Path(path)
+    reader = open_gguf(path)
     odp_settings = settings.odp
     if odp_settings is None:
-        prunes = settings.mu is not None or read_odp_metadata(path) is not None
+        prunes = settings.mu is not None or read_odp_metadata(path, reader) is not None
         odp_settings = (False, True) if prunes else (False,)
-    need = token_bytes(path)
+    need = token_bytes(path, reader)
+    del reader  # the map released before llama.cpp maps the file
     tests = settings.tests()
     n_ctx = settings.n_ctx or settings.context_needed()
     results: list[BenchResult] = []
@@ -243,8 +247,6 @@ def _layer_shares(shares: list[float], need: TokenBytes) -> list[float]:
 
 def _with_speedups(results: list[BenchResult]) -> list[BenchResult]:
     """Each pruned tg test with its unpruned twin's bytes and speed: the bandwidth ceiling and the speed-up."""
-    from dataclasses import replace
-
     plain = {r.test: r for r in results if not r.odp}
     out = []
     for r in results:
