@@ -44,7 +44,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test,serve]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test,serve,ray]"
 	touch $@
 
 runtime: setup

@@ -287,3 +287,10 @@ def _lock_holder(fd: int) -> str:
     except (OSError, ValueError):
         return ""
     return f" (process {pid})"
+
+
+def work_folder(out: str | Path) -> Path:
+    """Where compress and quantize keep their work (statistics, plan, experts quantized by a cluster) until
+    ``out`` is written: ``.OUT.mc-gguf`` beside it, so that the same command started again resumes it."""
+    out = Path(out)
+    return out.parent / f".{out.name}.mc-gguf"

@@ -13,7 +13,7 @@ from pathlib import Path
 from mc_gguf.allocate.allocation import allocate, projection_bits
 from mc_gguf.allocate.plan import Plan
 from mc_gguf.allocate.program import check_budget
-from mc_gguf.atomic import atomic_output, check_output_path, output_lock
+from mc_gguf.atomic import check_output_path, output_lock, work_folder
 from mc_gguf.gguf_io.requirements import runs_in
 from mc_gguf.calibrate.calibration import calibrate
 from mc_gguf.calibrate.stats import CalibrationStats
@@ -24,6 +24,7 @@ from mc_gguf.ggml.types import quant_type
 from mc_gguf.hf.checkpoint import open_checkpoint
 from mc_gguf.prune.calibration import odp_from_stats, skipped_shares
 from mc_gguf.prune.rule import OdpParams, check_skip_share
+from mc_gguf.quantize.cluster import connect
 from mc_gguf.quantize.quantization import quantize
 from mc_gguf.quantize.settings import TuneSettings
 from mc_gguf.settings import CompressSettings
@@ -64,6 +65,8 @@ def compress(model_dir: str | Path, out: str | Path, bits: float | None = None,
         torch_device(settings.calibration.device)
         if settings.tune is not None:
             torch_device(settings.tune.device)
+        if settings.ray is not None:
+            connect(settings.ray)
         ckpt = open_checkpoint(model_dir)
         types = [quant_type(t).name for t in settings.allocation.types or settings.calibration.types]
         check_budget(settings.bits, projection_bits(ckpt, types))
@@ -80,20 +83,21 @@ def compress(model_dir: str | Path, out: str | Path, bits: float | None = None,
         stats_path = work / "stats.safetensors"
         stats = calibrate(ckpt.path, stats_path, text, settings.calibration, progress=progress, reuse=True)
         tune = settings.tune
-        error_scale = _tuned_errors(ckpt.path, stats, work, tune, progress) if tune is not None else None
+        error_scale = (_tuned_errors(ckpt.path, stats, work, tune, settings.ray, progress) if tune is not None
+                       else None)
         plan = allocate(stats, settings.bits, model_dir=ckpt.path, stats_path=str(stats_path),
                         error_scale=error_scale, **settings.allocation.options())
         plan.save(work / "plan.json")
         thresholds = (odp_from_stats(stats, odp.skip, rule=odp.rule, renormalize=odp.renormalize)
                       if odp.skip else None)
         path = quantize(ckpt.path, plan, out, stats=stats, gptq=settings.uses_gptq, tune=tune, odp=thresholds,
-                        progress=progress)
+                        ray=settings.ray, work=work, progress=progress)
         if not keep_artifacts:
             shutil.rmtree(work, ignore_errors=True)
         return CompressResult(path, plan, stats, thresholds)
 
 
-def _tuned_errors(model_dir, stats: CalibrationStats, work: Path, tune: TuneSettings,
+def _tuned_errors(model_dir, stats: CalibrationStats, work: Path, tune: TuneSettings, ray: str | None,
                   progress: bool) -> dict[str, float]:
     """The tuned-error ratios, kept in the work folder so that a resumed run does not measure them again."""
     path = work / "tuned_errors.json"
@@ -104,14 +108,9 @@ def _tuned_errors(model_dir, stats: CalibrationStats, work: Path, tune: TuneSett
             saved = None
         if saved is not None and saved.key == TunedErrors.key_of(stats, tune):
             return saved.ratios
-    measured = measured_tuned_errors(model_dir, stats, tune, progress=progress)
+    measured = measured_tuned_errors(model_dir, stats, tune, ray=ray, progress=progress)
     measured.save(path)
     return measured.ratios
-
-
-def work_folder(out: Path) -> Path:
-    """Where compress keeps its statistics and plan until ``out`` is written."""
-    return out.parent / f".{out.name}.mc-gguf"
 
 
 def summary(result: CompressResult) -> str:

@@ -42,6 +42,7 @@ class CompressSettings:
     tune: TuneSettings | None = field(default_factory=TuneSettings)  # None: ggml's quantizer (with gptq: GPTQ)
     gptq: bool = False                       # GPTQ without tuning (tuning always starts from GPTQ)
     odp: OdpSettings = field(default_factory=OdpSettings)
+    ray: str | None = None                   # a Ray cluster's address ("auto": this machine's) for the experts' work
 
     @property
     def uses_gptq(self) -> bool:

@@ -24,12 +24,12 @@ Prints one JSON object (and writes it to --json).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-from bench_odp import BENCH, decode_tokens_per_second
+from bench_common import add_input_flags, add_output_flags, add_window_flags, emit_json
+from bench_odp import decode_tokens_per_second
 
 from mc_gguf.allocate.allocation import allocate, uniform_plan
 from mc_gguf.allocate.cost import AUTHORS_COST, COMPRESS_COST
@@ -50,19 +50,15 @@ COSTS = {"authors": AUTHORS_COST, "sq-error": COMPRESS_COST}
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(BENCH / "model"), help="Hugging Face model folder")
-    parser.add_argument("--calib", default=str(BENCH / "calib.txt"), help="calibration text")
-    parser.add_argument("--eval", default=str(BENCH / "eval.txt"), help="evaluation text")
+    add_input_flags(parser)
     parser.add_argument("--stats", help="statistics with Hessians from `mc-gguf calibrate --hessian` "
                         "(default: calibrate here)")
     parser.add_argument("--bits", type=float, nargs="+", default=[2.5], help="mc-gguf budgets (default: 2.5)")
     parser.add_argument("--types", nargs="+", help="mc-gguf candidate types (default: all calibrated)")
     parser.add_argument("--uniform", nargs="*", default=list(UNIFORM), help="uniform expert types to compare")
-    parser.add_argument("--ctx", type=int, default=512, help="window length (default: 512)")
-    parser.add_argument("--windows", type=int, default=16, help="evaluation windows (default: 16)")
+    add_window_flags(parser)
     parser.add_argument("--decode-tokens", type=int, default=128, help="tokens per decode timing (default: 128)")
-    parser.add_argument("--workdir", default="build/bench-compress", help="where the GGUF files go")
-    parser.add_argument("--json", help="also write the JSON here")
+    add_output_flags(parser, "build/bench-compress")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -123,10 +119,7 @@ def main() -> int:
               "calibration": {k: stats.info.get(k) for k in ("text", "n_tokens", "seq_len")},
               "f16_mb": f16.stat().st_size / 1e6, "rows": rows, "decode_speed": speed,
               "seconds": round(time.perf_counter() - started, 1)}
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n", encoding="utf-8")
+    emit_json(report, args.json, indent=1)
     return 0
 
 

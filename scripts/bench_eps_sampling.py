@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_odp import BENCH, emit_json
+from bench_common import add_input_flags, add_output_flags, add_window_flags, emit_json
 from bench_quality import Q8_NON_EXPERT, produce, quick_inputs
 from scipy.stats import spearmanr
 
@@ -45,17 +45,13 @@ def eps_agreement(full, sampled) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(BENCH / "model"), help="Hugging Face model folder")
-    parser.add_argument("--calib", default=str(BENCH / "calib.txt"), help="calibration text")
-    parser.add_argument("--eval", default=str(BENCH / "eval.txt"), help="evaluation text")
+    add_input_flags(parser)
     parser.add_argument("--features", type=int, default=256,
                         help="sampled features per expert (default: 256, half of the bench model's 512)")
     parser.add_argument("--bits", type=float, default=2.5, help="budget, bits per expert weight (default: 2.5)")
-    parser.add_argument("--ctx", type=int, default=512, help="window length (default: 512)")
-    parser.add_argument("--windows", type=int, default=16, help="evaluation windows (default: 16)")
-    parser.add_argument("--workdir", default="build/bench-eps-sampling", help="where the files go (reused)")
-    parser.add_argument("--quick", action="store_true", help="tiny model, few tokens: checks the script")
-    parser.add_argument("--json", help="also write the JSON here")
+    add_window_flags(parser)
+    add_output_flags(parser, "build/bench-eps-sampling", "where the files go (reused)",
+                     quick_help="tiny model, few tokens: checks the script")
     args = parser.parse_args()
 
     from mc_gguf.allocate.allocation import allocate

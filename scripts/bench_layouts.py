@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_odp import BENCH, emit_json
+from bench_common import add_input_flags, add_output_flags, add_window_flags, emit_json
 from bench_quality import produce, quick_inputs, run_tool
 
 LAYOUTS = ("per-expert", "stock")
@@ -75,15 +75,11 @@ def eval_file(path: Path, f16: Path, args, log: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(BENCH / "model"), help="Hugging Face model folder")
-    parser.add_argument("--calib", default=str(BENCH / "calib.txt"), help="calibration text")
-    parser.add_argument("--eval", default=str(BENCH / "eval.txt"), help="evaluation text")
+    add_input_flags(parser)
     parser.add_argument("--bits", type=float, nargs="+", default=[2.5, 3.07], help="budgets (default: 2.5 3.07)")
-    parser.add_argument("--ctx", type=int, default=512, help="window length (default: 512)")
-    parser.add_argument("--windows", type=int, default=16, help="evaluation windows, eval's --chunks (default: 16)")
-    parser.add_argument("--workdir", default="build/bench-layouts", help="where the GGUF files go (reused)")
-    parser.add_argument("--quick", action="store_true", help="tiny model, one budget: checks the script")
-    parser.add_argument("--json", help="also write the JSON here")
+    add_window_flags(parser, "evaluation windows, eval's --chunks")
+    add_output_flags(parser, "build/bench-layouts", "where the GGUF files go (reused)",
+                     quick_help="tiny model, one budget: checks the script")
     args = parser.parse_args()
     args.compress_extra = []
 

@@ -27,12 +27,12 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from bench_common import add_input_flags, add_output_flags, add_window_flags, emit_json
 
 from mc_gguf.calibrate.text import read_text
 from mc_gguf.evaluate.perplexity import reference_logits, score, windows
@@ -41,22 +41,12 @@ from mc_gguf.gguf_io.convert import convert
 from mc_gguf.prune.calibration import odp_from_stats, router_statistics, write_odp_metadata
 from mc_gguf.prune.settings import THRESHOLD_RULES
 
-BENCH = Path(__file__).resolve().parent.parent.parent / "shared" / "bench"
-
 
 def text_windows(tokenizer, path: str, ctx: int, count: int) -> list[list[int]]:
     """The first ``count`` windows of ``ctx`` token ids of the text file, each starting with BOS (the tokenizer run
     without special tokens, so both engines get the same ids: ../shared/bench/README.md's tokenizer quirk)."""
     ids = tokenizer(Path(path).read_text(encoding="utf-8"), add_special_tokens=False).input_ids
     return windows(ids, ctx, tokenizer.bos_token_id, count)
-
-
-def emit_json(report: dict, path: str | None, indent: int = 2) -> None:
-    """Print the report as JSON, and write it to ``path`` too when one is given."""
-    text = json.dumps(report, indent=indent)
-    print(text)
-    if path:
-        Path(path).write_text(text + "\n", encoding="utf-8")
 
 
 def decode_tokens_per_second(path: Path, prompt: list[int], n_tokens: int, repeats: int = 5) -> dict:
@@ -121,11 +111,8 @@ def methods(args) -> list[tuple[str, bool]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(BENCH / "model"), help="Hugging Face model folder")
-    parser.add_argument("--calib", default=str(BENCH / "calib.txt"), help="calibration text")
-    parser.add_argument("--eval", default=str(BENCH / "eval.txt"), help="evaluation text")
-    parser.add_argument("--ctx", type=int, default=512, help="window length (default: 512)")
-    parser.add_argument("--windows", type=int, default=16, help="evaluation windows (default: 16)")
+    add_input_flags(parser)
+    add_window_flags(parser)
     parser.add_argument("--first-window", type=int, default=0,
                         help="skip this many windows of the evaluation text first, to score others (default: 0)")
     parser.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default: 16384)")
@@ -142,8 +129,7 @@ def main() -> int:
                         help="skip the decode speed on bench_speed.py's bandwidth-bound synthetic model")
     parser.add_argument("--speed-workdir", default="build/bench-speed",
                         help="where that model's files go (shared with bench_speed.py)")
-    parser.add_argument("--workdir", default="build/bench-odp", help="where the GGUF files go")
-    parser.add_argument("--json", help="also write the JSON here")
+    add_output_flags(parser, "build/bench-odp")
     args = parser.parse_args()
     args.renormalize = [choice == "yes" for choice in args.renormalize]
 

@@ -37,7 +37,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_odp import BENCH, emit_json, text_windows
+from bench_common import add_input_flags, add_output_flags, add_window_flags, emit_json
+from bench_odp import text_windows
 
 from mc_gguf.calibrate.text import read_text
 from mc_gguf.prune.calibration import odp_from_stats, router_statistics
@@ -165,12 +166,8 @@ def scale_for_share(model, windows, mu_exps: np.ndarray, share: float, protect_r
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(BENCH / "model"), help="Hugging Face model folder (Mixtral family)")
-    parser.add_argument("--calib", default=str(BENCH / "calib.txt"), help="calibration text")
-    parser.add_argument("--eval", default=str(BENCH / "eval.txt"), help="evaluation text")
-    parser.add_argument("--ctx", type=int, default=512, help="window length (default: 512)")
-    parser.add_argument("--windows", type=int, default=16, help="evaluation windows, and held-out windows after "
-                        "them (default: 16)")
+    add_input_flags(parser, model_help="Hugging Face model folder (Mixtral family)")
+    add_window_flags(parser, "evaluation windows, and held-out windows after them")
     parser.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (default: 8192)")
     parser.add_argument("--steps", type=int, default=160, help="training steps, one calibration window each "
                         "(default: 160)")
@@ -179,8 +176,7 @@ def main() -> int:
     parser.add_argument("--renormalize", action="store_true",
                         help="renormalise the weights a token keeps (the paper's rule; default: left as they are, as "
                         "odp-calibrate's default)")
-    parser.add_argument("--workdir", default="build/bench-otp", help="where the router statistics go")
-    parser.add_argument("--json", help="also write the JSON here")
+    add_output_flags(parser, "build/bench-otp", "where the router statistics go")
     args = parser.parse_args()
 
     import torch

@@ -40,7 +40,6 @@ Prints one JSON object; --json and --png write it and the Pareto plots.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -49,7 +48,7 @@ from itertools import product
 from pathlib import Path
 
 import numpy as np
-from bench_odp import BENCH
+from bench_common import add_input_flags, add_output_flags, add_window_flags, emit_json
 
 RECIPES = ("Q2_K", "Q3_K_S", "Q4_K_M", "IQ2_XXS", "IQ2_XS", "IQ3_XXS")
 EXPERT_TYPES = ("IQ2_XXS", "IQ2_XS", "Q2_K", "IQ3_XXS", "Q3_K", "Q4_K")
@@ -228,22 +227,18 @@ def quick_inputs(work: Path) -> tuple[str, Path, Path]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(BENCH / "model"), help="Hugging Face model folder")
-    parser.add_argument("--calib", default=str(BENCH / "calib.txt"), help="calibration text")
-    parser.add_argument("--eval", default=str(BENCH / "eval.txt"), help="evaluation text")
+    add_input_flags(parser)
     parser.add_argument("--stats", help="mc-gguf statistics (`mc-gguf calibrate --hessian`; default: calibrate here)")
     parser.add_argument("--bits", type=float, nargs="+", default=[2.5, 2.25, 3.07, 2.06],
                         help="mc-gguf budgets; ODP variants use the first (default: 2.5 2.25 3.07 2.06)")
-    parser.add_argument("--ctx", type=int, default=512, help="window length (default: 512)")
-    parser.add_argument("--windows", type=int, default=16, help="evaluation windows (default: 16)")
+    add_window_flags(parser)
     parser.add_argument("--imatrix-chunks", type=int, default=128,
                         help="llama-imatrix chunks of --ctx tokens (default: 128, i.e. 65,536 tokens as mc-gguf)")
     parser.add_argument("--autoround", action="store_true",
                         help="also AutoRound's files (pip install -e .[peers]; 17-21 minutes each on 2 cores)")
     parser.add_argument("--autoround-iters", type=int, default=100, help="AutoRound's SignRound iterations (default: 100)")
-    parser.add_argument("--workdir", default="build/bench-quality", help="where the GGUF files go (reused)")
-    parser.add_argument("--quick", action="store_true", help="tiny model, two of each kind: checks the script")
-    parser.add_argument("--json", help="also write the JSON here")
+    add_output_flags(parser, "build/bench-quality", "where the GGUF files go (reused)",
+                     quick_help="tiny model, two of each kind: checks the script")
     parser.add_argument("--png", help="write the Pareto plots here")
     args = parser.parse_args()
     args.recipes, args.expert_types = RECIPES, EXPERT_TYPES
@@ -321,10 +316,7 @@ def main() -> int:
               "llama_cpp_front": [r["name"] for r in pareto_front(
                   [r for r in compared if r["family"] in LLAMA_FAMILIES], "file_mb", "kld_mean")],
               "seconds": round(time.perf_counter() - started, 1)}
-    out = json.dumps(report, indent=1)
-    print(out)
-    if args.json:
-        Path(args.json).write_text(out + "\n", encoding="utf-8")
+    emit_json(report, args.json, indent=1)
     if args.png:
         plot(compared, Path(args.png), f"{args.model}: {args.windows} windows of {args.ctx} tokens of {args.eval}, KLD vs F16")
     return 0

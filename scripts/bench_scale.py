@@ -26,7 +26,13 @@ fixed costs (what N layers cost beyond N times the per-layer cost) as a
 share of a 32-layer run, and each process's CPU use (user + system seconds
 over wall seconds times cores: 1.0 is every core busy throughout).
 
+``--ray`` times `mc-gguf quantize --tune` on the same statistics and plan in one process and with `--ray` on a
+local cluster (``--nodes`` nodes of one CPU each, started by the script in network and PID namespaces of its
+own), checks the two files are the same, and models the speed-up of 4 and 16 machines from the measured
+times: per layer the driver's serial part (the calibration) plus the layer's experts spread over the machines.
+
     python scripts/bench_scale.py --layers 1 2 4 [--tokens 4096 --seq-len 2048] [--json scale.json]
+    python scripts/bench_scale.py --ray --layers 1 [--experts 2 --tune-iters 2]
     python scripts/bench_scale.py --defaults --layers 2 4 [--tokens 4096]
     python scripts/bench_scale.py --quick [--defaults]   (the tiny model's shapes: checks the script works)
 """
@@ -42,6 +48,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from bench_common import add_output_flags, emit_json
 
 MIXTRAL_8X7B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
                 "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
@@ -294,6 +302,74 @@ def run_defaults(n_layers: int, shapes: dict, args, work: Path, text: Path) -> d
     return {"stages": rows, "files": sizes}
 
 
+RAY_PORT = 6390
+
+
+def in_own_namespaces() -> None:
+    """Run this script again in network and PID namespaces of its own (--ray): Ray's servers bind every interface,
+    and there the loopback is the only one; every process the script starts ends with it."""
+    if os.environ.get("MC_GGUF_BENCH_NAMESPACES") != "1":
+        import shutil
+
+        if shutil.which("unshare") is None:
+            raise SystemExit("--ray starts a local Ray cluster in a network namespace of its own: it needs unshare")
+        os.execvpe("unshare", ["unshare", "--net", "--pid", "--fork", "--mount-proc", sys.executable, *sys.argv],
+                   {**os.environ, "MC_GGUF_BENCH_NAMESPACES": "1"})
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+
+
+def start_ray_cluster(nodes: int) -> str:
+    """A head and nodes - 1 worker nodes on this machine, one CPU each (`ray start`): the head's address."""
+    ray = str(Path(sys.executable).parent / "ray")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    address = f"127.0.0.1:{RAY_PORT}"
+    commands = [[ray, "start", "--head", "--port", str(RAY_PORT), "--num-cpus", "1", "--include-dashboard=false",
+                 "--disable-usage-stats"]]
+    commands += [[ray, "start", "--address", address, "--num-cpus", "1"]] * (nodes - 1)
+    for command in commands:
+        subprocess.run(command, check=True, env=env, capture_output=True, timeout=120)
+    return address
+
+
+def run_ray(n_layers: int, shapes: dict, args, work: Path, text: Path, address: str) -> dict:
+    """`mc-gguf quantize --tune` in one process and with --ray on the local cluster, on the same statistics and
+    plan (compress's cost, a type per projection): the seconds of each, and whether the files are the same."""
+    import hashlib
+
+    folder, model = checkpoint_folder(work / f"ray-{n_layers}", shapes, n_layers)
+    log = folder / "log.txt"
+    mc = str(Path(sys.executable).parent / "mc-gguf")
+    stats, plan = folder / "stats.safetensors", folder / "plan.json"
+    types = ["--types", *args.types] if args.types else []
+    print(f"{n_layers} layer(s), quantize --tune with and without --ray:", file=sys.stderr, flush=True)
+    rows = {"calibrate": measure("mc-gguf calibrate", [
+        mc, "calibrate", str(model), "--text", str(text), "--tokens", str(args.tokens), "--seq-len",
+        str(args.seq_len), "--hessian", *types, "-o", str(stats), "-q"], log)}
+    rows["allocate"] = measure("mc-gguf allocate", [
+        mc, "allocate", str(stats), "--bits", str(args.bits), "--per-projection", "--alpha", "0", "--beta", "0",
+        "--gamma", "2", "-o", str(plan)], log)
+    quantize = [mc, "quantize", str(model), "--plan", str(plan), "--stats", str(stats), "--tune",
+                "--tune-iters", str(args.tune_iters), "-q"]
+    files = {}
+    for name, extra in (("quantize", []), ("quantize --ray", ["--ray", address])):
+        files[name] = folder / f"{name.replace(' ', '').replace('-', '')}.gguf"
+        rows[name] = measure(f"mc-gguf {name}", [*quantize, *extra, "-o", str(files[name])], log)
+    digests = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in files.items()}
+    for path in files.values():
+        path.unlink()
+    experts = n_layers * shapes["num_local_experts"]
+    plain, ray = rows["quantize"]["seconds"], rows["quantize --ray"]["seconds"]
+    return {"stages": rows, "same_file": len(set(digests.values())) == 1, "experts": experts,
+            "seconds_per_expert": round(plain / experts, 1), "ray_overhead": round(ray / plain - 1, 3)}
+
+
+def speedup_model(serial_per_layer: float, expert_seconds: float, n_experts: int, machines: int) -> float:
+    """compress on ``machines`` machines like this one against one: per layer, the driver's serial part (the
+    calibration), then the layer's experts spread over the machines (quantize's lookahead keeps them all busy)."""
+    alone = serial_per_layer + n_experts * expert_seconds
+    return round(alone / (serial_per_layer + n_experts * expert_seconds / machines), 2)
+
+
 def defaults_report(runs: dict, n_full: int) -> dict:
     """Per added layer, compress against imatrix + quantize; its fixed costs as a share of an ``n_full``-layer run."""
     counts = sorted(runs)
@@ -350,10 +426,16 @@ def main() -> int:
     parser.add_argument("--resume-check", action="store_true",
                         help="also kill a calibration part-way, resume it and compare the statistics")
     parser.add_argument("--keep-models", action="store_true", help="keep the built checkpoints")
-    parser.add_argument("--workdir", default="build/bench-scale", help="where the files go")
-    parser.add_argument("--quick", action="store_true",
-                        help="the tiny model's shapes, 1 and 2 layers, two types at 4 bits: checks the script works")
-    parser.add_argument("--json", help="also write the JSON here")
+    parser.add_argument("--ray", action="store_true",
+                        help="time quantize --tune in one process and with --ray on a local Ray cluster of --nodes "
+                        "nodes of one CPU each (in namespaces of its own: reachable from this machine only), and "
+                        "model the speed-up of 4 and 16 machines from the measured times")
+    parser.add_argument("--nodes", type=int, default=2, help="--ray: the local cluster's nodes (default: 2)")
+    parser.add_argument("--experts", type=int, help="experts per layer (default: Mixtral's 8; fewer make a "
+                        "--ray run shorter at the same expert shapes)")
+    parser.add_argument("--tune-iters", type=int, default=8, help="--ray: quantize's --tune-iters (default: 8)")
+    add_output_flags(parser, "build/bench-scale", "where the files go",
+                     quick_help="the tiny model's shapes, 1 and 2 layers, two types at 4 bits: checks the script works")
     args = parser.parse_args()
 
     from mc_gguf.calibrate.text import read_text
@@ -362,6 +444,10 @@ def main() -> int:
     if args.quick:
         shapes, args.layers, args.tokens, args.seq_len, args.ctx = QUICK_SHAPES, [1, 2], 512, 128, 64
         args.types, args.bits, args.llama_type = ["Q3_K", "Q4_K"], 4.0, "Q4_K"
+    if args.experts:
+        shapes = {**shapes, "num_local_experts": args.experts, "num_experts_per_tok": min(2, args.experts)}
+    if args.ray:
+        in_own_namespaces()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     text = work / "calib.txt"
@@ -370,15 +456,24 @@ def main() -> int:
     eval_text = work / "eval.txt"
     eval_text.write_text(full[-200_000:], encoding="utf-8")
     started = time.perf_counter()
+    if args.ray:
+        address = start_ray_cluster(args.nodes)
+        runs = {n: run_ray(n, shapes, args, work, text, address) for n in args.layers}
+        largest = runs[max(args.layers)]
+        serial = largest["stages"]["calibrate"]["seconds"] / max(args.layers)
+        report = {"shapes": shapes, "tokens": args.tokens, "bits": args.bits, "tune_iters": args.tune_iters,
+                  "nodes": args.nodes, "cpus": os.cpu_count(), "runs": {str(n): run for n, run in runs.items()},
+                  "modelled_speedup": {str(m): speedup_model(serial, largest["seconds_per_expert"],
+                                                             MIXTRAL_8X7B["num_local_experts"], m) for m in (4, 16)},
+                  "seconds": round(time.perf_counter() - started, 1)}
+        emit_json(report, args.json, indent=1)
+        return 0
     if args.defaults:
         runs = {n: run_defaults(n, shapes, args, work, text) for n in args.layers}
         report = {"shapes": shapes, "tokens": args.tokens, "seq_len": args.seq_len, "bits": args.bits,
                   "cpus": os.cpu_count(), "runs": {str(n): run for n, run in runs.items()},
                   **defaults_report(runs, shapes["n_layers_full"]), "seconds": round(time.perf_counter() - started, 1)}
-        out = json.dumps(report, indent=1)
-        print(out)
-        if args.json:
-            Path(args.json).write_text(out + "\n", encoding="utf-8")
+        emit_json(report, args.json, indent=1)
         return 0
     runs = {n: run_layers(n, shapes, args, work, text, eval_text) for n in args.layers}
     report = {"shapes": shapes, "tokens": args.tokens, "seq_len": args.seq_len, "bits": args.bits,
@@ -405,10 +500,7 @@ def main() -> int:
         report["peak_anon_gib_max"] = {k: max(r["stages"][k]["peak_anon_gib"] for r in runs.values())
                                        for k in runs[largest]["stages"]}
     report["seconds"] = round(time.perf_counter() - started, 1)
-    out = json.dumps(report, indent=1)
-    print(out)
-    if args.json:
-        Path(args.json).write_text(out + "\n", encoding="utf-8")
+    emit_json(report, args.json, indent=1)
     return 0
 
 

@@ -56,6 +56,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from bench_common import add_output_flags, emit_json
 
 from mc_gguf.evaluate.bench import token_bytes
 
@@ -384,8 +385,6 @@ def plot(report: dict, png: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny model, one run each, no stock build")
-    parser.add_argument("--workdir", default="build/bench-speed", help="where the model and GGUF files go")
     parser.add_argument("--prompt-tokens", type=int, default=256, help="prefill length (default: 256)")
     parser.add_argument("--decode-tokens", type=int, default=64, help="decoded tokens per run (default: 64)")
     parser.add_argument("--repeats", type=int, default=5, help="rounds, median reported (default: 5)")
@@ -394,7 +393,8 @@ def main() -> int:
     parser.add_argument("--paired-block", type=int, default=2,
                         help="tokens per turn in the paired comparison (default: 2)")
     parser.add_argument("--no-stock", action="store_true", help="skip the unpatched llama.cpp baseline")
-    parser.add_argument("--json", help="also write the JSON here")
+    add_output_flags(parser, "build/bench-speed", "where the model and GGUF files go",
+                     quick_help="tiny model, one run each, no stock build")
     parser.add_argument("--png", help="write a bar chart here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -488,10 +488,7 @@ def main() -> int:
         "odp_decode": odp_decode_summary(paired_odp, files["uniform"], by_name, base),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n", encoding="utf-8")
+    emit_json(report, args.json, indent=1)
     if args.png:
         plot(report, Path(args.png))
     return 0

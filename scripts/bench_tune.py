@@ -24,7 +24,7 @@ import sys
 import time
 
 import numpy as np
-from bench_odp import emit_json
+from bench_common import add_output_flags, emit_json
 
 MIXTRAL = {"hidden": 4096, "ff": 14336}
 
@@ -88,13 +88,13 @@ def bench_error_pass(hidden: int, ff: int, features: int, tokens: int, shares: l
     import torch
 
     from mc_gguf.calibrate.quant_error import (
-        GATED_ACTIVATIONS,
         RATIO_REFERENCE,
         ExpertWeights,
         expert_errors,
         feature_sample,
     )
     from mc_gguf.ggml.types import CANDIDATES
+    from mc_gguf.hf.architectures import ExpertActivation
 
     g = torch.Generator().manual_seed(0)
     w = ExpertWeights(*(torch.randn(*s, generator=g).to(torch.bfloat16) * 0.02
@@ -102,7 +102,7 @@ def bench_error_pass(hidden: int, ff: int, features: int, tokens: int, shares: l
     x, route = torch.randn(tokens, hidden, generator=g), torch.rand(tokens, generator=g)
     rng = np.random.default_rng(0)
     imatrix_in, imatrix_mid = (np.abs(rng.standard_normal(n)).astype(np.float32) for n in (hidden, ff))
-    glu = GATED_ACTIVATIONS["act"]({"hidden_act": "silu"})
+    glu = ExpertActivation.ACT.glu({"hidden_act": "silu"})
     sample = feature_sample(ff, features, rng)
     types = list(CANDIDATES)
     report, errors = {"ff": ff, "features": features, "tokens": tokens}, {}
@@ -125,8 +125,7 @@ def main() -> int:
                         choices=["gate", "down", "down_fit", "error_pass"],
                         help="what to time (default: all; error_pass is calibrate's, per expert, on 2048 features "
                         "and 2048 tokens, with the i-quants on all of them and on a quarter)")
-    parser.add_argument("--quick", action="store_true", help="small shapes: checks the script")
-    parser.add_argument("--json", help="also write the JSON here")
+    add_output_flags(parser, quick_help="small shapes: checks the script")
     args = parser.parse_args()
     import torch
 

@@ -22,6 +22,34 @@ PROMPT = (
 )
 
 
+# Loads a file once per set of load() keywords and reports where its weights went and its greedy text.
+PLACEMENT_CLIENT = """
+import json, sys
+from mc_gguf.evaluate.run import complete
+from mc_gguf.loader.model import load
+path, prompt, runs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+results = []
+for kwargs in runs:
+    llm = load(path, n_ctx=128, use_mmap=False, **kwargs)
+    results.append({"buffers": llm.model_buffers, "text": complete(llm, prompt, 12).text})
+    llm.close()
+print(json.dumps(results))
+"""
+
+
+def placements(path: Path, prompt: str, runs: list[dict], env: dict | None = None) -> list[dict]:
+    """For each dict of ``runs`` (mc_gguf.load's placement keywords), the model buffers llama.cpp reported
+    ({"CPU": MiB, "RPC0[...]": MiB, ...}) and 12 greedy tokens after ``prompt``: in a child process, so that
+    devices registered by a run (RPC servers) and the runtime it loads (``env``'s PYTHONPATH) stay there.
+    Weights are read into memory (no mmap), so that a CPU buffer's size is its tensors' bytes."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-c", PLACEMENT_CLIENT, str(path), prompt, json.dumps(runs)],
+                            capture_output=True, text=True, timeout=600, check=False, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def transformers_logits(model, token_ids: list[int]) -> np.ndarray:
     import torch
 

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mc_gguf"
 # errors, atomic, device and _lazy modules), never one after it.
 ORDER = ["runtime", "ggml", "hf", "gguf_io", "calibrate", "prune", "loader", "allocate", "quantize", "evaluate",
          "settings", "pipeline", "demo", "cli", "__main__"]
-SHARED = {"errors", "atomic", "device", "_lazy", "__init__", ""}
+SHARED = {"errors", "atomic", "artifact", "device", "_lazy", "__init__", ""}
 
 
 def part_of(module: str) -> str:

@@ -53,7 +53,7 @@ def test_the_readme_example_runs_as_it_stands(tiny_model_dir, tmp_path):
                             timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip(), "the completion printed nothing"
-    from mc_gguf.gguf_io.validate import scan
+    from mc_gguf.gguf_io.header import scan
 
     header = scan(tmp_path / "mixtral-mc2.5.gguf")
     assert header.fields["mc.quantize.tune_iters"] == 8          # tuned, as `mc-gguf compress`

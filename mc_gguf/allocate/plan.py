@@ -14,12 +14,11 @@ Granularity of the choice:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mc_gguf.atomic import atomic_output
+from mc_gguf.artifact import load_json, save_json
 from mc_gguf.errors import McGgufError
 from mc_gguf.ggml.types import quant_type
 from mc_gguf.gguf_io.layout import PROJECTIONS
@@ -74,23 +73,12 @@ class Plan:
         return bits
 
     def save(self, path: str | Path) -> Path:
-        with atomic_output(path) as tmp:
-            tmp.write_text(json.dumps({"format": FORMAT_VERSION, **asdict(self)}, indent=1) + "\n", encoding="utf-8")
-        return Path(path)
+        return save_json(path, FORMAT_VERSION, asdict(self))
 
 
 def load_plan(path: str | Path) -> Plan:
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PlanFileError(f"plan {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PlanFileError(f"{path} is not a plan (not JSON: {exc})") from None
-    except RecursionError:
-        raise PlanFileError(f"{path} is not a plan (JSON nested too deeply to read)") from None
-    if not isinstance(data, dict) or data.pop("format", None) != FORMAT_VERSION:
-        raise PlanFileError(f"{path} is not an mc-gguf plan of format {FORMAT_VERSION}")
+    data = load_json(path, FORMAT_VERSION, "plan", PlanFileError)
     try:
         plan = Plan(**data)
     except TypeError as exc:

@@ -29,8 +29,8 @@ from tqdm import tqdm
 from mc_gguf import __version__
 from mc_gguf.atomic import check_output_path, output_lock
 from mc_gguf.calibrate.forward import CPU, decoder_layer, embed, load_experts, run_layer, skeleton
-from mc_gguf.calibrate.moe import SHARED_EXPERT_OUTPUT, RoutingRule, StatisticsMoE
-from mc_gguf.calibrate.quant_error import GATED_ACTIVATIONS, expert_errors, feature_sample, sampled_features
+from mc_gguf.calibrate.moe import RoutingRule, StatisticsMoE
+from mc_gguf.calibrate.quant_error import expert_errors, feature_sample, sampled_features
 from mc_gguf.calibrate.settings import CalibrationSettings
 from mc_gguf.calibrate.stats import CalibrationStats, LayerStats, load_stats
 from mc_gguf.calibrate.text import CalibrationText, pack_sequences
@@ -126,10 +126,10 @@ def calibrate_layer(model, ckpt: Checkpoint, bid: int, hidden_in: np.ndarray, hi
         bar.close()
         return None
 
-    glu = GATED_ACTIVATIONS[ckpt.arch.expert_activation](ckpt.config)
+    glu = ckpt.arch.expert_activation.glu(ckpt.config)
     router, experts = load_experts(ckpt, bid, device)
     moe = StatisticsMoE(router, experts, glu, RoutingRule.of(ckpt), eps_positions, moe_inputs,
-                        shared=SHARED_EXPERT_OUTPUT.get(ckpt.arch.shared_expert),
+                        shared=ckpt.arch.shared_expert,
                         returns_scores=ckpt.arch.hf_moe_returns_scores)
     bar = tqdm(total=hidden_in.shape[0] + len(experts), desc=f"layer {bid + 1}/{ckpt.n_layers}{eta}", unit="step",
                disable=not progress, dynamic_ncols=True)

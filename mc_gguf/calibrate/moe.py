@@ -35,6 +35,7 @@ import torch
 
 from mc_gguf.calibrate.quant_error import ExpertWeights, expert_hidden, expert_output
 from mc_gguf.calibrate.stats import LayerStats
+from mc_gguf.hf.architectures import SharedExpert
 from mc_gguf.hf.checkpoint import Checkpoint
 
 
@@ -85,20 +86,10 @@ class EpsSample:
     weights: torch.Tensor
 
 
-# How a family's shared expert adds to the routed experts' output (the row's ``shared_expert``); ``block`` holds
-# transformers' own submodules of the row's ``shared_modules`` (forward.decoder_layer puts them there).
-SHARED_EXPERT_OUTPUT: dict[str, Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]] = {
-    # Qwen2MoeSparseMoeBlock; llama.cpp's qwen2moe.cpp: ffn_gate_inp_shexp, sigmoid, times the shared FFN
-    "sigmoid-gated": lambda block, x: torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x),
-    # DeepseekV2Moe; llama.cpp's deepseek2.cpp: ffn_{gate,up,down}_shexp, added as it is
-    "summed": lambda block, x: block.shared_experts(x),
-}
-
-
 class StatisticsMoE(torch.nn.Module):
     """The MoE block of one layer, computing its output and accumulating its statistics.
 
-    A shared expert (``shared``, one of SHARED_EXPERT_OUTPUT) adds its output to the routed experts'; it is
+    A shared expert (``shared``: how the row's adds up) adds its output to the routed experts'; it is
     neither counted nor skipped, and the skip costs are those of the routed part's change. ``returns_scores``:
     the block returns (output, None), as the decoder layers of transformers' blocks that return (output, router
     scores) unpack it (GptOssMLP). ``inputs`` [tokens, H] (a memory map, say) receives every token's input, in
@@ -106,7 +97,7 @@ class StatisticsMoE(torch.nn.Module):
 
     def __init__(self, router: Router, experts: Sequence[ExpertWeights], glu: Callable, rule: RoutingRule,
                  eps_positions: np.ndarray, inputs: np.ndarray | None = None,
-                 shared: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
+                 shared: SharedExpert | None = None,
                  returns_scores: bool = False):
         super().__init__()
         self.shared = shared
@@ -160,7 +151,7 @@ class StatisticsMoE(torch.nn.Module):
         self._count_routing(routing, routed)
         out = self._run_experts(x, routing, routed)
         if self.shared is not None:
-            out = out + self.shared(self, x)
+            out = out + self.shared.output(self, x)
         self._keep_eps_sample(x, routing)
         if self.inputs is not None:
             self.inputs[self.seen:self.seen + len(x)] = x.cpu().numpy()

@@ -42,7 +42,6 @@ import torch
 
 from mc_gguf.ggml import quants
 from mc_gguf.ggml.types import stored_type
-from mc_gguf.hf.config import SWIGLU_OAI
 
 
 @dataclass
@@ -69,33 +68,6 @@ class ExpertWeights:
         """The expert restricted to the intermediate features ``index`` (rows of gate and up, columns of down)."""
         biases = self.biases and (self.biases[0][index], self.biases[1][index], self.biases[2])
         return ExpertWeights(self.gate[index], self.up[index], self.down[:, index].contiguous(), biases)
-
-
-# An expert's gated activation of (x gate^T + b_gate, x up^T + b_up), by the row's expert_activation; built from
-# config.json. "act": hidden_act of gate, times up (SwiGLU where hidden_act is silu, as llama.cpp computes it);
-# "swiglu-oai": GptOssExperts._apply_gate, llama.cpp's ggml_swiglu_oai (gate clamped above at the limit, up at
-# +-limit, (up + 1) * gate * sigmoid(alpha * gate)).
-def _act_times_up(config: dict) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    from transformers.activations import ACT2FN
-
-    act = ACT2FN[config.get("hidden_act", "silu")]
-    return lambda gate, up: act(gate) * up
-
-
-def _swiglu_oai(config: dict) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    alpha, limit = (float(config.get(key, default)) for key, default in SWIGLU_OAI.items())
-
-    def glu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        gate = gate.clamp(max=limit)
-        return (up.clamp(-limit, limit) + 1) * gate * torch.sigmoid(alpha * gate)
-
-    return glu
-
-
-GATED_ACTIVATIONS: dict[str, Callable[[dict], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]] = {
-    "act": _act_times_up,
-    "swiglu-oai": _swiglu_oai,
-}
 
 
 def expert_hidden(x: torch.Tensor, w: ExpertWeights, glu: Callable) -> torch.Tensor:

@@ -65,7 +65,8 @@ def _listed(values: tuple[int, ...]) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
-    from mc_gguf.evaluate.bench import bench, describe, write_rows
+    from mc_gguf.evaluate.bench import bench
+    from mc_gguf.evaluate.bench_report import describe, write_rows
 
     load_options = llama_load_kwargs(args)
     n_ctx = load_options.pop("n_ctx")

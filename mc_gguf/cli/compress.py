@@ -15,6 +15,7 @@ from mc_gguf.cli.common import (
     add_command,
     add_cost_arguments,
     add_device_flag,
+    add_ray_flag,
     add_eps_features_argument,
     add_tune_flags,
     positive_float,
@@ -53,6 +54,8 @@ def add_parser(commands) -> None:
                    help="renormalise the weights a token keeps after pruning (the paper's rule; by default they stay "
                    "as the router gave them, which costs less; see `mc-gguf odp-calibrate --help`)")
     add_device_flag(p, "the calibration's forward, its error pass's products and the tuning")
+    add_ray_flag(p, "quantize the experts (GPTQ and tuning, an expert per task) and measure the tuned-error "
+                 "ratios")
     add_tune_flags(p, default=defaults.tune is not None)
     p.add_argument("--gptq", action="store_true", default=defaults.gptq,
                    help="with --no-tune: GPTQ error compensation alone (it also keeps the calibration's MoE inputs)")
@@ -89,12 +92,14 @@ def settings_of(args: argparse.Namespace) -> CompressSettings:
         tune=tune_settings(args),  # a device this machine lacks is refused here, before any work
         gptq=args.gptq,
         odp=OdpSettings(skip=args.odp_skip, rule=args.odp_rule, renormalize=args.odp_renormalize),
+        ray=args.ray,
     )
 
 
 def run(args: argparse.Namespace) -> None:
     from mc_gguf.calibrate.text import read_text
-    from mc_gguf.pipeline import compress, summary, work_folder
+    from mc_gguf.atomic import work_folder
+    from mc_gguf.pipeline import compress, summary
 
     settings = settings_of(args)
     text = read_text(args.calib)

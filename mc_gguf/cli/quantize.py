@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from mc_gguf.cli.common import (MODEL_HELP, add_command, add_device_flag, add_tune_flags, add_tune_iters_flag,
-                                tune_settings)
+from mc_gguf.cli.common import (MODEL_HELP, add_command, add_device_flag, add_ray_flag, add_tune_flags,
+                                add_tune_iters_flag, tune_settings)
 from mc_gguf.quantize.settings import TuneSettings
 
 EXAMPLE = "example: mc-gguf quantize ./Mixtral-8x7B-v0.1 --plan plan.json --stats mixtral.stats -o mixtral-mc.gguf"
@@ -22,6 +22,7 @@ def add_parser(commands) -> None:
     p.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ error compensation with ggml's quantizer (default: on when the statistics hold Hessians)")
     add_tune_flags(p)
+    add_ray_flag(p, "quantize the experts (GPTQ and tuning, an expert per task; needs --stats)")
     p.add_argument("-o", "--output", required=True, help="the GGUF file to write")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> None:
     stats = load_stats(args.stats) if args.stats else None
     started = time.perf_counter()
     out = quantize(args.model_dir, load_plan(args.plan), args.output, stats=stats, gptq=args.gptq,
-                   tune=tune, progress=not args.quiet)
+                   tune=tune, ray=args.ray, progress=not args.quiet)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) in {time.perf_counter() - started:.0f} s")
     print(runs_in(out))
 
@@ -55,6 +56,7 @@ def add_tuned_errors_parser(commands) -> None:
     p.add_argument("-o", "--output", required=True, help="the ratios to write (JSON)")
     add_tune_iters_flag(p)
     add_device_flag(p, "the tuning")
+    add_ray_flag(p, "measure the sampled experts (an expert per task)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_tuned_errors)
 
@@ -73,7 +75,7 @@ def run_tuned_errors(args: argparse.Namespace) -> None:
         raise InvalidValueError(f"{args.stats} holds no inputs for the Hessians: calibrate with --hessian")
     started = time.perf_counter()
     measured = measured_tuned_errors(args.model_dir, stats, TuneSettings(iters=args.tune_iters, device=args.device),
-                                     progress=not args.quiet)
+                                     ray=args.ray, progress=not args.quiet)
     measured.save(out)
     for name, ratio in measured.ratios.items():
         print(f"  {name:8} {ratio:.3f}")

@@ -16,9 +16,13 @@ def add_parser(commands) -> None:
     p = add_command(runtime_commands, "build", "Build llama-cpp-python with the mc-gguf patches and install it "
                     "(cached: a second run installs the cached wheel in seconds).",
                     "example: mc-gguf runtime build            (CPU)\n"
-                    "         mc-gguf runtime build --cuda --cuda-architectures 86")
+                    "         mc-gguf runtime build --cuda --cuda-architectures 86\n"
+                    "         mc-gguf runtime build --vulkan")
     p.add_argument("--cuda", action="store_true", help="also build the CUDA backend")
     p.add_argument("--metal", action="store_true", help="also build the Metal backend (macOS)")
+    p.add_argument("--vulkan", action="store_true", help="also build the Vulkan backend (needs glslc and the Vulkan "
+                   "headers; scripts/vulkan_sdk.sh installs them on Debian and Ubuntu). Vulkan runs every layer "
+                   "but the experts whose pruned slots it cannot skip, which stay on the CPU")
     p.add_argument("--cuda-architectures", help="CMAKE_CUDA_ARCHITECTURES, e.g. 86 or '80;89' (default: CMake's)")
     p.add_argument("--force", action="store_true", help="rebuild even when a cached wheel exists")
     p.set_defaults(func=run_build)
@@ -48,7 +52,7 @@ def port_number(text: str) -> int:
 def run_build(args: argparse.Namespace) -> None:
     from mc_gguf.runtime.build import BuildFlags, ensure_runtime
 
-    flags = BuildFlags(cuda=args.cuda, metal=args.metal, cuda_architectures=args.cuda_architectures)
+    flags = BuildFlags(cuda=args.cuda, metal=args.metal, vulkan=args.vulkan, cuda_architectures=args.cuda_architectures)
     started = time.perf_counter()
     wheel = ensure_runtime(flags, force=args.force)
     print(f"patched runtime ready: {wheel.name} ({time.perf_counter() - started:.0f} s)")

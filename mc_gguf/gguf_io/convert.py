@@ -23,6 +23,7 @@ from mc_gguf.gguf_io.edit import copy_metadata, open_gguf
 from mc_gguf.gguf_io.llama_convert import base_without_experts, llama_cpp_convert
 from mc_gguf.gguf_io.metadata import add_general, add_hparams, add_sentencepiece_vocab
 from mc_gguf.gguf_io.write import OutputTensor, stack_one_at_a_time, write_gguf
+from mc_gguf.hf.architectures import Converter
 from mc_gguf.hf.checkpoint import Checkpoint, open_checkpoint
 
 T = gguf.GGMLQuantizationType
@@ -185,9 +186,9 @@ def _tensor_kinds(arch: gguf.MODEL_ARCH, n_layers: int) -> dict[str, gguf.MODEL_
 
 
 # Who converts what mc-gguf does not decide itself, by the row's ``converter``.
-NON_EXPERT_TENSORS: dict[str, Callable[[Checkpoint, TypeChooser], list[OutputTensor]]] = {
-    "mc-gguf": own_non_expert_tensors,
-    "llama.cpp": llama_cpp_non_expert_tensors,
+NON_EXPERT_TENSORS: dict[Converter, Callable[[Checkpoint, TypeChooser], list[OutputTensor]]] = {
+    Converter.MC_GGUF: own_non_expert_tensors,
+    Converter.LLAMA_CPP: llama_cpp_non_expert_tensors,
 }
 
 
@@ -207,7 +208,7 @@ def convert(model_dir: str | Path, out_path: str | Path, out_type: str = "f16", 
         raise ValueError(f"unknown output type {out_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
     check_output_path(out_path, inputs=[model_dir])
     ckpt = open_checkpoint(model_dir)
-    if ckpt.arch.converter == "llama.cpp":
+    if ckpt.arch.converter is Converter.LLAMA_CPP:
         return llama_cpp_convert(ckpt, out_path, out_type)
     qtype, file_type = OUTPUT_TYPES[out_type]
     tensors = plan_tensors(ckpt, uniform_type(qtype))
@@ -252,7 +253,9 @@ def size_label(ckpt: Checkpoint, base: gguf.GGUFReader) -> str:
     return gguf.size_label(shared + ckpt.n_experts * per_expert, shared, per_expert, ckpt.n_experts)
 
 
-MODEL_METADATA: dict[str, Callable[[Checkpoint, gguf.LlamaFileType], Callable[[gguf.GGUFWriter], None]]] = {
-    "mc-gguf": own_metadata,
-    "llama.cpp": llama_cpp_metadata,
+MODEL_METADATA: dict[Converter, Callable[[Checkpoint, gguf.LlamaFileType], Callable[[gguf.GGUFWriter], None]]] = {
+    Converter.MC_GGUF: own_metadata,
+    Converter.LLAMA_CPP: llama_cpp_metadata,
 }
+if not set(NON_EXPERT_TENSORS) == set(MODEL_METADATA) == set(Converter):
+    raise ImportError("gguf_io/convert.py: every Converter needs its non-expert tensors and its metadata")

@@ -25,7 +25,7 @@ from mc_gguf.errors import GGUFFileError
 def open_gguf(path: str | Path) -> gguf.GGUFReader:
     """A GGUFReader, or a clear error for a missing, truncated or corrupt file (its header checked first with
     every count bounded by the file: gguf-py would allocate or loop on whatever a corrupt header declares)."""
-    from mc_gguf.gguf_io.validate import scan
+    from mc_gguf.gguf_io.header import scan
 
     path = Path(path)
     scan(path)
@@ -46,10 +46,6 @@ def float_array(values: Sequence[float]) -> MetadataDetails:
 
 def float_value(value: float) -> MetadataDetails:
     return MetadataDetails(gguf.GGUFValueType.FLOAT32, float(value))
-
-
-def bool_value(value: bool) -> MetadataDetails:
-    return MetadataDetails(gguf.GGUFValueType.BOOL, bool(value))
 
 
 def rewrite_metadata(src: str | Path, dst: str | Path, updates: dict[str, MetadataDetails],
@@ -80,10 +76,6 @@ def copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, updates: dic
         writer.add_key_value(field.name, value.value, value.type, sub_type=value.sub_type)
     for key, value in updates.items():
         writer.add_key_value(key, value.value, value.type, sub_type=value.sub_type)
-
-
-def int32_array(values: Sequence[int]) -> MetadataDetails:
-    return MetadataDetails(gguf.GGUFValueType.ARRAY, [int(v) for v in values], sub_type=gguf.GGUFValueType.INT32)
 
 
 def _writer(path: Path, reader: gguf.GGUFReader, cls: type[gguf.GGUFWriter] = gguf.GGUFWriter) -> gguf.GGUFWriter:

@@ -8,11 +8,10 @@ from pathlib import Path
 from mc_gguf.errors import GGUFFileError
 from mc_gguf.gguf_io import keys
 from mc_gguf.gguf_io.edit import field_value, open_gguf
+from mc_gguf.gguf_io.header import GGUFHeader, scan
 from mc_gguf.gguf_io.layout import PROJECTIONS, group_map_problem, is_expert_weight
 from mc_gguf.gguf_io.requirements import file_requirements, needed_patch_level
-from mc_gguf.gguf_io.validate import ARRAY, GGUFHeader, file_kind, model_problem, scan
-
-INT32 = 5  # gguf.h: GGUF_TYPE_INT32
+from mc_gguf.gguf_io.validate import file_kind, model_problem
 
 
 def _count(header: GGUFHeader, key: str) -> int:
@@ -33,12 +32,13 @@ def inspect_gguf(path: str | Path) -> dict:
     n_layer = _count(header, f"{arch}.block_count")
     n_expert = _count(header, f"{arch}.expert_count")
     n_dense = _count(header, f"{arch}.leading_dense_block_count")
-    group_map = field_value(reader, keys.EXPERT_GROUPS)
+    try:
+        group_map = keys.read(reader, keys.EXPERT_GROUPS)
+    except GGUFFileError as exc:
+        raise GGUFFileError(f"{path}: {exc} (the file is corrupt: llama.cpp refuses it)") from None
     if group_map is not None and n_expert:
         counts = {t.name: int(t.shape[-1]) for t in reader.tensors if is_expert_weight(t.name)}
-        problem = (group_map_problem(group_map, counts, n_layer, n_expert, n_dense)
-                   if header.types.get(keys.EXPERT_GROUPS) == (ARRAY, INT32)
-                   else f"{keys.EXPERT_GROUPS} must be an array of int32")
+        problem = group_map_problem(group_map, counts, n_layer, n_expert, n_dense)
         if problem:
             raise GGUFFileError(f"{path}: {problem} (the file is corrupt: llama.cpp refuses it)")
     experts = []

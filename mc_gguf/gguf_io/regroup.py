@@ -15,7 +15,7 @@ import gguf
 import numpy as np
 
 from mc_gguf.gguf_io import keys
-from mc_gguf.gguf_io.edit import copy_metadata, field_value, int32_array, open_gguf
+from mc_gguf.gguf_io.edit import copy_metadata, field_value, open_gguf
 from mc_gguf.gguf_io.layout import PROJECTIONS, group_name
 from mc_gguf.gguf_io.write import OutputTensor, write_gguf
 
@@ -48,7 +48,7 @@ def regroup_experts(stock_path: str | Path, out_path: str | Path, partition: dic
                                         lambda data=data, members=members: data[sorted(members)]))
 
     def add_metadata(writer: gguf.GGUFWriter) -> None:
-        copy_metadata(reader, writer, {keys.EXPERT_GROUPS: int32_array(
-            [g for p in PROJECTIONS for g in group_of[p]] * n_layer)})
+        copy_metadata(reader, writer, {keys.EXPERT_GROUPS: keys.details(
+            keys.EXPERT_GROUPS, [g for p in PROJECTIONS for g in group_of[p]] * n_layer)})
 
     return write_gguf(out_path, arch, add_metadata, tensors, progress=progress)

@@ -64,7 +64,7 @@ def requirements(arch: str, tensor_names: Iterable[str], fields: Mapping[str, ob
 
 
 def file_requirements(header) -> Requirements:
-    """The requirements of a scanned file (validate.GGUFHeader)."""
+    """The requirements of a scanned file (header.GGUFHeader)."""
     return requirements(header.architecture or "", (t.name for t in header.tensors), header.fields)
 
 
@@ -79,6 +79,6 @@ def needed_patch_level(header) -> int:
 
 def runs_in(path) -> str:
     """``Requirements.describe`` of the file at ``path``."""
-    from mc_gguf.gguf_io.validate import scan
+    from mc_gguf.gguf_io.header import scan
 
     return file_requirements(scan(path)).describe()

@@ -15,11 +15,71 @@ renames and tokenizers.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Any
 
 import gguf
 
 from mc_gguf.errors import UnsupportedArchitectureError
+
+
+class SharedExpert(Enum):
+    """How a family's shared expert adds its output to the routed experts'. ``block`` holds transformers' own
+    submodules of the row's ``shared_modules`` (calibrate/forward.py puts them there)."""
+
+    SIGMOID_GATED = "sigmoid-gated"  # Qwen2MoeSparseMoeBlock; llama.cpp's qwen2moe.cpp: ffn_gate_inp_shexp, sigmoid
+    SUMMED = "summed"                # DeepseekV2Moe; llama.cpp's deepseek2.cpp: ffn_{gate,up,down}_shexp, as it is
+
+    def output(self, block: Any, x: Any) -> Any:
+        """The shared expert's part of the MoE block's output for the inputs ``x`` (torch tensors)."""
+        if self is SharedExpert.SIGMOID_GATED:
+            return block.shared_expert_gate(x).sigmoid() * block.shared_expert(x)
+        return block.shared_experts(x)
+
+
+# gpt-oss's gated activation as llama.cpp's build_moe_ffn computes it (LLM_FFN_SWIGLU_OAI_MOE: alpha, limit)
+SWIGLU_OAI_PARAMS = {"swiglu_alpha": 1.702, "swiglu_limit": 7.0}
+
+
+class ExpertActivation(Enum):
+    """An expert's gated activation of (x gate^T + b_gate, x up^T + b_up): the down projection's input."""
+
+    ACT = "act"               # config.json's hidden_act of gate, times up (SwiGLU where it is silu, as llama.cpp)
+    SWIGLU_OAI = "swiglu-oai"  # GptOssExperts._apply_gate; llama.cpp's ggml_swiglu_oai
+
+    def glu(self, config: dict) -> Callable[[Any, Any], Any]:
+        """glu(gate, up) on torch tensors, with the parameters of ``config`` (config.json)."""
+        if self is ExpertActivation.ACT:
+            from transformers.activations import ACT2FN
+
+            act = ACT2FN[config.get("hidden_act", "silu")]
+            return lambda gate, up: act(gate) * up
+        alpha, limit = (float(config.get(key, default)) for key, default in SWIGLU_OAI_PARAMS.items())
+
+        def swiglu_oai(gate, up):  # gate clamped above at the limit, up at +-limit
+            gate = gate.clamp(max=limit)
+            return (up.clamp(-limit, limit) + 1) * gate * (alpha * gate).sigmoid()
+
+        return swiglu_oai
+
+
+class ExpertStorage(Enum):
+    """How a checkpoint stores a layer's routed experts."""
+
+    PER_EXPERT = "per-expert"  # one [out, in] tensor per expert and projection: ``expert`` + ``.{projection}.weight``
+    # one [E, in, out] tensor per layer, ``expert`` + ``.{projection}`` (gpt-oss's GptOssExperts; gate and up sharing
+    # one tensor are interleaved, gate in the even output columns and up in the odd ones, as _apply_gate reads them)
+    STACKED = "stacked"
+
+
+class Converter(Enum):
+    """Who writes the metadata and non-expert tensors (see the module docstring; gguf_io/convert.py's tables
+    hold one entry for each)."""
+
+    MC_GGUF = "mc-gguf"
+    LLAMA_CPP = "llama.cpp"
 
 
 @dataclass(frozen=True)
@@ -68,9 +128,9 @@ class MoEArchitecture:
     expert_projections: tuple[tuple[str, str], ...]
     # The name gguf-py's TensorNameMap knows for the stacked tensor of a projection.
     stacked_expert: str
-    # How a shared expert adds to the routed experts' output (calibrate/moe.py SHARED_EXPERT_OUTPUT; None: no
-    # shared expert), and the MoE block's transformers submodules that compute it, used as they are.
-    shared_expert: str | None
+    # How a shared expert adds to the routed experts' output (None: no shared expert), and the MoE block's
+    # transformers submodules that compute it (``shared_modules``), used as they are.
+    shared_expert: SharedExpert | None
     # config.json keys: the expert count (the first present of these), experts per token.
     n_expert_keys: tuple[str, ...]
     n_expert_used_key: str
@@ -102,22 +162,30 @@ class MoEArchitecture:
     # config.json keys of the expert groups and of the groups a token may choose from (llama.cpp's
     # expert_group_count and expert_group_used_count), None: no groups.
     expert_group_keys: tuple[str, str] | None = None
-    # How the checkpoint stores a layer's routed experts: "per-expert" (one [out, in] tensor per expert and
-    # projection, ``expert`` + ``.{projection}.weight``), or "stacked" (one [E, in, out] tensor per layer,
-    # ``expert`` + ``.{projection}``: gpt-oss's GptOssExperts; gate and up sharing one tensor are interleaved,
-    # gate in the even output columns and up in the odd ones, as GptOssExperts._apply_gate reads them).
-    expert_storage: str = "per-expert"
+    # How the checkpoint stores a layer's routed experts.
+    expert_storage: ExpertStorage = ExpertStorage.PER_EXPERT
     # Do the experts' projections have biases (stacked: ``{tensor}_bias`` [E, out]; llama.cpp's ffn_*_exps.bias)?
     expert_biases: bool = False
     # The router's parameter added to its logits (gpt-oss's bias; llama.cpp's ffn_gate_inp.bias), None: none.
     router_bias: str | None = None
-    # The experts' gated activation (calibrate/quant_error.py GATED_ACTIVATIONS): "act" (config.json's hidden_act
-    # of gate, times up: SwiGLU) or "swiglu-oai" (gpt-oss; llama.cpp's LLM_FFN_SWIGLU_OAI_MOE).
-    expert_activation: str = "act"
+    # The experts' gated activation.
+    expert_activation: ExpertActivation = ExpertActivation.ACT
     # Does transformers' MoE block return (output, router scores) instead of the output (GptOssMLP)?
     hf_moe_returns_scores: bool = False
-    # Who writes the metadata and non-expert tensors: "mc-gguf" or "llama.cpp" (see the module docstring).
-    converter: str = "mc-gguf"
+    # Who writes the metadata and non-expert tensors.
+    converter: Converter = Converter.MC_GGUF
+
+    def __post_init__(self):
+        for name, kind in (("shared_expert", SharedExpert), ("expert_storage", ExpertStorage),
+                           ("expert_activation", ExpertActivation), ("converter", Converter)):
+            value = getattr(self, name)
+            if not (isinstance(value, kind) or value is None and name == "shared_expert"):
+                raise TypeError(f"{self.hf_architecture}: {name} must be a {kind.__name__}, not {value!r}")
+
+    def renormalizes(self, config: dict) -> bool:
+        """Are a token's top-k routing weights renormalised (config.json's ``norm_topk_key``, else the row's)?"""
+        key = self.norm_topk_key
+        return bool(config.get(key, self.norm_topk_prob)) if key else self.norm_topk_prob
 
     def n_expert_key(self, config: dict) -> str:
         """The config.json key holding the expert count: the first of ``n_expert_keys`` present (the first if none)."""
@@ -127,7 +195,7 @@ class MoEArchitecture:
         """Where expert ``xid``'s ``projection`` (gate, up or down) of layer ``bid`` is, e.g. the tensor
         ``...experts.3.w1.weight``, or row 3 of ``...experts.gate_up_proj``, its even columns."""
         hf_proj = dict(self.expert_projections)[projection]
-        if self.expert_storage == "per-expert":
+        if self.expert_storage is ExpertStorage.PER_EXPERT:
             return ExpertSource(f"{self.expert.format(bid=bid, xid=xid)}.{hf_proj}.weight")
         sharing = [p for p, h in self.expert_projections if h == hf_proj]
         tensor = f"{self.expert.format(bid=bid)}.{hf_proj}"
@@ -141,7 +209,7 @@ class MoEArchitecture:
     def expert_pattern(self) -> str:
         """A regular expression matching every routed expert's checkpoint weights (of any layer); a stacked
         layout's biases are not matched (llama.cpp's converter writes them)."""
-        if self.expert_storage == "stacked":  # also MXFP4's blocks and scales (hf/mxfp4.py)
+        if self.expert_storage is ExpertStorage.STACKED:  # also MXFP4's blocks and scales (hf/mxfp4.py)
             template = re.escape(self.expert.format(bid="{bid}")).replace(r"\{bid\}", r"\d+")
             weights = "|".join(sorted({re.escape(h) for _, h in self.expert_projections}))
             return f"^{template}\\.({weights})(_blocks|_scales)?$"
@@ -185,7 +253,7 @@ QWEN3_MOE = MoEArchitecture(
     norm_topk_key="norm_topk_prob",
     permute_qk=False,
     dense_layers=DenseLayers(listed="mlp_only_layers", step="decoder_sparse_step"),
-    converter="llama.cpp",
+    converter=Converter.LLAMA_CPP,
 )
 
 # OLMoE: Qwen3-MoE's MoE block (softmax, top-k weights not renormalised by default), Q/K norms over all heads;
@@ -196,13 +264,13 @@ OLMOE = replace(QWEN3_MOE, hf_architecture="OlmoeForCausalLM", gguf_arch=gguf.MO
 # Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B): Qwen3-MoE's routing plus a shared expert whose output is scaled by
 # a sigmoid gate of its own (Qwen2MoeSparseMoeBlock); the shared expert is never quantized per expert nor pruned.
 QWEN2_MOE = replace(QWEN3_MOE, hf_architecture="Qwen2MoeForCausalLM", gguf_arch=gguf.MODEL_ARCH.QWEN2MOE,
-                    shared_expert="sigmoid-gated", shared_modules=("shared_expert", "shared_expert_gate"))
+                    shared_expert=SharedExpert.SIGMOID_GATED, shared_modules=("shared_expert", "shared_expert_gate"))
 
 # DeepSeek-V2 (V2-Lite, V2, V2.5): softmax routing, top-k weights not renormalised (norm_topk_prob), times
 # routed_scaling_factor; shared experts whose output is added as it is (DeepseekV2Moe); leading dense layers.
 # Attention is MLA, which only llama.cpp's converter (kv_b split) and graph need to know.
 DEEPSEEK_V2 = replace(QWEN3_MOE, hf_architecture="DeepseekV2ForCausalLM", gguf_arch=gguf.MODEL_ARCH.DEEPSEEK2,
-                      n_expert_keys=("n_routed_experts",), shared_expert="summed", shared_modules=("shared_experts",),
+                      n_expert_keys=("n_routed_experts",), shared_expert=SharedExpert.SUMMED, shared_modules=("shared_experts",),
                       routed_scale_key="routed_scaling_factor",
                       dense_layers=DenseLayers(leading="first_k_dense_replace", step="moe_layer_freq"))
 
@@ -225,8 +293,9 @@ GPT_OSS = replace(QWEN3_MOE, hf_architecture="GptOssForCausalLM", gguf_arch=gguf
                   router="model.layers.{bid}.mlp.router", hf_router="router", expert="model.layers.{bid}.mlp.experts",
                   expert_projections=(("gate", "gate_up_proj"), ("up", "gate_up_proj"), ("down", "down_proj")),
                   stacked_expert="model.layers.{bid}.mlp.experts.{gguf}_proj", n_expert_keys=("num_local_experts",),
-                  norm_topk_prob=True, norm_topk_key=None, expert_storage="stacked", expert_biases=True,
-                  router_bias="bias", expert_activation="swiglu-oai", hf_moe_returns_scores=True,
+                  norm_topk_prob=True, norm_topk_key=None, expert_storage=ExpertStorage.STACKED,
+                  expert_biases=True, router_bias="bias", expert_activation=ExpertActivation.SWIGLU_OAI,
+                  hf_moe_returns_scores=True,
                   dense_layers=DenseLayers())
 
 ARCHITECTURES: dict[str, MoEArchitecture] = {arch.hf_architecture: arch for arch in (MIXTRAL, QWEN2_MOE, QWEN3_MOE,

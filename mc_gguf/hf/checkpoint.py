@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mc_gguf.errors import CheckpointError
-from mc_gguf.hf.architectures import MoEArchitecture, architecture_for
+from mc_gguf.hf.architectures import ExpertStorage, MoEArchitecture, architecture_for
 from mc_gguf.hf.config import check_config
 from mc_gguf.hf.hub import model_folder
 from mc_gguf.hf.mxfp4 import PARTS, mxfp4_dequantize, stored_as_mxfp4, unquantized_shape
@@ -77,8 +77,7 @@ class Checkpoint:
     @property
     def norm_topk_prob(self) -> bool:
         """Are a token's top-k routing weights renormalised to sum to 1 (config.json, else the row's default)?"""
-        key = self.arch.norm_topk_key
-        return bool(self.config.get(key, self.arch.norm_topk_prob)) if key else self.arch.norm_topk_prob
+        return self.arch.renormalizes(self.config)
 
     @property
     def n_experts_used(self) -> int:
@@ -93,7 +92,7 @@ class Checkpoint:
     def expert_shape(self, bid: int, projection: str) -> tuple[int, int]:
         """(rows, columns) of every expert's ``projection`` in layer ``bid``, checked to be there and alike."""
         arch, n = self.arch, self.n_experts
-        if arch.expert_storage == "per-expert":
+        if arch.expert_storage is ExpertStorage.PER_EXPERT:
             names = [arch.expert_source(bid, xid, projection).tensor for xid in range(n)]
             missing = [name for name in names if name not in self.tensors]
             if missing:

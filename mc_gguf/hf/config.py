@@ -8,15 +8,13 @@ import re
 from pathlib import Path
 
 from mc_gguf.errors import CheckpointError
-from mc_gguf.hf.architectures import MoEArchitecture
+from mc_gguf.hf.architectures import SWIGLU_OAI_PARAMS, Converter, ExpertActivation, ExpertStorage, MoEArchitecture
 
 # config.json keys every stage reads, besides the architecture row's own
 REQUIRED_CONFIG = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
 # llama.cpp's limits (llama-hparams.h: LLAMA_MAX_LAYERS, LLAMA_MAX_EXPERTS)
 MAX_LAYERS = 512
 MAX_EXPERTS = 1024
-# gpt-oss's gated activation as llama.cpp's build_moe_ffn computes it (LLM_FFN_SWIGLU_OAI_MOE: alpha, limit)
-SWIGLU_OAI = {"swiglu_alpha": 1.702, "swiglu_limit": 7.0}
 
 # config.json values that must be positive where they are given (sizes, counts, epsilons, rope's base), and those
 # that must not be negative; every number must be finite
@@ -71,13 +69,13 @@ def check_config(path: Path, config: dict, arch: MoEArchitecture) -> None:
                 and config[n_expert_key] % n_group == 0):
             raise CheckpointError(f"{path / 'config.json'}: {groups[0]} = {n_group!r} must divide the "
                                   f"{config[n_expert_key]} experts and {groups[1]} = {used!r} be in [1, {groups[0]}]")
-    if arch.expert_activation == "swiglu-oai":
-        for key, value in SWIGLU_OAI.items():
+    if arch.expert_activation is ExpertActivation.SWIGLU_OAI:
+        for key, value in SWIGLU_OAI_PARAMS.items():
             if config.get(key, value) != value:
                 raise CheckpointError(f"{path / 'config.json'}: {key} = {config[key]!r}; llama.cpp's graph "
                                       f"(LLM_FFN_SWIGLU_OAI_MOE) computes with {value}")
     quantization = (config.get("quantization_config") or {}).get("quant_method")
-    if quantization and not (quantization == "mxfp4" and arch.expert_storage == "stacked"):
+    if quantization and not (quantization == "mxfp4" and arch.expert_storage is ExpertStorage.STACKED):
         raise CheckpointError(f"{path / 'config.json'}: the weights are quantized ({quantization}); mc-gguf reads "
                               "full-precision checkpoints (and gpt-oss's MXFP4 experts). Save a dequantized copy "
                               "first (transformers: from_pretrained(..., dequantize=True), then save_pretrained)")
@@ -111,7 +109,7 @@ def _check_kinds(path: Path, config: dict, arch: MoEArchitecture) -> None:
     """The JSON type of every value a stage reads: whole numbers GGUF's uint32 holds, objects, lists of layers
     (the row's dense-layer keys among them); and what mc-gguf's own converter writes, given."""
     where, dense = path / "config.json", arch.dense_layers
-    required = OWN_CONVERTER_CONFIG if arch.converter == "mc-gguf" else ()
+    required = OWN_CONVERTER_CONFIG if arch.converter is Converter.MC_GGUF else ()
     for key in required:
         if config.get(key) is None:
             raise CheckpointError(f"{where}: {key} is missing; {arch.hf_architecture}'s GGUF holds it")

@@ -41,38 +41,26 @@ def odp_metadata(reader: gguf.GGUFReader) -> pruning.OdpParams | None:
     """The file's ODP parameters (validated as the runtime will), or None when it has none."""
     arch = field_value(reader, "general.architecture")
     n_layers = field_value(reader, f"{arch}.block_count")
-    T = gguf.GGUFValueType
-    field = _typed_field(reader, keys.ODP_MU, [T.ARRAY, T.FLOAT32], "an array of float32")
-    if field is None:
+    mu = keys.read(reader, keys.ODP_MU)
+    if mu is None:
         return None
-    mu = [float(v) for v in field.contents()]
-    exps = _typed_field(reader, keys.ODP_MU_EXPS, [T.ARRAY, T.FLOAT32], "an array of float32")
+    exps = keys.read(reader, keys.ODP_MU_EXPS)
     n_experts = int(field_value(reader, f"{arch}.expert_count") or 0)
     mu_exps = None
     if exps is not None:
-        flat = [float(v) for v in exps.contents()]
+        flat = [float(v) for v in exps]
         if not n_experts or len(flat) != len(mu) * n_experts:
             raise GGUFFileError(f"{keys.ODP_MU_EXPS} has {len(flat)} values but the model has {n_layers} layers "
                                 f"of {n_experts} experts")
         mu_exps = [flat[first:first + n_experts] for first in range(0, len(flat), n_experts)]
-    _typed_field(reader, keys.ODP_PROTECT_RATIO, [T.FLOAT32], "a float32")
-    _typed_field(reader, keys.ODP_MU_ALL, [T.FLOAT32], "a float32")
-    _typed_field(reader, keys.ODP_ENABLED, [T.BOOL], "a bool")
-    _typed_field(reader, keys.ODP_RENORMALIZE, [T.BOOL], "a bool")
-    renormalize = field_value(reader, keys.ODP_RENORMALIZE)
-    rho = field_value(reader, keys.ODP_PROTECT_RATIO)
+    keys.read(reader, keys.ODP_MU_ALL)  # load-time overrides: only their types are checked here
+    keys.read(reader, keys.ODP_ENABLED)
+    renormalize = keys.read(reader, keys.ODP_RENORMALIZE)
+    rho = keys.read(reader, keys.ODP_PROTECT_RATIO)
     rho = pruning.DEFAULT_PROTECT_RATIO if rho is None else float(rho)
+    mu = [float(v) for v in mu]
     pruning.validate_params(mu, rho, n_layers, mu_exps, n_experts)
     return pruning.OdpParams(mu, rho, mu_exps, True if renormalize is None else bool(renormalize))
-
-
-def _typed_field(reader: gguf.GGUFReader, key: str, types: list[gguf.GGUFValueType], what: str):
-    """The key's field (None when absent), or an error naming what it should be and what the file stores."""
-    field = reader.get_field(key)
-    if field is not None and field.types != types:
-        stored = " of ".join(t.name.lower() for t in field.types) or "nothing"
-        raise GGUFFileError(f"{key} must be {what}, the file stores {stored}")
-    return field
 
 
 def read_odp_metadata(path: str | Path, reader: gguf.GGUFReader | None = None) -> pruning.OdpParams | None:
@@ -88,13 +76,11 @@ def check_expert_groups(path: str | Path, reader: gguf.GGUFReader) -> None:
     from mc_gguf.gguf_io.layout import group_map_problem, is_expert_weight
 
     try:
-        field = _typed_field(reader, keys.EXPERT_GROUPS, [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32],
-                             "an array of int32")
+        group_map = keys.read(reader, keys.EXPERT_GROUPS)
     except GGUFFileError as exc:
         raise GGUFFileError(f"{path}: {exc}") from None
-    if field is None:
+    if group_map is None:
         return
-    group_map = field.contents()
     arch = field_value(reader, "general.architecture")
     counts = {t.name: int(t.shape[-1]) for t in reader.tensors if is_expert_weight(t.name)}
     problem = group_map_problem(group_map, counts, int(field_value(reader, f"{arch}.block_count")),

@@ -5,9 +5,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import gguf
-from gguf.scripts.gguf_new_metadata import MetadataDetails
-
 from mc_gguf.atomic import check_output_path, output_lock
 from mc_gguf.calibrate.calibration import calibrate
 from mc_gguf.calibrate.settings import CalibrationSettings
@@ -16,8 +13,9 @@ from mc_gguf.calibrate.text import CalibrationText
 from mc_gguf.errors import GGUFFileError, McGgufError
 from mc_gguf.gguf_io.edit import rewrite_metadata
 from mc_gguf.gguf_io import keys
+from mc_gguf.gguf_io.header import scan
 from mc_gguf.gguf_io.requirements import requirements
-from mc_gguf.gguf_io.validate import check_model, scan
+from mc_gguf.gguf_io.validate import check_model
 from mc_gguf.prune import rule as pruning
 from mc_gguf.prune.budget import thresholds_by_sensitivity, thresholds_per_expert
 from mc_gguf.prune.settings import DEFAULT_RENORMALIZE, DEFAULT_RULE, THRESHOLD_RULES
@@ -90,7 +88,7 @@ def write_odp_metadata(gguf_in: str | Path, gguf_out: str | Path, odp: pruning.O
     header = scan(gguf_in)
     updates = pruning.odp_metadata(odp)
     needs = requirements(header.architecture or "", (t.name for t in header.tensors), {**header.fields, **updates})
-    updates[keys.RUNTIME_PATCH_LEVEL] = MetadataDetails(gguf.GGUFValueType.UINT32, needs.patch_level)
+    updates[keys.RUNTIME_PATCH_LEVEL] = keys.details(keys.RUNTIME_PATCH_LEVEL, needs.patch_level)
     return rewrite_metadata(gguf_in, gguf_out, updates)
 
 

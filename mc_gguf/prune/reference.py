@@ -32,7 +32,7 @@ class TransformersOdp:
         self._saved = []
 
     def __enter__(self) -> TransformersOdp:
-        arch = architecture_for({"architectures": self.model.config.architectures})
+        arch = self.arch = architecture_for({"architectures": self.model.config.architectures})
         for il, layer in enumerate(self.model.model.layers):
             router = getattr(getattr(layer, arch.hf_moe_module), arch.hf_router, None)
             if not hasattr(router, "top_k"):  # a dense layer's FFN (its gate_proj is no router)
@@ -53,8 +53,7 @@ class TransformersOdp:
         import torch
 
         route = router.forward
-        renormalise = self.params.renormalize and getattr(router, "norm_topk_prob",
-                                                          getattr(self.model.config, "norm_topk_prob", True))
+        renormalise = self.params.renormalize and self.arch.renormalizes(self.model.config.to_dict())
 
         def forward(hidden_states):
             logits, weights, indices = route(hidden_states)

@@ -62,13 +62,10 @@ class OdpParams:
 def odp_metadata(odp: OdpParams) -> dict:
     """The mc.odp.* keys of ``odp`` (gguf-py's MetadataDetails, as rewrite_metadata and GGUFWriter.add_key_value
     take them), in the order they are written."""
-    from mc_gguf.gguf_io.edit import bool_value, float_array, float_value
-
-    values = {keys.ODP_MU: float_array(odp.mu), keys.ODP_PROTECT_RATIO: float_value(odp.protect_ratio),
-              keys.ODP_RENORMALIZE: bool_value(odp.renormalize)}
+    values = {keys.ODP_MU: odp.mu, keys.ODP_PROTECT_RATIO: odp.protect_ratio, keys.ODP_RENORMALIZE: odp.renormalize}
     if odp.mu_exps is not None:
-        values[keys.ODP_MU_EXPS] = float_array([m for row in odp.mu_exps for m in row])
-    return values
+        values[keys.ODP_MU_EXPS] = [m for row in odp.mu_exps for m in row]
+    return {name: keys.details(name, value) for name, value in values.items()}
 
 
 def validate_params(mu: Sequence[float], protect_ratio: float, n_layers: int | None = None,

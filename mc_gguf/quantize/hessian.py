@@ -34,7 +34,7 @@ import torch
 from scipy.linalg import cho_factor, cho_solve
 
 from mc_gguf.calibrate.forward import load_expert
-from mc_gguf.calibrate.quant_error import GATED_ACTIVATIONS, expert_hidden
+from mc_gguf.calibrate.quant_error import expert_hidden
 from mc_gguf.calibrate.stats import CalibrationStats
 from mc_gguf.errors import McGgufError
 from mc_gguf.hf.checkpoint import Checkpoint
@@ -54,7 +54,7 @@ class ExpertHessians:
         self.stats = stats
         self.device = torch.device(device)
         self.wide = torch.float32 if self.device.type == "mps" else torch.float64
-        self.glu = GATED_ACTIVATIONS[ckpt.arch.expert_activation](ckpt.config)
+        self.glu = ckpt.arch.expert_activation.glu(ckpt.config)
         self._bid: int | None = None
         self._inputs: torch.Tensor | None = None
 

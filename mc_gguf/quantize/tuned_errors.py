@@ -12,7 +12,6 @@ shared by every type and by gate and up (gptq.Hessian): at Mixtral's shapes the 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,11 +19,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from mc_gguf.atomic import atomic_output
+from mc_gguf.artifact import load_json, save_json
 from mc_gguf.calibrate.stats import CalibrationStats
 from mc_gguf.errors import McGgufError
 from mc_gguf.ggml import quants
 from mc_gguf.ggml.types import quant_type
+from mc_gguf.gguf_io.layout import PROJECTIONS
 from mc_gguf.hf.checkpoint import open_checkpoint
 from mc_gguf.quantize.gptq import Hessian
 from mc_gguf.quantize.hessian import ExpertHessians
@@ -50,22 +50,15 @@ class TunedErrors:
         return {"types": list(stats.types), "iters": settings.iters, "min_gain": settings.min_gain,
                 "text_sha256": stats.info.get("text_sha256")}
 
-    def save(self, path: str | Path) -> None:
-        with atomic_output(path) as tmp:
-            tmp.write_text(json.dumps({"format": FORMAT, **asdict(self)}, indent=1) + "\n")
+    def save(self, path: str | Path) -> Path:
+        return save_json(path, FORMAT, asdict(self))
 
 
 def load_tuned_errors(path: str | Path) -> TunedErrors:
-    """A file TunedErrors.save wrote, its ratios checked (finite and positive, for types ggml has)."""
+    """A file TunedErrors.save wrote (`mc-gguf tuned-errors`), its ratios checked (finite and positive, for types
+    ggml has)."""
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TunedErrorsFileError(f"tuned-errors file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise TunedErrorsFileError(f"{path} is not a tuned-errors file ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise TunedErrorsFileError(f"{path} is not a tuned-errors file (`mc-gguf tuned-errors` writes them)")
+    doc = load_json(path, FORMAT, "tuned-errors file", TunedErrorsFileError)
     ratios, key = doc.get("ratios"), doc.get("key")
     if not isinstance(ratios, dict) or not isinstance(key, dict):
         raise TunedErrorsFileError(f"{path}: its ratios or key are not JSON objects")
@@ -80,17 +73,18 @@ def load_tuned_errors(path: str | Path) -> TunedErrors:
 
 
 def measured_tuned_errors(model_dir: str | Path, stats: CalibrationStats, settings: TuneSettings = TuneSettings(),
-                          progress: bool = True) -> TunedErrors:
+                          ray: str | None = None, progress: bool = True) -> TunedErrors:
     """The artifact of ``stats``' candidate types (tuned_error_ratios with the settings' sweeps)."""
-    ratios = tuned_error_ratios(model_dir, stats, list(stats.types), settings=settings, progress=progress)
+    ratios = tuned_error_ratios(model_dir, stats, list(stats.types), settings=settings, ray=ray, progress=progress)
     return TunedErrors(ratios, TunedErrors.key_of(stats, settings))
 
 
 def tuned_error_ratios(model_dir: str | Path, stats: CalibrationStats, types: list[str], sample: int = 8,
                        rows: int = 128, seed: int = 0, settings: TuneSettings = TuneSettings(),
-                       progress: bool = True) -> dict[str, float]:
+                       ray: str | None = None, progress: bool = True) -> dict[str, float]:
     """{type: tuned loss / ggml's loss} for the tunable ``types``, on ``sample`` experts' ``rows`` rows (the module
-    docstring); types tuning does not open get no entry (1)."""
+    docstring); types tuning does not open get no entry (1). ``ray``: a Ray cluster's address, whose workers
+    measure an expert each (cluster.py; the same ratios, summed in the same order)."""
     ckpt = open_checkpoint(model_dir)
     hidden, ff = ckpt.expert_dims
     names = [q.name for q in (quant_type(t) for t in types) if tunable(q.qtype, hidden) and tunable(q.qtype, ff)]
@@ -99,30 +93,69 @@ def tuned_error_ratios(model_dir: str | Path, stats: CalibrationStats, types: li
     rng = np.random.default_rng(seed)
     pairs = [(bid, xid) for bid, layer in stats.moe_layers for xid in range(ckpt.n_experts) if layer.count[xid] > 0]
     picked = [pairs[i] for i in sorted(rng.choice(len(pairs), min(sample, len(pairs)), replace=False))]
+    # each picked expert's sampled rows per projection, drawn in one sequence as the experts are taken in order
+    samples = [(bid, xid, {p: _rows(rng, ckpt.expert_shape(bid, p)[0], rows) for p in PROJECTIONS})
+               for bid, xid in picked]
     totals = {t: np.zeros(2) for t in names}
-    hessians = ExpertHessians(ckpt, stats, settings.device)
-    with tqdm(total=len(picked) * 3 * len(names), desc="tuned errors", unit="tensor", disable=not progress,
-              dynamic_ncols=True) as bar:
-        for bid, xid in picked:
-            layer = stats.layers[bid]
-            shared = {}
-            for projection in ("gate", "up", "down"):
-                weights = ckpt.expert_weight(bid, xid, projection)
-                if len(weights) > rows:
-                    weights = weights[np.sort(rng.choice(len(weights), rows, replace=False))]
-                which = "mid" if projection == "down" else "in"
-                if which not in shared:
-                    shared = {which: Hessian(hessians(bid, xid, which))}  # gate's is up's; down's replaces it
-                hessian = shared[which]
-                imatrix = layer.imatrix(which)[xid]
-                for name in names:
-                    qtype = quant_type(name).qtype
-                    for k, data in enumerate((quants.quantize(weights, qtype, imatrix),
-                                              tune_quantize(weights, hessian, qtype, imatrix, settings))):
-                        totals[name][k] += _loss(weights, quants.dequantize(data, qtype, weights.shape[1]),
-                                                 hessian.damped)
-                    bar.update(1)
+    with tqdm(total=len(picked) * len(PROJECTIONS) * len(names), desc="tuned errors", unit="tensor",
+              disable=not progress, dynamic_ncols=True) as bar:
+        if ray is not None:
+            from mc_gguf.quantize.cluster import connect, ordered_results
+
+            if stats.path is None:
+                raise McGgufError("--ray: the workers read the statistics from their file; save them first")
+            connect(ray)
+            calls = [(str(ckpt.path), str(stats.path), bid, xid, chosen, names, settings)
+                     for bid, xid, chosen in samples]
+            results = ordered_results(remote_expert_losses, calls, lambda c: f"layer {c[2]} expert {c[3]}")
+        else:
+            hessians = ExpertHessians(ckpt, stats, settings.device)
+            results = (expert_losses(ckpt, stats, hessians, bid, xid, chosen, names, settings)
+                       for bid, xid, chosen in samples)
+        for losses in results:  # the sums in one order, wherever the losses were measured
+            for name, k, loss in losses:
+                totals[name][k] += loss
+            bar.update(len(losses) // 2)
     return {t: float(tuned / plain) for t, (plain, tuned) in totals.items() if plain > 0}
+
+
+def _rows(rng: np.random.Generator, n: int, rows: int) -> np.ndarray | None:
+    return np.sort(rng.choice(n, rows, replace=False)) if n > rows else None
+
+
+def expert_losses(ckpt, stats: CalibrationStats, hessians: ExpertHessians, bid: int, xid: int,
+                  chosen: dict[str, np.ndarray | None], names: list[str],
+                  settings: TuneSettings) -> list[tuple[str, int, float]]:
+    """(type, 0 for ggml's quantizer or 1 tuned, loss) of expert ``xid``'s ``chosen`` rows of each projection
+    (None: every row), projection by projection and type by type."""
+    layer = stats.layers[bid]
+    losses, shared = [], {}
+    for projection in PROJECTIONS:
+        weights = ckpt.expert_weight(bid, xid, projection)
+        if chosen[projection] is not None:
+            weights = weights[chosen[projection]]
+        which = "mid" if projection == "down" else "in"
+        if which not in shared:
+            shared = {which: Hessian(hessians(bid, xid, which))}  # gate's is up's; down's replaces it
+        hessian = shared[which]
+        imatrix = layer.imatrix(which)[xid]
+        for name in names:
+            qtype = quant_type(name).qtype
+            for k, data in enumerate((quants.quantize(weights, qtype, imatrix),
+                                      tune_quantize(weights, hessian, qtype, imatrix, settings))):
+                losses.append((name, k, _loss(weights, quants.dequantize(data, qtype, weights.shape[1]),
+                                               hessian.damped)))
+    return losses
+
+
+def remote_expert_losses(model_dir: str, stats_path: str, bid: int, xid: int, chosen: dict, names: list[str],
+                         settings: TuneSettings) -> list[tuple[str, int, float]]:
+    """expert_losses as a Ray task: the worker opens the checkpoint and the statistics itself."""
+    from mc_gguf.calibrate.stats import load_stats
+
+    ckpt, stats = open_checkpoint(model_dir), load_stats(stats_path)
+    return expert_losses(ckpt, stats, ExpertHessians(ckpt, stats, settings.device), bid, xid, chosen, names,
+                         settings)
 
 
 def _loss(weights: np.ndarray, quantized: np.ndarray, h: np.ndarray) -> float:

@@ -82,7 +82,7 @@ def resolve(overrides: Sequence[tuple[str, str]]) -> list[tuple[str, int]]:
 
 def buffer_types() -> dict[str, int]:
     """Every device's buffer type by name (common/arg.cpp's buft_list). An RPC server that this process reaches
-    through a relay (runtime/supervise.py) is named by its own address, as the user gave it."""
+    through a relay (runtime/relay.py) is named by its own address, as the user gave it."""
     from mc_gguf.runtime.rpc import _routes
 
     lib = _ggml()

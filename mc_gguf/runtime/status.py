@@ -48,7 +48,8 @@ def _flags_of(info: dict) -> BuildFlags:
     backends = str(info.get("backends", "cpu")).split("+")
     args = info.get("cmake_args", [])
     arch = next((a.split("=", 1)[1] for a in args if a.startswith("-DCMAKE_CUDA_ARCHITECTURES=")), None)
-    return BuildFlags(cuda="cuda" in backends, metal="metal" in backends, cuda_architectures=arch)
+    return BuildFlags(cuda="cuda" in backends, metal="metal" in backends, vulkan="vulkan" in backends,
+                      cuda_architectures=arch)
 
 
 def runtime_status() -> RuntimeStatus:

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from mc_gguf.calibrate.calibration import calibrate
-from mc_gguf.calibrate.quant_error import GATED_ACTIVATIONS
 from mc_gguf.calibrate.stats import EPS_DOWN, EPS_EXPERT, EPS_GATE_UP, StatsFileError, load_stats
 from mc_gguf.calibrate.text import CalibrationText, pack_sequences
 from mc_gguf.ggml import quants
@@ -134,7 +133,7 @@ def test_calibrations_moe_block_computes_transformers_moe_output_running_each_ex
     monkeypatch.setattr(moe_module, "expert_hidden", lambda x, w, act: rows.append(len(x)) or real(x, w, act))
     for il in range(ckpt.n_layers):
         router, experts = load_experts(ckpt, il)
-        glu = GATED_ACTIVATIONS["act"](ckpt.config)
+        glu = ckpt.arch.expert_activation.glu(ckpt.config)
         moe = moe_module.StatisticsMoE(router, experts, glu, moe_module.RoutingRule.of(ckpt),
                                        np.arange(0))
         rows.clear()

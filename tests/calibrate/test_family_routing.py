@@ -23,8 +23,7 @@ import torch
 
 from mc_gguf.calibrate.calibration import calibrate
 from mc_gguf.calibrate.forward import load_experts
-from mc_gguf.calibrate.moe import SHARED_EXPERT_OUTPUT, RoutingRule, StatisticsMoE
-from mc_gguf.calibrate.quant_error import GATED_ACTIVATIONS
+from mc_gguf.calibrate.moe import RoutingRule, StatisticsMoE
 from mc_gguf.calibrate.settings import CalibrationSettings
 from mc_gguf.calibrate.text import CalibrationText, pack_sequences
 from mc_gguf.hf.checkpoint import open_checkpoint
@@ -113,9 +112,8 @@ def test_the_block_output_is_transformers_own(family):
 def block(ckpt, model, bid: int) -> StatisticsMoE:
     """Layer ``bid``'s MoE block as calibration builds it, the shared expert taken from ``model``."""
     router, experts = load_experts(ckpt, bid)
-    moe = StatisticsMoE(router, experts, GATED_ACTIVATIONS[ckpt.arch.expert_activation](ckpt.config),
-                        RoutingRule.of(ckpt), np.arange(0),
-                        shared=SHARED_EXPERT_OUTPUT.get(ckpt.arch.shared_expert),
+    moe = StatisticsMoE(router, experts, ckpt.arch.expert_activation.glu(ckpt.config),
+                        RoutingRule.of(ckpt), np.arange(0), shared=ckpt.arch.shared_expert,
                         returns_scores=ckpt.arch.hf_moe_returns_scores)
     for name in ckpt.arch.shared_modules:
         setattr(moe, name, getattr(model.model.layers[bid].mlp, name))

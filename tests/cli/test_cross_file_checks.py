@@ -16,7 +16,7 @@ from mc_gguf.cli import main
 from mc_gguf.ggml.types import quant_type
 from mc_gguf.gguf_io.convert import convert
 from mc_gguf.gguf_io.edit import rewrite_metadata
-from mc_gguf.gguf_io.validate import scan
+from mc_gguf.gguf_io.header import scan
 from mc_gguf.hf.tiny import TinyMixtralSpec, build_tiny_mixtral
 
 from conftest import CALIBRATION_TEXT

@@ -74,7 +74,7 @@ def die_at_layer_1(owner, name, layer_arg):
 
 import mc_gguf.calibrate.calibration as calibration
 import mc_gguf.calibrate.stats as stats
-import mc_gguf.quantize.quantization as quantization
+import mc_gguf.quantize.experts as experts
 if point == "embeddings":
     # half the embeddings written, then killed: the file must not be trusted
     real_embed = calibration.embed
@@ -88,7 +88,7 @@ elif point == "calibrating":
 elif point == "saving":
     stats.CalibrationStats.save = die
 elif point == "quantizing":
-    die_at_layer_1(quantization.ExpertQuantizer, "__call__", 1)
+    die_at_layer_1(experts.ExpertQuantizer, "__call__", 1)
 from mc_gguf.cli import main
 sys.exit(main(sys.argv[1:]))
 """

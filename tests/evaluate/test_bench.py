@@ -94,8 +94,9 @@ def test_each_run_decodes_its_tokens_and_pruning_skips_only_when_on(pruned_file)
         # batch keeps only the token whose logits are read (llama.cpp's inp_out_ids), one per decode call of -b
         last_layer_tokens = -(-n // 32) if r["n_prompt"] else n
         assert r["slots_computed"] + r["slots_skipped"] == reps * used * ((layers - 1) * n + last_layer_tokens)
-        assert r["samples_ts"] == pytest.approx([n * 1e9 / ns for ns in r["samples_ns"]], rel=1e-6)
-        assert r["avg_ts"] == pytest.approx(statistics.fmean(r["samples_ts"]), rel=1e-6)
+        # samples_ts as llama-bench prints them, to 3 decimals
+        assert r["samples_ts"] == pytest.approx([n * 1e9 / ns for ns in r["samples_ns"]], rel=0, abs=5e-4)
+        assert r["avg_ts"] == pytest.approx(statistics.fmean(r["samples_ts"]), rel=0, abs=5e-4)
         assert r["stddev_ts"] == pytest.approx(statistics.stdev(r["samples_ts"]), rel=1e-3)
         assert r["model_n_params"] > 0 and r["model_size"] > pruned_file.stat().st_size * 0.9
         assert r["backends"] == "CPU" and r["n_batch"] == 32

@@ -2,7 +2,7 @@
 
 Placement is read from the loader's own report (llama.cpp's "<BUFFER> model buffer size = N MiB" lines, kept
 as ``llm.model_buffers``) and checked against the bytes of the matching tensors in the GGUF, read by
-gguf_io.validate.scan. A local `mc-gguf runtime rpc-server` stands in for a GPU: with -ngl the layers go to
+gguf_io.header.scan. A local `mc-gguf runtime rpc-server` stands in for a GPU: with -ngl the layers go to
 its buffer ("RPC0[HOST:PORT]"), and the flags that keep tensors on the CPU take them out of it. The clients run
 in child processes (as tests/runtime/test_rpc.py's): a registered RPC device stays in its process, and the
 weights are read into memory (no mmap), so that a CPU buffer's size is its tensors' bytes rather than the span
@@ -22,9 +22,11 @@ import pytest
 
 from mc_gguf.cli import build_parser, main
 from mc_gguf.cli.common import llama_load_kwargs
+from mc_gguf.gguf_io.header import scan
 from mc_gguf.gguf_io.regroup import regroup_experts
-from mc_gguf.gguf_io.validate import scan
 from mc_gguf.runtime.rpc import RpcError, server_version
+
+from helpers import placements
 
 PROMPT = "The router chooses"
 MIB = 2**20
@@ -113,20 +115,6 @@ def test_the_cpu_moe_pattern_finds_the_per_expert_groups():
 
 # ------------------------------------------------------------------ placement, on an RPC server
 
-CLIENT = """
-import json, sys
-from mc_gguf.evaluate.run import complete
-from mc_gguf.loader.model import load
-path, prompt, runs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-results = []
-for kwargs in runs:
-    llm = load(path, n_ctx=128, use_mmap=False, **kwargs)
-    results.append({"buffers": llm.model_buffers, "text": complete(llm, prompt, 12).text})
-    llm.close()
-print(json.dumps(results))
-"""
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -159,13 +147,6 @@ def grouped(converted, tmp_path_factory):
     """The tiny model with its experts in the per-expert layout's groups (blk.N.ffn_*_exps.gK.weight)."""
     return regroup_experts(converted("f16"), tmp_path_factory.mktemp("flags") / "grouped.gguf",
                            {0: [0, 2], 1: [1, 3]})
-
-
-def placements(path, runs: list[dict]) -> list[dict]:
-    result = subprocess.run([sys.executable, "-c", CLIENT, str(path), PROMPT, json.dumps(runs)],
-                            capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def mib(header, keep) -> float:
@@ -201,7 +182,7 @@ def test_placement_flags_put_the_tensors_where_llama_cpp_would(grouped, rpc_serv
         "-ngl 0 -ot exps=RPC": ({"rpc": server, "n_gpu_layers": 0, "override_tensor": [f"exps=RPC0[{rpc_server}]"]},
                                 total - experts),
     }
-    results = dict(zip(cases, placements(grouped, [kwargs for kwargs, _ in cases.values()])))
+    results = dict(zip(cases, placements(grouped, PROMPT, [kwargs for kwargs, _ in cases.values()])))
     for case, (_, cpu_mib) in cases.items():
         buffers = results[case]["buffers"]
         assert on_cpu(buffers) == pytest.approx(cpu_mib, abs=0.02), (case, buffers)

@@ -24,13 +24,9 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 from mc_gguf.evaluate.run import generate  # noqa: E402
-from mc_gguf.evaluate.serve import (  # noqa: E402
-    ServeError,
-    create_app,
-    load_for_serving,
-    metrics_text,
-    require_server_packages,
-)
+from mc_gguf.evaluate.serve import load_for_serving  # noqa: E402
+from mc_gguf.evaluate.serve_app import ServeError, create_app, require_server_packages  # noqa: E402
+from mc_gguf.evaluate.slot_metrics import metrics_text  # noqa: E402
 from mc_gguf.gguf_io.edit import MetadataDetails, rewrite_metadata  # noqa: E402
 from mc_gguf.prune.rule import SlotCounts  # noqa: E402
 
@@ -303,8 +299,8 @@ def test_serve_help_imports_neither_the_server_nor_the_runtime():
 
 
 def test_missing_server_packages_are_named_with_the_extra_to_install(monkeypatch):
-    import mc_gguf.evaluate.serve as serve
+    import mc_gguf.evaluate.serve_app as serve_app
 
-    monkeypatch.setitem(serve.SERVER_PACKAGES, "mc_gguf_no_such_module", "no-such-package")
+    monkeypatch.setitem(serve_app.SERVER_PACKAGES, "mc_gguf_no_such_module", "no-such-package")
     with pytest.raises(ServeError, match=r"no-such-package.*mc-gguf\[serve\]"):
         require_server_packages()

@@ -41,7 +41,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from mc_gguf.errors import McGgufError
-from mc_gguf.gguf_io.validate import ARRAY, SCALARS, STRING, _ggml_sizes, scan
+from mc_gguf.gguf_io.header import ARRAY, SCALARS, STRING, _ggml_sizes, scan
 
 pytestmark = pytest.mark.fuzz
 

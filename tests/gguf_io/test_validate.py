@@ -17,7 +17,8 @@ from gguf.scripts.gguf_new_metadata import MetadataDetails
 
 from mc_gguf.errors import GGUFFileError
 from mc_gguf.gguf_io.edit import open_gguf, rewrite_metadata
-from mc_gguf.gguf_io.validate import check_model, scan
+from mc_gguf.gguf_io.header import scan
+from mc_gguf.gguf_io.validate import check_model
 
 T = gguf.GGUFValueType
 

@@ -14,8 +14,8 @@ import gguf
 import pytest
 
 from mc_gguf.errors import CheckpointError
+from mc_gguf.gguf_io.header import scan
 from mc_gguf.gguf_io.metadata import file_type_of
-from mc_gguf.gguf_io.validate import scan
 from mc_gguf.gguf_io.write import OutputTensor
 from mc_gguf.hf.hub import model_folder, model_name
 

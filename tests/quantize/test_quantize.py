@@ -293,7 +293,7 @@ def test_where_a_file_runs_is_in_the_file_and_said(calibration, tiny_model_dir, 
     from mc_gguf.errors import RuntimeMissingError
     from mc_gguf.loader.model import load
     from mc_gguf.gguf_io.edit import rewrite_metadata
-    from mc_gguf.gguf_io.validate import scan
+    from mc_gguf.gguf_io.header import scan
     from mc_gguf.runtime.stock import stock_library_dir
 
     _, stats = calibration

@@ -12,7 +12,7 @@ import pytest
 from gguf.scripts.gguf_new_metadata import MetadataDetails
 
 from mc_gguf.gguf_io.edit import rewrite_metadata
-from mc_gguf.gguf_io.validate import scan
+from mc_gguf.gguf_io.header import scan
 
 T = gguf.GGUFValueType
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from mc_gguf.runtime.relay import _Link
 from mc_gguf.runtime.rpc import ANSWERED_COMMANDS, PROTOCOL_MAJOR, RPC_COMMANDS, RPC_CONN_CAPS_SIZE
-from mc_gguf.runtime.supervise import _Link
 
 from helpers import PROMPT
 

@@ -7,9 +7,14 @@ an expert index. On lavapipe:
   which are marked as llama.cpp's graph marks them (0019), rather than run them with -1 ids;
 - llama-perplexity with every layer offloaded to Vulkan runs a per-expert file with ODP as it runs on the CPU
   alone: the loader keeps the experts in CPU buffers and the scheduler runs their marked MUL_MAT_IDs there,
-  while the rest of the model is on the Vulkan device.
+  while the rest of the model is on the Vulkan device;
+- mc-gguf's own loader on a runtime built `runtime build --vulkan` puts the weights where llama.cpp's -ngl,
+  --cpu-moe, --n-cpu-moe and -ot say (Vulkan standing for the users' GPU, as the RPC server does in
+  tests/evaluate/test_llama_flags.py), at the CPU's greedy text.
 
-The tools are built once from the patched tree with -DGGML_VULKAN=ON (runtime/stock.tools_dir).
+The tools are built once from the patched tree with -DGGML_VULKAN=ON (runtime/stock.tools_dir); the Vulkan
+runtime is the patched wheel built with it, unpacked into a folder of the cache that the clients put first on
+their PYTHONPATH (the project's environment keeps its CPU runtime).
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ from pathlib import Path
 import pytest
 
 from mc_gguf.gguf_io.regroup import regroup_experts
+from mc_gguf.gguf_io.header import scan
 
 from conftest import CALIBRATION_TEXT
+from helpers import placements
 
 pytestmark = pytest.mark.vulkan
 
@@ -91,3 +98,105 @@ def test_a_per_expert_file_with_odp_runs_on_lavapipe_as_on_the_cpu(vulkan_tools,
     assert mib(vulkan, "CPU_Mapped") >= 0.95 * expert_mib
     assert ppl(vulkan) == pytest.approx(ppl(cpu), rel=2e-3)
     assert ppl(unpruned) != pytest.approx(ppl(cpu), rel=2e-3)  # the slots were pruned
+
+
+@pytest.fixture(scope="module")
+def vulkan_runtime() -> dict:
+    """The environment of a client that imports the patched runtime built with Vulkan (the wheel of
+    `mc-gguf runtime build --vulkan`, cached, unpacked into the cache rather than installed)."""
+    import sys
+
+    from mc_gguf.runtime.build import cached_or_built_wheel
+    from mc_gguf.runtime.source import BuildFlags, CacheLock, build_key, cache_root
+
+    if shutil.which("glslc") is None:
+        pytest.fail("glslc is not installed: run make test-vulkan, which installs what Vulkan needs")
+    flags = BuildFlags(vulkan=True)
+    cache = cache_root()
+    site = cache / "site" / build_key(flags)
+    with CacheLock(cache):
+        if not (site / "llama_cpp").is_dir():
+            wheel = cached_or_built_wheel(cache, flags, force=False)
+            staged = site.with_name(site.name + ".partial")
+            shutil.rmtree(staged, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-deps",
+                            "--target", str(staged), str(wheel)], check=True)
+            staged.rename(site)
+    return {**ENV, "PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
+def test_placement_flags_put_the_tensors_where_llama_cpp_would_on_vulkan(vulkan_runtime, converted, tmp_path):
+    """-ngl, --cpu-moe, --n-cpu-moe and -ot through mc_gguf.load on Vulkan (lavapipe), read from the loader's
+    buffers against the file's tensor bytes, on a stock-layout file without pruning keys: its MUL_MAT_IDs are
+    unmarked, so Vulkan takes the experts like any layer's weights. Weights kept in host memory are in "CPU"
+    or, read without mmap, in the Vulkan device's pinned "Vulkan_Host" buffer (llama.cpp's load_tensors).
+    Every placement gives the CPU's greedy text."""
+    path = converted("f16")
+    mib = tensor_mib(path)
+    total, embedding, experts = mib(lambda name: True), mib(is_embedding), mib(is_expert)
+    cases = {
+        "-ngl 0": ({"n_gpu_layers": 0}, total),
+        "default: every layer on a GPU runtime": ({}, embedding),
+        "-ngl 99": ({"n_gpu_layers": 99}, embedding),
+        "--cpu-moe": ({"n_gpu_layers": 99, "cpu_moe": True}, embedding + experts),
+        "--n-cpu-moe 1": ({"n_gpu_layers": 99, "n_cpu_moe": 1},
+                          embedding + mib(lambda name: name.startswith("blk.0.") and is_expert(name))),
+        "-ot blk.1=CPU": ({"n_gpu_layers": 99, "override_tensor": [r"blk\.1\.=CPU"]},
+                          embedding + mib(lambda name: name.startswith("blk.1."))),
+        "-ngl 0 -ot exps=Vulkan0": ({"n_gpu_layers": 0, "override_tensor": ["exps=Vulkan0"]}, total - experts),
+    }
+    check_placements(path, cases, vulkan_runtime, total)
+    assert experts > 0.1 * total
+
+
+def test_experts_vulkan_cannot_skip_stay_in_host_memory(vulkan_runtime, converted, tmp_path):
+    """Vulkan declines MUL_MAT_IDs whose ids may be -1 (patch 0013): the experts of a file with pruning keys, and
+    a per-expert file's groups, stay in host memory with -ngl 99 while the rest goes to the device (the
+    scheduler runs their ops on the CPU); an -ot naming the device still puts them there, as llama.cpp does."""
+    from mc_gguf.gguf_io import keys
+    from mc_gguf.gguf_io.edit import rewrite_metadata
+
+    stock = converted("f16")
+    pruned = rewrite_metadata(stock, tmp_path / "pruned.gguf", {keys.ODP_MU: keys.details(keys.ODP_MU, [0.6, 0.6])})
+    grouped = regroup_experts(stock, tmp_path / "grouped.gguf", {0: [0, 2], 1: [1, 3]})
+    for path in (pruned, grouped):
+        mib = tensor_mib(path)
+        total, embedding, experts = mib(lambda name: True), mib(is_embedding), mib(is_expert)
+        cases = {
+            "-ngl 0": ({"n_gpu_layers": 0}, total),
+            "-ngl 99": ({"n_gpu_layers": 99}, embedding + experts),
+            "-ngl 99 -ot blk.1=CPU": ({"n_gpu_layers": 99, "override_tensor": [r"blk\.1\.=CPU"]},
+                                      embedding + experts + mib(lambda name: name.startswith("blk.1."))
+                                      - mib(lambda name: name.startswith("blk.1.") and is_expert(name))),
+            "-ngl 0 -ot exps=Vulkan0": ({"n_gpu_layers": 0, "override_tensor": ["exps=Vulkan0"]}, total - experts),
+        }
+        check_placements(path, cases, vulkan_runtime, total)
+
+
+def is_embedding(name: str) -> bool:
+    return name.startswith("token_embd.")  # the input layer stays in host memory
+
+
+def is_expert(name: str) -> bool:
+    return "_exps." in name
+
+
+def tensor_mib(path):
+    """keep -> the MiB of the file's tensors whose names ``keep`` selects: the reference for a buffer's size."""
+    header = scan(path)
+    return lambda keep: sum(t.nbytes for t in header.tensors if keep(t.name)) / 2**20
+
+
+def check_placements(path, cases: dict, env: dict, total: float) -> None:
+    """Each case's (load() keywords, MiB expected in host memory): host and Vulkan0 buffers as expected, and the
+    greedy text of the first case (-ngl 0)."""
+    results = dict(zip(cases, placements(path, "The router chooses", [kwargs for kwargs, _ in cases.values()],
+                                         env=env)))
+    reference = results[next(iter(cases))]["text"]
+    for case, (_, host_mib) in cases.items():
+        buffers = results[case]["buffers"]
+        assert set(buffers) <= {"CPU", "Vulkan_Host", "Vulkan0"}, (path.name, case, buffers)
+        host = buffers.get("CPU", 0.0) + buffers.get("Vulkan_Host", 0.0)
+        assert host == pytest.approx(host_mib, abs=0.02), (path.name, case, buffers)
+        assert buffers.get("Vulkan0", 0.0) == pytest.approx(total - host_mib, abs=0.02), (path.name, case, buffers)
+        assert results[case]["text"] == reference, (path.name, case, results[case]["text"])

@@ -1,0 +1,67 @@
+"""compress --ray: the experts quantized by a real Ray cluster (two nodes on this machine, started by the test),
+the file the same byte for byte as one process writes, after a node is lost and after the driver is killed and
+started again (ray_scenario.py runs that in network and PID namespaces of its own: Ray reachable from 127.0.0.1
+only, every process it starts gone with it)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mc_gguf.cli import main
+
+pytest.importorskip("ray", reason="Ray is the optional extra mc-gguf[ray] (make test installs it)")
+
+# the tuning's default sweeps: tasks long enough that the node and the driver die while experts are in flight
+ARGS = ["--bits", "3", "--tokens", "1024", "--seq-len", "128", "--types", "Q2_K", "Q4_K", "Q8_0", "-q"]
+SCENARIO = Path(__file__).with_name("ray_scenario.py")
+
+
+def namespaces_available() -> bool:
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return False
+    return subprocess.run(["unshare", "--net", "--pid", "--fork", "--mount-proc", "true"],
+                          capture_output=True).returncode == 0
+
+
+def test_compress_on_a_ray_cluster_is_the_same_file_after_a_lost_node_and_a_restarted_driver(tiny_model_dir,
+                                                                                             tmp_path, capsys):
+    if not namespaces_available():
+        pytest.fail("this test keeps Ray on the loopback in a network namespace of its own: it needs unshare "
+                    "(util-linux), ip (iproute2) and the right to create namespaces (root)")
+    plain = tmp_path / "plain.gguf"
+    assert main(["compress", str(tiny_model_dir), *ARGS, "-o", str(plain)]) == 0
+    capsys.readouterr()
+    work = tmp_path / "cluster"
+    work.mkdir()
+    result = subprocess.run(["unshare", "--net", "--pid", "--fork", "--mount-proc", sys.executable, str(SCENARIO),
+                             str(tiny_model_dir), str(work), json.dumps(ARGS)],
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    reference = hashlib.sha256(plain.read_bytes()).hexdigest()
+    n_experts = 2 * 4  # the tiny model's layers x experts
+    # the node died while experts were in flight; the file is still the one process's
+    assert 1 <= report["node_lost"]["saved_experts"] < n_experts and not report["node_lost"]["finished"], report
+    assert report["lost_node_run"]["rc"] == 0, report["lost_node_run"]["output"]
+    assert report["lost_node_run"]["sha256"] == reference
+    # the driver died before the file was written; started again, it resumed with the experts saved so far
+    assert 1 <= report["driver_killed"]["saved_experts"] < n_experts and not report["driver_killed"]["finished"]
+    assert report["restarted_run"]["rc"] == 0, report["restarted_run"]["output"]
+    assert report["restarted_run"]["resumed"] and not report["lost_node_run"]["resumed"]
+    assert report["restarted_run"]["sha256"] == reference
+    assert not report["lost_node_run"]["work_folder_left"] and not report["restarted_run"]["work_folder_left"]
+
+
+def test_ray_without_a_cluster_is_one_clear_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    code = main(["compress", str(tiny_model_dir), *ARGS, "--ray", "127.0.0.1:9", "-o", str(tmp_path / "x.gguf")])
+    err = capsys.readouterr().err
+    assert code == 1 and "no Ray cluster at 127.0.0.1:9" in err and "ray start --head" in err, err
+    assert "Traceback" not in err
