@@ -306,8 +306,9 @@ RAY_PORT = 6390
 
 
 def in_own_namespaces() -> None:
-    """Run this script again in network and PID namespaces of its own (--ray): Ray's servers bind every interface,
-    and there the loopback is the only one; every process the script starts ends with it."""
+    """Run this script again in network, PID and mount namespaces of its own (--ray): Ray's servers bind every
+    interface, and there the loopback is the only one; every process the script starts ends with it, and Ray's
+    files in /tmp/ray with its mounts."""
     if os.environ.get("MC_GGUF_BENCH_NAMESPACES") != "1":
         import shutil
 
@@ -316,6 +317,9 @@ def in_own_namespaces() -> None:
         os.execvpe("unshare", ["unshare", "--net", "--pid", "--fork", "--mount-proc", sys.executable, *sys.argv],
                    {**os.environ, "MC_GGUF_BENCH_NAMESPACES": "1"})
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    ray_files = Path("/tmp/ray")  # Ray's sessions and address file: a tmpfs this mount namespace alone sees
+    ray_files.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(ray_files)], check=True)
 
 
 def start_ray_cluster(nodes: int) -> str:

@@ -5,7 +5,8 @@ compress started again: run by tests/quantize/test_cluster.py as
 
 In its own network namespace the loopback is the only interface, so Ray's servers (which bind every interface
 and advertise the machine's address) are reachable from 127.0.0.1 only; in its own PID namespace every process
-it starts ends with it. Prints one JSON line: what happened, and the sha256 of the file written.
+it starts ends with it; in its own mount namespace Ray's files (/tmp/ray: sessions, logs, the address `ray
+start` leaves for `--ray` alone) go to a tmpfs that ends with it too. Prints one JSON line: what happened, and the sha256 of the file written.
 """
 
 from __future__ import annotations
@@ -16,12 +17,20 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 PORT = 6390
 WORKER_NODE_PORT = 6401  # the worker node's raylet: the process killed to lose the node
 BIN = Path(sys.executable).parent
+
+
+def isolate_ray_files() -> None:
+    """A tmpfs over /tmp/ray, seen by this mount namespace only (unshare makes its mounts private)."""
+    ray_dir = Path(tempfile.gettempdir()) / "ray"
+    ray_dir.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(ray_dir)], check=True)
 
 
 def ray(*args: str) -> float:
@@ -51,6 +60,7 @@ def saved_experts(out: Path) -> int:
 def main() -> None:
     model, work, args = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    isolate_ray_files()
     report = {"head_start_s": ray("start", "--head", "--port", str(PORT), "--num-cpus", "1",
                                   "--include-dashboard=false", "--disable-usage-stats"),
               "worker_start_s": ray("start", "--address", f"127.0.0.1:{PORT}", "--num-cpus", "1",
