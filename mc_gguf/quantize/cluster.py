@@ -58,13 +58,20 @@ class ExpertJob:
     @classmethod
     def of(cls, model_dir: str | Path, plan: Plan, stats: CalibrationStats | None, gptq: bool,
            tune: TuneSettings | None) -> ExpertJob:
-        if stats is None or stats.path is None:
-            raise McGgufError("--ray: the workers read the statistics from their file; give quantize --stats")
+        stats_path = stats_file(stats)
         # the plan, the statistics and how experts are quantized, not the machines or the device they run on
-        key = {"plan": asdict(plan), "stats": {"info": stats.info, "bytes": Path(stats.path).stat().st_size},
+        key = {"plan": asdict(plan), "stats": {"info": stats.info, "bytes": Path(stats_path).stat().st_size},
                "gptq": gptq, "tune": None if tune is None else {**asdict(tune), "device": None}}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        return cls(str(Path(model_dir).resolve()), plan, str(Path(stats.path).resolve()), gptq, tune, digest)
+        return cls(str(Path(model_dir).resolve()), plan, stats_path, gptq, tune, digest)
+
+
+def stats_file(stats: CalibrationStats | None) -> str:
+    """The statistics' file as the workers open it (they read it themselves, from the same path), or what to do."""
+    if stats is None or stats.path is None:
+        raise McGgufError("--ray: the workers read the calibration statistics from their file (quantize --stats); "
+                          "these have none")
+    return str(Path(stats.path).resolve())
 
 
 START_HINT = "start one with `ray start --head --port 6379`, and join the other machines with `ray start --address HEAD:6379`"
@@ -111,7 +118,7 @@ class ClusterExperts:
     def __init__(self, job: ExpertJob, layers: list[int], n_experts: int, folder: Path):
         import ray
 
-        self.job, self.layers, self.n_experts, self.folder = job, layers, n_experts, folder
+        self.layers, self.n_experts, self.folder = layers, n_experts, folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self._job_ref = ray.put(job)
         self._task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(quantize_expert)

@@ -100,12 +100,11 @@ def tuned_error_ratios(model_dir: str | Path, stats: CalibrationStats, types: li
     with tqdm(total=len(picked) * len(PROJECTIONS) * len(names), desc="tuned errors", unit="tensor",
               disable=not progress, dynamic_ncols=True) as bar:
         if ray is not None:
-            from mc_gguf.quantize.cluster import connect, ordered_results
+            from mc_gguf.quantize.cluster import connect, ordered_results, stats_file
 
-            if stats.path is None:
-                raise McGgufError("--ray: the workers read the statistics from their file; save them first")
+            stats_path = stats_file(stats)
             connect(ray)
-            calls = [(str(ckpt.path), str(stats.path), bid, xid, chosen, names, settings)
+            calls = [(str(ckpt.path), stats_path, bid, xid, chosen, names, settings)
                      for bid, xid, chosen in samples]
             results = ordered_results(remote_expert_losses, calls, lambda c: f"layer {c[2]} expert {c[3]}")
         else:
