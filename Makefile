@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 # a CPU index (PIP_EXTRA_INDEX_URL) or set TORCH_SPEC.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-bench test-vulkan fuzz setup runtime clean
+.PHONY: demo test test-bench test-vulkan check-patches fuzz setup runtime clean
 
 demo: runtime
 	$(BIN)/mc-gguf demo --workdir build/demo
@@ -31,6 +31,12 @@ test-bench: runtime
 test-vulkan: runtime
 	sdk="$$(sh scripts/vulkan_sdk.sh)" && if [ -n "$$sdk" ]; then export VULKAN_SDK="$$sdk"; fi && \
 	$(BIN)/python -m pytest tests -m vulkan
+
+# the patch series applied one patch at a time to the pinned sdist: headers checked, then at every step ggml,
+# llama, test-backend-ops and the series' own tests built and the MUL_MAT_ID tests run (scripts/check_patches.py;
+# about 40 minutes on 2 cores the first time, the build folder build/check-patches kept for the next run)
+check-patches: setup
+	$(BIN)/python scripts/check_patches.py
 
 # tests/fuzz with a long budget: mutated GGUFs, checkpoints, plans and statistics, drawn at random for about
 # FUZZ_SECONDS (make test runs the same tests on a few fixed examples)

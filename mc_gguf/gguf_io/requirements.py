@@ -7,9 +7,10 @@ refuse it ("missing tensor 'blk.0.ffn_down_exps.weight'"). Every other file
 mc-gguf writes is a normal GGUF; the ``mc.odp.*`` keys are ignored there and
 read by the patched runtime, which then prunes.
 
-The patch level of each feature is the LLAMA_MC_PATCH_LEVEL of the patch
-that brought it (patches/*.patch): expert groups and pruning reach each
-family at the level of its graph's patch; per-expert thresholds and the
+The patch level of each feature is the LLAMA_MC_PATCH_LEVEL at which the
+series brought it (llama.h defines the level once; the series raises it when
+what files or bindings can rely on changes): expert groups and pruning reach
+each family at the level of FAMILY_LEVEL; per-expert thresholds and the
 renormalization choice at 12. The file carries the level it needs
 (``mc.runtime.patch_level``), and ``loader.model.load`` refuses an older
 runtime with it.
@@ -23,10 +24,11 @@ from dataclasses import dataclass
 
 from mc_gguf.gguf_io import keys
 
-# the patch level at which the runtime's graph of each family (general.architecture) reads expert groups and
-# mc.odp.mu: 0007 and 0006 (llama), 0011 (qwen2moe, qwen3moe, olmoe), 0015 (deepseek2), 0016 (glm4moe), 0017 (gpt-oss)
+# the patch level (LLAMA_MC_PATCH_LEVEL) from which the runtime's graph of each family (general.architecture)
+# reads expert groups and mc.odp.mu, as the series reached them: a file records the lowest level that reads it,
+# so files of these families load in every runtime since (the current series, patch level 14, has them all)
 FAMILY_LEVEL = {"llama": 4, "qwen2moe": 6, "qwen3moe": 6, "olmoe": 6, "deepseek2": 8, "glm4moe": 9, "gpt-oss": 10}
-PER_EXPERT_ODP_LEVEL = 12  # 0020: mc.odp.mu_exps and mc.odp.renormalize
+PER_EXPERT_ODP_LEVEL = 12  # mc.odp.mu_exps and mc.odp.renormalize (patch 0009)
 GROUP_TENSOR = re.compile(r"\.ffn_(gate|up|down)_exps\.g\d+\.weight$")
 
 

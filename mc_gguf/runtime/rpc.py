@@ -7,7 +7,7 @@ CPU device. ``add_servers`` does what llama.cpp's ``--rpc`` does
 (common/arg.cpp): ``ggml_backend_rpc_add_server`` per endpoint and every
 device of it registered, so that llama.cpp offloads layers to them.
 
-Patch 0012 makes the series speak RPC protocol major 107, so a patched
+Patch 0005 makes the series speak RPC protocol major 107, so a patched
 client and a stock ``rpc-server`` (which would read -1 expert ids as
 indices and does not know MUL_MAT_ID_GROUPS) refuse each other. ggml-rpc's
 own client aborts the process on that refusal (negotiate_hello,
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from mc_gguf.errors import McGgufError, RuntimeMissingError
 
-# ggml-rpc.h of the patched tree (patch 0012); a test reads it from there.
+# ggml-rpc.h of the patched tree (patch 0005); a test reads it from there.
 PROTOCOL_MAJOR = 107
 RPC_CMD_HELLO = 14       # ggml-rpc.cpp: enum rpc_cmd, "must be always 14"
 RPC_CONN_CAPS_SIZE = 24  # ggml-rpc/transport.h

@@ -48,7 +48,7 @@ BASE_CMAKE_ARGS = (
 
 # Patches the stock build gets too: AMX repacking, which crashes on some CPUs that report AMX (upstream
 # issue #20824), only when LLAMA_MC_AMX=1.
-STOCK_WORKAROUNDS = ("0014-ggml-cpu-AMX-repacking-only-when-LLAMA_MC_AMX-1.patch",)
+STOCK_WORKAROUNDS = ("0001-ggml-cpu-AMX-repacking-only-when-LLAMA_MC_AMX-1.patch",)
 
 
 @dataclass(frozen=True)
@@ -192,10 +192,13 @@ def fetch_sdist(cache: Path) -> Path:
 def apply_patches(tree: Path, patches: list[Path]) -> None:
     """Apply the series to ``tree`` (the sdist root); name the patch and hunk that fails."""
     vendor = tree / VENDOR_DIR
+    # inside another git repository (a cache under a checkout) git apply would take the paths as relative to
+    # that repository's root and skip every file: git must not look above the tree
+    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(tree)}
     for patch in patches:
         # --check first, so a failing series leaves nothing half-applied in this patch.
         check = subprocess.run(
-            ["git", "apply", "--check", "--verbose", str(patch)], cwd=vendor, capture_output=True, text=True
+            ["git", "apply", "--check", "--verbose", str(patch)], cwd=vendor, capture_output=True, text=True, env=env
         )
         if check.returncode != 0:
             failed = [line for line in check.stderr.splitlines() if line.startswith("error:")]
@@ -203,7 +206,7 @@ def apply_patches(tree: Path, patches: list[Path]) -> None:
                 f"patch {patch.name} does not apply to llama.cpp in {SDIST_FILE}: "
                 + "; ".join(failed or check.stderr.strip().splitlines()[-3:])
             )
-        run_checked(["git", "apply", str(patch)], f"applying {patch.name}", cwd=vendor)
+        run_checked(["git", "apply", str(patch)], f"applying {patch.name}", cwd=vendor, env=env)
 
 
 def _sync_tree(fresh: Path, stable: Path) -> int:

@@ -1,4 +1,4 @@
-"""The patched loader refuses a file's inconsistent hyper-parameters with the key and value (patch 0021), where
+"""The patched loader refuses a file's inconsistent hyper-parameters with the key and value (patch 0006), where
 stock llama.cpp asserts and aborts the process: llama-cpp-python called directly, without mc-gguf's own check
 (gguf_io/validate.py) in front, raises and goes on."""
 

@@ -1,10 +1,10 @@
 """The patched ggml on Vulkan, run on Mesa's software driver (lavapipe): ``make test-vulkan``, not ``make test``.
 
-Vulkan is not one of the backends that skip -1 expert ids (patch 0013's list): ggml-vulkan reads a -1 id as
+Vulkan is not one of the backends that skip -1 expert ids (its registry does not list MUL_MAT_ID_SKIP, patch 0002): ggml-vulkan reads a -1 id as
 an expert index. On lavapipe:
 
 - test-backend-ops runs MUL_MAT_ID on Vulkan against the CPU, and declines its cases with skipped slots,
-  which are marked as llama.cpp's graph marks them (0019), rather than run them with -1 ids;
+  which are marked as llama.cpp's graph marks them (0002), rather than run them with -1 ids;
 - llama-perplexity with every layer offloaded to Vulkan runs a per-expert file with ODP as it runs on the CPU
   alone: the loader keeps the experts in CPU buffers and the scheduler runs their marked MUL_MAT_IDs there,
   while the rest of the model is on the Vulkan device;
@@ -69,6 +69,11 @@ def test_mul_mat_id_runs_on_lavapipe_and_skipped_slots_are_declined(vulkan_tools
     assert all("not supported" in result for _, result in skipping), skipping
     assert len(others) >= 20 and all(re.search(r"OK(\x1b\[0m)?$", result) for _, result in others), others
     assert "FAIL" not in output
+
+    # the fused op of experts in groups (0005) is the CPU's alone: Vulkan declines every case of it
+    output = run([vulkan_tools / "test-backend-ops", "test", "-b", "Vulkan0", "-o", "MUL_MAT_ID_GROUPS"])
+    groups = re.findall(r"^\s*MUL_MAT_ID_GROUPS\((.*?)\): (.*)$", output, re.MULTILINE)
+    assert len(groups) == 3 * 2 * 2 and all("not supported" in result for _, result in groups), output[-2000:]
 
 
 def test_a_per_expert_file_with_odp_runs_on_lavapipe_as_on_the_cpu(vulkan_tools, converted, tmp_path):
@@ -150,7 +155,7 @@ def test_placement_flags_put_the_tensors_where_llama_cpp_would_on_vulkan(vulkan_
 
 
 def test_experts_vulkan_cannot_skip_stay_in_host_memory(vulkan_runtime, converted, tmp_path):
-    """Vulkan declines MUL_MAT_IDs whose ids may be -1 (patch 0013): the experts of a file with pruning keys, and
+    """Vulkan declines MUL_MAT_IDs whose ids may be -1 (patch 0002): the experts of a file with pruning keys, and
     a per-expert file's groups, stay in host memory with -ngl 99 while the rest goes to the device (the
     scheduler runs their ops on the CPU); an -ot naming the device still puts them there, as llama.cpp does."""
     from mc_gguf.gguf_io import keys
