@@ -34,7 +34,7 @@ test-vulkan: runtime
 
 # the patch series applied one patch at a time to the pinned sdist: headers checked, then at every step ggml,
 # llama, test-backend-ops and the series' own tests built and the MUL_MAT_ID tests run (scripts/check_patches.py;
-# about 40 minutes on 2 cores the first time, the build folder build/check-patches kept for the next run)
+# about 25 minutes on 2 cores the first time, the build folder build/check-patches kept for the next run)
 check-patches: setup
 	$(BIN)/python scripts/check_patches.py
 
