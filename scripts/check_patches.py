@@ -14,8 +14,8 @@ checked as a whole first:
   ids is each backend's to say, through its registry's features).
 
 Then the sdist's ``vendor/llama.cpp`` is copied to a work folder and the
-patches are applied one at a time with ``git apply``, as
-mc_gguf/runtime/source.py applies them. After each one, one CMake build
+patches are applied one at a time by mc_gguf/runtime/source.py's
+apply_patches, as the runtime's build applies them. After each one, one CMake build
 folder (Release, static, GGML_RPC=ON, tests on; ccache when installed) builds
 ggml, llama, test-backend-ops and the series' own tests present at that
 step, and runs:
@@ -51,8 +51,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mc_gguf.runtime.source import SDIST_FILE, VENDOR_DIR, cache_root, fetch_sdist  # noqa: E402
+from mc_gguf.errors import RuntimeBuildError  # noqa: E402
+from mc_gguf.runtime.source import SDIST_FILE, VENDOR_DIR, apply_patches, cache_root, fetch_sdist  # noqa: E402
+from rebase_check import InputError, parse_patch  # noqa: E402
 
 MAX_LINES = 500
 FUSED_OP = "GGML_OP_MUL_MAT_ID_GROUPS"
@@ -81,10 +84,6 @@ class Step:
         return self.applied and self.built and all(t["passed"] for t in self.tests.values())
 
 
-def diff_files(text: str) -> list[str]:
-    return re.findall(r"^diff --git a/(\S+) b/\S+$", text, re.M)
-
-
 def stat_files(text: str) -> list[str]:
     """The paths of the diffstat between the header's '---' and the first diff (git may shorten a long
     path to '.../tail')."""
@@ -102,9 +101,12 @@ def header_problems(series: list[Path]) -> list[str]:
         subject = re.search(r"^Subject: \[PATCH (\d+)/(\d+)\]", text, re.M)
         if not subject or (int(subject.group(1)), int(subject.group(2))) != (n, len(series)):
             problems.append(f"{patch.name}: the subject does not say [PATCH {n}/{len(series)}]")
-        files, stat = diff_files(text), stat_files(text)
-        if not files:
-            problems.append(f"{patch.name}: no diff")
+        try:
+            files = [f.path for f in parse_patch(patch).files]
+        except InputError as e:
+            problems.append(str(e))
+            files = []
+        stat = stat_files(text)
         unmatched = [s for s in stat if not any(f == s or (s.startswith("...") and f.endswith(s[3:]))
                                                 for f in files)]
         if len(stat) != len(files) or unmatched:
@@ -131,12 +133,8 @@ def header_problems(series: list[Path]) -> list[str]:
 
 def run(cmd: list, log, cwd: Path | None = None, timeout: int = TIMEOUT) -> tuple[bool, float, str]:
     start = time.monotonic()
-    # git apply inside another repository (the work folder is under mc-gguf's own checkout) would take paths as
-    # relative to that repository's root and skip the patch's files: git must not look above the work folder
-    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(cwd.parent)} if cwd else None
     try:
-        result = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True,
-                                timeout=timeout)
+        result = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout)
         output, ok = result.stdout + result.stderr, result.returncode == 0
     except subprocess.TimeoutExpired as e:
         output, ok = f"{e.stdout or ''}{e.stderr or ''}\ntimed out after {timeout} s", False
@@ -204,15 +202,15 @@ def main() -> int:
     problems = header_problems(series)
 
     args.work.mkdir(parents=True, exist_ok=True)
-    source, build = args.work / "llama.cpp", args.work / "build"
+    # the sdist's layout (apply_patches works on it), holding only vendor/llama.cpp
+    root, build = args.work / SDIST_FILE.removesuffix(".tar.gz"), args.work / "build"
+    source = root / VENDOR_DIR
     # a fresh copy of the pinned tree; the build folder stays, so ccache and CMake reuse what they can
-    shutil.rmtree(source, ignore_errors=True)
+    shutil.rmtree(root, ignore_errors=True)
     with tarfile.open(fetch_sdist(cache_root())) as archive:
-        prefix = f"{SDIST_FILE.removesuffix('.tar.gz')}/{VENDOR_DIR}/"
-        members = [m for m in archive.getmembers() if m.name.startswith(prefix)]
-        for member in members:
-            member.name = member.name[len(prefix):]
-        archive.extractall(source, members=[m for m in members if m.name], filter="tar")
+        prefix = f"{root.name}/{VENDOR_DIR}/"
+        archive.extractall(args.work, members=[m for m in archive.getmembers() if m.name.startswith(prefix)],
+                           filter="tar")
     (source / ".git").unlink(missing_ok=True)  # the sdist's submodule pointer: the tree is not a repository
     # the archive's old modification times would look older than the objects of a previous run's later step:
     # every file is new to the build (ccache still finds what was compiled before)
@@ -228,11 +226,12 @@ def main() -> int:
             step = Step(patch.name, patch.read_text().count("\n"))
             steps.append(step)
             print(f"[{len(steps)}/{len(series)}] {patch.name} ...", file=sys.stderr, flush=True)
-            applied, _, output = run(["git", "apply", "--verbose", patch.resolve()], log, cwd=source)
-            step.applied = applied and "Skipped patch" not in output
-            if not applied:
-                step.error = output[-2000:]
-            else:
+            try:
+                apply_patches(root, [patch.resolve()])
+                step.applied = True
+            except RuntimeBuildError as e:
+                step.error = str(e)
+            if step.applied:
                 check_step(step, source, build, log)
             print(f"    {'ok' if step.ok else 'FAILED'} (build {step.build_seconds} s; "
                   + ", ".join(f"{k}: {'ok' if v['passed'] else 'FAILED'}" for k, v in step.tests.items()) + ")",

@@ -51,7 +51,7 @@ def test_a_subject_numbered_out_of_place_is_named(check_patches, series):
 
 
 def test_a_diffstat_that_misses_a_file_is_named(check_patches, series):
-    patch = next(p for p in series if len(check_patches.diff_files(p.read_text())) > 1)
+    patch = next(p for p in series if len(check_patches.parse_patch(p).files) > 1)
     stat = check_patches.stat_files(patch.read_text())
     edit(patch, rf"^ {re.escape(stat[0])}\s+\|.*\n", "")
     problems = check_patches.header_problems(series)

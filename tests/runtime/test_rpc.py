@@ -2,9 +2,9 @@
 
 A patched server (`mc-gguf runtime rpc-server`) runs every layer of a
 per-expert file with ODP: the logits and slot counters are the CPU's alone,
-bit for bit. With the RPC registry declaring that it does not skip -1 expert ids
-(GGML_RPC_MUL_MAT_ID_SKIP=0, patch 0005), the server is given the rest of the model
-but not the experts, whose marked MUL_MAT_IDs the CPU runs; a stock file's
+bit for bit. With the RPC registry declaring that it does not skip -1 expert
+ids (GGML_RPC_MUL_MAT_ID_SKIP=0, patch 0005), the server is given the rest of
+the model but not the experts, whose marked MUL_MAT_IDs the CPU runs; a stock file's
 are not marked and stay on the server. A stock server (the unpatched build of the same sdist, serving with
 its own libggml-rpc) is refused with a clear error before llama.cpp connects,
 never sent -1 expert ids. The clients run in child processes: a registered
@@ -122,8 +122,8 @@ def test_a_per_expert_file_with_odp_runs_on_the_server_as_on_the_cpu(patched_ser
     np.testing.assert_array_equal(remote["logits"], cpu["logits"])
     assert remote["rpc_mib"] > 0 and cpu["rpc_mib"] == 0
 
-    # a backend that cannot skip -1 ids (here RPC, its MUL_MAT_ID_SKIP feature set to 0): the loader keeps the experts in
-    # CPU buffers and the scheduler runs their marked MUL_MAT_IDs on the CPU; the rest stays on the server
+    # a backend that cannot skip -1 ids (here RPC, its MUL_MAT_ID_SKIP feature set to 0): the loader keeps the
+    # experts in CPU buffers and the scheduler runs their marked MUL_MAT_IDs on the CPU; the rest stays on the server
     fallback = run_client(grouped, ids, tmp_path / "fallback.npz", env={"GGML_RPC_MUL_MAT_ID_SKIP": "0"},
                           rpc=[patched_server], **settings)
     np.testing.assert_array_equal(fallback["computed"], cpu["computed"])

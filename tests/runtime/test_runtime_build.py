@@ -116,8 +116,8 @@ def test_the_installed_runtimes_ggml_is_found_here():
 
 
 def test_the_rpc_backend_compiles_with_the_patch_series():
-    """-DGGML_RPC=ON is not cut off: ggml-rpc.cpp compiles against the patched headers (0009 adds an op, which
-    ggml-rpc.h's op count must include, 0005), and speaks a protocol major version stock peers refuse."""
+    """-DGGML_RPC=ON is not cut off: ggml-rpc.cpp compiles against the patched headers (0005 adds an op, which
+    ggml-rpc.h's op count includes), and speaks a protocol major version stock peers refuse."""
     import re
     import shutil
 

@@ -1,7 +1,7 @@
 """The patched ggml on Vulkan, run on Mesa's software driver (lavapipe): ``make test-vulkan``, not ``make test``.
 
-Vulkan is not one of the backends that skip -1 expert ids (its registry does not list MUL_MAT_ID_SKIP, patch 0002): ggml-vulkan reads a -1 id as
-an expert index. On lavapipe:
+Vulkan is not one of the backends that skip -1 expert ids (its registry does not list MUL_MAT_ID_SKIP, patch
+0002): ggml-vulkan reads a -1 id as an expert index. On lavapipe:
 
 - test-backend-ops runs MUL_MAT_ID on Vulkan against the CPU, and declines its cases with skipped slots,
   which are marked as llama.cpp's graph marks them (0002), rather than run them with -1 ids;
