@@ -24,7 +24,7 @@ from mc_gguf.ggml.types import quant_type
 from mc_gguf.hf.checkpoint import open_checkpoint
 from mc_gguf.prune.calibration import odp_from_stats, skipped_shares
 from mc_gguf.prune.rule import OdpParams, check_skip_share
-from mc_gguf.quantize.cluster import connect
+from mc_gguf.ray_cluster import connect
 from mc_gguf.quantize.quantization import quantize
 from mc_gguf.quantize.settings import TuneSettings
 from mc_gguf.settings import CompressSettings
@@ -81,7 +81,8 @@ def compress(model_dir: str | Path, out: str | Path, bits: float | None = None,
             print(f"resuming the work in {work}", flush=True)
         work.mkdir(parents=True, exist_ok=True)
         stats_path = work / "stats.safetensors"
-        stats = calibrate(ckpt.path, stats_path, text, settings.calibration, progress=progress, reuse=True)
+        stats = calibrate(ckpt.path, stats_path, text, settings.calibration, progress=progress, reuse=True,
+                          ray=settings.ray)
         tune = settings.tune
         error_scale = (_tuned_errors(ckpt.path, stats, work, tune, settings.ray, progress) if tune is not None
                        else None)

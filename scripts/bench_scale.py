@@ -26,13 +26,14 @@ fixed costs (what N layers cost beyond N times the per-layer cost) as a
 share of a 32-layer run, and each process's CPU use (user + system seconds
 over wall seconds times cores: 1.0 is every core busy throughout).
 
-``--ray`` times `mc-gguf quantize --tune` on the same statistics and plan in one process and with `--ray` on a
-local cluster (``--nodes`` nodes of one CPU each, started by the script in network and PID namespaces of its
-own), checks the two files are the same, and models the speed-up of 4 and 16 machines from the measured
-times: per layer the driver's serial part (the calibration) plus the layer's experts spread over the machines.
+``--ray`` times `mc-gguf calibrate` and `mc-gguf quantize --tune` (on the same statistics and plan) in one process
+and with `--ray` on a local cluster (``--nodes`` nodes of one CPU each, started by the script in network and PID
+namespaces of its own), checks each pair of files is the same, and models the speed-up of 4 and 16 machines
+from the measured times: per layer the driver's serial part (the calibration's forward) plus the layer's
+experts (their errors, GPTQ and tuning) spread over the machines.
 
     python scripts/bench_scale.py --layers 1 2 4 [--tokens 4096 --seq-len 2048] [--json scale.json]
-    python scripts/bench_scale.py --ray --layers 1 [--experts 2 --tune-iters 2]
+    python scripts/bench_scale.py --ray --layers 1 [--experts 2 --tune-iters 2] [--ray-stages calibrate]
     python scripts/bench_scale.py --defaults --layers 2 4 [--tokens 4096]
     python scripts/bench_scale.py --quick [--defaults]   (the tiny model's shapes: checks the script works)
 """
@@ -336,8 +337,10 @@ def start_ray_cluster(nodes: int) -> str:
 
 
 def run_ray(n_layers: int, shapes: dict, args, work: Path, text: Path, address: str) -> dict:
-    """`mc-gguf quantize --tune` in one process and with --ray on the local cluster, on the same statistics and
-    plan (compress's cost, a type per projection): the seconds of each, and whether the files are the same."""
+    """`mc-gguf calibrate` and `mc-gguf quantize --tune` in one process and with --ray on the local cluster (the
+    same text; quantize on the same statistics and plan: compress's cost, a type per projection): the seconds of
+    each, and whether their files are the same. The calibration's forward alone (its serial part on a cluster) is
+    timed as a calibration measuring Q8_0 only (its errors cost a second or two per expert)."""
     import hashlib
 
     folder, model = checkpoint_folder(work / f"ray-{n_layers}", shapes, n_layers)
@@ -345,31 +348,49 @@ def run_ray(n_layers: int, shapes: dict, args, work: Path, text: Path, address: 
     mc = str(Path(sys.executable).parent / "mc-gguf")
     stats, plan = folder / "stats.safetensors", folder / "plan.json"
     types = ["--types", *args.types] if args.types else []
-    print(f"{n_layers} layer(s), quantize --tune with and without --ray:", file=sys.stderr, flush=True)
-    rows = {"calibrate": measure("mc-gguf calibrate", [
-        mc, "calibrate", str(model), "--text", str(text), "--tokens", str(args.tokens), "--seq-len",
-        str(args.seq_len), "--hessian", *types, "-o", str(stats), "-q"], log)}
-    rows["allocate"] = measure("mc-gguf allocate", [
-        mc, "allocate", str(stats), "--bits", str(args.bits), "--per-projection", "--alpha", "0", "--beta", "0",
-        "--gamma", "2", "-o", str(plan)], log)
-    quantize = [mc, "quantize", str(model), "--plan", str(plan), "--stats", str(stats), "--tune",
-                "--tune-iters", str(args.tune_iters), "-q"]
-    files = {}
-    for name, extra in (("quantize", []), ("quantize --ray", ["--ray", address])):
-        files[name] = folder / f"{name.replace(' ', '').replace('-', '')}.gguf"
-        rows[name] = measure(f"mc-gguf {name}", [*quantize, *extra, "-o", str(files[name])], log)
-    digests = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in files.items()}
-    for path in files.values():
-        path.unlink()
+    calibrate = [mc, "calibrate", str(model), "--text", str(text), "--tokens", str(args.tokens), "--seq-len",
+                 str(args.seq_len), "--hessian", "-q"]
+    print(f"{n_layers} layer(s), calibrate and quantize --tune with and without --ray:", file=sys.stderr, flush=True)
+    rows, files = {}, {}
+    for name, extra, out in (("calibrate", types, stats), ("calibrate --ray", [*types, "--ray", address],
+                                                             folder / "ray.stats"),
+                             ("calibrate forward", ["--types", "Q8_0"], folder / "forward.stats")):
+        rows[name] = measure(f"mc-gguf {name}", [*calibrate, *extra, "-o", str(out)], log)
+        files[name] = out
+    same = {"calibrate": len({hashlib.sha256(files[n].read_bytes()).hexdigest()
+                              for n in ("calibrate", "calibrate --ray")}) == 1}
+    for name in ("calibrate --ray", "calibrate forward"):
+        files[name].unlink()
+    if "quantize" in args.ray_stages:
+        rows["allocate"] = measure("mc-gguf allocate", [
+            mc, "allocate", str(stats), "--bits", str(args.bits), "--per-projection", "--alpha", "0", "--beta", "0",
+            "--gamma", "2", "-o", str(plan)], log)
+        quantize = [mc, "quantize", str(model), "--plan", str(plan), "--stats", str(stats), "--tune",
+                    "--tune-iters", str(args.tune_iters), "-q"]
+        for name, extra in (("quantize", []), ("quantize --ray", ["--ray", address])):
+            files[name] = folder / f"{name.replace(' ', '').replace('-', '')}.gguf"
+            rows[name] = measure(f"mc-gguf {name}", [*quantize, *extra, "-o", str(files[name])], log)
+        same["quantize"] = len({hashlib.sha256(files[n].read_bytes()).hexdigest()
+                                for n in ("quantize", "quantize --ray")}) == 1
+        for name in ("quantize", "quantize --ray"):
+            files[name].unlink()
     experts = n_layers * shapes["num_local_experts"]
-    plain, ray = rows["quantize"]["seconds"], rows["quantize --ray"]["seconds"]
-    return {"stages": rows, "same_file": len(set(digests.values())) == 1, "experts": experts,
-            "seconds_per_expert": round(plain / experts, 1), "ray_overhead": round(ray / plain - 1, 3)}
+    report = {"stages": rows, "same_file": same, "experts": experts}
+    for stage in ("calibrate", "quantize"):
+        if stage in rows:
+            report[f"{stage}_ray_overhead"] = round(rows[f"{stage} --ray"]["seconds"] / rows[stage]["seconds"] - 1, 3)
+    forward = rows["calibrate forward"]["seconds"]
+    report["forward_seconds_per_layer"] = round(forward / n_layers, 1)
+    report["error_seconds_per_expert"] = round(max(0.0, rows["calibrate"]["seconds"] - forward) / experts, 1)
+    if "quantize" in rows:
+        report["quantize_seconds_per_expert"] = round(rows["quantize"]["seconds"] / experts, 1)
+    return report
 
 
 def speedup_model(serial_per_layer: float, expert_seconds: float, n_experts: int, machines: int) -> float:
     """compress on ``machines`` machines like this one against one: per layer, the driver's serial part (the
-    calibration), then the layer's experts spread over the machines (quantize's lookahead keeps them all busy)."""
+    calibration's forward), then the layer's experts (their errors, GPTQ and tuning) spread over the machines
+    (the next layer's forward and quantize's lookahead keep them all busy)."""
     alone = serial_per_layer + n_experts * expert_seconds
     return round(alone / (serial_per_layer + n_experts * expert_seconds / machines), 2)
 
@@ -431,13 +452,16 @@ def main() -> int:
                         help="also kill a calibration part-way, resume it and compare the statistics")
     parser.add_argument("--keep-models", action="store_true", help="keep the built checkpoints")
     parser.add_argument("--ray", action="store_true",
-                        help="time quantize --tune in one process and with --ray on a local Ray cluster of --nodes "
-                        "nodes of one CPU each (in namespaces of its own: reachable from this machine only), and "
-                        "model the speed-up of 4 and 16 machines from the measured times")
+                        help="time calibrate and quantize --tune in one process and with --ray on a local Ray "
+                        "cluster of --nodes nodes of one CPU each (in namespaces of its own: reachable from this "
+                        "machine only), and model the speed-up of 4 and 16 machines from the measured times")
     parser.add_argument("--nodes", type=int, default=2, help="--ray: the local cluster's nodes (default: 2)")
     parser.add_argument("--experts", type=int, help="experts per layer (default: Mixtral's 8; fewer make a "
                         "--ray run shorter at the same expert shapes)")
     parser.add_argument("--tune-iters", type=int, default=8, help="--ray: quantize's --tune-iters (default: 8)")
+    parser.add_argument("--ray-stages", nargs="+", choices=["calibrate", "quantize"],
+                        default=["calibrate", "quantize"], help="--ray: the stages timed with and without Ray "
+                        "(default: both; with quantize it also models the speed-up)")
     add_output_flags(parser, "build/bench-scale", "where the files go",
                      quick_help="the tiny model's shapes, 1 and 2 layers, two types at 4 bits: checks the script works")
     args = parser.parse_args()
@@ -464,12 +488,13 @@ def main() -> int:
         address = start_ray_cluster(args.nodes)
         runs = {n: run_ray(n, shapes, args, work, text, address) for n in args.layers}
         largest = runs[max(args.layers)]
-        serial = largest["stages"]["calibrate"]["seconds"] / max(args.layers)
         report = {"shapes": shapes, "tokens": args.tokens, "bits": args.bits, "tune_iters": args.tune_iters,
-                  "nodes": args.nodes, "cpus": os.cpu_count(), "runs": {str(n): run for n, run in runs.items()},
-                  "modelled_speedup": {str(m): speedup_model(serial, largest["seconds_per_expert"],
-                                                             MIXTRAL_8X7B["num_local_experts"], m) for m in (4, 16)},
-                  "seconds": round(time.perf_counter() - started, 1)}
+                  "nodes": args.nodes, "cpus": os.cpu_count(), "runs": {str(n): run for n, run in runs.items()}}
+        if "quantize_seconds_per_expert" in largest:
+            expert = largest["error_seconds_per_expert"] + largest["quantize_seconds_per_expert"]
+            report["modelled_speedup"] = {str(m): speedup_model(largest["forward_seconds_per_layer"], expert,
+                                                                MIXTRAL_8X7B["num_local_experts"], m) for m in (4, 16)}
+        report["seconds"] = round(time.perf_counter() - started, 1)
         emit_json(report, args.json, indent=1)
         return 0
     if args.defaults:

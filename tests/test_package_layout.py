@@ -8,10 +8,10 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "mc_gguf"
 
 # README "How the code is laid out": each part may import the ones before it (and the shared
-# errors, atomic, device and _lazy modules), never one after it.
+# errors, atomic, device, ray_cluster and _lazy modules), never one after it.
 ORDER = ["runtime", "ggml", "hf", "gguf_io", "calibrate", "prune", "loader", "allocate", "quantize", "evaluate",
          "settings", "pipeline", "demo", "cli", "__main__"]
-SHARED = {"errors", "atomic", "artifact", "device", "_lazy", "__init__", ""}
+SHARED = {"errors", "atomic", "artifact", "device", "ray_cluster", "_lazy", "__init__", ""}
 
 
 def part_of(module: str) -> str:

@@ -9,7 +9,8 @@ which reads one expert at a time when it runs (forward.LayerExperts),
 computes every expert once per routed token and gathers the statistics on
 the way; then the
 quantization error of every expert at every candidate type is measured on a
-seeded sample of tokens (quant_error.py).
+seeded sample of tokens (quant_error.py): here, or with ``ray`` by a task per
+expert on a Ray cluster while this process runs the next layer (cluster.py).
 
 The work is resumable at layer granularity: finished layers and the hidden
 states after the last one are kept in ``<STATS>.partial.d`` (workdir.py)
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,7 +32,7 @@ from mc_gguf import __version__
 from mc_gguf.atomic import check_output_path, output_lock
 from mc_gguf.calibrate.forward import CPU, decoder_layer, embed, load_experts, run_layer, skeleton
 from mc_gguf.calibrate.moe import RoutingRule, StatisticsMoE
-from mc_gguf.calibrate.quant_error import expert_errors, feature_sample, sampled_features
+from mc_gguf.calibrate.quant_error import sample_errors, sampled_features
 from mc_gguf.calibrate.settings import CalibrationSettings
 from mc_gguf.calibrate.stats import CalibrationStats, LayerStats, load_stats
 from mc_gguf.calibrate.text import CalibrationText, pack_sequences
@@ -39,6 +41,10 @@ from mc_gguf.device import torch_device
 from mc_gguf.errors import McGgufError
 from mc_gguf.ggml.types import quant_type
 from mc_gguf.hf.checkpoint import Checkpoint, open_checkpoint
+from mc_gguf.ray_cluster import connect
+
+if TYPE_CHECKING:
+    from mc_gguf.calibrate.cluster import ClusterErrors
 
 EPS_NORM = ("Frobenius norm (not squared) of the MoE block output change over the sampled "
             "calibration tokens when only this expert is quantized")
@@ -49,19 +55,23 @@ DROP_COST = "the same as skip_cost with the kept weights left as they are"
 
 def calibrate(model_dir: str | Path, out: str | Path, text: CalibrationText,
               settings: CalibrationSettings = CalibrationSettings(), *, progress: bool = True,
-              reuse: bool = False) -> CalibrationStats:
+              reuse: bool = False, ray: str | None = None) -> CalibrationStats:
     """Measure the statistics of ``model_dir`` on ``text`` and save them to ``out``.
 
-    With ``reuse``, statistics already in ``out`` from the very same inputs are returned as they are.
+    With ``reuse``, statistics already in ``out`` from the very same inputs are returned as they are. ``ray``: a
+    Ray cluster's address ("auto": this machine's), whose workers measure the experts' errors (cluster.py; the
+    same statistics).
     """
     out = check_output_path(out, inputs=[model_dir])
     with output_lock(out):  # a second run on this output is refused instead of removing this one's work
-        return _calibrate(model_dir, out, text, settings, progress=progress, reuse=reuse)
+        return _calibrate(model_dir, out, text, settings, progress=progress, reuse=reuse, ray=ray)
 
 
 def _calibrate(model_dir: str | Path, out: Path, text: CalibrationText, settings: CalibrationSettings, *,
-               progress: bool, reuse: bool) -> CalibrationStats:
+               progress: bool, reuse: bool, ray: str | None) -> CalibrationStats:
     device = torch_device(settings.device)  # a device this machine lacks is refused before any work
+    if ray is not None:
+        connect(ray)
     ckpt = open_checkpoint(model_dir)
     for name in settings.types:
         quant_type(name)  # unknown names fail here, not after an hour of calibration
@@ -88,21 +98,38 @@ def _calibrate(model_dir: str | Path, out: Path, text: CalibrationText, settings
         embed(ckpt, sequences, hidden)
         work.finish_hidden(0, hidden)
     rotary = type(model.model.rotary_emb)(config=model.config).to(device)
+    errors = None
+    if ray is not None and settings.types:
+        from mc_gguf.calibrate.cluster import ClusterErrors
+
+        errors = ClusterErrors(ckpt.path, settings)
+    in_flight: list[tuple[int, LayerStats | None]] = []  # layers whose errors the cluster is measuring
+
+    def finish(il: int, layer_stats: LayerStats | None) -> None:
+        if errors is not None and layer_stats is not None:
+            with tqdm(total=ckpt.n_experts, desc=f"layer {il + 1}/{ckpt.n_layers}: errors", unit="expert",
+                      disable=not progress, dynamic_ncols=True) as bar:
+                errors.collect(il, layer_stats, on_expert=lambda: bar.update(1))
+        work.save_layer(il, layer_stats)
+        work.drop_hidden(il)  # kept until now: a rerun starts at the first layer not saved
+
     started = time.monotonic()
     for il in range(start, ckpt.n_layers):
         hidden_in = work.open_hidden(il, shape)
         hidden_out = None if il == ckpt.n_layers - 1 else work.new_hidden(il + 1, shape)
         moe_inputs = work.new_inputs(il, (n_flat, shape[-1])) if settings.hessian and ckpt.is_moe(il) else None
         layer_stats = calibrate_layer(model, ckpt, il, hidden_in, hidden_out, rotary, eps_positions, settings,
-                                      progress=progress, moe_inputs=moe_inputs, device=device,
+                                      progress=progress, moe_inputs=moe_inputs, device=device, errors=errors,
                                       eta=_eta(time.monotonic() - started, il - start, ckpt.n_layers - il))
         if hidden_out is not None:
             work.finish_hidden(il + 1, hidden_out)  # before the layer counts as done
         if moe_inputs is not None:
             work.finish_inputs(il, moe_inputs)
-        work.save_layer(il, layer_stats)
         del hidden_in
-        work.drop_hidden(il)
+        # on a cluster, a layer's errors are taken after the next layer's forward, which runs meanwhile
+        in_flight.append((il, layer_stats))
+        while len(in_flight) > (1 if errors is not None and il < ckpt.n_layers - 1 else 0):
+            finish(*in_flight.pop(0))
 
     stats = CalibrationStats(info=info, types=list(settings.types),
                              layers=work.load_layers(ckpt.n_layers, dense=info["dense_layers"]))
@@ -114,10 +141,10 @@ def _calibrate(model_dir: str | Path, out: Path, text: CalibrationText, settings
 def calibrate_layer(model, ckpt: Checkpoint, bid: int, hidden_in: np.ndarray, hidden_out: np.ndarray | None,
                     rotary, eps_positions: np.ndarray, settings: CalibrationSettings,
                     *, progress: bool, eta: str = "", moe_inputs: np.ndarray | None = None,
-                    device: torch.device = CPU) -> LayerStats | None:
+                    device: torch.device = CPU, errors: ClusterErrors | None = None) -> LayerStats | None:
     """One layer: its forward with the statistics gathered on the way, then every expert's eps (None, and
-    only the forward, for a dense layer), computed on ``device``. ``moe_inputs`` [tokens, H] receives the MoE
-    block's inputs."""
+    only the forward, for a dense layer), computed on ``device``, or put in flight on ``errors``' cluster (its
+    ``collect`` fills them in). ``moe_inputs`` [tokens, H] receives the MoE block's inputs."""
     if not ckpt.is_moe(bid):
         bar = tqdm(total=hidden_in.shape[0], desc=f"layer {bid + 1}/{ckpt.n_layers} (dense){eta}", unit="step",
                    disable=not progress, dynamic_ncols=True)
@@ -131,15 +158,18 @@ def calibrate_layer(model, ckpt: Checkpoint, bid: int, hidden_in: np.ndarray, hi
     moe = StatisticsMoE(router, experts, glu, RoutingRule.of(ckpt), eps_positions, moe_inputs,
                         shared=ckpt.arch.shared_expert,
                         returns_scores=ckpt.arch.hf_moe_returns_scores)
-    bar = tqdm(total=hidden_in.shape[0] + len(experts), desc=f"layer {bid + 1}/{ckpt.n_layers}{eta}", unit="step",
-               disable=not progress, dynamic_ncols=True)
+    local_errors = bool(settings.types) and errors is None
+    bar = tqdm(total=hidden_in.shape[0] + len(experts) * local_errors, desc=f"layer {bid + 1}/{ckpt.n_layers}{eta}",
+               unit="step", disable=not progress, dynamic_ncols=True)
     with decoder_layer(model, ckpt, bid, moe, device) as layer:
         output_norms = run_layer(model, layer, bid, rotary, hidden_in, hidden_out, on_batch=bar.update)
     layer_stats = moe.layer_stats(len(settings.types))
     norms = np.maximum(output_norms, np.finfo(np.float32).tiny)[:, None].astype(np.float32)
     layer_stats.skip_cost /= norms
     layer_stats.drop_cost /= norms
-    if settings.types:
+    if errors is not None and settings.types:
+        errors.submit(bid, layer_stats, moe.eps_sample())
+    elif settings.types:
         _measure_eps(layer_stats, moe, settings, bid, bar)
     bar.close()
     return layer_stats
@@ -151,17 +181,9 @@ def _measure_eps(layer_stats: LayerStats, moe: StatisticsMoE, settings: Calibrat
     (on a seeded sample of each expert's intermediate features, the same whichever layers ran before)."""
     sample = moe.eps_sample()
     imat_in, imat_mid = layer_stats.imatrix("in"), layer_stats.imatrix("mid")
-    types = settings.types
     for e, stored in enumerate(moe.experts):
-        slot = sample.ids == e
-        tokens = slot.any(-1)
-        features = feature_sample(stored.gate.shape[0], settings.eps_features,
-                                  np.random.default_rng([settings.seed, bid, e]))
-        bar.set_postfix_str(f"expert {e}: errors of {len(types)} types", refresh=True)
-        with torch.no_grad():
-            layer_stats.eps[:, e] = expert_errors(stored, sample.x[tokens], sample.weights[slot], moe.glu,
-                                                  types, imat_in[e], imat_mid[e], features,
-                                                  settings.eps_iquant_share)
+        bar.set_postfix_str(f"expert {e}: errors of {len(settings.types)} types", refresh=True)
+        layer_stats.eps[:, e] = sample_errors(stored, sample, bid, e, moe.glu, imat_in[e], imat_mid[e], settings)
         bar.update(1)
 
 

@@ -33,7 +33,7 @@ import gguf
 import numpy as np
 import torch
 
-from mc_gguf.calibrate.quant_error import ExpertWeights, expert_hidden, expert_output
+from mc_gguf.calibrate.quant_error import EpsSample, ExpertWeights, expert_hidden, expert_output
 from mc_gguf.calibrate.stats import LayerStats
 from mc_gguf.hf.architectures import SharedExpert
 from mc_gguf.hf.checkpoint import Checkpoint
@@ -76,14 +76,6 @@ class Routing:
     def routed(self) -> torch.Tensor:
         """[n, E] bool: is expert e among token t's top-k."""
         return torch.zeros_like(self.probs, dtype=torch.bool).scatter_(1, self.top_ids, True)
-
-
-@dataclass
-class EpsSample:
-    """The sampled tokens' block inputs, experts and applied weights."""
-    x: torch.Tensor
-    ids: torch.Tensor
-    weights: torch.Tensor
 
 
 class StatisticsMoE(torch.nn.Module):

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mc_gguf.calibrate.settings import CalibrationSettings
 from mc_gguf.ggml import quants
 from mc_gguf.ggml.types import stored_type
 
@@ -68,6 +69,31 @@ class ExpertWeights:
         """The expert restricted to the intermediate features ``index`` (rows of gate and up, columns of down)."""
         biases = self.biases and (self.biases[0][index], self.biases[1][index], self.biases[2])
         return ExpertWeights(self.gate[index], self.up[index], self.down[:, index].contiguous(), biases)
+
+
+@dataclass
+class EpsSample:
+    """A layer's sampled tokens (moe.StatisticsMoE keeps them): their block inputs [n, H], their experts [n, k] and
+    the weights the block applies to them [n, k]."""
+    x: torch.Tensor
+    ids: torch.Tensor
+    weights: torch.Tensor
+
+    def numpy(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.x.cpu().numpy(), self.ids.cpu().numpy(), self.weights.cpu().numpy()
+
+
+def sample_errors(w: ExpertWeights, sample: EpsSample, bid: int, xid: int, glu: Callable,
+                  imatrix_in: np.ndarray, imatrix_mid: np.ndarray, settings: CalibrationSettings) -> np.ndarray:
+    """eps [3, T] of expert ``xid`` of layer ``bid`` (``expert_errors``) on the sampled tokens routed to it, on the
+    features seeded by (seed, bid, xid): the same on every machine and whichever layers ran before."""
+    slot = sample.ids == xid
+    tokens = slot.any(-1)
+    features = feature_sample(w.gate.shape[0], settings.eps_features,
+                              np.random.default_rng([settings.seed, bid, xid]))
+    with torch.no_grad():
+        return expert_errors(w, sample.x[tokens], sample.weights[slot], glu, settings.types, imatrix_in,
+                             imatrix_mid, features, settings.eps_iquant_share)
 
 
 def expert_hidden(x: torch.Tensor, w: ExpertWeights, glu: Callable) -> torch.Tensor:

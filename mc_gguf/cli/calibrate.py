@@ -6,7 +6,8 @@ import argparse
 import time
 
 from mc_gguf.calibrate.settings import CalibrationSettings
-from mc_gguf.cli.common import MODEL_HELP, add_command, add_device_flag, add_eps_features_argument, positive_int, type_name
+from mc_gguf.cli.common import (MODEL_HELP, add_command, add_device_flag, add_eps_features_argument, add_ray_flag,
+                                positive_int, type_name)
 from mc_gguf.ggml.types import CANDIDATES
 
 EXAMPLE = ("example: mc-gguf calibrate ./Mixtral-8x7B-v0.1 --text calib.txt -o mixtral.stats\n"
@@ -39,6 +40,7 @@ def add_parser(commands) -> None:
                         "layer, e.g. 1.07 GB per layer (34 GB in all) for Mixtral 8x7B at 65536 tokens, 67 MB per "
                         "layer for hidden 256")
     add_device_flag(p, "the layer forward and the error pass's products")
+    add_ray_flag(p, "measure the experts' errors (an expert per task, while this machine runs the next layer)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -53,7 +55,8 @@ def run(args: argparse.Namespace) -> None:
                                    eps_iquant_share=args.eps_iquant_share, hessian=args.hessian,
                                    types=tuple(quant_type(t).name for t in args.types), device=args.device)
     started = time.perf_counter()
-    stats = calibrate(args.model_dir, args.output, read_text(args.text), settings, progress=not args.quiet)
+    stats = calibrate(args.model_dir, args.output, read_text(args.text), settings, progress=not args.quiet,
+                      ray=args.ray)
     print(f"wrote {args.output}: {stats.info['n_tokens']} tokens ({stats.info['n_sequences']} x "
           f"{stats.info['seq_len']}) of {stats.info['text']}, {len(stats.types)} candidate types, "
           f"in {time.perf_counter() - started:.0f} s")

@@ -1,6 +1,6 @@
 """quantize's per-expert work as Ray tasks (`--ray [ADDRESS]`): GPTQ and tuning of each expert on the machines
 of a Ray cluster, the file the same byte for byte as one process writes. (The tuned-error ratios' sampled
-experts run as tasks too, through ordered_results: tuned_errors.py.)
+experts run as tasks too: tuned_errors.py; joining the cluster and the tasks' results: ray_cluster.py.)
 
 An expert's three projections are one task: gate and up quantized, then down fit to what they give it (as
 experts.ExpertQuantizer does on one machine; that class runs inside the task). The driver keeps the GGUF
@@ -23,10 +23,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import socket
-import tempfile
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,10 +34,9 @@ from mc_gguf.calibrate.stats import CalibrationStats
 from mc_gguf.errors import McGgufError
 from mc_gguf.gguf_io.layout import PROJECTIONS
 from mc_gguf.quantize.settings import TuneSettings
+from mc_gguf.ray_cluster import MAX_RETRIES, task_result
 
-RAY_VERSION = "2.60.0"  # the extra mc-gguf[ray] pins it: a cluster's machines must run one Ray
 LOOKAHEAD = 1           # layers whose experts are in flight beyond the one being written, at least
-MAX_RETRIES = 3         # runs of a task lost with its worker or machine, beyond the first (Ray's max_retries)
 
 
 @dataclass(frozen=True)
@@ -72,43 +67,6 @@ def stats_file(stats: CalibrationStats | None) -> str:
         raise McGgufError("--ray: the workers read the calibration statistics from their file (quantize --stats); "
                           "these have none")
     return str(Path(stats.path).resolve())
-
-
-START_HINT = "start one with `ray start --head --port 6379`, and join the other machines with `ray start --address HEAD:6379`"
-CONNECT_TIMEOUT_S = 5.0
-# where `ray start` leaves the address of the cluster it started or joined last (ray._private.utils.read_ray_address)
-RAY_CURRENT_CLUSTER = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-
-
-def connect(address: str) -> None:
-    """Join the Ray cluster at ``address`` (HOST:PORT; "auto": RAY_ADDRESS, else the cluster `ray start` last
-    started or joined on this machine), or fail at once with what to do: the head is probed first, since
-    ray.init waits a minute and more for one that is not there."""
-    try:
-        import ray
-    except ImportError:
-        raise McGgufError(f"--ray needs Ray: pip install 'mc-gguf[ray]' (ray {RAY_VERSION}, on every machine of "
-                          "the cluster)") from None
-    if ray.is_initialized():
-        return
-    resolved = address
-    if address == "auto":
-        resolved = os.environ.get("RAY_ADDRESS") or (
-            RAY_CURRENT_CLUSTER.read_text().strip() if RAY_CURRENT_CLUSTER.is_file() else "")
-        if not resolved:
-            raise McGgufError(f"no Ray cluster on this machine (RAY_ADDRESS is not set): {START_HINT}, or give "
-                              "--ray HOST:PORT")
-    host, _, port = resolved.rpartition(":")
-    if not host or not port.isdigit():
-        raise McGgufError(f"--ray {resolved}: give the head's address as HOST:PORT (e.g. 10.0.0.1:6379)")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as exc:
-        raise McGgufError(f"no Ray cluster at {resolved} ({exc.strerror or exc}): {START_HINT}") from None
-    try:
-        ray.init(address=resolved, log_to_driver=False, logging_level="ERROR", configure_logging=False)
-    except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise McGgufError(f"could not join the Ray cluster at {resolved}: {exc}") from None
 
 
 class ClusterExperts:
@@ -171,30 +129,6 @@ class ClusterExperts:
             if (bid, xid) not in self._pending:
                 raise McGgufError(f"{path}: unreadable ({exc})") from None
             return self._result(bid, xid)
-
-
-def task_result(ref, what: str):
-    """A task's result (ray.get), or one line naming ``what`` it was for: the error it raised in mc-gguf's code, or
-    that it was lost more often than MAX_RETRIES allow (or the cluster with it)."""
-    import ray
-
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as exc:
-        raise McGgufError(f"{what}: {getattr(exc, 'cause', None) or exc}") from None
-    except ray.exceptions.RayError as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else "no detail"
-        raise McGgufError(f"{what}: its Ray task was lost ({type(exc).__name__}: {detail})") from None
-
-
-def ordered_results(function: Callable, calls: list[tuple], what: Callable[[tuple], str]) -> Iterator:
-    """``function(*call)`` for every call as Ray tasks, all in flight at once, yielded in the calls' order."""
-    import ray
-
-    task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(function)
-    refs = [task.remote(*call) for call in calls]
-    for call, ref in zip(calls, refs):
-        yield task_result(ref, what(call))
 
 
 _QUANTIZERS: dict[str, object] = {}  # a worker's quantizer of the job it last ran, by digest (Ray reuses workers)

@@ -64,7 +64,8 @@ def quantize(model_dir: str | Path, plan: Plan, out: str | Path, *, stats: Calib
         pruning.validate_params(odp.mu, odp.protect_ratio, ckpt.n_layers, odp.mu_exps, ckpt.n_experts)
 
     if ray is not None:
-        from mc_gguf.quantize.cluster import ClusterExperts, ExpertJob, connect
+        from mc_gguf.quantize.cluster import ClusterExperts, ExpertJob
+        from mc_gguf.ray_cluster import connect
 
         job = ExpertJob.of(ckpt.path, plan, stats, gptq, tune)
         connect(ray)

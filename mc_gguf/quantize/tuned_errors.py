@@ -100,7 +100,8 @@ def tuned_error_ratios(model_dir: str | Path, stats: CalibrationStats, types: li
     with tqdm(total=len(picked) * len(PROJECTIONS) * len(names), desc="tuned errors", unit="tensor",
               disable=not progress, dynamic_ncols=True) as bar:
         if ray is not None:
-            from mc_gguf.quantize.cluster import connect, ordered_results, stats_file
+            from mc_gguf.quantize.cluster import stats_file
+            from mc_gguf.ray_cluster import connect, ordered_results
 
             stats_path = stats_file(stats)
             connect(ray)

@@ -1,7 +1,7 @@
-"""A Ray cluster of two nodes on this machine, a compress on it that loses a node and its driver, and the same
+"""A Ray cluster of two nodes on this machine, a calibration on it, a compress on it that loses a node and its driver, and the same
 compress started again: run by tests/quantize/test_cluster.py as
 
-    unshare --net --pid --fork --mount-proc python ray_scenario.py MODEL_DIR WORK_DIR COMPRESS_ARGS_JSON
+    unshare --net --pid --fork --mount-proc python ray_scenario.py MODEL_DIR WORK_DIR COMPRESS_ARGS_JSON CALIBRATE_ARGS_JSON
 
 In its own network namespace the loopback is the only interface, so Ray's servers (which bind every interface
 and advertise the machine's address) are reachable from 127.0.0.1 only; in its own PID namespace every process
@@ -58,7 +58,7 @@ def saved_experts(out: Path) -> int:
 
 
 def main() -> None:
-    model, work, args = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+    model, work, args, calibrate_args = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     isolate_ray_files()
     report = {"head_start_s": ray("start", "--head", "--port", str(PORT), "--num-cpus", "1",
@@ -83,6 +83,14 @@ def main() -> None:
                         "sha256": hashlib.sha256(out.read_bytes()).hexdigest() if out.exists() else None,
                         "work_folder_left": out.with_name(f".{out.name}.mc-gguf").exists()}
 
+    # 0. the calibration alone, its experts' errors measured by both nodes' workers
+    stats = work / "cluster.stats"
+    # with its progress bars, which name the layers whose errors came from the cluster
+    calibrated = subprocess.run([str(BIN / "mc-gguf"), "calibrate", model, *(a for a in calibrate_args if a != "-q"),
+                                 "--ray",
+                                 f"127.0.0.1:{PORT}", "-o", str(stats)], capture_output=True, text=True, timeout=900)
+    report["calibrate"] = {"rc": calibrated.returncode, "output": (calibrated.stdout + calibrated.stderr)[-3000:],
+                           "sha256": hashlib.sha256(stats.read_bytes()).hexdigest() if stats.exists() else None}
     # 1. the worker node is killed with experts in flight; the run goes on with the head's worker
     out = work / "lost-node.gguf"
     driver = start(out)

@@ -1,6 +1,6 @@
-"""compress --ray: the experts quantized by a real Ray cluster (two nodes on this machine, started by the test),
-the file the same byte for byte as one process writes, after a node is lost and after the driver is killed and
-started again (ray_scenario.py runs that in network and PID namespaces of its own: Ray reachable from 127.0.0.1
+"""calibrate --ray and compress --ray: the experts' errors measured and the experts quantized by a real Ray cluster
+(two nodes on this machine, started by the test), the files the same byte for byte as one process writes, the
+GGUF after a node is lost and after the driver is killed and started again (ray_scenario.py runs that in network and PID namespaces of its own: Ray reachable from 127.0.0.1
 only, every process it starts gone with it)."""
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ pytest.importorskip("ray", reason="Ray is the optional extra mc-gguf[ray] (make 
 
 # the tuning's default sweeps: tasks long enough that the node and the driver die while experts are in flight
 ARGS = ["--bits", "3", "--tokens", "1024", "--seq-len", "128", "--types", "Q2_K", "Q4_K", "Q8_0", "-q"]
+# the calibration compress runs with those (its --hessian: tuning's Hessians)
+CALIBRATE_ARGS = ["--tokens", "1024", "--seq-len", "128", "--types", "Q2_K", "Q4_K", "Q8_0", "--hessian", "-q"]
 SCENARIO = Path(__file__).with_name("ray_scenario.py")
 
 
@@ -30,22 +32,28 @@ def namespaces_available() -> bool:
                           capture_output=True).returncode == 0
 
 
-def test_compress_on_a_ray_cluster_is_the_same_file_after_a_lost_node_and_a_restarted_driver(tiny_model_dir,
-                                                                                             tmp_path, capsys):
+def test_calibrate_and_compress_on_a_ray_cluster_give_the_same_files_after_a_lost_node_and_a_restarted_driver(
+        tiny_model_dir, tmp_path, capsys):
     if not namespaces_available():
         pytest.fail("this test keeps Ray on the loopback in a network namespace of its own: it needs unshare "
                     "(util-linux), ip (iproute2) and the right to create namespaces (root)")
     plain = tmp_path / "plain.gguf"
     assert main(["compress", str(tiny_model_dir), *ARGS, "-o", str(plain)]) == 0
+    plain_stats = tmp_path / "plain.stats"
+    assert main(["calibrate", str(tiny_model_dir), *CALIBRATE_ARGS, "-o", str(plain_stats)]) == 0
     capsys.readouterr()
     work = tmp_path / "cluster"
     work.mkdir()
     result = subprocess.run(["unshare", "--net", "--pid", "--fork", "--mount-proc", sys.executable, str(SCENARIO),
-                             str(tiny_model_dir), str(work), json.dumps(ARGS)],
+                             str(tiny_model_dir), str(work), json.dumps(ARGS), json.dumps(CALIBRATE_ARGS)],
                             capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     reference = hashlib.sha256(plain.read_bytes()).hexdigest()
+    # the experts' errors measured by the cluster's tasks: the very statistics file of one process
+    assert report["calibrate"]["rc"] == 0, report["calibrate"]["output"]
+    assert "layer 2/2: errors: 100%" in report["calibrate"]["output"], report["calibrate"]["output"]
+    assert report["calibrate"]["sha256"] == hashlib.sha256(plain_stats.read_bytes()).hexdigest()
     n_experts = 2 * 4  # the tiny model's layers x experts
     # the node died while experts were in flight; the file is still the one process's
     assert 1 <= report["node_lost"]["saved_experts"] < n_experts and not report["node_lost"]["finished"], report
