@@ -10,7 +10,7 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from mc_gguf.allocate.allocation import allocate, projection_bits
+from mc_gguf.allocate.allocation import allocate, check_size, projection_bits
 from mc_gguf.allocate.plan import Plan
 from mc_gguf.allocate.program import check_budget
 from mc_gguf.atomic import check_output_path, output_lock, work_folder
@@ -69,7 +69,10 @@ def compress(model_dir: str | Path, out: str | Path, bits: float | None = None,
             connect(settings.ray)
         ckpt = open_checkpoint(model_dir)
         types = [quant_type(t).name for t in settings.allocation.types or settings.calibration.types]
-        check_budget(settings.bits, projection_bits(ckpt, types))
+        if settings.size is None:
+            check_budget(settings.bits, projection_bits(ckpt, types))
+        else:
+            check_size(ckpt, settings.size, settings.allocation.layout, types, settings.allocation.non_expert)
         settings = replace(settings, allocation=replace(settings.allocation, types=tuple(types))).resolved()
         odp = settings.odp
         if odp.skip:
@@ -86,7 +89,8 @@ def compress(model_dir: str | Path, out: str | Path, bits: float | None = None,
         tune = settings.tune
         error_scale = (_tuned_errors(ckpt.path, stats, work, tune, settings.ray, progress) if tune is not None
                        else None)
-        plan = allocate(stats, settings.bits, model_dir=ckpt.path, stats_path=str(stats_path),
+        bits = settings.bits if settings.size is None else None
+        plan = allocate(stats, bits, size=settings.size, model_dir=ckpt.path, stats_path=str(stats_path),
                         error_scale=error_scale, **settings.allocation.options())
         plan.save(work / "plan.json")
         thresholds = (odp_from_stats(stats, odp.skip, rule=odp.rule, renormalize=odp.renormalize)

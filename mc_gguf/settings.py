@@ -35,6 +35,7 @@ class CompressSettings:
     """Everything compress decides besides the model, the output and the calibration text."""
 
     bits: float = DEFAULT_BITS               # average bits per expert weight, scales included
+    size: int | None = None                  # or the largest file in bytes (the budget then; bits unused)
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     # compress's cost (the summed squared MoE-block output error), and a type per projection when tuning
     allocation: AllocateSettings = field(default_factory=lambda: AllocateSettings(per_projection=None,

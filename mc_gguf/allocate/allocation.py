@@ -5,7 +5,8 @@ Steps, each a function below:
    or per layer and projection for the stock layout), each with its cost
    c = phi^alpha * w^beta * eps^gamma at every candidate type and its weights;
 2. ``_expert_budget``: the budget in expert bits per weight (a whole-model
-   budget has the non-expert tensors' fixed bytes taken off first);
+   budget has the non-expert tensors' fixed bytes taken off first; a file
+   size, ``_size_budget``, the header's too);
 3. ``program.solve``: the optimal type of every choice;
 4. ``_plan``: the choices written out expert by expert, with the predicted
    file size (size.py) and where the inputs came from.
@@ -23,7 +24,7 @@ from mc_gguf import __version__
 from mc_gguf.allocate.cost import AUTHORS_COST, significance_cost
 from mc_gguf.allocate.plan import LAYOUTS, NON_EXPERT_DEFAULTS, SCOPES, Plan
 from mc_gguf.allocate.program import AllocationProblem, InfeasibleBudgetError, feasible_range, solve
-from mc_gguf.allocate.size import predict
+from mc_gguf.allocate.size import metadata_allowance, predict
 from mc_gguf.calibrate.stats import EPS_DOWN, EPS_EXPERT, EPS_GATE_UP, CalibrationStats
 from mc_gguf.errors import McGgufError
 from mc_gguf.ggml.types import quant_type, stored_type
@@ -39,14 +40,17 @@ class _Unit:
     projections: tuple[str, ...]
 
 
-def allocate(stats: CalibrationStats, bits: float, *, model_dir: str | Path | None = None,
+def allocate(stats: CalibrationStats, bits: float | None = None, *, size: int | None = None,
+             model_dir: str | Path | None = None,
              layout: str = "per-expert", scope: str = "experts", per_layer: bool = False,
              per_projection: bool = False, types: list[str] | None = None,
              alpha: float = AUTHORS_COST["alpha"], beta: float = AUTHORS_COST["beta"],
              gamma: float = AUTHORS_COST["gamma"], non_expert: dict[str, str] | None = None,
              stats_path: str | None = None, max_types: int | None = None,
              error_scale: dict[str, float] | None = None) -> Plan:
-    """Choose every expert's type for an average of ``bits`` bits per weight over ``scope``.
+    """Choose every expert's type for an average of ``bits`` bits per weight over ``scope``, or for a file of at
+    most ``size`` bytes (llama-quantize's --target-size: the header, the mc-gguf keys and the non-expert tensors
+    at their types are paid first, the experts get the rest).
 
     ``max_types`` bounds the distinct types (expert groups of the per-expert layout) in
     every layer and projection. ``error_scale`` multiplies the measured errors of some
@@ -57,6 +61,10 @@ def allocate(stats: CalibrationStats, bits: float, *, model_dir: str | Path | No
         raise McGgufError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     if scope not in SCOPES:
         raise McGgufError(f"scope {scope!r} is not one of {', '.join(SCOPES)}")
+    if (bits is None) == (size is None):
+        raise McGgufError("give the budget as bits per weight or as a file size, one of the two")
+    if size is not None:
+        scope = "model"
     if per_layer and (layout == "stock" or scope == "model"):
         raise McGgufError("--per-layer reproduces the paper's per-layer expert budget: it needs the per-expert "
                           "layout and the experts scope")
@@ -75,14 +83,28 @@ def allocate(stats: CalibrationStats, bits: float, *, model_dir: str | Path | No
 
     scale = np.array([(error_scale or {}).get(t, 1.0) for t in types])
     units, problem = _choices(stats, ckpt, types, layout, per_projection, exponents, scale)
-    budget = _expert_budget(ckpt, bits, scope, layout, types, non_expert, problem)
-    choice = solve(problem, budget, per_layer=per_layer, max_types=max_types)
+    if size is None:
+        budget = _expert_budget(ckpt, bits, scope, layout, types, non_expert, problem)
+        choice = solve(problem, budget, per_layer=per_layer, max_types=max_types)
+    else:
+        budget, n_expert_weights, n_weights = _size_budget(ckpt, size, layout, types, non_expert, problem)
+        bits = 8 * size / n_weights  # the budget as bits per weight of the whole file
+        for attempt in range(4):
+            choice = solve(problem, budget, per_layer=per_layer, max_types=max_types)
+            # the draft's header had a tensor per projection; the chosen types' expert groups add tensors to it
+            predicted = _plan(ckpt, layout, units, choice, types, non_expert, {}, {}).predicted["file_bytes"]
+            excess = predicted + metadata_allowance(ckpt) - size
+            if excess <= 0:
+                break
+            if attempt == 3:
+                raise InfeasibleBudgetError(f"no plan of these types fits in {size:,} bytes with its header")
+            budget -= 8 * excess / n_expert_weights
     inputs = {"stats": stats_path, "model": str(ckpt.path.resolve()), "text": stats.info.get("text"),
               "text_sha256": stats.info.get("text_sha256"), "n_tokens": stats.info.get("n_tokens"),
               "types": types, **exponents, "error_scale": dict(error_scale or {}),
               "cost": float(problem.cost[np.arange(len(choice)), choice].sum()), "mc_gguf_version": __version__}
     budget_info = {"bits": bits, "scope": scope, "per_layer": per_layer, "per_projection": per_projection,
-                   "max_types": max_types}
+                   "max_types": max_types, **({"size": size} if size is not None else {})}
     return _plan(ckpt, layout, units, choice, types, non_expert, budget_info, inputs)
 
 
@@ -141,6 +163,35 @@ def _expert_budget(ckpt: Checkpoint, bits: float, scope: str, layout: str, types
             f"a budget of {bits:.3f} bits per weight over the whole model is infeasible with these types and "
             f"non-expert tensors at {non_expert}; feasible budgets are {lo:.3f} to {hi:.3f}")
     return (bits * n_all - fixed_bits) / n_exp
+
+
+def _size_budget(ckpt: Checkpoint, size: int, layout: str, types: list[str], non_expert: dict[str, str],
+                 problem: AllocationProblem) -> tuple[float, int, int]:
+    """Bits per expert weight for a file of ``size`` bytes, the expert weights and all weights: what is left once
+    the header, the mc-gguf keys (metadata_allowance) and the non-expert tensors are paid; the largest types where
+    more is left than they need."""
+    check_size(ckpt, size, layout, types, non_expert)
+    draft = Plan(layout, expert_table(ckpt, lambda: stored_types(ckpt, types[0])), non_expert, {})
+    fixed = predict(ckpt, draft)
+    other = fixed["file_bytes"] - fixed["expert_bytes"] + metadata_allowance(ckpt)
+    n_exp = fixed["n_expert_weights"]
+    _, hi = feasible_range(problem.bits_per_weight, problem.n_weights)
+    return min(hi, 8 * (size - other) / n_exp), n_exp, fixed["n_weights"]
+
+
+def check_size(ckpt: Checkpoint, size: int, layout: str, types: list[str], non_expert: dict[str, str]) -> None:
+    """InfeasibleBudgetError when a file of ``size`` bytes cannot hold the model with every expert projection at
+    the smallest of ``types`` (compress asks this before calibrating)."""
+    non_expert = {**NON_EXPERT_DEFAULTS, **non_expert}
+    stored = [stored_types(ckpt, t) for t in types]
+    smallest = {p: min((s[p] for s in stored), key=lambda t: quant_type(t).bits_per_weight) for p in PROJECTIONS}
+    least = predict(ckpt, Plan(layout, expert_table(ckpt, lambda: dict(smallest)), non_expert, {}))
+    needed = least["file_bytes"] + metadata_allowance(ckpt)
+    if size < needed:
+        raise InfeasibleBudgetError(
+            f"a file of {size:,} bytes is smaller than these types and non-expert tensors at {non_expert} can make: "
+            f"at least {needed:,} bytes, with every expert at its smallest type (the other tensors and the header "
+            f"{needed - least['expert_bytes']:,}); lower the non-expert types (--tensor-type) or allow smaller types")
 
 
 def expert_table(ckpt: Checkpoint, types: Callable[[], dict[str, str]]) -> list[list[dict[str, str]]]:

@@ -77,6 +77,19 @@ def layout_tensors(ckpt: Checkpoint, plan: Plan, produce_group: GroupProducer | 
     return tensors
 
 
+# What quantize adds to the header beyond the model's own keys, at most, per (layer, projection, expert): its type
+# in mc.plan.types (a string: u64 length and up to 7 characters), its group in mc.experts.groups, a per-expert
+# pruning threshold (4 bytes each), and the rest of the mc.* keys (the calibration's names and a few numbers).
+KEY_BYTES_PER_EXPERT_ENTRY = 32
+KEY_BYTES_REST = 8192
+
+
+def metadata_allowance(ckpt: Checkpoint) -> int:
+    """Bytes the mc.* keys (quantize.add_plan_metadata, the pruning thresholds) add to the header at most: what a
+    file-size budget keeps free beyond ``predict``'s file, which has the model's keys only."""
+    return KEY_BYTES_REST + KEY_BYTES_PER_EXPERT_ENTRY * ckpt.n_layers * len(EXPERT_KINDS) * ckpt.n_experts
+
+
 def tensor_totals(tensors: list[OutputTensor]) -> dict:
     """Bytes, weights and bits per weight of a tensor list, experts and all."""
     expert = [t for t in tensors if is_expert_weight(t.name)]

@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 
 from mc_gguf.allocate.cost import AUTHORS_COST
-from mc_gguf.allocate.plan import LAYOUTS, NON_EXPERT_CLASSES, NON_EXPERT_DEFAULTS, NON_EXPERT_TYPES, SCOPES
-from mc_gguf.cli.common import MAX_TYPES_HELP, add_command, add_cost_arguments, positive_float, positive_int, type_name
+from mc_gguf.allocate.plan import LAYOUTS, SCOPES
+from mc_gguf.cli.common import (MAX_TYPES_HELP, add_budget_flags, add_command, add_cost_arguments,
+                                add_tensor_type_flag, parse_non_expert, positive_int, type_name)
 from mc_gguf.errors import InvalidValueError
 
 EXAMPLE = ("example: mc-gguf allocate mixtral.stats --bits 2.5 -o plan.json\n"
@@ -21,8 +22,7 @@ def add_parsers(commands) -> None:
                     "integer program (HiGHS) minimising the summed cost phi^alpha * w^beta * eps^gamma of the "
                     "choices.", EXAMPLE)
     p.add_argument("stats", help="statistics from `mc-gguf calibrate`")
-    p.add_argument("--bits", type=positive_float, required=True, help="average bits per weight over the scope, "
-                   "counted in real bytes (scales included)")
+    add_budget_flags(p, "average bits per weight over the scope, counted in real bytes (scales included)")
     p.add_argument("-o", "--output", required=True, help="plan file to write (JSON)")
     p.add_argument("--scope", choices=SCOPES, default="experts",
                    help="what the budget averages over: the expert tensors, or every tensor of the file (default: experts)")
@@ -36,9 +36,7 @@ def add_parsers(commands) -> None:
                    help="a type for gate+up and another for down (errors treated as additive)")
     p.add_argument("--max-types", type=positive_int, metavar="N", help=MAX_TYPES_HELP)
     add_cost_arguments(p, AUTHORS_COST, "as the authors' code; the paper writes 2")
-    p.add_argument("--tensor-type", action="append", default=[], metavar="CLASS=TYPE",
-                   help="type of a non-expert class: token_embd, output or attn (defaults: "
-                        + ", ".join(f"{k}={v}" for k, v in NON_EXPERT_DEFAULTS.items()) + "); norms and router stay F32")
+    add_tensor_type_flag(p)
     p.add_argument("--error-scale", metavar="TUNED.json", help="multiply each type's measured errors by its ratio "
                    "from `mc-gguf tuned-errors` (what compress does when it tunes); the file must be measured on "
                    "these statistics")
@@ -55,20 +53,6 @@ def add_show_parser(commands) -> None:
     p.set_defaults(func=run_show)
 
 
-def parse_non_expert(items: list[str]) -> dict[str, str]:
-    parsed = {}
-    for item in items:
-        cls, sep, name = item.partition("=")
-        if not sep or cls not in NON_EXPERT_CLASSES:
-            raise InvalidValueError(f"--tensor-type {item!r}: expected CLASS=TYPE with CLASS one of "
-                                    f"{', '.join(NON_EXPERT_CLASSES)}")
-        if name.upper() not in NON_EXPERT_TYPES:
-            raise InvalidValueError(f"--tensor-type {item!r}: {name!r} is not a type for non-expert tensors; "
-                                    f"choose one of {', '.join(NON_EXPERT_TYPES)}")
-        parsed[cls] = name.upper()
-    return parsed
-
-
 def run_allocate(args: argparse.Namespace) -> None:
     from mc_gguf.allocate.allocation import allocate
     from mc_gguf.allocate.plan import validate_plan
@@ -81,7 +65,7 @@ def run_allocate(args: argparse.Namespace) -> None:
     stats = load_stats(args.stats)
     error_scale = _error_scale(args.error_scale, stats) if args.error_scale else None
     started = time.perf_counter()
-    plan = allocate(stats, args.bits, model_dir=args.model, layout=args.layout, scope=args.scope,
+    plan = allocate(stats, args.bits, size=args.size, model_dir=args.model, layout=args.layout, scope=args.scope,
                     per_layer=args.per_layer, per_projection=args.per_projection, types=args.types,
                     alpha=args.alpha, beta=args.beta, gamma=args.gamma,
                     non_expert=non_expert, stats_path=str(Path(args.stats).resolve()),

@@ -6,6 +6,8 @@ import argparse
 import math
 import sys
 
+from mc_gguf.allocate.plan import NON_EXPERT_CLASSES, NON_EXPERT_DEFAULTS, NON_EXPERT_TYPES
+from mc_gguf.errors import InvalidValueError
 from mc_gguf.quantize.settings import TuneSettings
 
 
@@ -275,6 +277,56 @@ def positive_float(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text} is not above 0")
     return value
+
+
+SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30,
+              "TI": 2**40}
+
+
+def file_size(text: str) -> int:
+    """Bytes: 9.5G, 8.44M, 700K (powers of 1000, as file sizes are shown on the Hugging Face Hub), 9GiB, 512Mi
+    (powers of 1024), 123456789; a trailing B is optional."""
+    number = text.strip().upper().removesuffix("B")
+    unit = next((u for u in sorted(SIZE_UNITS, key=len, reverse=True) if u and number.endswith(u)), "")
+    try:
+        value = float(number[:len(number) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file size (e.g. 9.5G, 8.44M, 9GiB, 123456789)") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a size above 0")
+    return int(value * SIZE_UNITS[unit])
+
+
+def add_budget_flags(p: argparse.ArgumentParser, bits_help: str) -> None:
+    """--bits B or --size SIZE, one of the two."""
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--bits", type=positive_float, help=bits_help)
+    budget.add_argument("--size", type=file_size, metavar="SIZE",
+                        help="the largest file to write instead, e.g. 9.5G, 8.44M or 9GiB (as llama-quantize's "
+                        "--target-size): the header and the non-expert tensors at their types are paid first, the "
+                        "experts' types share the rest")
+
+
+def add_tensor_type_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-type", action="append", default=[], metavar="CLASS=TYPE",
+                   help="type of a non-expert class: token_embd, output or attn (defaults: "
+                        + ", ".join(f"{k}={v}" for k, v in NON_EXPERT_DEFAULTS.items()) + "); norms and router stay "
+                        "F32; repeat for each class")
+
+
+def parse_non_expert(items: list[str]) -> dict[str, str]:
+    """--tensor-type CLASS=TYPE flags as {class: type}, or a clear error."""
+    parsed = {}
+    for item in items:
+        cls, sep, name = item.partition("=")
+        if not sep or cls not in NON_EXPERT_CLASSES:
+            raise InvalidValueError(f"--tensor-type {item!r}: expected CLASS=TYPE with CLASS one of "
+                                    f"{', '.join(NON_EXPERT_CLASSES)}")
+        if name.upper() not in NON_EXPERT_TYPES:
+            raise InvalidValueError(f"--tensor-type {item!r}: {name!r} is not a type for non-expert tensors; "
+                                    f"choose one of {', '.join(NON_EXPERT_TYPES)}")
+        parsed[cls] = name.upper()
+    return parsed
 
 
 def non_negative_float(text: str) -> float:

@@ -15,10 +15,12 @@ from mc_gguf.cli.common import (
     add_command,
     add_cost_arguments,
     add_device_flag,
+    add_budget_flags,
+    add_tensor_type_flag,
     add_ray_flag,
     add_eps_features_argument,
     add_tune_flags,
-    positive_float,
+    parse_non_expert,
     positive_int,
     tune_settings,
     type_name,
@@ -39,7 +41,7 @@ def add_parser(commands) -> None:
                     "expert, quantize with ggml, write the GGUF, and optionally set Online Dynamic Pruning "
                     "thresholds.", EXAMPLE)
     p.add_argument("model_dir", help=MODEL_HELP)
-    p.add_argument("--bits", type=positive_float, required=True, help="average bits per expert weight, scales included")
+    add_budget_flags(p, "average bits per expert weight, scales included")
     p.add_argument("-o", "--output", required=True, help="the GGUF file to write")
     p.add_argument("--calib", help="calibration text (default: the Python documentation shipped with CPython)")
     p.add_argument("--layout", choices=LAYOUTS, default=allocation.layout,
@@ -54,8 +56,8 @@ def add_parser(commands) -> None:
                    help="renormalise the weights a token keeps after pruning (the paper's rule; by default they stay "
                    "as the router gave them, which costs less; see `mc-gguf odp-calibrate --help`)")
     add_device_flag(p, "the calibration's forward, its error pass's products and the tuning")
-    add_ray_flag(p, "quantize the experts (GPTQ and tuning, an expert per task) and measure the tuned-error "
-                 "ratios")
+    add_ray_flag(p, "measure the experts' errors in the calibration, quantize the experts (GPTQ and tuning) and "
+                 "measure the tuned-error ratios, an expert per task,")
     add_tune_flags(p, default=defaults.tune is not None)
     p.add_argument("--gptq", action="store_true", default=defaults.gptq,
                    help="with --no-tune: GPTQ error compensation alone (it also keeps the calibration's MoE inputs)")
@@ -65,6 +67,7 @@ def add_parser(commands) -> None:
                    "default: on when tuning, where it lowered the bench model's KLD 1.07-1.22x at 2.06-3.07 bits, "
                    "off with --no-tune, where it helped at 3 bits and hurt at 2.5)")
     p.add_argument("--max-types", type=positive_int, metavar="N", help=MAX_TYPES_HELP)
+    add_tensor_type_flag(p)
     add_cost_arguments(p, {"alpha": allocation.alpha, "beta": allocation.beta, "gamma": allocation.gamma},
                        "the summed squared MoE-block output error; `allocate` keeps the authors' 1, 1.5, 1")
     p.add_argument("--tokens", type=positive_int, default=calibration.n_tokens,
@@ -82,13 +85,15 @@ def settings_of(args: argparse.Namespace) -> CompressSettings:
     defaults = CompressSettings()
     return replace(
         defaults,
-        bits=args.bits,
+        bits=args.bits if args.bits is not None else defaults.bits,
+        size=args.size,
         calibration=replace(defaults.calibration, n_tokens=args.tokens, seq_len=args.seq_len,
                             eps_features=args.eps_features, eps_iquant_share=args.eps_iquant_share,
                             device=args.device),
         allocation=replace(defaults.allocation, layout=args.layout, per_projection=args.per_projection,
                            types=tuple(args.types) if args.types else None, alpha=args.alpha, beta=args.beta,
-                           gamma=args.gamma, max_types=args.max_types),
+                           gamma=args.gamma, max_types=args.max_types,
+                           non_expert={**defaults.allocation.non_expert, **parse_non_expert(args.tensor_type)}),
         tune=tune_settings(args),  # a device this machine lacks is refused here, before any work
         gptq=args.gptq,
         odp=OdpSettings(skip=args.odp_skip, rule=args.odp_rule, renormalize=args.odp_renormalize),

@@ -16,6 +16,7 @@ from mc_gguf.allocate.program import InfeasibleBudgetError
 from mc_gguf.allocate.size import predict
 from mc_gguf.calibrate.stats import EPS_DOWN, EPS_EXPERT, EPS_GATE_UP
 from mc_gguf.cli import main
+from mc_gguf.errors import McGgufError
 from mc_gguf.ggml.types import quant_type
 from mc_gguf.gguf_io.layout import PROJECTIONS
 from mc_gguf.hf.checkpoint import open_checkpoint
@@ -209,3 +210,64 @@ def test_a_plan_nested_too_deeply_for_json_is_refused(tmp_path):
     path.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(PlanFileError, match="nested too deeply"):
         load_plan(path)
+
+
+@pytest.mark.parametrize("layout", ["per-expert", "stock"])
+def test_a_size_budget_gives_the_largest_plan_whose_file_fits(calibration, tiny_model_dir, layout):
+    """--size: the file the plan describes, with room for the mc.* keys, is at most the size; the experts take
+    what the other tensors leave (within one projection's step of a type); sizes below the smallest file are
+    refused with that smallest size."""
+    from mc_gguf.allocate.allocation import check_size
+    from mc_gguf.allocate.size import metadata_allowance
+
+    _, stats = calibration
+    ckpt = open_checkpoint(tiny_model_dir)
+    uniform = {t: predict(ckpt, uniform_plan(ckpt, t))["file_bytes"] + metadata_allowance(ckpt) for t in TEST_TYPES}
+    size = (min(uniform.values()) + uniform["Q8_0"]) // 2
+    plan = allocate(stats, size=size, model_dir=tiny_model_dir, layout=layout)
+    predicted = plan.predicted["file_bytes"] + metadata_allowance(ckpt)
+    assert predicted <= size
+    # no unit of the program (a layer's projection in stock, an expert in per-expert) is left more room than one
+    # step up between neighbouring candidate types would need
+    hidden, ff = ckpt.expert_dims
+    units = ckpt.n_experts if layout == "stock" else 1
+    bits = sorted(quant_type(t).bits_per_weight for t in TEST_TYPES)
+    step = max(b - a for a, b in zip(bits, bits[1:])) * 3 * hidden * ff * units / 8
+    assert size - predicted < step + 4096
+    assert plan.budget["scope"] == "model" and plan.budget["size"] == size
+    assert plan.budget["bits"] == pytest.approx(8 * size / plan.predicted["n_weights"])
+    with pytest.raises(InfeasibleBudgetError, match=r"at least ([\d,]+) bytes") as refused:
+        check_size(ckpt, 1000, layout, list(TEST_TYPES), {})
+    smallest = int(re.search(r"at least ([\d,]+) bytes", str(refused.value)).group(1).replace(",", ""))
+    assert smallest <= min(uniform.values())  # every projection at its smallest type: no uniform plan is smaller
+    with pytest.raises(InfeasibleBudgetError):
+        check_size(ckpt, smallest - 1, layout, list(TEST_TYPES), {})
+    check_size(ckpt, smallest, layout, list(TEST_TYPES), {})
+    allocate(stats, size=smallest, model_dir=tiny_model_dir, layout=layout)
+
+
+def test_bits_and_size_are_one_budget(calibration, tiny_model_dir, capsys):
+    _, stats = calibration
+    with pytest.raises(McGgufError, match="one of the two"):
+        allocate(stats, 3.0, size=10**6, model_dir=tiny_model_dir)
+    assert main(["allocate", str(calibration[0]), "--bits", "3", "--size", "1M", "-o", "x.json"]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, size", [("9.5G", 9_500_000_000), ("8.44M", 8_440_000), ("700K", 700_000),
+                                        ("9GiB", 9 * 2**30), ("512Mi", 512 * 2**20), ("123456789", 123456789),
+                                        ("2.5gb", 2_500_000_000)])
+def test_file_sizes_read_as_the_hub_shows_them(text, size):
+    from mc_gguf.cli.common import file_size
+
+    assert file_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "G", "-1M", "0", "nanG", "9.5X", "1e400"])
+def test_a_size_that_is_not_one_is_refused(text):
+    import argparse
+
+    from mc_gguf.cli.common import file_size
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        file_size(text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import gguf
 import pytest
 
 from mc_gguf.cli import main
@@ -60,4 +61,40 @@ def test_infeasible_budget_fails_before_calibrating_and_writes_nothing(tiny_mode
     out = tmp_path / "out.gguf"
     assert main(["compress", str(tiny_model_dir), "--bits", "1.2", "-q", "-o", str(out)]) == 1
     assert "feasible budgets are 1.562 to 8.500" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compress_to_a_file_size_writes_a_file_of_at_most_that_size(tiny_model_dir, tmp_path, capsys):
+    """--size: the real file, with every mc.* key and the pruning thresholds, fits; the experts took the room
+    (the file is bigger than every expert at Q4_K would make it)."""
+    from mc_gguf.allocate.allocation import uniform_plan
+    from mc_gguf.allocate.size import predict
+    from mc_gguf.hf.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(tiny_model_dir)
+    predicted = [predict(ckpt, uniform_plan(ckpt, t)) for t in ("Q4_K", "Q8_0")]
+    sizes = [p["file_bytes"] for p in predicted]
+    size = sum(sizes) // 2
+    out = tmp_path / "sized.gguf"
+    assert main(["compress", str(tiny_model_dir), "--size", str(size), "--types", *TEST_TYPES, "--tokens", "512",
+                 "--seq-len", "128", "--no-tune", "--odp-skip", "0.25", "--tensor-type", "attn=Q6_K", "-q",
+                 "-o", str(out)]) == 0
+    assert sizes[0] < out.stat().st_size <= size
+    attention = {t.tensor_type.name for t in gguf.GGUFReader(out).tensors if t.name.startswith("blk.0.attn_q.")}
+    assert attention == {"Q6_K"}  # --tensor-type, whose bytes the budget paid
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["mc"]["mc.plan.scope"] == "model"
+    assert info["mc"]["mc.plan.budget_bpw"] == pytest.approx(8 * size / predicted[0]["n_weights"], rel=1e-6)
+
+
+def test_a_file_size_too_small_fails_before_calibrating_and_writes_nothing(tiny_model_dir, tmp_path, capsys,
+                                                                           monkeypatch):
+    import mc_gguf.pipeline as compress_module
+
+    monkeypatch.setattr(compress_module, "calibrate", lambda *a, **k: pytest.fail("calibration ran"))
+    assert main(["compress", str(tiny_model_dir), "--size", "100K", "-q", "-o", str(tmp_path / "out.gguf")]) == 1
+    err = capsys.readouterr().err
+    assert "a file of 100,000 bytes is smaller than" in err and "--tensor-type" in err, err
     assert list(tmp_path.iterdir()) == []
