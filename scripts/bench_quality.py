@@ -33,7 +33,16 @@ KLD of llama.cpp's Pareto front interpolated at the same file size (and of
 AutoRound's, with --autoround).
 Prints one JSON object; --json and --png write it and the Pareto plots.
 
+``--whole-file`` measures the whole-file frontier instead: llama.cpp's
+recipes with imatrix (WHOLE_FILE_RECIPES, IQ2_XXS to Q4_K_M), and mc-gguf
+at the size of each of the --at recipes' files (`compress --size`: its
+defaults, tuned with a type per projection), with the non-expert tensors at
+each set of NON_EXPERT_SETS (fixed here, not chosen on the evaluation text):
+each mc-gguf row's KLD over llama.cpp's front at its size, and over the
+recipe whose size it took.
+
     python scripts/bench_quality.py [--stats STATS] [--workdir build/bench-quality] [--json q.json] [--png q.png]
+    python scripts/bench_quality.py --whole-file [--at IQ2_XS Q3_K_S] [--stats STATS]
     python scripts/bench_quality.py --quick   (a tiny model built here, a few configurations: checks the script works)
 """
 
@@ -56,6 +65,11 @@ Q8_NON_EXPERT = {"token_embd": "Q8_0", "output": "Q8_0", "attn": "Q8_0"}
 ODP_SKIPS = (0.15, 0.25)
 LLAMA_FAMILIES = ("llama.cpp recipe", "llama.cpp experts")
 AUTOROUND_SCHEMES = ("gguf:q2_k_s", "gguf:q3_k_s")
+WHOLE_FILE_RECIPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M")
+# the non-expert tensors' types mc-gguf's whole files are made with (the types the writer holds for them)
+NON_EXPERT_SETS = {"Q8_0": Q8_NON_EXPERT,
+                   "Q6_K": {"token_embd": "Q6_K", "output": "Q6_K", "attn": "Q6_K"},
+                   "Q4_K": {"token_embd": "Q4_K", "output": "Q6_K", "attn": "Q4_K"}}
 
 
 def run_tool(path: Path, args: list[str], log: Path) -> None:
@@ -140,6 +154,43 @@ def mc_gguf_files(model: str, stats, work: Path, args) -> list[dict]:
                                 "quantize_s": round(seconds, 1),
                                 # what `compress` takes: the calibration (with the Hessians' inputs) and this
                                 "compress_s": round(seconds + args.calibrate_s, 1) if args.calibrate_s else None})
+    return configs
+
+
+def whole_files(model: str, stats, work: Path, llama: list[dict], args) -> list[dict]:
+    """mc-gguf's files at the sizes of llama.cpp's --at recipes, as `compress --size S --tensor-type ...` makes
+    them (its cost, tuning, a type per projection), one per set of non-expert types that fits."""
+    from mc_gguf.allocate.allocation import allocate
+    from mc_gguf.allocate.cost import COMPRESS_COST
+    from mc_gguf.allocate.program import InfeasibleBudgetError
+    from mc_gguf.quantize.quantization import quantize
+    from mc_gguf.quantize.tune import TuneSettings
+    from mc_gguf.quantize.tuned_errors import tuned_error_ratios
+
+    tune = TuneSettings()
+    started = time.perf_counter()
+    ratios = tuned_error_ratios(model, stats, list(stats.types), settings=tune, progress=False)
+    ratio_seconds = time.perf_counter() - started
+    configs = []
+    for row in llama:
+        recipe = row["name"].removeprefix("llama.cpp ")
+        if recipe not in args.at:
+            continue
+        size = row["path"].stat().st_size
+        for label, non_expert in NON_EXPERT_SETS.items():
+            name = f"mc-gguf file {recipe} size non-expert {label}"
+            try:
+                plan = allocate(stats, size=size, model_dir=model, non_expert=non_expert, error_scale=ratios,
+                                per_projection=True, **COMPRESS_COST)
+            except InfeasibleBudgetError as exc:
+                print(f"{name}: {exc}", file=sys.stderr, flush=True)
+                continue
+            path = work / (name.replace(" ", "-") + ".gguf")
+            started = time.perf_counter()
+            produce(path, lambda tmp, p=plan: quantize(model, p, tmp, stats=stats, tune=tune, progress=False))
+            configs.append({"name": name, "family": "mc-gguf", "path": path, "target_bytes": size,
+                            "size_of": row["name"], "non_expert": label, "tune": True,
+                            "quantize_s": round(time.perf_counter() - started + ratio_seconds, 1)})
     return configs
 
 
@@ -240,8 +291,15 @@ def main() -> int:
     add_output_flags(parser, "build/bench-quality", "where the GGUF files go (reused)",
                      quick_help="tiny model, two of each kind: checks the script")
     parser.add_argument("--png", help="write the Pareto plots here")
+    parser.add_argument("--whole-file", action="store_true",
+                        help="the whole-file frontier: llama.cpp's recipes IQ2_XXS to Q4_K_M with imatrix, and "
+                        "mc-gguf at the sizes of the --at recipes' files with each set of non-expert types")
+    parser.add_argument("--at", nargs="+", default=["IQ2_XS", "Q3_K_S"], metavar="RECIPE",
+                        help="--whole-file: the recipes whose file sizes mc-gguf is made at (default: IQ2_XS Q3_K_S)")
     args = parser.parse_args()
     args.recipes, args.expert_types = RECIPES, EXPERT_TYPES
+    if args.whole_file:
+        args.recipes, args.expert_types = WHOLE_FILE_RECIPES, ()
     args.autoround_schemes, args.autoround_extra = AUTOROUND_SCHEMES, []
     args.calibrate_s = None  # measured when the statistics are made here
 
@@ -261,6 +319,8 @@ def main() -> int:
         args.model, args.calib, args.eval = quick_inputs(work)
         args.ctx, args.windows, args.imatrix_chunks, args.bits = 64, 2, 8, [2.5]
         args.recipes, args.expert_types = ("Q2_K",), ("IQ2_XS",)
+        if args.whole_file:
+            args.recipes, args.expert_types, args.at = ("Q2_K", "Q4_K_M"), (), ["Q4_K_M"]
         args.autoround_schemes, args.autoround_iters = AUTOROUND_SCHEMES[:1], 2
         args.autoround_extra = ["--nsamples", "8", "--seqlen", "64", "--batch-size", "4"]
         settings = CalibrationSettings(n_tokens=2048, seq_len=128, eps_tokens=1024, hessian=True,
@@ -279,8 +339,12 @@ def main() -> int:
             args.calibrate_s = time.perf_counter() - calibrating
 
     configs = [{"name": "F16", "family": "reference", "path": f16}]
-    configs += llama_cpp_files(tools, f16, Path(args.calib), work, args)
-    configs += mc_gguf_files(args.model, stats, work, args)
+    llama = llama_cpp_files(tools, f16, Path(args.calib), work, args)
+    configs += llama
+    if args.whole_file:
+        configs += whole_files(args.model, stats, work, llama, args)
+    else:
+        configs += mc_gguf_files(args.model, stats, work, args)
     if args.autoround:
         configs += autoround_files(args.model, Path(args.calib), work, args)
 
@@ -305,6 +369,10 @@ def main() -> int:
             best = kld_of_llama_cpp_at(compared, row["file_mb"])
             row["llama_cpp_kld_at_same_size"] = best
             row["kld_over_llama_cpp_at_same_size"] = row["kld_mean"] / best if best else None
+            if "size_of" in row:
+                recipe = next(r for r in compared if r["name"] == row["size_of"])
+                row["kld_over_that_recipe"] = row["kld_mean"] / recipe["kld_mean"]
+                row["bytes_over_that_recipe"] = row["file_mb"] / recipe["file_mb"]
             if args.autoround:
                 peer = kld_of_llama_cpp_at(compared, row["file_mb"], families=("AutoRound",))
                 row["kld_over_autoround_at_same_size"] = row["kld_mean"] / peer if peer else None

@@ -32,6 +32,9 @@ from mc_gguf.gguf_io.layout import PROJECTIONS, row_length
 from mc_gguf.hf.checkpoint import Checkpoint, open_checkpoint
 
 
+SIZE_ATTEMPTS = 8  # solves for a file size: each lowers the budget by what the last plan's file was over
+
+
 @dataclass(frozen=True)
 class _Unit:
     """One choice of the integer program: some projections of some experts of one layer."""
@@ -49,8 +52,8 @@ def allocate(stats: CalibrationStats, bits: float | None = None, *, size: int | 
              stats_path: str | None = None, max_types: int | None = None,
              error_scale: dict[str, float] | None = None) -> Plan:
     """Choose every expert's type for an average of ``bits`` bits per weight over ``scope``, or for a file of at
-    most ``size`` bytes (llama-quantize's --target-size: the header, the mc-gguf keys and the non-expert tensors
-    at their types are paid first, the experts get the rest).
+    most ``size`` bytes (a target size, as llama.cpp's PR #15550 proposes: the header, the mc-gguf keys and the
+    non-expert tensors at their types are paid first, the experts get the rest).
 
     ``max_types`` bounds the distinct types (expert groups of the per-expert layout) in
     every layer and projection. ``error_scale`` multiplies the measured errors of some
@@ -89,16 +92,18 @@ def allocate(stats: CalibrationStats, bits: float | None = None, *, size: int | 
     else:
         budget, n_expert_weights, n_weights = _size_budget(ckpt, size, layout, types, non_expert, problem)
         bits = 8 * size / n_weights  # the budget as bits per weight of the whole file
-        for attempt in range(4):
+        for attempt in range(1, SIZE_ATTEMPTS + 1):
             choice = solve(problem, budget, per_layer=per_layer, max_types=max_types)
             # the draft's header had a tensor per projection; the chosen types' expert groups add tensors to it
+            # (and their padding): the budget goes down by the excess, in growing steps
             predicted = _plan(ckpt, layout, units, choice, types, non_expert, {}, {}).predicted["file_bytes"]
             excess = predicted + metadata_allowance(ckpt) - size
             if excess <= 0:
                 break
-            if attempt == 3:
-                raise InfeasibleBudgetError(f"no plan of these types fits in {size:,} bytes with its header")
-            budget -= 8 * excess / n_expert_weights
+            if attempt == SIZE_ATTEMPTS:
+                raise InfeasibleBudgetError(f"no plan of these types fits in {size:,} bytes with its header "
+                                            f"({excess:,} bytes over after {attempt} tries)")
+            budget -= 8 * excess * attempt / n_expert_weights
     inputs = {"stats": stats_path, "model": str(ckpt.path.resolve()), "text": stats.info.get("text"),
               "text_sha256": stats.info.get("text_sha256"), "n_tokens": stats.info.get("n_tokens"),
               "types": types, **exponents, "error_scale": dict(error_scale or {}),

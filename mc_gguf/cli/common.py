@@ -302,9 +302,9 @@ def add_budget_flags(p: argparse.ArgumentParser, bits_help: str) -> None:
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--bits", type=positive_float, help=bits_help)
     budget.add_argument("--size", type=file_size, metavar="SIZE",
-                        help="the largest file to write instead, e.g. 9.5G, 8.44M or 9GiB (as llama-quantize's "
-                        "--target-size): the header and the non-expert tensors at their types are paid first, the "
-                        "experts' types share the rest")
+                        help="the largest file to write instead, e.g. 9.5G, 8.44M or 9GiB (a target size, as "
+                        "llama.cpp's PR #15550 proposes for llama-quantize): the header and the non-expert tensors "
+                        "at their types are paid first, the experts' types share the rest")
 
 
 def add_tensor_type_flag(p: argparse.ArgumentParser) -> None:
