@@ -24,7 +24,7 @@ from mc_gguf.ggml.types import quant_type
 from mc_gguf.hf.checkpoint import open_checkpoint
 from mc_gguf.prune.calibration import odp_from_stats, skipped_shares
 from mc_gguf.prune.rule import OdpParams, check_skip_share
-from mc_gguf.ray_cluster import connect
+from mc_gguf.ray_cluster import check_device, connect
 from mc_gguf.quantize.quantization import quantize
 from mc_gguf.quantize.settings import TuneSettings
 from mc_gguf.settings import CompressSettings
@@ -57,11 +57,17 @@ def compress(model_dir: str | Path, out: str | Path, bits: float | None = None,
     the file is written, unless it is ``keep_artifacts``.
     """
     settings = settings or CompressSettings()
+    if bits is not None and settings.size is not None:
+        raise McGgufError("give the budget as bits or as settings.size, one of the two")
     if bits is not None:
         settings = replace(settings, bits=bits)
     out = check_output_path(out, inputs=[model_dir])
     with output_lock(out):  # a second run on this output is refused instead of removing this one's work
         # impossible requests fail now, not after calibration
+        if settings.ray is not None:  # its tasks run on the cluster's CPUs
+            check_device(settings.calibration.device)
+            if settings.tune is not None:
+                check_device(settings.tune.device)
         torch_device(settings.calibration.device)
         if settings.tune is not None:
             torch_device(settings.tune.device)
@@ -72,7 +78,8 @@ def compress(model_dir: str | Path, out: str | Path, bits: float | None = None,
         if settings.size is None:
             check_budget(settings.bits, projection_bits(ckpt, types))
         else:
-            check_size(ckpt, settings.size, settings.allocation.layout, types, settings.allocation.non_expert)
+            check_size(ckpt, settings.size, settings.allocation.layout, types, settings.allocation.non_expert,
+                       settings.allocation.options(tuned=settings.tune is not None)["per_projection"])
         settings = replace(settings, allocation=replace(settings.allocation, types=tuple(types))).resolved()
         odp = settings.odp
         if odp.skip:

@@ -13,7 +13,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from mc_gguf.errors import McGgufError
+from mc_gguf.device import device_name
+from mc_gguf.errors import InvalidValueError, McGgufError
 
 RAY_VERSION = "2.60.0"  # the extra mc-gguf[ray] pins it: a cluster's machines must run one Ray
 MAX_RETRIES = 3         # runs of a task lost with its worker or machine, beyond the first (Ray's max_retries)
@@ -22,6 +23,15 @@ START_HINT = "start one with `ray start --head --port 6379`, and join the other 
 CONNECT_TIMEOUT_S = 5.0
 # where `ray start` leaves the address of the cluster it started or joined last (ray._private.utils.read_ray_address)
 RAY_CURRENT_CLUSTER = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+
+
+def check_device(device: str) -> None:
+    """A task asks Ray for one CPU and no GPU, so the experts' work runs on the workers' CPUs: a --device for the
+    one-machine run is refused with --ray, before any work (the statistics and files are then the same as one
+    process on its CPU makes)."""
+    if device_name(device) != "cpu":
+        raise InvalidValueError(f"--device {device} with --ray: the cluster's tasks run on its machines' CPUs; "
+                                "leave --device out with --ray, or run on this machine alone with --device")
 
 
 def connect(address: str) -> None:

@@ -294,7 +294,8 @@ def main() -> int:
     parser.add_argument("--whole-file", action="store_true",
                         help="the whole-file frontier: llama.cpp's recipes IQ2_XXS to Q4_K_M with imatrix, and "
                         "mc-gguf at the sizes of the --at recipes' files with each set of non-expert types")
-    parser.add_argument("--at", nargs="+", default=["IQ2_XS", "Q3_K_S"], metavar="RECIPE",
+    parser.add_argument("--at", nargs="+", default=["IQ2_XS", "Q3_K_S"], choices=WHOLE_FILE_RECIPES,
+                        metavar="RECIPE",
                         help="--whole-file: the recipes whose file sizes mc-gguf is made at (default: IQ2_XS Q3_K_S)")
     args = parser.parse_args()
     args.recipes, args.expert_types = RECIPES, EXPERT_TYPES

@@ -352,15 +352,19 @@ def run_ray(n_layers: int, shapes: dict, args, work: Path, text: Path, address: 
                  str(args.seq_len), "--hessian", "-q"]
     print(f"{n_layers} layer(s), calibrate and quantize --tune with and without --ray:", file=sys.stderr, flush=True)
     rows, files = {}, {}
-    for name, extra, out in (("calibrate", types, stats), ("calibrate --ray", [*types, "--ray", address],
-                                                             folder / "ray.stats"),
-                             ("calibrate forward", ["--types", "Q8_0"], folder / "forward.stats")):
+    runs = [("calibrate", types, stats)]  # the statistics quantize reads
+    if "calibrate" in args.ray_stages:
+        runs += [("calibrate --ray", [*types, "--ray", address], folder / "ray.stats"),
+                 ("calibrate forward", ["--types", "Q8_0"], folder / "forward.stats")]
+    for name, extra, out in runs:
         rows[name] = measure(f"mc-gguf {name}", [*calibrate, *extra, "-o", str(out)], log)
         files[name] = out
-    same = {"calibrate": len({hashlib.sha256(files[n].read_bytes()).hexdigest()
-                              for n in ("calibrate", "calibrate --ray")}) == 1}
-    for name in ("calibrate --ray", "calibrate forward"):
-        files[name].unlink()
+    same = {}
+    if "calibrate" in args.ray_stages:
+        same["calibrate"] = len({hashlib.sha256(files[n].read_bytes()).hexdigest()
+                                 for n in ("calibrate", "calibrate --ray")}) == 1
+        for name in ("calibrate --ray", "calibrate forward"):
+            files[name].unlink()
     if "quantize" in args.ray_stages:
         rows["allocate"] = measure("mc-gguf allocate", [
             mc, "allocate", str(stats), "--bits", str(args.bits), "--per-projection", "--alpha", "0", "--beta", "0",
@@ -377,11 +381,12 @@ def run_ray(n_layers: int, shapes: dict, args, work: Path, text: Path, address: 
     experts = n_layers * shapes["num_local_experts"]
     report = {"stages": rows, "same_file": same, "experts": experts}
     for stage in ("calibrate", "quantize"):
-        if stage in rows:
+        if f"{stage} --ray" in rows:
             report[f"{stage}_ray_overhead"] = round(rows[f"{stage} --ray"]["seconds"] / rows[stage]["seconds"] - 1, 3)
-    forward = rows["calibrate forward"]["seconds"]
-    report["forward_seconds_per_layer"] = round(forward / n_layers, 1)
-    report["error_seconds_per_expert"] = round(max(0.0, rows["calibrate"]["seconds"] - forward) / experts, 1)
+    if "calibrate forward" in rows:
+        forward = rows["calibrate forward"]["seconds"]
+        report["forward_seconds_per_layer"] = round(forward / n_layers, 1)
+        report["error_seconds_per_expert"] = round(max(0.0, rows["calibrate"]["seconds"] - forward) / experts, 1)
     if "quantize" in rows:
         report["quantize_seconds_per_expert"] = round(rows["quantize"]["seconds"] / experts, 1)
     return report
@@ -461,7 +466,7 @@ def main() -> int:
     parser.add_argument("--tune-iters", type=int, default=8, help="--ray: quantize's --tune-iters (default: 8)")
     parser.add_argument("--ray-stages", nargs="+", choices=["calibrate", "quantize"],
                         default=["calibrate", "quantize"], help="--ray: the stages timed with and without Ray "
-                        "(default: both; with quantize it also models the speed-up)")
+                        "(default: both; with both it also models the speed-up)")
     add_output_flags(parser, "build/bench-scale", "where the files go",
                      quick_help="the tiny model's shapes, 1 and 2 layers, two types at 4 bits: checks the script works")
     args = parser.parse_args()
@@ -490,7 +495,7 @@ def main() -> int:
         largest = runs[max(args.layers)]
         report = {"shapes": shapes, "tokens": args.tokens, "bits": args.bits, "tune_iters": args.tune_iters,
                   "nodes": args.nodes, "cpus": os.cpu_count(), "runs": {str(n): run for n, run in runs.items()}}
-        if "quantize_seconds_per_expert" in largest:
+        if "quantize_seconds_per_expert" in largest and "forward_seconds_per_layer" in largest:
             expert = largest["error_seconds_per_expert"] + largest["quantize_seconds_per_expert"]
             report["modelled_speedup"] = {str(m): speedup_model(largest["forward_seconds_per_layer"], expert,
                                                                 MIXTRAL_8X7B["num_local_experts"], m) for m in (4, 16)}

@@ -22,7 +22,7 @@ import numpy as np
 
 from mc_gguf import __version__
 from mc_gguf.allocate.cost import AUTHORS_COST, significance_cost
-from mc_gguf.allocate.plan import LAYOUTS, NON_EXPERT_DEFAULTS, SCOPES, Plan
+from mc_gguf.allocate.plan import LAYOUTS, MAX_BITS, NON_EXPERT_DEFAULTS, SCOPES, Plan
 from mc_gguf.allocate.program import AllocationProblem, InfeasibleBudgetError, feasible_range, solve
 from mc_gguf.allocate.size import metadata_allowance, predict
 from mc_gguf.calibrate.stats import EPS_DOWN, EPS_EXPERT, EPS_GATE_UP, CalibrationStats
@@ -66,8 +66,11 @@ def allocate(stats: CalibrationStats, bits: float | None = None, *, size: int | 
         raise McGgufError(f"scope {scope!r} is not one of {', '.join(SCOPES)}")
     if (bits is None) == (size is None):
         raise McGgufError("give the budget as bits per weight or as a file size, one of the two")
+    if size is not None and per_layer:
+        raise McGgufError("--per-layer holds a bits-per-weight budget in every layer: give --bits with it, "
+                          "not --size")
     if size is not None:
-        scope = "model"
+        scope = "model"  # a file size budgets every tensor
     if per_layer and (layout == "stock" or scope == "model"):
         raise McGgufError("--per-layer reproduces the paper's per-layer expert budget: it needs the per-expert "
                           "layout and the experts scope")
@@ -90,8 +93,11 @@ def allocate(stats: CalibrationStats, bits: float | None = None, *, size: int | 
         budget = _expert_budget(ckpt, bits, scope, layout, types, non_expert, problem)
         choice = solve(problem, budget, per_layer=per_layer, max_types=max_types)
     else:
-        budget, n_expert_weights, n_weights = _size_budget(ckpt, size, layout, types, non_expert, problem)
-        bits = 8 * size / n_weights  # the budget as bits per weight of the whole file
+        budget, n_expert_weights, n_weights = _size_budget(ckpt, size, layout, types, non_expert, problem,
+                                                           per_projection)
+        lowest, _ = feasible_range(problem.bits_per_weight, problem.n_weights)
+        budget = max(budget, lowest)
+        bits = min(8 * size / n_weights, MAX_BITS)  # the budget as bits per weight of the whole file
         for attempt in range(1, SIZE_ATTEMPTS + 1):
             choice = solve(problem, budget, per_layer=per_layer, max_types=max_types)
             # the draft's header had a tensor per projection; the chosen types' expert groups add tensors to it
@@ -100,10 +106,12 @@ def allocate(stats: CalibrationStats, bits: float | None = None, *, size: int | 
             excess = predicted + metadata_allowance(ckpt) - size
             if excess <= 0:
                 break
-            if attempt == SIZE_ATTEMPTS:
+            if attempt == SIZE_ATTEMPTS or budget == lowest:
                 raise InfeasibleBudgetError(f"no plan of these types fits in {size:,} bytes with its header "
                                             f"({excess:,} bytes over after {attempt} tries)")
-            budget -= 8 * excess * attempt / n_expert_weights
+            # the last try has every choice at its smallest type, the plan check_size found to fit
+            budget = lowest if attempt == SIZE_ATTEMPTS - 1 else max(
+                lowest, budget - 8 * excess * attempt / n_expert_weights)
     inputs = {"stats": stats_path, "model": str(ckpt.path.resolve()), "text": stats.info.get("text"),
               "text_sha256": stats.info.get("text_sha256"), "n_tokens": stats.info.get("n_tokens"),
               "types": types, **exponents, "error_scale": dict(error_scale or {}),
@@ -171,11 +179,11 @@ def _expert_budget(ckpt: Checkpoint, bits: float, scope: str, layout: str, types
 
 
 def _size_budget(ckpt: Checkpoint, size: int, layout: str, types: list[str], non_expert: dict[str, str],
-                 problem: AllocationProblem) -> tuple[float, int, int]:
+                 problem: AllocationProblem, per_projection: bool) -> tuple[float, int, int]:
     """Bits per expert weight for a file of ``size`` bytes, the expert weights and all weights: what is left once
     the header, the mc-gguf keys (metadata_allowance) and the non-expert tensors are paid; the largest types where
     more is left than they need."""
-    check_size(ckpt, size, layout, types, non_expert)
+    check_size(ckpt, size, layout, types, non_expert, per_projection)
     draft = Plan(layout, expert_table(ckpt, lambda: stored_types(ckpt, types[0])), non_expert, {})
     fixed = predict(ckpt, draft)
     other = fixed["file_bytes"] - fixed["expert_bytes"] + metadata_allowance(ckpt)
@@ -184,12 +192,19 @@ def _size_budget(ckpt: Checkpoint, size: int, layout: str, types: list[str], non
     return min(hi, 8 * (size - other) / n_exp), n_exp, fixed["n_weights"]
 
 
-def check_size(ckpt: Checkpoint, size: int, layout: str, types: list[str], non_expert: dict[str, str]) -> None:
-    """InfeasibleBudgetError when a file of ``size`` bytes cannot hold the model with every expert projection at
-    the smallest of ``types`` (compress asks this before calibrating)."""
+def check_size(ckpt: Checkpoint, size: int, layout: str, types: list[str], non_expert: dict[str, str],
+               per_projection: bool = False) -> None:
+    """InfeasibleBudgetError when a file of ``size`` bytes cannot hold the model with every choice of the program
+    (an expert, or its gate+up and its down with ``per_projection``) at its smallest of ``types`` (compress asks
+    this before calibrating)."""
     non_expert = {**NON_EXPERT_DEFAULTS, **non_expert}
     stored = [stored_types(ckpt, t) for t in types]
-    smallest = {p: min((s[p] for s in stored), key=lambda t: quant_type(t).bits_per_weight) for p in PROJECTIONS}
+    hidden, ff = ckpt.expert_dims
+    smallest = {}
+    for part in ((("gate", "up"), ("down",)) if per_projection else (PROJECTIONS,)):
+        def part_bits(s: dict[str, str], part=part) -> float:
+            return sum(quant_type(s[p]).bits_per_weight * hidden * ff for p in part)
+        smallest |= {p: min(stored, key=part_bits)[p] for p in part}
     least = predict(ckpt, Plan(layout, expert_table(ckpt, lambda: dict(smallest)), non_expert, {}))
     needed = least["file_bytes"] + metadata_allowance(ckpt)
     if size < needed:

@@ -41,7 +41,7 @@ from mc_gguf.device import torch_device
 from mc_gguf.errors import McGgufError
 from mc_gguf.ggml.types import quant_type
 from mc_gguf.hf.checkpoint import Checkpoint, open_checkpoint
-from mc_gguf.ray_cluster import connect
+from mc_gguf.ray_cluster import check_device, connect
 
 if TYPE_CHECKING:
     from mc_gguf.calibrate.cluster import ClusterErrors
@@ -69,6 +69,8 @@ def calibrate(model_dir: str | Path, out: str | Path, text: CalibrationText,
 
 def _calibrate(model_dir: str | Path, out: Path, text: CalibrationText, settings: CalibrationSettings, *,
                progress: bool, reuse: bool, ray: str | None) -> CalibrationStats:
+    if ray is not None:
+        check_device(settings.device)
     device = torch_device(settings.device)  # a device this machine lacks is refused before any work
     if ray is not None:
         connect(ray)

@@ -40,7 +40,8 @@ def add_parser(commands) -> None:
                         "layer, e.g. 1.07 GB per layer (34 GB in all) for Mixtral 8x7B at 65536 tokens, 67 MB per "
                         "layer for hidden 256")
     add_device_flag(p, "the layer forward and the error pass's products")
-    add_ray_flag(p, "measure the experts' errors (an expert per task, while this machine runs the next layer)")
+    add_ray_flag(p, "measure the experts' errors (an expert per task, while this machine runs the next layer)",
+                 output="the statistics file")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 

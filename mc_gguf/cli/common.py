@@ -178,12 +178,13 @@ def add_tune_iters_flag(p: argparse.ArgumentParser) -> None:
                    "a sweep gains under 0.5%%)")
 
 
-def add_ray_flag(p: argparse.ArgumentParser, what: str) -> None:
+def add_ray_flag(p: argparse.ArgumentParser, what: str, output: str = "the file") -> None:
     p.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
                    help=f"{what} on the machines of a Ray cluster (pip install 'mc-gguf[ray]'): ADDRESS is the head's "
                    "HOST:PORT, or none for the cluster this machine belongs to (RAY_ADDRESS, or the one `ray start` "
                    "joined). Every machine must see the model and the work folder at the same paths (one "
-                   "machine, or a shared file system); the file is the same byte for byte as without --ray")
+                   f"machine, or a shared file system); the tasks run on the machines' CPUs; {output} is the same "
+                   "byte for byte as without --ray")
 
 
 def add_device_flag(p: argparse.ArgumentParser, what: str) -> None:

@@ -65,8 +65,10 @@ def quantize(model_dir: str | Path, plan: Plan, out: str | Path, *, stats: Calib
 
     if ray is not None:
         from mc_gguf.quantize.cluster import ClusterExperts, ExpertJob
-        from mc_gguf.ray_cluster import connect
+        from mc_gguf.ray_cluster import check_device, connect
 
+        if tune is not None:
+            check_device(tune.device)
         job = ExpertJob.of(ckpt.path, plan, stats, gptq, tune)
         connect(ray)
         folder = Path(work or work_folder(out)) / f"experts-{job.digest}"

@@ -247,9 +247,16 @@ def test_a_size_budget_gives_the_largest_plan_whose_file_fits(calibration, tiny_
 
 
 def test_bits_and_size_are_one_budget(calibration, tiny_model_dir, capsys):
+    from mc_gguf.pipeline import compress
+    from mc_gguf.settings import CompressSettings
+
     _, stats = calibration
     with pytest.raises(McGgufError, match="one of the two"):
         allocate(stats, 3.0, size=10**6, model_dir=tiny_model_dir)
+    with pytest.raises(McGgufError, match="give --bits with it"):
+        allocate(stats, size=10**7, model_dir=tiny_model_dir, per_layer=True)
+    with pytest.raises(McGgufError, match="one of the two"):
+        compress(tiny_model_dir, tiny_model_dir / "x.gguf", bits=3.0, settings=CompressSettings(size=10**7))
     assert main(["allocate", str(calibration[0]), "--bits", "3", "--size", "1M", "-o", "x.json"]) == 2
     assert "not allowed with argument" in capsys.readouterr().err
 

@@ -67,6 +67,29 @@ def test_calibrate_and_compress_on_a_ray_cluster_give_the_same_files_after_a_los
     assert not report["lost_node_run"]["work_folder_left"] and not report["restarted_run"]["work_folder_left"]
 
 
+def test_a_device_with_ray_is_refused_before_any_work(tiny_model_dir, tmp_path):
+    """The tasks run on the cluster's CPUs: --device with --ray is refused first (here no CUDA is seen either,
+    which the command line refuses earlier, so the stages are called as the Python API calls them)."""
+    from dataclasses import replace
+
+    from mc_gguf.calibrate.calibration import calibrate
+    from mc_gguf.calibrate.settings import CalibrationSettings
+    from mc_gguf.calibrate.text import CalibrationText
+    from mc_gguf.errors import InvalidValueError
+    from mc_gguf.pipeline import compress
+    from mc_gguf.settings import CompressSettings
+
+    settings = CompressSettings(ray="127.0.0.1:9")
+    for wrong in (replace(settings, calibration=replace(settings.calibration, device="cuda")),
+                  replace(settings, tune=replace(settings.tune, device="cuda"))):
+        with pytest.raises(InvalidValueError, match="--device cuda with --ray"):
+            compress(tiny_model_dir, tmp_path / "out.gguf", settings=wrong, progress=False)
+    with pytest.raises(InvalidValueError, match="--device cuda with --ray"):
+        calibrate(tiny_model_dir, tmp_path / "out.stats", CalibrationText("t", "text"),
+                  CalibrationSettings(device="cuda"), progress=False, ray="127.0.0.1:9")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_ray_without_a_cluster_is_one_clear_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     code = main(["compress", str(tiny_model_dir), *ARGS, "--ray", "127.0.0.1:9", "-o", str(tmp_path / "x.gguf")])
