@@ -13,8 +13,10 @@ from mc_gguf.gguf_io.layout import PROJECTIONS
 
 def describe_plan(plan: Plan) -> str:
     bits = plan.expert_bits()
-    lines = [f"layout {plan.layout}, budget {plan.budget.get('bits')} bits per weight over "
-             f"{plan.budget.get('scope', 'experts')}; non-expert tensors: "
+    size = plan.budget.get("size")
+    budget = (f"a file of at most {size:,} bytes" if isinstance(size, int) else
+              f"{plan.budget.get('bits')} bits per weight over {plan.budget.get('scope', 'experts')}")
+    lines = [f"layout {plan.layout}, budget {budget}; non-expert tensors: "
              + ", ".join(f"{k} {v}" for k, v in plan.non_expert.items()),
              f"{'layer':>5}  {'bpw':>5}  types of the expert projections (count)"]
     for bid, layer in enumerate(plan.experts):

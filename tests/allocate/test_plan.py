@@ -218,6 +218,7 @@ def test_a_size_budget_gives_the_largest_plan_whose_file_fits(calibration, tiny_
     what the other tensors leave (within one projection's step of a type); sizes below the smallest file are
     refused with that smallest size."""
     from mc_gguf.allocate.allocation import check_size
+    from mc_gguf.allocate.show import describe_plan
     from mc_gguf.allocate.size import metadata_allowance
 
     _, stats = calibration
@@ -235,6 +236,7 @@ def test_a_size_budget_gives_the_largest_plan_whose_file_fits(calibration, tiny_
     step = max(b - a for a, b in zip(bits, bits[1:])) * 3 * hidden * ff * units / 8
     assert size - predicted < step + 4096
     assert plan.budget["scope"] == "model" and plan.budget["size"] == size
+    assert f"budget a file of at most {size:,} bytes" in describe_plan(plan)
     assert plan.budget["bits"] == pytest.approx(8 * size / plan.predicted["n_weights"])
     with pytest.raises(InfeasibleBudgetError, match=r"at least ([\d,]+) bytes") as refused:
         check_size(ckpt, 1000, layout, list(TEST_TYPES), {})
