@@ -25,8 +25,15 @@ CONNECT_TIMEOUT_S = 5.0
 RAY_CURRENT_CLUSTER = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
 
 
+def remote_task(function: Callable):
+    """``function`` as a Ray task: one CPU and no GPU each, run again where its worker or machine is lost."""
+    import ray
+
+    return ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(function)
+
+
 def check_device(device: str) -> None:
-    """A task asks Ray for one CPU and no GPU, so the experts' work runs on the workers' CPUs: a --device for the
+    """A task asks Ray for one CPU and no GPU (remote_task), so the experts' work runs on the workers' CPUs: a --device for the
     one-machine run is refused with --ray, before any work (the statistics and files are then the same as one
     process on its CPU makes)."""
     if device_name(device) != "cpu":
@@ -81,9 +88,7 @@ def task_result(ref, what: str):
 
 def ordered_results(function: Callable, calls: list[tuple], what: Callable[[tuple], str]) -> Iterator:
     """``function(*call)`` for every call as Ray tasks, all in flight at once, yielded in the calls' order."""
-    import ray
-
-    task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(function)
+    task = remote_task(function)
     refs = [task.remote(*call) for call in calls]
     for call, ref in zip(calls, refs):
         yield task_result(ref, what(call))

@@ -6,7 +6,7 @@ Steps, each a function below:
    c = phi^alpha * w^beta * eps^gamma at every candidate type and its weights;
 2. ``_expert_budget``: the budget in expert bits per weight (a whole-model
    budget has the non-expert tensors' fixed bytes taken off first; a file
-   size, ``_size_budget``, the header's too);
+   size, ``_fit_size``, the header's too, solving until the file fits);
 3. ``program.solve``: the optimal type of every choice;
 4. ``_plan``: the choices written out expert by expert, with the predicted
    file size (size.py) and where the inputs came from.
@@ -93,25 +93,7 @@ def allocate(stats: CalibrationStats, bits: float | None = None, *, size: int | 
         budget = _expert_budget(ckpt, bits, scope, layout, types, non_expert, problem)
         choice = solve(problem, budget, per_layer=per_layer, max_types=max_types)
     else:
-        budget, n_expert_weights, n_weights = _size_budget(ckpt, size, layout, types, non_expert, problem,
-                                                           per_projection)
-        lowest, _ = feasible_range(problem.bits_per_weight, problem.n_weights)
-        budget = max(budget, lowest)
-        bits = min(8 * size / n_weights, MAX_BITS)  # the budget as bits per weight of the whole file
-        for attempt in range(1, SIZE_ATTEMPTS + 1):
-            choice = solve(problem, budget, per_layer=per_layer, max_types=max_types)
-            # the draft's header had a tensor per projection; the chosen types' expert groups add tensors to it
-            # (and their padding): the budget goes down by the excess, in growing steps
-            predicted = _plan(ckpt, layout, units, choice, types, non_expert, {}, {}).predicted["file_bytes"]
-            excess = predicted + metadata_allowance(ckpt) - size
-            if excess <= 0:
-                break
-            if attempt == SIZE_ATTEMPTS or budget == lowest:
-                raise InfeasibleBudgetError(f"no plan of these types fits in {size:,} bytes with its header "
-                                            f"({excess:,} bytes over after {attempt} tries)")
-            # the last try has every choice at its smallest type, the plan check_size found to fit
-            budget = lowest if attempt == SIZE_ATTEMPTS - 1 else max(
-                lowest, budget - 8 * excess * attempt / n_expert_weights)
+        choice, bits = _fit_size(ckpt, size, layout, units, types, non_expert, problem, per_projection, max_types)
     inputs = {"stats": stats_path, "model": str(ckpt.path.resolve()), "text": stats.info.get("text"),
               "text_sha256": stats.info.get("text_sha256"), "n_tokens": stats.info.get("n_tokens"),
               "types": types, **exponents, "error_scale": dict(error_scale or {}),
@@ -178,25 +160,38 @@ def _expert_budget(ckpt: Checkpoint, bits: float, scope: str, layout: str, types
     return (bits * n_all - fixed_bits) / n_exp
 
 
-def _size_budget(ckpt: Checkpoint, size: int, layout: str, types: list[str], non_expert: dict[str, str],
-                 problem: AllocationProblem, per_projection: bool) -> tuple[float, int, int]:
-    """Bits per expert weight for a file of ``size`` bytes, the expert weights and all weights: what is left once
-    the header, the mc-gguf keys (metadata_allowance) and the non-expert tensors are paid; the largest types where
-    more is left than they need."""
-    check_size(ckpt, size, layout, types, non_expert, per_projection)
-    draft = Plan(layout, expert_table(ckpt, lambda: stored_types(ckpt, types[0])), non_expert, {})
-    fixed = predict(ckpt, draft)
-    other = fixed["file_bytes"] - fixed["expert_bytes"] + metadata_allowance(ckpt)
-    n_exp = fixed["n_expert_weights"]
-    _, hi = feasible_range(problem.bits_per_weight, problem.n_weights)
-    return min(hi, 8 * (size - other) / n_exp), n_exp, fixed["n_weights"]
+def _fit_size(ckpt: Checkpoint, size: int, layout: str, units: list[_Unit], types: list[str],
+              non_expert: dict[str, str], problem: AllocationProblem, per_projection: bool,
+              max_types: int | None) -> tuple[np.ndarray, float]:
+    """The program's choice for a file of at most ``size`` bytes, and that size as bits per weight of the file.
+
+    The experts get what is left once the header, the mc-gguf keys (metadata_allowance) and the non-expert
+    tensors are paid (the largest types where more is left than they need). The smallest file's header has a
+    tensor per projection; the chosen types' expert groups add tensors (and their padding) to it, so the budget
+    goes down by what the plan's file is over, in growing steps, the last try every choice at its smallest type
+    (the file check_size found to fit)."""
+    least = check_size(ckpt, size, layout, types, non_expert, per_projection)
+    other = least["file_bytes"] - least["expert_bytes"] + metadata_allowance(ckpt)
+    n_exp = least["n_expert_weights"]
+    lowest, hi = feasible_range(problem.bits_per_weight, problem.n_weights)
+    budget = min(hi, max(lowest, 8 * (size - other) / n_exp))
+    for attempt in range(1, SIZE_ATTEMPTS + 1):
+        choice = solve(problem, budget, max_types=max_types)
+        predicted = _plan(ckpt, layout, units, choice, types, non_expert, {}, {}).predicted["file_bytes"]
+        excess = predicted + metadata_allowance(ckpt) - size
+        if excess <= 0:
+            return choice, min(8 * size / least["n_weights"], MAX_BITS)
+        if attempt == SIZE_ATTEMPTS or budget == lowest:
+            raise InfeasibleBudgetError(f"no plan of these types fits in {size:,} bytes with its header "
+                                        f"({excess:,} bytes over after {attempt} tries)")
+        budget = lowest if attempt == SIZE_ATTEMPTS - 1 else max(lowest, budget - 8 * excess * attempt / n_exp)
 
 
 def check_size(ckpt: Checkpoint, size: int, layout: str, types: list[str], non_expert: dict[str, str],
-               per_projection: bool = False) -> None:
-    """InfeasibleBudgetError when a file of ``size`` bytes cannot hold the model with every choice of the program
-    (an expert, or its gate+up and its down with ``per_projection``) at its smallest of ``types`` (compress asks
-    this before calibrating)."""
+               per_projection: bool = False) -> dict:
+    """predict's figures of the smallest file: every choice of the program (an expert, or its gate+up and its down
+    with ``per_projection``) at its smallest of ``types``; InfeasibleBudgetError when a file of ``size`` bytes
+    cannot hold even that (compress asks this before calibrating)."""
     non_expert = {**NON_EXPERT_DEFAULTS, **non_expert}
     stored = [stored_types(ckpt, t) for t in types]
     hidden, ff = ckpt.expert_dims
@@ -212,6 +207,7 @@ def check_size(ckpt: Checkpoint, size: int, layout: str, types: list[str], non_e
             f"a file of {size:,} bytes is smaller than these types and non-expert tensors at {non_expert} can make: "
             f"at least {needed:,} bytes, with every expert at its smallest type (the other tensors and the header "
             f"{needed - least['expert_bytes']:,}); lower the non-expert types (--tensor-type) or allow smaller types")
+    return least
 
 
 def expert_table(ckpt: Checkpoint, types: Callable[[], dict[str, str]]) -> list[list[dict[str, str]]]:

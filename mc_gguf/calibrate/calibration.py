@@ -146,7 +146,7 @@ def calibrate_layer(model, ckpt: Checkpoint, bid: int, hidden_in: np.ndarray, hi
                     device: torch.device = CPU, errors: ClusterErrors | None = None) -> LayerStats | None:
     """One layer: its forward with the statistics gathered on the way, then every expert's eps (None, and
     only the forward, for a dense layer), computed on ``device``, or put in flight on ``errors``' cluster (its
-    ``collect`` fills them in). ``moe_inputs`` [tokens, H] receives the MoE block's inputs."""
+    ``collect`` fills them in; a calibration without types has none). ``moe_inputs`` [tokens, H] receives the MoE block's inputs."""
     if not ckpt.is_moe(bid):
         bar = tqdm(total=hidden_in.shape[0], desc=f"layer {bid + 1}/{ckpt.n_layers} (dense){eta}", unit="step",
                    disable=not progress, dynamic_ncols=True)
@@ -169,7 +169,7 @@ def calibrate_layer(model, ckpt: Checkpoint, bid: int, hidden_in: np.ndarray, hi
     norms = np.maximum(output_norms, np.finfo(np.float32).tiny)[:, None].astype(np.float32)
     layer_stats.skip_cost /= norms
     layer_stats.drop_cost /= norms
-    if errors is not None and settings.types:
+    if errors is not None:
         errors.submit(bid, layer_stats, moe.eps_sample())
     elif settings.types:
         _measure_eps(layer_stats, moe, settings, bid, bar)

@@ -22,7 +22,7 @@ import torch
 from mc_gguf.calibrate.quant_error import EpsSample, sample_errors
 from mc_gguf.calibrate.settings import CalibrationSettings
 from mc_gguf.calibrate.stats import LayerStats
-from mc_gguf.ray_cluster import MAX_RETRIES, task_result
+from mc_gguf.ray_cluster import remote_task, task_result
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class ClusterErrors:
         import ray
 
         self._job = ray.put(ErrorJob(str(Path(model_dir).resolve()), settings))
-        self._task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(expert_eps)
+        self._task = remote_task(expert_eps)
         self._pending: dict[int, list] = {}  # bid -> the ObjectRefs of its experts' tasks
 
     def submit(self, bid: int, layer_stats: LayerStats, sample: EpsSample) -> None:

@@ -12,7 +12,7 @@ What a task reads: the checkpoint and the statistics file from the same paths as
 folder every machine mounts: NFS, a cluster file system), its expert's weights and its layer's MoE inputs
 itself. Nothing large travels through Ray: a task gets the plan and the paths, and returns its expert's bytes.
 
-Faults: a task whose worker or machine is lost runs again elsewhere (Ray's retries, MAX_RETRIES); each expert's
+Faults: a task whose worker or machine is lost runs again elsewhere (Ray's retries, ray_cluster.MAX_RETRIES); each expert's
 bytes are saved in the work folder as they arrive, so a driver started again with the same command loads them
 instead of asking again; a task that fails in mc-gguf's code ends the run with one line naming its layer and
 expert.
@@ -34,7 +34,7 @@ from mc_gguf.calibrate.stats import CalibrationStats
 from mc_gguf.errors import McGgufError
 from mc_gguf.gguf_io.layout import PROJECTIONS
 from mc_gguf.quantize.settings import TuneSettings
-from mc_gguf.ray_cluster import MAX_RETRIES, task_result
+from mc_gguf.ray_cluster import remote_task, task_result
 
 LOOKAHEAD = 1           # layers whose experts are in flight beyond the one being written, at least
 
@@ -79,7 +79,7 @@ class ClusterExperts:
         self.layers, self.n_experts, self.folder = layers, n_experts, folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self._job_ref = ray.put(job)
-        self._task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(quantize_expert)
+        self._task = remote_task(quantize_expert)
         self._pending: dict[tuple[int, int], object] = {}  # (bid, xid) -> the task's ObjectRef
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.lookahead = max(LOOKAHEAD, -(-cpus // n_experts) - 1)  # every CPU busy
