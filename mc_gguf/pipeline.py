@@ -10,7 +10,7 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from mc_gguf.allocate.allocation import allocate, check_size, projection_bits
+from mc_gguf.allocate.allocation import allocate, check_size, projection_bits, smallest_tensor_types
 from mc_gguf.allocate.plan import Plan
 from mc_gguf.allocate.program import check_budget
 from mc_gguf.atomic import check_output_path, output_lock, work_folder
@@ -79,7 +79,9 @@ def compress(model_dir: str | Path, out: str | Path, bits: float | None = None,
             check_budget(settings.bits, projection_bits(ckpt, types))
         else:
             check_size(ckpt, settings.size, settings.allocation.layout, types, settings.allocation.non_expert,
-                       settings.allocation.options(tuned=settings.tune is not None)["per_projection"])
+                       settings.allocation.options(tuned=settings.tune is not None)["per_projection"],
+                       tensors=smallest_tensor_types(ckpt, set(settings.allocation.non_expert),
+                                                     list(settings.calibration.tensor_types)))
         settings = replace(settings, allocation=replace(settings.allocation, types=tuple(types))).resolved()
         odp = settings.odp
         if odp.skip:

@@ -36,8 +36,9 @@ Prints one JSON object; --json and --png write it and the Pareto plots.
 ``--whole-file`` measures the whole-file frontier instead: llama.cpp's
 recipes with imatrix (WHOLE_FILE_RECIPES, IQ2_XXS to Q4_K_M), and mc-gguf
 at the size of each of the --at recipes' files (`compress --size`: its
-defaults, tuned with a type per projection), with the non-expert tensors at
-each set of NON_EXPERT_SETS (fixed here, not chosen on the evaluation text):
+defaults, tuned with a type per projection), with the non-expert tensors
+chosen by the program (its default) and at each fixed set of
+NON_EXPERT_SETS (fixed here, not chosen on the evaluation text):
 each mc-gguf row's KLD over llama.cpp's front at its size, and over the
 recipe whose size it took.
 
@@ -67,7 +68,9 @@ LLAMA_FAMILIES = ("llama.cpp recipe", "llama.cpp experts")
 AUTOROUND_SCHEMES = ("gguf:q2_k_s", "gguf:q3_k_s")
 WHOLE_FILE_RECIPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M")
 # the non-expert tensors' types mc-gguf's whole files are made with (the types the writer holds for them)
-NON_EXPERT_SETS = {"Q8_0": Q8_NON_EXPERT,
+# ("chosen": none fixed, the program chooses every other tensor's type from its measured errors, compress's default)
+NON_EXPERT_SETS = {"chosen": {},
+                   "Q8_0": Q8_NON_EXPERT,
                    "Q6_K": {"token_embd": "Q6_K", "output": "Q6_K", "attn": "Q6_K"},
                    "Q4_K": {"token_embd": "Q4_K", "output": "Q6_K", "attn": "Q4_K"}}
 

@@ -32,8 +32,17 @@ FORMAT_VERSION = 1
 # every token uses all of them. Norms and the router always stay F32.
 NON_EXPERT_CLASSES = ("token_embd", "output", "attn")
 NON_EXPERT_DEFAULTS = {"token_embd": "Q8_0", "output": "Q8_0", "attn": "Q8_0"}
-NON_EXPERT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q4_K")
+NON_EXPERT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q4_K", "IQ4_XS", "Q3_K", "Q2_K")
 
+
+
+def non_expert_class(gguf_name: str) -> str:
+    """The class (NON_EXPERT_CLASSES) of a GGUF tensor that is not an expert's."""
+    if gguf_name.startswith("token_embd"):
+        return "token_embd"
+    if gguf_name.startswith("output"):
+        return "output"
+    return "attn"
 
 
 class PlanFileError(McGgufError):
@@ -49,6 +58,8 @@ class Plan:
     budget: dict                          # bits, scope, per_layer, per_projection
     predicted: dict = field(default_factory=dict)
     inputs: dict = field(default_factory=dict)
+    # GGUF name -> type of the other tensors the budget chose (attention, token_embd, output); before their class
+    tensors: dict[str, str] = field(default_factory=dict)
 
     @property
     def n_layers(self) -> int:
@@ -88,7 +99,13 @@ def load_plan(path: str | Path) -> Plan:
     plan.experts = [[{p: quant_type(t).name for p, t in expert.items()} for expert in layer]
                     for layer in plan.experts]
     plan.non_expert = {cls: name.upper() for cls, name in plan.non_expert.items()}
+    plan.tensors = {name: tensor_type_name(t) for name, t in plan.tensors.items()}
     return plan
+
+
+def tensor_type_name(name: str) -> str:
+    """A type of one of the other tensors, as ggml spells it: a class type or one it falls back to."""
+    return name.upper() if name.upper() in NON_EXPERT_TYPES else quant_type(name).name
 
 
 def validate_plan(plan: Plan, where: str | Path = "plan") -> None:
@@ -120,6 +137,16 @@ def validate_plan(plan: Plan, where: str | Path = "plan") -> None:
         if cls not in NON_EXPERT_CLASSES or name.upper() not in NON_EXPERT_TYPES:
             raise PlanFileError(f"{where}: non-expert type {cls}={name} is not supported "
                                 f"(classes {', '.join(NON_EXPERT_CLASSES)}; types {', '.join(NON_EXPERT_TYPES)})")
+    if not isinstance(plan.tensors, dict) or not all(
+            isinstance(k, str) and isinstance(t, str) for k, t in plan.tensors.items()):
+        raise PlanFileError(f"{where}: tensors must be {{GGUF tensor name: type}}")
+    for name, type_name in plan.tensors.items():
+        if "_exps" in name:
+            raise PlanFileError(f"{where}: tensors gives {name} a type; experts' types are in experts")
+        try:
+            tensor_type_name(type_name)
+        except ValueError as exc:
+            raise PlanFileError(f"{where}: tensor {name}: {exc}") from None
     _validate_records(plan, where)
 
 

@@ -22,6 +22,10 @@ tensor s, and sum_b z(s, b) <= K. In the per-expert layout each distinct type
 is a group: on the CPU one op computes all groups of a projection, but GPU
 backends run each group as its own ops, so fewer types decode faster there;
 K = 1 is llama.cpp's one type per tensor.
+
+A choice may be limited to some of the types (``allowed``): the other
+tensors (attention, embeddings, output head) have candidates of their own
+beside the experts'.
 """
 
 from __future__ import annotations
@@ -50,23 +54,36 @@ class AllocationProblem:
     n_weights: np.ndarray        # [E] weights of each expert (all its projections)
     layer_of: np.ndarray         # [E] layer index of each expert
     tensor_of: np.ndarray | None = None  # [E] the tensor (layer, projections) each choice is stored in
+    # [E, T] bool: the types each choice may take (experts and the other tensors have their own candidates);
+    # None: every type
+    allowed: np.ndarray | None = None
+
+    def allowed_mask(self) -> np.ndarray:
+        return np.ones(np.shape(self.cost), dtype=bool) if self.allowed is None else np.asarray(self.allowed, bool)
+
+    def smallest_choice(self) -> np.ndarray:
+        """Every choice at its smallest allowed type (fewest bits) [E]."""
+        bpw = np.broadcast_to(np.asarray(self.bits_per_weight, dtype=np.float64), np.shape(self.cost))
+        return np.where(self.allowed_mask(), bpw, np.inf).argmin(axis=1)
 
 
-def feasible_range(bits_per_weight: Sequence[float] | np.ndarray, n_weights: np.ndarray | None = None
-                   ) -> tuple[float, float]:
+def feasible_range(bits_per_weight: Sequence[float] | np.ndarray, n_weights: np.ndarray | None = None,
+                   allowed: np.ndarray | None = None) -> tuple[float, float]:
     """Average bits per weight with every choice at its smallest type, and at its largest.
-    ``bits_per_weight`` [T], or [E, T] with the choices' ``n_weights`` [E]."""
+    ``bits_per_weight`` [T], or [E, T] with the choices' ``n_weights`` [E] and the types they may take."""
     bpw = np.asarray(bits_per_weight, dtype=np.float64)
     if bpw.ndim == 1:
         return float(bpw.min()), float(bpw.max())
     n = np.asarray(n_weights, dtype=np.float64)
-    return float((n * bpw.min(axis=1)).sum() / n.sum()), float((n * bpw.max(axis=1)).sum() / n.sum())
+    ok = np.ones(bpw.shape, dtype=bool) if allowed is None else np.asarray(allowed, bool)
+    least, most = np.where(ok, bpw, np.inf).min(axis=1), np.where(ok, bpw, -np.inf).max(axis=1)
+    return float((n * least).sum() / n.sum()), float((n * most).sum() / n.sum())
 
 
 def check_budget(budget_bpw: float, bits_per_weight: Sequence[float] | np.ndarray,
-                 n_weights: np.ndarray | None = None) -> tuple[float, float]:
+                 n_weights: np.ndarray | None = None, allowed: np.ndarray | None = None) -> tuple[float, float]:
     """feasible_range, or InfeasibleBudgetError when the budget is outside it."""
-    lo, hi = feasible_range(bits_per_weight, n_weights)
+    lo, hi = feasible_range(bits_per_weight, n_weights, allowed)
     if not lo <= budget_bpw <= hi:
         where = "below the smallest" if budget_bpw < lo else "above the largest"
         raise InfeasibleBudgetError(
@@ -85,7 +102,9 @@ def solve(problem: AllocationProblem, budget_bpw: float, per_layer: bool = False
     n_experts, n_types = cost.shape
     n_weights = np.asarray(problem.n_weights, dtype=np.float64)
     bpw = np.broadcast_to(np.asarray(problem.bits_per_weight, dtype=np.float64), cost.shape)
-    lo, hi = check_budget(budget_bpw, bpw, n_weights)
+    allowed = problem.allowed_mask()
+    cost = np.where(allowed, cost, 0.0)
+    lo, hi = check_budget(budget_bpw, bpw, n_weights, allowed)
     if max_types is not None and max_types < 1:
         raise McGgufError(f"at most {max_types} types per tensor: the bound must be at least 1")
     limit_types = max_types is not None and max_types < n_types
@@ -126,7 +145,8 @@ def solve(problem: AllocationProblem, budget_bpw: float, per_layer: bool = False
         constraints.append(LinearConstraint(rows(sparse.csr_array((len(tensors), n_x)), per_tensor), 0, max_types))
 
     result = milp(c=np.concatenate([cost.ravel(), np.zeros(n_z)]), constraints=constraints,
-                  integrality=np.ones(n_x + n_z), bounds=Bounds(0, 1))
+                  integrality=np.ones(n_x + n_z),
+                  bounds=Bounds(0, np.concatenate([allowed.ravel().astype(np.float64), np.ones(n_z)])))
     if result.status == 2 or result.x is None:
         raise InfeasibleBudgetError(
             f"no assignment meets {budget_bpw:.3f} bits per weight"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mc_gguf.allocate.cost import AUTHORS_COST
-from mc_gguf.allocate.plan import NON_EXPERT_DEFAULTS
 
 
 @dataclass(frozen=True)
@@ -21,7 +20,9 @@ class AllocateSettings:
     alpha: float = AUTHORS_COST["alpha"]     # the significance cost's exponents (cost.py)
     beta: float = AUTHORS_COST["beta"]
     gamma: float = AUTHORS_COST["gamma"]
-    non_expert: dict[str, str] = field(default_factory=lambda: dict(NON_EXPERT_DEFAULTS))
+    # types of non-expert classes (plan.NON_EXPERT_CLASSES) fixed by the user; the others are plan.NON_EXPERT_DEFAULTS,
+    # or with a whole-model budget chosen by the program tensor by tensor where the calibration measured them
+    non_expert: dict[str, str] = field(default_factory=dict)
     max_types: int | None = None             # most types (expert groups) per layer and projection
 
     def options(self, tuned: bool = False) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from mc_gguf.allocate.plan import Plan
+from mc_gguf.allocate.plan import Plan, non_expert_class
 from mc_gguf.ggml.types import TYPES
 from mc_gguf.gguf_io import keys
 from mc_gguf.gguf_io.layout import PROJECTIONS
@@ -16,9 +16,13 @@ def describe_plan(plan: Plan) -> str:
     size = plan.budget.get("size")
     budget = (f"a file of at most {size:,} bytes" if isinstance(size, int) else
               f"{plan.budget.get('bits')} bits per weight over {plan.budget.get('scope', 'experts')}")
-    lines = [f"layout {plan.layout}, budget {budget}; non-expert tensors: "
-             + ", ".join(f"{k} {v}" for k, v in plan.non_expert.items()),
+    chosen = {non_expert_class(name) for name in plan.tensors}
+    fixed = [f"{k} {v}" for k, v in plan.non_expert.items() if k not in chosen]
+    lines = [f"layout {plan.layout}, budget {budget}"
+             + (f"; non-expert tensors: {', '.join(fixed)}" if fixed else ""),
              f"{'layer':>5}  {'bpw':>5}  types of the expert projections (count)"]
+    if plan.tensors:
+        lines.insert(1, "chosen with the experts: " + describe_tensors(plan.tensors))
     for bid, layer in enumerate(plan.experts):
         if not layer:
             lines.append(f"{bid:>5}  {'-':>5}  dense FFN (no experts)")
@@ -42,6 +46,18 @@ def describe_plan(plan: Plan) -> str:
     else:
         lines.append(f"experts: {expert_bpw:.3f} bits per weight")
     return "\n".join(lines)
+
+
+def describe_tensors(tensors: dict[str, str]) -> str:
+    """"token_embd Q5_K, output Q5_K, attn_q IQ4_XS x4 Q3_K x2, ...": the other tensors' types, by kind."""
+    kinds: dict[str, Counter] = {}
+    for name, type_name in tensors.items():
+        parts = name.split(".")
+        kind = parts[2] if parts[0] == "blk" and len(parts) > 2 else parts[0]
+        kinds.setdefault(kind, Counter())[type_name] += 1
+    return ", ".join(f"{kind} " + " ".join(t if n == 1 and len(counts) == 1 else f"{t} x{n}"
+                                            for t, n in sorted(counts.items(), key=lambda i: list(TYPES).index(i[0])))
+                     for kind, counts in kinds.items())
 
 
 def types_bpw(plan: Plan) -> float:

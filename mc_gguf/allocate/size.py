@@ -12,9 +12,9 @@ from collections.abc import Callable
 import gguf
 import numpy as np
 
-from mc_gguf.allocate.plan import NON_EXPERT_DEFAULTS, Plan
+from mc_gguf.allocate.plan import NON_EXPERT_DEFAULTS, Plan, non_expert_class
 from mc_gguf.ggml.types import quant_type
-from mc_gguf.gguf_io.convert import fit_type, model_metadata, plan_tensors
+from mc_gguf.gguf_io.convert import Importance, fit_type, model_metadata, no_importance, plan_tensors
 from mc_gguf.gguf_io.metadata import file_type_of
 from mc_gguf.gguf_io.layout import ExpertGroup, expert_groups, is_expert_weight, tensor_names
 from mc_gguf.gguf_io.write import OutputTensor, predict_file_bytes
@@ -26,23 +26,16 @@ EXPERT_KINDS = {gguf.MODEL_TENSOR.FFN_GATE_EXP: "gate", gguf.MODEL_TENSOR.FFN_UP
 
 
 
-def non_expert_class(gguf_name: str) -> str:
-    if gguf_name.startswith("token_embd"):
-        return "token_embd"
-    if gguf_name.startswith("output"):
-        return "output"
-    return "attn"
-
-
 def plan_type_chooser(plan: Plan):
     """convert.TypeChooser for a plan: the stacked expert tensors get their layer's single type
-    (stock layout), every other tensor its class's type."""
+    (stock layout), every other tensor the type the plan gives it by name, or else its class's."""
     def type_for(kind: gguf.MODEL_TENSOR, name: str, shape: tuple[int, ...]) -> gguf.GGMLQuantizationType:
         if kind in EXPERT_KINDS and is_expert_weight(name):
             bid = int(name.split(".")[1])
             types = set(plan.projection_types(bid, EXPERT_KINDS[kind]))
             return quant_type(types.pop()).qtype if len(types) == 1 else T.F32
-        wanted = plan.non_expert.get(non_expert_class(name), NON_EXPERT_DEFAULTS[non_expert_class(name)])
+        wanted = plan.tensors.get(name) or plan.non_expert.get(non_expert_class(name),
+                                                               NON_EXPERT_DEFAULTS[non_expert_class(name)])
         return fit_type(kind, shape, T[wanted.upper()], name)
     return type_for
 
@@ -51,17 +44,18 @@ def plan_type_chooser(plan: Plan):
 GroupProducer = Callable[[int, str, ExpertGroup], np.ndarray]
 
 
-def layout_tensors(ckpt: Checkpoint, plan: Plan, produce_group: GroupProducer | None = None) -> list[OutputTensor]:
+def layout_tensors(ckpt: Checkpoint, plan: Plan, produce_group: GroupProducer | None = None,
+                   importance: Importance = no_importance) -> list[OutputTensor]:
     """Every tensor of the file the plan describes, expert groups split as gguf_io/layout.py names them.
 
     Without ``produce_group`` the expert tensors are described only (their
-    ``produce`` raises); quantize supplies it.
+    ``produce`` raises); quantize supplies it, and the other tensors' ``importance``.
     """
     def no_data() -> np.ndarray:
         raise AssertionError("this tensor list only describes the expert tensors")
 
     tensors = []
-    for tensor in plan_tensors(ckpt, plan_type_chooser(plan)):
+    for tensor in plan_tensors(ckpt, plan_type_chooser(plan), importance):
         parts = tensor.name.split(".")
         projection = parts[2][len("ffn_"):-len("_exps")] if len(parts) == 4 and is_expert_weight(tensor.name) else None
         if projection is None:

@@ -11,6 +11,9 @@ the way; then the
 quantization error of every expert at every candidate type is measured on a
 seeded sample of tokens (quant_error.py): here, or with ``ray`` by a task per
 expert on a Ray cluster while this process runs the next layer (cluster.py).
+The attention's weight matrices are measured here, at the tensor types, with
+the first layer the token embeddings, and after the last layer the output
+head (tensors.py).
 
 The work is resumable at layer granularity: finished layers and the hidden
 states after the last one are kept in ``<STATS>.partial.d`` (workdir.py)
@@ -34,7 +37,8 @@ from mc_gguf.calibrate.forward import CPU, decoder_layer, embed, load_experts, r
 from mc_gguf.calibrate.moe import RoutingRule, StatisticsMoE
 from mc_gguf.calibrate.quant_error import sample_errors, sampled_features
 from mc_gguf.calibrate.settings import CalibrationSettings
-from mc_gguf.calibrate.stats import CalibrationStats, LayerStats, load_stats
+from mc_gguf.calibrate.stats import CalibrationStats, LayerStats, TensorStats, load_stats
+from mc_gguf.calibrate.tensors import AttentionProbe, embedding_errors, output_errors
 from mc_gguf.calibrate.text import CalibrationText, pack_sequences
 from mc_gguf.calibrate.workdir import WorkDir
 from mc_gguf.device import torch_device
@@ -75,7 +79,7 @@ def _calibrate(model_dir: str | Path, out: Path, text: CalibrationText, settings
     if ray is not None:
         connect(ray)
     ckpt = open_checkpoint(model_dir)
-    for name in settings.types:
+    for name in (*settings.types, *settings.tensor_types):
         quant_type(name)  # unknown names fail here, not after an hour of calibration
     seq_len = min(settings.seq_len, int(ckpt.config.get("max_position_embeddings") or settings.seq_len))
     sequences = _tokenize(ckpt, text, settings.n_tokens, seq_len, settings.seed)
@@ -84,7 +88,8 @@ def _calibrate(model_dir: str | Path, out: Path, text: CalibrationText, settings
         done = _finished(out, info, settings)
         if done is not None:
             return done
-    work = WorkDir(Path(str(out) + ".partial.d"), fingerprint={**info, "types": list(settings.types)})
+    work = WorkDir(Path(str(out) + ".partial.d"), fingerprint={**info, "types": list(settings.types),
+                                                               "tensor_types": list(settings.tensor_types)})
 
     model = skeleton(ckpt)
     n_seq, length = sequences.shape
@@ -105,22 +110,25 @@ def _calibrate(model_dir: str | Path, out: Path, text: CalibrationText, settings
         from mc_gguf.calibrate.cluster import ClusterErrors
 
         errors = ClusterErrors(ckpt.path, settings)
-    in_flight: list[tuple[int, LayerStats | None]] = []  # layers whose errors the cluster is measuring
+    # layers whose errors the cluster is measuring
+    in_flight: list[tuple[int, LayerStats | None, dict[str, TensorStats]]] = []
 
-    def finish(il: int, layer_stats: LayerStats | None) -> None:
+    def finish(il: int, layer_stats: LayerStats | None, tensors: dict[str, TensorStats]) -> None:
         if errors is not None and layer_stats is not None:
             with tqdm(total=ckpt.n_experts, desc=f"layer {il + 1}/{ckpt.n_layers}: errors", unit="expert",
                       disable=not progress, dynamic_ncols=True) as bar:
                 errors.collect(il, layer_stats, on_expert=lambda: bar.update(1))
-        work.save_layer(il, layer_stats)
+        work.save_layer(il, layer_stats, tensors)
         work.drop_hidden(il)  # kept until now: a rerun starts at the first layer not saved
 
     started = time.monotonic()
     for il in range(start, ckpt.n_layers):
         hidden_in = work.open_hidden(il, shape)
-        hidden_out = None if il == ckpt.n_layers - 1 else work.new_hidden(il + 1, shape)
+        # the last layer's output only for the output head's statistics
+        last = il == ckpt.n_layers - 1
+        hidden_out = None if last and not settings.tensor_types else work.new_hidden(il + 1, shape)
         moe_inputs = work.new_inputs(il, (n_flat, shape[-1])) if settings.hessian and ckpt.is_moe(il) else None
-        layer_stats = calibrate_layer(model, ckpt, il, hidden_in, hidden_out, rotary, eps_positions, settings,
+        layer_stats, tensors = calibrate_layer(model, ckpt, il, hidden_in, hidden_out, rotary, eps_positions, settings,
                                       progress=progress, moe_inputs=moe_inputs, device=device, errors=errors,
                                       eta=_eta(time.monotonic() - started, il - start, ckpt.n_layers - il))
         if hidden_out is not None:
@@ -129,12 +137,16 @@ def _calibrate(model_dir: str | Path, out: Path, text: CalibrationText, settings
             work.finish_inputs(il, moe_inputs)
         del hidden_in
         # on a cluster, a layer's errors are taken after the next layer's forward, which runs meanwhile
-        in_flight.append((il, layer_stats))
+        in_flight.append((il, layer_stats, tensors))
         while len(in_flight) > (1 if errors is not None and il < ckpt.n_layers - 1 else 0):
             finish(*in_flight.pop(0))
 
-    stats = CalibrationStats(info=info, types=list(settings.types),
-                             layers=work.load_layers(ckpt.n_layers, dense=info["dense_layers"]))
+    layers, tensors = work.load_layers(ckpt.n_layers, dense=info["dense_layers"])
+    if settings.tensor_types:
+        tensors |= output_errors(ckpt, model, work.open_hidden(ckpt.n_layers, shape), eps_positions,
+                                 settings.tensor_types, len(eps_positions), device)
+    stats = CalibrationStats(info=info, types=list(settings.types), layers=layers,
+                             tensor_types=list(settings.tensor_types), tensors=tensors)
     stats.save(out, moe_inputs=work.open_inputs if settings.hessian else None)
     work.remove()
     return stats
@@ -143,17 +155,20 @@ def _calibrate(model_dir: str | Path, out: Path, text: CalibrationText, settings
 def calibrate_layer(model, ckpt: Checkpoint, bid: int, hidden_in: np.ndarray, hidden_out: np.ndarray | None,
                     rotary, eps_positions: np.ndarray, settings: CalibrationSettings,
                     *, progress: bool, eta: str = "", moe_inputs: np.ndarray | None = None,
-                    device: torch.device = CPU, errors: ClusterErrors | None = None) -> LayerStats | None:
+                    device: torch.device = CPU, errors: ClusterErrors | None = None
+                    ) -> tuple[LayerStats | None, dict[str, TensorStats]]:
     """One layer: its forward with the statistics gathered on the way, then every expert's eps (None, and
     only the forward, for a dense layer), computed on ``device``, or put in flight on ``errors``' cluster (its
-    ``collect`` fills them in; a calibration without types has none). ``moe_inputs`` [tokens, H] receives the MoE block's inputs."""
+    ``collect`` fills them in; a calibration without types has none), and its attention's tensors' statistics
+    (tensors.py). ``moe_inputs`` [tokens, H] receives the MoE block's inputs."""
     if not ckpt.is_moe(bid):
         bar = tqdm(total=hidden_in.shape[0], desc=f"layer {bid + 1}/{ckpt.n_layers} (dense){eta}", unit="step",
                    disable=not progress, dynamic_ncols=True)
         with decoder_layer(model, ckpt, bid, None, device) as layer:
-            run_layer(model, layer, bid, rotary, hidden_in, hidden_out, on_batch=bar.update)
+            _, tensors = _run_measured(model, ckpt, layer, bid, rotary, hidden_in, hidden_out, eps_positions,
+                                       settings, bar)
         bar.close()
-        return None
+        return None, tensors
 
     glu = ckpt.arch.expert_activation.glu(ckpt.config)
     router, experts = load_experts(ckpt, bid, device)
@@ -164,7 +179,8 @@ def calibrate_layer(model, ckpt: Checkpoint, bid: int, hidden_in: np.ndarray, hi
     bar = tqdm(total=hidden_in.shape[0] + len(experts) * local_errors, desc=f"layer {bid + 1}/{ckpt.n_layers}{eta}",
                unit="step", disable=not progress, dynamic_ncols=True)
     with decoder_layer(model, ckpt, bid, moe, device) as layer:
-        output_norms = run_layer(model, layer, bid, rotary, hidden_in, hidden_out, on_batch=bar.update)
+        output_norms, tensors = _run_measured(model, ckpt, layer, bid, rotary, hidden_in, hidden_out, eps_positions,
+                                              settings, bar)
     layer_stats = moe.layer_stats(len(settings.types))
     norms = np.maximum(output_norms, np.finfo(np.float32).tiny)[:, None].astype(np.float32)
     layer_stats.skip_cost /= norms
@@ -174,7 +190,21 @@ def calibrate_layer(model, ckpt: Checkpoint, bid: int, hidden_in: np.ndarray, hi
     elif settings.types:
         _measure_eps(layer_stats, moe, settings, bid, bar)
     bar.close()
-    return layer_stats
+    return layer_stats, tensors
+
+
+def _run_measured(model, ckpt: Checkpoint, layer, bid: int, rotary, hidden_in: np.ndarray,
+                  hidden_out: np.ndarray | None, eps_positions: np.ndarray, settings: CalibrationSettings,
+                  bar: tqdm) -> tuple[np.ndarray, dict[str, TensorStats]]:
+    """The layer's forward (run_layer's output norms) with its attention's statistics gathered on the way and
+    its tensors' errors measured after it; the first layer's also give the token embeddings' (its input)."""
+    with AttentionProbe(layer.self_attn) as probe:
+        output_norms = run_layer(model, layer, bid, rotary, hidden_in, hidden_out, on_batch=bar.update)
+    bar.set_postfix_str(f"attention: errors of {len(settings.tensor_types)} types", refresh=True)
+    tensors = probe.errors(ckpt, bid, settings.tensor_types, len(eps_positions))
+    if bid == 0:
+        tensors |= embedding_errors(ckpt, hidden_in, output_norms, eps_positions, settings.tensor_types)
+    return output_norms, tensors
 
 
 def _measure_eps(layer_stats: LayerStats, moe: StatisticsMoE, settings: CalibrationSettings, bid: int,
@@ -204,7 +234,8 @@ def _finished(out: Path, info: dict, settings: CalibrationSettings) -> Calibrati
         stats = load_stats(out)
     except McGgufError:
         return None
-    return stats if stats.info == info and stats.types == list(settings.types) else None
+    return stats if (stats.info == info and stats.types == list(settings.types)
+                     and stats.tensor_types == list(settings.tensor_types)) else None
 
 
 def _tokenize(ckpt: Checkpoint, text: CalibrationText, n_tokens: int, seq_len: int, seed: int) -> np.ndarray:

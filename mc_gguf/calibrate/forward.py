@@ -96,19 +96,29 @@ def decoder_layer(model, ckpt: Checkpoint, bid: int, moe: torch.nn.Module | None
             setattr(moe, name, getattr(original, name))
         setattr(layer, ckpt.arch.hf_moe_module, moe)
     try:
-        layer.to_empty(device=device)
-        layer.load_state_dict({key: torch.from_numpy(_layer_tensor(ckpt, bid, key)) for key in layer.state_dict()})
-        yield layer
+        with checkpoint_weights(layer, ckpt, f"model.layers.{bid}.", f"layer {bid}'s", device):
+            yield layer
     finally:
-        layer.to("meta")
         setattr(layer, ckpt.arch.hf_moe_module, original)
 
 
-def _layer_tensor(ckpt: Checkpoint, bid: int, key: str) -> np.ndarray:
-    """The checkpoint tensor behind a decoder layer's state-dict key (attention and norms)."""
-    name = f"model.layers.{bid}.{key}"
+@contextmanager
+def checkpoint_weights(module: torch.nn.Module, ckpt: Checkpoint, prefix: str, whose: str,
+                       device: torch.device = CPU) -> Iterator[torch.nn.Module]:
+    """``module`` of the meta skeleton with its weights read from the checkpoint tensors ``prefix`` + its state-dict
+    keys, on ``device``; given back to the meta device when the block ends."""
+    try:
+        module.to_empty(device=device)
+        module.load_state_dict({key: torch.from_numpy(_checkpoint_tensor(ckpt, prefix + key, f"{whose} {key}"))
+                                for key in module.state_dict()})
+        yield module
+    finally:
+        module.to("meta")
+
+
+def _checkpoint_tensor(ckpt: Checkpoint, name: str, what: str) -> np.ndarray:
     if name not in ckpt.tensors:
-        raise CheckpointError(f"{ckpt.path}: no checkpoint tensor for layer {bid}'s {key}")
+        raise CheckpointError(f"{ckpt.path}: no checkpoint tensor for {what}")
     return ckpt.load(name)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mc_gguf.ggml.types import CANDIDATES
+from mc_gguf.ggml.types import CANDIDATES, TENSOR_CANDIDATES
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,9 @@ class CalibrationSettings:
     eps_iquant_share: int = 4
     hessian: bool = False         # also store full X^T X per expert (for GPTQ)
     types: tuple[str, ...] = tuple(CANDIDATES)
+    # the types the other weight matrices' errors are measured at (calibrate/tensors.py); (): not measured, and
+    # those tensors stay at their class's type whatever the budget
+    tensor_types: tuple[str, ...] = TENSOR_CANDIDATES
     # the torch device of the layer forward and the error pass's products (ggml's quantizer runs on the CPU);
     # not part of what the statistics were measured from
     device: str = "cpu"

@@ -33,6 +33,13 @@ hessian.py), rather than [E, H, H] and [E, F, F] sums per layer (7 GB a layer at
     blk.N.routed_weights [tokens, k]  float32, the weights the block applied to them
 
 ``moe_input`` is read one layer at a time (CalibrationStats.moe_input), never with the rest.
+
+The other weight matrices (calibrate/tensors.py), by GGUF name (``blk.0.attn_q.weight``, ``token_embd.weight``,
+``output.weight``), U tensor types (the header's ``tensor_types``; none in files of earlier versions):
+
+    tensor.NAME.error       [U]  output error with only this tensor at type u, in the units of eps
+    tensor.NAME.importance  [n]  mean of x^2 over the calibration tokens of its input columns (llama-imatrix's);
+                                 token_embd, a table of rows, has none
 """
 
 from __future__ import annotations
@@ -92,6 +99,33 @@ class LayerStats:
         return np.where(counts > 0, sums / np.maximum(counts, 1), 1.0).astype(np.float32)
 
 
+@dataclass
+class TensorStats:
+    """One of the other weight matrices (attention, token embeddings, output head): its error at each tensor type
+    and the importance of its input columns (None for token_embd)."""
+    error: np.ndarray
+    importance: np.ndarray | None = None
+
+
+TENSOR_PREFIX = "tensor."
+
+
+def tensor_arrays(tensors: dict[str, TensorStats]) -> dict[str, np.ndarray]:
+    arrays = {}
+    for name, stats in tensors.items():
+        arrays[f"{TENSOR_PREFIX}{name}.error"] = np.ascontiguousarray(stats.error, dtype=np.float64)
+        if stats.importance is not None:
+            arrays[f"{TENSOR_PREFIX}{name}.importance"] = np.ascontiguousarray(stats.importance, dtype=np.float32)
+    return arrays
+
+
+def read_tensors(arrays: dict[str, np.ndarray]) -> dict[str, TensorStats]:
+    names = sorted(key[len(TENSOR_PREFIX):-len(".error")] for key in arrays
+                   if key.startswith(TENSOR_PREFIX) and key.endswith(".error"))
+    return {name: TensorStats(arrays[f"{TENSOR_PREFIX}{name}.error"],
+                              arrays.get(f"{TENSOR_PREFIX}{name}.importance")) for name in names}
+
+
 def _normalised(values: np.ndarray) -> np.ndarray:
     values = values.astype(np.float64)
     total = values.sum()
@@ -103,7 +137,9 @@ class CalibrationStats:
     info: dict                       # provenance: model, text, tokens, seed, ...
     types: list[str]                 # candidate types, the columns of every eps
     layers: list[LayerStats | None] = field(default_factory=list)  # None: a dense layer (no experts)
-    path: Path | None = None         # the file they were read from or saved to (moe_input is read from it)
+    path: Path | None = None
+    tensor_types: list[str] = field(default_factory=list)   # the columns of every tensor error
+    tensors: dict[str, TensorStats] = field(default_factory=dict)  # GGUF name -> the other weight matrices         # the file they were read from or saved to (moe_input is read from it)
 
     @property
     def moe_layers(self) -> list[tuple[int, LayerStats]]:
@@ -136,7 +172,8 @@ class CalibrationStats:
     def save(self, path: str | Path, moe_inputs: Callable[[int], np.ndarray] | None = None) -> Path:
         """Write the file; ``moe_inputs(bid)`` gives each MoE layer's inputs (--hessian), which are streamed
         into it one layer at a time."""
-        arrays: dict[str, np.ndarray | Callable[[], np.ndarray]] = dict(layer_arrays(self.layers))
+        arrays: dict[str, np.ndarray | Callable[[], np.ndarray]] = {**layer_arrays(self.layers),
+                                                                    **tensor_arrays(self.tensors)}
         if moe_inputs is not None:
             for bid, _ in self.moe_layers:
                 arrays[f"blk.{bid}.moe_input"] = functools.partial(moe_inputs, bid)
@@ -146,7 +183,16 @@ class CalibrationStats:
         return self.path
 
     def header(self) -> dict:
-        return {"format": FORMAT_VERSION, "types": self.types, **self.info}
+        tensor_types = {"tensor_types": self.tensor_types} if self.tensor_types else {}
+        return {"format": FORMAT_VERSION, "types": self.types, **tensor_types, **self.info}
+
+    def importance(self, name: str, n_per_row: int) -> np.ndarray | None:
+        """The importance of GGUF tensor ``name``'s input columns, where the calibration measured one of
+        ``n_per_row`` (its rows in the file are as long)."""
+        stats = self.tensors.get(name)
+        if stats is None or stats.importance is None or stats.importance.shape != (n_per_row,):
+            return None
+        return stats.importance
 
 
 def layer_arrays(layers: list[LayerStats | None], first: int = 0) -> dict[str, np.ndarray]:
@@ -194,7 +240,8 @@ def load_stats(path: str | Path) -> CalibrationStats:
             # only LayerStats' arrays: the MoE inputs stay in the file until a layer's are asked for
             # (CalibrationStats.moe_input)
             known = {column.name for column in fields(LayerStats)}
-            wanted = sorted(name for name in names if name.rpartition(".")[2] in known)
+            wanted = sorted(name for name in names if name.rpartition(".")[2] in known
+                            or name.startswith(TENSOR_PREFIX))
             for name in wanted:  # numpy reads no bfloat16 or float8: such an array is not one save() wrote
                 if numpy_dtype(dtype := f.get_slice(name).get_dtype()) is None:
                     raise StatsFileError(f"{path}: {name} is stored as {dtype}, a type the statistics never have")
@@ -206,10 +253,14 @@ def load_stats(path: str | Path) -> CalibrationStats:
         raise StatsFileError(f"{path} is not a readable statistics file (its header is nested too deeply)") from None
     _check_header(path, header)
     types = header.pop("types")
+    tensor_types = header.pop("tensor_types", [])
     header.pop("format")
     layers = read_layers(arrays, header["n_layer"], dense=header.get("dense_layers") or ())
     _check_arrays(path, layers, len(types), inputs)
-    return CalibrationStats(info=header, types=types, layers=layers, path=path)
+    tensors = read_tensors(arrays)
+    _check_tensors(path, tensors, len(tensor_types))
+    return CalibrationStats(info=header, types=types, layers=layers, path=path, tensor_types=tensor_types,
+                            tensors=tensors)
 
 
 MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS
@@ -228,7 +279,10 @@ def _check_header(path: Path, header) -> None:
     types = header.get("types")
     if not isinstance(types, list) or not types:
         raise StatsFileError(f"{path}: the header's types are {types!r}, not a list of candidate types")
-    for name in types:
+    tensor_types = header.get("tensor_types", [])
+    if not isinstance(tensor_types, list):
+        raise StatsFileError(f"{path}: the header's tensor_types are {tensor_types!r}, not a list of types")
+    for name in [*types, *tensor_types]:
         try:
             quant_type(name)
         except ValueError as exc:
@@ -245,6 +299,20 @@ def _check_header(path: Path, header) -> None:
         value = header.get(key)
         if value is not None and not (_whole(value) and least <= value < 2 ** 32):
             raise StatsFileError(f"{path}: the header's {key} is {value!r}; it must be a whole number from {least}")
+
+
+def _check_tensors(path: Path, tensors: dict[str, TensorStats], n_types: int) -> None:
+    """Every tensor's error a row of the header's tensor types, its importance a row; finite and at least 0."""
+    for name, stats in tensors.items():
+        for what, value, ndim in (("error", stats.error, 1), ("importance", stats.importance, 1)):
+            if value is None:
+                continue
+            if value.ndim != ndim or what == "error" and value.shape[0] != n_types:
+                raise StatsFileError(f"{path}: the {what} of {name} has shape {list(value.shape)}, expected "
+                                     + (f"[{n_types}] (the header's tensor types)" if what == "error" else "[n]"))
+            if value.dtype.kind != "f" or not np.isfinite(value).all() or value.size and value.min() < 0:
+                raise StatsFileError(f"{path}: the {what} of {name} holds values that are not finite numbers "
+                                     "at least 0")
 
 
 def _whole(value) -> bool:

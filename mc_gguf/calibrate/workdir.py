@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from mc_gguf.atomic import fsync_file, fsync_folder, reserve_space
-from mc_gguf.calibrate.stats import LayerStats, layer_arrays, read_layers
+from mc_gguf.calibrate.stats import LayerStats, TensorStats, layer_arrays, read_layers, read_tensors, tensor_arrays
 from mc_gguf.errors import McGgufError
 
 
@@ -111,21 +111,24 @@ class WorkDir:
             il += 1
         return il
 
-    def save_layer(self, il: int, layer: LayerStats | None) -> None:
-        """Mark layer ``il`` done with its statistics (a dense layer's file holds none)."""
+    def save_layer(self, il: int, layer: LayerStats | None, tensors: dict[str, TensorStats] | None = None) -> None:
+        """Mark layer ``il`` done with its statistics (a dense layer's file holds no expert statistics) and its other
+        tensors' (calibrate/tensors.py)."""
         from safetensors.numpy import save_file
 
         tmp = self._partial(self.layer_path(il))
-        save_file(layer_arrays([layer], first=il), str(tmp))
+        save_file({**layer_arrays([layer], first=il), **tensor_arrays(tensors or {})}, str(tmp))
         self._commit(tmp, self.layer_path(il))
 
-    def load_layers(self, n_layers: int, dense: Collection[int] = ()) -> list[LayerStats | None]:
+    def load_layers(self, n_layers: int, dense: Collection[int] = ()
+                    ) -> tuple[list[LayerStats | None], dict[str, TensorStats]]:
+        """Every layer's statistics, and the other tensors' of all layers."""
         from safetensors.numpy import load_file
 
         arrays = {}
         for il in range(n_layers):
             arrays.update(load_file(str(self.layer_path(il))))
-        return read_layers(arrays, n_layers, dense=dense)
+        return read_layers(arrays, n_layers, dense=dense), read_tensors(arrays)
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

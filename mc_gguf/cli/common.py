@@ -304,15 +304,17 @@ def add_budget_flags(p: argparse.ArgumentParser, bits_help: str) -> None:
     budget.add_argument("--bits", type=positive_float, help=bits_help)
     budget.add_argument("--size", type=file_size, metavar="SIZE",
                         help="the largest file to write instead, e.g. 9.5G, 8.44M or 9GiB (a target size, as "
-                        "llama.cpp's PR #15550 proposes for llama-quantize): the header and the non-expert tensors "
-                        "at their types are paid first, the experts' types share the rest")
+                        "llama.cpp's PR #15550 proposes for llama-quantize): the header is paid first, the experts' "
+                        "types and the other tensors' share the rest (attention, token_embd and output, each at the "
+                        "type its measured error earns, unless --tensor-type fixes its class)")
 
 
 def add_tensor_type_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-type", action="append", default=[], metavar="CLASS=TYPE",
                    help="type of a non-expert class: token_embd, output or attn (defaults: "
-                        + ", ".join(f"{k}={v}" for k, v in NON_EXPERT_DEFAULTS.items()) + "); norms and router stay "
-                        "F32; repeat for each class")
+                        + ", ".join(f"{k}={v}" for k, v in NON_EXPERT_DEFAULTS.items()) + "; with a budget over the "
+                        "whole file, --size or --scope model, a class not given here is chosen tensor by tensor with "
+                        "the experts' types); norms and router stay F32; repeat for each class")
 
 
 def parse_non_expert(items: list[str]) -> dict[str, str]:

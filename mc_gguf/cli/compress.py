@@ -93,7 +93,7 @@ def settings_of(args: argparse.Namespace) -> CompressSettings:
         allocation=replace(defaults.allocation, layout=args.layout, per_projection=args.per_projection,
                            types=tuple(args.types) if args.types else None, alpha=args.alpha, beta=args.beta,
                            gamma=args.gamma, max_types=args.max_types,
-                           non_expert={**defaults.allocation.non_expert, **parse_non_expert(args.tensor_type)}),
+                           non_expert=parse_non_expert(args.tensor_type)),
         tune=tune_settings(args),  # a device this machine lacks is refused here, before any work
         gptq=args.gptq,
         odp=OdpSettings(skip=args.odp_skip, rule=args.odp_rule, renormalize=args.odp_renormalize),

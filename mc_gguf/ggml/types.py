@@ -55,6 +55,11 @@ CANDIDATES: dict[str, QuantType] = {q.name: q for q in (
     QuantType("Q8_0", 8, 32, HALF + 32),                                                     # d, qs
 )}
 
+# The types the other weight matrices (attention, token embeddings, output head) are measured and allocated at when
+# they join the budget (calibrate/tensors.py), fewest bits first: none needs an importance matrix, which
+# llama-imatrix does not collect for token_embd, and none below Q2_K, since every token reads these tensors.
+TENSOR_CANDIDATES = ("Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+
 # Types a row length that is not whole 256-blocks falls back to (tensor_type_fallback below).
 FALLBACKS: dict[str, QuantType] = {q.name: q for q in (
     QuantType("IQ4_NL", 20, 32, HALF + 32 // 2),            # d, qs

@@ -63,9 +63,16 @@ GGUF_PY_TYPES = (T.F16, T.BF16, T.Q8_0)
 # Chooses a tensor's type from its kind, GGUF name and shape.
 TypeChooser = Callable[[gguf.MODEL_TENSOR, str, tuple[int, ...]], gguf.GGMLQuantizationType]
 
+# The importance matrix of a GGUF tensor (its name, its rows' length), or None (calibrate/stats.py's importance).
+Importance = Callable[[str, int], "np.ndarray | None"]
 
-def encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
-    """float32 -> the bytes of ``qtype``."""
+
+def no_importance(name: str, n_per_row: int) -> None:
+    return None
+
+
+def encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """float32 -> the bytes of ``qtype``; ``imatrix`` weighs the K- and i-quants' rounding (llama-quantize's)."""
     data = np.ascontiguousarray(data, dtype=np.float32)
     if qtype == T.F32:
         return data
@@ -73,7 +80,7 @@ def encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
         return gguf.quants.quantize(data, qtype)
     from mc_gguf.ggml import quants
 
-    return quants.quantize(data.reshape(-1, data.shape[-1]), qtype).reshape(
+    return quants.quantize(data.reshape(-1, data.shape[-1]), qtype, imatrix).reshape(
         *data.shape[:-1], -1)
 
 
@@ -94,10 +101,13 @@ def uniform_type(wanted: gguf.GGMLQuantizationType) -> TypeChooser:
     return lambda kind, name, shape: fit_type(kind, shape, wanted, name)
 
 
-def plan_tensors(ckpt: Checkpoint, type_for: TypeChooser) -> list[OutputTensor]:
+def plan_tensors(ckpt: Checkpoint, type_for: TypeChooser, importance: Importance = no_importance
+                 ) -> list[OutputTensor]:
     """Every GGUF tensor of the output, in llama.cpp's usual order, with how to produce it: the routed
-    experts stacked from the checkpoint one at a time, the rest from the row's converter."""
-    tensors = [*NON_EXPERT_TENSORS[ckpt.arch.converter](ckpt, type_for), *expert_tensors(ckpt, type_for)]
+    experts stacked from the checkpoint one at a time, the rest from the row's converter (quantized with their
+    ``importance``)."""
+    tensors = [*NON_EXPERT_TENSORS[ckpt.arch.converter](ckpt, type_for, importance),
+               *expert_tensors(ckpt, type_for)]
     return sorted(tensors, key=_gguf_order)
 
 
@@ -124,7 +134,8 @@ def _gguf_name(ckpt: Checkpoint, name_map: gguf.TensorNameMap, hf_key: str) -> t
     return found  # the suffix (.weight/.bias) is carried over by TensorNameMap
 
 
-def own_non_expert_tensors(ckpt: Checkpoint, type_for: TypeChooser) -> list[OutputTensor]:
+def own_non_expert_tensors(ckpt: Checkpoint, type_for: TypeChooser, importance: Importance = no_importance
+                           ) -> list[OutputTensor]:
     """mc-gguf's own conversion of every tensor but the routed experts (Mixtral: llama.cpp's "llama" arch)."""
     arch = ckpt.arch
     config = ckpt.config
@@ -137,7 +148,8 @@ def own_non_expert_tensors(ckpt: Checkpoint, type_for: TypeChooser) -> list[Outp
     def add(hf_key: str, shape: tuple[int, ...], produce_f32: Callable[[], np.ndarray]) -> None:
         kind, gguf_name = _gguf_name(ckpt, name_map, hf_key)
         qtype = type_for(kind, gguf_name, shape)
-        tensors.append(OutputTensor(gguf_name, shape, qtype, lambda: encode(produce_f32(), qtype)))
+        tensors.append(OutputTensor(gguf_name, shape, qtype, lambda: encode(
+            produce_f32(), qtype, importance(gguf_name, shape[-1]))))
 
     for name in ckpt.tensors:
         if routed.match(name) or IGNORED.match(name):
@@ -154,7 +166,8 @@ def own_non_expert_tensors(ckpt: Checkpoint, type_for: TypeChooser) -> list[Outp
     return tensors
 
 
-def llama_cpp_non_expert_tensors(ckpt: Checkpoint, type_for: TypeChooser) -> list[OutputTensor]:
+def llama_cpp_non_expert_tensors(ckpt: Checkpoint, type_for: TypeChooser, importance: Importance = no_importance
+                                 ) -> list[OutputTensor]:
     """Every tensor of llama.cpp's conversion without the experts (llama_convert.base_without_experts),
     re-encoded to the type ``type_for`` gives it (its bytes as they are where that is the file's type)."""
     reader = open_gguf(base_without_experts(ckpt))
@@ -170,7 +183,8 @@ def llama_cpp_non_expert_tensors(ckpt: Checkpoint, type_for: TypeChooser) -> lis
         if qtype == t.tensor_type:
             produce = lambda t=t: np.asarray(t.data)  # noqa: E731
         else:
-            produce = lambda t=t, qtype=qtype: encode(gguf.quants.dequantize(t.data, t.tensor_type), qtype)  # noqa: E731
+            produce = lambda t=t, qtype=qtype, shape=shape: encode(  # noqa: E731
+                gguf.quants.dequantize(t.data, t.tensor_type), qtype, importance(t.name, shape[-1]))
         tensors.append(OutputTensor(t.name, shape, qtype, produce))
     return tensors
 
@@ -186,7 +200,7 @@ def _tensor_kinds(arch: gguf.MODEL_ARCH, n_layers: int) -> dict[str, gguf.MODEL_
 
 
 # Who converts what mc-gguf does not decide itself, by the row's ``converter``.
-NON_EXPERT_TENSORS: dict[Converter, Callable[[Checkpoint, TypeChooser], list[OutputTensor]]] = {
+NON_EXPERT_TENSORS: dict[Converter, Callable[[Checkpoint, TypeChooser, Importance], list[OutputTensor]]] = {
     Converter.MC_GGUF: own_non_expert_tensors,
     Converter.LLAMA_CPP: llama_cpp_non_expert_tensors,
 }

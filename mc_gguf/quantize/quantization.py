@@ -27,7 +27,7 @@ from mc_gguf.device import torch_device
 from mc_gguf.errors import McGgufError
 from mc_gguf.ggml.types import quant_type, stored_type
 from mc_gguf.gguf_io import keys
-from mc_gguf.gguf_io.convert import model_metadata
+from mc_gguf.gguf_io.convert import model_metadata, no_importance
 from mc_gguf.gguf_io.metadata import file_type_of
 from mc_gguf.gguf_io.requirements import requirements
 from mc_gguf.gguf_io.layout import PROJECTIONS, ExpertGroup, expert_groups, row_length
@@ -91,7 +91,8 @@ def quantize(model_dir: str | Path, plan: Plan, out: str | Path, *, stats: Calib
     def produce_group(bid: int, projection: str, group: ExpertGroup) -> np.ndarray:
         return stack_one_at_a_time(len(group.experts), lambda i: one(bid, group.experts[i], projection))
 
-    tensors = layout_tensors(ckpt, plan, produce_group)
+    # the other tensors with their importance matrices where the calibration measured them (calibrate/tensors.py)
+    tensors = layout_tensors(ckpt, plan, produce_group, stats.importance if stats is not None else no_importance)
     measured = tensor_totals(tensors)
 
     odp_keys = pruning.odp_metadata(odp) if odp is not None else {}

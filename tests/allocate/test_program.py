@@ -100,3 +100,27 @@ def test_bounded_types_conflicting_with_per_layer_is_infeasible():
     problem.tensor_of = problem.layer_of
     with pytest.raises(InfeasibleBudgetError, match="with at most 1 type per tensor"):
         solve(problem, 2.5, per_layer=True, max_types=1)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_choices_limited_to_their_own_types_match_brute_force(seed):
+    """``allowed``: some choices (the other tensors) take only some types; the optimum is brute force's over the
+    assignments that respect it, and the feasible range counts only the allowed types."""
+    problem = random_problem(seed)
+    allowed = np.ones(problem.cost.shape, dtype=bool)
+    allowed[:3, 0] = False   # these may not take the smallest type
+    allowed[3:5, 2] = False  # nor these the largest
+    problem.allowed = allowed
+    budget = 2.6
+    choice = solve(problem, budget)
+    assert allowed[np.arange(len(choice)), choice].all()
+    best = np.inf
+    n = problem.n_weights
+    for assignment in itertools.product(range(len(BPW)), repeat=len(n)):
+        assignment = np.array(assignment)
+        if allowed[np.arange(len(n)), assignment].all() and (n * BPW[assignment]).sum() <= budget * n.sum() + 1e-9:
+            best = min(best, problem.cost[np.arange(len(n)), assignment].sum())
+    assert problem.cost[np.arange(len(choice)), choice].sum() == pytest.approx(best, rel=1e-9)
+    low = (n[:3] * BPW[1]).sum() + (n[3:] * BPW[0]).sum()
+    with pytest.raises(InfeasibleBudgetError, match=f"feasible budgets are {low / n.sum():.3f}"):
+        solve(problem, 2.0)

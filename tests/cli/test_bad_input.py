@@ -71,11 +71,11 @@ def test_interrupted_write_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch)
     real_encode = convert_module.encode
     calls = {"n": 0}
 
-    def failing_encode(data, qtype):
+    def failing_encode(data, qtype, *importance):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        return real_encode(data, qtype)
+        return real_encode(data, qtype, *importance)
 
     monkeypatch.setattr(convert_module, "encode", failing_encode)
     with pytest.raises(KeyboardInterrupt):

@@ -66,7 +66,8 @@ def test_infeasible_budget_fails_before_calibrating_and_writes_nothing(tiny_mode
 
 def test_compress_to_a_file_size_writes_a_file_of_at_most_that_size(tiny_model_dir, tmp_path, capsys):
     """--size: the real file, with every mc.* key and the pruning thresholds, fits; the experts took the room
-    (the file is bigger than every expert at Q4_K would make it)."""
+    (more bits than Q4_K's, where every expert at Q4_K and the rest at Q8_0 would fit), the other tensors sharing it
+    where --tensor-type does not fix them."""
     from mc_gguf.allocate.allocation import uniform_plan
     from mc_gguf.allocate.size import predict
     from mc_gguf.hf.checkpoint import open_checkpoint
@@ -79,13 +80,14 @@ def test_compress_to_a_file_size_writes_a_file_of_at_most_that_size(tiny_model_d
     assert main(["compress", str(tiny_model_dir), "--size", str(size), "--types", *TEST_TYPES, "--tokens", "512",
                  "--seq-len", "128", "--no-tune", "--odp-skip", "0.25", "--tensor-type", "attn=Q6_K", "-q",
                  "-o", str(out)]) == 0
-    assert sizes[0] < out.stat().st_size <= size
+    assert sizes[0] < size and out.stat().st_size <= size
     attention = {t.tensor_type.name for t in gguf.GGUFReader(out).tensors if t.name.startswith("blk.0.attn_q.")}
     assert attention == {"Q6_K"}  # --tensor-type, whose bytes the budget paid
     capsys.readouterr()
     assert main(["inspect", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["mc"]["mc.plan.scope"] == "model"
+    assert info["expert_bpw"] > 4.5  # Q4_K's bits per weight
     assert info["mc"]["mc.plan.budget_bpw"] == pytest.approx(8 * size / predicted[0]["n_weights"], rel=1e-6)
 
 

@@ -192,11 +192,11 @@ def test_sigterm_is_handled_as_ctrl_c(tiny_model_dir, tmp_path):
             "calls = []\n"
             "from mc_gguf.gguf_io import convert as c\n"
             "real_encode = c.encode\n"
-            "def encode(data, qtype):\n"
+            "def encode(data, qtype, *importance):\n"
             "    calls.append(1)\n"
             "    if len(calls) == 3:\n"
             "        os.kill(os.getpid(), signal.SIGTERM)\n"
-            "    return real_encode(data, qtype)\n"
+            "    return real_encode(data, qtype, *importance)\n"
             "c.encode = encode\n"
             "from mc_gguf.cli import main\n"
             "sys.exit(main(sys.argv[1:]))\n")
