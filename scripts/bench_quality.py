@@ -37,13 +37,14 @@ Prints one JSON object; --json and --png write it and the Pareto plots.
 recipes with imatrix (WHOLE_FILE_RECIPES, IQ2_XXS to Q4_K_M), and mc-gguf
 at the size of each of the --at recipes' files (`compress --size`: its
 defaults, tuned with a type per projection), with the non-expert tensors
-chosen by the program (its default) and at each fixed set of
-NON_EXPERT_SETS (fixed here, not chosen on the evaluation text):
-each mc-gguf row's KLD over llama.cpp's front at its size, and over the
-recipe whose size it took.
+chosen by the program (its default), chosen without their Hessians (so
+not tuned: what tuning them brings) and at each fixed
+set of NON_EXPERT_SETS (fixed here, not chosen on the evaluation text), or
+the --sets named: each mc-gguf row's KLD over llama.cpp's front at its size,
+and over the recipe whose size it took.
 
     python scripts/bench_quality.py [--stats STATS] [--workdir build/bench-quality] [--json q.json] [--png q.png]
-    python scripts/bench_quality.py --whole-file [--at IQ2_XS Q3_K_S] [--stats STATS]
+    python scripts/bench_quality.py --whole-file [--at IQ2_XS Q3_K_S] [--sets chosen Q6_K] [--stats STATS]
     python scripts/bench_quality.py --quick   (a tiny model built here, a few configurations: checks the script works)
 """
 
@@ -54,6 +55,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from itertools import product
 from pathlib import Path
 
@@ -68,8 +70,10 @@ LLAMA_FAMILIES = ("llama.cpp recipe", "llama.cpp experts")
 AUTOROUND_SCHEMES = ("gguf:q2_k_s", "gguf:q3_k_s")
 WHOLE_FILE_RECIPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M")
 # the non-expert tensors' types mc-gguf's whole files are made with (the types the writer holds for them)
-# ("chosen": none fixed, the program chooses every other tensor's type from its measured errors, compress's default)
+# ("chosen": none fixed, the program chooses every other tensor's type from its measured errors, compress's default;
+# "chosen untuned": the same without the other tensors' Hessians, so that ggml's quantizer alone quantizes them)
 NON_EXPERT_SETS = {"chosen": {},
+                   "chosen untuned": {},
                    "Q8_0": Q8_NON_EXPERT,
                    "Q6_K": {"token_embd": "Q6_K", "output": "Q6_K", "attn": "Q6_K"},
                    "Q4_K": {"token_embd": "Q4_K", "output": "Q6_K", "attn": "Q4_K"}}
@@ -174,23 +178,25 @@ def whole_files(model: str, stats, work: Path, llama: list[dict], args) -> list[
     started = time.perf_counter()
     ratios = tuned_error_ratios(model, stats, list(stats.types), settings=tune, progress=False)
     ratio_seconds = time.perf_counter() - started
+    untuned = replace(stats, tensors={name: replace(t, hessian=None) for name, t in stats.tensors.items()})
     configs = []
     for row in llama:
         recipe = row["name"].removeprefix("llama.cpp ")
         if recipe not in args.at:
             continue
         size = row["path"].stat().st_size
-        for label, non_expert in NON_EXPERT_SETS.items():
+        for label in args.sets:
             name = f"mc-gguf file {recipe} size non-expert {label}"
+            used = untuned if label == "chosen untuned" else stats
             try:
-                plan = allocate(stats, size=size, model_dir=model, non_expert=non_expert, error_scale=ratios,
-                                per_projection=True, **COMPRESS_COST)
+                plan = allocate(used, size=size, model_dir=model, non_expert=NON_EXPERT_SETS[label],
+                                error_scale=ratios, per_projection=True, **COMPRESS_COST)
             except InfeasibleBudgetError as exc:
                 print(f"{name}: {exc}", file=sys.stderr, flush=True)
                 continue
             path = work / (name.replace(" ", "-") + ".gguf")
             started = time.perf_counter()
-            produce(path, lambda tmp, p=plan: quantize(model, p, tmp, stats=stats, tune=tune, progress=False))
+            produce(path, lambda tmp, p=plan, u=used: quantize(model, p, tmp, stats=u, tune=tune, progress=False))
             configs.append({"name": name, "family": "mc-gguf", "path": path, "target_bytes": size,
                             "size_of": row["name"], "non_expert": label, "tune": True,
                             "quantize_s": round(time.perf_counter() - started + ratio_seconds, 1)})
@@ -300,6 +306,9 @@ def main() -> int:
     parser.add_argument("--at", nargs="+", default=["IQ2_XS", "Q3_K_S"], choices=WHOLE_FILE_RECIPES,
                         metavar="RECIPE",
                         help="--whole-file: the recipes whose file sizes mc-gguf is made at (default: IQ2_XS Q3_K_S)")
+    parser.add_argument("--sets", nargs="+", default=list(NON_EXPERT_SETS), choices=list(NON_EXPERT_SETS),
+                        metavar="SET", help="--whole-file: the sets of non-expert types mc-gguf's files are made with "
+                        f"(default: all, {', '.join(NON_EXPERT_SETS)})")
     args = parser.parse_args()
     args.recipes, args.expert_types = RECIPES, EXPERT_TYPES
     if args.whole_file:

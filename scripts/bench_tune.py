@@ -11,6 +11,10 @@ and the fit's factorizations are not: the report gives both, and per-expert esti
 one JSON object; run it against another checkout of the package with PYTHONPATH to compare two versions on
 the same machine.
 
+The attention's matrices (``--projections attn_q attn_kv attn_hessians``): q and o [4096, 4096] and k and v
+[1024, 4096] (Mixtral's 8 key-value heads) tuned alike on a 4096-input Hessian, and what calibrate --hessian
+adds per layer for them, the two sums of x x^T over 16,384 tokens (calibrate/tensors.py's Gram).
+
     python scripts/bench_tune.py [--rows 2048] [--types Q2_K IQ2_XS] [--iters 8] [--json t.json]
     python scripts/bench_tune.py --quick   (small shapes: checks the script)
 """
@@ -26,7 +30,7 @@ import time
 import numpy as np
 from bench_common import add_output_flags, emit_json
 
-MIXTRAL = {"hidden": 4096, "ff": 14336}
+MIXTRAL = {"hidden": 4096, "ff": 14336, "kv": 1024}
 
 
 def correlated_hessian(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -116,27 +120,51 @@ def bench_error_pass(hidden: int, ff: int, features: int, tokens: int, shares: l
     return report
 
 
+def bench_attention_hessians(hidden: int) -> dict:
+    """The two Gram sums of a layer's attention inputs (q, k, v's and o's) over HESSIAN_TOKENS, in batches of 4096
+    tokens as the layer's forward gives them, and the share of both cores they kept busy."""
+    import torch
+
+    from mc_gguf.calibrate.tensors import HESSIAN_TOKENS, Gram
+
+    batch = torch.randn(4096, hidden)
+    start, cpu = time.perf_counter(), time.process_time()
+    for _ in range(2):
+        gram = Gram(HESSIAN_TOKENS)
+        for _ in range(0, HESSIAN_TOKENS, len(batch)):
+            gram.add(batch)
+        gram.reader()
+    wall = time.perf_counter() - start
+    return {"tokens": HESSIAN_TOKENS, "seconds_per_layer": wall,
+            "cpu_utilisation": (time.process_time() - cpu) / wall / (os.cpu_count() or 1)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=0, help="rows of each projection (default 0: all)")
     parser.add_argument("--types", nargs="+", default=["Q2_K", "IQ2_XS"], help="types (default: Q2_K IQ2_XS)")
     parser.add_argument("--iters", type=int, default=8, help="tuning sweeps at most (default: 8, compress's)")
     parser.add_argument("--projections", nargs="+", default=["gate", "down", "down_fit", "error_pass"],
-                        choices=["gate", "down", "down_fit", "error_pass"],
-                        help="what to time (default: all; error_pass is calibrate's, per expert, on 2048 features "
-                        "and 2048 tokens, with the i-quants on all of them and on a quarter)")
+                        choices=["gate", "down", "down_fit", "error_pass", "attn_q", "attn_kv", "attn_hessians"],
+                        help="what to time (default: the expert's four; error_pass is calibrate's, per expert, on 2048 "
+                        "features and 2048 tokens, with the i-quants on all of them and on a quarter; attn_q and "
+                        "attn_kv a layer's q (or o) and k (or v), attn_hessians their Hessians' sums)")
     add_output_flags(parser, quick_help="small shapes: checks the script")
     args = parser.parse_args()
     import torch
 
     import mc_gguf
 
-    dims = {"hidden": 512, "ff": 1024} if args.quick else MIXTRAL
+    dims = {"hidden": 512, "ff": 1024, "kv": 256} if args.quick else MIXTRAL
     rng = np.random.default_rng(0)
     report = {"package": os.path.dirname(mc_gguf.__file__), "torch_threads": torch.get_num_threads(),
               "iters": args.iters, "quick": args.quick}
-    shapes = {"gate": (dims["ff"], dims["hidden"]), "down": (dims["hidden"], dims["ff"])}
+    shapes = {"gate": (dims["ff"], dims["hidden"]), "down": (dims["hidden"], dims["ff"]),
+              "attn_q": (dims["hidden"], dims["hidden"]), "attn_kv": (dims["kv"], dims["hidden"])}
     for name in args.projections:
+        if name == "attn_hessians":
+            report[name] = bench_attention_hessians(dims["hidden"])
+            continue
         if name == "down_fit":
             report[name] = bench_down_fit(dims["hidden"], dims["ff"], rng)
             continue

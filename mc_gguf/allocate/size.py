@@ -14,7 +14,7 @@ import numpy as np
 
 from mc_gguf.allocate.plan import NON_EXPERT_DEFAULTS, Plan, non_expert_class
 from mc_gguf.ggml.types import quant_type
-from mc_gguf.gguf_io.convert import Importance, fit_type, model_metadata, no_importance, plan_tensors
+from mc_gguf.gguf_io.convert import Encoder, fit_type, model_metadata, plain_encoder, plan_tensors
 from mc_gguf.gguf_io.metadata import file_type_of
 from mc_gguf.gguf_io.layout import ExpertGroup, expert_groups, is_expert_weight, tensor_names
 from mc_gguf.gguf_io.write import OutputTensor, predict_file_bytes
@@ -45,17 +45,17 @@ GroupProducer = Callable[[int, str, ExpertGroup], np.ndarray]
 
 
 def layout_tensors(ckpt: Checkpoint, plan: Plan, produce_group: GroupProducer | None = None,
-                   importance: Importance = no_importance) -> list[OutputTensor]:
+                   encoder: Encoder = plain_encoder) -> list[OutputTensor]:
     """Every tensor of the file the plan describes, expert groups split as gguf_io/layout.py names them.
 
     Without ``produce_group`` the expert tensors are described only (their
-    ``produce`` raises); quantize supplies it, and the other tensors' ``importance``.
+    ``produce`` raises); quantize supplies it, and the other tensors' ``encoder``.
     """
     def no_data() -> np.ndarray:
         raise AssertionError("this tensor list only describes the expert tensors")
 
     tensors = []
-    for tensor in plan_tensors(ckpt, plan_type_chooser(plan), importance):
+    for tensor in plan_tensors(ckpt, plan_type_chooser(plan), encoder):
         parts = tensor.name.split(".")
         projection = parts[2][len("ffn_"):-len("_exps")] if len(parts) == 4 and is_expert_weight(tensor.name) else None
         if projection is None:

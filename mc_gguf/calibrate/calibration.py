@@ -23,6 +23,7 @@ continues there.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,7 +39,7 @@ from mc_gguf.calibrate.moe import RoutingRule, StatisticsMoE
 from mc_gguf.calibrate.quant_error import sample_errors, sampled_features
 from mc_gguf.calibrate.settings import CalibrationSettings
 from mc_gguf.calibrate.stats import CalibrationStats, LayerStats, TensorStats, load_stats
-from mc_gguf.calibrate.tensors import AttentionProbe, embedding_errors, output_errors
+from mc_gguf.calibrate.tensors import HESSIAN_TOKENS, AttentionProbe, KeptPrefix, embedding_errors, output_errors
 from mc_gguf.calibrate.text import CalibrationText, pack_sequences
 from mc_gguf.calibrate.workdir import WorkDir
 from mc_gguf.device import torch_device
@@ -144,7 +145,8 @@ def _calibrate(model_dir: str | Path, out: Path, text: CalibrationText, settings
     layers, tensors = work.load_layers(ckpt.n_layers, dense=info["dense_layers"])
     if settings.tensor_types:
         tensors |= output_errors(ckpt, model, work.open_hidden(ckpt.n_layers, shape), eps_positions,
-                                 settings.tensor_types, len(eps_positions), device)
+                                 settings.tensor_types, len(eps_positions), device,
+                                 HESSIAN_TOKENS if settings.hessian else 0)
     stats = CalibrationStats(info=info, types=list(settings.types), layers=layers,
                              tensor_types=list(settings.tensor_types), tensors=tensors)
     stats.save(out, moe_inputs=work.open_inputs if settings.hessian else None)
@@ -165,7 +167,7 @@ def calibrate_layer(model, ckpt: Checkpoint, bid: int, hidden_in: np.ndarray, hi
         bar = tqdm(total=hidden_in.shape[0], desc=f"layer {bid + 1}/{ckpt.n_layers} (dense){eta}", unit="step",
                    disable=not progress, dynamic_ncols=True)
         with decoder_layer(model, ckpt, bid, None, device) as layer:
-            _, tensors = _run_measured(model, ckpt, layer, bid, rotary, hidden_in, hidden_out, eps_positions,
+            _, tensors = _run_measured(model, ckpt, layer, None, bid, rotary, hidden_in, hidden_out, eps_positions,
                                        settings, bar)
         bar.close()
         return None, tensors
@@ -179,8 +181,8 @@ def calibrate_layer(model, ckpt: Checkpoint, bid: int, hidden_in: np.ndarray, hi
     bar = tqdm(total=hidden_in.shape[0] + len(experts) * local_errors, desc=f"layer {bid + 1}/{ckpt.n_layers}{eta}",
                unit="step", disable=not progress, dynamic_ncols=True)
     with decoder_layer(model, ckpt, bid, moe, device) as layer:
-        output_norms, tensors = _run_measured(model, ckpt, layer, bid, rotary, hidden_in, hidden_out, eps_positions,
-                                              settings, bar)
+        output_norms, tensors = _run_measured(model, ckpt, layer, moe, bid, rotary, hidden_in, hidden_out,
+                                              eps_positions, settings, bar)
     layer_stats = moe.layer_stats(len(settings.types))
     norms = np.maximum(output_norms, np.finfo(np.float32).tiny)[:, None].astype(np.float32)
     layer_stats.skip_cost /= norms
@@ -193,17 +195,19 @@ def calibrate_layer(model, ckpt: Checkpoint, bid: int, hidden_in: np.ndarray, hi
     return layer_stats, tensors
 
 
-def _run_measured(model, ckpt: Checkpoint, layer, bid: int, rotary, hidden_in: np.ndarray,
-                  hidden_out: np.ndarray | None, eps_positions: np.ndarray, settings: CalibrationSettings,
-                  bar: tqdm) -> tuple[np.ndarray, dict[str, TensorStats]]:
+def _run_measured(model, ckpt: Checkpoint, layer, moe: StatisticsMoE | None, bid: int, rotary,
+                  hidden_in: np.ndarray, hidden_out: np.ndarray | None, eps_positions: np.ndarray,
+                  settings: CalibrationSettings, bar: tqdm) -> tuple[np.ndarray, dict[str, TensorStats]]:
     """The layer's forward (run_layer's output norms) with its attention's statistics gathered on the way and
-    its tensors' errors measured after it; the first layer's also give the token embeddings' (its input)."""
-    with AttentionProbe(layer.self_attn) as probe:
+    its tensors' errors measured after it; the first layer's also give the token embeddings' (its input), the
+    layer run again on a prefix of it, ``moe`` (its MoE block, None for a dense layer) paused meanwhile."""
+    first = KeptPrefix(layer) if bid == 0 and settings.tensor_types else contextlib.nullcontext()
+    with AttentionProbe(layer.self_attn, hessian_tokens=HESSIAN_TOKENS if settings.hessian else 0) as probe, first:
         output_norms = run_layer(model, layer, bid, rotary, hidden_in, hidden_out, on_batch=bar.update)
     bar.set_postfix_str(f"attention: errors of {len(settings.tensor_types)} types", refresh=True)
     tensors = probe.errors(ckpt, bid, settings.tensor_types, len(eps_positions))
-    if bid == 0:
-        tensors |= embedding_errors(ckpt, hidden_in, output_norms, eps_positions, settings.tensor_types)
+    if isinstance(first, KeptPrefix):
+        tensors |= embedding_errors(ckpt, first, settings.tensor_types, len(eps_positions), moe)
     return output_norms, tensors
 
 

@@ -27,6 +27,7 @@ steps, as in Mixtral's MixtralSparseMoeBlock and llama.cpp's build_moe_ffn:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import gguf
@@ -103,6 +104,7 @@ class StatisticsMoE(torch.nn.Module):
         self.n_used = rule.n_used
         self.eps_positions = eps_positions   # flat token indices (sequence-major) of the eps sample
         self.seen = 0                        # tokens processed so far, in that order
+        self.recording = True                # gather statistics of the tokens run (paused: not)
         self.count = np.zeros(n_expert, dtype=np.int64)
         self.weight_sum = np.zeros(n_expert, dtype=np.float64)
         self.imatrix_in = torch.zeros(n_expert, hidden, dtype=torch.float64)
@@ -135,15 +137,27 @@ class StatisticsMoE(torch.nn.Module):
         applied = top_w / top_w.sum(-1, keepdim=True) if rule.norm_topk_prob else top_w
         return Routing(probs, top_w, top_ids, applied * rule.scale if rule.scale != 1.0 else applied)
 
+    @contextmanager
+    def paused(self):
+        """The block gives its output without gathering statistics (tokens run again, calibrate/tensors.py)."""
+        self.recording = False
+        try:
+            yield self
+        finally:
+            self.recording = True
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1]).float()
         routing = self.route(x)
         routed = routing.routed()
-        self._count_routing(routing, routed)
-        out = self._run_experts(x, routing, routed)
+        if self.recording:
+            self._count_routing(routing, routed)
+        out = self._run_experts(x, routing, routed, record=self.recording)
         if self.shared is not None:
             out = out + self.shared.output(self, x)
+        if not self.recording:
+            return (out.reshape(shape), None) if self.returns_scores else out.reshape(shape)
         self._keep_eps_sample(x, routing)
         if self.inputs is not None:
             self.inputs[self.seen:self.seen + len(x)] = x.cpu().numpy()
@@ -157,10 +171,12 @@ class StatisticsMoE(torch.nn.Module):
         self.ratios.append((routing.top_w[:, 1:] / routing.top_w[:, :1]).cpu().numpy())
         self.slot_experts.append(routing.top_ids[:, 1:].to(torch.int16).cpu().numpy())
 
-    def _run_experts(self, x: torch.Tensor, routing: Routing, routed: torch.Tensor) -> torch.Tensor:
+    def _run_experts(self, x: torch.Tensor, routing: Routing, routed: torch.Tensor, record: bool = True
+                     ) -> torch.Tensor:
+        """The experts' part of the block's output; with ``record``, their statistics of these tokens gathered."""
         out = torch.zeros_like(x)
         # each token's unweighted expert output in slots 1 .. k-1 (slot 0 is never skipped)
-        slot_out = torch.zeros(x.shape[0], self.n_used - 1, x.shape[1], device=x.device)
+        slot_out = torch.zeros(x.shape[0], self.n_used - 1, x.shape[1], device=x.device) if record else None
         for e in range(len(self.experts)):
             tokens = routed[:, e].nonzero().squeeze(-1)
             if len(tokens) == 0:
@@ -168,15 +184,19 @@ class StatisticsMoE(torch.nn.Module):
             weights = self.experts[e].float32().to(x.device)  # one expert read and widened at a time
             xe = x[tokens]
             z = expert_hidden(xe, weights, self.glu)
-            self.imatrix_in[e] += _sum_of_squares(xe)
-            self.imatrix_mid[e] += _sum_of_squares(z)
             in_slot = routing.top_ids[tokens] == e
             slot_weight = (routing.applied[tokens] * in_slot).sum(-1, keepdim=True)
             y = expert_output(z, weights)
             out.index_add_(0, tokens, y * slot_weight)
+            if not record:
+                continue
+            self.imatrix_in[e] += _sum_of_squares(xe)
+            self.imatrix_mid[e] += _sum_of_squares(z)
             for slot in range(1, self.n_used):
                 mine = in_slot[:, slot]
                 slot_out[tokens[mine], slot - 1] = y[mine]
+        if not record:
+            return out
         self.skip_energies.append(skip_energy(out, slot_out, routing.applied, self.rule.norm_topk_prob,
                                               self.rule.scale))
         self.drop_energies.append(skip_energy(out, slot_out, routing.applied, False))

@@ -40,6 +40,11 @@ The other weight matrices (calibrate/tensors.py), by GGUF name (``blk.0.attn_q.w
     tensor.NAME.error       [U]  output error with only this tensor at type u, in the units of eps
     tensor.NAME.importance  [n]  mean of x^2 over the calibration tokens of its input columns (llama-imatrix's);
                                  token_embd, a table of rows, has none
+
+and with --hessian, what GPTQ and tuning quantize the tensor on (quantize/tensors.py):
+
+    hessian.NAME            [n, n]  float32, sum of x x^T over the first HESSIAN_TOKENS calibration tokens of its
+                                    input (calibrate/tensors.py), read one at a time (TensorStats.hessian)
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -101,29 +106,51 @@ class LayerStats:
 
 @dataclass
 class TensorStats:
-    """One of the other weight matrices (attention, token embeddings, output head): its error at each tensor type
-    and the importance of its input columns (None for token_embd)."""
+    """One of the other weight matrices (attention, token embeddings, output head): its error at each tensor type,
+    the importance of its input columns (None for token_embd) and, with --hessian, how to read its input's
+    Hessian [n, n] float32 (an array of Mixtral 8x7B's is 64 MB: it stays in its file until asked for)."""
     error: np.ndarray
     importance: np.ndarray | None = None
+    hessian: Callable[[], np.ndarray] | None = None
 
 
 TENSOR_PREFIX = "tensor."
+HESSIAN_PREFIX = "hessian."
 
 
-def tensor_arrays(tensors: dict[str, TensorStats]) -> dict[str, np.ndarray]:
-    arrays = {}
+def tensor_arrays(tensors: dict[str, TensorStats]) -> dict[str, np.ndarray | Callable[[], np.ndarray]]:
+    """The arrays of ``tensors`` by their names in the file, each Hessian as its reader."""
+    arrays: dict[str, np.ndarray | Callable[[], np.ndarray]] = {}
     for name, stats in tensors.items():
         arrays[f"{TENSOR_PREFIX}{name}.error"] = np.ascontiguousarray(stats.error, dtype=np.float64)
         if stats.importance is not None:
             arrays[f"{TENSOR_PREFIX}{name}.importance"] = np.ascontiguousarray(stats.importance, dtype=np.float32)
+        if stats.hessian is not None:
+            arrays[f"{HESSIAN_PREFIX}{name}"] = stats.hessian
     return arrays
 
 
-def read_tensors(arrays: dict[str, np.ndarray]) -> dict[str, TensorStats]:
+def read_tensors(arrays: dict[str, np.ndarray], path: Path | None = None, stored: Collection[str] = ()
+                 ) -> dict[str, TensorStats]:
+    """The tensors of ``arrays`` (a file's, without its Hessians), each with a reader of its Hessian where the
+    file at ``path`` holds one (``stored``: the names of the file's arrays)."""
     names = sorted(key[len(TENSOR_PREFIX):-len(".error")] for key in arrays
                    if key.startswith(TENSOR_PREFIX) and key.endswith(".error"))
-    return {name: TensorStats(arrays[f"{TENSOR_PREFIX}{name}.error"],
-                              arrays.get(f"{TENSOR_PREFIX}{name}.importance")) for name in names}
+    return {name: TensorStats(arrays[f"{TENSOR_PREFIX}{name}.error"], arrays.get(f"{TENSOR_PREFIX}{name}.importance"),
+                              functools.partial(read_hessian, path, name)
+                              if path is not None and f"{HESSIAN_PREFIX}{name}" in stored else None)
+            for name in names}
+
+
+def read_hessian(path: Path, name: str) -> np.ndarray:
+    """Tensor ``name``'s Hessian from the safetensors file at ``path`` (load_stats checked its shape and type)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        hessian = f.get_tensor(f"{HESSIAN_PREFIX}{name}")
+    if not np.isfinite(hessian).all():
+        raise StatsFileError(f"{path}: the Hessian of {name} holds values that are not finite numbers")
+    return hessian
 
 
 def _normalised(values: np.ndarray) -> np.ndarray:
@@ -180,6 +207,9 @@ class CalibrationStats:
         with atomic_output(path) as tmp:
             write_safetensors(tmp, arrays, {METADATA_KEY: json.dumps(self.header())})
         self.path = Path(path)
+        # the Hessians are read from this file from now on (a calibration's came from its work folder)
+        self.tensors = {name: replace(t, hessian=functools.partial(read_hessian, self.path, name))
+                        if t.hessian is not None else t for name, t in self.tensors.items()}
         return self.path
 
     def header(self) -> dict:
@@ -247,6 +277,8 @@ def load_stats(path: str | Path) -> CalibrationStats:
                     raise StatsFileError(f"{path}: {name} is stored as {dtype}, a type the statistics never have")
             arrays = {name: f.get_tensor(name) for name in wanted}
             inputs = {name: f.get_slice(name).get_shape() for name in names if name.endswith(".moe_input")}
+            hessians = {name[len(HESSIAN_PREFIX):]: (f.get_slice(name).get_shape(), f.get_slice(name).get_dtype())
+                        for name in names if name.startswith(HESSIAN_PREFIX)}
     except (SafetensorError, OSError, ValueError) as exc:
         raise StatsFileError(f"{path} is not a readable statistics file ({exc})") from None
     except RecursionError:
@@ -257,8 +289,8 @@ def load_stats(path: str | Path) -> CalibrationStats:
     header.pop("format")
     layers = read_layers(arrays, header["n_layer"], dense=header.get("dense_layers") or ())
     _check_arrays(path, layers, len(types), inputs)
-    tensors = read_tensors(arrays)
-    _check_tensors(path, tensors, len(tensor_types))
+    tensors = read_tensors(arrays, path, names)
+    _check_tensors(path, tensors, len(tensor_types), hessians)
     return CalibrationStats(info=header, types=types, layers=layers, path=path, tensor_types=tensor_types,
                             tensors=tensors)
 
@@ -301,8 +333,16 @@ def _check_header(path: Path, header) -> None:
             raise StatsFileError(f"{path}: the header's {key} is {value!r}; it must be a whole number from {least}")
 
 
-def _check_tensors(path: Path, tensors: dict[str, TensorStats], n_types: int) -> None:
-    """Every tensor's error a row of the header's tensor types, its importance a row; finite and at least 0."""
+def _check_tensors(path: Path, tensors: dict[str, TensorStats], n_types: int,
+                   hessians: dict[str, tuple[list[int], str]]) -> None:
+    """Every tensor's error a row of the header's tensor types, its importance a row; finite and at least 0; a
+    Hessian ([shape], dtype: checked without reading it) float32 [n, n] for a tensor of n input columns."""
+    for name, (shape, dtype) in hessians.items():
+        importance = tensors[name].importance if name in tensors else None
+        if importance is None or shape != [importance.size, importance.size] or dtype != "F32":
+            raise StatsFileError(f"{path}: the Hessian of {name} is {dtype} {shape}, expected F32 "
+                                 + (f"[{importance.size}, {importance.size}] (its importance's columns)"
+                                    if importance is not None else "for a tensor with an importance"))
     for name, stats in tensors.items():
         for what, value, ndim in (("error", stats.error, 1), ("importance", stats.importance, 1)):
             if value is None:

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from mc_gguf.atomic import fsync_file, fsync_folder, reserve_space
-from mc_gguf.calibrate.stats import LayerStats, TensorStats, layer_arrays, read_layers, read_tensors, tensor_arrays
+from mc_gguf.calibrate.stats import (HESSIAN_PREFIX, LayerStats, TensorStats, layer_arrays, read_layers, read_tensors,
+                                    tensor_arrays)
 from mc_gguf.errors import McGgufError
 
 
@@ -117,18 +118,25 @@ class WorkDir:
         from safetensors.numpy import save_file
 
         tmp = self._partial(self.layer_path(il))
-        save_file({**layer_arrays([layer], first=il), **tensor_arrays(tensors or {})}, str(tmp))
+        arrays = {name: value() if callable(value) else value for name, value in tensor_arrays(tensors or {}).items()}
+        save_file({**layer_arrays([layer], first=il), **arrays}, str(tmp))
         self._commit(tmp, self.layer_path(il))
 
     def load_layers(self, n_layers: int, dense: Collection[int] = ()
                     ) -> tuple[list[LayerStats | None], dict[str, TensorStats]]:
-        """Every layer's statistics, and the other tensors' of all layers."""
-        from safetensors.numpy import load_file
+        """Every layer's statistics, and the other tensors' of all layers (their Hessians left in the layers' files,
+        each tensor with its reader)."""
+        from safetensors import safe_open
 
-        arrays = {}
+        layers, tensors = {}, {}
         for il in range(n_layers):
-            arrays.update(load_file(str(self.layer_path(il))))
-        return read_layers(arrays, n_layers, dense=dense), read_tensors(arrays)
+            path = self.layer_path(il)
+            with safe_open(str(path), framework="numpy") as f:
+                names = list(f.keys())
+                arrays = {name: f.get_tensor(name) for name in names if not name.startswith(HESSIAN_PREFIX)}
+            layers.update(arrays)
+            tensors.update(read_tensors(arrays, path, names))
+        return read_layers(layers, n_layers, dense=dense), tensors
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

@@ -38,7 +38,8 @@ def add_parser(commands) -> None:
                    help="also keep what the experts' Hessians are built from for --gptq and --tune: every "
                         "calibration token's MoE-block input, its experts and their weights, tokens*H*4 bytes per "
                         "layer, e.g. 1.07 GB per layer (34 GB in all) for Mixtral 8x7B at 65536 tokens, 67 MB per "
-                        "layer for hidden 256")
+                        "layer for hidden 256; and each attention linear's and the output head's input Hessian "
+                        "(n*n*4 bytes: 256 MB per layer for Mixtral 8x7B), on which they are tuned too")
     add_device_flag(p, "the layer forward and the error pass's products")
     add_ray_flag(p, "measure the experts' errors (an expert per task, while this machine runs the next layer)",
                  output="the statistics file")

@@ -63,12 +63,14 @@ GGUF_PY_TYPES = (T.F16, T.BF16, T.Q8_0)
 # Chooses a tensor's type from its kind, GGUF name and shape.
 TypeChooser = Callable[[gguf.MODEL_TENSOR, str, tuple[int, ...]], gguf.GGMLQuantizationType]
 
-# The importance matrix of a GGUF tensor (its name, its rows' length), or None (calibrate/stats.py's importance).
-Importance = Callable[[str, int], "np.ndarray | None"]
+# A GGUF tensor's float32 data encoded to a type's bytes, by the tensor's name: ``plain_encoder`` (ggml's quantizer
+# alone), or quantize's (quantize/tensors.py: with the importance matrix and GPTQ on the Hessian the calibration
+# measured for the tensor).
+Encoder = Callable[[str, np.ndarray, gguf.GGMLQuantizationType], np.ndarray]
 
 
-def no_importance(name: str, n_per_row: int) -> None:
-    return None
+def plain_encoder(name: str, data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    return encode(data, qtype)
 
 
 def encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarray | None = None) -> np.ndarray:
@@ -101,12 +103,11 @@ def uniform_type(wanted: gguf.GGMLQuantizationType) -> TypeChooser:
     return lambda kind, name, shape: fit_type(kind, shape, wanted, name)
 
 
-def plan_tensors(ckpt: Checkpoint, type_for: TypeChooser, importance: Importance = no_importance
+def plan_tensors(ckpt: Checkpoint, type_for: TypeChooser, encoder: Encoder = plain_encoder
                  ) -> list[OutputTensor]:
     """Every GGUF tensor of the output, in llama.cpp's usual order, with how to produce it: the routed
-    experts stacked from the checkpoint one at a time, the rest from the row's converter (quantized with their
-    ``importance``)."""
-    tensors = [*NON_EXPERT_TENSORS[ckpt.arch.converter](ckpt, type_for, importance),
+    experts stacked from the checkpoint one at a time, the rest from the row's converter (by ``encoder``)."""
+    tensors = [*NON_EXPERT_TENSORS[ckpt.arch.converter](ckpt, type_for, encoder),
                *expert_tensors(ckpt, type_for)]
     return sorted(tensors, key=_gguf_order)
 
@@ -134,7 +135,7 @@ def _gguf_name(ckpt: Checkpoint, name_map: gguf.TensorNameMap, hf_key: str) -> t
     return found  # the suffix (.weight/.bias) is carried over by TensorNameMap
 
 
-def own_non_expert_tensors(ckpt: Checkpoint, type_for: TypeChooser, importance: Importance = no_importance
+def own_non_expert_tensors(ckpt: Checkpoint, type_for: TypeChooser, encoder: Encoder = plain_encoder
                            ) -> list[OutputTensor]:
     """mc-gguf's own conversion of every tensor but the routed experts (Mixtral: llama.cpp's "llama" arch)."""
     arch = ckpt.arch
@@ -148,8 +149,7 @@ def own_non_expert_tensors(ckpt: Checkpoint, type_for: TypeChooser, importance: 
     def add(hf_key: str, shape: tuple[int, ...], produce_f32: Callable[[], np.ndarray]) -> None:
         kind, gguf_name = _gguf_name(ckpt, name_map, hf_key)
         qtype = type_for(kind, gguf_name, shape)
-        tensors.append(OutputTensor(gguf_name, shape, qtype, lambda: encode(
-            produce_f32(), qtype, importance(gguf_name, shape[-1]))))
+        tensors.append(OutputTensor(gguf_name, shape, qtype, lambda: encoder(gguf_name, produce_f32(), qtype)))
 
     for name in ckpt.tensors:
         if routed.match(name) or IGNORED.match(name):
@@ -166,7 +166,7 @@ def own_non_expert_tensors(ckpt: Checkpoint, type_for: TypeChooser, importance: 
     return tensors
 
 
-def llama_cpp_non_expert_tensors(ckpt: Checkpoint, type_for: TypeChooser, importance: Importance = no_importance
+def llama_cpp_non_expert_tensors(ckpt: Checkpoint, type_for: TypeChooser, encoder: Encoder = plain_encoder
                                  ) -> list[OutputTensor]:
     """Every tensor of llama.cpp's conversion without the experts (llama_convert.base_without_experts),
     re-encoded to the type ``type_for`` gives it (its bytes as they are where that is the file's type)."""
@@ -183,8 +183,8 @@ def llama_cpp_non_expert_tensors(ckpt: Checkpoint, type_for: TypeChooser, import
         if qtype == t.tensor_type:
             produce = lambda t=t: np.asarray(t.data)  # noqa: E731
         else:
-            produce = lambda t=t, qtype=qtype, shape=shape: encode(  # noqa: E731
-                gguf.quants.dequantize(t.data, t.tensor_type), qtype, importance(t.name, shape[-1]))
+            produce = lambda t=t, qtype=qtype: encoder(  # noqa: E731
+                t.name, gguf.quants.dequantize(t.data, t.tensor_type), qtype)
         tensors.append(OutputTensor(t.name, shape, qtype, produce))
     return tensors
 
@@ -200,7 +200,7 @@ def _tensor_kinds(arch: gguf.MODEL_ARCH, n_layers: int) -> dict[str, gguf.MODEL_
 
 
 # Who converts what mc-gguf does not decide itself, by the row's ``converter``.
-NON_EXPERT_TENSORS: dict[Converter, Callable[[Checkpoint, TypeChooser, Importance], list[OutputTensor]]] = {
+NON_EXPERT_TENSORS: dict[Converter, Callable[[Checkpoint, TypeChooser, Encoder], list[OutputTensor]]] = {
     Converter.MC_GGUF: own_non_expert_tensors,
     Converter.LLAMA_CPP: llama_cpp_non_expert_tensors,
 }

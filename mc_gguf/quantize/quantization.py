@@ -5,7 +5,8 @@ ctypes) at the type its plan gives, with the expert's importance matrix from
 the calibration statistics, and optionally with GPTQ error compensation
 (gptq.py) when the statistics hold what the experts' Hessians are built
 from (hessian.py, one expert at a time), or GPTQ followed by
-tuning of the K-quant integers and i-quant scales on those Hessians (tune.py). The file's layout follows
+tuning of the K-quant integers and i-quant scales on those Hessians (tune.py); the
+other weight matrices alike where the calibration kept their Hessians (tensors.py). The file's layout follows
 the plan: ``stock`` (one type per layer and projection, loads in unmodified
 llama.cpp) or ``per-expert`` (groups of equal type, see gguf_io/layout.py and
 docs/FORMAT.md).
@@ -27,7 +28,7 @@ from mc_gguf.device import torch_device
 from mc_gguf.errors import McGgufError
 from mc_gguf.ggml.types import quant_type, stored_type
 from mc_gguf.gguf_io import keys
-from mc_gguf.gguf_io.convert import model_metadata, no_importance
+from mc_gguf.gguf_io.convert import model_metadata
 from mc_gguf.gguf_io.metadata import file_type_of
 from mc_gguf.gguf_io.requirements import requirements
 from mc_gguf.gguf_io.layout import PROJECTIONS, ExpertGroup, expert_groups, row_length
@@ -36,6 +37,7 @@ from mc_gguf.hf.checkpoint import Checkpoint, open_checkpoint
 from mc_gguf.prune import rule as pruning
 from mc_gguf.quantize.experts import ExpertQuantizer
 from mc_gguf.quantize.hessian import ExpertHessians
+from mc_gguf.quantize.tensors import TensorEncoder
 from mc_gguf.quantize.tune import TuneSettings
 
 
@@ -91,8 +93,9 @@ def quantize(model_dir: str | Path, plan: Plan, out: str | Path, *, stats: Calib
     def produce_group(bid: int, projection: str, group: ExpertGroup) -> np.ndarray:
         return stack_one_at_a_time(len(group.experts), lambda i: one(bid, group.experts[i], projection))
 
-    # the other tensors with their importance matrices where the calibration measured them (calibrate/tensors.py)
-    tensors = layout_tensors(ckpt, plan, produce_group, stats.importance if stats is not None else no_importance)
+    # the other tensors with their importance matrices where the calibration measured them (calibrate/tensors.py),
+    # by GPTQ and tuning on their Hessians as the experts
+    tensors = layout_tensors(ckpt, plan, produce_group, TensorEncoder(stats, gptq, tune))
     measured = tensor_totals(tensors)
 
     odp_keys = pruning.odp_metadata(odp) if odp is not None else {}

@@ -1,6 +1,6 @@
 """The other tensors' statistics (attention, token embeddings, output head) equal a direct computation on the full
 transformers model, with ggml's bytes read back by gguf-py; the program chooses their types with the experts'; the
-quantizer writes them with their importance, and llama.cpp computes with them."""
+quantizer writes them with their importance (GPTQ and tuning on their Hessians), and llama.cpp computes with them."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ from mc_gguf.calibrate.text import pack_sequences
 from mc_gguf.ggml import quants
 from mc_gguf.ggml.types import TENSOR_CANDIDATES, quant_type
 from mc_gguf.hf.checkpoint import open_checkpoint
+from mc_gguf.quantize.gptq import damped, gptq_quantize
 from mc_gguf.quantize.quantization import quantize
+from mc_gguf.quantize.tune import TuneSettings
 
 from conftest import CALIBRATION_TEXT
 from helpers import PROMPT, llama_cpp_logits, transformers_logits
@@ -55,6 +57,13 @@ def direct(hf_model, hf_tokenizer, calibration_settings):
         for h in hooks:
             h.remove()
     return sequences, inputs
+
+
+def final_norm_output(hf_model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The final RMS norm's output [tokens, H] in float64, computed here from its input."""
+    h = inputs["final"].reshape(-1, inputs["final"].shape[-1]).double()
+    gain = hf_model.model.norm.weight.detach().double()
+    return h / torch.sqrt((h ** 2).mean(-1, keepdim=True) + hf_model.config.rms_norm_eps) * gain
 
 
 def test_every_attention_matrix_embeddings_and_output_are_measured(calibration, tiny_model_dir):
@@ -95,20 +104,37 @@ def test_attention_output_error_is_the_change_of_the_attentions_output(calibrati
             assert tensor.error[t] == pytest.approx(expected, rel=2e-3), (il, type_name)
 
 
-def test_embedding_error_is_its_relative_change_at_the_first_layers_output_scale(calibration, direct, hf_model):
-    """sum over the eps tokens of |dE|^2 |h_1|^2 / |E|^2 (calibrate/tensors.py), h_1 the first layer's output."""
+def test_embedding_error_is_the_first_layers_output_change(calibration, direct, hf_model):
+    """The first decoder layer's output change on the first sequence's prefix with its tokens' embedding rows at
+    each type (gguf-py reads them back), the full transformers model computing it, its squares scaled to the eps
+    tokens; and the rerun leaves the first layer's statistics as they were."""
     _, stats = calibration
-    sequences, inputs = direct
-    table = hf_model.model.embed_tokens.weight.detach().numpy()
-    tokens = sequences.reshape(-1)  # eps_tokens >= the calibration's tokens: every token
-    assert stats.info["eps_tokens"] == tokens.size
-    out = inputs["layer 0 output"].reshape(tokens.size, -1).double().numpy()
-    rows = table[tokens].astype(np.float64)
-    scale = (out ** 2).sum(1) / (rows ** 2).sum(1)
+    sequences, _ = direct
+    prefix = torch.from_numpy(sequences[:1, :ATTENTION_TOKENS])
+    table = hf_model.model.embed_tokens.weight
+    original = table.detach().clone()
+    outputs = []
+    hook = hf_model.model.layers[0].register_forward_hook(
+        lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.no_grad():
+            hf_model(prefix)
+            for type_name in stats.tensor_types:
+                table.copy_(torch.from_numpy(reference_roundtrip(original.numpy(), type_name, None)))
+                hf_model(prefix)
+    finally:
+        hook.remove()
+        with torch.no_grad():
+            table.copy_(original)
+    reference = outputs[0].double()
+    scale = stats.info["eps_tokens"] / prefix.numel()
     for t, type_name in enumerate(stats.tensor_types):
-        change = (reference_roundtrip(table, type_name, None) - table)[tokens].astype(np.float64)
-        expected = np.sqrt((scale * (change ** 2).sum(1)).sum())
-        assert stats.tensors["token_embd.weight"].error[t] == pytest.approx(expected, rel=1e-4), type_name
+        expected = np.sqrt(float(((outputs[t + 1].double() - reference) ** 2).sum()) * scale)
+        assert stats.tensors["token_embd.weight"].error[t] == pytest.approx(expected, rel=2e-3), type_name
+    # every calibration token counted once: the rerun gathered nothing
+    layer = stats.layers[0]
+    assert layer.count.sum() == sequences.size * hf_model.config.num_experts_per_tok
+    assert len(layer.top_ratio) == sequences.size
 
 
 def test_output_error_is_the_logits_change_in_residual_units(calibration, direct, hf_model):
@@ -118,8 +144,7 @@ def test_output_error_is_the_logits_change_in_residual_units(calibration, direct
     _, inputs = direct
     h = inputs["final"].reshape(-1, inputs["final"].shape[-1]).double()
     gain = hf_model.model.norm.weight.detach().double()
-    eps = hf_model.config.rms_norm_eps
-    normed = h / torch.sqrt((h ** 2).mean(-1, keepdim=True) + eps) * gain
+    normed = final_norm_output(hf_model, inputs)
     tensor = stats.tensors["output.weight"]
     np.testing.assert_allclose(tensor.importance, (normed ** 2).mean(0).numpy(), rtol=1e-4)
     weight = hf_model.lm_head.weight.detach().numpy()
@@ -128,6 +153,26 @@ def test_output_error_is_the_logits_change_in_residual_units(calibration, direct
         dz = normed @ torch.from_numpy(reference_roundtrip(weight, type_name, tensor.importance) - weight).double().T
         expected = np.sqrt(float(((dz ** 2).sum(1) * (h ** 2).mean(1)).sum()) / spread)
         assert tensor.error[t] == pytest.approx(expected, rel=2e-3), type_name
+
+
+def test_hessians_are_the_sums_of_each_inputs_outer_products(calibration, direct, hf_model):
+    """q, k and v read the attention's normed input, o its heads' output, the head the final norm's output: each
+    stored Hessian is sum x x^T of that input over the calibration tokens (fewer than HESSIAN_TOKENS here)."""
+    _, stats = calibration
+    _, inputs = direct
+    expected = {}
+    for il in range(2):
+        for hf_name, names in (("q_proj", ("attn_q", "attn_k", "attn_v")), ("o_proj", ("attn_output",))):
+            x = inputs[f"{il}.{hf_name}"].reshape(-1, inputs[f"{il}.{hf_name}"].shape[-1]).double()
+            for name in names:
+                expected[f"blk.{il}.{name}.weight"] = (x.T @ x).numpy()
+    normed = final_norm_output(hf_model, inputs)
+    expected["output.weight"] = (normed.T @ normed).numpy()
+    for name, hessian in expected.items():
+        got = stats.tensors[name].hessian()
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, hessian, rtol=1e-4, atol=1e-4 * np.abs(hessian).max(), err_msg=name)
+    assert stats.tensors["token_embd.weight"].hessian is None  # a table of rows: no input
 
 
 def test_a_file_size_budget_chooses_every_other_tensors_type(calibration, tiny_model_dir):
@@ -199,6 +244,13 @@ def test_a_tensor_error_of_the_wrong_shape_is_refused(calibration, tmp_path):
     save_file(arrays, str(tmp_path / "bad.stats"), metadata)
     with pytest.raises(StatsFileError, match="not finite numbers at least 0"):
         load_stats(tmp_path / "bad.stats")
+    arrays["tensor.blk.0.attn_q.weight.error"] = np.ones(len(TENSOR_CANDIDATES))
+    n = arrays["hessian.blk.0.attn_q.weight"].shape[0]
+    for bad in (np.ones((n, n - 1), np.float32), np.ones((n, n), np.float64)):
+        arrays["hessian.blk.0.attn_q.weight"] = bad
+        save_file(arrays, str(tmp_path / "bad.stats"), metadata)
+        with pytest.raises(StatsFileError, match=r"the Hessian of blk.0.attn_q.weight is F\d+ \[\d+, \d+\], expected F32"):
+            load_stats(tmp_path / "bad.stats")
 
 
 def test_a_plan_keeps_its_tensor_types_and_refuses_bad_ones(calibration, tiny_model_dir, tmp_path):
@@ -218,3 +270,35 @@ def test_a_plan_keeps_its_tensor_types_and_refuses_bad_ones(calibration, tiny_mo
         path.write_text(json.dumps({**data, "tensors": tensors}))
         with pytest.raises(PlanFileError, match=needle):
             load_plan(path)
+
+
+def hessian_loss(weights: np.ndarray, quantized: np.ndarray, hessian: np.ndarray) -> float:
+    """sum over rows of e H e^T, e = W - Q, with GPTQ's dampening, in float64."""
+    error = weights.astype(np.float64) - quantized.astype(np.float64)
+    return float(np.sum((error @ damped(hessian)) * error))
+
+
+def test_gptq_and_tuning_quantize_the_other_tensors_on_their_hessians(calibration, tiny_model_dir, tmp_path, hf_model):
+    """With GPTQ the file holds gptq_quantize's bytes of each tensor on its stored Hessian; tuned, their loss on it
+    is below ggml's quantizer's alone (gguf-py reads both back). The tiny model's rows are one super-block, which
+    leaves GPTQ no later columns to move errors to: its loss is the quantizer's."""
+    _, stats = calibration
+    ckpt = open_checkpoint(tiny_model_dir)
+    plan = uniform_plan(ckpt, "Q8_0")
+    plan.tensors = {"blk.0.attn_output.weight": "Q3_K", "blk.1.attn_v.weight": "Q2_K", "output.weight": "Q4_K"}
+    sources = {"blk.0.attn_output.weight": hf_model.model.layers[0].self_attn.o_proj,
+               "blk.1.attn_v.weight": hf_model.model.layers[1].self_attn.v_proj, "output.weight": hf_model.lm_head}
+    files = {how: quantize(tiny_model_dir, plan, tmp_path / f"{how}.gguf", stats=stats, gptq=how != "plain",
+                           tune=TuneSettings(iters=4) if how == "tuned" else None, progress=False)
+             for how in ("plain", "gptq", "tuned")}
+    written = {how: {t.name: t for t in gguf.GGUFReader(path).tensors} for how, path in files.items()}
+    for name, type_name in plan.tensors.items():
+        weight = sources[name].weight.detach().numpy()
+        qtype = quant_type(type_name).qtype
+        hessian = stats.tensors[name].hessian()
+        importance = stats.importance(name, weight.shape[1])
+        expected = gptq_quantize(weight, hessian, qtype, importance)
+        np.testing.assert_array_equal(np.asarray(written["gptq"][name].data).reshape(expected.shape), expected)
+        loss = {how: hessian_loss(weight, gguf.quants.dequantize(np.asarray(t[name].data), qtype).reshape(
+                weight.shape), hessian) for how, t in written.items()}
+        assert loss["tuned"] < loss["gptq"] <= loss["plain"], (name, loss)
