@@ -156,13 +156,12 @@ class StatisticsMoE(torch.nn.Module):
         out = self._run_experts(x, routing, routed, record=self.recording)
         if self.shared is not None:
             out = out + self.shared.output(self, x)
-        if not self.recording:
-            return (out.reshape(shape), None) if self.returns_scores else out.reshape(shape)
-        self._keep_eps_sample(x, routing)
-        if self.inputs is not None:
-            self.inputs[self.seen:self.seen + len(x)] = x.cpu().numpy()
-            self.routed.append((routing.top_ids.to(torch.int32).cpu().numpy(), routing.applied.cpu().numpy()))
-        self.seen += len(x)
+        if self.recording:
+            self._keep_eps_sample(x, routing)
+            if self.inputs is not None:
+                self.inputs[self.seen:self.seen + len(x)] = x.cpu().numpy()
+                self.routed.append((routing.top_ids.to(torch.int32).cpu().numpy(), routing.applied.cpu().numpy()))
+            self.seen += len(x)
         return (out.reshape(shape), None) if self.returns_scores else out.reshape(shape)
 
     def _count_routing(self, routing: Routing, routed: torch.Tensor) -> None:

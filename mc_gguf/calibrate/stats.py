@@ -144,13 +144,19 @@ def read_tensors(arrays: dict[str, np.ndarray], path: Path | None = None, stored
 
 def read_hessian(path: Path, name: str) -> np.ndarray:
     """Tensor ``name``'s Hessian from the safetensors file at ``path`` (load_stats checked its shape and type)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as f:
-        hessian = f.get_tensor(f"{HESSIAN_PREFIX}{name}")
+    hessian = _read_array(path, f"{HESSIAN_PREFIX}{name}")
     if not np.isfinite(hessian).all():
         raise StatsFileError(f"{path}: the Hessian of {name} holds values that are not finite numbers")
     return hessian
+
+
+def _read_array(path: Path, name: str) -> np.ndarray:
+    """One array of the safetensors file at ``path``, read alone (those too large to load with the rest: the
+    MoE inputs, the other tensors' Hessians)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return f.get_tensor(name)
 
 
 def _normalised(values: np.ndarray) -> np.ndarray:
@@ -164,9 +170,9 @@ class CalibrationStats:
     info: dict                       # provenance: model, text, tokens, seed, ...
     types: list[str]                 # candidate types, the columns of every eps
     layers: list[LayerStats | None] = field(default_factory=list)  # None: a dense layer (no experts)
-    path: Path | None = None
+    path: Path | None = None         # the file they were read from or saved to (moe_input is read from it)
     tensor_types: list[str] = field(default_factory=list)   # the columns of every tensor error
-    tensors: dict[str, TensorStats] = field(default_factory=dict)  # GGUF name -> the other weight matrices         # the file they were read from or saved to (moe_input is read from it)
+    tensors: dict[str, TensorStats] = field(default_factory=dict)  # GGUF name -> the other weight matrices
 
     @property
     def moe_layers(self) -> list[tuple[int, LayerStats]]:
@@ -189,12 +195,9 @@ class CalibrationStats:
 
     def moe_input(self, bid: int) -> np.ndarray:
         """[tokens, H] float32: layer ``bid``'s MoE input of every calibration token, read from the file."""
-        from safetensors import safe_open
-
         if not self.has_hessian or self.path is None:
             raise StatsFileError("these statistics hold no MoE inputs: calibrate with --hessian")
-        with safe_open(str(self.path), framework="numpy") as f:
-            return f.get_tensor(f"blk.{bid}.moe_input")
+        return _read_array(self.path, f"blk.{bid}.moe_input")
 
     def save(self, path: str | Path, moe_inputs: Callable[[int], np.ndarray] | None = None) -> Path:
         """Write the file; ``moe_inputs(bid)`` gives each MoE layer's inputs (--hessian), which are streamed
