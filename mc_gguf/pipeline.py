@@ -23,6 +23,7 @@ from mc_gguf.errors import McGgufError
 from mc_gguf.ggml.types import quant_type
 from mc_gguf.hf.checkpoint import open_checkpoint
 from mc_gguf.prune.calibration import odp_from_stats, skipped_shares
+from mc_gguf.prune.means import means_bytes
 from mc_gguf.prune.rule import OdpParams, check_skip_share
 from mc_gguf.ray_cluster import check_device, connect
 from mc_gguf.quantize.quantization import quantize
@@ -99,7 +100,10 @@ def compress(model_dir: str | Path, out: str | Path, bits: float | None = None,
         error_scale = (_tuned_errors(ckpt.path, stats, work, tune, settings.ray, progress) if tune is not None
                        else None)
         bits = settings.bits if settings.size is None else None
-        plan = allocate(stats, bits, size=settings.size, model_dir=ckpt.path, stats_path=str(stats_path),
+        size = settings.size
+        if size is not None and odp.skip and not odp.renormalize:
+            size -= means_bytes(ckpt)  # pruning's mean outputs (prune/means.py) come beside the plan's tensors
+        plan = allocate(stats, bits, size=size, model_dir=ckpt.path, stats_path=str(stats_path),
                         error_scale=error_scale, **settings.allocation.options())
         plan.save(work / "plan.json")
         thresholds = (odp_from_stats(stats, odp.skip, rule=odp.rule, renormalize=odp.renormalize)

@@ -81,6 +81,9 @@ def allocate(stats: CalibrationStats, bits: float | None = None, *, size: int | 
     if per_layer and (layout == "stock" or scope == "model"):
         raise McGgufError("--per-layer reproduces the paper's per-layer expert budget: it needs the per-expert "
                           "layout and the experts scope")
+    if not stats.types:
+        raise McGgufError("these statistics hold routing only (odp-calibrate's pass measures no quantization "
+                          "errors): calibrate with candidate types (mc-gguf calibrate) to allocate bits")
     types = [quant_type(t).name for t in (types or stats.types)]
     unknown = [t for t in types if t not in stats.types]
     if unknown:

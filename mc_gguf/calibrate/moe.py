@@ -109,6 +109,9 @@ class StatisticsMoE(torch.nn.Module):
         self.weight_sum = np.zeros(n_expert, dtype=np.float64)
         self.imatrix_in = torch.zeros(n_expert, hidden, dtype=torch.float64)
         self.imatrix_mid = torch.zeros(n_expert, ff, dtype=torch.float64)
+        # sum of a^2 y and of a^2 over each expert's slots i >= 1 (a: the weight applied): skip_mean's parts
+        self.skip_sum = torch.zeros(n_expert, hidden, dtype=torch.float64)
+        self.skip_weight = torch.zeros(n_expert, dtype=torch.float64)
         self.inputs = inputs
         self.routed: list[tuple[np.ndarray, np.ndarray]] = []
         self.ratios: list[np.ndarray] = []
@@ -194,6 +197,9 @@ class StatisticsMoE(torch.nn.Module):
             for slot in range(1, self.n_used):
                 mine = in_slot[:, slot]
                 slot_out[tokens[mine], slot - 1] = y[mine]
+                a2 = routing.applied[tokens[mine], slot] ** 2  # float32: MPS has no float64
+                self.skip_sum[e] += (a2[:, None] * y[mine]).sum(0).cpu().double()
+                self.skip_weight[e] += float(a2.sum())
         if not record:
             return out
         self.skip_energies.append(skip_energy(out, slot_out, routing.applied, self.rule.norm_topk_prob,
@@ -217,6 +223,7 @@ class StatisticsMoE(torch.nn.Module):
             skip_cost=np.concatenate(self.skip_energies).astype(np.float32),
             drop_cost=np.concatenate(self.drop_energies).astype(np.float32),
             slot_experts=np.concatenate(self.slot_experts),
+            skip_mean=(self.skip_sum / self.skip_weight.clamp_min(1e-30)[:, None]).float().numpy(),
             imatrix_in=self.imatrix_in.float().numpy(), imatrix_mid=self.imatrix_mid.float().numpy(),
             eps=np.zeros((3, len(self.experts), n_types)),
             routed_ids=np.concatenate([ids for ids, _ in self.routed]) if self.inputs is not None else None,

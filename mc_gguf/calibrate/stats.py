@@ -24,6 +24,9 @@ T candidate types, k experts per token):
     blk.N.drop_cost      [tokens, k-1]  the same with the kept weights left as they are
                                    (mc.odp.renormalize false)
     blk.N.slot_experts   [tokens, k-1]  int16, the expert of each of those slots
+    blk.N.skip_mean      [E, H]    float32, the expert's output where a skip drops it: the mean of y over its
+                                   slots i >= 1, weighted by a_i^2 (a_i the weight the block applied), the
+                                   least-squares m of sum ||a_i y - a_i m||^2 (mc.odp.mean, prune/means.py)
 
 With --hessian, what GPTQ and tuning build each expert's Hessians from when they quantize it (quantize/
 hessian.py), rather than [E, H, H] and [E, F, F] sums per layer (7 GB a layer at Mixtral 8x7B's shapes):
@@ -83,6 +86,7 @@ class LayerStats:
     skip_cost: np.ndarray | None = None
     drop_cost: np.ndarray | None = None
     slot_experts: np.ndarray | None = None     # [tokens, k-1] int16: the expert of each slot top_ratio describes
+    skip_mean: np.ndarray | None = None        # [E, H] float32: each expert's output where a skip drops it
     routed_ids: np.ndarray | None = None       # with --hessian
     routed_weights: np.ndarray | None = None
 
@@ -242,7 +246,7 @@ def layer_arrays(layers: list[LayerStats | None], first: int = 0) -> dict[str, n
 
 def read_layers(arrays: dict[str, np.ndarray], n_layers: int, first: int = 0,
                 dense: Collection[int] = ()) -> list[LayerStats | None]:
-    optional = {"routed_ids", "routed_weights", "skip_cost", "drop_cost", "slot_experts"}
+    optional = {"routed_ids", "routed_weights", "skip_cost", "drop_cost", "slot_experts", "skip_mean"}
     layers = []
     for il in range(first, first + n_layers):
         if il in dense:
@@ -312,7 +316,7 @@ def _check_header(path: Path, header) -> None:
         raise StatsFileError(f"{path} has statistics format {header.get('format')!r}; this mc-gguf reads "
                              f"{FORMAT_VERSION}")
     types = header.get("types")
-    if not isinstance(types, list) or not types:
+    if not isinstance(types, list):  # empty: routing only (odp-calibrate's pass)
         raise StatsFileError(f"{path}: the header's types are {types!r}, not a list of candidate types")
     tensor_types = header.get("tensor_types", [])
     if not isinstance(tensor_types, list):
@@ -383,7 +387,7 @@ def _check_arrays(path: Path, layers: list[LayerStats | None], n_types: int, inp
         shapes = {"count": (n_expert,), "weight_sum": (n_expert,), "eps": (3, n_expert, n_types),
                   "imatrix_in": (n_expert, hidden), "imatrix_mid": (n_expert, ff), "top_ratio": (n_tokens, slots),
                   "skip_cost": (n_tokens, slots), "drop_cost": (n_tokens, slots), "slot_experts": (n_tokens, slots),
-                  "routed_ids": routed, "routed_weights": routed}
+                  "skip_mean": (n_expert, hidden), "routed_ids": routed, "routed_weights": routed}
         for name, shape in shapes.items():
             value = getattr(layer, name)
             if value is None:
@@ -396,7 +400,7 @@ def _check_arrays(path: Path, layers: list[LayerStats | None], n_types: int, inp
             if value.dtype.kind not in "fiu" or value.dtype.kind == "f" and not np.isfinite(value).all():
                 raise StatsFileError(f"{path}: {name} of layer {il} holds {value.dtype} values, not finite numbers")
             low, high = (0, n_expert - 1) if name in ("slot_experts", "routed_ids") else (0, None)
-            if name not in ("top_ratio", "routed_weights") and value.size and (
+            if name not in ("top_ratio", "routed_weights", "skip_mean") and value.size and (
                     value.min() < low or high is not None and value.max() > high):
                 raise StatsFileError(f"{path}: {name} of layer {il} holds values outside [{low}, {high or 'inf'}]")
         if routed is not None and (layer.routed_ids is None or layer.routed_weights is None):

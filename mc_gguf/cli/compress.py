@@ -48,7 +48,9 @@ def add_parser(commands) -> None:
                    help="per-expert (needs the mc-gguf runtime) or stock (any llama.cpp) "
                    f"(default: {allocation.layout})")
     p.add_argument("--odp-skip", type=unit_float, default=odp.skip,
-                   help="share of expert slots Online Dynamic Pruning should skip, e.g. 0.25 (default: 0, off)")
+                   help="share of expert slots Online Dynamic Pruning should skip, e.g. 0.4 (default: 0, off); a "
+                   "per-expert file also gets each expert's mean output, which a skipped slot adds instead of "
+                   "nothing")
     p.add_argument("--odp-rule", choices=THRESHOLD_RULES, default=odp.rule,
                    help="how the thresholds share the skipped slots (see `mc-gguf odp-calibrate --help`; "
                    f"default: {odp.rule})")

@@ -27,7 +27,9 @@ def add_parser(commands) -> None:
     p.add_argument("--renormalize", action="store_true",
                    help="renormalise the weights a token keeps after pruning, as the paper does (mc.odp.renormalize); "
                    "by default they stay as the router gave them, so that a skipped slot's share of the output is "
-                   "dropped rather than handed to the experts kept, which moves the output less")
+                   "dropped rather than handed to the experts kept, which moves the output less, and a file that "
+                   "only mc-gguf's runtime loads (per-expert layout) gets each expert's mean output, which a skipped "
+                   "slot then adds instead of nothing (blk.N.ffn_odp_mean)")
     p.add_argument("--tokens", type=positive_int, default=8192, help="calibration tokens (default: 8192)")
     p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per calibration sequence (default: 512)")
     p.add_argument("--protect-ratio", type=unit_float, default=0.02,

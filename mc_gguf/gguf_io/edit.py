@@ -1,4 +1,4 @@
-"""Change a GGUF's metadata without touching its tensors.
+"""Change a GGUF's metadata without touching its tensors (or, rewrite_tensors, with tensors added or left out).
 
 A GGUF is a header (key-values and the tensor table) followed by the tensor
 data at an aligned offset (gguf.cpp: gguf_get_data_offset). When the new
@@ -11,7 +11,7 @@ file is rewritten through gguf-py (gguf_new_metadata's streaming copy).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,24 @@ def rewrite_metadata(src: str | Path, dst: str | Path, updates: dict[str, Metada
         else:
             copy_with_new_metadata(reader, _writer(tmp, reader), dict(updates), list(remove))
     return Path(dst)
+
+
+def rewrite_tensors(src: str | Path, dst: str | Path, updates: dict[str, MetadataDetails], *,
+                    drop: Callable[[str], object] = lambda name: False, add: Sequence = ()) -> Path:
+    """Copy ``src`` to ``dst`` (may be the same path) with keys set, the tensors ``drop`` names left out and
+    ``add`` (write.OutputTensor) appended; streamed, one tensor in memory at a time, written atomically."""
+    from mc_gguf.gguf_io.write import OutputTensor, write_gguf
+
+    reader = open_gguf(src)
+    kept = [OutputTensor(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type,
+                         lambda t=t: t.data) for t in reader.tensors if not drop(t.name)]
+
+    def add_metadata(writer: gguf.GGUFWriter) -> None:
+        writer.data_alignment = reader.alignment
+        copy_metadata(reader, writer, updates)
+
+    return write_gguf(dst, field_value(reader, gguf.Keys.General.ARCHITECTURE), add_metadata, [*kept, *add],
+                      progress=False)
 
 
 def copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, updates: dict[str, MetadataDetails]) -> None:

@@ -51,6 +51,12 @@ def group_name(bid: int, projection: str, group: int) -> str:
     return f"blk.{bid}.ffn_{projection}_exps.g{group}.weight"
 
 
+def odp_mean_name(bid: int) -> str:
+    """Online Dynamic Pruning's mean outputs of layer ``bid``'s experts, F32 [E, H] (prune/means.py; the runtime's
+    llm_mc_expert_groups::odp_mean, patch 0011)."""
+    return f"blk.{bid}.ffn_odp_mean.weight"
+
+
 def tensor_names(bid: int, projection: str, groups: Sequence[ExpertGroup]) -> list[str]:
     """The tensor name of each group: the stock name when there is one group."""
     if len(groups) == 1:

@@ -11,7 +11,9 @@ The patch level of each feature is the LLAMA_MC_PATCH_LEVEL at which the
 series brought it (llama.h defines the level once; the series raises it when
 what files or bindings can rely on changes): expert groups and pruning reach
 each family at the level of FAMILY_LEVEL; per-expert thresholds and the
-renormalization choice at 12. The file carries the level it needs
+renormalization choice at 12; pruning's mean outputs (``blk.N.ffn_odp_mean``,
+which stock llama.cpp counts as a tensor too many, so only files it refuses
+anyway carry them) at 15. The file carries the level it needs
 (``mc.runtime.patch_level``), and ``loader.model.load`` refuses an older
 runtime with it.
 """
@@ -26,10 +28,12 @@ from mc_gguf.gguf_io import keys
 
 # the patch level (LLAMA_MC_PATCH_LEVEL) from which the runtime's graph of each family (general.architecture)
 # reads expert groups and mc.odp.mu, as the series reached them: a file records the lowest level that reads it,
-# so files of these families load in every runtime since (the current series, patch level 14, has them all)
+# so files of these families load in every runtime since (the current series, patch level 15, has them all)
 FAMILY_LEVEL = {"llama": 4, "qwen2moe": 6, "qwen3moe": 6, "olmoe": 6, "deepseek2": 8, "glm4moe": 9, "gpt-oss": 10}
 PER_EXPERT_ODP_LEVEL = 12  # mc.odp.mu_exps and mc.odp.renormalize (patch 0009)
+ODP_MEAN_LEVEL = 15  # blk.N.ffn_odp_mean (patch 0011)
 GROUP_TENSOR = re.compile(r"\.ffn_(gate|up|down)_exps\.g\d+\.weight$")
+ODP_MEAN_TENSOR = re.compile(r"^blk\.\d+\.ffn_odp_mean\.weight$")
 
 
 @dataclass(frozen=True)
@@ -57,12 +61,16 @@ class Requirements:
 def requirements(arch: str, tensor_names: Iterable[str], fields: Mapping[str, object]) -> Requirements:
     """The requirements of a file of ``arch`` holding ``tensor_names`` and the metadata keys of ``fields``."""
     family = FAMILY_LEVEL.get(arch, max(FAMILY_LEVEL.values()))
-    groups = any(GROUP_TENSOR.search(name) for name in tensor_names)
+    names = list(tensor_names)
+    groups = any(GROUP_TENSOR.search(name) for name in names)
+    means = any(ODP_MEAN_TENSOR.search(name) for name in names)
     prunes = keys.ODP_MU in fields
     level = family if groups or prunes else 0
     if prunes and (keys.ODP_MU_EXPS in fields or keys.ODP_RENORMALIZE in fields):
         level = max(level, PER_EXPERT_ODP_LEVEL)
-    return Requirements(level, stock_loads=not groups, prunes=prunes)
+    if means:
+        level = max(level, ODP_MEAN_LEVEL)
+    return Requirements(level, stock_loads=not (groups or means), prunes=prunes)
 
 
 def file_requirements(header) -> Requirements:

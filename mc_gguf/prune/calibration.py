@@ -1,8 +1,10 @@
-"""Per-layer ODP thresholds: from calibration statistics, or measured on a text and written into a GGUF."""
+"""Per-layer ODP thresholds (and the experts' mean outputs, means.py): from calibration statistics, or measured on
+a text and written into a GGUF."""
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from mc_gguf.atomic import check_output_path, output_lock
@@ -11,13 +13,15 @@ from mc_gguf.calibrate.settings import CalibrationSettings
 from mc_gguf.calibrate.stats import CalibrationStats
 from mc_gguf.calibrate.text import CalibrationText
 from mc_gguf.errors import GGUFFileError, McGgufError
-from mc_gguf.gguf_io.edit import rewrite_metadata
+from mc_gguf.gguf_io.edit import rewrite_metadata, rewrite_tensors
 from mc_gguf.gguf_io import keys
 from mc_gguf.gguf_io.header import scan
-from mc_gguf.gguf_io.requirements import requirements
+from mc_gguf.gguf_io.requirements import ODP_MEAN_TENSOR, requirements
+from mc_gguf.gguf_io.write import OutputTensor
 from mc_gguf.gguf_io.validate import check_model
 from mc_gguf.prune import rule as pruning
 from mc_gguf.prune.budget import thresholds_by_sensitivity, thresholds_per_expert
+from mc_gguf.prune.means import carries_means, mean_tensors
 from mc_gguf.prune.settings import DEFAULT_RENORMALIZE, DEFAULT_RULE, THRESHOLD_RULES
 
 
@@ -26,10 +30,10 @@ def router_statistics(model_dir: str | Path, text: CalibrationText, work: Path, 
     """Routing statistics (w_i / w_0 and skip costs of every calibration token in every layer).
 
     Measured by the calibration's own pass (calibrate/), one decoder layer in
-    memory at a time, without the quantization errors; its statistics go to
+    memory at a time, without the quantization errors of any tensor; its statistics go to
     ``work`` (an interrupted run resumes there).
     """
-    settings = CalibrationSettings(n_tokens=n_tokens, seq_len=seq_len, seed=seed, types=())
+    settings = CalibrationSettings(n_tokens=n_tokens, seq_len=seq_len, seed=seed, types=(), tensor_types=())
     return calibrate(model_dir, work / "router.stats", text, settings, progress=progress, reuse=True)
 
 
@@ -83,12 +87,20 @@ def skipped_shares(stats: CalibrationStats, odp: pruning.OdpParams) -> list[floa
     return shares
 
 
-def write_odp_metadata(gguf_in: str | Path, gguf_out: str | Path, odp: pruning.OdpParams) -> Path:
-    """Set the mc.odp.* keys of ``odp``, and the runtime patch level they need (tensors are copied unchanged)."""
+def write_odp_metadata(gguf_in: str | Path, gguf_out: str | Path, odp: pruning.OdpParams,
+                       means: Sequence[OutputTensor] = ()) -> Path:
+    """Set the mc.odp.* keys of ``odp``, and the runtime patch level they need; the file's mean outputs become
+    ``means`` (means.mean_tensors) where it may carry them (means.carries_means), else none. Other tensors are
+    copied unchanged."""
     header = scan(gguf_in)
+    arch = header.architecture or ""
+    names = [t.name for t in header.tensors if not ODP_MEAN_TENSOR.search(t.name)]
+    means = list(means) if carries_means(arch, names) else []
     updates = pruning.odp_metadata(odp)
-    needs = requirements(header.architecture or "", (t.name for t in header.tensors), {**header.fields, **updates})
+    needs = requirements(arch, names + [t.name for t in means], {**header.fields, **updates})
     updates[keys.RUNTIME_PATCH_LEVEL] = keys.details(keys.RUNTIME_PATCH_LEVEL, needs.patch_level)
+    if means or len(names) != len(header.tensors):
+        return rewrite_tensors(gguf_in, gguf_out, updates, drop=ODP_MEAN_TENSOR.search, add=means)
     return rewrite_metadata(gguf_in, gguf_out, updates)
 
 
@@ -112,7 +124,7 @@ def calibrate_odp(model_dir: str | Path, text: CalibrationText, gguf_in: str | P
         work.mkdir(exist_ok=True)
         stats = router_statistics(model_dir, text, work, n_tokens=n_tokens, seq_len=seq_len, progress=progress)
         odp = odp_from_stats(stats, skip_share, protect_ratio, rule, renormalize)
-        write_odp_metadata(gguf_in, gguf_out, odp)
+        write_odp_metadata(gguf_in, gguf_out, odp, mean_tensors(stats, odp))
         shutil.rmtree(work, ignore_errors=True)
     return odp, skipped_shares(stats, odp)
 

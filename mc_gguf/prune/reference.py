@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from mc_gguf.hf.architectures import architecture_for
 from mc_gguf.prune.rule import DEFAULT_PROTECT_RATIO, OdpParams, SlotCounts, keep_mask
 
@@ -15,11 +17,16 @@ class TransformersOdp:
     weights are renormalised where the router renormalises (Mixtral and gpt-oss always, the others as their
     ``norm_topk_prob`` says), as the runtime's ODP does; without, they stay as the router gave them.
 
+    With ``means`` ([E, H] per layer, or None; prune/means.py) and the kept weights as they are, a skipped slot adds
+    its weight times its expert's mean output to the MoE block's output, as the runtime does with a file's
+    ``blk.N.ffn_odp_mean``.
+
     Used as a context manager; counts slots per layer like the runtime does.
     """
 
     def __init__(self, model, mu: Sequence[float], protect_ratio: float = DEFAULT_PROTECT_RATIO,
-                 mu_exps: Sequence[Sequence[float]] | None = None, renormalize: bool = True):
+                 mu_exps: Sequence[Sequence[float]] | None = None, renormalize: bool = True,
+                 means: Sequence[np.ndarray | None] | None = None):
         layers = model.model.layers
         self.params = OdpParams(list(mu), protect_ratio, None if mu_exps is None else [list(r) for r in mu_exps],
                                 renormalize)
@@ -29,7 +36,10 @@ class TransformersOdp:
         self.mu = self.params.mu
         self.protect_ratio = protect_ratio
         self.counts = SlotCounts([0] * len(layers), [0] * len(layers))
+        self.means = None if means is None or renormalize else list(means)
+        self._dropped: dict[int, tuple] = {}  # layer -> (the skipped slots' weights [tokens, k], their experts)
         self._saved = []
+        self._hooks = []
 
     def __enter__(self) -> TransformersOdp:
         arch = self.arch = architecture_for({"architectures": self.model.config.architectures})
@@ -39,12 +49,31 @@ class TransformersOdp:
                 continue
             self._saved.append((router, router.forward))
             router.forward = self._pruning_forward(il, router)
+            if self.means is not None and self.means[il] is not None:
+                self._hooks.append(getattr(layer, arch.hf_moe_module).register_forward_hook(self._mean_hook(il)))
         return self
 
     def __exit__(self, *exc) -> None:
         for router, forward in self._saved:
             router.forward = forward
         self._saved.clear()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+    def _mean_hook(self, il: int):
+        """The MoE block's output plus, for every skipped slot, its weight times its expert's mean output."""
+        import torch
+
+        mean = torch.from_numpy(np.asarray(self.means[il], dtype=np.float32))
+
+        def hook(module, args, output):
+            dropped, indices = self._dropped.pop(il)
+            hidden = output[0] if isinstance(output, tuple) else output
+            added = (dropped[..., None] * mean[indices]).sum(1).reshape(hidden.shape).to(hidden.dtype)
+            return (hidden + added, *output[1:]) if isinstance(output, tuple) else hidden + added
+
+        return hook
 
     def _pruning_forward(self, il: int, router):
         """The router's own forward (its gating, selection bias, groups, renormalisation and scale), then the
@@ -71,6 +100,8 @@ class TransformersOdp:
             kept_w = w * keep
             if renormalise:
                 kept_w = kept_w / kept_w.sum(dim=-1, keepdim=True) * w.sum(dim=-1, keepdim=True)
+            if self.means is not None:
+                self._dropped[il] = (w * ~keep, indices)
             kept = int(keep.sum())
             self.counts.computed[il] += kept
             self.counts.skipped[il] += keep.numel() - kept

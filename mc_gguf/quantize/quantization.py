@@ -35,6 +35,7 @@ from mc_gguf.gguf_io.layout import PROJECTIONS, ExpertGroup, expert_groups, row_
 from mc_gguf.gguf_io.write import stack_one_at_a_time, write_gguf
 from mc_gguf.hf.checkpoint import Checkpoint, open_checkpoint
 from mc_gguf.prune import rule as pruning
+from mc_gguf.prune.means import carries_means, mean_tensors
 from mc_gguf.quantize.experts import ExpertQuantizer
 from mc_gguf.quantize.hessian import ExpertHessians
 from mc_gguf.quantize.tensors import TensorEncoder
@@ -97,9 +98,12 @@ def quantize(model_dir: str | Path, plan: Plan, out: str | Path, *, stats: Calib
     # by GPTQ and tuning on their Hessians as the experts
     tensors = layout_tensors(ckpt, plan, produce_group, TensorEncoder(stats, gptq, tune))
     measured = tensor_totals(tensors)
+    arch_name = gguf.MODEL_ARCH_NAMES[ckpt.arch.gguf_arch]
+    if odp is not None and stats is not None and carries_means(arch_name, (t.name for t in tensors)):
+        tensors = [*tensors, *mean_tensors(stats, odp)]  # pruning's mean outputs (prune/means.py)
 
     odp_keys = pruning.odp_metadata(odp) if odp is not None else {}
-    needs = requirements(gguf.MODEL_ARCH_NAMES[ckpt.arch.gguf_arch], (t.name for t in tensors), odp_keys)
+    needs = requirements(arch_name, (t.name for t in tensors), odp_keys)
 
     def add_metadata(writer: gguf.GGUFWriter) -> None:
         model_metadata(ckpt, file_type_of(tensors))(writer)
@@ -109,7 +113,7 @@ def quantize(model_dir: str | Path, plan: Plan, out: str | Path, *, stats: Calib
             writer.add_key_value(key, value.value, value.type, sub_type=value.sub_type)
 
     with bar:
-        path = write_gguf(out, gguf.MODEL_ARCH_NAMES[ckpt.arch.gguf_arch], add_metadata, tensors, progress=progress)
+        path = write_gguf(out, arch_name, add_metadata, tensors, progress=progress)
     if ray is not None:
         experts.remove()
     return path

@@ -12,7 +12,7 @@ from mc_gguf.runtime.build import installed_build_info
 from mc_gguf.runtime.source import BuildFlags, build_key
 
 # The LLAMA_MC_PATCH_LEVEL that this version of the bindings needs.
-REQUIRED_PATCH_LEVEL = 14
+REQUIRED_PATCH_LEVEL = 15
 
 
 @dataclass

@@ -252,7 +252,9 @@ def test_skip_cost_is_the_moe_output_change_with_the_slot_skipped_over_the_layer
         calibration, direct, hf_model, hf_tokenizer, calibration_settings):
     """skip_cost[t, 0] = ||block(x_t) with slot 1 skipped (weights renormalised) - block(x_t)||^2 / ||h_t||^2,
     h_t the decoder layer's output, and drop_cost the same with the kept weight left as it is; the skipped block
-    is transformers' own under the ODP reference. slot_experts is transformers' router's second choice."""
+    is transformers' own under the ODP reference. slot_experts is transformers' router's second choice. skip_mean
+    is each expert's least-squares constant for what its skipped second slots drop, a1 y1 = block - dropped
+    block: sum a1 (a1 y1) / sum a1^2 over the tokens whose second choice it is."""
     from mc_gguf.prune.reference import TransformersOdp
 
     _, stats = calibration
@@ -279,7 +281,7 @@ def test_skip_cost_is_the_moe_output_change_with_the_slot_skipped_over_the_layer
                 skipped = block(xs[il][None])[0]
             with TransformersOdp(hf_model, [1.0] * n_layers, protect_ratio=0.0, renormalize=False):
                 dropped = block(xs[il][None])[0]
-            _, _, experts = block.gate(xs[il])
+            _, weights, experts = block.gate(xs[il])
         h = outputs[il].reshape(-1, outputs[il].shape[-1]).double()
         expected = ((skipped - reference).double() ** 2).sum(-1) / (h ** 2).sum(-1)
         np.testing.assert_allclose(layer.skip_cost[:, 0], expected.numpy(), rtol=2e-3, atol=1e-9)
@@ -287,6 +289,14 @@ def test_skip_cost_is_the_moe_output_change_with_the_slot_skipped_over_the_layer
         np.testing.assert_allclose(layer.drop_cost[:, 0], expected.numpy(), rtol=2e-3, atol=1e-9)
         assert not np.allclose(layer.drop_cost, layer.skip_cost, rtol=0.1)
         np.testing.assert_array_equal(layer.slot_experts[:, 0], experts[:, 1].numpy())
+        a1, share = weights[:, 1].double(), (reference - dropped).double()
+        expected = np.zeros_like(layer.skip_mean, dtype=np.float64)
+        for e in range(expected.shape[0]):
+            mine = experts[:, 1] == e
+            if mine.any():
+                expected[e] = ((a1[mine, None] * share[mine]).sum(0) / (a1[mine] ** 2).sum()).numpy()
+        assert np.abs(expected).max() > 0
+        np.testing.assert_allclose(layer.skip_mean, expected, rtol=1e-3, atol=1e-5 * np.abs(expected).max())
 
 
 def test_streamed_statistics_file_reads_back_with_safetensors_own_reader(tmp_path):

@@ -310,3 +310,107 @@ def test_a_deep_model_has_graph_room_for_pruning(tmp_path):
     result = subprocess.run([sys.executable, "-c", child, str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout.strip()) > 0
+
+
+def test_router_statistics_are_routing_only_and_resume(tiny_model_dir, hf_model, hf_tokenizer, tmp_path):
+    """odp-calibrate's pass measures the routing alone (no quantization errors of any tensor), and an interrupted
+    run started again finds its finished statistics instead of measuring them again."""
+    from mc_gguf.allocate.allocation import allocate
+    from mc_gguf.calibrate.text import CalibrationText
+    from mc_gguf.errors import McGgufError
+    from mc_gguf.prune.calibration import router_statistics
+
+    text = CalibrationText("test", PROMPT * 4)
+    stats = router_statistics(tiny_model_dir, text, tmp_path, n_tokens=64, seq_len=32, progress=False)
+    assert stats.types == [] and stats.tensor_types == [] and not stats.tensors
+    saved = tmp_path / "router.stats"
+    written = saved.stat().st_mtime_ns
+    again = router_statistics(tiny_model_dir, text, tmp_path, n_tokens=64, seq_len=32, progress=False)
+    assert saved.stat().st_mtime_ns == written  # read back, not measured again
+    # the routing read back is transformers' own
+    ids = hf_tokenizer(PROMPT * 4, add_special_tokens=False).input_ids
+    seqs = [list(s) for s in pack_sequences(ids, hf_tokenizer.bos_token_id, 64, 32, seed=0)]
+    per_layer = [np.concatenate(r) for r in zip(*(router_ratios(hf_model, s) for s in seqs))]
+    for layer, expected in zip(again.layers, per_layer):
+        np.testing.assert_allclose(np.sort(layer.top_ratio.ravel()), np.sort(expected.ravel()), rtol=1e-4, atol=1e-6)
+    with pytest.raises(McGgufError, match="routing only"):
+        allocate(again, bits=3.0)
+
+
+def with_means(path, out, odp: OdpParams, means: list[np.ndarray]):
+    """``path`` with ``odp``'s keys and these mean outputs per layer, whatever its layout (write_odp_metadata
+    leaves them out of a file stock llama.cpp loads)."""
+    import gguf
+
+    from mc_gguf.gguf_io.edit import rewrite_tensors
+    from mc_gguf.gguf_io.layout import odp_mean_name
+    from mc_gguf.gguf_io.requirements import ODP_MEAN_LEVEL
+    from mc_gguf.gguf_io.write import OutputTensor
+    from mc_gguf.prune.rule import odp_metadata
+
+    updates = {**odp_metadata(odp), keys.RUNTIME_PATCH_LEVEL: keys.details(keys.RUNTIME_PATCH_LEVEL, ODP_MEAN_LEVEL)}
+    tensors = [OutputTensor(odp_mean_name(il), m.shape, gguf.GGMLQuantizationType.F32, lambda m=m: m)
+               for il, m in enumerate(means)]
+    return rewrite_tensors(path, out, updates, add=tensors)
+
+
+def test_mean_outputs_of_skipped_slots_match_reference(converted, hf_model, prompt_ids, median_mu, tmp_path):
+    """blk.N.ffn_odp_mean: a skipped slot adds its weight times its expert's row, in the runtime (prefill with
+    protection, and decode) as in the reference; without the rows the logits are other ones."""
+    config = hf_model.config
+    rng = np.random.default_rng(5)
+    means = [rng.normal(0, 0.5, (config.num_local_experts, config.hidden_size)).astype(np.float32)
+             for _ in range(config.num_hidden_layers)]
+    odp = OdpParams(median_mu, 0.02, renormalize=False)
+    path = with_means(converted("f32"), tmp_path / "means.gguf", odp, means)
+    with TransformersOdp(hf_model, median_mu, 0.02, renormalize=False, means=means) as reference_odp:
+        ref_logits = transformers_logits(hf_model, prompt_ids)
+    got_logits, got_counts = llama_run(path, prompt_ids)
+    assert got_counts.skipped == reference_odp.counts.skipped and sum(got_counts.skipped) > 0
+    scale = np.abs(ref_logits).max()
+    assert np.abs(got_logits - ref_logits).max() / scale < TOLERANCE
+    without, _ = reference(hf_model, prompt_ids, median_mu, 0.02, renormalize=False)
+    assert np.abs(without - ref_logits).max() / scale > 10 * TOLERANCE
+    # one token at a time (decode: the mu rule alone), the same logits as the reference's without protection
+    with TransformersOdp(hf_model, median_mu, 0.0, renormalize=False, means=means):
+        ref_decode = np.stack([transformers_logits(hf_model, prompt_ids[:n + 1])[-1] for n in range(8)])
+    llm = load(path, n_ctx=512, n_batch=1, n_ubatch=1, logits_all=True, flash_attn=False)
+    llm.eval(prompt_ids[:8])
+    decoded = np.array(llm.scores[:8], dtype=np.float32)
+    assert np.abs(decoded - ref_decode).max() / scale < 10 * TOLERANCE
+
+
+def test_only_files_stock_llama_cpp_refuses_carry_mean_outputs(converted, hf_model, median_mu, tmp_path):
+    """write_odp_metadata keeps a file any llama.cpp loads loadable there (no mean outputs, the patch level of
+    pruning alone); a file that has them and is written again with renormalised weights loses them."""
+    import gguf
+
+    from mc_gguf.gguf_io.layout import odp_mean_name
+    from mc_gguf.gguf_io.requirements import ODP_MEAN_LEVEL, file_requirements
+    from mc_gguf.gguf_io.header import scan
+    from mc_gguf.gguf_io.write import OutputTensor
+    from mc_gguf.prune.means import carries_means
+
+    config = hf_model.config
+    mean = np.ones((config.num_local_experts, config.hidden_size), dtype=np.float32)
+    tensors = [OutputTensor(odp_mean_name(il), mean.shape, gguf.GGMLQuantizationType.F32, lambda: mean)
+               for il in range(config.num_hidden_layers)]
+    odp = OdpParams(median_mu, 0.02, renormalize=False)
+    plain = write_odp_metadata(converted("f16"), tmp_path / "plain.gguf", odp, tensors)
+    header = scan(plain)
+    assert not any(t.name.endswith("ffn_odp_mean.weight") for t in header.tensors)
+    assert file_requirements(header).stock_loads
+    assert not carries_means("llama", [t.name for t in header.tensors])
+    assert carries_means("llama", ["blk.0.ffn_down_exps.g1.weight", odp_mean_name(0)])
+
+    carrying = with_means(converted("f16"), tmp_path / "carrying.gguf", odp, [mean] * config.num_hidden_layers)
+    assert file_requirements(scan(carrying)).patch_level == ODP_MEAN_LEVEL
+    assert not file_requirements(scan(carrying)).stock_loads
+    again = write_odp_metadata(carrying, tmp_path / "again.gguf", OdpParams(median_mu, 0.02, renormalize=True))
+    header = scan(again)
+    assert not any(t.name.endswith("ffn_odp_mean.weight") for t in header.tensors)
+    assert file_requirements(header).stock_loads
+    # the other tensors are the same bytes
+    before = {t.name: np.array(t.data) for t in gguf.GGUFReader(converted("f16")).tensors}
+    after = {t.name: np.array(t.data) for t in gguf.GGUFReader(again).tensors}
+    assert before.keys() == after.keys() and all(np.array_equal(before[n], after[n]) for n in before)

@@ -67,9 +67,19 @@ def test_the_file_is_the_plans_with_llama_cpps_metadata(family, compressed):
     n_expert = getattr(model.config, "num_experts", None) or model.config.num_local_experts  # GLM: the latter
     assert field_value(reader, f"{kind}.expert_count") == n_expert
     assert field_value(reader, f"{kind}.expert_used_count") == model.config.num_experts_per_tok
-    assert sum(int(t.n_bytes) for t in reader.tensors) == compressed.plan.predicted["tensor_bytes"]
+    # the plan's tensors, and pruning's mean outputs of every layer it prunes (a per-expert file carries them)
+    means = {t.name: t for t in reader.tensors if t.name.endswith(".ffn_odp_mean.weight")}
+    hidden, _ = open_checkpoint(folder).expert_dims
+    pruned = [il for il, mu in enumerate(compressed.odp.mu) if mu > 0]
+    assert pruned and sorted(means) == sorted(f"blk.{il}.ffn_odp_mean.weight" for il in pruned)
+    assert all(list(t.shape) == [hidden, n_expert] and t.tensor_type == gguf.GGMLQuantizationType.F32
+               for t in means.values())
+    assert (sum(int(t.n_bytes) for t in reader.tensors if t.name not in means)
+            == compressed.plan.predicted["tensor_bytes"])
     # the prediction counts the model's header, not the mc.* keys of the plan and ODP (a few KB)
-    assert compressed.path.stat().st_size == pytest.approx(compressed.plan.predicted["file_bytes"], abs=16384)
+    mean_bytes = sum(int(t.n_bytes) for t in means.values())
+    assert (compressed.path.stat().st_size - mean_bytes
+            == pytest.approx(compressed.plan.predicted["file_bytes"], abs=16384))
     stored = {gguf.GGMLQuantizationType(t.tensor_type).name for t in reader.tensors if is_expert_weight(t.name)}
     assert len(stored) > 1 and stored <= set(TYPES) | {"IQ4_NL", "Q4_0", "Q5_0"}
 
@@ -90,7 +100,8 @@ def test_llama_cpp_runs_the_written_numbers(family, compressed, odp):
         assert max(odp.mu) > 0 and odp.mu_exps is not None and not odp.renormalize  # compress's defaults
         clear = clear_of_thresholds(reference_model, open_checkpoint(folder), ids, odp)
         assert clear.mean() >= 0.4  # up to 7 slots a token, each against its own expert's threshold
-        with TransformersOdp(reference_model, odp.mu, odp.protect_ratio, odp.mu_exps, odp.renormalize):
+        with TransformersOdp(reference_model, odp.mu, odp.protect_ratio, odp.mu_exps, odp.renormalize,
+                             file_means(compressed.path, len(odp.mu))):
             reference = transformers_logits(reference_model, ids)
     else:
         reference = transformers_logits(reference_model, ids)
@@ -99,6 +110,13 @@ def test_llama_cpp_runs_the_written_numbers(family, compressed, odp):
     assert error / scale < TOLERANCE
     # and the comparison can fail: quantizing the experts moved the logits far more than that
     assert np.abs(transformers_logits(model, ids) - reference).max() > 5 * error
+
+
+def file_means(path, n_layers: int) -> list[np.ndarray | None]:
+    """The file's pruning mean outputs per layer ([E, H]), None where a layer has none."""
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    return [np.array(tensors[name].data) if (name := f"blk.{il}.ffn_odp_mean.weight") in tensors else None
+            for il in range(n_layers)]
 
 
 def clear_of_thresholds(model, ckpt, ids, odp, margin=2e-4, logit_margin=5e-3) -> np.ndarray:
@@ -147,7 +165,8 @@ def test_convert_is_llama_cpps_own_conversion_and_compress_keeps_its_other_tenso
 
     converted, ours = gguf.GGUFReader(out), gguf.GGUFReader(compressed.path)
     theirs = {t.name: t for t in converted.tensors if not is_expert_weight(t.name)}
-    mine = {t.name: t for t in ours.tensors if not is_expert_weight(t.name)}
+    mine = {t.name: t for t in ours.tensors if not is_expert_weight(t.name)
+            and not t.name.endswith(".ffn_odp_mean.weight")}  # pruning's, beside the conversion's
     assert sorted(mine) == sorted(theirs)
     for name, t in theirs.items():
         assert mine[name].tensor_type == t.tensor_type, name
