@@ -76,10 +76,14 @@ def compress(model_dir: str | Path, out: str | Path, bits: float | None = None,
             connect(settings.ray)
         ckpt = open_checkpoint(model_dir)
         types = [quant_type(t).name for t in settings.allocation.types or settings.calibration.types]
-        if settings.size is None:
+        size = settings.size
+        if size is not None and settings.odp.skip and not settings.odp.renormalize \
+                and settings.allocation.layout == "per-expert":
+            size -= means_bytes(ckpt)  # pruning's mean outputs (prune/means.py) come beside the plan's tensors
+        if size is None:
             check_budget(settings.bits, projection_bits(ckpt, types))
         else:
-            check_size(ckpt, settings.size, settings.allocation.layout, types, settings.allocation.non_expert,
+            check_size(ckpt, size, settings.allocation.layout, types, settings.allocation.non_expert,
                        settings.allocation.options(tuned=settings.tune is not None)["per_projection"],
                        tensors=smallest_tensor_types(ckpt, set(settings.allocation.non_expert),
                                                      list(settings.calibration.tensor_types)))
@@ -100,9 +104,6 @@ def compress(model_dir: str | Path, out: str | Path, bits: float | None = None,
         error_scale = (_tuned_errors(ckpt.path, stats, work, tune, settings.ray, progress) if tune is not None
                        else None)
         bits = settings.bits if settings.size is None else None
-        size = settings.size
-        if size is not None and odp.skip and not odp.renormalize:
-            size -= means_bytes(ckpt)  # pruning's mean outputs (prune/means.py) come beside the plan's tensors
         plan = allocate(stats, bits, size=size, model_dir=ckpt.path, stats_path=str(stats_path),
                         error_scale=error_scale, **settings.allocation.options())
         plan.save(work / "plan.json")

@@ -64,30 +64,34 @@ def rewrite_metadata(src: str | Path, dst: str | Path, updates: dict[str, Metada
 
 
 def rewrite_tensors(src: str | Path, dst: str | Path, updates: dict[str, MetadataDetails], *,
-                    drop: Callable[[str], object] = lambda name: False, add: Sequence = ()) -> Path:
-    """Copy ``src`` to ``dst`` (may be the same path) with keys set, the tensors ``drop`` names left out and
-    ``add`` (write.OutputTensor) appended; streamed, one tensor in memory at a time, written atomically."""
+                    remove: Sequence[str] = (), drop: Callable[[str], object] = lambda name: False,
+                    add: Sequence = ()) -> Path:
+    """Copy ``src`` to ``dst`` (may be the same path) with keys set or removed, the tensors ``drop`` names left out
+    and ``add`` (write.OutputTensor) appended; streamed, one tensor in memory at a time, written atomically."""
     from mc_gguf.gguf_io.write import OutputTensor, write_gguf
 
     reader = open_gguf(src)
+    if reader.endianess != gguf.GGUFEndian.LITTLE:  # write_gguf writes little-endian files
+        raise GGUFFileError(f"{src} is a big-endian GGUF; mc-gguf rewrites the tensors of little-endian files only")
     kept = [OutputTensor(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type,
                          lambda t=t: t.data) for t in reader.tensors if not drop(t.name)]
 
     def add_metadata(writer: gguf.GGUFWriter) -> None:
         writer.data_alignment = reader.alignment
-        copy_metadata(reader, writer, updates)
+        copy_metadata(reader, writer, updates, remove)
 
     return write_gguf(dst, field_value(reader, gguf.Keys.General.ARCHITECTURE), add_metadata, [*kept, *add],
                       progress=False)
 
 
-def copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, updates: dict[str, MetadataDetails]) -> None:
-    """Every key of ``reader`` into ``writer``, ``updates`` set (the key-value loop of gguf-py's
+def copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, updates: dict[str, MetadataDetails],
+                  remove: Sequence[str] = ()) -> None:
+    """Every key of ``reader`` but ``remove`` into ``writer``, ``updates`` set (the key-value loop of gguf-py's
     gguf_new_metadata.copy_with_new_metadata, for a writer whose tensors are new)."""
     updates = dict(updates)
     for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue  # virtual fields, and those GGUFWriter writes itself
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF.") or field.name in remove:
+            continue  # virtual fields, those GGUFWriter writes itself, and the removed
         value_type = field.types[0]
         sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
         value = updates.pop(field.name, MetadataDetails(value_type, field.contents(), sub_type=sub_type))

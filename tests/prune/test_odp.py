@@ -414,3 +414,22 @@ def test_only_files_stock_llama_cpp_refuses_carry_mean_outputs(converted, hf_mod
     before = {t.name: np.array(t.data) for t in gguf.GGUFReader(converted("f16")).tensors}
     after = {t.name: np.array(t.data) for t in gguf.GGUFReader(again).tensors}
     assert before.keys() == after.keys() and all(np.array_equal(before[n], after[n]) for n in before)
+
+
+def test_per_layer_thresholds_over_per_expert_ones_remove_them(converted, median_mu, tmp_path):
+    """Writing per-layer thresholds into a file that had per-expert ones leaves no mc.odp.mu_exps behind (the
+    runtime would prune by the old ones), with and without mean outputs to rewrite."""
+    from mc_gguf.gguf_io.header import scan
+
+    n_expert = 4  # the tiny model (hf/tiny.py)
+    per_expert = OdpParams.per_expert([[m] * n_expert for m in median_mu], renormalize=False)
+    first = write_odp_metadata(converted("f16"), tmp_path / "first.gguf", per_expert)
+    assert keys.ODP_MU_EXPS in scan(first).fields
+    again = write_odp_metadata(first, tmp_path / "again.gguf", OdpParams(median_mu, 0.02))
+    assert keys.ODP_MU_EXPS not in scan(again).fields
+    assert read_odp_metadata(again).mu_exps is None and read_odp_metadata(again).mu == pytest.approx(median_mu)
+    carrying = with_means(first, tmp_path / "carrying.gguf", per_expert,
+                          [np.zeros((n_expert, 256), dtype=np.float32)] * len(median_mu))
+    rewritten = write_odp_metadata(carrying, tmp_path / "rewritten.gguf", OdpParams(median_mu, 0.02))
+    assert keys.ODP_MU_EXPS not in scan(rewritten).fields
+    assert not any(t.name.endswith("ffn_odp_mean.weight") for t in scan(rewritten).tensors)
