@@ -84,17 +84,19 @@ def evaluate_rules(base_path: Path, stats, texts: dict[str, list[list[int]]], ar
     del base_llm
     rows = {}
     names = {}  # the file of every method at the middle share, for the decode timing
-    can_carry = carries_means(scan(base_path).architecture or "", (t.name for t in scan(base_path).tensors))
+    header = scan(base_path)
+    can_carry = carries_means(header.architecture or "", (t.name for t in header.tensors))
     for rule, renormalize, means in methods(args, can_carry):
         name = f"{rule}{' renormalised' if renormalize else ''}{' without means' if can_carry and not means else ''}"
         for skip in args.skips:
             odp = odp_from_stats(stats, skip, rule=rule, renormalize=renormalize)
+            written_means = mean_tensors(stats, odp) if means else []
             pruned = write_odp_metadata(base_path, workdir / f"{base_path.stem}-{name.replace(' ', '-')}-{skip:g}.gguf",
-                                        odp, mean_tensors(stats, odp) if means else ())
+                                        odp, written_means)
             if skip == args.skips[len(args.skips) // 2]:
                 names[name] = pruned
             llm = load(pruned, **settings)
-            row = {"rule": rule, "renormalize": renormalize, "means": bool(means and mean_tensors(stats, odp)),
+            row = {"rule": rule, "renormalize": renormalize, "means": bool(written_means),
                    "target_skip": skip,
                    "mu_per_layer": [round(m, 4) for m in odp.mu],
                    **({"mu_per_expert": [[round(m, 4) for m in row] for row in odp.mu_exps]} if odp.mu_exps else {})}

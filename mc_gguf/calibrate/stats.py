@@ -26,7 +26,7 @@ T candidate types, k experts per token):
     blk.N.slot_experts   [tokens, k-1]  int16, the expert of each of those slots
     blk.N.skip_mean      [E, H]    float32, the expert's output where a skip drops it: the mean of y over its
                                    slots i >= 1, weighted by a_i^2 (a_i the weight the block applied), the
-                                   least-squares m of sum ||a_i y - a_i m||^2 (mc.odp.mean, prune/means.py)
+                                   least-squares m of sum ||a_i y - a_i m||^2 (blk.N.ffn_odp_mean, prune/means.py)
 
 With --hessian, what GPTQ and tuning build each expert's Hessians from when they quantize it (quantize/
 hessian.py), rather than [E, H, H] and [E, F, F] sums per layer (7 GB a layer at Mixtral 8x7B's shapes):

@@ -97,11 +97,11 @@ def write_odp_metadata(gguf_in: str | Path, gguf_out: str | Path, odp: pruning.O
     names = [t.name for t in header.tensors if not ODP_MEAN_TENSOR.search(t.name)]
     means = list(means) if carries_means(arch, names) else []
     updates = pruning.odp_metadata(odp)
-    fields = {k: v for k, v in header.fields.items() if not (odp.mu_exps is None and k == keys.ODP_MU_EXPS)}
-    needs = requirements(arch, names + [t.name for t in means], {**fields, **updates})
-    updates[keys.RUNTIME_PATCH_LEVEL] = keys.details(keys.RUNTIME_PATCH_LEVEL, needs.patch_level)
     # per-layer thresholds over a file that had per-expert ones: the runtime would still read the old ones
     remove = [keys.ODP_MU_EXPS] if odp.mu_exps is None and keys.ODP_MU_EXPS in header.fields else []
+    fields = {k: v for k, v in header.fields.items() if k not in remove}
+    needs = requirements(arch, names + [t.name for t in means], {**fields, **updates})
+    updates[keys.RUNTIME_PATCH_LEVEL] = keys.details(keys.RUNTIME_PATCH_LEVEL, needs.patch_level)
     if means or len(names) != len(header.tensors):
         return rewrite_tensors(gguf_in, gguf_out, updates, remove=remove, drop=ODP_MEAN_TENSOR.search, add=means)
     return rewrite_metadata(gguf_in, gguf_out, updates, remove)
