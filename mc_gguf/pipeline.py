@@ -7,6 +7,7 @@ keeps the first two for inspection or for re-running a stage alone.
 from __future__ import annotations
 
 import shutil
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -100,6 +101,10 @@ def compress(model_dir: str | Path, out: str | Path, bits: float | None = None,
         stats_path = work / "stats.safetensors"
         stats = calibrate(ckpt.path, stats_path, text, settings.calibration, progress=progress, reuse=True,
                           ray=settings.ray)
+        if odp.skip and not odp.renormalize and settings.allocation.layout == "per-expert" and any(
+                layer is not None and layer.skip_mean is None for layer in stats.layers):
+            print(f"mc-gguf: the statistics in {work} predate pruning's mean outputs (an earlier mc-gguf made "
+                  f"them): this file prunes without them; remove {work} to measure them", file=sys.stderr)
         tune = settings.tune
         error_scale = (_tuned_errors(ckpt.path, stats, work, tune, settings.ray, progress) if tune is not None
                        else None)

@@ -22,6 +22,7 @@ from functools import cached_property
 
 import gguf
 import numpy as np
+import torch
 from scipy.linalg import lapack, solve_triangular
 
 from mc_gguf.ggml import quants
@@ -86,8 +87,10 @@ class Hessian:
 
     @cached_property
     def factor(self) -> tuple[np.ndarray, np.ndarray]:
-        """inverse_hessian_factor's (U, dead)."""
-        return inverse_hessian_factor(self.matrix, self.damp)
+        """inverse_hessian_factor's (U, dead), U kept in float32 and C order (0.8 GB at 14336 inputs, where the
+        float64 factor is 1.6 GB): GPTQ's updates are float32 products."""
+        u, dead = inverse_hessian_factor(self.matrix, self.damp)
+        return np.ascontiguousarray(u, dtype=np.float32), dead
 
     @cached_property
     def damped(self) -> np.ndarray:
@@ -108,18 +111,21 @@ def gptq_quantize(weights: np.ndarray, hessian: np.ndarray | Hessian, qtype: ggu
     if block_size == 1:
         return quants.quantize(weights, qtype, imatrix)
     u, dead = Hessian.of(hessian).factor
-    w = np.array(weights, dtype=np.float64)
-    w[:, dead] = 0.0
+    # the columns and the updates in float32, each update one in-place product (torch's: 2-3x numpy's on a
+    # CPU); a block's own triangular solve in float64
+    columns = np.array(weights, dtype=np.float32)
+    columns[:, dead] = 0.0
+    w, factor = torch.from_numpy(columns), torch.from_numpy(np.ascontiguousarray(u, dtype=np.float32))
     chunks = []
     for first in range(0, cols, block_size):
         block = slice(first, first + block_size)
-        q = quants.quantize(w[:, block].astype(np.float32), qtype,
-                                None if imatrix is None else imatrix[block])
+        columns = w[:, block].numpy().copy()
+        q = quants.quantize(columns, qtype, None if imatrix is None else imatrix[block])
         chunks.append(q)
         rest = slice(first + block_size, cols)
         if first + block_size < cols:
-            error = w[:, block] - quants.dequantize(q, qtype, block_size)
+            error = (columns - quants.dequantize(q, qtype, block_size)).astype(np.float64)
             # error @ U_BB^-1, by a triangular solve: X U_BB = E  <=>  U_BB^T X^T = E^T
-            scaled = solve_triangular(u[block, block], error.T, trans="T", lower=False).T
-            w[:, rest] -= scaled @ u[block, rest]
+            scaled = solve_triangular(np.asarray(u[block, block], dtype=np.float64), error.T, trans="T", lower=False).T
+            w[:, rest].addmm_(torch.from_numpy(scaled.astype(np.float32)), factor[block, rest], alpha=-1)
     return np.concatenate(chunks, axis=1)

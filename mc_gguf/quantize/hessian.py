@@ -129,10 +129,11 @@ class DownTarget:
     ridge: float | None   # the lambda of the fit; None: W itself held out better than every fit
 
 
-def _ridge_fit(w: np.ndarray, h: np.ndarray, b: np.ndarray, ridge: float) -> np.ndarray:
-    """(W C + lambda W) (H' + lambda I)^-1 [H, F], with b = C^T W^T [F, H] and lambda = ridge * mean(diag H')."""
-    rhs = b + ridge * mean_diagonal(h) * w.T
-    return cho_solve(cho_factor(damped(h, ridge), lower=True, overwrite_a=True), rhs, overwrite_b=True).T
+def _ridge_fit(w: np.ndarray, h: np.ndarray, b: np.ndarray, ridge: float, dtype=np.float64) -> np.ndarray:
+    """(W C + lambda W) (H' + lambda I)^-1 [H, F], with b = C^T W^T [F, H] and lambda = ridge * mean(diag H'),
+    factored and solved in ``dtype`` (LAPACK's potrf and potrs in place, on one copy of H')."""
+    rhs = (b + ridge * mean_diagonal(h) * w.T).astype(dtype)
+    return cho_solve(cho_factor(damped(h, ridge, dtype), lower=True, overwrite_a=True), rhs, overwrite_b=True).T
 
 
 def _held_out_ridge(w: np.ndarray, h: list[np.ndarray], b: list[np.ndarray]) -> float | None:
@@ -141,7 +142,10 @@ def _held_out_ridge(w: np.ndarray, h: list[np.ndarray], b: list[np.ndarray]) -> 
     tokens rather than the quantized gate and up. The error of Q on a fold is tr(Q H Q^T) - 2 tr(Q b) plus a
     constant. Each row of the fit solves its own least squares with the same matrix, so the errors are
     summed over a seeded sample of RIDGE_ROWS rows (all of them where there are fewer): at Mixtral 8x7B's
-    shapes this keeps the choice to the six factorizations instead of 25 TFLOP of solves and products."""
+    shapes this keeps the choice to the six factorizations instead of 25 TFLOP of solves and products.
+    The factorizations are float32 (LAPACK's spotrf: twice dpotrf's speed, in half its memory; float64
+    where float32's is not positive definite): a choice float32's rounding could change is one between
+    ridges whose fits hold out alike, and the fit itself is float64."""
     if min(np.trace(m) for m in h) <= 0:
         return None
     if len(w) > RIDGE_ROWS:
@@ -152,8 +156,14 @@ def _held_out_ridge(w: np.ndarray, h: list[np.ndarray], b: list[np.ndarray]) -> 
         return float(np.sum((q @ h[fold]) * q) - 2 * np.sum(q * b[fold].T))
 
     best, best_error = None, held_out(w, 0) + held_out(w, 1)
+    def fit(k: int, ridge: float) -> np.ndarray:
+        try:
+            return _ridge_fit(w, h[k], b[k], ridge, np.float32).astype(np.float64)
+        except np.linalg.LinAlgError:
+            return _ridge_fit(w, h[k], b[k], ridge)
+
     for ridge in RIDGES:
-        error = sum(held_out(_ridge_fit(w, h[k], b[k], ridge), 1 - k) for k in range(2))
+        error = sum(held_out(fit(k, ridge), 1 - k) for k in range(2))
         if error < best_error:
             best, best_error = ridge, error
     return best

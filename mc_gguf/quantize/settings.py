@@ -12,6 +12,6 @@ class TuneSettings:
     iters: int = 8              # sweeps at most
     min_gain: float = 0.005     # stop when a sweep lowers the loss by less than this share of it
     device: str = "cpu"
-    # the sweep's one large product (moves reaching the rest of g) in float64 instead of float32: slower, and
-    # converges to the last bit of a local optimum (the brute-force tests use it)
+    # the descent in float64 instead of float32: 2-3x slower, and converges to the last bit of a local
+    # optimum (the brute-force tests use it)
     exact: bool = False

@@ -29,8 +29,11 @@ the rest of g once per super-block, when it is done (one [rows, 256] x
 [256, cols] product, as GPTQ applies its lazy batch updates). A sweep thus
 costs one product of the size of e H, the only cost that grows with the
 square of the inputs: at Mixtral 8x7B's down projection (14336 inputs) it is
-1.7 TFLOP, done in float32 (``TuneSettings.exact``: float64), while the moves
-and the loss are computed in float64. Sweeps repeat until one lowers the
+1.7 TFLOP. Everything is computed in float32 (2-3x float64's speed on a CPU;
+the moves' gains are measured from the same g they change, and the loss, in
+float64 sums, only decides when to stop); ``TuneSettings.exact`` computes in
+float64 and converges to the last bit of a local optimum, as the brute-force
+tests check. Sweeps repeat until one lowers the
 loss by less than ``min_gain`` of it. The integers are packed back by kquants.pack, so ggml dequantizes the
 file's bytes to exactly the weights whose loss was minimised.
 
@@ -128,23 +131,20 @@ def _descend(state: _Descent, settings: TuneSettings, codes: bool) -> None:
 
 
 class _Descent:
-    """The integers of a matrix's super-blocks as [rows, ...] tensors, with e = W - Q and g = e H (float64
-    where the device has it: the gains are small differences of large sums)."""
+    """The integers of a matrix's super-blocks as [rows, ...] tensors, with e = W - Q and g = e H, all in
+    float32 (float64 when ``exact``, where the device has it)."""
 
     def __init__(self, weights: np.ndarray, hessian: np.ndarray, blocks: KBlocks, device: torch.device,
                  exact: bool = False):
         f = self.fmt = blocks.fmt
         rows, cols = weights.shape
-        dtype = torch.float32 if device.type == "mps" else torch.float64
+        dtype = torch.float64 if exact and device.type != "mps" else torch.float32
 
         def tensor(a: np.ndarray, width: int) -> torch.Tensor:
             return torch.as_tensor(np.asarray(a), device=device).to(dtype).reshape(rows, width)
 
         n_super = cols // QK_K
-        self.dtype = dtype
-        # H as given, for the moves inside a super-block and for g's start; in the product dtype for the rest
-        self.h_given = torch.as_tensor(np.asarray(hessian), device=device)
-        self.h = self.h_given.to(dtype if exact else torch.float32)
+        self.h = torch.as_tensor(np.asarray(hessian), device=device).to(dtype)
         self.w = tensor(weights, cols)
         self.d = tensor(blocks.d, n_super)
         self.scales = tensor(blocks.scales, n_super * f.n_sub)
@@ -167,15 +167,12 @@ class _Descent:
         return q
 
     def refresh(self) -> None:
-        """e and g from the integers, g = e H in the descent's dtype, H widened a band of columns at a time."""
+        """e and g = e H from the integers."""
         self.e = self.w - self.dequantized()
-        self.g = torch.empty_like(self.e)
-        for first in range(0, self.g.shape[1], 2048):
-            band = slice(first, first + 2048)
-            self.g[:, band] = self.e @ self.h_given[:, band].to(self.dtype)
+        self.g = self.e @ self.h
 
     def loss(self) -> float:
-        return float(torch.sum(self.e * self.g))
+        return float(torch.sum(self.e * self.g, dtype=torch.float64 if self.h.device.type != "mps" else None))
 
     @staticmethod
     def _best_move(slope: torch.Tensor, curvature: torch.Tensor, values: torch.Tensor, low: float,
@@ -205,34 +202,47 @@ class _Descent:
         if f.has_min:
             directions.append((self.dmin, -self._per_weight(self.mins[:, subs])))
         for scale, a in directions:
-            slope, curvature = frame.slope_and_curvature(a, slice(None))
+            a_h = a @ frame.h
+            slope, curvature = torch.sum(a * frame.g, dim=1), torch.sum(a_h * a, dim=1)
             usable = curvature > 0
             new = (scale[:, b] + slope / torch.where(usable, curvature, 1.0)).to(torch.float16).to(scale.dtype)
-            delta = torch.nan_to_num((new - scale[:, b])[:, None] * a)
-            take = usable & torch.isfinite(new) & (frame.gain(delta, slice(None)) > 0)
+            t = torch.nan_to_num(new - scale[:, b])
+            take = usable & torch.isfinite(new) & (2 * t * slope - t * t * curvature > 0)
             scale[:, b] = torch.where(take, new, scale[:, b])
-            frame.apply(torch.where(take[:, None], delta, 0.0), slice(None))
+            t = torch.where(take, t, 0.0)[:, None]
+            frame.apply(t * a, slice(None), moved=t * a_h)
 
     def _sub_scales(self, frame: _Frame, b: int) -> None:
-        """Each of the super-block's sub-block integer scales (and minimums) by +-1."""
+        """Each of the super-block's sub-block integer scales (and minimums) by +-1, in order. A sub-block's
+        g is the frame's, less what the moves of the sub-blocks before it changed there (one small product);
+        the moves reach the frame's g together, at the end."""
         f = self.fmt
+        moved = torch.zeros_like(frame.g)   # Q's change on the frame's columns in this pass
         for k in range(b * f.n_sub, (b + 1) * f.n_sub):
             cols = slice(k * f.sub_block, (k + 1) * f.sub_block)
             within = slice(cols.start - b * QK_K, cols.stop - b * QK_K)
+            before, h_kk = slice(0, within.start), frame.h[within, within]
+            g = frame.g[:, within] - moved[:, before] @ frame.h[before, within]
             directions = [(self.scales, self.d[:, b:b + 1] * self.q[:, cols], f.scale_min, f.scale_max)]
             if f.has_min:
                 directions.append((self.mins, -self.dmin[:, b:b + 1].expand(-1, f.sub_block), 0, f.min_max))
             for ints, unit, low, high in directions:
-                step = self._best_move(*frame.slope_and_curvature(unit, within), ints[:, k], low, high)
+                slope, curvature = torch.sum(unit * g, dim=1), torch.sum((unit @ h_kk) * unit, dim=1)
+                step = self._best_move(slope, curvature, ints[:, k], low, high)
                 ints[:, k] += step
-                frame.apply(step[:, None] * unit, within)
+                delta = step[:, None] * unit
+                moved[:, within] += delta
+                g = g - delta @ h_kk
+        frame.apply(moved, slice(None))
 
     def _codes(self, frame: _Frame, b: int) -> None:
         """Each of the super-block's q by +-1, column by column, each move changing g on the columns after it.
 
         The frame's g is held transposed, [256, rows], so that each column is a contiguous row of views made
         once, and a column costs a few calls: its move is g / (unit * H_jj) rounded and clamped as in
-        _best_move, and g's update is one outer product with row j of H."""
+        _best_move. The moves reach g as GPTQ's lazy batches do: a column's move updates g on its own chunk
+        of CODE_CHUNK columns (one outer product with a piece of row j of H), and a chunk's moves reach the
+        frame's later columns in one product when the chunk is done."""
         f = self.fmt
         subs = slice(b * f.n_sub, (b + 1) * f.n_sub)
         unit = self._per_weight(self.d[:, b:b + 1] * self.scales[:, subs]).T.contiguous()   # [256, rows]
@@ -241,15 +251,21 @@ class _Descent:
         g_block = frame.g.T.contiguous()
         q_block = self.q[:, frame.cols].T
         low, high = f.q_min - q_block, f.q_max - q_block
-        moves = torch.empty_like(unit)
-        h_rows = frame.h.unbind(0)
-        for j, (g_j, k_j, u_j, lo_j, hi_j, m_j) in enumerate(zip(
-                g_block.unbind(0), per_g.unbind(0), unit.unbind(0), low.unbind(0), high.unbind(0), moves.unbind(0))):
-            torch.mul(g_j, k_j, out=m_j)
-            m_j.round_().clamp_(-1, 1).clamp_(lo_j, hi_j)
-            g_block.addr_(h_rows[j], m_j * u_j, alpha=-1)   # the columns before j are done: harmless
+        moves, steps = torch.empty_like(unit), torch.empty_like(unit)   # steps: moves * unit, Q's change
+        for first in range(0, QK_K, CODE_CHUNK):
+            chunk, after = slice(first, first + CODE_CHUNK), slice(first + CODE_CHUNK, QK_K)
+            g_chunk = g_block[chunk]
+            h_rows = frame.h[chunk, chunk].unbind(0)
+            for j, (g_j, k_j, u_j, lo_j, hi_j, m_j, s_j) in enumerate(zip(*(
+                    t[chunk].unbind(0) for t in (g_block, per_g, unit, low, high, moves, steps)))):
+                torch.mul(g_j, k_j, out=m_j)
+                m_j.round_().clamp_(-1, 1).clamp_(lo_j, hi_j)
+                torch.mul(m_j, u_j, out=s_j)
+                g_chunk.addr_(h_rows[j], s_j, alpha=-1)   # the chunk's columns before j are done: harmless
+            if after.start < QK_K:
+                g_block[after].addmm_(frame.h[after, chunk], steps[chunk], alpha=-1)
         self.q[:, frame.cols] += moves.T
-        frame.apply((moves * unit).T, slice(None))
+        frame.apply(steps.T, slice(None))
 
     def blocks(self) -> KBlocks:
         f = self.fmt
@@ -264,6 +280,9 @@ class _Descent:
                        ints(self.mins, f.n_sub))
 
 
+CODE_CHUNK = 32  # the columns whose moves update each other's g one by one (_codes)
+
+
 class _Frame:
     """g on super-block ``b``'s columns, kept up to date by the moves inside it; the moves reach e and the
     rest of g together when the frame closes (one [rows, 256] x [256, cols] product instead of one per move)."""
@@ -271,27 +290,18 @@ class _Frame:
     def __init__(self, descent: _Descent, b: int):
         self.descent, self.cols = descent, slice(b * QK_K, (b + 1) * QK_K)
         self.g = descent.g[:, self.cols].clone()
-        self.h = descent.h_given[self.cols, self.cols].to(descent.dtype)
+        self.h = descent.h[self.cols, self.cols]
         self.delta = torch.zeros_like(self.g)
 
-    def slope_and_curvature(self, a: torch.Tensor, within: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """a . g and a H a [rows] of the direction ``a`` [rows, width] on the frame's columns ``within``:
-        moving Q by t a lowers the loss by 2 t slope - t^2 curvature."""
-        return torch.sum(a * self.g[:, within], dim=1), torch.sum((a @ self.h[within, within]) * a, dim=1)
-
-    def gain(self, delta: torch.Tensor, within: slice) -> torch.Tensor:
-        """How much the loss of each row falls when Q moves by ``delta`` on the frame's columns ``within``."""
-        slope, curvature = self.slope_and_curvature(delta, within)
-        return 2 * slope - curvature
-
-    def apply(self, delta: torch.Tensor, within: slice) -> None:
+    def apply(self, delta: torch.Tensor, within: slice, moved: torch.Tensor | None = None) -> None:
+        """Q moves by ``delta`` on the columns ``within``; ``moved`` is delta H where the caller has it."""
         self.delta[:, within] += delta
-        self.g -= delta @ self.h[within, :]
+        self.g -= delta @ self.h[within, :] if moved is None else moved
 
     def close(self) -> None:
-        """e and g everywhere take the frame's moves: g outside the frame by the one large product (in the
-        descent's product dtype), g inside it as the frame kept it."""
+        """e and g everywhere take the frame's moves: g outside the frame by the one large product, g inside it
+        as the frame kept it."""
         d = self.descent
         d.e[:, self.cols] -= self.delta
-        d.g -= (self.delta.to(d.h.dtype) @ d.h[self.cols, :]).to(d.dtype)
+        d.g.addmm_(self.delta, d.h[self.cols, :], alpha=-1)
         d.g[:, self.cols] = self.g

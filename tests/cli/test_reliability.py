@@ -442,3 +442,31 @@ def test_a_plan_in_lower_case_writes_the_file_of_its_canonical_spelling(calibrat
                      "--no-gptq", "-q", "-o", str(out)]) == 0
         files.append(hashlib.sha256(out.read_bytes()).hexdigest())
     assert files[0] == files[1]
+
+
+def test_compress_resumed_on_statistics_without_mean_outputs_says_so(tiny_model_dir, tmp_path, text_file, capsys,
+                                                                      monkeypatch):
+    """A work folder whose statistics an earlier mc-gguf made (no skip_mean arrays) is resumed as it is, and the
+    run says that its file prunes without the mean outputs and how to get them."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    import mc_gguf.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "allocate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    out = tmp_path / "out.gguf"
+    args = ["compress", str(tiny_model_dir), "--bits", "5", "--calib", str(text_file), "--tokens", "512",
+            "--seq-len", "128", "--types", "Q4_K", "Q8_0", "--no-tune", "--odp-skip", "0.25", "-q", "-o", str(out)]
+    assert run_cli(capsys, args)[0] == 130
+    stats = tmp_path / ".out.gguf.mc-gguf" / "stats.safetensors"
+    with safe_open(stats, "np") as f:
+        metadata = f.metadata()
+        names = list(f.keys())
+        arrays = {k: f.get_tensor(k) for k in names if not k.endswith(".skip_mean")}
+    assert len(arrays) < len(names)
+    save_file(arrays, stats, metadata=metadata)
+    monkeypatch.undo()
+    code, err = run_cli(capsys, args)
+    assert code == 0 and "predate pruning's mean outputs" in err and out.exists()
+    from mc_gguf.gguf_io.layout import odp_mean_name
+    assert odp_mean_name(0) not in {t.name for t in gguf.GGUFReader(out).tensors}
