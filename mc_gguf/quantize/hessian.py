@@ -102,22 +102,20 @@ class ExpertHessians:
                 z_q = expert_hidden(x, quantized, self.glu) * gw
                 y = (expert_hidden(x, expert, self.glu) * gw) @ expert.down.T
                 fold = (first // FOLD_RUN) % 2
-                # a run's products in float32 (256 terms), their sum over the runs in float64
-                h[fold] += (z_q.T @ z_q).to(self.wide)
-                b[fold] += (z_q.T @ y).to(self.wide)
+                # a run's products in float32 (256 terms), their sum over the runs in float64, added a band of
+                # H' rows at a time and widened as they are added (no [F, F] product held beside the sums)
+                for top in range(0, ff, GRAM_BAND):
+                    band = slice(top, top + GRAM_BAND)
+                    h[fold][band].add_(z_q[:, band].T @ z_q)
+                b[fold].add_(z_q.T @ y)
         w = expert.down.cpu().double().numpy()
-        h, b = [m.cpu().double().numpy() for m in h], [m.cpu().double().numpy() for m in b]
-        ridge = _held_out_ridge(w, h, b)
-        hessian = h[0] + h[1]
-        del h
-        b = b[0] + b[1]
-        if ridge is None:
-            return DownTarget(w.astype(np.float32), hessian.astype(np.float32), None)
-        target = _ridge_fit(w, hessian, b, ridge)
-        return DownTarget(target.astype(np.float32), hessian.astype(np.float32), ridge * mean_diagonal(hessian))
+        del expert, quantized   # the fit's float64 sums are what must fit in memory now
+        h, b = [m.cpu().double().numpy() for m in h], [m.cpu().double().numpy() for m in b]  # the tensors' only owners
+        return fit_down(w, h, b)
 
 
 FOLD_RUN = 256  # consecutive routed tokens that go to the same fold (neighbouring tokens are alike)
+GRAM_BAND = 2048  # rows of H' whose product with a run is formed at once (117 MB at Mixtral 8x7B's 14336)
 RIDGES = (0.01, 0.1, 1.0)  # lambda / mean(diag H') tried; 0.01 is GPTQ's dampening
 RIDGE_ROWS = 512           # rows of down whose held-out error chooses the ridge
 
@@ -129,11 +127,40 @@ class DownTarget:
     ridge: float | None   # the lambda of the fit; None: W itself held out better than every fit
 
 
-def _ridge_fit(w: np.ndarray, h: np.ndarray, b: np.ndarray, ridge: float, dtype=np.float64) -> np.ndarray:
+def fit_down(w: np.ndarray, h: list[np.ndarray], b: list[np.ndarray]) -> DownTarget:
+    """Down's target and Hessian from W [H, F] and the two folds' sums of H' and b = C^T W^T (float64), the
+    ridge chosen on them (_held_out_ridge). The folds' arrays are consumed: the first of each pair becomes the
+    sum over both, and the fit factors H' and solves where they lie, so that at 14336 inputs (1.6 GB each) no
+    third copy of H' is made."""
+    ridge = _held_out_ridge(w, h, b)
+    hessian, rhs = h[0], b[0]
+    hessian += h[1]
+    rhs += b[1]
+    h.clear()
+    b.clear()
+    stored = hessian.astype(np.float32)
+    if ridge is None:
+        return DownTarget(w.astype(np.float32), stored, None)
+    unit = mean_diagonal(hessian)
+    target = _ridge_fit(w, hessian, rhs, ridge, overwrite=True)
+    return DownTarget(target.astype(np.float32), stored, ridge * unit)
+
+
+def _ridge_fit(w: np.ndarray, h: np.ndarray, b: np.ndarray, ridge: float, dtype=np.float64,
+               overwrite: bool = False) -> np.ndarray:
     """(W C + lambda W) (H' + lambda I)^-1 [H, F], with b = C^T W^T [F, H] and lambda = ridge * mean(diag H'),
-    factored and solved in ``dtype`` (LAPACK's potrf and potrs in place, on one copy of H')."""
-    rhs = (b + ridge * mean_diagonal(h) * w.T).astype(dtype)
-    return cho_solve(cho_factor(damped(h, ridge, dtype), lower=True, overwrite_a=True), rhs, overwrite_b=True).T
+    factored and solved in ``dtype`` by LAPACK's potrf and potrs in place: on one copy of H', or (``overwrite``,
+    where H' and b are of that dtype) on H' and b themselves, which are then lost."""
+    lam = ridge * mean_diagonal(h)
+    if overwrite and h.dtype == dtype and b.dtype == dtype:
+        rhs = b
+        rhs += lam * w.T
+        h[np.diag_indices_from(h)] += lam
+    else:
+        rhs = (b + lam * w.T).astype(dtype)
+        h = damped(h, ridge, dtype)
+    # H' is symmetric: its transpose, a view in the Fortran order LAPACK works in, is factored without a copy
+    return cho_solve(cho_factor(h.T, lower=True, overwrite_a=True), rhs, overwrite_b=True).T
 
 
 def _held_out_ridge(w: np.ndarray, h: list[np.ndarray], b: list[np.ndarray]) -> float | None:
