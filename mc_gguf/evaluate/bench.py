@@ -13,7 +13,8 @@ standard deviation (``avg_ts``, ``stddev_ts``). ``bench`` does the same through
 the library ``run.load`` loads, once per pruning setting, and adds what
 pruning changes: the share of expert slots the runtime's counters saw skipped,
 and the bytes a generated token reads (``token_bytes``: every matrix but the
-embedding table, and per layer the chosen experts' mean size) unpruned and
+embedding table, and per layer the chosen experts' mean size; a skipped slot
+reads its expert's mean output instead, one row of ``blk.N.ffn_odp_mean``) unpruned and
 with that share skipped. Their ratio is the most skipping can speed up a
 generation bound by memory bandwidth (``ceiling_speedup``); the measured ratio
 of the pruned and unpruned tg speeds sits beside it.
@@ -78,20 +79,24 @@ class BenchSettings:
 class TokenBytes:
     """What a generated token reads from a file's weights, from its tensor table."""
 
-    dense: int                 # every matrix but the embedding table and the experts
+    dense: int                 # every matrix but the embedding table, the experts and pruning's mean outputs
     expert_mean: list[float]   # per layer, the mean bytes of one expert (its gate, up and down)
     n_used: list[int]          # per layer, the experts a token uses
+    mean_row: list[float]      # per layer, the bytes of one expert's mean output, which a skipped slot reads
 
     def per_token(self, skipped_share: list[float] | None = None) -> float:
-        """Bytes a token reads, with ``skipped_share`` of each layer's expert slots skipped (None: none)."""
+        """Bytes a token reads, with ``skipped_share`` of each layer's expert slots skipped (None: none): a
+        skipped slot reads its expert's mean output (one row of blk.N.ffn_odp_mean) instead of the expert."""
         kept = skipped_share or [0.0] * len(self.n_used)
-        return self.dense + sum(n * (1 - s) * b for n, s, b in zip(self.n_used, kept, self.expert_mean))
+        return self.dense + sum(n * ((1 - s) * b + s * r)
+                                for n, s, b, r in zip(self.n_used, kept, self.expert_mean, self.mean_row))
 
 
 def token_bytes(path: str | Path, reader=None) -> TokenBytes:
     """The bytes a token reads from ``path``'s weights (TokenBytes), from gguf-py's tensor table (``reader``'s,
     when the caller has the file open)."""
     from mc_gguf.gguf_io.edit import field_value, open_gguf
+    from mc_gguf.gguf_io.requirements import ODP_MEAN_TENSOR
 
     reader = reader if reader is not None else open_gguf(path)
     arch = field_value(reader, "general.architecture")
@@ -103,14 +108,19 @@ def token_bytes(path: str | Path, reader=None) -> TokenBytes:
         return [int(v) for v in values]
 
     n_expert, n_used = per_layer("expert_count"), per_layer("expert_used_count")
-    dense, experts = 0, [0] * n_layers
+    dense, experts, means = 0, [0] * n_layers, [0] * n_layers
     for tensor in reader.tensors:
         if EXPERT_MARK in tensor.name and tensor.name.startswith("blk."):
             experts[int(tensor.name.split(".")[1])] += int(tensor.n_bytes)
+        elif ODP_MEAN_TENSOR.match(tensor.name):
+            means[int(tensor.name.split(".")[1])] += int(tensor.n_bytes)
         elif tensor.name != EMBEDDING:
             dense += int(tensor.n_bytes)
-    mean = [b / n if n else 0.0 for b, n in zip(experts, n_expert)]
-    return TokenBytes(dense, mean, [u if b else 0 for u, b in zip(n_used, experts)])
+
+    def per_expert(total: list[int]) -> list[float]:
+        return [b / n if n else 0.0 for b, n in zip(total, n_expert)]
+
+    return TokenBytes(dense, per_expert(experts), [u if b else 0 for u, b in zip(n_used, experts)], per_expert(means))
 
 
 def bench(path: str | Path, settings: BenchSettings = BenchSettings(),

@@ -44,7 +44,8 @@ def bench_json(*args: str) -> list[dict]:
 def reference_token_bytes(path: Path) -> TokenBytes:
     """The same quantity from the tensors' shapes and gguf-py's table of ggml block sizes (not their offsets)."""
     reader = gguf.GGUFReader(path)
-    n_layers, dense, experts = SPEC.num_hidden_layers, 0, np.zeros(SPEC.num_hidden_layers)
+    n_layers, dense = SPEC.num_hidden_layers, 0
+    experts, means = np.zeros(n_layers), np.zeros(n_layers)
     for t in reader.tensors:
         block, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
         size = int(np.prod(t.shape)) // block * type_size
@@ -52,9 +53,12 @@ def reference_token_bytes(path: Path) -> TokenBytes:
             continue
         if "_exps" in t.name:
             experts[int(t.name.split(".")[1])] += size
+        elif t.name.endswith(".ffn_odp_mean.weight"):   # a skipped slot reads one row: its expert's
+            means[int(t.name.split(".")[1])] += size
         else:
             dense += size
-    return TokenBytes(dense, list(experts / SPEC.num_local_experts), [SPEC.num_experts_per_tok] * n_layers)
+    return TokenBytes(dense, list(experts / SPEC.num_local_experts), [SPEC.num_experts_per_tok] * n_layers,
+                      list(means / SPEC.num_local_experts))
 
 
 def test_bytes_a_token_reads_match_the_tensor_shapes_in_both_layouts(converted, tmp_path):
@@ -71,6 +75,19 @@ def test_bytes_a_token_reads_match_the_tensor_shapes_in_both_layouts(converted, 
     shares = [0.5] + [0.0] * (SPEC.num_hidden_layers - 1)
     assert need.per_token() - need.per_token(shares) == pytest.approx(0.5 * SPEC.num_experts_per_tok *
                                                                       need.expert_mean[0])
+    # pruning's mean outputs (one F32 row per expert) are not read unpruned; a skipped slot reads its row
+    from mc_gguf.gguf_io.edit import rewrite_tensors
+    from mc_gguf.gguf_io.layout import odp_mean_name
+    from mc_gguf.gguf_io.write import OutputTensor
+
+    mean = np.ones((SPEC.num_local_experts, SPEC.hidden_size), np.float32)
+    with_means = rewrite_tensors(grouped, tmp_path / "means.gguf", {}, add=[OutputTensor(
+        odp_mean_name(0), mean.shape, gguf.GGMLQuantizationType.F32, lambda: mean)])
+    carried = token_bytes(with_means)
+    assert carried == reference_token_bytes(with_means) and carried.per_token() == need.per_token()
+    assert carried.mean_row[0] == 4 * SPEC.hidden_size and not any(carried.mean_row[1:])
+    assert carried.per_token(shares) - need.per_token(shares) == pytest.approx(
+        0.5 * SPEC.num_experts_per_tok * 4 * SPEC.hidden_size)
 
 
 @pytest.fixture(scope="module")
