@@ -77,10 +77,11 @@ def compress(model_dir: str | Path, out: str | Path, bits: float | None = None,
             connect(settings.ray)
         ckpt = open_checkpoint(model_dir)
         types = [quant_type(t).name for t in settings.allocation.types or settings.calibration.types]
+        # pruning's mean outputs (prune/means.py) come beside the plan's tensors in a per-expert file
+        with_means = settings.odp.skip and not settings.odp.renormalize and settings.allocation.layout == "per-expert"
         size = settings.size
-        if size is not None and settings.odp.skip and not settings.odp.renormalize \
-                and settings.allocation.layout == "per-expert":
-            size -= means_bytes(ckpt)  # pruning's mean outputs (prune/means.py) come beside the plan's tensors
+        if size is not None and with_means:
+            size -= means_bytes(ckpt)
         if size is None:
             check_budget(settings.bits, projection_bits(ckpt, types))
         else:
@@ -101,8 +102,7 @@ def compress(model_dir: str | Path, out: str | Path, bits: float | None = None,
         stats_path = work / "stats.safetensors"
         stats = calibrate(ckpt.path, stats_path, text, settings.calibration, progress=progress, reuse=True,
                           ray=settings.ray)
-        if odp.skip and not odp.renormalize and settings.allocation.layout == "per-expert" and any(
-                layer is not None and layer.skip_mean is None for layer in stats.layers):
+        if with_means and any(layer is not None and layer.skip_mean is None for layer in stats.layers):
             print(f"mc-gguf: the statistics in {work} predate pruning's mean outputs (an earlier mc-gguf made "
                   f"them): this file prunes without them; remove {work} to measure them", file=sys.stderr)
         tune = settings.tune

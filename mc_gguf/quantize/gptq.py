@@ -113,9 +113,9 @@ def gptq_quantize(weights: np.ndarray, hessian: np.ndarray | Hessian, qtype: ggu
     u, dead = Hessian.of(hessian).factor
     # the columns and the updates in float32, each update one in-place product (torch's: 2-3x numpy's on a
     # CPU); a block's own triangular solve in float64
-    columns = np.array(weights, dtype=np.float32)
-    columns[:, dead] = 0.0
-    w, factor = torch.from_numpy(columns), torch.from_numpy(np.ascontiguousarray(u, dtype=np.float32))
+    start = np.array(weights, dtype=np.float32)
+    start[:, dead] = 0.0
+    w, factor = torch.from_numpy(start), torch.from_numpy(u)   # Hessian.factor's U: float32, C order
     chunks = []
     for first in range(0, cols, block_size):
         block = slice(first, first + block_size)

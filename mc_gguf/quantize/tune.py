@@ -210,7 +210,7 @@ class _Descent:
             take = usable & torch.isfinite(new) & (2 * t * slope - t * t * curvature > 0)
             scale[:, b] = torch.where(take, new, scale[:, b])
             t = torch.where(take, t, 0.0)[:, None]
-            frame.apply(t * a, slice(None), moved=t * a_h)
+            frame.apply(t * a, moved=t * a_h)
 
     def _sub_scales(self, frame: _Frame, b: int) -> None:
         """Each of the super-block's sub-block integer scales (and minimums) by +-1, in order. A sub-block's
@@ -233,7 +233,7 @@ class _Descent:
                 delta = step[:, None] * unit
                 moved[:, within] += delta
                 g = g - delta @ h_kk
-        frame.apply(moved, slice(None))
+        frame.apply(moved)
 
     def _codes(self, frame: _Frame, b: int) -> None:
         """Each of the super-block's q by +-1, column by column, each move changing g on the columns after it.
@@ -265,7 +265,7 @@ class _Descent:
             if after.start < QK_K:
                 g_block[after].addmm_(frame.h[after, chunk], steps[chunk], alpha=-1)
         self.q[:, frame.cols] += moves.T
-        frame.apply(steps.T, slice(None))
+        frame.apply(steps.T)
 
     def blocks(self) -> KBlocks:
         f = self.fmt
@@ -293,10 +293,10 @@ class _Frame:
         self.h = descent.h[self.cols, self.cols]
         self.delta = torch.zeros_like(self.g)
 
-    def apply(self, delta: torch.Tensor, within: slice, moved: torch.Tensor | None = None) -> None:
-        """Q moves by ``delta`` on the columns ``within``; ``moved`` is delta H where the caller has it."""
-        self.delta[:, within] += delta
-        self.g -= delta @ self.h[within, :] if moved is None else moved
+    def apply(self, delta: torch.Tensor, moved: torch.Tensor | None = None) -> None:
+        """Q moves by ``delta`` [rows, 256] on the frame's columns; ``moved`` is delta H where the caller has it."""
+        self.delta += delta
+        self.g -= delta @ self.h if moved is None else moved
 
     def close(self) -> None:
         """e and g everywhere take the frame's moves: g outside the frame by the one large product, g inside it
