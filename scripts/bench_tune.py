@@ -6,7 +6,8 @@ A projection at the real shapes, gate/up [14336, 4096] on a 4096-input Hessian a
 content does not change the cost). For each projection: the Hessian's GPTQ factor (once per expert and
 input), then for each type GPTQ and tuning on it, timed apart; and down's ridge fit to the quantized gate and
 up (hessian.py: the held-out choice among three ridges on two folds, then the fit), on folds of the same
-sizes. ``--rows`` takes the first rows of each projection (tuning's cost is linear in the rows, the factor
+sizes, and, where the version has it, hessian.fit_down (the two together, consuming the folds' sums) with
+its peak resident memory over the sums'. ``--rows`` takes the first rows of each projection (tuning's cost is linear in the rows, the factor
 and the fit's factorizations are not: the report gives both, and per-expert estimates at full rows). Prints
 one JSON object; run it against another checkout of the package with PYTHONPATH to compare two versions on
 the same machine.
@@ -83,7 +84,38 @@ def bench_down_fit(hidden: int, ff: int, rng: np.random.Generator) -> dict:
     b = [m @ w.T * 0.9 for m in h]  # C^T W^T of a gate and up that changed z a little
     ridge, choose_s = timed(lambda: hs._held_out_ridge(w, h, b))
     _, fit_s = timed(lambda: hs._ridge_fit(w, h[0] + h[1], b[0] + b[1], ridge or 0.01))
-    return {"hidden": hidden, "ff": ff, "ridge": ridge, "choose_s": choose_s, "fit_s": fit_s}
+    report = {"hidden": hidden, "ff": ff, "ridge": ridge, "choose_s": choose_s, "fit_s": fit_s}
+    if hasattr(hs, "fit_down"):  # this version: choice and fit in one call that consumes the folds' sums
+        inputs = resident_gib()
+        (_, peak), report["fit_down_s"] = timed(lambda: with_peak_resident(lambda: hs.fit_down(w, h, b)))
+        report["fit_down_peak_gib_over_inputs"] = round(peak - inputs, 3)
+    return report
+
+
+def resident_gib() -> float:
+    """This process's resident memory now (VmRSS), in GiB."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 2 ** 20
+
+
+def with_peak_resident(fn):
+    """(fn's value, the most resident memory the process had while fn ran, in GiB), sampled every 50 ms."""
+    import threading
+
+    peak, done = [resident_gib()], threading.Event()
+
+    def sample():
+        while not done.wait(0.05):
+            peak[0] = max(peak[0], resident_gib())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        value = fn()
+    finally:
+        done.set()
+        sampler.join()
+    return value, max(peak[0], resident_gib())
 
 
 def bench_error_pass(hidden: int, ff: int, features: int, tokens: int, shares: list[int]) -> dict:
