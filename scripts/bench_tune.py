@@ -87,9 +87,21 @@ def bench_down_fit(hidden: int, ff: int, rng: np.random.Generator) -> dict:
     report = {"hidden": hidden, "ff": ff, "ridge": ridge, "choose_s": choose_s, "fit_s": fit_s}
     if hasattr(hs, "fit_down"):  # this version: choice and fit in one call that consumes the folds' sums
         inputs = resident_gib()
-        (_, peak), report["fit_down_s"] = timed(lambda: with_peak_resident(lambda: hs.fit_down(w, h, b)))
+        (target, peak), report["fit_down_s"] = timed(lambda: with_peak_resident(lambda: hs.fit_down(w, h, b)))
         report["fit_down_peak_gib_over_inputs"] = round(peak - inputs, 3)
+        # where the fit's factorization is GPTQ's too, down's own factor is not computed again
+        report["fit_down_factors_for_gptq"] = "factor" in getattr(target.hessian, "__dict__", {})
     return report
+
+
+def per_expert(report: dict) -> dict:
+    """Seconds per expert and type at full rows: gate and up tuned on one factor, down's fit (its ridge's
+    choice included), down tuned on its factor (the fit's, where fit_down makes it)."""
+    gate, down, fit = report["gate"], report["down"], report["down_fit"]
+    fit_s = fit.get("fit_down_s", fit["choose_s"] + fit["fit_s"])
+    down_factor_s = 0.0 if fit.get("fit_down_factors_for_gptq") else down["factor_s"]
+    return {t: gate["factor_s"] + 2 * gate["types"][t]["tune_quantize_full_rows_s_est"] + fit_s + down_factor_s
+            + down["types"][t]["tune_quantize_full_rows_s_est"] for t in gate["types"] if t in down["types"]}
 
 
 def resident_gib() -> float:
@@ -212,6 +224,8 @@ def main() -> int:
             # per full projection: the factor once, GPTQ's and tuning's row-linear parts scaled to all rows
             times["tune_quantize_full_rows_s_est"] = times["tune_quantize_s"] * scale
         report[name] = r
+    if {"gate", "down", "down_fit"} <= set(report):
+        report["per_expert_s_est"] = per_expert(report)
     report["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     emit_json(report, args.json)
     return 0

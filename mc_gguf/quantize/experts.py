@@ -53,7 +53,7 @@ class ExpertQuantizer:
         return quant_type(self.plan.experts[bid][xid][projection]).qtype
 
     def _quantize(self, bid: int, xid: int, projection: str, weights: np.ndarray | None = None,
-                  hessian: np.ndarray | None = None) -> np.ndarray:
+                  hessian: Hessian | None = None) -> np.ndarray:
         qtype = self._qtype(bid, xid, projection)
         if weights is None:
             weights = self.ckpt.expert_weight(bid, xid, projection)

@@ -41,22 +41,52 @@ def inverse_hessian_factor(hessian: np.ndarray, damp: float = DAMP) -> tuple[np.
     construction (cholesky, cholesky_inverse, cholesky upper) gives the same U at twice the cost; H^-1 is
     never formed. U is returned as a reversed view of the copy.
     """
-    h = np.array(hessian[::-1, ::-1], dtype=np.float64)  # R, in C order
-    dead_r = np.diag(h) == 0
-    h[dead_r, dead_r] = 1.0
-    h[np.diag_indices_from(h)] += damp * np.mean(np.diag(h))
-    # R is symmetric, so its transpose (a view in Fortran order, as LAPACK works) is R; LAPACK's lower
-    # triangle of it is the upper triangle of h
-    a = h.T
-    for routine, name in ((lapack.dpotrf, "a"), (lapack.dtrtri, "c")):
-        result, info = routine(a, lower=1, **{f"overwrite_{name}": 1})
+    return DampedCholesky(hessian, damp).inverse_factor()
+
+
+class DampedCholesky:
+    """The Cholesky factor L of R = J (H + lambda I) J, lambda = damp * mean(diag H) (the diagonal of columns no
+    token made non-zero set to 1 first), in a float64 copy of H in reversed order, C order, whose transpose
+    (a view in the Fortran order LAPACK works in) holds L in its lower triangle. It solves the damped
+    system (down's ridge fit, hessian.py) and then becomes GPTQ's inverse factor, in place: one
+    factorization where the fit and GPTQ use the same damped matrix."""
+
+    def __init__(self, hessian: np.ndarray, damp: float = DAMP):
+        h = np.array(hessian[::-1, ::-1], dtype=np.float64)  # R, in C order
+        self.dead = np.diag(h) == 0   # in R's (reversed) order
+        h[self.dead, self.dead] = 1.0
+        self.lam = damp * np.mean(np.diag(h))
+        h[np.diag_indices_from(h)] += self.lam
+        # R is symmetric, so its transpose (a view in Fortran order, as LAPACK works) is R; LAPACK's lower
+        # triangle of it is the upper triangle of h
+        self._h = h
+        _lapack(lapack.dpotrf, h.T, "a")
+
+    def solve(self, rhs: np.ndarray) -> np.ndarray:
+        """X [n, k] float64 with (H + lambda I) X = rhs [n, k] (the diagonal of dead columns 1 + lambda):
+        H + lambda I = J L L^T J, so X = J L^-T L^-1 J rhs."""
+        x, info = lapack.dpotrs(self._h.T, np.asarray(rhs[::-1], dtype=np.float64), lower=1, overwrite_b=1)
         if info != 0:
-            raise np.linalg.LinAlgError(f"the damped Hessian is not positive definite ({routine.__name__}: {info})")
-        assert result is a or np.shares_memory(result, a), "LAPACK worked on a copy"
-    for row in range(1, len(h)):
-        h[row, :row] = 0.0  # the stale lower triangle of h (LAPACK's upper); L^-1 is h's upper triangle, transposed
-    # U[i, j] = L^-1[n-1-i, n-1-j] = h[n-1-j, n-1-i]
-    return h.T[::-1, ::-1], dead_r[::-1]
+            raise ValueError(f"dpotrs: illegal argument {-info}")
+        return x[::-1]
+
+    def inverse_factor(self) -> tuple[np.ndarray, np.ndarray]:
+        """inverse_hessian_factor's (U, dead), U a reversed view of the factor's array (L^-1 by trtri, in
+        place): the factor solves no more after this."""
+        h, self._h = self._h, None
+        _lapack(lapack.dtrtri, h.T, "c")
+        for row in range(1, len(h)):
+            h[row, :row] = 0.0  # the stale lower triangle of h (LAPACK's upper); L^-1 is h's upper triangle, transposed
+        # U[i, j] = L^-1[n-1-i, n-1-j] = h[n-1-j, n-1-i]
+        return h.T[::-1, ::-1], self.dead[::-1]
+
+
+def _lapack(routine, a: np.ndarray, name: str) -> None:
+    """``routine`` on the Fortran-order array ``a`` in place (its lower triangle)."""
+    result, info = routine(a, lower=1, **{f"overwrite_{name}": 1})
+    if info != 0:
+        raise np.linalg.LinAlgError(f"the damped Hessian is not positive definite ({routine.__name__}: {info})")
+    assert result is a or np.shares_memory(result, a), "LAPACK worked on a copy"
 
 
 def mean_diagonal(hessian: np.ndarray) -> float:
@@ -78,8 +108,12 @@ class Hessian:
     each computed once, when first asked for, and shared by every type quantized on it: the tuned-error
     ratios quantize one (expert, projection) to ten types, and an expert's gate and up share one."""
 
-    def __init__(self, matrix: np.ndarray, damp: float = DAMP):
+    def __init__(self, matrix: np.ndarray, damp: float = DAMP, cholesky: DampedCholesky | None = None):
+        """``cholesky``: the damped matrix's factor where it is at hand (down's fit made it): it becomes this
+        Hessian's inverse factor, in place, instead of a factorization of its own."""
         self.matrix, self.damp = matrix, damp
+        if cholesky is not None:
+            self.factor = self._stored(*cholesky.inverse_factor())
 
     @classmethod
     def of(cls, hessian: np.ndarray | Hessian) -> Hessian:
@@ -89,7 +123,10 @@ class Hessian:
     def factor(self) -> tuple[np.ndarray, np.ndarray]:
         """inverse_hessian_factor's (U, dead), U kept in float32 and C order (0.8 GB at 14336 inputs, where the
         float64 factor is 1.6 GB): GPTQ's updates are float32 products."""
-        u, dead = inverse_hessian_factor(self.matrix, self.damp)
+        return self._stored(*inverse_hessian_factor(self.matrix, self.damp))
+
+    @staticmethod
+    def _stored(u: np.ndarray, dead: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.ascontiguousarray(u, dtype=np.float32), dead
 
     @cached_property

@@ -14,15 +14,15 @@ x_t Uq^T), and what it should still produce is y_t = z_t W^T. ``down_target`` re
     W' = argmin_Q  sum_t g_t^2 |y_t - z_t' Q^T|^2 + lambda |Q - W|^2 = (W C + lambda W) (H' + lambda I)^-1
     H' = sum_t g_t^2 z_t' z_t'^T,   C = sum_t g_t^2 z_t z_t'^T,
 
-so that quantizing W' on H' (GPTQ, tuning) minimises the expert's own output error, the part of gate's and
-up's error that down can take back included: up to a constant, sum_t g_t^2 |y_t - z_t' Q^T|^2 + lambda |Q - W|^2
-is (W' - Q) (H' + lambda I) (W' - Q)^T summed over rows. The ridge pulls towards W, not 0, so where the inputs
-say nothing (and where gate and up are exact) W' is W. lambda is chosen on held-out tokens (two folds of
-them, each fit scored on the other): where an expert has few tokens per input feature the fit would learn
-its calibration tokens, and then W itself (on H') is kept. The statistics
-keep every token's x_t and routing instead of these sums (a layer's E x (H^2 + F^2) of them is 7 GB at
-Mixtral 8x7B's shapes), so only one layer's inputs (tokens x H float32: 64 MB for 4096 tokens of Mixtral)
-and one expert's Hessian are in memory while quantizing.
+so that quantizing W' on H' + lambda I (GPTQ and tuning damp it by the fit's ridge) minimises the expert's
+own output error, the part of gate's and up's error that down can take back included: up to a constant,
+sum_t g_t^2 |y_t - z_t' Q^T|^2 + lambda |Q - W|^2 is (W' - Q) (H' + lambda I) (W' - Q)^T summed over rows.
+The ridge pulls towards W, not 0, so where the inputs say nothing (and where gate and up are exact) W' is W.
+lambda is chosen on held-out tokens (two folds of them, each fit scored on the other): where an expert has
+few tokens per input feature the fit would learn its calibration tokens, and then W itself (on H', GPTQ's
+dampening) is kept. The statistics keep every token's x_t and routing instead of these sums (a layer's
+E x (H^2 + F^2) of them is 7 GB at Mixtral 8x7B's shapes), so only one layer's inputs (tokens x H float32:
+64 MB for 4096 tokens of Mixtral) and one expert's Hessian are in memory while quantizing.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from mc_gguf.calibrate.quant_error import expert_hidden
 from mc_gguf.calibrate.stats import CalibrationStats
 from mc_gguf.errors import McGgufError
 from mc_gguf.hf.checkpoint import Checkpoint
-from mc_gguf.quantize.gptq import damped, mean_diagonal
+from mc_gguf.quantize.gptq import DampedCholesky, Hessian, damped, mean_diagonal
 
 
 class ExpertHessians:
@@ -123,15 +123,19 @@ RIDGE_ROWS = 512           # rows of down whose held-out error chooses the ridge
 @dataclass(frozen=True)
 class DownTarget:
     weights: np.ndarray   # W' [H, F] float32
-    hessian: np.ndarray   # H' [F, F] float32
+    hessian: Hessian      # H' [F, F] float32, damped by the fit's ridge (DAMP where W is kept), factored
     ridge: float | None   # the lambda of the fit; None: W itself held out better than every fit
 
 
 def fit_down(w: np.ndarray, h: list[np.ndarray], b: list[np.ndarray]) -> DownTarget:
     """Down's target and Hessian from W [H, F] and the two folds' sums of H' and b = C^T W^T (float64), the
     ridge chosen on them (_held_out_ridge). The folds' arrays are consumed: the first of each pair becomes the
-    sum over both, and the fit factors H' and solves where they lie, so that at 14336 inputs (1.6 GB each) no
-    third copy of H' is made."""
+    sum over both, then H' is kept in float32 and the fit factors a float64 copy of that, so that at 14336
+    inputs (1.6 GB in float64) no third copy of H' is made.
+
+    GPTQ and tuning then quantize W' on H' + lambda I, the matrix of the objective the fit minimises (the
+    module's docstring), so the fit's factorization of it is GPTQ's too (gptq.DampedCholesky): the one
+    factorization of the 14336-wide matrix an expert's down needs after the ridge's choice."""
     ridge = _held_out_ridge(w, h, b)
     hessian, rhs = h[0], b[0]
     hessian += h[1]
@@ -139,11 +143,17 @@ def fit_down(w: np.ndarray, h: list[np.ndarray], b: list[np.ndarray]) -> DownTar
     h.clear()
     b.clear()
     stored = hessian.astype(np.float32)
+    del hessian
     if ridge is None:
-        return DownTarget(w.astype(np.float32), stored, None)
-    unit = mean_diagonal(hessian)
-    target = _ridge_fit(w, hessian, rhs, ridge, overwrite=True)
-    return DownTarget(target.astype(np.float32), stored, ridge * unit)
+        return DownTarget(w.astype(np.float32), Hessian(stored), None)
+    # the float32 H' the Hessian holds is the one factored: its factor is the one Hessian(stored, ridge) computes
+    cholesky = DampedCholesky(stored, ridge)
+    rhs += cholesky.lam * w.T
+    target = cholesky.solve(rhs)
+    del rhs
+    dead = cholesky.dead[::-1]
+    target[dead] = w.T[dead]  # columns no token reached: only the ridge speaks (the factor's diagonal is 1 there)
+    return DownTarget(target.T.astype(np.float32), Hessian(stored, ridge, cholesky), cholesky.lam)
 
 
 def _ridge_fit(w: np.ndarray, h: np.ndarray, b: np.ndarray, ridge: float, dtype=np.float64,

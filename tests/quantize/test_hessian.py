@@ -27,7 +27,7 @@ def test_down_target_is_the_ridge_fit_to_the_quantized_gate_and_up_and_lowers_th
     imatrix = layer.imatrix("in")[xid]
     q = {p: quants.dequantize(quants.quantize(w[p], T.Q2_K, imatrix), T.Q2_K, w[p].shape[1]) for p in ("gate", "up")}
     down = hessians.down_target(bid, xid, q["gate"], q["up"])
-    target, hessian = down.weights, down.hessian
+    target, hessian = down.weights, down.hessian.matrix
     assert down.ridge is not None  # the fit held out better than W here (else W would be the target)
 
     # every token routed to the expert, weighted by the weight the block gave it (Mixtral: SiLU(gate) * up)
@@ -56,7 +56,7 @@ def test_down_target_is_the_ridge_fit_to_the_quantized_gate_and_up_and_lowers_th
                                  weights.shape[1])
 
     plain = expert_error(gptq(w["down"], hessians(bid, xid, "mid")))
-    fitted = expert_error(gptq(target, hessian))
+    fitted = expert_error(gptq(target, down.hessian))
     assert expert_error(target) < expert_error(w["down"])
     assert fitted < 0.9 * plain
 
@@ -117,3 +117,39 @@ def test_the_ridge_fit_is_the_normal_equations_solution_in_place_or_on_a_copy():
     single = _ridge_fit(w, kept, b, 0.1, np.float32)
     assert single.dtype == np.float32
     np.testing.assert_allclose(single, expected, rtol=1e-2, atol=1e-3 * np.abs(expected).max())
+
+
+def test_the_fit_and_gptq_share_one_factorization_of_the_damped_hessian():
+    """fit_down factors H' + lambda I once: the fit is numpy's dense solve of the normal equations (W kept on a
+    column no token reached), and GPTQ's inverse factor made from that factorization is, bit for bit, the
+    one Hessian(H', ridge) computes on its own, so GPTQ gives the same bytes from either."""
+    from mc_gguf.quantize.gptq import Hessian, inverse_hessian_factor
+    from mc_gguf.quantize.hessian import fit_down
+
+    w, h, b = ridge_problem(4096, True, rows=16, seed=11)
+    for m in h + b:
+        m[5] = 0.0  # no token reached feature 5
+    for m in h:
+        m[:, 5] = 0.0
+    total_h, total_b = h[0] + h[1], b[0] + b[1]
+    down = fit_down(w, h, b)
+    assert down.ridge is not None and "factor" in vars(down.hessian)  # factored by the fit, not yet by GPTQ
+    stored = total_h.astype(np.float32)
+    np.testing.assert_array_equal(down.hessian.matrix, stored)
+    damp = down.hessian.damp
+    lam = damp * np.mean(np.diag(stored.astype(np.float64)) + (np.diag(stored) == 0))
+    assert down.ridge == pytest.approx(lam, rel=1e-12)
+    a = stored.astype(np.float64) + lam * np.eye(len(stored))
+    rhs = total_b + lam * w.T
+    expected = np.linalg.solve(a, rhs).T
+    expected[:, 5] = w[:, 5]
+    np.testing.assert_allclose(down.weights, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+
+    u, dead = down.hessian.factor
+    u_own, dead_own = inverse_hessian_factor(stored, damp)
+    np.testing.assert_array_equal(u, np.ascontiguousarray(u_own, dtype=np.float32))
+    np.testing.assert_array_equal(dead, dead_own)
+    assert dead[5] and dead.sum() == 1
+    weights = np.random.default_rng(0).standard_normal((8, w.shape[1])).astype(np.float32)
+    np.testing.assert_array_equal(gptq_quantize(weights, down.hessian, T.Q4_0),
+                                  gptq_quantize(weights, Hessian(stored, damp), T.Q4_0))
