@@ -5,7 +5,7 @@ A projection at the real shapes, gate/up [14336, 4096] on a 4096-input Hessian a
 14336-input one, random weights and a Hessian of correlated inputs (a rank-256 mixing plus the identity; its
 content does not change the cost). For each projection: the Hessian's GPTQ factor (once per expert and
 input), then for each type GPTQ and tuning on it, timed apart; and down's ridge fit to the quantized gate and
-up (hessian.py: the held-out choice among three ridges on two folds, then the fit), on folds of the same
+up (hessian.py: the held-out choice among three ridges fit on one fold, then the fit), on folds of the same
 sizes, and, where the version has it, hessian.fit_down (the two together, consuming the folds' sums) with
 its peak resident memory over the sums'. ``--rows`` takes the first rows of each projection (tuning's cost is linear in the rows, the factor
 and the fit's factorizations are not: the report gives both, and per-expert estimates at full rows). Prints

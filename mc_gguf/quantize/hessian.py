@@ -18,7 +18,7 @@ so that quantizing W' on H' + lambda I (GPTQ and tuning damp it by the fit's rid
 own output error, the part of gate's and up's error that down can take back included: up to a constant,
 sum_t g_t^2 |y_t - z_t' Q^T|^2 + lambda |Q - W|^2 is (W' - Q) (H' + lambda I) (W' - Q)^T summed over rows.
 The ridge pulls towards W, not 0, so where the inputs say nothing (and where gate and up are exact) W' is W.
-lambda is chosen on held-out tokens (two folds of them, each fit scored on the other): where an expert has
+lambda is chosen on held-out tokens (a fit on one fold of them scored on the other): where an expert has
 few tokens per input feature the fit would learn its calibration tokens, and then W itself (on H', GPTQ's
 dampening) is kept. The statistics keep every token's x_t and routing instead of these sums (a layer's
 E x (H^2 + F^2) of them is 7 GB at Mixtral 8x7B's shapes), so only one layer's inputs (tokens x H float32:
@@ -174,33 +174,37 @@ def _ridge_fit(w: np.ndarray, h: np.ndarray, b: np.ndarray, ridge: float, dtype=
 
 
 def _held_out_ridge(w: np.ndarray, h: list[np.ndarray], b: list[np.ndarray]) -> float | None:
-    """The RIDGES entry whose fits on each fold leave the least error on the other (two-fold cross-validation),
-    or None where W itself leaves less: with few tokens per input feature the fit learns the calibration's
-    tokens rather than the quantized gate and up. The error of Q on a fold is tr(Q H Q^T) - 2 tr(Q b) plus a
+    """The RIDGES entry whose fit on the first fold leaves the least error on the second (a held-out fold), or
+    None where W itself leaves less: with few tokens per input feature the fit learns the calibration's tokens
+    rather than the quantized gate and up. The error of Q on a fold is tr(Q H Q^T) - 2 tr(Q b) plus a
     constant. Each row of the fit solves its own least squares with the same matrix, so the errors are
     summed over a seeded sample of RIDGE_ROWS rows (all of them where there are fewer): at Mixtral 8x7B's
-    shapes this keeps the choice to the six factorizations instead of 25 TFLOP of solves and products.
-    The factorizations are float32 (LAPACK's spotrf: twice dpotrf's speed, in half its memory; float64
-    where float32's is not positive definite): a choice float32's rounding could change is one between
-    ridges whose fits hold out alike, and the fit itself is float64."""
+    shapes this keeps the choice to three factorizations instead of 25 TFLOP of solves and products.
+    Scoring each fold's fits on the other as well (two-fold cross-validation) would halve the variance of the
+    errors compared at twice the cost (three more 14336-wide factorizations, a tenth of an expert's time);
+    where the ridges' errors are far enough apart to matter the one fold tells them apart, and where they
+    are not, the fits they give hold out alike. The factorizations are float32 (LAPACK's spotrf: twice
+    dpotrf's speed, in half its memory; float64 where float32's is not positive definite): a choice
+    float32's rounding could change is one between ridges whose fits hold out alike, and the fit itself is
+    float64."""
     if min(np.trace(m) for m in h) <= 0:
         return None
     if len(w) > RIDGE_ROWS:
         rows = np.sort(np.random.default_rng(0).choice(len(w), RIDGE_ROWS, replace=False))
         w, b = w[rows], [m[:, rows] for m in b]
 
-    def held_out(q: np.ndarray, fold: int) -> float:
-        return float(np.sum((q @ h[fold]) * q) - 2 * np.sum(q * b[fold].T))
+    def held_out(q: np.ndarray) -> float:
+        return float(np.sum((q @ h[1]) * q) - 2 * np.sum(q * b[1].T))
 
-    best, best_error = None, held_out(w, 0) + held_out(w, 1)
-    def fit(k: int, ridge: float) -> np.ndarray:
+    def fit(ridge: float) -> np.ndarray:
         try:
-            return _ridge_fit(w, h[k], b[k], ridge, np.float32).astype(np.float64)
+            return _ridge_fit(w, h[0], b[0], ridge, np.float32).astype(np.float64)
         except np.linalg.LinAlgError:
-            return _ridge_fit(w, h[k], b[k], ridge)
+            return _ridge_fit(w, h[0], b[0], ridge)
 
+    best, best_error = None, held_out(w)
     for ridge in RIDGES:
-        error = sum(held_out(fit(k, ridge), 1 - k) for k in range(2))
+        error = held_out(fit(ridge))
         if error < best_error:
             best, best_error = ridge, error
     return best
