@@ -156,19 +156,12 @@ def fit_down(w: np.ndarray, h: list[np.ndarray], b: list[np.ndarray]) -> DownTar
     return DownTarget(target.T.astype(np.float32), Hessian(stored, ridge, cholesky), cholesky.lam)
 
 
-def _ridge_fit(w: np.ndarray, h: np.ndarray, b: np.ndarray, ridge: float, dtype=np.float64,
-               overwrite: bool = False) -> np.ndarray:
+def _ridge_fit(w: np.ndarray, h: np.ndarray, b: np.ndarray, ridge: float, dtype=np.float64) -> np.ndarray:
     """(W C + lambda W) (H' + lambda I)^-1 [H, F], with b = C^T W^T [F, H] and lambda = ridge * mean(diag H'),
-    factored and solved in ``dtype`` by LAPACK's potrf and potrs in place: on one copy of H', or (``overwrite``,
-    where H' and b are of that dtype) on H' and b themselves, which are then lost."""
-    lam = ridge * mean_diagonal(h)
-    if overwrite and h.dtype == dtype and b.dtype == dtype:
-        rhs = b
-        rhs += lam * w.T
-        h[np.diag_indices_from(h)] += lam
-    else:
-        rhs = (b + lam * w.T).astype(dtype)
-        h = damped(h, ridge, dtype)
+    factored and solved in ``dtype`` by LAPACK's potrf and potrs on one copy of H' (H' and b are left as they
+    were): the held-out choice's fits on a fold (fit_down factors the total once, gptq.DampedCholesky)."""
+    rhs = (b + ridge * mean_diagonal(h) * w.T).astype(dtype)
+    h = damped(h, ridge, dtype)
     # H' is symmetric: its transpose, a view in the Fortran order LAPACK works in, is factored without a copy
     return cho_solve(cho_factor(h.T, lower=True, overwrite_a=True), rhs, overwrite_b=True).T
 
