@@ -82,12 +82,17 @@ def bench_down_fit(hidden: int, ff: int, rng: np.random.Generator) -> dict:
     w = (0.02 * rng.standard_normal((hidden, ff))).astype(np.float64)
     h = [correlated_hessian(ff, rng).astype(np.float64) for _ in range(2)]
     b = [m @ w.T * 0.9 for m in h]  # C^T W^T of a gate and up that changed z a little
-    ridge, choose_s = timed(lambda: hs._held_out_ridge(w, h, b))
+    # since DownSums: the sums over all tokens and over the first fold, where both folds' sums were handed over
+    sums = hs.DownSums.of_folds if hasattr(hs, "DownSums") else lambda h, b: (h, b)
+    ridge, choose_s = timed(lambda: hs._held_out_ridge(w, *((sums(h, b),) if hasattr(hs, "DownSums") else (h, b))))
     _, fit_s = timed(lambda: hs._ridge_fit(w, h[0] + h[1], b[0] + b[1], ridge or 0.01))
     report = {"hidden": hidden, "ff": ff, "ridge": ridge, "choose_s": choose_s, "fit_s": fit_s}
-    if hasattr(hs, "fit_down"):  # this version: choice and fit in one call that consumes the folds' sums
+    if hasattr(hs, "fit_down"):  # this version: choice and fit in one call that consumes the sums
+        args = (sums(h, b),) if hasattr(hs, "DownSums") else (h, b)
+        del h, b
         inputs = resident_gib()
-        (target, peak), report["fit_down_s"] = timed(lambda: with_peak_resident(lambda: hs.fit_down(w, h, b)))
+        (target, peak), report["fit_down_s"] = timed(lambda: with_peak_resident(lambda: hs.fit_down(w, *args)))
+        report["fit_down_inputs_gib"] = round(inputs, 3)
         report["fit_down_peak_gib_over_inputs"] = round(peak - inputs, 3)
         # where the fit's factorization is GPTQ's too, down's own factor is not computed again
         report["fit_down_factors_for_gptq"] = "factor" in getattr(target.hessian, "__dict__", {})

@@ -92,32 +92,68 @@ class ExpertHessians:
                                         torch.from_numpy(np.asarray(up, np.float32)).to(self.device), expert.down)
         tokens, g = self.routed(bid, xid)
         ff, hidden = expert.down.shape[1], expert.down.shape[0]
-        # the sums of two folds of the tokens (alternate runs of FOLD_RUN), H' and C^T W^T = sum_t g^2 z_t' y_t^T
-        h = [torch.zeros(ff, ff, dtype=self.wide, device=self.device) for _ in range(2)]
-        b = [torch.zeros(ff, hidden, dtype=self.wide, device=self.device) for _ in range(2)]
+        # H' and b = C^T W^T = sum_t g^2 z_t' y_t^T over every token, and over the first of two folds of them
+        # (alternate runs of FOLD_RUN), which only chooses the ridge: float32, as its fits factor in float32.
+        # The total H' in bands of GRAM_BAND rows, so that its float64 sum is rounded to float32 a band at a time
+        bands = [slice(top, min(top + GRAM_BAND, ff)) for top in range(0, ff, GRAM_BAND)]
+        h = [torch.zeros(band.stop - band.start, ff, dtype=self.wide, device=self.device) for band in bands]
+        b = torch.zeros(ff, hidden, dtype=self.wide, device=self.device)
+        h_first = torch.zeros(ff, ff, device=self.device)
+        b_first = torch.zeros(ff, hidden, device=self.device)
         with torch.no_grad():
             for first in range(0, len(tokens), FOLD_RUN):
                 x = self.inputs(bid)[tokens[first:first + FOLD_RUN]]
                 gw = g[first:first + FOLD_RUN]
                 z_q = expert_hidden(x, quantized, self.glu) * gw
                 y = (expert_hidden(x, expert, self.glu) * gw) @ expert.down.T
-                fold = (first // FOLD_RUN) % 2
+                in_first = (first // FOLD_RUN) % 2 == 0
                 # a run's products in float32 (256 terms), their sum over the runs in float64, added a band of
                 # H' rows at a time and widened as they are added (no [F, F] product held beside the sums)
-                for top in range(0, ff, GRAM_BAND):
-                    band = slice(top, top + GRAM_BAND)
-                    h[fold][band].add_(z_q[:, band].T @ z_q)
-                b[fold].add_(z_q.T @ y)
-        w = expert.down.cpu().double().numpy()
-        del expert, quantized   # the fit's float64 sums are what must fit in memory now
-        h, b = [m.cpu().double().numpy() for m in h], [m.cpu().double().numpy() for m in b]  # the tensors' only owners
-        return fit_down(w, h, b)
+                for h_band, band in zip(h, bands):
+                    product = z_q[:, band].T @ z_q
+                    h_band.add_(product)
+                    if in_first:
+                        h_first[band].add_(product)
+                    del product
+                product = z_q.T @ y
+                b.add_(product)
+                if in_first:
+                    b_first.add_(product)
+                del product
+        w = expert.down.cpu().numpy()
+        del expert, quantized   # the fit's sums are what must fit in memory now
+        total = np.empty((ff, ff), np.float32)
+        for band in bands:
+            total[band] = h.pop(0).cpu().numpy()   # each float64 band freed once rounded
+        # the arrays' only owners (b widened where the device summed in float32, MPS), as they are handed over
+        sums = DownSums(total, b.cpu().numpy().astype(np.float64, copy=False), h_first.cpu().numpy(),
+                        b_first.cpu().numpy())
+        del total, b, h_first, b_first
+        return fit_down(w, sums)
 
 
 FOLD_RUN = 256  # consecutive routed tokens that go to the same fold (neighbouring tokens are alike)
 GRAM_BAND = 2048  # rows of H' whose product with a run is formed at once (117 MB at Mixtral 8x7B's 14336)
 RIDGES = (0.01, 0.1, 1.0)  # lambda / mean(diag H') tried; 0.01 is GPTQ's dampening
 RIDGE_ROWS = 512           # rows of down whose held-out error chooses the ridge
+
+
+@dataclass
+class DownSums:
+    """What fit_down works from: H' [F, F] and b = C^T W^T [F, H] summed over the expert's tokens (float64 sums,
+    H' then rounded to the float32 the Hessian keeps), and over the first fold of them (float32; the second
+    fold's are the differences). At Mixtral 8x7B's 14336 inputs they are 0.8 + 0.8 GB of H' and 0.5 + 0.2 GB
+    of b, where both folds' float64 sums were 3.3 + 0.9 GB; fit_down consumes them (it drops them as it
+    goes)."""
+    h: np.ndarray | None
+    b: np.ndarray | None
+    h_first: np.ndarray | None
+    b_first: np.ndarray | None
+
+    @classmethod
+    def of_folds(cls, h: list[np.ndarray], b: list[np.ndarray]) -> DownSums:
+        """From the two folds' sums."""
+        return cls((h[0] + h[1]).astype(np.float32), b[0] + b[1], h[0].astype(np.float32), b[0].astype(np.float32))
 
 
 @dataclass(frozen=True)
@@ -127,33 +163,31 @@ class DownTarget:
     ridge: float | None   # the lambda of the fit; None: W itself held out better than every fit
 
 
-def fit_down(w: np.ndarray, h: list[np.ndarray], b: list[np.ndarray]) -> DownTarget:
-    """Down's target and Hessian from W [H, F] and the two folds' sums of H' and b = C^T W^T (float64), the
-    ridge chosen on them (_held_out_ridge). The folds' arrays are consumed: the first of each pair becomes the
-    sum over both, then H' is kept in float32 and the fit factors a float64 copy of that, so that at 14336
-    inputs (1.6 GB in float64) no third copy of H' is made.
+def fit_down(w: np.ndarray, sums: DownSums) -> DownTarget:
+    """Down's target and Hessian from W [H, F] and the sums of H' and b = C^T W^T, the ridge chosen on them
+    (_held_out_ridge). The sums are consumed: the first fold's go after the choice, the float32 H' becomes the
+    Hessian's, and the fit factors one float64 copy of it, so that at 14336 inputs the float32 H' and the
+    factor (0.8 + 1.6 GB) are the most of it ever held at once.
 
     GPTQ and tuning then quantize W' on H' + lambda I, the matrix of the objective the fit minimises (the
     module's docstring), so the fit's factorization of it is GPTQ's too (gptq.DampedCholesky): the one
     factorization of the 14336-wide matrix an expert's down needs after the ridge's choice."""
-    ridge = _held_out_ridge(w, h, b)
-    hessian, rhs = h[0], b[0]
-    hessian += h[1]
-    rhs += b[1]
-    h.clear()
-    b.clear()
-    stored = hessian.astype(np.float32)
-    del hessian
+    ridge = _held_out_ridge(w, sums)
+    stored, rhs = np.asarray(sums.h, dtype=np.float32), sums.b
+    sums.h = sums.b = sums.h_first = sums.b_first = None
     if ridge is None:
-        return DownTarget(w.astype(np.float32), Hessian(stored), None)
+        return DownTarget(np.asarray(w, dtype=np.float32), Hessian(stored), None)
     # the float32 H' the Hessian holds is the one factored: its factor is the one Hessian(stored, ridge) computes
     cholesky = DampedCholesky(stored, ridge)
-    rhs += cholesky.lam * w.T
+    rhs = np.asarray(rhs, dtype=np.float64)
+    rhs += np.multiply(w.T, cholesky.lam, dtype=np.float64)
     target = cholesky.solve(rhs)
     del rhs
     dead = cholesky.dead[::-1]
     target[dead] = w.T[dead]  # columns no token reached: only the ridge speaks (the factor's diagonal is 1 there)
-    return DownTarget(target.T.astype(np.float32), Hessian(stored, ridge, cholesky), cholesky.lam)
+    weights = target.T.astype(np.float32)
+    del target
+    return DownTarget(weights, Hessian(stored, ridge, cholesky), cholesky.lam)
 
 
 def _ridge_fit(w: np.ndarray, h: np.ndarray, b: np.ndarray, ridge: float, dtype=np.float64) -> np.ndarray:
@@ -166,7 +200,7 @@ def _ridge_fit(w: np.ndarray, h: np.ndarray, b: np.ndarray, ridge: float, dtype=
     return cho_solve(cho_factor(h.T, lower=True, overwrite_a=True), rhs, overwrite_b=True).T
 
 
-def _held_out_ridge(w: np.ndarray, h: list[np.ndarray], b: list[np.ndarray]) -> float | None:
+def _held_out_ridge(w: np.ndarray, sums: DownSums) -> float | None:
     """The RIDGES entry whose fit on the first fold leaves the least error on the second (a held-out fold), or
     None where W itself leaves less: with few tokens per input feature the fit learns the calibration's tokens
     rather than the quantized gate and up. The error of Q on a fold is tr(Q H Q^T) - 2 tr(Q b) plus a
@@ -179,25 +213,34 @@ def _held_out_ridge(w: np.ndarray, h: list[np.ndarray], b: list[np.ndarray]) -> 
     are not, the fits they give hold out alike. The factorizations are float32 (LAPACK's spotrf: twice
     dpotrf's speed, in half its memory; float64 where float32's is not positive definite): a choice
     float32's rounding could change is one between ridges whose fits hold out alike, and the fit itself is
-    float64."""
-    if min(np.trace(m) for m in h) <= 0:
+    float64. The second fold's H' (the total less the first's, widened) is formed a band of rows at a time,
+    once, for every candidate's error together."""
+    h, h_first = sums.h, sums.h_first
+    first_trace = float(np.trace(h_first, dtype=np.float64))
+    if min(first_trace, float(np.trace(h, dtype=np.float64)) - first_trace) <= 0:
         return None
-    if len(w) > RIDGE_ROWS:
-        rows = np.sort(np.random.default_rng(0).choice(len(w), RIDGE_ROWS, replace=False))
-        w, b = w[rows], [m[:, rows] for m in b]
-
-    def held_out(q: np.ndarray) -> float:
-        return float(np.sum((q @ h[1]) * q) - 2 * np.sum(q * b[1].T))
+    rows = (np.sort(np.random.default_rng(0).choice(len(w), RIDGE_ROWS, replace=False)) if len(w) > RIDGE_ROWS
+            else slice(None))
+    w, b_first = np.asarray(w[rows], dtype=np.float64), sums.b_first[:, rows]
+    b_second = sums.b[:, rows] - b_first
 
     def fit(ridge: float) -> np.ndarray:
         try:
-            return _ridge_fit(w, h[0], b[0], ridge, np.float32).astype(np.float64)
+            return _ridge_fit(w, h_first, b_first, ridge, np.float32).astype(np.float64)
         except np.linalg.LinAlgError:
-            return _ridge_fit(w, h[0], b[0], ridge)
+            return _ridge_fit(w, h_first, b_first, ridge)
 
-    best, best_error = None, held_out(w)
-    for ridge in RIDGES:
-        error = held_out(fit(ridge))
+    candidates = [w, *(fit(ridge) for ridge in RIDGES)]
+    q = np.concatenate(candidates)  # [candidates x rows, F]
+    # tr(Q H Q^T) of each candidate on the second fold, H a band of rows at a time (it is symmetric)
+    quadratic = np.zeros(len(q))
+    for top in range(0, len(h), GRAM_BAND):
+        band = slice(top, top + GRAM_BAND)
+        quadratic += np.sum((q @ (h[band].astype(np.float64) - h_first[band]).T) * q[:, band], axis=1)
+    errors = [float(np.sum(part)) - 2 * float(np.sum(c * b_second.T))
+              for part, c in zip(np.split(quadratic, len(candidates)), candidates)]
+    best, best_error = None, errors[0]
+    for ridge, error in zip(RIDGES, errors[1:]):
         if error < best_error:
             best, best_error = ridge, error
     return best

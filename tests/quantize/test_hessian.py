@@ -79,10 +79,10 @@ def ridge_problem(tokens: int, distorted: bool, rows: int, seed: int) -> tuple:
 def test_the_ridge_is_chosen_on_held_out_tokens(tokens, distorted, fits):
     """A systematic change of down's inputs, seen on many tokens, is fit; inputs that differ only by noise, on
     fewer tokens than features, are not (the fit would learn the noise): W itself is kept."""
-    from mc_gguf.quantize.hessian import _held_out_ridge
+    from mc_gguf.quantize.hessian import DownSums, _held_out_ridge
 
     w, h, b = ridge_problem(tokens, distorted, rows=32, seed=3)
-    assert (_held_out_ridge(w, h, b) is not None) == fits
+    assert (_held_out_ridge(w, DownSums.of_folds(h, b)) is not None) == fits
 
 
 @pytest.mark.parametrize("tokens, distorted", [(4096, True), (48, False), (200, True)])
@@ -93,9 +93,9 @@ def test_the_ridge_chosen_on_a_sample_of_rows_is_the_one_all_rows_choose(tokens,
 
     w, h, b = ridge_problem(tokens, distorted, rows=600, seed=5)
     monkeypatch.setattr(hs, "RIDGE_ROWS", len(w))
-    every_row = hs._held_out_ridge(w, h, b)
+    every_row = hs._held_out_ridge(w, hs.DownSums.of_folds(h, b))
     monkeypatch.setattr(hs, "RIDGE_ROWS", 64)
-    assert hs._held_out_ridge(w, h, b) == every_row
+    assert hs._held_out_ridge(w, hs.DownSums.of_folds(h, b)) == every_row
 
 
 def test_the_ridge_fit_is_the_normal_equations_solution_on_a_copy():
@@ -124,7 +124,7 @@ def test_the_fit_and_gptq_share_one_factorization_of_the_damped_hessian():
     column no token reached), and GPTQ's inverse factor made from that factorization is, bit for bit, the
     one Hessian(H', ridge) computes on its own, so GPTQ gives the same bytes from either."""
     from mc_gguf.quantize.gptq import Hessian, inverse_hessian_factor
-    from mc_gguf.quantize.hessian import fit_down
+    from mc_gguf.quantize.hessian import DownSums, fit_down
 
     w, h, b = ridge_problem(4096, True, rows=16, seed=11)
     for m in h + b:
@@ -132,7 +132,7 @@ def test_the_fit_and_gptq_share_one_factorization_of_the_damped_hessian():
     for m in h:
         m[:, 5] = 0.0
     total_h, total_b = h[0] + h[1], b[0] + b[1]
-    down = fit_down(w, h, b)
+    down = fit_down(w, DownSums.of_folds(h, b))
     assert down.ridge is not None and "factor" in vars(down.hessian)  # factored by the fit, not yet by GPTQ
     stored = total_h.astype(np.float32)
     np.testing.assert_array_equal(down.hessian.matrix, stored)
