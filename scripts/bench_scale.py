@@ -24,7 +24,8 @@ projection), against llama-imatrix + llama-quantize to IQ2_XS and IQ2_S on
 the same F16 file and tokens, at each N: the ratios per added layer, the
 fixed costs (what N layers cost beyond N times the per-layer cost) as a
 share of a 32-layer run, and each process's CPU use (user + system seconds
-over wall seconds times cores: 1.0 is every core busy throughout).
+over wall seconds times cores: 1.0 is every core busy throughout). compress runs under trace_memory.py, so
+the report also names the mc_gguf functions its anonymous memory peaked in.
 
 ``--ray`` times `mc-gguf calibrate` and `mc-gguf quantize --tune` (on the same statistics and plan) in one process
 and with `--ray` on a local cluster (``--nodes`` nodes of one CPU each, started by the script in network and PID
@@ -281,10 +282,17 @@ def run_defaults(n_layers: int, shapes: dict, args, work: Path, text: Path) -> d
     print(f"{n_layers} layer(s), compress's defaults:", file=sys.stderr, flush=True)
     rows = {"mc convert": measure("mc-gguf convert", [mc, "convert", str(model), "-o", str(f16), "--type", "f16",
                                                        "-q"], log)}
-    # the calibration's text and tokens are the only flags besides --bits: llama-imatrix reads the same ones
+    # the calibration's text and tokens are the only flags besides --bits: llama-imatrix reads the same ones.
+    # compress runs under trace_memory.py (mc-gguf's entry point in a process that samples where its memory peaks)
+    trace = folder / "compress-memory.json"
     rows["mc compress"] = measure("mc-gguf compress", [
-        mc, "compress", str(model), "--bits", str(args.bits), "--calib", str(text), "--tokens", str(args.tokens),
+        sys.executable, str(Path(__file__).resolve().parent / "trace_memory.py"), "--json", str(trace), "--",
+        "compress", str(model), "--bits", str(args.bits), "--calib", str(text), "--tokens", str(args.tokens),
         "--seq-len", str(args.seq_len), "-o", str(folder / "compressed.gguf"), "-q"], log)
+    traced = json.loads(trace.read_text())
+    rows["mc compress"]["memory_trace"] = {"peak_anon_gib": traced["peak_anon_gib"],
+                                           "peak_stack": traced["peak_stack"][:6],
+                                           "peak_anon_gib_by_function": traced["peak_anon_gib_by_function"]}
     imatrix = folder / "imatrix.gguf"
     rows["llama-imatrix"] = measure("llama-imatrix", [
         str(tools / "llama-imatrix"), "-m", str(f16), "-f", str(text), "-o", str(imatrix), "--output-format", "gguf",

@@ -149,6 +149,8 @@ def test_bench_scale_defaults_quick(tmp_path):
     for run in report["runs"].values():
         assert {"mc compress", "llama-imatrix", "llama-quantize IQ2_XS", "llama-quantize IQ2_S"} <= set(run["stages"])
         assert all(s["seconds"] > 0 and 0 < s["cpu_use"] <= 1.05 for s in run["stages"].values())
+        trace = run["stages"]["mc compress"]["memory_trace"]
+        assert trace["peak_anon_gib"] > 0 and trace["peak_anon_gib_by_function"]
     assert report["compress_over_imatrix+quantize_IQ2_XS_per_added_layer"] is not None
     assert 0 <= report["compress_fixed_share_of_full_model"] <= 1
 
@@ -162,3 +164,24 @@ def test_bench_tune_quick(tmp_path):
     assert report["down_fit"]["choose_s"] > 0
     # a quarter of the 4 blocks: the i-quants' estimate is near their measurement on all of them
     assert report["error_pass"]["share_4_iquants_max_relative_difference"] < 0.1
+
+
+def test_trace_memory_samples_a_command_and_keeps_its_exit_status(tmp_path, tiny_model_dir):
+    """trace_memory.py runs an mc-gguf command in its own process, samples where its memory is, and exits with the
+    command's status: a conversion's samples fall in mc_gguf's functions, a refused input's status comes back."""
+    def trace(*command: str) -> tuple[int, dict]:
+        report = tmp_path / "trace.json"
+        result = subprocess.run([sys.executable, str(SCRIPTS / "trace_memory.py"), "--interval", "0.005",
+                                 "--json", str(report), "--", *command], capture_output=True, text=True)
+        return result.returncode, json.loads(report.read_text())
+
+    out = tmp_path / "f32.gguf"
+    status, report = trace("convert", str(tiny_model_dir), "-o", str(out), "--type", "f32", "-q")
+    assert status == 0 and report["exit_status"] == 0 and out.stat().st_size > 0
+    assert report["samples"] > 1 and report["peak_anon_gib"] > 0
+    functions = report["peak_anon_gib_by_function"]
+    assert functions and all(name.startswith("mc_gguf/") for name in functions)
+    assert max(functions.values()) <= report["peak_anon_gib"]
+    status, report = trace("convert", str(tmp_path / "no-such-model"), "-o", str(tmp_path / "x.gguf"))
+    assert status != 0 and report["exit_status"] == status
+    assert not (tmp_path / "x.gguf").exists()
