@@ -36,8 +36,8 @@ class ExpertQuantizer:
         if bid != self._bid:
             self._bid, self._kept = bid, {}
         if projection == "down":
-            gate, up = (self.dequantized(bid, xid, p) for p in ("gate", "up"))
-            target = self.hessians.down_target(bid, xid, gate, up)
+            # the quantized gate and up in a list down_target empties, so that they go once it has summed them
+            target = self.hessians.down_target(bid, xid, [self.dequantized(bid, xid, p) for p in ("gate", "up")])
             return self._quantize(bid, xid, projection, target.weights, target.hessian)
         if (xid, projection) not in self._kept:
             self._kept[xid, projection] = self._quantize(bid, xid, projection)
@@ -61,10 +61,11 @@ class ExpertQuantizer:
         imatrix = self.stats.layers[bid].imatrix(which)[xid] if self.stats is not None else None
         if self.hessians is None:
             return quants.quantize(weights, qtype, imatrix)
-        if hessian is None:
+        passed = hessian is not None
+        if not passed:
             hessian = self._shared_input_hessian(bid, xid)
-        if self.tune is not None:
-            return tune_quantize(weights, hessian, qtype, imatrix, self.tune)
+        if self.tune is not None:   # down's fit's Hessian (passed in) serves this one call
+            return tune_quantize(weights, hessian, qtype, imatrix, self.tune, single_use=passed)
         return gptq_quantize(weights, hessian, qtype, imatrix)
 
     def _shared_input_hessian(self, bid: int, xid: int) -> Hessian:

@@ -82,11 +82,14 @@ class ExpertHessians:
             xw = x * g
             return (xw.T @ xw).cpu().numpy()
 
-    def down_target(self, bid: int, xid: int, gate: np.ndarray, up: np.ndarray) -> DownTarget:
-        """The target and Hessian of expert ``xid``'s down projection when its gate and up compute with
-        ``gate`` and ``up`` [F, H] (their dequantized weights), as the module's docstring derives them, the
+    def down_target(self, bid: int, xid: int, gate_up: list[np.ndarray]) -> DownTarget:
+        """The target and Hessian of expert ``xid``'s down projection when its gate and up compute with the
+        weights [F, H] in ``gate_up`` (their dequantized weights; the list is emptied, so that they are freed
+        once summed where the caller keeps no other reference), as the module's docstring derives them, the
         ridge chosen on held-out tokens; token by token in chunks, so that no [tokens, F] matrix of all of
         them is formed."""
+        gate, up = gate_up
+        gate_up.clear()
         expert = load_expert(self.ckpt, bid, xid).float32().to(self.device)
         quantized = expert.with_weights(torch.from_numpy(np.asarray(gate, np.float32)).to(self.device),
                                         torch.from_numpy(np.asarray(up, np.float32)).to(self.device), expert.down)
@@ -121,7 +124,7 @@ class ExpertHessians:
                     b_first.add_(product)
                 del product
         w = expert.down.cpu().numpy()
-        del expert, quantized   # the fit's sums are what must fit in memory now
+        del expert, quantized, gate, up   # the fit's sums are what must fit in memory now
         total = np.empty((ff, ff), np.float32)
         for band in bands:
             total[band] = h.pop(0).cpu().numpy()   # each float64 band freed once rounded

@@ -63,15 +63,22 @@ def tunable(qtype: gguf.GGMLQuantizationType, n_per_row: int) -> bool:
 
 
 def tune_quantize(weights: np.ndarray, hessian: np.ndarray | Hessian, qtype: gguf.GGMLQuantizationType,
-                  imatrix: np.ndarray | None = None, settings: TuneSettings = TuneSettings()) -> np.ndarray:
+                  imatrix: np.ndarray | None = None, settings: TuneSettings = TuneSettings(),
+                  single_use: bool = False) -> np.ndarray:
     """ggml's bytes [rows, row_bytes] of ``weights`` [rows, cols]: GPTQ, then coordinate descent on ``hessian``
-    (a K-quant's every integer, an i-quant's scales). A ``Hessian`` shared by several calls is factored once."""
+    (a K-quant's every integer, an i-quant's scales). A ``Hessian`` shared by several calls is factored once;
+    one that is this call's alone (``single_use``) gives up GPTQ's factor and its undamped matrix before the
+    descent, which needs neither."""
     rows, cols = weights.shape
     hessian = Hessian.of(hessian)
     start = gptq_quantize(weights, hessian, qtype, imatrix)
+    if single_use:
+        hessian.release("factor")
     if not tunable(qtype, cols) or settings.iters <= 0:
         return start
     h = damped(hessian.matrix, hessian.damp) if settings.exact else hessian.damped
+    if single_use:
+        hessian.release("matrix")
     if qtype.name in iquants.FORMATS:
         return iquants.pack(tune_scales(weights, h, iquants.unpack(start, qtype.name), settings)).reshape(rows, -1)
     tuned = tune_blocks(weights, h, kquants.unpack(start, qtype.name), settings)

@@ -26,7 +26,7 @@ def test_down_target_is_the_ridge_fit_to_the_quantized_gate_and_up_and_lowers_th
     w = {p: ckpt.expert_weight(bid, xid, p) for p in ("gate", "up", "down")}
     imatrix = layer.imatrix("in")[xid]
     q = {p: quants.dequantize(quants.quantize(w[p], T.Q2_K, imatrix), T.Q2_K, w[p].shape[1]) for p in ("gate", "up")}
-    down = hessians.down_target(bid, xid, q["gate"], q["up"])
+    down = hessians.down_target(bid, xid, [q["gate"], q["up"]])
     target, hessian = down.weights, down.hessian.matrix
     assert down.ridge is not None  # the fit held out better than W here (else W would be the target)
 

@@ -192,7 +192,7 @@ def test_compress_tune_writes_the_tuned_integers_and_llama_cpp_runs_them(tuned_c
                 weights = ckpt.expert_weight(bid, xid, projection)
                 hessian = hessians(bid, xid, which)
                 if projection == "down":  # fit to the gate and up the file holds
-                    target = hessians.down_target(bid, xid, experts[bid, "gate"][xid], experts[bid, "up"][xid])
+                    target = hessians.down_target(bid, xid, [experts[bid, "gate"][xid], experts[bid, "up"][xid]])
                     weights, hessian = target.weights, target.hessian
                 imatrix = stats.layers[bid].imatrix(which)[xid]
                 tuned = tune_quantize(weights, hessian, T[name], imatrix, TuneSettings(iters=3))
