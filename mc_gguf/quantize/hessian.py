@@ -98,7 +98,7 @@ class ExpertHessians:
         # H' and b = C^T W^T = sum_t g^2 z_t' y_t^T over every token, and over the first of two folds of them
         # (alternate runs of FOLD_RUN), which only chooses the ridge: float32, as its fits factor in float32.
         # The total H' in bands of GRAM_BAND rows, so that its float64 sum is rounded to float32 a band at a time
-        bands = [slice(top, min(top + GRAM_BAND, ff)) for top in range(0, ff, GRAM_BAND)]
+        bands = _row_bands(ff)
         h = [torch.zeros(band.stop - band.start, ff, dtype=self.wide, device=self.device) for band in bands]
         b = torch.zeros(ff, hidden, dtype=self.wide, device=self.device)
         h_first = torch.zeros(ff, ff, device=self.device)
@@ -139,6 +139,11 @@ FOLD_RUN = 256  # consecutive routed tokens that go to the same fold (neighbouri
 GRAM_BAND = 2048  # rows of H' whose product with a run is formed at once (117 MB at Mixtral 8x7B's 14336)
 RIDGES = (0.01, 0.1, 1.0)  # lambda / mean(diag H') tried; 0.01 is GPTQ's dampening
 RIDGE_ROWS = 512           # rows of down whose held-out error chooses the ridge
+
+
+def _row_bands(n: int) -> list[slice]:
+    """The bands of GRAM_BAND rows an [n, n] sum is built and read in."""
+    return [slice(top, min(top + GRAM_BAND, n)) for top in range(0, n, GRAM_BAND)]
 
 
 @dataclass
@@ -237,8 +242,7 @@ def _held_out_ridge(w: np.ndarray, sums: DownSums) -> float | None:
     q = np.concatenate(candidates)  # [candidates x rows, F]
     # tr(Q H Q^T) of each candidate on the second fold, H a band of rows at a time (it is symmetric)
     quadratic = np.zeros(len(q))
-    for top in range(0, len(h), GRAM_BAND):
-        band = slice(top, top + GRAM_BAND)
+    for band in _row_bands(len(h)):
         quadratic += np.sum((q @ (h[band].astype(np.float64) - h_first[band]).T) * q[:, band], axis=1)
     errors = [float(np.sum(part)) - 2 * float(np.sum(c * b_second.T))
               for part, c in zip(np.split(quadratic, len(candidates)), candidates)]
