@@ -102,7 +102,10 @@ class ExpertHessians:
         h = [torch.zeros(band.stop - band.start, ff, dtype=self.wide, device=self.device) for band in bands]
         b = torch.zeros(ff, hidden, dtype=self.wide, device=self.device)
         h_first = torch.zeros(ff, ff, device=self.device)
-        b_first = torch.zeros(ff, hidden, device=self.device)
+        rows = ridge_rows(hidden)  # the first fold's b only where the ridge's choice reads it
+        if not isinstance(rows, slice):
+            rows = torch.from_numpy(rows).to(self.device)
+        b_first = torch.zeros(ff, hidden if isinstance(rows, slice) else len(rows), device=self.device)
         with torch.no_grad():
             for first in range(0, len(tokens), FOLD_RUN):
                 x = self.inputs(bid)[tokens[first:first + FOLD_RUN]]
@@ -121,7 +124,7 @@ class ExpertHessians:
                 product = z_q.T @ y
                 b.add_(product)
                 if in_first:
-                    b_first.add_(product)
+                    b_first.add_(product[:, rows])
                 del product
         w = expert.down.cpu().numpy()
         del expert, quantized, gate, up   # the fit's sums are what must fit in memory now
@@ -141,6 +144,14 @@ RIDGES = (0.01, 0.1, 1.0)  # lambda / mean(diag H') tried; 0.01 is GPTQ's dampen
 RIDGE_ROWS = 512           # rows of down whose held-out error chooses the ridge
 
 
+def ridge_rows(hidden: int) -> np.ndarray | slice:
+    """The seeded sample of RIDGE_ROWS of down's ``hidden`` rows whose held-out error chooses the ridge (all of
+    them where there are fewer)."""
+    if hidden <= RIDGE_ROWS:
+        return slice(None)
+    return np.sort(np.random.default_rng(0).choice(hidden, RIDGE_ROWS, replace=False))
+
+
 def _row_bands(n: int) -> list[slice]:
     """The bands of GRAM_BAND rows an [n, n] sum is built and read in."""
     return [slice(top, min(top + GRAM_BAND, n)) for top in range(0, n, GRAM_BAND)]
@@ -150,18 +161,19 @@ def _row_bands(n: int) -> list[slice]:
 class DownSums:
     """What fit_down works from: H' [F, F] and b = C^T W^T [F, H] summed over the expert's tokens (float64 sums,
     H' then rounded to the float32 the Hessian keeps), and over the first fold of them (float32; the second
-    fold's are the differences). At Mixtral 8x7B's 14336 inputs they are 0.8 + 0.8 GB of H' and 0.5 + 0.2 GB
-    of b, where both folds' float64 sums were 3.3 + 0.9 GB; fit_down consumes them (it drops them as it
-    goes)."""
+    fold's are the differences), the first fold's b only at the rows of down that choose the ridge
+    (ridge_rows). At Mixtral 8x7B's 14336 inputs they are 0.8 + 0.8 GB of H' and 0.5 + 0.03 GB of b, where
+    both folds' float64 sums were 3.3 + 0.9 GB; fit_down consumes them (it drops them as it goes)."""
     h: np.ndarray | None
     b: np.ndarray | None
     h_first: np.ndarray | None
-    b_first: np.ndarray | None
+    b_first: np.ndarray | None  # [F, rows]: at ridge_rows of down only
 
     @classmethod
     def of_folds(cls, h: list[np.ndarray], b: list[np.ndarray]) -> DownSums:
         """From the two folds' sums."""
-        return cls((h[0] + h[1]).astype(np.float32), b[0] + b[1], h[0].astype(np.float32), b[0].astype(np.float32))
+        return cls((h[0] + h[1]).astype(np.float32), b[0] + b[1], h[0].astype(np.float32),
+                   b[0][:, ridge_rows(b[0].shape[1])].astype(np.float32))
 
 
 @dataclass(frozen=True)
@@ -227,9 +239,8 @@ def _held_out_ridge(w: np.ndarray, sums: DownSums) -> float | None:
     first_trace = float(np.trace(h_first, dtype=np.float64))
     if min(first_trace, float(np.trace(h, dtype=np.float64)) - first_trace) <= 0:
         return None
-    rows = (np.sort(np.random.default_rng(0).choice(len(w), RIDGE_ROWS, replace=False)) if len(w) > RIDGE_ROWS
-            else slice(None))
-    w, b_first = np.asarray(w[rows], dtype=np.float64), sums.b_first[:, rows]
+    rows = ridge_rows(len(w))
+    w, b_first = np.asarray(w[rows], dtype=np.float64), sums.b_first
     b_second = sums.b[:, rows] - b_first
 
     def fit(ridge: float) -> np.ndarray:

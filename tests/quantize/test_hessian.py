@@ -61,6 +61,34 @@ def test_down_target_is_the_ridge_fit_to_the_quantized_gate_and_up_and_lowers_th
     assert fitted < 0.9 * plain
 
 
+def test_down_targets_first_fold_sums_are_kept_at_the_ridges_rows_alone(calibration, tiny_model_dir, monkeypatch):
+    """The first fold's b is summed only at the rows of down that choose the ridge: the same numbers as the
+    whole sum's columns there, and the ridge's choice reads no other."""
+    from mc_gguf.hf.checkpoint import open_checkpoint
+    from mc_gguf.quantize import hessian as hs
+
+    _, stats = calibration
+    ckpt = open_checkpoint(tiny_model_dir)
+    bid, layer = 1, stats.layers[1]
+    xid = int(np.argmax(layer.count))
+    hidden = ckpt.expert_weight(bid, xid, "down").shape[0]
+    q = [quants.dequantize(quants.quantize(ckpt.expert_weight(bid, xid, p), T.Q2_K, None), T.Q2_K, hidden)
+         for p in ("gate", "up")]
+    seen = []
+    monkeypatch.setattr(hs, "fit_down", lambda w, sums: seen.append(sums))
+    monkeypatch.setattr(hs, "RIDGE_ROWS", hidden)
+    hs.ExpertHessians(ckpt, stats).down_target(bid, xid, list(q))
+    monkeypatch.setattr(hs, "RIDGE_ROWS", hidden // 4)
+    hs.ExpertHessians(ckpt, stats).down_target(bid, xid, list(q))
+    whole, sampled = seen
+    rows = hs.ridge_rows(hidden)
+    features = whole.h.shape[0]
+    assert whole.b_first.shape == (features, hidden) and sampled.b_first.shape == (features, hidden // 4)
+    np.testing.assert_array_equal(sampled.b_first, whole.b_first[:, rows])
+    for name in ("h", "b", "h_first"):
+        np.testing.assert_array_equal(getattr(sampled, name), getattr(whole, name))
+
+
 def ridge_problem(tokens: int, distorted: bool, rows: int, seed: int) -> tuple:
     """(W, H' folds, b folds) of a down projection whose inputs z_q differ from z systematically (``distorted``) or
     by noise alone, on two halves of ``tokens``."""
