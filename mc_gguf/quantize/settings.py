@@ -9,7 +9,7 @@ from dataclasses import dataclass
 class TuneSettings:
     """tune.py's coordinate descent after GPTQ."""
 
-    iters: int = 8              # sweeps at most
+    iters: int = 4              # sweeps at most (8 gained nothing measurable over 4 on held-out text)
     min_gain: float = 0.005     # stop when a sweep lowers the loss by less than this share of it
     device: str = "cpu"
     # the descent in float64 instead of float32: 2-3x slower, and converges to the last bit of a local

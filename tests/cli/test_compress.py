@@ -9,6 +9,7 @@ import pytest
 
 from mc_gguf.cli import main
 from mc_gguf.loader.model import load
+from mc_gguf.quantize.settings import TuneSettings
 
 from conftest import CALIBRATION_TEXT, TEST_TYPES
 
@@ -31,7 +32,7 @@ def test_compress_writes_a_file_that_runs_and_inspect_reads_it(tiny_model_dir, t
     assert main(["inspect", str(out), "--json", "--plot", str(tmp_path / "experts.png")]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["expert_bpw"] <= 3.0 and info["mc"]["mc.plan.layout"] == layout
-    assert info["mc"]["mc.quantize.tune_iters"] == (0 if tune else 8)
+    assert info["mc"]["mc.quantize.tune_iters"] == (0 if tune else TuneSettings().iters)
     assert info["mc"]["mc.quantize.gptq"] == (not tune)
     assert len(info["mc"]["mc.odp.mu"]) == 2
     plan = json.loads((keep / "plan.json").read_text())
