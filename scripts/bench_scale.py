@@ -53,6 +53,8 @@ from pathlib import Path
 
 from bench_common import add_output_flags, emit_json
 
+from mc_gguf.quantize.settings import TuneSettings
+
 MIXTRAL_8X7B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
                 "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
                 "vocab_size": 32000, "max_position_embeddings": 32768, "rope_theta": 1e6, "n_layers_full": 32}
@@ -471,7 +473,9 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=2, help="--ray: the local cluster's nodes (default: 2)")
     parser.add_argument("--experts", type=int, help="experts per layer (default: Mixtral's 8; fewer make a "
                         "--ray run shorter at the same expert shapes)")
-    parser.add_argument("--tune-iters", type=int, default=8, help="--ray: quantize's --tune-iters (default: 8)")
+    iters = TuneSettings().iters
+    parser.add_argument("--tune-iters", type=int, default=iters,
+                        help=f"--ray: quantize's --tune-iters (default: {iters}, compress's)")
     parser.add_argument("--ray-stages", nargs="+", choices=["calibrate", "quantize"],
                         default=["calibrate", "quantize"], help="--ray: the stages timed with and without Ray "
                         "(default: both; with both it also models the speed-up)")

@@ -16,7 +16,7 @@ The attention's matrices (``--projections attn_q attn_kv attn_hessians``): q and
 [1024, 4096] (Mixtral's 8 key-value heads) tuned alike on a 4096-input Hessian, and what calibrate --hessian
 adds per layer for them, the two sums of x x^T over 16,384 tokens (calibrate/tensors.py's Gram).
 
-    python scripts/bench_tune.py [--rows 2048] [--types Q2_K IQ2_XS] [--iters 8] [--json t.json]
+    python scripts/bench_tune.py [--rows 2048] [--types Q2_K IQ2_XS] [--iters 4] [--json t.json]
     python scripts/bench_tune.py --quick   (small shapes: checks the script)
 """
 
@@ -192,7 +192,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=0, help="rows of each projection (default 0: all)")
     parser.add_argument("--types", nargs="+", default=["Q2_K", "IQ2_XS"], help="types (default: Q2_K IQ2_XS)")
-    parser.add_argument("--iters", type=int, default=8, help="tuning sweeps at most (default: 8, compress's)")
+    from mc_gguf.quantize.settings import TuneSettings
+
+    iters = TuneSettings().iters
+    parser.add_argument("--iters", type=int, default=iters,
+                        help=f"tuning sweeps at most (default: {iters}, compress's)")
     parser.add_argument("--projections", nargs="+", default=["gate", "down", "down_fit", "error_pass"],
                         choices=["gate", "down", "down_fit", "error_pass", "attn_q", "attn_kv", "attn_hessians"],
                         help="what to time (default: the expert's four; error_pass is calibrate's, per expert, on 2048 "
