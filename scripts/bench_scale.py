@@ -36,6 +36,7 @@ experts (their errors, GPTQ and tuning) spread over the machines.
     python scripts/bench_scale.py --layers 1 2 4 [--tokens 4096 --seq-len 2048] [--json scale.json]
     python scripts/bench_scale.py --ray --layers 1 [--experts 2 --tune-iters 2] [--ray-stages calibrate]
     python scripts/bench_scale.py --defaults --layers 2 4 [--tokens 4096]
+    python scripts/bench_scale.py --calibrate-only --layers 1 2 [--experts 2]   (calibrate against llama-imatrix)
     python scripts/bench_scale.py --quick [--defaults]   (the tiny model's shapes: checks the script works)
 """
 
@@ -209,6 +210,13 @@ def checkpoint_folder(folder: Path, shapes: dict, n_layers: int) -> tuple[Path, 
     return folder, folder / "model"
 
 
+def imatrix_command(tools: Path, f16: Path, text: Path, folder: Path, args) -> list[str]:
+    """llama-imatrix on the F16 file and the calibration tokens, writing folder/imatrix.gguf."""
+    return [str(tools / "llama-imatrix"), "-m", str(f16), "-f", str(text), "-o", str(folder / "imatrix.gguf"),
+            "--output-format", "gguf", "-c", str(args.seq_len), "--chunks", str(max(1, args.tokens // args.seq_len)),
+            "-t", str(os.cpu_count() or 1)]
+
+
 def run_layers(n_layers: int, shapes: dict, args, work: Path, text: Path, eval_text: Path) -> dict:
     from mc_gguf.runtime.source import BuildFlags, patched_source
     from mc_gguf.runtime.stock import stock_tools_dir
@@ -221,13 +229,23 @@ def run_layers(n_layers: int, shapes: dict, args, work: Path, text: Path, eval_t
     threads = str(os.cpu_count() or 1)
     f16, stats, plan = folder / "f16.gguf", folder / "stats.safetensors", folder / "plan.json"
     out = folder / f"mc-{args.bits}.gguf"
-    chunks = max(1, args.tokens // args.seq_len)
     calib = ["--tokens", str(args.tokens), "--seq-len", str(args.seq_len)]
     types = ["--types", *args.types] if args.types else []
     print(f"{n_layers} layer(s):", file=sys.stderr, flush=True)
     rows = {}
     rows["mc convert"] = measure("mc-gguf convert", [mc, "convert", str(model), "-o", str(f16), "--type", "f16",
                                                       "-q"], log)
+    if args.calibrate_only:  # calibrate's target alone: its statistics against llama-imatrix's, same F16 and tokens
+        rows["mc calibrate"] = measure("mc-gguf calibrate", [mc, "calibrate", str(model), "--text", str(text),
+                                                              *calib, *types, "-o", str(stats), "-q"], log)
+        rows["llama-imatrix"] = measure("llama-imatrix", imatrix_command(tools, f16, text, folder, args), log)
+        for path in (f16, stats, folder / "imatrix.gguf"):
+            path.unlink(missing_ok=True)
+        if not args.keep_models:
+            import shutil
+
+            shutil.rmtree(model)
+        return {"stages": rows}
     rows["llama convert"] = measure("convert_hf_to_gguf.py", [
         sys.executable, str(llama_src / "convert_hf_to_gguf.py"), str(model), "--outtype", "f16",
         "--outfile", str(folder / "llama-f16.gguf")], log, env={"PYTHONPATH": str(llama_src / "gguf-py")})
@@ -253,9 +271,7 @@ def run_layers(n_layers: int, shapes: dict, args, work: Path, text: Path, eval_t
                                                             "--calib", str(text), *calib, *types, "-o",
                                                             str(folder / "compressed.gguf"), "-q"], log)
     imatrix = folder / "imatrix.gguf"
-    rows["llama-imatrix"] = measure("llama-imatrix", [
-        str(tools / "llama-imatrix"), "-m", str(f16), "-f", str(text), "-o", str(imatrix), "--output-format", "gguf",
-        "-c", str(args.seq_len), "--chunks", str(chunks), "-t", threads], log)
+    rows["llama-imatrix"] = measure("llama-imatrix", imatrix_command(tools, f16, text, folder, args), log)
     rows["llama-quantize"] = measure(f"llama-quantize {args.llama_type}", [
         str(tools / "llama-quantize"), "--imatrix", str(imatrix), str(f16), str(folder / "llama.gguf"),
         args.llama_type, threads], log)
@@ -280,7 +296,6 @@ def run_defaults(n_layers: int, shapes: dict, args, work: Path, text: Path) -> d
     tools = stock_tools_dir()
     threads = str(os.cpu_count() or 1)
     f16 = folder / "f16.gguf"
-    chunks = max(1, args.tokens // args.seq_len)
     print(f"{n_layers} layer(s), compress's defaults:", file=sys.stderr, flush=True)
     rows = {"mc convert": measure("mc-gguf convert", [mc, "convert", str(model), "-o", str(f16), "--type", "f16",
                                                        "-q"], log)}
@@ -296,9 +311,7 @@ def run_defaults(n_layers: int, shapes: dict, args, work: Path, text: Path) -> d
                                            "peak_stack": traced["peak_stack"][:6],
                                            "peak_anon_gib_by_function": traced["peak_anon_gib_by_function"]}
     imatrix = folder / "imatrix.gguf"
-    rows["llama-imatrix"] = measure("llama-imatrix", [
-        str(tools / "llama-imatrix"), "-m", str(f16), "-f", str(text), "-o", str(imatrix), "--output-format", "gguf",
-        "-c", str(args.seq_len), "--chunks", str(chunks), "-t", threads], log)
+    rows["llama-imatrix"] = measure("llama-imatrix", imatrix_command(tools, f16, text, folder, args), log)
     for llama_type in ("IQ2_XS", "IQ2_S"):
         rows[f"llama-quantize {llama_type}"] = measure(f"llama-quantize {llama_type}", [
             str(tools / "llama-quantize"), "--imatrix", str(imatrix), str(f16), str(folder / "llama.gguf"),
@@ -439,6 +452,8 @@ def defaults_report(runs: dict, n_full: int) -> dict:
 
 def ratios(stages: dict) -> dict:
     s = {k: v["seconds"] for k, v in stages.items()}
+    if "llama-quantize" not in s:  # --calibrate-only
+        return {"calibrate_over_imatrix": round(s["mc calibrate"] / s["llama-imatrix"], 3)}
     mc = s["mc calibrate"] + s["mc allocate"] + s["mc quantize"]
     llama = s["llama-imatrix"] + s["llama-quantize"]
     return {"calibrate+allocate+quantize_over_imatrix+quantize": round(mc / llama, 3),
@@ -459,6 +474,9 @@ def main() -> int:
     parser.add_argument("--llama-type", default="IQ2_XS",
                         help="llama-quantize's type, the stock type nearest the budget (default: IQ2_XS)")
     parser.add_argument("--ctx", type=int, default=512, help="eval window (default: 512, 2 windows)")
+    parser.add_argument("--calibrate-only", action="store_true",
+                        help="time only `mc-gguf calibrate` against llama-imatrix (the F16 file made first; "
+                        "calibrate's per-layer target)")
     parser.add_argument("--compress", action="store_true", help="also time `mc-gguf compress` (the three stages again)")
     parser.add_argument("--defaults", action="store_true",
                         help="time `mc-gguf compress --bits B` with its defaults (tuning, every type) against "
@@ -539,6 +557,9 @@ def main() -> int:
     else:
         per_layer = {k: v["seconds"] / largest for k, v in runs[largest]["stages"].items()}
     report["seconds_per_layer"] = {k: round(v, 1) for k, v in per_layer.items()}
+    if "llama-imatrix" in per_layer:  # None where imatrix's added layer is lost in the noise (tiny shapes)
+        report["calibrate_over_imatrix_per_layer"] = (round(per_layer["mc calibrate"] / per_layer["llama-imatrix"], 3)
+                                                      if per_layer["llama-imatrix"] > 0 else None)
     report["hours_for_32_layers"] = {k: round(v * shapes["n_layers_full"] / 3600, 2) for k, v in per_layer.items()}
     report["peak_rss_gib_max"] = {k: max(r["stages"][k]["peak_rss_gib"] for r in runs.values())
                                   for k in runs[largest]["stages"]}

@@ -156,6 +156,17 @@ def test_bench_scale_defaults_quick(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.bench
+def test_bench_scale_calibrate_only_quick(tmp_path):
+    report = run_plain_script("bench_scale.py", tmp_path, "--calibrate-only")
+    for run in report["runs"].values():
+        assert set(run["stages"]) == {"mc convert", "mc calibrate", "llama-imatrix"}
+        assert run["ratios"]["calibrate_over_imatrix"] > 0
+    ratio = report["calibrate_over_imatrix_per_layer"]   # None where imatrix's added tiny layer took no time
+    assert ratio is None or ratio > 0
+
+
+@pytest.mark.slow
 def test_bench_tune_quick(tmp_path):
     report = run_plain_script("bench_tune.py", tmp_path, workdir=False)
     for projection in ("gate", "down"):
