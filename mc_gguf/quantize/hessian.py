@@ -102,10 +102,8 @@ class ExpertHessians:
         h = [torch.zeros(band.stop - band.start, ff, dtype=self.wide, device=self.device) for band in bands]
         b = torch.zeros(ff, hidden, dtype=self.wide, device=self.device)
         h_first = torch.zeros(ff, ff, device=self.device)
-        rows = ridge_rows(hidden)  # the first fold's b only where the ridge's choice reads it
-        if not isinstance(rows, slice):
-            rows = torch.from_numpy(rows).to(self.device)
-        b_first = torch.zeros(ff, hidden if isinstance(rows, slice) else len(rows), device=self.device)
+        rows = torch.from_numpy(ridge_rows(hidden)).to(self.device)  # the first fold's b only where the ridge reads it
+        b_first = torch.zeros(ff, len(rows), device=self.device)
         with torch.no_grad():
             for first in range(0, len(tokens), FOLD_RUN):
                 x = self.inputs(bid)[tokens[first:first + FOLD_RUN]]
@@ -144,11 +142,11 @@ RIDGES = (0.01, 0.1, 1.0)  # lambda / mean(diag H') tried; 0.01 is GPTQ's dampen
 RIDGE_ROWS = 512           # rows of down whose held-out error chooses the ridge
 
 
-def ridge_rows(hidden: int) -> np.ndarray | slice:
+def ridge_rows(hidden: int) -> np.ndarray:
     """The seeded sample of RIDGE_ROWS of down's ``hidden`` rows whose held-out error chooses the ridge (all of
-    them where there are fewer)."""
+    them where there are fewer), in order."""
     if hidden <= RIDGE_ROWS:
-        return slice(None)
+        return np.arange(hidden)
     return np.sort(np.random.default_rng(0).choice(hidden, RIDGE_ROWS, replace=False))
 
 
