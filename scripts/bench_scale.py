@@ -46,6 +46,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -210,6 +211,14 @@ def checkpoint_folder(folder: Path, shapes: dict, n_layers: int) -> tuple[Path, 
     return folder, folder / "model"
 
 
+def discard(paths, model: Path, args) -> None:
+    """A run's files gone, and its checkpoint unless --keep-models."""
+    for path in paths:
+        path.unlink(missing_ok=True)
+    if not args.keep_models:
+        shutil.rmtree(model)
+
+
 def imatrix_command(tools: Path, f16: Path, text: Path, folder: Path, args) -> list[str]:
     """llama-imatrix on the F16 file and the calibration tokens, writing folder/imatrix.gguf."""
     return [str(tools / "llama-imatrix"), "-m", str(f16), "-f", str(text), "-o", str(folder / "imatrix.gguf"),
@@ -235,23 +244,16 @@ def run_layers(n_layers: int, shapes: dict, args, work: Path, text: Path, eval_t
     rows = {}
     rows["mc convert"] = measure("mc-gguf convert", [mc, "convert", str(model), "-o", str(f16), "--type", "f16",
                                                       "-q"], log)
+    rows["mc calibrate"] = measure("mc-gguf calibrate", [mc, "calibrate", str(model), "--text", str(text), *calib,
+                                                          *types, "-o", str(stats), "-q"], log)
     if args.calibrate_only:  # calibrate's target alone: its statistics against llama-imatrix's, same F16 and tokens
-        rows["mc calibrate"] = measure("mc-gguf calibrate", [mc, "calibrate", str(model), "--text", str(text),
-                                                              *calib, *types, "-o", str(stats), "-q"], log)
         rows["llama-imatrix"] = measure("llama-imatrix", imatrix_command(tools, f16, text, folder, args), log)
-        for path in (f16, stats, folder / "imatrix.gguf"):
-            path.unlink(missing_ok=True)
-        if not args.keep_models:
-            import shutil
-
-            shutil.rmtree(model)
+        discard((f16, stats, folder / "imatrix.gguf"), model, args)
         return {"stages": rows}
     rows["llama convert"] = measure("convert_hf_to_gguf.py", [
         sys.executable, str(llama_src / "convert_hf_to_gguf.py"), str(model), "--outtype", "f16",
         "--outfile", str(folder / "llama-f16.gguf")], log, env={"PYTHONPATH": str(llama_src / "gguf-py")})
     (folder / "llama-f16.gguf").unlink()
-    rows["mc calibrate"] = measure("mc-gguf calibrate", [mc, "calibrate", str(model), "--text", str(text), *calib,
-                                                          *types, "-o", str(stats), "-q"], log)
     rows["mc allocate"] = measure("mc-gguf allocate", [mc, "allocate", str(stats), "--bits", str(args.bits),
                                                         "--model", str(model), "-o", str(plan)], log)
     rows["mc quantize"] = measure("mc-gguf quantize", [mc, "quantize", str(model), "--plan", str(plan),
@@ -276,12 +278,7 @@ def run_layers(n_layers: int, shapes: dict, args, work: Path, text: Path, eval_t
         str(tools / "llama-quantize"), "--imatrix", str(imatrix), str(f16), str(folder / "llama.gguf"),
         args.llama_type, threads], log)
     sizes = {"mc_gguf_mb": out.stat().st_size / 1e6, "llama_mb": (folder / "llama.gguf").stat().st_size / 1e6}
-    for path in (f16, out, folder / "llama.gguf", folder / "odp.gguf", folder / "compressed.gguf", imatrix):
-        path.unlink(missing_ok=True)
-    if not args.keep_models:
-        import shutil
-
-        shutil.rmtree(model)
+    discard((f16, out, folder / "llama.gguf", folder / "odp.gguf", folder / "compressed.gguf", imatrix), model, args)
     return {"stages": rows, "files": sizes, **({"calibrate_killed_and_resumed": resume} if resume else {})}
 
 
@@ -317,12 +314,7 @@ def run_defaults(n_layers: int, shapes: dict, args, work: Path, text: Path) -> d
             str(tools / "llama-quantize"), "--imatrix", str(imatrix), str(f16), str(folder / "llama.gguf"),
             llama_type, threads], log)
     sizes = {"mc_gguf_mb": (folder / "compressed.gguf").stat().st_size / 1e6}
-    for path in (f16, folder / "compressed.gguf", folder / "llama.gguf", imatrix):
-        path.unlink(missing_ok=True)
-    if not args.keep_models:
-        import shutil
-
-        shutil.rmtree(model)
+    discard((f16, folder / "compressed.gguf", folder / "llama.gguf", imatrix), model, args)
     return {"stages": rows, "files": sizes}
 
 
@@ -334,8 +326,6 @@ def in_own_namespaces() -> None:
     interface, and there the loopback is the only one; every process the script starts ends with it, and Ray's
     files in /tmp/ray with its mounts."""
     if os.environ.get("MC_GGUF_BENCH_NAMESPACES") != "1":
-        import shutil
-
         if shutil.which("unshare") is None:
             raise SystemExit("--ray starts a local Ray cluster in a network namespace of its own: it needs unshare")
         os.execvpe("unshare", ["unshare", "--net", "--pid", "--fork", "--mount-proc", sys.executable, *sys.argv],
