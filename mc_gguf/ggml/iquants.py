@@ -70,6 +70,133 @@ FORMATS: dict[str, IFormat] = {f.name: f for f in (
 )}
 
 
+GROUP = 8  # the weights one lattice code stands for (a grid point of IQ1_S, IQ2_XXS, IQ2_XS)
+
+
+def _ksigns() -> np.ndarray:
+    """ggml's ksigns_iq2xs [128, 8] as +-1: sign index i stands for its 7 bits and an 8th that makes the
+    number of minus signs even."""
+    i = np.arange(128)
+    bits = (i[:, None] >> np.arange(7)) & 1
+    mask = np.concatenate([bits, bits.sum(1, keepdims=True) & 1], axis=1)
+    return np.where(mask == 1, -1.0, 1.0).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Lattice:
+    """Where an i-quant keeps its lattice codes, each group of GROUP weights one point of ggml's grid
+    (gguf-py's tables of iq2xxs_grid, iq2xs_grid, iq1s_grid): for IQ2_XXS and IQ2_XS a grid index of
+    magnitudes (8, 25, 43) and a sign index into ksigns_iq2xs; for IQ1_S an 11-bit index of values in
+    {-1, 0, 1}, to which the sub-block's delta (+-IQ1S_DELTA, its own bit) is added. ``v`` below is what
+    unpack reads: a group's grid values times its signs, or plus its delta."""
+    name: str
+    signed: bool
+
+    @property
+    def grid(self) -> np.ndarray:
+        return _grid(self.name)
+
+    def points(self, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(grid index, sign index or delta) [..., groups] of the values ``v`` [..., groups * GROUP]."""
+        v = np.asarray(v, dtype=np.float64).reshape(*v.shape[:-1], -1, GROUP)
+        if self.signed:
+            magnitude, minus = np.abs(v), v < 0
+            if np.any(minus.sum(-1) % 2):
+                raise ValueError(f"{self.name}: a group with an odd number of minus signs (ksigns_iq2xs has none)")
+            other = (minus[..., :7] * (1 << np.arange(7))).sum(-1)
+        else:
+            magnitude = np.rint(v)
+            other = (v - magnitude).mean(-1)
+        index = _grid_index(self.name)
+        keys = _keys(magnitude)
+        found = np.searchsorted(index[0], keys)
+        found = np.minimum(found, len(index[0]) - 1)
+        if not np.array_equal(index[0][found], keys):
+            raise ValueError(f"{self.name}: values that are no point of ggml's grid")
+        return index[1][found], other
+
+    def families(self, v):
+        """The points a group can move to in one step, as families (P [K, GROUP], m [rows, GROUP] or None,
+        o [rows] or None) of the points P_k * m + o (m None: 1; o None: 0), for the groups ``v`` [rows, GROUP]
+        (torch): any grid point with the group's signs (or delta) kept, and, for signed grids, the group's
+        magnitudes with any of the 128 sign patterns."""
+        import torch
+
+        grid, signs = self.tables(v.dtype, v.device)
+        if not self.signed:
+            return [(grid, None, (v - torch.round(v)).mean(-1))]
+        return [(grid, torch.sign(v), None), (signs, torch.abs(v), None)]
+
+    def tables(self, dtype, device):
+        """(the grid, ksigns_iq2xs as +-1) as torch tensors, made once per dtype and device."""
+        import torch
+
+        key = (self.name, dtype, device)
+        if key not in _TABLES:
+            _TABLES[key] = (torch.as_tensor(self.grid, dtype=dtype, device=device),
+                            torch.as_tensor(_ksigns(), dtype=dtype, device=device))
+        return _TABLES[key]
+
+    def write(self, data: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """``data`` [n, type_size] with the codes of the values ``v`` [n, 256] written in, every other bit kept:
+        the layouts of ggml-common.h's block_iq2_xs, block_iq2_xxs and block_iq1_s, as ggml-quants.c's
+        dequantize_row_iq2_xs, _iq2_xxs and _iq1_s read them."""
+        out = data.copy()
+        index, other = self.points(v)           # [n, 32] each
+        if self.name == "IQ2_XS":                # qs[32] uint16 after d: grid index | sign index << 9
+            qs = (index | (other << 9)).astype(np.uint16)
+            out[:, 2:66] = qs.view(np.uint8).reshape(len(out), 64)
+        elif self.name == "IQ2_XXS":             # per sub-block of 32: 4 grid bytes, then 4 x 7 sign bits | ls << 28
+            for ib in range(8):
+                at = 2 + 8 * ib
+                out[:, at:at + 4] = index[:, 4 * ib:4 * ib + 4].astype(np.uint8)
+                word = out[:, at + 4:at + 8].copy().view(np.uint32).reshape(-1)
+                signs = sum(other[:, 4 * ib + k].astype(np.uint32) << np.uint32(7 * k) for k in range(4))
+                word = (word & np.uint32(0xF0000000)) | signs
+                out[:, at + 4:at + 8] = word.view(np.uint8).reshape(len(out), 4)
+        else:                                    # IQ1_S: qs[32] the low 8 bits; qh[ib] bits 3k..3k+2 the high 3
+            out[:, 2:34] = (index & 0xFF).astype(np.uint8)
+            qh = out[:, 34:50].copy().view(np.uint16).reshape(len(out), 8).astype(np.uint32)
+            stored = np.where(qh & 0x8000, -1.0, 1.0)[:, :, None] * np.abs(other).reshape(len(out), 8, 4)
+            if not np.allclose(other.reshape(len(out), 8, 4), stored):
+                raise ValueError("IQ1_S: a delta other than its sub-block's (the delta's bit is not moved)")
+            high = (index >> 8).reshape(len(out), 8, 4)
+            qh = (qh & 0xF000) | sum(high[:, :, k].astype(np.uint32) << (3 * k) for k in range(4))
+            out[:, 34:50] = qh.astype(np.uint16).view(np.uint8).reshape(len(out), 16)
+        return out
+
+
+_TABLES: dict = {}
+LATTICES = {name: Lattice(name, signed) for name, signed in (("IQ2_XXS", True), ("IQ2_XS", True),
+                                                                 ("IQ1_S", False))}
+
+
+def _grid(name: str) -> np.ndarray:
+    import gguf.quants
+
+    table = getattr(gguf.quants, name)
+    table.init_grid()
+    return np.asarray(table.grid, dtype=np.float32).reshape(-1, GROUP)
+
+
+def _keys(points: np.ndarray) -> np.ndarray:
+    """One integer per group of GROUP small integers (the grid's values), for a sorted lookup."""
+    digits = np.rint(points).astype(np.int64) + 1          # -1..43 -> 0..44
+    return (digits * (64 ** np.arange(GROUP))).sum(-1)
+
+
+_INDEX: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _grid_index(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted keys, the grid index of each) of ``name``'s grid."""
+    if name not in _INDEX:
+        keys = _keys(_grid(name))
+        order = np.argsort(keys)
+        _INDEX[name] = keys[order], order
+    return _INDEX[name]
+
+
 @dataclass
 class IBlocks:
     """The scales of ``n`` super-blocks of one i-quant type, with what their codes stand for."""
@@ -131,5 +258,10 @@ def unpack(data: np.ndarray, name: str) -> IBlocks:
 
 
 def pack(blocks: IBlocks) -> np.ndarray:
-    """ggml's bytes [n, type_size] of ``blocks``: their codes' bytes with ``d`` and ``ls`` written in."""
-    return _write(blocks.data, blocks.fmt, blocks.d, blocks.ls)
+    """ggml's bytes [n, type_size] of ``blocks``: their codes' bytes with ``d`` and ``ls`` written in, and, for
+    a lattice type, the codes of ``v`` (where the tuning moved them)."""
+    data = blocks.data
+    lattice = LATTICES.get(blocks.fmt.name)
+    if lattice is not None:
+        data = lattice.write(data, blocks.v)
+    return _write(data, blocks.fmt, blocks.d, blocks.ls)

@@ -15,3 +15,6 @@ class TuneSettings:
     # the descent in float64 instead of float32: 2-3x slower, and converges to the last bit of a local
     # optimum (the brute-force tests use it)
     exact: bool = False
+    # IQ1_S, IQ2_XXS and IQ2_XS: move each group of 8 weights to another point of ggml's grid too, not only
+    # the scales (tune.py's _lattice_codes)
+    lattice: bool = True

@@ -37,10 +37,17 @@ tests check. Sweeps repeat until one lowers the
 loss by less than ``min_gain`` of it. The integers are packed back by kquants.pack, so ggml dequantizes the
 file's bytes to exactly the weights whose loss was minimised.
 
-The i-quants (IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ4_XS; ggml/iquants.py) keep
-the codes ggml's lattice search chose for GPTQ's columns, and the same
+The i-quants (IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ4_XS; ggml/iquants.py) start
+from the codes ggml's lattice search chose for GPTQ's columns, and the same
 descent moves their fp16 ``d`` and integer sub-block scales (tune_scales).
-Other types (IQ1_M, Q8_0, the 32-block fallbacks) keep GPTQ's result.
+In IQ1_S, IQ2_XXS and IQ2_XS, whose codes are points of a grid, one per group
+of 8 weights, it moves the points too (``TuneSettings.lattice``): each group
+to the best of every grid point with its signs (IQ1_S: its delta) kept and,
+for the signed grids, every sign pattern of its magnitudes, scored on the
+exact loss (_lattice_codes). ggml's search picks the grid point nearest each
+group on the importance matrix's diagonal alone; the descent sees the
+correlations between inputs, as GPTQ does. Other types (IQ3_XXS's and
+IQ4_XS's codes, IQ1_M, Q8_0, the 32-block fallbacks) keep GPTQ's codes.
 """
 
 from __future__ import annotations
@@ -111,19 +118,24 @@ class _IView:
     q: np.ndarray
     dmin: None = None
     mins: None = None
+    lattice: iquants.Lattice | None = None   # where the codes can move too (q = a v, v a group's grid point)
+    a: float = 1.0
 
 
 def tune_scales(weights: np.ndarray, hessian: np.ndarray, blocks: IBlocks,
                 settings: TuneSettings = TuneSettings()) -> IBlocks:
-    """An i-quant's ``d`` and sub-block scales moved by coordinate descent on ``hessian``, its codes (ggml's
-    search, after GPTQ) kept: w = (d * a (ls + c)) * v is K-quant-like with scale ls + c and q = a v."""
+    """An i-quant's ``d`` and sub-block scales moved by coordinate descent on ``hessian``, and, for a lattice
+    type (iquants.LATTICES, with ``settings.lattice``), its groups' grid points; other types keep their codes
+    (ggml's search, after GPTQ): w = (d * a (ls + c)) * v is K-quant-like with scale ls + c and q = a v."""
     f = blocks.fmt
+    lattice = iquants.LATTICES.get(f.name) if settings.lattice else None
     view = _IView(_IScales(f.sub_block, f.n_sub, f.c, f.scale_max + f.c), blocks.d,
-                  blocks.ls.astype(np.float64) + f.c, f.a * blocks.v.astype(np.float64))
+                  blocks.ls.astype(np.float64) + f.c, f.a * blocks.v.astype(np.float64), lattice=lattice, a=f.a)
     state = _Descent(weights, hessian, view, torch.device(settings.device), settings.exact)
-    _descend(state, settings, codes=False)
+    _descend(state, settings, codes=lattice is not None)
     ls = np.rint(state.scales.cpu().numpy() - f.c).astype(np.int32).reshape(-1, f.n_sub)
-    return replace(blocks, d=state.d.cpu().numpy().astype(np.float32).reshape(-1), ls=ls)
+    v = blocks.v if lattice is None else (state.q.cpu().numpy() / f.a).astype(np.float32).reshape(blocks.v.shape)
+    return replace(blocks, d=state.d.cpu().numpy().astype(np.float32).reshape(-1), ls=ls, v=v)
 
 
 def _descend(state: _Descent, settings: TuneSettings, codes: bool) -> None:
@@ -158,6 +170,7 @@ class _Descent:
         self.q = tensor(blocks.q, cols)
         self.dmin = tensor(blocks.dmin, n_super) if f.has_min else None
         self.mins = tensor(blocks.mins, n_super * f.n_sub) if f.has_min else None
+        self.lattice, self.a = getattr(blocks, "lattice", None), getattr(blocks, "a", 1.0)
         self.refresh()
 
     def _per_weight(self, per_sub: torch.Tensor) -> torch.Tensor:
@@ -198,7 +211,7 @@ class _Descent:
             self._super_scales(frame, b)
             self._sub_scales(frame, b)
             if codes:
-                self._codes(frame, b)
+                (self._codes if self.lattice is None else self._lattice_codes)(frame, b)
             frame.close()
 
     def _super_scales(self, frame: _Frame, b: int) -> None:
@@ -274,6 +287,50 @@ class _Descent:
         self.q[:, frame.cols] += moves.T
         frame.apply(steps.T)
 
+    def _lattice_codes(self, frame: _Frame, b: int) -> None:
+        """Each of the super-block's groups of 8 weights to the best of the points its lattice lets it move to
+        (iquants.Lattice.families: another grid point with the same signs or delta, or, for signed grids,
+        other signs), group by group, each move changing g on the frame. A group lies in one sub-block, so
+        its Q is u * c (u = d * scale, c = a * v, one of the points a * (P_k * m + o)), and the gain of moving
+        c to c' is 2 u (c' - c) . g - u^2 (c' - c) H (c' - c)^T, H the group's block of the Hessian. For every
+        point p = P_k * m + o of a family at once, p . y is (m * y) P^T + o sum y and p H p^T is
+        (m m^T * H) (P (x) P)^T + 2 o (m * H 1) P^T + o^2 1 H 1: products of [rows, 64] and [64, K] at most.
+        A row moves to its best point where the gain is positive."""
+        f, group, a = self.fmt, iquants.GROUP, self.a
+        subs = slice(b * f.n_sub, (b + 1) * f.n_sub)
+        unit = self._per_weight(self.d[:, b:b + 1] * self.scales[:, subs])   # [rows, 256]
+        for first in range(0, QK_K, group):
+            inner = slice(first, first + group)
+            cols = slice(frame.cols.start + first, frame.cols.start + first + group)
+            h = frame.h[inner, inner]
+            q = self.q[:, cols]                     # c [rows, 8]
+            u = unit[:, first:first + 1]
+            hq = q @ h
+            # the gain of c' is F(c') - F(c), F(c') = 2 u c' . (g + u H c) - u^2 c' H c'^T; with c' = a p,
+            # F = p . y - quadratic p H p^T
+            y = 2 * a * u * (frame.g[:, inner] + u * hq)
+            quadratic = (u * a) ** 2
+            best_gain = torch.sum(q * y, -1, keepdim=True) / a - (u * u) * torch.sum(q * hq, -1, keepdim=True)
+            best = q
+            for points, m, o in self.lattice.families(q / a):
+                pairs = (points[:, :, None] * points[:, None, :]).reshape(len(points), -1)   # P (x) P [K, 64]
+                if m is None:   # c' = a (P_k + o): the same P_k H P_k^T and P_k H 1 for every row
+                    gain = y @ points.T - quadratic * (pairs @ h.reshape(-1))
+                    if o is not None:
+                        gain += o[:, None] * (y.sum(-1, keepdim=True) - quadratic * 2 * (h.sum(0) @ points.T))
+                        gain -= quadratic * (o * o)[:, None] * h.sum()
+                else:           # c' = a P_k * m (o is 0)
+                    gain = (m * y) @ points.T - quadratic * (((m[:, :, None] * m[:, None, :]) * h).reshape(len(q), -1)
+                                                             @ pairs.T)
+                top, index = gain.max(-1, keepdim=True)
+                point = a * (points[index[:, 0]] * (1 if m is None else m) + (0 if o is None else o[:, None]))
+                better = top > best_gain
+                best_gain = torch.where(better, top, best_gain)
+                best = torch.where(better, point, best)
+            step = u * (best - q)
+            self.q[:, cols] = best
+            frame.apply_cols(step, inner)
+
     def blocks(self) -> KBlocks:
         f = self.fmt
 
@@ -304,6 +361,11 @@ class _Frame:
         """Q moves by ``delta`` [rows, 256] on the frame's columns; ``moved`` is delta H where the caller has it."""
         self.delta += delta
         self.g -= delta @ self.h if moved is None else moved
+
+    def apply_cols(self, delta: torch.Tensor, inner: slice) -> None:
+        """Q moves by ``delta`` [rows, width] on the frame's columns ``inner`` alone."""
+        self.delta[:, inner] += delta
+        self.g -= delta @ self.h[inner, :]
 
     def close(self) -> None:
         """e and g everywhere take the frame's moves: g outside the frame by the one large product, g inside it

@@ -1,7 +1,10 @@
 """How much tuning lowers each type's error: the ratios allocate scales the calibration's errors by.
 
 The calibration measured every type's error with ggml's quantizer alone; tuning (tune.py) lowers the
-K-quants' errors several times, the i-quants' (whose codes it keeps) less. ``tuned_error_ratios`` draws
+K-quants' errors several times, the i-quants' less. The i-quants are measured with their scales tuned alone
+(``TuneSettings.lattice`` off): quantize moves the grid points of IQ1_S, IQ2_XXS and IQ2_XS too, which lowers
+their errors further, but priced at that the program handed their bytes to the output head and attention in
+whole files, and the bench model's file at IQ2_S's size came out 1.5x worse (README, "Whole files at a size"). ``tuned_error_ratios`` draws
 ``sample`` experts (seeded) across the layers and ``rows`` rows of each of their projections (a row's loss
 depends on that row alone, so a sample of rows estimates the matrix's ratio at a fraction of the cost: 128 of
 Mixtral 8x7B's 14336), quantizes them both ways to every tunable type and sums the loss on the projection's
@@ -13,7 +16,7 @@ shared by every type and by gate and up (gptq.Hessian): at Mixtral's shapes the 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +88,7 @@ def tuned_error_ratios(model_dir: str | Path, stats: CalibrationStats, types: li
     """{type: tuned loss / ggml's loss} for the tunable ``types``, on ``sample`` experts' ``rows`` rows (the module
     docstring); types tuning does not open get no entry (1). ``ray``: a Ray cluster's address, whose workers
     measure an expert each (cluster.py; the same ratios, summed in the same order)."""
+    settings = replace(settings, lattice=False)   # the module's docstring says why
     ckpt = open_checkpoint(model_dir)
     hidden, ff = ckpt.expert_dims
     names = [q.name for q in (quant_type(t) for t in types) if tunable(q.qtype, hidden) and tunable(q.qtype, ff)]

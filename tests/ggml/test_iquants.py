@@ -54,3 +54,43 @@ def test_ggml_bytes_round_trip_and_new_scales_evaluate_as_ggml(weights, name):
             for bit in range(field.shift, field.shift + field.width):
                 scale_bits[field.offset * 8 + 7 - bit] = True  # unpackbits is most significant first
     assert changed[:, ~scale_bits].sum() == 0 and changed[:, scale_bits].sum() > 0
+
+
+@pytest.mark.parametrize("name", tuple(iquants.LATTICES))
+def test_moved_lattice_codes_pack_to_what_ggml_dequantizes(weights, name):
+    """Groups moved to other points of the grid (iquants.Lattice.families) are written into ggml's bytes: ggml
+    dequantizes them to exactly values(blocks), unpack reads the same points back, and the bits of d and the
+    scales are untouched."""
+    import torch
+
+    w, imatrix = weights
+    qtype = quant_type(name).qtype
+    data = quantize(w, qtype, imatrix)
+    blocks = iquants.unpack(data, name)
+    lattice = iquants.LATTICES[name]
+    rng = np.random.default_rng(5)
+    v = blocks.v.copy()
+    for block in range(len(v)):
+        for first in range(0, 256, iquants.GROUP):
+            group = slice(first, first + iquants.GROUP)
+            points, m, o = lattice.families(torch.from_numpy(v[block, group].astype(np.float64))[None])[
+                rng.integers(2 if lattice.signed else 1)]
+            k = rng.integers(len(points))
+            v[block, group] = (points[k] * (1 if m is None else m[0]) + (0 if o is None else o[0])).numpy()
+    assert np.mean(v != blocks.v) > 0.3
+    blocks.v = v.astype(np.float32)
+    packed = iquants.pack(blocks)
+    np.testing.assert_array_equal(iquants.values(blocks).reshape(w.shape), dequantize(packed, qtype, w.shape[1]))
+    again = iquants.unpack(packed, name)
+    np.testing.assert_array_equal(again.v, blocks.v)
+    np.testing.assert_array_equal(again.ls, blocks.ls)
+    np.testing.assert_array_equal(again.d, blocks.d)
+
+
+@pytest.mark.parametrize("name", tuple(iquants.LATTICES))
+def test_values_off_the_grid_are_refused(weights, name):
+    w, imatrix = weights
+    blocks = iquants.unpack(quantize(w, quant_type(name).qtype, imatrix), name)
+    blocks.v[0, :8] = 7.0
+    with pytest.raises(ValueError, match="no point of ggml's grid"):
+        iquants.pack(blocks)

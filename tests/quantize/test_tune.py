@@ -95,18 +95,55 @@ def test_types_tuning_does_not_open_keep_gptq(layer):
 
 
 @pytest.mark.parametrize("name", I_TYPES)
-def test_iquant_tuning_moves_only_the_scales_and_lowers_the_loss_of_gptq(layer, name):
-    """The tuned bytes are GPTQ's codes with a new fp16 d and sub-block scales written in, and their loss
-    (from ggml's dequantization) is below GPTQ's and ggml's alone."""
+def test_iquant_scale_tuning_moves_only_the_scales_and_lowers_the_loss_of_gptq(layer, name):
+    """Without the lattice moves, the tuned bytes are GPTQ's codes with a new fp16 d and sub-block scales
+    written in, and their loss (from ggml's dequantization) is below GPTQ's and ggml's alone."""
     w, hessian, imatrix = layer
     qtype = T[name]
     gptq = gptq_quantize(w, hessian, qtype, imatrix)
-    tuned = tune_quantize(w, hessian, qtype, imatrix)
+    tuned = tune_quantize(w, hessian, qtype, imatrix, TuneSettings(lattice=False))
     opened = iquants.unpack(tuned, name)
     np.testing.assert_array_equal(
         iquants.pack(replace(iquants.unpack(gptq, name), d=opened.d, ls=opened.ls)).reshape(tuned.shape), tuned)
     assert loss(w, hessian, tuned, qtype) < loss(w, hessian, gptq, qtype)
     assert loss(w, hessian, tuned, qtype) < 0.8 * loss(w, hessian, quants.quantize(w, qtype, imatrix), qtype)
+
+
+@pytest.mark.parametrize("name", tuple(iquants.LATTICES))
+def test_lattice_tuning_lowers_the_loss_below_scale_tuning(layer, name):
+    """Moving the grid points too (compress's default) ends below the scales alone, scored from ggml's
+    dequantization of the bytes written, and every group is still a point of ggml's grid (unpack reads it)."""
+    w, hessian, imatrix = layer
+    qtype = T[name]
+    scales_only = tune_quantize(w, hessian, qtype, imatrix, TuneSettings(lattice=False))
+    tuned = tune_quantize(w, hessian, qtype, imatrix)
+    assert loss(w, hessian, tuned, qtype) < 0.95 * loss(w, hessian, scales_only, qtype)
+    iquants.LATTICES[name].points(iquants.unpack(tuned, name).v)
+
+
+@pytest.mark.parametrize("name", tuple(iquants.LATTICES))
+def test_converged_lattice_codes_are_a_local_optimum_by_brute_force(layer, name):
+    """No group of 8 weights moved to any point its lattice offers (every grid point with its signs or delta,
+    every sign pattern), tried in float64 on the tuned weights, lowers the loss of converged tuning."""
+    w, hessian, imatrix = layer
+    w, hessian, imatrix = w[:3, :256], hessian[:256, :256], imatrix[:256]
+    qtype, lattice = T[name], iquants.LATTICES[name]
+    tuned = iquants.unpack(tune_quantize(w, hessian, qtype, imatrix,
+                                         TuneSettings(iters=200, min_gain=0.0, exact=True)), name)
+    h = damped(hessian)
+    step = np.repeat(tuned.d.astype(np.float64)[:, None] * tuned.fmt.multiplier(tuned.ls.astype(np.float64)),
+                     tuned.fmt.sub_block, axis=1)                    # [rows, 256]: each weight's d * m(ls)
+    for row in range(len(w)):
+        e = w[row].astype(np.float64) - step[row] * tuned.v[row]
+        best = e @ h @ e
+        for first in range(0, 256, iquants.GROUP):
+            group = slice(first, first + iquants.GROUP)
+            families = lattice.families(torch.from_numpy(tuned.v[row, group].astype(np.float64))[None])
+            points = torch.cat([p * (1 if m is None else m[0]) + (0 if o is None else o[0]) for p, m, o in
+                                (tuple(t.double() if t is not None else None for t in f) for f in families)])
+            moved = np.repeat(e[None], len(points), axis=0)
+            moved[:, group] = w[row, group] - step[row, group] * points.numpy()
+            assert np.min(np.einsum("kc,cd,kd->k", moved, h, moved)) >= best * (1 - 1e-9), (row, first)
 
 
 @pytest.mark.parametrize("name", ["IQ2_XXS", "IQ1_S", "IQ4_XS"])
