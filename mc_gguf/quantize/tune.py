@@ -41,7 +41,7 @@ The i-quants (IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ4_XS; ggml/iquants.py) start
 from the codes ggml's lattice search chose for GPTQ's columns, and the same
 descent moves their fp16 ``d`` and integer sub-block scales (tune_scales).
 In IQ1_S, IQ2_XXS and IQ2_XS, whose codes are points of a grid, one per group
-of 8 weights, it moves the points too (``TuneSettings.lattice``): each group
+of 8 weights, ``TuneSettings.lattice`` (--tune-lattice) moves the points too: each group
 to the best of every grid point with its signs (IQ1_S: its delta) kept and,
 for the signed grids, every sign pattern of its magnitudes, scored on the
 exact loss (_lattice_codes). ggml's search picks the grid point nearest each

@@ -2,9 +2,10 @@
 
 The calibration measured every type's error with ggml's quantizer alone; tuning (tune.py) lowers the
 K-quants' errors several times, the i-quants' less. The i-quants are measured with their scales tuned alone
-(``TuneSettings.lattice`` off): quantize moves the grid points of IQ1_S, IQ2_XXS and IQ2_XS too, which lowers
-their errors further, but priced at that the program handed their bytes to the output head and attention in
-whole files, and the bench model's file at IQ2_S's size came out 1.5x worse (README, "Whole files at a size"). ``tuned_error_ratios`` draws
+(``TuneSettings.lattice`` off) even where quantize moves the grid points of IQ1_S, IQ2_XXS and IQ2_XS too
+(--tune-lattice), which lowers their errors further: priced at that, the program handed their bytes to the
+output head and attention in whole files, and the bench model's file at IQ2_S's size came out 1.5x worse
+(README, "Whole files at a size"). ``tuned_error_ratios`` draws
 ``sample`` experts (seeded) across the layers and ``rows`` rows of each of their projections (a row's loss
 depends on that row alone, so a sample of rows estimates the matrix's ratio at a fraction of the cost: 128 of
 Mixtral 8x7B's 14336), quantizes them both ways to every tunable type and sums the loss on the projection's

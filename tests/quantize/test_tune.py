@@ -96,12 +96,12 @@ def test_types_tuning_does_not_open_keep_gptq(layer):
 
 @pytest.mark.parametrize("name", I_TYPES)
 def test_iquant_scale_tuning_moves_only_the_scales_and_lowers_the_loss_of_gptq(layer, name):
-    """Without the lattice moves, the tuned bytes are GPTQ's codes with a new fp16 d and sub-block scales
-    written in, and their loss (from ggml's dequantization) is below GPTQ's and ggml's alone."""
+    """Without the lattice moves (the default), the tuned bytes are GPTQ's codes with a new fp16 d and sub-block
+    scales written in, and their loss (from ggml's dequantization) is below GPTQ's and ggml's alone."""
     w, hessian, imatrix = layer
     qtype = T[name]
     gptq = gptq_quantize(w, hessian, qtype, imatrix)
-    tuned = tune_quantize(w, hessian, qtype, imatrix, TuneSettings(lattice=False))
+    tuned = tune_quantize(w, hessian, qtype, imatrix)
     opened = iquants.unpack(tuned, name)
     np.testing.assert_array_equal(
         iquants.pack(replace(iquants.unpack(gptq, name), d=opened.d, ls=opened.ls)).reshape(tuned.shape), tuned)
@@ -111,12 +111,13 @@ def test_iquant_scale_tuning_moves_only_the_scales_and_lowers_the_loss_of_gptq(l
 
 @pytest.mark.parametrize("name", tuple(iquants.LATTICES))
 def test_lattice_tuning_lowers_the_loss_below_scale_tuning(layer, name):
-    """Moving the grid points too (compress's default) ends below the scales alone, scored from ggml's
-    dequantization of the bytes written, and every group is still a point of ggml's grid (unpack reads it)."""
+    """Moving the grid points too (--tune-lattice) ends below the scales alone (the default), scored from
+    ggml's dequantization of the bytes written, and every group is still a point of ggml's grid (unpack reads
+    it)."""
     w, hessian, imatrix = layer
     qtype = T[name]
-    scales_only = tune_quantize(w, hessian, qtype, imatrix, TuneSettings(lattice=False))
-    tuned = tune_quantize(w, hessian, qtype, imatrix)
+    scales_only = tune_quantize(w, hessian, qtype, imatrix)
+    tuned = tune_quantize(w, hessian, qtype, imatrix, TuneSettings(lattice=True))
     assert loss(w, hessian, tuned, qtype) < 0.95 * loss(w, hessian, scales_only, qtype)
     iquants.LATTICES[name].points(iquants.unpack(tuned, name).v)
 
@@ -129,7 +130,7 @@ def test_converged_lattice_codes_are_a_local_optimum_by_brute_force(layer, name)
     w, hessian, imatrix = w[:3, :256], hessian[:256, :256], imatrix[:256]
     qtype, lattice = T[name], iquants.LATTICES[name]
     tuned = iquants.unpack(tune_quantize(w, hessian, qtype, imatrix,
-                                         TuneSettings(iters=200, min_gain=0.0, exact=True)), name)
+                                         TuneSettings(iters=200, min_gain=0.0, exact=True, lattice=True)), name)
     h = damped(hessian)
     step = np.repeat(tuned.d.astype(np.float64)[:, None] * tuned.fmt.multiplier(tuned.ls.astype(np.float64)),
                      tuned.fmt.sub_block, axis=1)                    # [rows, 256]: each weight's d * m(ls)
@@ -174,6 +175,8 @@ def test_cli_defaults_are_tune_settings():
 
     args = build_parser().parse_args(["quantize", "m", "--plan", "p", "-o", "o", "--tune"])
     assert tune_settings(args) == TuneSettings()
+    args = build_parser().parse_args(["quantize", "m", "--plan", "p", "-o", "o", "--tune", "--tune-lattice"])
+    assert tune_settings(args) == TuneSettings(lattice=True)
 
 
 @pytest.fixture(scope="module")
