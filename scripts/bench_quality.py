@@ -31,7 +31,8 @@ top-1 agreement, skipped share of expert slots. The answer to "at equal size,
 how much better than llama.cpp's best?" is each mc-gguf row's KLD over the
 KLD of llama.cpp's Pareto front interpolated at the same file size (and of
 AutoRound's, with --autoround).
-Prints one JSON object; --json and --png write it and the Pareto plots.
+Prints one JSON object; --json and --png write it and the Pareto plots (with --whole-file, one plot: KLD
+against file size, the two families' fronts).
 
 ``--whole-file`` measures the whole-file frontier instead: llama.cpp's
 recipes with imatrix (WHOLE_FILE_RECIPES, IQ2_XXS to Q4_K_M), and mc-gguf
@@ -129,8 +130,8 @@ def mc_gguf_files(model: str, stats, work: Path, args) -> list[dict]:
     from mc_gguf.quantize.tuned_errors import tuned_error_ratios
 
     configs = []
-    tune = TuneSettings() if stats.has_hessian else None
-    if tune is not None:
+    tune = TuneSettings()
+    if stats.has_hessian:   # the same ratios with or without the grid points moved (tuned_errors.py)
         started = time.perf_counter()
         ratios = tuned_error_ratios(model, stats, list(stats.types), settings=tune, progress=False)
         ratio_seconds = time.perf_counter() - started
@@ -140,12 +141,15 @@ def mc_gguf_files(model: str, stats, work: Path, args) -> list[dict]:
             variants = [("", plan, False, None, None)]
             if layout == "per-expert" and stats.has_hessian:
                 variants.append((" gptq", plan, True, None, None))
-                for suffix, per_projection in ((" tune", False), (" tune per-projection", True)):
+                for suffix, per_projection, settings in (
+                        (" tune", False, tune), (" tune per-projection", True, tune),
+                        (" tune per-projection lattice", True, replace(tune, lattice=True))):
                     tuned_plan = allocate(stats, bits, model_dir=model, layout=layout, non_expert=Q8_NON_EXPERT,
                                           error_scale=ratios, per_projection=per_projection, **COMPRESS_COST)
-                    variants.append((suffix, tuned_plan, True, tune, None))
+                    variants.append((suffix, tuned_plan, True, settings, None))
             if layout == "per-expert" and bits == args.bits[0]:
                 variants += [(f" odp {skip:.0%}", plan, False, None, skip) for skip in ODP_SKIPS]
+            variants = [v for v in variants if MC_VARIANTS[v[0]] in args.variants]
             for suffix, p, gptq, t, skip in variants:
                 name = f"mc-gguf {layout} {bits}{suffix}"
                 odp = odp_from_stats(stats, skip) if skip else None
@@ -157,11 +161,17 @@ def mc_gguf_files(model: str, stats, work: Path, args) -> list[dict]:
                 if t is not None:  # as compress does, a tuned file's time includes measuring the tuned errors
                     seconds += ratio_seconds
                 configs.append({"name": name, "family": "mc-gguf", "path": path, "bits": bits, "layout": layout,
-                                "gptq": gptq, "tune": t is not None, "odp_target_skip": skip,
+                                "gptq": gptq, "tune": t is not None, "lattice": t is not None and t.lattice,
+                                "odp_target_skip": skip,
                                 "quantize_s": round(seconds, 1),
                                 # what `compress` takes: the calibration (with the Hessians' inputs) and this
                                 "compress_s": round(seconds + args.calibrate_s, 1) if args.calibrate_s else None})
     return configs
+
+
+# the --variants of mc-gguf's files in the expert frontier, by the name's suffix ("default": compress's)
+MC_VARIANTS = {"": "ggml", " gptq": "gptq", " tune": "tune", " tune per-projection": "default",
+               " tune per-projection lattice": "lattice", **{f" odp {skip:.0%}": "odp" for skip in ODP_SKIPS}}
 
 
 def whole_files(model: str, stats, work: Path, llama: list[dict], args) -> list[dict]:
@@ -271,6 +281,35 @@ def plot(rows: list[dict], png: Path, title: str) -> None:
     fig.savefig(png, dpi=110)
 
 
+def plot_whole_file(rows: list[dict], png: Path, title: str) -> None:
+    """The whole-file frontier: KLD against file size, llama.cpp's recipes and mc-gguf's files, each family's
+    Pareto front drawn through its points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for family, label, color, marker in (("llama.cpp recipe", "llama.cpp recipe + imatrix", "tab:gray", "s"),
+                                         ("mc-gguf", "mc-gguf compress --size", "tab:red", "^")):
+        members = [r for r in rows if r["family"] == family]
+        front = pareto_front(members, "file_mb", "kld_mean")
+        ax.plot([r["file_mb"] for r in front], [r["kld_mean"] for r in front], color=color, alpha=0.6)
+        ax.scatter([r["file_mb"] for r in members], [r["kld_mean"] for r in members], color=color, marker=marker,
+                   label=label, zorder=3)
+        for r in members:
+            short = r["name"].removeprefix("llama.cpp ") if family != "mc-gguf" else f"{r['file_mb']:.2f} MB"
+            ax.annotate(short, (r["file_mb"], r["kld_mean"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xlabel("file size (MB)")
+    ax.set_ylabel("mean KL divergence from F16")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
 def quick_inputs(work: Path) -> tuple[str, Path, Path]:
     """A tiny seeded model and two halves of mc-gguf's default calibration text."""
     from mc_gguf.calibrate.text import default_text
@@ -300,6 +339,12 @@ def main() -> int:
     add_output_flags(parser, "build/bench-quality", "where the GGUF files go (reused)",
                      quick_help="tiny model, two of each kind: checks the script")
     parser.add_argument("--png", help="write the Pareto plots here")
+    parser.add_argument("--variants", nargs="+", default=["ggml", "gptq", "tune", "default", "odp"],
+                        choices=sorted(set(MC_VARIANTS.values())), metavar="VARIANT",
+                        help="mc-gguf's files in the expert frontier: ggml (imatrix alone, and the stock layout), "
+                        "gptq, tune (one type per expert), default (compress's: tuned, a type per projection), "
+                        "lattice (the same with --tune-lattice: the i-quants' grid points moved too), odp (the first "
+                        "budget with pruning) (default: all but lattice)")
     parser.add_argument("--whole-file", action="store_true",
                         help="the whole-file frontier: llama.cpp's recipes IQ2_XXS to Q4_K_M with imatrix, and "
                         "mc-gguf at the sizes of the --at recipes' files with each set of non-expert types")
@@ -398,7 +443,10 @@ def main() -> int:
                   [r for r in compared if r["family"] in LLAMA_FAMILIES], "file_mb", "kld_mean")],
               "seconds": round(time.perf_counter() - started, 1)}
     emit_json(report, args.json, indent=1)
-    if args.png:
+    if args.png and args.whole_file:
+        plot_whole_file(compared, Path(args.png), f"whole files: KL divergence from F16 on {args.windows} windows "
+                        f"of {args.ctx} tokens of {Path(args.eval).name}")
+    elif args.png:
         plot(compared, Path(args.png), f"{args.model}: {args.windows} windows of {args.ctx} tokens of {args.eval}, KLD vs F16")
     return 0
 

@@ -91,6 +91,35 @@ def test_bench_quality_quick(tmp_path):
     assert rows["mc-gguf per-expert 2.5"]["skipped_share"] == 0
 
 
+@pytest.mark.slow
+@pytest.mark.bench
+def test_bench_quality_whole_file_quick(tmp_path):
+    report = run_script("bench_quality.py", tmp_path, "--whole-file", "--sets", "chosen", "chosen untuned")
+    rows = {r["name"]: r for r in report["rows"]}
+    recipe = rows["llama.cpp Q4_K_M"]
+    made = [r for r in rows.values() if r["family"] == "mc-gguf"]
+    assert {r["non_expert"] for r in made} == {"chosen", "chosen untuned"}
+    for row in made:
+        # compress --size: the file written is at most the recipe's bytes, and is scored against it
+        assert row["size_of"] == "llama.cpp Q4_K_M" and row["file_mb"] <= recipe["file_mb"]
+        assert row["kld_over_that_recipe"] == pytest.approx(row["kld_mean"] / recipe["kld_mean"])
+        assert 0 < row["kld_mean"] and math.isfinite(row["ppl"])
+
+
+@pytest.mark.slow
+@pytest.mark.bench
+def test_bench_block_objective_quick(tmp_path):
+    report = run_plain_script("bench_block_objective.py", tmp_path)
+    # the per-row descent, handed every row the same Hessian, moves exactly as tune.py's
+    assert report["row_descent_bytes_differing"] == 0.0
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert set(rows) == {"projection", "projection, sampled", "expert output, per row", "expert output, shared"}
+    assert rows["projection"]["eval_change"] == 0.0
+    for row in rows.values():
+        assert row["eval_kld"] > 0 and math.isfinite(row["eval_change"])
+        assert row["file_mb"] == rows["projection"]["file_mb"]   # the same plan: the same types and bytes
+
+
 def run_plain_script(name: str, tmp_path: Path, *extra: str, workdir: bool = True) -> dict:
     out = tmp_path / "report.json"
     where = ["--workdir", str(tmp_path / "work")] if workdir else []
