@@ -215,6 +215,9 @@ def tune_settings(args: argparse.Namespace):
 
     torch_device(args.device)
     if not args.tune:
+        if args.tune_lattice:
+            raise InvalidValueError("--tune-lattice moves what the tuning tunes, and the tuning is off here "
+                                    "(compress --no-tune, or quantize without --tune)")
         return None
     return TuneSettings(iters=args.tune_iters, device=args.device, lattice=args.tune_lattice)
 

@@ -172,11 +172,15 @@ def test_converged_iquant_scales_are_a_local_optimum_by_brute_force(layer, name)
 def test_cli_defaults_are_tune_settings():
     from mc_gguf.cli import build_parser
     from mc_gguf.cli.common import tune_settings
+    from mc_gguf.errors import InvalidValueError
 
     args = build_parser().parse_args(["quantize", "m", "--plan", "p", "-o", "o", "--tune"])
     assert tune_settings(args) == TuneSettings()
     args = build_parser().parse_args(["quantize", "m", "--plan", "p", "-o", "o", "--tune", "--tune-lattice"])
     assert tune_settings(args) == TuneSettings(lattice=True)
+    args = build_parser().parse_args(["quantize", "m", "--plan", "p", "-o", "o", "--tune-lattice"])
+    with pytest.raises(InvalidValueError, match="--tune-lattice"):
+        tune_settings(args)
 
 
 @pytest.fixture(scope="module")
