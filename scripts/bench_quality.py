@@ -141,12 +141,13 @@ def mc_gguf_files(model: str, stats, work: Path, args) -> list[dict]:
             variants = [("", plan, False, None, None)]
             if layout == "per-expert" and stats.has_hessian:
                 variants.append((" gptq", plan, True, None, None))
-                for suffix, per_projection, settings in (
-                        (" tune", False, tune), (" tune per-projection", True, tune),
-                        (" tune per-projection lattice", True, replace(tune, lattice=True))):
-                    tuned_plan = allocate(stats, bits, model_dir=model, layout=layout, non_expert=Q8_NON_EXPERT,
-                                          error_scale=ratios, per_projection=per_projection, **COMPRESS_COST)
-                    variants.append((suffix, tuned_plan, True, settings, None))
+                tuned = {per_projection: allocate(stats, bits, model_dir=model, layout=layout,
+                                                  non_expert=Q8_NON_EXPERT, error_scale=ratios,
+                                                  per_projection=per_projection, **COMPRESS_COST)
+                         for per_projection in (False, True)}
+                variants += [(" tune", tuned[False], True, tune, None),
+                             (" tune per-projection", tuned[True], True, tune, None),
+                             (" tune per-projection lattice", tuned[True], True, replace(tune, lattice=True), None)]
             if layout == "per-expert" and bits == args.bits[0]:
                 variants += [(f" odp {skip:.0%}", plan, False, None, skip) for skip in ODP_SKIPS]
             variants = [v for v in variants if MC_VARIANTS[v[0]] in args.variants]

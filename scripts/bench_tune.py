@@ -72,7 +72,7 @@ def bench_projection(name: str, rows: int, cols: int, full_rows: int, types: lis
         _, tune_s = timed(lambda q=qtype: tune.tune_quantize(weights, h, q, imatrix, tune.TuneSettings(iters=iters)))
         # tune_quantize includes its GPTQ start and, in a version without a shared Hessian, its factor
         report["types"][t] = {"gptq_s": gptq_s, "tune_quantize_s": tune_s}
-        if "lattice" in tune.TuneSettings.__dataclass_fields__ and t in ("IQ1_S", "IQ2_XXS", "IQ2_XS"):
+        if t in getattr(tune.iquants, "LATTICES", ()):   # a version whose tuning can move the grid points
             # the same with the grid points moved too (--tune-lattice)
             _, report["types"][t]["tune_quantize_lattice_s"] = timed(lambda q=qtype: tune.tune_quantize(
                 weights, h, q, imatrix, tune.TuneSettings(iters=iters, lattice=True)))

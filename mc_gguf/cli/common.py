@@ -170,7 +170,7 @@ def add_tune_flags(p: argparse.ArgumentParser, default: bool = False) -> None:
     add_tune_iters_flag(p)
     p.add_argument("--tune-lattice", action="store_true",
                    help="also move the grid points of the IQ1_S, IQ2_XXS and IQ2_XS tensors, not only their scales: "
-                   "on the bench model 12-19%% lower KL divergence at 2.06-2.25 expert bits, but 2.4-7.7x those types' "
+                   "on the bench model 12-19%% lower KL divergence at 2.06-2.25 expert bits, but 1.9-5.1x those types' "
                    "tuning time (at Mixtral 8x7B's shapes, minutes more per expert on a CPU)")
     add_device_flag(p, "the tuning")
 

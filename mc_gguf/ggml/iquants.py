@@ -96,6 +96,11 @@ class Lattice:
     def grid(self) -> np.ndarray:
         return _grid(self.name)
 
+    @property
+    def a(self) -> float:
+        """The type's a in m(ls) = a * (ls + c): the tuning's codes are q = a v."""
+        return FORMATS[self.name].a
+
     def points(self, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(grid index, sign index or delta) [..., groups] of the values ``v`` [..., groups * GROUP]."""
         v = np.asarray(v, dtype=np.float64).reshape(*v.shape[:-1], -1, GROUP)
@@ -116,25 +121,29 @@ class Lattice:
         return index[1][found], other
 
     def families(self, v):
-        """The points a group can move to in one step, as families (P [K, GROUP], m [rows, GROUP] or None,
-        o [rows] or None) of the points P_k * m + o (m None: 1; o None: 0), for the groups ``v`` [rows, GROUP]
-        (torch): any grid point with the group's signs (or delta) kept, and, for signed grids, the group's
-        magnitudes with any of the 128 sign patterns."""
+        """The points a group can move to in one step, as families (P [K, GROUP], P (x) P [K, GROUP^2],
+        m [rows, GROUP] or None, o [rows] or None) of the points P_k * m + o (m None: 1; o None: 0), for the
+        groups ``v`` [rows, GROUP] (torch): any grid point with the group's signs (or delta) kept, and, for
+        signed grids, the group's magnitudes with any of the 128 sign patterns."""
         import torch
 
         grid, signs = self.tables(v.dtype, v.device)
         if not self.signed:
-            return [(grid, None, (v - torch.round(v)).mean(-1))]
-        return [(grid, torch.sign(v), None), (signs, torch.abs(v), None)]
+            return [(*grid, None, (v - torch.round(v)).mean(-1))]
+        return [(*grid, torch.sign(v), None), (*signs, torch.abs(v), None)]
 
     def tables(self, dtype, device):
-        """(the grid, ksigns_iq2xs as +-1) as torch tensors, made once per dtype and device."""
+        """((the grid, its products P (x) P), (ksigns_iq2xs as +-1, theirs)) as torch tensors, made once per
+        dtype and device."""
         import torch
 
         key = (self.name, dtype, device)
         if key not in _TABLES:
-            _TABLES[key] = (torch.as_tensor(self.grid, dtype=dtype, device=device),
-                            torch.as_tensor(_ksigns(), dtype=dtype, device=device))
+            def with_pairs(points: np.ndarray) -> tuple:
+                t = torch.as_tensor(points, dtype=dtype, device=device)
+                return t, (t[:, :, None] * t[:, None, :]).reshape(len(t), -1)
+
+            _TABLES[key] = (with_pairs(self.grid), with_pairs(_ksigns()))
         return _TABLES[key]
 
     def write(self, data: np.ndarray, v: np.ndarray) -> np.ndarray:

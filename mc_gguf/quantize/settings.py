@@ -17,5 +17,5 @@ class TuneSettings:
     exact: bool = False
     # IQ1_S, IQ2_XXS and IQ2_XS: move each group of 8 weights to another point of ggml's grid too, not only
     # the scales (tune.py's _lattice_codes; --tune-lattice): 12-19% lower KLD at 2.06-2.25 expert bits on the
-    # bench model, at 2.4-7.7x those types' tuning time at Mixtral's shapes, so not by default
+    # bench model, at 1.9-5.1x those types' tuning time at Mixtral's shapes, so not by default
     lattice: bool = False

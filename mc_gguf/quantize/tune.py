@@ -118,8 +118,6 @@ class _IView:
     q: np.ndarray
     dmin: None = None
     mins: None = None
-    lattice: iquants.Lattice | None = None   # where the codes can move too (q = a v, v a group's grid point)
-    a: float = 1.0
 
 
 def tune_scales(weights: np.ndarray, hessian: np.ndarray, blocks: IBlocks,
@@ -130,8 +128,8 @@ def tune_scales(weights: np.ndarray, hessian: np.ndarray, blocks: IBlocks,
     f = blocks.fmt
     lattice = iquants.LATTICES.get(f.name) if settings.lattice else None
     view = _IView(_IScales(f.sub_block, f.n_sub, f.c, f.scale_max + f.c), blocks.d,
-                  blocks.ls.astype(np.float64) + f.c, f.a * blocks.v.astype(np.float64), lattice=lattice, a=f.a)
-    state = _Descent(weights, hessian, view, torch.device(settings.device), settings.exact)
+                  blocks.ls.astype(np.float64) + f.c, f.a * blocks.v.astype(np.float64))
+    state = _Descent(weights, hessian, view, torch.device(settings.device), settings.exact, lattice)
     _descend(state, settings, codes=lattice is not None)
     ls = np.rint(state.scales.cpu().numpy() - f.c).astype(np.int32).reshape(-1, f.n_sub)
     v = blocks.v if lattice is None else (state.q.cpu().numpy() / f.a).astype(np.float32).reshape(blocks.v.shape)
@@ -154,7 +152,7 @@ class _Descent:
     float32 (float64 when ``exact``, where the device has it)."""
 
     def __init__(self, weights: np.ndarray, hessian: np.ndarray, blocks: KBlocks, device: torch.device,
-                 exact: bool = False):
+                 exact: bool = False, lattice: iquants.Lattice | None = None):
         f = self.fmt = blocks.fmt
         rows, cols = weights.shape
         dtype = torch.float64 if exact and device.type != "mps" else torch.float32
@@ -170,7 +168,7 @@ class _Descent:
         self.q = tensor(blocks.q, cols)
         self.dmin = tensor(blocks.dmin, n_super) if f.has_min else None
         self.mins = tensor(blocks.mins, n_super * f.n_sub) if f.has_min else None
-        self.lattice, self.a = getattr(blocks, "lattice", None), getattr(blocks, "a", 1.0)
+        self.lattice = lattice   # an i-quant whose grid points move too (q = a v, v a group's point)
         self.refresh()
 
     def _per_weight(self, per_sub: torch.Tensor) -> torch.Tensor:
@@ -296,7 +294,7 @@ class _Descent:
         point p = P_k * m + o of a family at once, p . y is (m * y) P^T + o sum y and p H p^T is
         (m m^T * H) (P (x) P)^T + 2 o (m * H 1) P^T + o^2 1 H 1: products of [rows, 64] and [64, K] at most.
         A row moves to its best point where the gain is positive."""
-        f, group, a = self.fmt, iquants.GROUP, self.a
+        f, group, a = self.fmt, iquants.GROUP, self.lattice.a
         subs = slice(b * f.n_sub, (b + 1) * f.n_sub)
         unit = self._per_weight(self.d[:, b:b + 1] * self.scales[:, subs])   # [rows, 256]
         for first in range(0, QK_K, group):
@@ -312,8 +310,7 @@ class _Descent:
             quadratic = (u * a) ** 2
             best_gain = torch.sum(q * y, -1, keepdim=True) / a - (u * u) * torch.sum(q * hq, -1, keepdim=True)
             best = q
-            for points, m, o in self.lattice.families(q / a):
-                pairs = (points[:, :, None] * points[:, None, :]).reshape(len(points), -1)   # P (x) P [K, 64]
+            for points, pairs, m, o in self.lattice.families(q / a):   # pairs: P (x) P [K, 64]
                 if m is None:   # c' = a (P_k + o): the same P_k H P_k^T and P_k H 1 for every row
                     gain = y @ points.T - quadratic * (pairs @ h.reshape(-1))
                     if o is not None:

@@ -73,7 +73,7 @@ def test_moved_lattice_codes_pack_to_what_ggml_dequantizes(weights, name):
     for block in range(len(v)):
         for first in range(0, 256, iquants.GROUP):
             group = slice(first, first + iquants.GROUP)
-            points, m, o = lattice.families(torch.from_numpy(v[block, group].astype(np.float64))[None])[
+            points, _, m, o = lattice.families(torch.from_numpy(v[block, group].astype(np.float64))[None])[
                 rng.integers(2 if lattice.signed else 1)]
             k = rng.integers(len(points))
             v[block, group] = (points[k] * (1 if m is None else m[0]) + (0 if o is None else o[0])).numpy()

@@ -140,7 +140,7 @@ def test_converged_lattice_codes_are_a_local_optimum_by_brute_force(layer, name)
         for first in range(0, 256, iquants.GROUP):
             group = slice(first, first + iquants.GROUP)
             families = lattice.families(torch.from_numpy(tuned.v[row, group].astype(np.float64))[None])
-            points = torch.cat([p * (1 if m is None else m[0]) + (0 if o is None else o[0]) for p, m, o in
+            points = torch.cat([p * (1 if m is None else m[0]) + (0 if o is None else o[0]) for p, _, m, o in
                                 (tuple(t.double() if t is not None else None for t in f) for f in families)])
             moved = np.repeat(e[None], len(points), axis=0)
             moved[:, group] = w[row, group] - step[row, group] * points.numpy()
