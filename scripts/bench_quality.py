@@ -69,12 +69,16 @@ Q8_NON_EXPERT = {"token_embd": "Q8_0", "output": "Q8_0", "attn": "Q8_0"}
 ODP_SKIPS = (0.15, 0.25)
 LLAMA_FAMILIES = ("llama.cpp recipe", "llama.cpp experts")
 AUTOROUND_SCHEMES = ("gguf:q2_k_s", "gguf:q3_k_s")
+FISHER_TOKENS = 4096  # what the statistics made here measure the Fisher information on ("chosen fisher")
 WHOLE_FILE_RECIPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M")
 # the non-expert tensors' types mc-gguf's whole files are made with (the types the writer holds for them)
 # ("chosen": none fixed, the program chooses every other tensor's type from its measured errors, compress's default;
-# "chosen untuned": the same without the other tensors' Hessians, so that ggml's quantizer alone quantizes them)
+# "chosen untuned": the same without the other tensors' Hessians, so that ggml's quantizer alone quantizes them;
+# "chosen fisher": the program with every error weighted by the Fisher information where it lands (calibrate
+# --fisher-tokens; the statistics made here measure it on FISHER_TOKENS, the other files are made without it)
 NON_EXPERT_SETS = {"chosen": {},
                    "chosen untuned": {},
+                   "chosen fisher": {},
                    "Q8_0": Q8_NON_EXPERT,
                    "Q6_K": {"token_embd": "Q6_K", "output": "Q6_K", "attn": "Q6_K"},
                    "Q4_K": {"token_embd": "Q4_K", "output": "Q6_K", "attn": "Q4_K"}}
@@ -189,7 +193,9 @@ def whole_files(model: str, stats, work: Path, llama: list[dict], args) -> list[
     started = time.perf_counter()
     ratios = tuned_error_ratios(model, stats, list(stats.types), settings=tune, progress=False)
     ratio_seconds = time.perf_counter() - started
-    untuned = replace(stats, tensors={name: replace(t, hessian=None) for name, t in stats.tensors.items()})
+    variants = {"chosen untuned": replace(stats, tensors={name: replace(t, hessian=None)
+                                                          for name, t in stats.tensors.items()}),
+                "chosen fisher": args.fisher_stats}
     configs = []
     for row in llama:
         recipe = row["name"].removeprefix("llama.cpp ")
@@ -198,7 +204,7 @@ def whole_files(model: str, stats, work: Path, llama: list[dict], args) -> list[
         size = row["path"].stat().st_size
         for label in args.sets:
             name = f"mc-gguf file {recipe} size non-expert {label}"
-            used = untuned if label == "chosen untuned" else stats
+            used = variants.get(label, stats)
             try:
                 plan = allocate(used, size=size, model_dir=model, non_expert=NON_EXPERT_SETS[label],
                                 error_scale=ratios, per_projection=True, **COMPRESS_COST)
@@ -373,7 +379,7 @@ def main() -> int:
     started = time.perf_counter()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    settings = CalibrationSettings(hessian=True)
+    settings = CalibrationSettings(hessian=True, fisher_tokens=FISHER_TOKENS)
     if args.quick:
         args.model, args.calib, args.eval = quick_inputs(work)
         args.ctx, args.windows, args.imatrix_chunks, args.bits = 64, 2, 8, [2.5]
@@ -382,7 +388,7 @@ def main() -> int:
             args.recipes, args.expert_types, args.at = ("Q2_K", "Q4_K_M"), (), ["Q4_K_M"]
         args.autoround_schemes, args.autoround_iters = AUTOROUND_SCHEMES[:1], 2
         args.autoround_extra = ["--nsamples", "8", "--seqlen", "64", "--batch-size", "4"]
-        settings = CalibrationSettings(n_tokens=2048, seq_len=128, eps_tokens=1024, hessian=True,
+        settings = CalibrationSettings(n_tokens=2048, seq_len=128, eps_tokens=1024, hessian=True, fisher_tokens=256,
                                        types=("IQ2_XS", "Q2_K", "Q3_K", "Q4_K"))
     tools = stock_tools_dir()
     f16 = produce(work / "f16.gguf", lambda tmp: convert(args.model, tmp, "f16", progress=False))
@@ -397,6 +403,7 @@ def main() -> int:
             stats = calibrate(args.model, stats_path, read_text(args.calib), settings, progress=False)
             args.calibrate_s = time.perf_counter() - calibrating
 
+    args.fisher_stats, stats = stats, replace(stats, fisher=None)  # compress's default weighs no error by it
     configs = [{"name": "F16", "family": "reference", "path": f16}]
     llama = llama_cpp_files(tools, f16, Path(args.calib), work, args)
     configs += llama

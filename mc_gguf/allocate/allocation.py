@@ -7,7 +7,9 @@ Steps, each a function below:
    with a whole-model budget, ``_tensor_choices``: one per other tensor the
    calibration measured (attention, token_embd, output; calibrate/tensors.py)
    at the tensor types, its cost its error^gamma (phi = w = 1: every token
-   reads it), unless --tensor-type fixes its class;
+   reads it), unless --tensor-type fixes its class; every error weighted by
+   how much the output feels a change where it is measured (the
+   statistics' Fisher information, calibrate/fisher.py);
 2. ``_expert_budget``: the budget in bits per weight of the choices (a whole-model
    budget has the other tensors' fixed bytes taken off first; a file
    size, ``_fit_size``, the header's too, solving until the file fits);
@@ -113,6 +115,7 @@ def allocate(stats: CalibrationStats, bits: float | None = None, *, size: int | 
     inputs = {"stats": stats_path, "model": str(ckpt.path.resolve()), "text": stats.info.get("text"),
               "text_sha256": stats.info.get("text_sha256"), "n_tokens": stats.info.get("n_tokens"),
               "types": types, **exponents, "error_scale": dict(error_scale or {}),
+              "fisher": stats.fisher is not None,
               "cost": float(problem.cost[np.arange(len(choice)), choice].sum()), "mc_gguf_version": __version__}
     budget_info = {"bits": bits, "scope": scope, "per_layer": per_layer, "per_projection": per_projection,
                    "max_types": max_types, **({"size": size} if size is not None else {})}
@@ -131,7 +134,8 @@ def _choices(stats: CalibrationStats, ckpt: Checkpoint, types: list[str], layout
     for bid, layer in stats.moe_layers:
         for part, (row, projections) in enumerate(parts):
             tensor = bid * len(parts) + part
-            cost = significance_cost(layer.phi, layer.w, layer.eps[row][:, columns] * error_scale, **exponents)
+            eps = layer.eps[row][:, columns] * error_scale * _weight(stats, f"blk.{bid}.ffn_down_exps")
+            cost = significance_cost(layer.phi, layer.w, eps, **exponents)
             n = len(projections) * ff * hidden
             if layout == "stock":
                 units.append(_Unit(bid, tuple(range(ckpt.n_experts)), projections))
@@ -148,6 +152,12 @@ def _choices(stats: CalibrationStats, ckpt: Checkpoint, types: list[str], layout
                     bpw.append(part_bpw[part])
     return units, AllocationProblem(cost=np.array(costs), bits_per_weight=np.array(bpw), n_weights=np.array(sizes),
                                     layer_of=np.array([u.bid for u in units]), tensor_of=np.array(tensor_of))
+
+
+def _weight(stats: CalibrationStats, gguf_name: str) -> float:
+    """What the errors of tensor ``gguf_name`` are multiplied by: how much the output feels a change where they are
+    measured (stats.Fisher.weight), 1 where the statistics have none."""
+    return stats.fisher.weight(gguf_name) if stats.fisher is not None else 1.0
 
 
 def other_tensors(ckpt: Checkpoint, classes) -> dict[str, tuple[int, ...]]:
@@ -179,7 +189,7 @@ def _tensor_choices(stats: CalibrationStats, ckpt: Checkpoint, units: list[_Unit
     ones = np.ones(1)
     new_units = list(units)
     for row, (name, shape) in enumerate(tensors.items(), start=expert_rows):
-        error = stats.tensors[name].error[None, :]
+        error = stats.tensors[name].error[None, :] * _weight(stats, name)
         cost[row, tensor_columns] = significance_cost(ones, ones, error, **exponents)[0]
         bpw[row, tensor_columns] = [stored_type(t, shape[-1]).bits_per_weight for t in stats.tensor_types]
         allowed[row, tensor_columns] = True

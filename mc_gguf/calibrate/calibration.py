@@ -13,7 +13,9 @@ seeded sample of tokens (quant_error.py): here, or with ``ray`` by a task per
 expert on a Ray cluster while this process runs the next layer (cluster.py).
 The attention's weight matrices are measured here, at the tensor types, with
 the first layer the token embeddings, and after the last layer the output
-head (tensors.py).
+head (tensors.py). Last, with ``fisher_tokens``, the gradient goes back
+through the layers for the first sequences, which measures how much a change
+at each depth costs (fisher.py).
 
 The work is resumable at layer granularity: finished layers and the hidden
 states after the last one are kept in ``<STATS>.partial.d`` (workdir.py)
@@ -34,6 +36,7 @@ from tqdm import tqdm
 
 from mc_gguf import __version__
 from mc_gguf.atomic import check_output_path, output_lock
+from mc_gguf.calibrate.fisher import fisher
 from mc_gguf.calibrate.forward import CPU, decoder_layer, embed, load_experts, run_layer, skeleton
 from mc_gguf.calibrate.moe import RoutingRule, StatisticsMoE
 from mc_gguf.calibrate.quant_error import sample_errors, sampled_features
@@ -96,6 +99,7 @@ def _calibrate(model_dir: str | Path, out: Path, text: CalibrationText, settings
     n_seq, length = sequences.shape
     shape = (n_seq, length, int(ckpt.config["hidden_size"]))
     n_flat = n_seq * length
+    n_kept = _kept_sequences(settings, n_seq, length)
     eps_positions = np.sort(np.random.default_rng(settings.seed + 1).choice(
         n_flat, size=min(settings.eps_tokens, n_flat), replace=False))
     start = work.first_unfinished_layer(ckpt.n_layers)
@@ -125,9 +129,11 @@ def _calibrate(model_dir: str | Path, out: Path, text: CalibrationText, settings
     started = time.monotonic()
     for il in range(start, ckpt.n_layers):
         hidden_in = work.open_hidden(il, shape)
-        # the last layer's output only for the output head's statistics
+        if n_kept:
+            work.keep_sample(il, hidden_in[:n_kept])
+        # the last layer's output only for the output head's statistics and the Fisher information
         last = il == ckpt.n_layers - 1
-        hidden_out = None if last and not settings.tensor_types else work.new_hidden(il + 1, shape)
+        hidden_out = None if last and not (settings.tensor_types or n_kept) else work.new_hidden(il + 1, shape)
         moe_inputs = work.new_inputs(il, (n_flat, shape[-1])) if settings.hessian and ckpt.is_moe(il) else None
         layer_stats, tensors = calibrate_layer(model, ckpt, il, hidden_in, hidden_out, rotary, eps_positions, settings,
                                       progress=progress, moe_inputs=moe_inputs, device=device, errors=errors,
@@ -147,8 +153,12 @@ def _calibrate(model_dir: str | Path, out: Path, text: CalibrationText, settings
         tensors |= output_errors(ckpt, model, work.open_hidden(ckpt.n_layers, shape), eps_positions,
                                  settings.tensor_types, len(eps_positions), device,
                                  HESSIAN_TOKENS if settings.hessian else 0)
+    measured = None
+    if n_kept:
+        work.keep_sample(ckpt.n_layers, work.open_hidden(ckpt.n_layers, shape)[:n_kept])
+        measured = fisher(ckpt, model, rotary, work.open_sample, settings.seed, device, progress)
     stats = CalibrationStats(info=info, types=list(settings.types), layers=layers,
-                             tensor_types=list(settings.tensor_types), tensors=tensors)
+                             tensor_types=list(settings.tensor_types), tensors=tensors, fisher=measured)
     stats.save(out, moe_inputs=work.open_inputs if settings.hessian else None)
     work.remove()
     return stats
@@ -223,6 +233,11 @@ def _measure_eps(layer_stats: LayerStats, moe: StatisticsMoE, settings: Calibrat
         bar.update(1)
 
 
+def _kept_sequences(settings: CalibrationSettings, n_seq: int, length: int) -> int:
+    """How many of the first sequences the Fisher information is measured on: enough for settings.fisher_tokens."""
+    return min(n_seq, -(-settings.fisher_tokens // length))
+
+
 def _eta(elapsed: float, done: int, left: int) -> str:
     """", all layers in about 1 h 05 min": the time left at the pace of the layers done in this run."""
     if done == 0:
@@ -252,6 +267,7 @@ def _tokenize(ckpt: Checkpoint, text: CalibrationText, n_tokens: int, seq_len: i
 
 def _provenance(ckpt: Checkpoint, text: CalibrationText, settings: CalibrationSettings, sequences: np.ndarray) -> dict:
     hidden, ff = ckpt.expert_dims
+    kept = _kept_sequences(settings, *sequences.shape)
     return {
         "model": str(ckpt.path.resolve()),
         "model_name": ckpt.config.get("_name_or_path") or ckpt.path.resolve().name,
@@ -276,4 +292,5 @@ def _provenance(ckpt: Checkpoint, text: CalibrationText, settings: CalibrationSe
         "drop_cost": DROP_COST,
         "hessian": settings.hessian,
         "mc_gguf_version": __version__,
+        **({"fisher_tokens": kept * int(sequences.shape[1])} if kept else {}),  # absent: not measured
     }

@@ -126,30 +126,16 @@ def run_layer(model, layer, bid: int, rotary, hidden_in: np.ndarray, hidden_out:
               on_batch: Callable[[int], None] = lambda n: None) -> np.ndarray:
     """Run ``layer`` (decoder layer ``bid``) on every sequence of ``hidden_in`` [n_seq, length, hidden], writing
     ``hidden_out``; returns the squared norm of every token's output hidden state [n_seq * length]
-    (sequence-major), computed on the device of the layer's weights. A layer that config.json's layer_types
-    calls "sliding_attention" (gpt-oss every other
-    layer) gets transformers' sliding-window mask, as the model's own forward gives it."""
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-    layer_types = getattr(model.config, "layer_types", None) or []
-    sliding = bid < len(layer_types) and layer_types[bid] == "sliding_attention"
-    create_mask = create_sliding_window_causal_mask if sliding else create_causal_mask
-
+    (sequence-major), computed on the device of the layer's weights."""
     n_seq, length, _ = hidden_in.shape
     batch = max(1, FORWARD_TOKENS // length)
     device = next(layer.parameters()).device
-    positions = torch.arange(length, device=device).unsqueeze(0)
-    position_embeddings = None
+    run = layer_runner(model, layer, bid, rotary, length, device)
     norms = []
     with torch.no_grad():
         for first in range(0, n_seq, batch):
             h = torch.from_numpy(np.array(hidden_in[first:first + batch])).to(device)
-            if position_embeddings is None:
-                position_embeddings = rotary(h, positions)
-            # config, inputs_embeds, attention_mask, cache (positional: the cache's name changed in 5.x)
-            mask = create_mask(model.config, h, None, None, position_ids=positions)
-            y = layer(h, position_embeddings=position_embeddings, attention_mask=mask, position_ids=positions)
-            y = y.cpu()
+            y = run(h).cpu()
             if hidden_out is not None:
                 hidden_out[first:first + len(h)] = y.numpy()
             norms.append((y.double() ** 2).sum(-1).reshape(-1).numpy())
@@ -157,3 +143,27 @@ def run_layer(model, layer, bid: int, rotary, hidden_in: np.ndarray, hidden_out:
         if hidden_out is not None:
             hidden_out.flush()
     return np.concatenate(norms)
+
+
+def layer_runner(model, layer, bid: int, rotary, length: int, device: torch.device
+                 ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """h [batch, length, hidden] -> ``layer``'s output (decoder layer ``bid``), with the rotary embeddings and the
+    mask the model's own forward gives it: causal, or transformers' sliding-window mask for a layer that
+    config.json's layer_types calls "sliding_attention" (gpt-oss every other layer)."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    layer_types = getattr(model.config, "layer_types", None) or []
+    sliding = bid < len(layer_types) and layer_types[bid] == "sliding_attention"
+    create_mask = create_sliding_window_causal_mask if sliding else create_causal_mask
+    positions = torch.arange(length, device=device).unsqueeze(0)
+    rotations = []
+
+    def run(h: torch.Tensor) -> torch.Tensor:
+        if not rotations:
+            with torch.no_grad():
+                rotations.append(rotary(h, positions))
+        # config, inputs_embeds, attention_mask, cache (positional: the cache's name changed in 5.x)
+        mask = create_mask(model.config, h, None, None, position_ids=positions)
+        return layer(h, position_embeddings=rotations[0], attention_mask=mask, position_ids=positions)
+
+    return run

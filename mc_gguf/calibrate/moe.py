@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from mc_gguf.calibrate.quant_error import EpsSample, ExpertWeights, expert_hidden, expert_output
 from mc_gguf.calibrate.stats import LayerStats
@@ -183,11 +184,17 @@ class StatisticsMoE(torch.nn.Module):
             tokens = routed[:, e].nonzero().squeeze(-1)
             if len(tokens) == 0:
                 continue
-            weights = self.experts[e].float32().to(x.device)  # one expert read and widened at a time
             xe = x[tokens]
-            z = expert_hidden(xe, weights, self.glu)
             in_slot = routing.top_ids[tokens] == e
             slot_weight = (routing.applied[tokens] * in_slot).sum(-1, keepdim=True)
+            if torch.is_grad_enabled() and not record:
+                # a backward (calibrate/fisher.py): the expert is read again there rather than kept for it,
+                # so that one expert is in memory at a time then too
+                y = checkpoint(self._expert_output, xe, e, use_reentrant=False)
+                out = out.index_add(0, tokens, y * slot_weight)
+                continue
+            weights = self.experts[e].float32().to(x.device)  # one expert read and widened at a time
+            z = expert_hidden(xe, weights, self.glu)
             y = expert_output(z, weights)
             out.index_add_(0, tokens, y * slot_weight)
             if not record:
@@ -206,6 +213,10 @@ class StatisticsMoE(torch.nn.Module):
                                               self.rule.scale))
         self.drop_energies.append(skip_energy(out, slot_out, routing.applied, False))
         return out
+
+    def _expert_output(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        weights = self.experts[e].float32().to(x.device)
+        return expert_output(expert_hidden(x, weights, self.glu), weights)
 
     def _keep_eps_sample(self, x: torch.Tensor, routing: Routing) -> None:
         first = self.seen

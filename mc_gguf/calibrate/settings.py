@@ -20,6 +20,10 @@ class CalibrationSettings:
     # quantize 5-20x slower); 1: on all of them
     eps_iquant_share: int = 4
     hessian: bool = False         # also store full X^T X per expert (for GPTQ)
+    # tokens (whole sequences, the first ones) the Fisher information of every layer is measured on (fisher.py),
+    # which the allocation then weights the errors with; 0: not measured, every error counts alike (the default:
+    # on the bench model the weighting moved a whole file's KLD by 1%, within the noise)
+    fisher_tokens: int = 0
     types: tuple[str, ...] = tuple(CANDIDATES)
     # the types the other weight matrices' errors are measured at (calibrate/tensors.py); (): not measured, and
     # those tensors stay at their class's type whatever the budget

@@ -48,6 +48,13 @@ and with --hessian, what GPTQ and tuning quantize the tensor on (quantize/tensor
 
     hessian.NAME            [n, n]  float32, sum of x x^T over the first HESSIAN_TOKENS calibration tokens of its
                                     input (calibrate/tensors.py), read one at a time (TensorStats.hessian)
+
+How much the output feels a change of the residual stream where each layer adds to it (calibrate/fisher.py;
+absent from files of earlier versions, whose errors then all count alike), L layers:
+
+    fisher.mid              [L]  float64, tr(F) / H after the layer's attention (F: the Fisher information of the
+                                 next token's distribution with respect to the residual stream there)
+    fisher.out              [L]  float64, the same after the layer (its FFN's or experts' output added)
 """
 
 from __future__ import annotations
@@ -120,6 +127,39 @@ class TensorStats:
 
 TENSOR_PREFIX = "tensor."
 HESSIAN_PREFIX = "hessian."
+FISHER_PREFIX = "fisher."
+
+
+@dataclass(frozen=True)
+class Fisher:
+    """tr(F) / H per layer at the two points where the layer adds to the residual stream (``mid``: its attention's
+    output, ``out``: its FFN's or experts'): the KL divergence of the next token's distribution that a change d
+    there costs, 1/2 d^T F d, is 1/2 |d|^2 tr(F) / H for a change of no preferred direction. The errors the
+    allocation adds up are such |d| (eps, TensorStats.error); ``weight`` is what each is multiplied by."""
+    mid: np.ndarray  # [L]
+    out: np.ndarray  # [L]
+
+    def point(self, gguf_name: str) -> float:
+        """tr(F) / H where the error of GGUF tensor ``gguf_name`` is measured: the embeddings' at the first
+        layer's output (calibrate/tensors.py), the output head's before the final norm (the last layer's output),
+        a layer's attention after it, its other tensors (experts, shared experts, a dense FFN) after the layer."""
+        if gguf_name.startswith("token_embd"):
+            return float(self.out[0])
+        if gguf_name.startswith("output"):
+            return float(self.out[-1])
+        _, bid, kind = gguf_name.split(".", 2)
+        return float((self.mid if kind.startswith("attn") else self.out)[int(bid)])
+
+    def weight(self, gguf_name: str) -> float:
+        """The factor on the error (a norm, as eps) of GGUF tensor ``gguf_name``: the square root of its point's
+        tr(F) / H over the mean of all points (the program's costs are errors squared, so each becomes its
+        share of the KL divergence, in the units the errors had on average)."""
+        mean = float(np.concatenate([self.mid, self.out]).mean())
+        return float(np.sqrt(self.point(gguf_name) / mean))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f"{FISHER_PREFIX}mid": np.asarray(self.mid, dtype=np.float64),
+                f"{FISHER_PREFIX}out": np.asarray(self.out, dtype=np.float64)}
 
 
 def tensor_arrays(tensors: dict[str, TensorStats]) -> dict[str, np.ndarray | Callable[[], np.ndarray]]:
@@ -177,6 +217,7 @@ class CalibrationStats:
     path: Path | None = None         # the file they were read from or saved to (moe_input is read from it)
     tensor_types: list[str] = field(default_factory=list)   # the columns of every tensor error
     tensors: dict[str, TensorStats] = field(default_factory=dict)  # GGUF name -> the other weight matrices
+    fisher: Fisher | None = None   # None: not measured (every error counts alike)
 
     @property
     def moe_layers(self) -> list[tuple[int, LayerStats]]:
@@ -207,7 +248,9 @@ class CalibrationStats:
         """Write the file; ``moe_inputs(bid)`` gives each MoE layer's inputs (--hessian), which are streamed
         into it one layer at a time."""
         arrays: dict[str, np.ndarray | Callable[[], np.ndarray]] = {**layer_arrays(self.layers),
-                                                                    **tensor_arrays(self.tensors)}
+                                                                    **tensor_arrays(self.tensors),
+                                                                    **(self.fisher.arrays() if self.fisher
+                                                                       else {})}
         if moe_inputs is not None:
             for bid, _ in self.moe_layers:
                 arrays[f"blk.{bid}.moe_input"] = functools.partial(moe_inputs, bid)
@@ -278,7 +321,7 @@ def load_stats(path: str | Path) -> CalibrationStats:
             # (CalibrationStats.moe_input)
             known = {column.name for column in fields(LayerStats)}
             wanted = sorted(name for name in names if name.rpartition(".")[2] in known
-                            or name.startswith(TENSOR_PREFIX))
+                            or name.startswith((TENSOR_PREFIX, FISHER_PREFIX)))
             for name in wanted:  # numpy reads no bfloat16 or float8: such an array is not one save() wrote
                 if numpy_dtype(dtype := f.get_slice(name).get_dtype()) is None:
                     raise StatsFileError(f"{path}: {name} is stored as {dtype}, a type the statistics never have")
@@ -299,7 +342,7 @@ def load_stats(path: str | Path) -> CalibrationStats:
     tensors = read_tensors(arrays, path, names)
     _check_tensors(path, tensors, len(tensor_types), hessians)
     return CalibrationStats(info=header, types=types, layers=layers, path=path, tensor_types=tensor_types,
-                            tensors=tensors)
+                            tensors=tensors, fisher=_read_fisher(path, arrays, header["n_layer"]))
 
 
 MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS
@@ -360,6 +403,24 @@ def _check_tensors(path: Path, tensors: dict[str, TensorStats], n_types: int,
             if value.dtype.kind != "f" or not np.isfinite(value).all() or value.size and value.min() < 0:
                 raise StatsFileError(f"{path}: the {what} of {name} holds values that are not finite numbers "
                                      "at least 0")
+
+
+def _read_fisher(path: Path, arrays: dict[str, np.ndarray], n_layer: int) -> Fisher | None:
+    """The file's Fisher information (None where it has none): both arrays [n_layer], finite, at least 0, not all 0."""
+    values = {key: arrays.get(f"{FISHER_PREFIX}{key}") for key in ("mid", "out")}
+    if all(value is None for value in values.values()):
+        return None
+    for key, value in values.items():
+        if value is None or value.shape != (n_layer,) or value.dtype.kind != "f":
+            raise StatsFileError(f"{path}: {FISHER_PREFIX}{key} is "
+                                 + ("missing" if value is None else f"{value.dtype} {list(value.shape)}")
+                                 + f", expected float [{n_layer}] (one per layer)")
+        if not np.isfinite(value).all() or value.min() < 0:
+            raise StatsFileError(f"{path}: {FISHER_PREFIX}{key} holds values that are not finite numbers "
+                                 "at least 0")
+    if not max(value.max() for value in values.values()) > 0:
+        raise StatsFileError(f"{path}: the Fisher information is 0 everywhere")
+    return Fisher(values["mid"].astype(np.float64), values["out"].astype(np.float64))
 
 
 def _whole(value) -> bool:

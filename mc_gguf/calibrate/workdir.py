@@ -5,8 +5,9 @@ rerun with the same inputs continues at the first unfinished layer. Every
 step is written under a temporary name, flushed, fsync'd and renamed, so a
 file with its final name is a finished step and anything else is redone:
 ``hidden-N.f32`` (the input of layer N), ``moe-input-N.f32`` (its MoE
-block's inputs, with --hessian) and ``layer-N.safetensors`` (its statistics)
-are the manifest of what is done.
+block's inputs, with --hessian), ``fisher-input-N.f32`` (its input for
+the first sequences, which fisher.py runs back through the layers) and
+``layer-N.safetensors`` (its statistics) are the manifest of what is done.
 """
 
 from __future__ import annotations
@@ -102,6 +103,21 @@ class WorkDir:
 
     def open_inputs(self, il: int) -> np.memmap:
         return self._open_map(self.inputs_path(il), f"the MoE inputs of layer {il}")
+
+    def sample_path(self, il: int) -> Path:
+        return self.path / f"fisher-input-{il}.f32"
+
+    def keep_sample(self, il: int, hidden: np.ndarray) -> None:
+        """Keep ``hidden`` [n_seq, length, H], the input of layer ``il`` for the sequences the Fisher information is
+        measured on (fisher.py), unless a run before this one kept it."""
+        if self.sample_path(il).exists():
+            return
+        kept = self._new_map(self.sample_path(il), hidden.shape)
+        kept[:] = hidden
+        self._finish_map(self.sample_path(il), kept)
+
+    def open_sample(self, il: int) -> np.memmap:
+        return self._open_map(self.sample_path(il), f"the kept inputs of layer {il}")
 
     def layer_path(self, il: int) -> Path:
         return self.path / f"layer-{il}.safetensors"

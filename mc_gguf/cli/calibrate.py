@@ -7,7 +7,7 @@ import time
 
 from mc_gguf.calibrate.settings import CalibrationSettings
 from mc_gguf.cli.common import (MODEL_HELP, add_command, add_device_flag, add_eps_features_argument, add_ray_flag,
-                                positive_int, type_name)
+                                non_negative_int, positive_int, type_name)
 from mc_gguf.ggml.types import CANDIDATES
 
 EXAMPLE = ("example: mc-gguf calibrate ./Mixtral-8x7B-v0.1 --text calib.txt -o mixtral.stats\n"
@@ -40,6 +40,10 @@ def add_parser(commands) -> None:
                         "layer, e.g. 1.07 GB per layer (34 GB in all) for Mixtral 8x7B at 65536 tokens, 67 MB per "
                         "layer for hidden 256; and each attention linear's and the output head's input Hessian "
                         "(n*n*4 bytes: 256 MB per layer for Mixtral 8x7B), on which they are tuned too")
+    p.add_argument("--fisher-tokens", type=non_negative_int, default=defaults.fisher_tokens, metavar="N",
+                   help="tokens (the first sequences) on which the gradient is taken back through the layers to "
+                        "measure the Fisher information of every layer, which prices each error by how much the "
+                        "output feels a change at its depth (e.g. 4096; default: 0, every error counts alike)")
     add_device_flag(p, "the layer forward and the error pass's products")
     add_ray_flag(p, "measure the experts' errors (an expert per task, while this machine runs the next layer)",
                  output="the statistics file")
@@ -55,7 +59,8 @@ def run(args: argparse.Namespace) -> None:
     settings = CalibrationSettings(n_tokens=args.tokens, seq_len=args.seq_len, seed=args.seed,
                                    eps_tokens=args.eps_tokens, eps_features=args.eps_features,
                                    eps_iquant_share=args.eps_iquant_share, hessian=args.hessian,
-                                   types=tuple(quant_type(t).name for t in args.types), device=args.device)
+                                   types=tuple(quant_type(t).name for t in args.types),
+                                   fisher_tokens=args.fisher_tokens, device=args.device)
     started = time.perf_counter()
     stats = calibrate(args.model_dir, args.output, read_text(args.text), settings, progress=not args.quiet,
                       ray=args.ray)
