@@ -205,6 +205,10 @@ def whole_files(model: str, stats, work: Path, llama: list[dict], args) -> list[
         for label in args.sets:
             name = f"mc-gguf file {recipe} size non-expert {label}"
             used = variants.get(label, stats)
+            if label == "chosen fisher" and used.fisher is None:
+                print(f"{name}: the statistics have no Fisher information (calibrate --fisher-tokens); skipped",
+                      file=sys.stderr, flush=True)
+                continue
             try:
                 plan = allocate(used, size=size, model_dir=model, non_expert=NON_EXPERT_SETS[label],
                                 error_scale=ratios, per_projection=True, **COMPRESS_COST)
@@ -379,7 +383,9 @@ def main() -> int:
     started = time.perf_counter()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    settings = CalibrationSettings(hessian=True, fisher_tokens=FISHER_TOKENS)
+    # the Fisher information only where a file is priced with it (its backward is no part of compress's time)
+    fisher = args.whole_file and "chosen fisher" in args.sets
+    settings = CalibrationSettings(hessian=True, fisher_tokens=FISHER_TOKENS if fisher else 0)
     if args.quick:
         args.model, args.calib, args.eval = quick_inputs(work)
         args.ctx, args.windows, args.imatrix_chunks, args.bits = 64, 2, 8, [2.5]
@@ -388,7 +394,8 @@ def main() -> int:
             args.recipes, args.expert_types, args.at = ("Q2_K", "Q4_K_M"), (), ["Q4_K_M"]
         args.autoround_schemes, args.autoround_iters = AUTOROUND_SCHEMES[:1], 2
         args.autoround_extra = ["--nsamples", "8", "--seqlen", "64", "--batch-size", "4"]
-        settings = CalibrationSettings(n_tokens=2048, seq_len=128, eps_tokens=1024, hessian=True, fisher_tokens=256,
+        settings = CalibrationSettings(n_tokens=2048, seq_len=128, eps_tokens=1024, hessian=True,
+                                       fisher_tokens=256 if fisher else 0,
                                        types=("IQ2_XS", "Q2_K", "Q3_K", "Q4_K"))
     tools = stock_tools_dir()
     f16 = produce(work / "f16.gguf", lambda tmp: convert(args.model, tmp, "f16", progress=False))

@@ -1,4 +1,5 @@
-"""Logits from both engines, importable by tests and runnable as a script in a subprocess.
+"""Logits from both engines (and transformers' Fisher information), importable by tests, and runnable as a script
+in a subprocess.
 
 As a script it lets a test run llama_cpp on another library build
 (LLAMA_CPP_LIB_PATH must be set before llama_cpp is imported) or with another
@@ -75,6 +76,55 @@ def llama_cpp_logits(gguf_path: Path, token_ids: list[int], **kwargs) -> np.ndar
         llm = Llama(model_path=str(gguf_path), **settings)
     llm.eval(token_ids)
     return np.array(llm.scores[: len(token_ids)], dtype=np.float32)
+
+
+def transformers_fisher(model, folder, settings, text: str):
+    """The Fisher information (calibrate/stats.Fisher) of ``model``, transformers' whole model, on the sequences a
+    calibration with ``settings`` on ``text`` keeps: the log-probabilities of the tokens fisher.sample_labels draws
+    from its logits summed, and autograd's gradients at the input of each layer's norm before its MoE block and at
+    each layer's output (the next layer's input, the final norm's for the last), squared and averaged per token
+    and dimension."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from mc_gguf.calibrate.fisher import sample_labels
+    from mc_gguf.calibrate.stats import Fisher
+    from mc_gguf.calibrate.text import pack_sequences
+    from mc_gguf.hf.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    sequences = pack_sequences(ids, tokenizer.bos_token_id, settings.n_tokens, settings.seq_len, settings.seed)
+    n_seq, length = sequences.shape
+    kept = min(n_seq, -(-settings.fisher_tokens // length))
+    layers = model.model.layers
+    mid, out = np.zeros(len(layers)), np.zeros(len(layers))
+    for i in range(kept):
+        seen = {}
+        hooks = [getattr(layer, ckpt.arch.moe_input_norm).register_forward_pre_hook(
+                 lambda m, a, bid=bid: seen.__setitem__(("mid", bid), a[0])) for bid, layer in enumerate(layers)]
+        hooks += [(layers[bid + 1].input_layernorm if bid + 1 < len(layers) else model.model.norm)
+                  .register_forward_pre_hook(lambda m, a, bid=bid: seen.__setitem__(("out", bid), a[0]))
+                  for bid in range(len(layers))]
+        try:
+            logits = model(torch.from_numpy(sequences[i:i + 1])).logits[0].float()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        labels = sample_labels(logits, settings.seed + i)
+        log_p = torch.log_softmax(logits, dim=-1).gather(1, labels[:, None]).sum()
+        points = sorted(seen)
+        grads = torch.autograd.grad(log_p, [seen[p] for p in points])
+        for (where, bid), grad in zip(points, grads):
+            (mid if where == "mid" else out)[bid] += float((grad.double() ** 2).sum())
+    scale = kept * length * model.config.hidden_size
+    return Fisher(mid=mid / scale, out=out / scale)
+
+
+def assert_same_fisher(got, expected) -> None:
+    np.testing.assert_allclose(got.mid, expected.mid, rtol=1e-4)
+    np.testing.assert_allclose(got.out, expected.out, rtol=1e-4)
 
 
 if __name__ == "__main__":

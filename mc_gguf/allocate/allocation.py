@@ -7,9 +7,9 @@ Steps, each a function below:
    with a whole-model budget, ``_tensor_choices``: one per other tensor the
    calibration measured (attention, token_embd, output; calibrate/tensors.py)
    at the tensor types, its cost its error^gamma (phi = w = 1: every token
-   reads it), unless --tensor-type fixes its class; every error weighted by
-   how much the output feels a change where it is measured (the
-   statistics' Fisher information, calibrate/fisher.py);
+   reads it), unless --tensor-type fixes its class; every cost multiplied
+   by how much the output feels a change where its error is measured,
+   where the statistics have the Fisher information (calibrate/fisher.py);
 2. ``_expert_budget``: the budget in bits per weight of the choices (a whole-model
    budget has the other tensors' fixed bytes taken off first; a file
    size, ``_fit_size``, the header's too, solving until the file fits);
@@ -32,7 +32,7 @@ from mc_gguf.allocate.plan import (LAYOUTS, MAX_BITS, NON_EXPERT_CLASSES, NON_EX
                                    non_expert_class)
 from mc_gguf.allocate.program import AllocationProblem, InfeasibleBudgetError, average_bits, feasible_range, solve
 from mc_gguf.allocate.size import layout_tensors, metadata_allowance, predict
-from mc_gguf.calibrate.stats import EPS_DOWN, EPS_EXPERT, EPS_GATE_UP, CalibrationStats
+from mc_gguf.calibrate.stats import EPS_DOWN, EPS_EXPERT, EPS_GATE_UP, CalibrationStats, Fisher
 from mc_gguf.errors import McGgufError
 from mc_gguf.ggml.types import quant_type, stored_type
 from mc_gguf.gguf_io.layout import PROJECTIONS, is_expert_weight, row_length
@@ -115,7 +115,7 @@ def allocate(stats: CalibrationStats, bits: float | None = None, *, size: int | 
     inputs = {"stats": stats_path, "model": str(ckpt.path.resolve()), "text": stats.info.get("text"),
               "text_sha256": stats.info.get("text_sha256"), "n_tokens": stats.info.get("n_tokens"),
               "types": types, **exponents, "error_scale": dict(error_scale or {}),
-              "fisher": stats.fisher is not None,
+              **({"fisher": True} if stats.fisher is not None else {}),
               "cost": float(problem.cost[np.arange(len(choice)), choice].sum()), "mc_gguf_version": __version__}
     budget_info = {"bits": bits, "scope": scope, "per_layer": per_layer, "per_projection": per_projection,
                    "max_types": max_types, **({"size": size} if size is not None else {})}
@@ -134,8 +134,8 @@ def _choices(stats: CalibrationStats, ckpt: Checkpoint, types: list[str], layout
     for bid, layer in stats.moe_layers:
         for part, (row, projections) in enumerate(parts):
             tensor = bid * len(parts) + part
-            eps = layer.eps[row][:, columns] * error_scale * _weight(stats, f"blk.{bid}.ffn_down_exps")
-            cost = significance_cost(layer.phi, layer.w, eps, **exponents)
+            cost = significance_cost(layer.phi, layer.w, layer.eps[row][:, columns] * error_scale, **exponents)
+            cost *= _fisher_weight(stats, lambda fisher, bid=bid: fisher.out[bid])
             n = len(projections) * ff * hidden
             if layout == "stock":
                 units.append(_Unit(bid, tuple(range(ckpt.n_experts)), projections))
@@ -154,10 +154,11 @@ def _choices(stats: CalibrationStats, ckpt: Checkpoint, types: list[str], layout
                                     layer_of=np.array([u.bid for u in units]), tensor_of=np.array(tensor_of))
 
 
-def _weight(stats: CalibrationStats, gguf_name: str) -> float:
-    """What the errors of tensor ``gguf_name`` are multiplied by: how much the output feels a change where they are
-    measured (stats.Fisher.weight), 1 where the statistics have none."""
-    return stats.fisher.weight(gguf_name) if stats.fisher is not None else 1.0
+def _fisher_weight(stats: CalibrationStats, point: Callable[[Fisher], float]) -> float:
+    """What a cost is multiplied by: how much the output feels a change at the ``point`` where its error is measured
+    (a KL divergence per squared change there), over the mean of every point's; 1 where the statistics have no
+    Fisher information."""
+    return stats.fisher.relative(point(stats.fisher)) if stats.fisher is not None else 1.0
 
 
 def other_tensors(ckpt: Checkpoint, classes) -> dict[str, tuple[int, ...]]:
@@ -189,8 +190,9 @@ def _tensor_choices(stats: CalibrationStats, ckpt: Checkpoint, units: list[_Unit
     ones = np.ones(1)
     new_units = list(units)
     for row, (name, shape) in enumerate(tensors.items(), start=expert_rows):
-        error = stats.tensors[name].error[None, :] * _weight(stats, name)
-        cost[row, tensor_columns] = significance_cost(ones, ones, error, **exponents)[0]
+        error = stats.tensors[name].error[None, :]
+        cost[row, tensor_columns] = (significance_cost(ones, ones, error, **exponents)[0]
+                                     * _fisher_weight(stats, lambda fisher, name=name: fisher.point(name)))
         bpw[row, tensor_columns] = [stored_type(t, shape[-1]).bits_per_weight for t in stats.tensor_types]
         allowed[row, tensor_columns] = True
         new_units.append(_Unit(-1, (), (), tensor=name, row_length=shape[-1]))

@@ -21,6 +21,7 @@ layer.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import numpy as np
@@ -34,36 +35,40 @@ from mc_gguf.errors import CheckpointError
 from mc_gguf.hf.checkpoint import Checkpoint
 
 SEQUENCES_PER_STEP = 1  # sequences run forward and back at once (bounds the activations kept for the backward)
+HEAD_ROWS = 64          # positions whose logits are made at a time (a vocabulary of 200k: 100 MB in float64)
 
 
-def sample_labels(logits: torch.Tensor, seed: int) -> torch.Tensor:
-    """One token per row of ``logits`` [n, V], drawn from its softmax by inverse CDF from seeded uniforms (a
-    reference computing the same logits draws the same tokens)."""
-    probs = torch.softmax(logits.detach().double(), dim=-1).cpu().numpy()
-    uniforms = np.random.default_rng(seed).random(len(probs))
+def sample_labels(logits: torch.Tensor, seed: int, first: int = 0) -> torch.Tensor:
+    """One token per row of ``logits`` [n, V] (positions first .. first + n - 1 of a sequence), drawn from its
+    softmax by inverse CDF from the sequence's seeded uniforms (a reference computing the same logits, in one piece
+    or in others, draws the same tokens)."""
+    uniforms = np.random.default_rng(seed).random(first + len(logits))[first:]
+    probs = torch.softmax(logits.detach().cpu().double(), dim=-1).numpy()
     cdf = np.cumsum(probs, axis=-1)
-    labels = np.minimum((cdf < (uniforms * cdf[:, -1])[:, None]).sum(-1), probs.shape[1] - 1)
-    return torch.from_numpy(labels).to(logits.device)
+    labels = [min(int(np.searchsorted(row, u * row[-1], side="right")), len(row) - 1) for row, u in zip(cdf, uniforms)]
+    return torch.tensor(labels, device=logits.device)
 
 
 def head_gradient(ckpt: Checkpoint, model, final_hidden: torch.Tensor, seed: int) -> torch.Tensor:
     """grad of sum_t log p(y_t) with respect to the last layer's output [n_seq, length, H], y_t drawn from the
-    model's distribution at every position (sample_labels, each sequence with its own seed)."""
+    model's distribution at every position (sample_labels, each sequence with its own seed), HEAD_ROWS positions
+    at a time."""
     head = "lm_head.weight" if "lm_head.weight" in ckpt.tensors else ckpt.arch.embed_tokens
     norm = getattr(model.model, "norm", None)
     if norm is None:
         raise CheckpointError(f"{ckpt.path}: the model has no final norm (model.norm) to take the gradient through")
     device = final_hidden.device
     weight = torch.from_numpy(np.ascontiguousarray(ckpt.load(head), dtype=np.float32)).to(device)
-    grads = []
+    grads = torch.empty_like(final_hidden)
     with checkpoint_weights(norm, ckpt, "model.norm.", "the final norm's", device), torch.enable_grad():
         for i, sequence in enumerate(final_hidden):
-            h = sequence.detach().clone().requires_grad_()
-            logits = norm(h) @ weight.T
-            labels = sample_labels(logits, seed + i)
-            log_p = torch.log_softmax(logits, dim=-1).gather(1, labels[:, None]).sum()
-            grads.append(torch.autograd.grad(log_p, h)[0])
-    return torch.stack(grads)
+            for first in range(0, len(sequence), HEAD_ROWS):  # the norm and the head act on each position alone
+                h = sequence[first:first + HEAD_ROWS].detach().clone().requires_grad_()
+                logits = norm(h) @ weight.T
+                labels = sample_labels(logits, seed + i, first)
+                log_p = torch.log_softmax(logits, dim=-1).gather(1, labels[:, None]).sum()
+                grads[i, first:first + len(h)] = torch.autograd.grad(log_p, h)[0]
+    return grads
 
 
 def layer_gradient(run: Callable[[torch.Tensor], torch.Tensor], norm: torch.nn.Module, hidden_in: torch.Tensor,
@@ -102,18 +107,19 @@ def fisher(ckpt: Checkpoint, model, rotary, inputs: Callable[[int], np.ndarray],
     glu = ckpt.arch.expert_activation.glu(ckpt.config)
     with tqdm(total=n_layers, desc="Fisher information", unit="layer", disable=not progress, dynamic_ncols=True) as bar:
         for bid in reversed(range(n_layers)):
-            out[bid] = float((grad.double() ** 2).sum()) * per_token
+            out[bid] = float((grad.cpu().double() ** 2).sum()) * per_token
             moe = None
             if ckpt.is_moe(bid):
                 router, experts = load_experts(ckpt, bid, device)
                 moe = StatisticsMoE(router, experts, glu, RoutingRule.of(ckpt), np.zeros(0, dtype=np.int64),
                                     shared=ckpt.arch.shared_expert, returns_scores=ckpt.arch.hf_moe_returns_scores)
-                moe.recording = False
-            with decoder_layer(model, ckpt, bid, moe, device) as layer:
+                moe.recompute_experts = True
+            with (decoder_layer(model, ckpt, bid, moe, device) as layer,
+                  moe.paused() if moe is not None else contextlib.nullcontext()):
                 layer.requires_grad_(False)  # the gradients wanted are the hidden states', not the weights'
                 run = layer_runner(model, layer, bid, rotary, length, device)
                 hidden = torch.from_numpy(np.array(inputs(bid))).to(device)
                 grad, grad_mid = layer_gradient(run, getattr(layer, ckpt.arch.moe_input_norm), hidden, grad)
-            mid[bid] = float((grad_mid.double() ** 2).sum()) * per_token
+            mid[bid] = float((grad_mid.cpu().double() ** 2).sum()) * per_token
             bar.update(1)
     return Fisher(mid=mid, out=out)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 import torch
-from torch.utils.checkpoint import checkpoint
+import torch.utils.checkpoint
 
 from mc_gguf.calibrate.quant_error import EpsSample, ExpertWeights, expert_hidden, expert_output
 from mc_gguf.calibrate.stats import LayerStats
@@ -106,6 +106,9 @@ class StatisticsMoE(torch.nn.Module):
         self.eps_positions = eps_positions   # flat token indices (sequence-major) of the eps sample
         self.seen = 0                        # tokens processed so far, in that order
         self.recording = True                # gather statistics of the tokens run (paused: not)
+        # run for a backward (calibrate/fisher.py), statistics paused: each expert's output is computed again in
+        # the backward instead of its activations and weights being kept, so one expert is in memory then too
+        self.recompute_experts = False
         self.count = np.zeros(n_expert, dtype=np.int64)
         self.weight_sum = np.zeros(n_expert, dtype=np.float64)
         self.imatrix_in = torch.zeros(n_expert, hidden, dtype=torch.float64)
@@ -187,10 +190,8 @@ class StatisticsMoE(torch.nn.Module):
             xe = x[tokens]
             in_slot = routing.top_ids[tokens] == e
             slot_weight = (routing.applied[tokens] * in_slot).sum(-1, keepdim=True)
-            if torch.is_grad_enabled() and not record:
-                # a backward (calibrate/fisher.py): the expert is read again there rather than kept for it,
-                # so that one expert is in memory at a time then too
-                y = checkpoint(self._expert_output, xe, e, use_reentrant=False)
+            if self.recompute_experts:  # for a backward: read again there rather than kept for it
+                y = torch.utils.checkpoint.checkpoint(self._expert_output, xe, e, use_reentrant=False)
                 out = out.index_add(0, tokens, y * slot_weight)
                 continue
             weights = self.experts[e].float32().to(x.device)  # one expert read and widened at a time

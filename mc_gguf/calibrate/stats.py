@@ -135,7 +135,7 @@ class Fisher:
     """tr(F) / H per layer at the two points where the layer adds to the residual stream (``mid``: its attention's
     output, ``out``: its FFN's or experts'): the KL divergence of the next token's distribution that a change d
     there costs, 1/2 d^T F d, is 1/2 |d|^2 tr(F) / H for a change of no preferred direction. The errors the
-    allocation adds up are such |d| (eps, TensorStats.error); ``weight`` is what each is multiplied by."""
+    allocation adds up are such |d| (eps, TensorStats.error), each priced where it is measured (``point``)."""
     mid: np.ndarray  # [L]
     out: np.ndarray  # [L]
 
@@ -150,12 +150,10 @@ class Fisher:
         _, bid, kind = gguf_name.split(".", 2)
         return float((self.mid if kind.startswith("attn") else self.out)[int(bid)])
 
-    def weight(self, gguf_name: str) -> float:
-        """The factor on the error (a norm, as eps) of GGUF tensor ``gguf_name``: the square root of its point's
-        tr(F) / H over the mean of all points (the program's costs are errors squared, so each becomes its
-        share of the KL divergence, in the units the errors had on average)."""
-        mean = float(np.concatenate([self.mid, self.out]).mean())
-        return float(np.sqrt(self.point(gguf_name) / mean))
+    def relative(self, value: float) -> float:
+        """``value`` (a point's tr(F) / H) over the mean of all points."""
+        top = max(float(self.mid.max()), float(self.out.max()))  # divided first: no overflow on the way
+        return value / top / float(np.concatenate([self.mid, self.out]).mean() / top)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {f"{FISHER_PREFIX}mid": np.asarray(self.mid, dtype=np.float64),
@@ -249,7 +247,7 @@ class CalibrationStats:
         into it one layer at a time."""
         arrays: dict[str, np.ndarray | Callable[[], np.ndarray]] = {**layer_arrays(self.layers),
                                                                     **tensor_arrays(self.tensors),
-                                                                    **(self.fisher.arrays() if self.fisher
+                                                                    **(self.fisher.arrays() if self.fisher is not None
                                                                        else {})}
         if moe_inputs is not None:
             for bid, _ in self.moe_layers:
@@ -406,7 +404,8 @@ def _check_tensors(path: Path, tensors: dict[str, TensorStats], n_types: int,
 
 
 def _read_fisher(path: Path, arrays: dict[str, np.ndarray], n_layer: int) -> Fisher | None:
-    """The file's Fisher information (None where it has none): both arrays [n_layer], finite, at least 0, not all 0."""
+    """The file's Fisher information (None where it has none): both arrays [n_layer], finite and above 0 (a change
+    that costs nothing at some depth is no measurement: it would make every error there free)."""
     values = {key: arrays.get(f"{FISHER_PREFIX}{key}") for key in ("mid", "out")}
     if all(value is None for value in values.values()):
         return None
@@ -415,11 +414,8 @@ def _read_fisher(path: Path, arrays: dict[str, np.ndarray], n_layer: int) -> Fis
             raise StatsFileError(f"{path}: {FISHER_PREFIX}{key} is "
                                  + ("missing" if value is None else f"{value.dtype} {list(value.shape)}")
                                  + f", expected float [{n_layer}] (one per layer)")
-        if not np.isfinite(value).all() or value.min() < 0:
-            raise StatsFileError(f"{path}: {FISHER_PREFIX}{key} holds values that are not finite numbers "
-                                 "at least 0")
-    if not max(value.max() for value in values.values()) > 0:
-        raise StatsFileError(f"{path}: the Fisher information is 0 everywhere")
+        if not np.isfinite(value).all() or not value.min() > 0:
+            raise StatsFileError(f"{path}: {FISHER_PREFIX}{key} holds values that are not finite numbers above 0")
     return Fisher(values["mid"].astype(np.float64), values["out"].astype(np.float64))
 
 

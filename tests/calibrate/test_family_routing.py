@@ -31,7 +31,7 @@ from mc_gguf.hf.tiny import build_tiny_family
 
 from conftest import CALIBRATION_TEXT
 
-SETTINGS = CalibrationSettings(n_tokens=512, seq_len=128, seed=3, types=(), fisher_tokens=4096)
+SETTINGS = CalibrationSettings(n_tokens=512, seq_len=128, seed=3, types=(), fisher_tokens=256)  # 2 of 4 sequences
 
 
 @pytest.fixture(scope="module", params=["qwen2moe", "qwen3moe", "olmoe", "deepseek2", "glm4moe", "gptoss"])
@@ -123,7 +123,7 @@ def block(ckpt, model, bid: int) -> StatisticsMoE:
 def test_the_fisher_information_is_transformers_backward(family):
     """The streamed backward (each layer read again, its experts recomputed one at a time, the family's shared
     expert and dense first layer included) gives the gradients of transformers' whole model."""
-    from test_fisher import assert_same_fisher, transformers_fisher
+    from helpers import assert_same_fisher, transformers_fisher
 
     folder, model, _, stats = family
-    assert_same_fisher(stats.fisher, transformers_fisher(model, folder, SETTINGS))
+    assert_same_fisher(stats.fisher, transformers_fisher(model, folder, SETTINGS, CALIBRATION_TEXT))

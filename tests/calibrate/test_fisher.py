@@ -1,11 +1,7 @@
 """The Fisher information the streamed calibration measures equals transformers' own backward through the whole
-model, and the allocation spends bits where it is high.
-
-Reference: the whole transformers model on the kept sequences, the log-probabilities of the same drawn tokens
-(fisher.sample_labels on its own logits) summed, and autograd's gradients with respect to the residual stream
-at the input of each layer's norm before its MoE block and at each layer's output (the next layer's input, the
-final norm's for the last), squared and averaged per token and dimension. The families' test is in
-test_family_routing.py (their calibrations are made there).
+model (helpers.transformers_fisher; the other families' test is in test_family_routing.py, where their
+calibrations are made), the statistics file keeps it and refuses it damaged, and the allocation prices each cost
+by it where its error is measured.
 """
 
 from __future__ import annotations
@@ -15,57 +11,21 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
 from mc_gguf.allocate.allocation import allocate
 from mc_gguf.allocate.cost import COMPRESS_COST, significance_cost
 from mc_gguf.calibrate.calibration import calibrate
-from mc_gguf.calibrate.fisher import sample_labels
 from mc_gguf.calibrate.stats import EPS_EXPERT, Fisher, StatsFileError, load_stats
-from mc_gguf.calibrate.text import CalibrationText, pack_sequences
+from mc_gguf.calibrate.text import CalibrationText
 from mc_gguf.ggml.types import quant_type
-from mc_gguf.hf.checkpoint import open_checkpoint
 
 from conftest import CALIBRATION_TEXT
-
-
-def transformers_fisher(model, folder, settings) -> Fisher:
-    """The reference Fisher of ``model`` on the sequences the calibration keeps with ``settings``."""
-    from transformers import AutoTokenizer
-
-    ckpt = open_checkpoint(folder)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    ids = tokenizer(CALIBRATION_TEXT, add_special_tokens=False).input_ids
-    sequences = pack_sequences(ids, tokenizer.bos_token_id, settings.n_tokens, settings.seq_len, settings.seed)
-    n_seq, length = sequences.shape
-    kept = min(n_seq, -(-settings.fisher_tokens // length))
-    layers = model.model.layers
-    mid, out = np.zeros(len(layers)), np.zeros(len(layers))
-    for i in range(kept):
-        seen = {}
-        hooks = [getattr(layer, ckpt.arch.moe_input_norm).register_forward_pre_hook(
-                 lambda m, a, bid=bid: seen.__setitem__(("mid", bid), a[0])) for bid, layer in enumerate(layers)]
-        hooks += [(layers[bid + 1].input_layernorm if bid + 1 < len(layers) else model.model.norm)
-                  .register_forward_pre_hook(lambda m, a, bid=bid: seen.__setitem__(("out", bid), a[0]))
-                  for bid in range(len(layers))]
-        try:
-            logits = model(torch.from_numpy(sequences[i:i + 1])).logits[0].float()
-        finally:
-            for hook in hooks:
-                hook.remove()
-        labels = sample_labels(logits, settings.seed + i)
-        log_p = torch.log_softmax(logits, dim=-1).gather(1, labels[:, None]).sum()
-        points = sorted(seen)
-        grads = torch.autograd.grad(log_p, [seen[p] for p in points])
-        for (where, bid), grad in zip(points, grads):
-            (mid if where == "mid" else out)[bid] += float((grad.double() ** 2).sum())
-    scale = kept * length * model.config.hidden_size
-    return Fisher(mid=mid / scale, out=out / scale)
+from helpers import assert_same_fisher, transformers_fisher
 
 
 @pytest.fixture(scope="module")
 def fisher_settings(calibration_settings):
-    return replace(calibration_settings, fisher_tokens=4096)
+    return replace(calibration_settings, fisher_tokens=384)  # the first 3 of 8 sequences
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +36,11 @@ def calibration(tiny_model_dir, tmp_path_factory, fisher_settings):
                            progress=False)
 
 
-def assert_same_fisher(got: Fisher, expected: Fisher) -> None:
-    np.testing.assert_allclose(got.mid, expected.mid, rtol=1e-4)
-    np.testing.assert_allclose(got.out, expected.out, rtol=1e-4)
-
-
 def test_the_fisher_information_is_transformers_backward(calibration, hf_model, tiny_model_dir, fisher_settings):
     _, stats = calibration
     assert stats.fisher is not None
-    assert_same_fisher(stats.fisher, transformers_fisher(hf_model, tiny_model_dir, fisher_settings))
+    assert stats.info["fisher_tokens"] == 384
+    assert_same_fisher(stats.fisher, transformers_fisher(hf_model, tiny_model_dir, fisher_settings, CALIBRATION_TEXT))
     # the points differ: a weighting that is not all ones
     assert np.ptp(np.concatenate([stats.fisher.mid, stats.fisher.out])) > 0
 
@@ -96,8 +52,13 @@ def test_the_fisher_information_is_saved_and_read_back(calibration):
     np.testing.assert_array_equal(loaded.fisher.out, stats.fisher.out)
 
 
-@pytest.mark.parametrize("damage", ["one missing", "wrong length", "negative", "nan", "all zero"])
+@pytest.mark.parametrize("damage", [None, "one missing", "wrong length", "negative", "nan", "one zero", "integer"])
 def test_a_damaged_fisher_information_is_refused(calibration, tmp_path, damage):
+    """The statistics saved with their Fisher information changed (without their routing and Hessians, which the
+    file would otherwise need its MoE inputs for): intact it loads as it was, damaged it is refused for it."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
     _, stats = calibration
     mid, out = stats.fisher.mid.copy(), stats.fisher.out.copy()
     if damage == "wrong length":
@@ -106,22 +67,24 @@ def test_a_damaged_fisher_information_is_refused(calibration, tmp_path, damage):
         out[0] = -1.0
     elif damage == "nan":
         mid[1] = np.nan
-    elif damage == "all zero":
-        mid[:], out[:] = 0.0, 0.0
-    damaged = replace(stats, fisher=Fisher(mid, out))
-    damaged.tensors = {}  # their Hessians are read from the fixture's file: not what this test is about
-    path = tmp_path / "damaged.stats"
-    damaged.save(path)
-    if damage == "one missing":
-        from safetensors import safe_open
-        from safetensors.numpy import load_file, save_file
-
+    elif damage == "one zero":
+        out[-1] = 0.0
+    layers = [replace(layer, routed_ids=None, routed_weights=None) for layer in stats.layers]
+    path = tmp_path / "stats"
+    replace(stats, layers=layers, tensors={}, fisher=Fisher(mid, out)).save(path)
+    if damage in ("one missing", "integer"):
         with safe_open(str(path), framework="numpy") as f:
             metadata = f.metadata()
         arrays = load_file(str(path))
-        del arrays["fisher.out"]
+        if damage == "one missing":
+            del arrays["fisher.out"]
+        else:
+            arrays["fisher.mid"] = arrays["fisher.mid"].astype(np.int64)
         save_file(arrays, str(path), metadata=metadata)
-    with pytest.raises(StatsFileError, match="(?i)fisher"):
+    if damage is None:
+        np.testing.assert_array_equal(load_stats(path).fisher.out, out)
+        return
+    with pytest.raises(StatsFileError, match=r": fisher\.(mid|out) (is|holds) "):
         load_stats(path)
 
 
@@ -150,19 +113,20 @@ def test_the_default_measures_none(tiny_model_dir, tmp_path, calibration_setting
     stats = calibrate(tiny_model_dir, tmp_path / "s.stats", CalibrationText("t", CALIBRATION_TEXT), settings,
                       progress=False)
     assert stats.fisher is None and load_stats(tmp_path / "s.stats").fisher is None
-    assert allocate(stats, 3.0, model_dir=tiny_model_dir).inputs["fisher"] is False
+    assert "fisher" not in allocate(stats, 3.0, model_dir=tiny_model_dir).inputs
 
 
 def test_the_weighted_stock_plan_is_the_brute_force_optimum(calibration, tiny_model_dir):
-    """Every layer's eps times sqrt(tr(F)/H after the layer over the mean of every point's), recomputed here: the
-    program's plan is the brute-force optimum of those costs over one type per layer."""
+    """Every layer's cost (the authors' exponents: eps to the power 1) times tr(F)/H after the layer over the mean
+    of every point's, recomputed here: the program's plan is the brute-force optimum of those costs over one type per
+    layer."""
     _, stats = calibration
     fisher = stats.fisher
     mean = np.concatenate([fisher.mid, fisher.out]).mean()
     plan = allocate(stats, 3.0, model_dir=tiny_model_dir, layout="stock")
     bpw = np.array([quant_type(t).bits_per_weight for t in stats.types])
-    layer_cost = [significance_cost(layer.phi, layer.w, layer.eps[EPS_EXPERT] * np.sqrt(fisher.out[il] / mean))
-                  .sum(axis=0) for il, layer in enumerate(stats.layers)]
+    layer_cost = [significance_cost(layer.phi, layer.w, layer.eps[EPS_EXPERT]).sum(axis=0) * fisher.out[il] / mean
+                  for il, layer in enumerate(stats.layers)]
     best = min(sum(layer_cost[il][t] for il, t in enumerate(choice))
                for choice in itertools.product(range(len(bpw)), repeat=len(stats.layers))
                if bpw[list(choice)].mean() <= 3.0)
@@ -170,3 +134,25 @@ def test_the_weighted_stock_plan_is_the_brute_force_optimum(calibration, tiny_mo
     assert plan.inputs["cost"] == pytest.approx(best)
     assert sum(layer_cost[il][t] for il, t in enumerate(chosen)) == pytest.approx(best)
     assert plan.inputs["fisher"] is True
+
+
+def test_without_tensor_types_the_last_layer_is_kept_for_it(tiny_model_dir, tmp_path, fisher_settings, hf_model):
+    """No other tensors measured (the last layer's output is then kept for the Fisher information alone), one
+    sequence of four: still transformers' backward."""
+    settings = replace(fisher_settings, n_tokens=512, tensor_types=(), hessian=False, types=("Q4_K",),
+                       fisher_tokens=100)
+    stats = calibrate(tiny_model_dir, tmp_path / "s.stats", CalibrationText("t", CALIBRATION_TEXT), settings,
+                      progress=False)
+    assert stats.info["fisher_tokens"] == 128
+    assert_same_fisher(stats.fisher, transformers_fisher(hf_model, tiny_model_dir, settings, CALIBRATION_TEXT))
+
+
+def test_each_tensor_is_priced_where_its_error_is_measured():
+    fisher = Fisher(mid=np.array([1.0, 2.0, 3.0]), out=np.array([10.0, 20.0, 30.0]))
+    assert fisher.point("token_embd.weight") == 10.0       # the first layer's output
+    assert fisher.point("output.weight") == 30.0           # the final norm's input
+    assert fisher.point("blk.1.attn_q.weight") == 2.0      # after the layer's attention
+    assert fisher.point("blk.2.attn_kv_a_mqa.weight") == 3.0
+    assert fisher.point("blk.1.ffn_down_exps") == 20.0     # after the layer
+    assert fisher.point("blk.0.ffn_up_shexp.weight") == 10.0
+    assert fisher.relative(11.0) == pytest.approx(1.0)
