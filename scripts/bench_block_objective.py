@@ -34,6 +34,7 @@ from the default's is taken window by window (its standard error over the window
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -129,11 +130,10 @@ def make_quantizer(variant: str, row_tokens: int):
                 return start
             h = damped_rows(made)
             if qtype.name in iquants.FORMATS:
-                blocks = iquants.unpack(start, qtype.name)
-                return iquants.pack(row_tune_scales(weights, h, blocks, self.tune)).reshape(rows, -1)
-            state = RowDescent(weights, h, kquants.unpack(start, qtype.name), torch.device("cpu"))
-            tune._descend(state, self.tune, codes=True)
-            return kquants.pack(state.blocks()).reshape(rows, -1)
+                blocks = tune.tune_scales(weights, h, iquants.unpack(start, qtype.name), self.tune, row_descent())
+                return iquants.pack(blocks).reshape(rows, -1)
+            blocks = tune.tune_blocks(weights, h, kquants.unpack(start, qtype.name), self.tune, row_descent())
+            return kquants.pack(blocks).reshape(rows, -1)
 
     return Quantizer
 
@@ -176,55 +176,15 @@ def _row_descent():
             d.g[:, self.cols] = self.g
 
     class Descent(tune._Descent):
-        def refresh(self):
-            self.e = self.w - self.dequantized()
-            self.g = rmul(self.e, self.h)
+        """Its scales' moves are tune.py's own, with these products and blocks; its codes' moves below."""
+        _times = staticmethod(rmul)
 
-        def sweep(self, codes):
-            for b in range(self.d.shape[1]):
-                frame = RowFrame(self, b)
-                self._super_scales(frame, b)
-                self._sub_scales(frame, b)
-                if codes:
-                    self._codes(frame, b)
-                frame.close()
+        @staticmethod
+        def _block(h, rows, cols):
+            return h[:, rows, cols]
 
-        def _super_scales(self, frame, b):
-            f = self.fmt
-            cols, subs = frame.cols, slice(b * f.n_sub, (b + 1) * f.n_sub)
-            directions = [(self.d, self._per_weight(self.scales[:, subs]) * self.q[:, cols])]
-            if f.has_min:
-                directions.append((self.dmin, -self._per_weight(self.mins[:, subs])))
-            for scale, a in directions:
-                a_h = rmul(a, frame.h)
-                slope, curvature = torch.sum(a * frame.g, dim=1), torch.sum(a_h * a, dim=1)
-                usable = curvature > 0
-                new = (scale[:, b] + slope / torch.where(usable, curvature, 1.0)).to(torch.float16).to(scale.dtype)
-                t = torch.nan_to_num(new - scale[:, b])
-                take = usable & torch.isfinite(new) & (2 * t * slope - t * t * curvature > 0)
-                scale[:, b] = torch.where(take, new, scale[:, b])
-                t = torch.where(take, t, 0.0)[:, None]
-                frame.apply(t * a, moved=t * a_h)
-
-        def _sub_scales(self, frame, b):
-            f = self.fmt
-            moved = torch.zeros_like(frame.g)
-            for k in range(b * f.n_sub, (b + 1) * f.n_sub):
-                cols = slice(k * f.sub_block, (k + 1) * f.sub_block)
-                within = slice(cols.start - b * QK_K, cols.stop - b * QK_K)
-                before, h_kk = slice(0, within.start), frame.h[:, within, within]
-                g = frame.g[:, within] - rmul(moved[:, before], frame.h[:, before, within])
-                directions = [(self.scales, self.d[:, b:b + 1] * self.q[:, cols], f.scale_min, f.scale_max)]
-                if f.has_min:
-                    directions.append((self.mins, -self.dmin[:, b:b + 1].expand(-1, f.sub_block), 0, f.min_max))
-                for ints, unit, low, high in directions:
-                    slope, curvature = torch.sum(unit * g, dim=1), torch.sum(rmul(unit, h_kk) * unit, dim=1)
-                    step = self._best_move(slope, curvature, ints[:, k], low, high)
-                    ints[:, k] += step
-                    delta = step[:, None] * unit
-                    moved[:, within] += delta
-                    g = g - rmul(delta, h_kk)
-            frame.apply(moved)
+        def _frame(self, b):
+            return RowFrame(self, b)
 
         def _codes(self, frame, b):
             f = self.fmt
@@ -254,29 +214,10 @@ def _row_descent():
     return Descent
 
 
-class _Lazy:
-    cls = None
-
-
-def RowDescent(*args):
-    if _Lazy.cls is None:
-        _Lazy.cls = _row_descent()
-    return _Lazy.cls(*args)
-
-
-def row_tune_scales(weights: np.ndarray, h: torch.Tensor, blocks, settings):
-    """tune.py's tune_scales (an i-quant's d and sub-block scales) with one Hessian per row."""
-    from dataclasses import replace
-
-    from mc_gguf.quantize import tune
-
-    f = blocks.fmt
-    view = tune._IView(tune._IScales(f.sub_block, f.n_sub, f.c, f.scale_max + f.c), blocks.d,
-                       blocks.ls.astype(np.float64) + f.c, f.a * blocks.v.astype(np.float64))
-    state = RowDescent(weights, h, view, torch.device("cpu"))
-    tune._descend(state, settings, codes=False)
-    ls = np.rint(state.scales.cpu().numpy() - f.c).astype(np.int32).reshape(-1, f.n_sub)
-    return replace(blocks, d=state.d.cpu().numpy().astype(np.float32).reshape(-1), ls=ls)
+@functools.cache
+def row_descent():
+    """The per-row _Descent class, made once (tune.py is imported when it is first asked for)."""
+    return _row_descent()
 
 
 def check_row_descent() -> float:
@@ -297,14 +238,9 @@ def check_row_descent() -> float:
     for name in ("Q3_K", "IQ2_XS"):
         qtype = quant_type(name).qtype
         start = quants.quantize(w, qtype, np.diag(h).copy())
-        if name in iquants.FORMATS:
-            ref = iquants.pack(tune.tune_scales(w, h, iquants.unpack(start, name), settings))
-            mine = iquants.pack(row_tune_scales(w, per_row, iquants.unpack(start, name), settings))
-        else:
-            ref = kquants.pack(tune.tune_blocks(w, h, kquants.unpack(start, name), settings))
-            state = RowDescent(w, per_row, kquants.unpack(start, name), torch.device("cpu"))
-            tune._descend(state, settings, codes=True)
-            mine = kquants.pack(state.blocks())
+        codec, tuner = (iquants, tune.tune_scales) if name in iquants.FORMATS else (kquants, tune.tune_blocks)
+        ref = codec.pack(tuner(w, h, codec.unpack(start, name), settings))
+        mine = codec.pack(tuner(w, per_row, codec.unpack(start, name), settings, row_descent()))
         differ.append(float(np.mean(np.asarray(ref).reshape(-1) != np.asarray(mine).reshape(-1))))
     return max(differ)
 

@@ -93,9 +93,10 @@ def tune_quantize(weights: np.ndarray, hessian: np.ndarray | Hessian, qtype: ggu
 
 
 def tune_blocks(weights: np.ndarray, hessian: np.ndarray, blocks: KBlocks,
-                settings: TuneSettings = TuneSettings()) -> KBlocks:
-    """``blocks`` (a quantization of ``weights`` [rows, cols]) moved by coordinate descent on ``hessian``."""
-    state = _Descent(weights, hessian, blocks, torch.device(settings.device), settings.exact)
+                settings: TuneSettings = TuneSettings(), descent: type[_Descent] | None = None) -> KBlocks:
+    """``blocks`` (a quantization of ``weights`` [rows, cols]) moved by coordinate descent on ``hessian`` (by
+    ``descent``, a _Descent whose products are other: scripts/bench_block_objective.py's, a Hessian per row)."""
+    state = (descent or _Descent)(weights, hessian, blocks, torch.device(settings.device), settings.exact)
     _descend(state, settings, codes=True)
     return state.blocks()
 
@@ -121,15 +122,16 @@ class _IView:
 
 
 def tune_scales(weights: np.ndarray, hessian: np.ndarray, blocks: IBlocks,
-                settings: TuneSettings = TuneSettings()) -> IBlocks:
+                settings: TuneSettings = TuneSettings(), descent: type[_Descent] | None = None) -> IBlocks:
     """An i-quant's ``d`` and sub-block scales moved by coordinate descent on ``hessian``, and, for a lattice
     type (iquants.LATTICES, with ``settings.lattice``), its groups' grid points; other types keep their codes
-    (ggml's search, after GPTQ): w = (d * a (ls + c)) * v is K-quant-like with scale ls + c and q = a v."""
+    (ggml's search, after GPTQ): w = (d * a (ls + c)) * v is K-quant-like with scale ls + c and q = a v.
+    ``descent`` as tune_blocks'."""
     f = blocks.fmt
     lattice = iquants.LATTICES.get(f.name) if settings.lattice else None
     view = _IView(_IScales(f.sub_block, f.n_sub, f.c, f.scale_max + f.c), blocks.d,
                   blocks.ls.astype(np.float64) + f.c, f.a * blocks.v.astype(np.float64))
-    state = _Descent(weights, hessian, view, torch.device(settings.device), settings.exact, lattice)
+    state = (descent or _Descent)(weights, hessian, view, torch.device(settings.device), settings.exact, lattice)
     _descend(state, settings, codes=lattice is not None)
     ls = np.rint(state.scales.cpu().numpy() - f.c).astype(np.int32).reshape(-1, f.n_sub)
     v = blocks.v if lattice is None else (state.q.cpu().numpy() / f.a).astype(np.float32).reshape(blocks.v.shape)
@@ -187,7 +189,19 @@ class _Descent:
     def refresh(self) -> None:
         """e and g = e H from the integers."""
         self.e = self.w - self.dequantized()
-        self.g = self.e @ self.h
+        self.g = self._times(self.e, self.h)
+
+    @staticmethod
+    def _times(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """x H, H the Hessian or one of its blocks (``_block``): what every move's change of g is made of."""
+        return x @ h
+
+    @staticmethod
+    def _block(h: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+        return h[rows, cols]
+
+    def _frame(self, b: int) -> _Frame:
+        return _Frame(self, b)
 
     def loss(self) -> float:
         return float(torch.sum(self.e * self.g, dtype=torch.float64 if self.h.device.type != "mps" else None))
@@ -205,7 +219,7 @@ class _Descent:
     def sweep(self, codes: bool) -> None:
         """One pass over the super-blocks, each moved whole inside its frame, then its moves applied to g."""
         for b in range(self.d.shape[1]):
-            frame = _Frame(self, b)
+            frame = self._frame(b)
             self._super_scales(frame, b)
             self._sub_scales(frame, b)
             if codes:
@@ -220,7 +234,7 @@ class _Descent:
         if f.has_min:
             directions.append((self.dmin, -self._per_weight(self.mins[:, subs])))
         for scale, a in directions:
-            a_h = a @ frame.h
+            a_h = self._times(a, frame.h)
             slope, curvature = torch.sum(a * frame.g, dim=1), torch.sum(a_h * a, dim=1)
             usable = curvature > 0
             new = (scale[:, b] + slope / torch.where(usable, curvature, 1.0)).to(torch.float16).to(scale.dtype)
@@ -239,18 +253,18 @@ class _Descent:
         for k in range(b * f.n_sub, (b + 1) * f.n_sub):
             cols = slice(k * f.sub_block, (k + 1) * f.sub_block)
             within = slice(cols.start - b * QK_K, cols.stop - b * QK_K)
-            before, h_kk = slice(0, within.start), frame.h[within, within]
-            g = frame.g[:, within] - moved[:, before] @ frame.h[before, within]
+            before, h_kk = slice(0, within.start), self._block(frame.h, within, within)
+            g = frame.g[:, within] - self._times(moved[:, before], self._block(frame.h, before, within))
             directions = [(self.scales, self.d[:, b:b + 1] * self.q[:, cols], f.scale_min, f.scale_max)]
             if f.has_min:
                 directions.append((self.mins, -self.dmin[:, b:b + 1].expand(-1, f.sub_block), 0, f.min_max))
             for ints, unit, low, high in directions:
-                slope, curvature = torch.sum(unit * g, dim=1), torch.sum((unit @ h_kk) * unit, dim=1)
+                slope, curvature = torch.sum(unit * g, dim=1), torch.sum(self._times(unit, h_kk) * unit, dim=1)
                 step = self._best_move(slope, curvature, ints[:, k], low, high)
                 ints[:, k] += step
                 delta = step[:, None] * unit
                 moved[:, within] += delta
-                g = g - delta @ h_kk
+                g = g - self._times(delta, h_kk)
         frame.apply(moved)
 
     def _codes(self, frame: _Frame, b: int) -> None:
