@@ -120,6 +120,25 @@ def test_bench_block_objective_quick(tmp_path):
         assert row["file_mb"] == rows["projection"]["file_mb"]   # the same plan: the same types and bytes
 
 
+@pytest.mark.slow
+@pytest.mark.bench
+def test_bench_split_quick(tmp_path):
+    report = run_plain_script("bench_split.py", tmp_path)
+    rows = {r["name"]: r for r in report["rows"]}
+    for row in rows.values():   # every byte of a file is in one class
+        assert sum(row["bytes"].values()) == pytest.approx(row["file_mb"] * 1e6)
+    assert {r["class"] for r in rows.values()} >= {"base", "token_embd", "output", "attn", "experts", "file"}
+    (split,) = report["splits"]
+    # the exhaustive choice fits the target, and no mixture of the points goes below the linear program's bound
+    assert split["best_choice_bytes"] <= report["target_bytes"]
+    assert split["bound_kld"] <= split["best_choice_kld"] + 1e-12
+    assert split["best_choice_kld"] == pytest.approx(
+        rows["base"]["kld_mean"] + sum(c["kld_increment"] for c in split["best_choice"].values()))
+    assert sum(split["file_bytes"].values()) <= report["target_bytes"]
+    for cls, mixture in split["bound_mixture"].items():
+        assert sum(mixture.values()) == pytest.approx(1, abs=1e-3)
+
+
 def run_plain_script(name: str, tmp_path: Path, *extra: str, workdir: bool = True) -> dict:
     out = tmp_path / "report.json"
     where = ["--workdir", str(tmp_path / "work")] if workdir else []
