@@ -109,7 +109,7 @@ def best_split(rows: list[dict], target: int, experts: str) -> dict:
     from scipy.optimize import linprog
 
     base = next(r for r in rows if r["class"] == "base")
-    fixed = max(r["bytes"]["fixed"] for r in rows)
+    fixed = max(r["bytes"]["fixed"] for r in rows if r["class"] != "llama.cpp")   # mc-gguf's header and keys
     points = {}   # class -> [(label, bytes, increment)], the base's Q8_0 point included
     for cls in (*CLASSES, experts):
         key = "experts" if cls == experts else cls
