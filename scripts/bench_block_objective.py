@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_common import add_input_flags, add_output_flags, add_window_flags, emit_json
+from bench_common import add_input_flags, add_output_flags, add_window_flags, emit_json, statistics
 
 VARIANTS = ("projection", "projection, sampled", "expert output, per row", "expert output, shared")
 DEFAULT = VARIANTS[0]
@@ -289,8 +289,7 @@ def main() -> int:
     from bench_quality import Q8_NON_EXPERT, quick_inputs
     from mc_gguf.allocate.allocation import allocate
     from mc_gguf.allocate.cost import COMPRESS_COST
-    from mc_gguf.calibrate.calibration import CalibrationSettings, calibrate
-    from mc_gguf.calibrate.stats import load_stats
+    from mc_gguf.calibrate.calibration import CalibrationSettings
     from mc_gguf.calibrate.text import read_text
     from mc_gguf.gguf_io.convert import convert
     from mc_gguf.quantize import quantization
@@ -310,9 +309,7 @@ def main() -> int:
     f16 = work / "f16.gguf"
     if not f16.exists():
         convert(args.model, f16, "f16", progress=False)
-    stats_path = Path(args.stats) if args.stats else work / "stats.safetensors"
-    stats = load_stats(stats_path) if stats_path.exists() else calibrate(
-        args.model, stats_path, read_text(args.calib), settings, progress=False)
+    stats = statistics(args, work, settings)
     tune = TuneSettings()
     ratios = tuned_error_ratios(args.model, stats, list(stats.types), settings=tune, progress=False)
     plan = allocate(stats, args.bits, model_dir=args.model, non_expert=Q8_NON_EXPERT, error_scale=ratios,

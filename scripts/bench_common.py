@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: where the bench files are, the flags they all take and how they report.
+"""What the benchmark scripts share: where the bench files are, the flags they all take, where their statistics come
+from and how they report.
 
 Each script builds its own parser and adds these flags where they belong among its own; a script whose flag
 means something else (bench_scale.py's --ctx) keeps its own ``add_argument``.
@@ -37,6 +38,18 @@ def add_output_flags(parser: argparse.ArgumentParser, workdir: str | None = None
     if quick_help is not None:
         parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--json", help="also write the JSON here")
+
+
+def statistics(args: argparse.Namespace, work: Path, settings):
+    """The statistics at ``--stats``, or kept in ``work``: calibrated there on ``--calib`` with ``settings`` (a
+    CalibrationSettings) where the file is missing, so that the next run reuses them."""
+    from mc_gguf.calibrate.calibration import calibrate
+    from mc_gguf.calibrate.stats import load_stats
+    from mc_gguf.calibrate.text import read_text
+
+    path = Path(args.stats) if args.stats else work / "stats.safetensors"
+    return load_stats(path) if path.exists() else calibrate(args.model, path, read_text(args.calib), settings,
+                                                            progress=False)
 
 
 def emit_json(report: dict, path: str | None, indent: int = 2) -> None:

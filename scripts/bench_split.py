@@ -34,7 +34,7 @@ from itertools import product
 from pathlib import Path
 
 import numpy as np
-from bench_common import add_input_flags, add_output_flags, add_window_flags, emit_json
+from bench_common import add_input_flags, add_output_flags, add_window_flags, emit_json, statistics
 from bench_quality import WHOLE_FILE_RECIPES, llama_cpp_files, produce, quick_inputs
 
 CLASSES = ("token_embd", "output", "attn")
@@ -65,12 +65,20 @@ def class_bytes(path: Path) -> dict[str, int]:
     return sizes
 
 
-def files(model: str, stats, work: Path, target: int, args) -> list[dict]:
-    """The base, each class at each type, and the experts at each budget (see the module's docstring)."""
+def quantized(model: str, stats, work: Path, name: str, plan, tune) -> Path:
+    """The file of ``plan``, tuned with ``tune`` as compress tunes, made once in ``work`` and reused."""
+    from mc_gguf.quantize.quantization import quantize
+
+    return produce(work / (name.replace(" ", "-") + ".gguf"),
+                   lambda tmp: quantize(model, plan, tmp, stats=stats, tune=tune, progress=False))
+
+
+def files(model: str, stats, work: Path, target: int, args) -> tuple[list[dict], dict[str, float]]:
+    """The base, each class at each type, and the experts at each budget (see the module's docstring), and the
+    tuned errors' ratios their plans were made with."""
     from mc_gguf.allocate.allocation import allocate
     from mc_gguf.allocate.cost import COMPRESS_COST
     from mc_gguf.ggml.types import TENSOR_CANDIDATES
-    from mc_gguf.quantize.quantization import quantize
     from mc_gguf.quantize.tune import TuneSettings
     from mc_gguf.quantize.tuned_errors import tuned_error_ratios
 
@@ -78,8 +86,7 @@ def files(model: str, stats, work: Path, target: int, args) -> list[dict]:
     ratios = tuned_error_ratios(model, stats, list(stats.types), settings=tune, progress=False)
 
     def make(name: str, plan, settings=tune) -> Path:
-        path = work / (name.replace(" ", "-") + ".gguf")
-        return produce(path, lambda tmp: quantize(model, plan, tmp, stats=stats, tune=settings, progress=False))
+        return quantized(model, stats, work, name, plan, settings)
 
     q8_bits = 8.5  # every expert at Q8_0
     base = allocate(stats, q8_bits, model_dir=model, non_expert=Q8_0, **COMPRESS_COST)
@@ -99,8 +106,7 @@ def files(model: str, stats, work: Path, target: int, args) -> list[dict]:
                         "path": make(f"class {cls} {bits}", plan, t)})
     chosen = allocate(stats, size=target, model_dir=model, error_scale=ratios, per_projection=True, **COMPRESS_COST)
     configs.append({"name": "compress --size (default)", "class": "file", "path": make("file default", chosen)})
-    args.ratios = ratios
-    return configs
+    return configs, ratios
 
 
 def best_split(rows: list[dict], target: int, experts: str) -> dict:
@@ -157,12 +163,10 @@ def main() -> int:
 
     from mc_gguf.allocate.allocation import allocate
     from mc_gguf.allocate.cost import COMPRESS_COST
-    from mc_gguf.calibrate.calibration import CalibrationSettings, calibrate
-    from mc_gguf.calibrate.stats import load_stats
+    from mc_gguf.calibrate.calibration import CalibrationSettings
     from mc_gguf.calibrate.text import read_text
     from mc_gguf.evaluate.perplexity import EvalSettings, evaluate_gguf
     from mc_gguf.gguf_io.convert import convert
-    from mc_gguf.quantize.quantization import quantize
     from mc_gguf.quantize.tune import TuneSettings
     from mc_gguf.runtime.stock import stock_tools_dir
 
@@ -177,16 +181,13 @@ def main() -> int:
         args.at, args.recipes = "Q2_K", ("Q2_K", "Q4_K_M")
         settings = CalibrationSettings(n_tokens=2048, seq_len=128, eps_tokens=1024, hessian=True)
     f16 = produce(work / "f16.gguf", lambda tmp: convert(args.model, tmp, "f16", progress=False))
-    stats_path = Path(args.stats) if args.stats else work / "stats.safetensors"
-    if not stats_path.exists():
-        calibrate(args.model, stats_path, read_text(args.calib), settings, progress=False)
-    stats = replace(load_stats(stats_path), fisher=None)   # compress's default weighs no error by it
+    stats = replace(statistics(args, work, settings), fisher=None)   # compress's default weighs no error by it
 
     llama = llama_cpp_files(stock_tools_dir(), f16, Path(args.calib), work, args)
     recipe, q4km = (next(r for r in llama if r["name"] == f"llama.cpp {n}") for n in args.recipes)
     target = recipe["path"].stat().st_size
-    configs = files(args.model, stats, work, target, args) + [{**recipe, "class": "llama.cpp"},
-                                                              {**q4km, "class": "llama.cpp"}]
+    made, ratios = files(args.model, stats, work, target, args)
+    configs = made + [{**recipe, "class": "llama.cpp"}, {**q4km, "class": "llama.cpp"}]
     text = read_text(args.eval).text
     eval_settings = EvalSettings(n_ctx=args.ctx, max_windows=args.windows)
 
@@ -206,11 +207,10 @@ def main() -> int:
         split = best_split(rows, target, experts)
         # the file at the best choice: compress --size with the other classes' types fixed (the experts get the rest)
         fixed_types = {c: split["best_choice"][c]["point"] for c in CLASSES}
-        plan = allocate(stats, size=target, model_dir=args.model, non_expert=fixed_types, error_scale=args.ratios,
+        plan = allocate(stats, size=target, model_dir=args.model, non_expert=fixed_types, error_scale=ratios,
                         per_projection=True, **COMPRESS_COST)
-        tune = TuneSettings(lattice=experts == "experts lattice")
-        path = produce(work / f"file-best-split-{experts.replace(' ', '-')}.gguf",
-                       lambda tmp, p=plan, t=tune: quantize(args.model, p, tmp, stats=stats, tune=t, progress=False))
+        path = quantized(args.model, stats, work, f"file best split {experts}", plan,
+                         TuneSettings(lattice=experts == "experts lattice"))
         made = measure({"name": f"best split, {experts}", "class": "file", "path": path})
         rows.append(made)
         # what the experts would have to reach, at the bytes the best choice gives them, for the file to be Q4_K_M's
@@ -224,7 +224,7 @@ def main() -> int:
     report = {"model": args.model, "eval": str(args.eval), "ctx": args.ctx, "windows": args.windows,
               "target": recipe["name"], "target_bytes": target, "q4_k_m_kld": by_name[q4km["name"]]["kld_mean"],
               "default_file_kld": by_name["compress --size (default)"]["kld_mean"],
-              "tuned_error_ratios": args.ratios, "rows": rows, "splits": splits,
+              "tuned_error_ratios": ratios, "rows": rows, "splits": splits,
               "seconds": round(time.perf_counter() - started, 1)}
     emit_json(report, args.json, indent=1)
     return 0
